@@ -1,0 +1,1 @@
+//! dombus benchmarks (see benches/).

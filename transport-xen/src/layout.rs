@@ -8,14 +8,18 @@
 //!  12   u32  right.prod    server       right ring producer index
 //!  16   u16  left_order    server       log2 of the left ring size (10..=20)
 //!  18   u16  right_order   server       log2 of the right ring size (10..=20)
-//!  20   u8   cli_live      client       0 gone, 1 connected, 2 not yet connected, 3 write-shut
-//!  21   u8   srv_live      server       0 gone, 1 connected, 3 write-shut
-//!  22   u8   cli_notify    both         bits the server asks the client to signal
-//!  23   u8   srv_notify    both         bits the client asks the server to signal
+//!  20   u8   cli_live      client       0 gone, 1 connected, 2 not yet connected
+//!  21   u8   srv_live      server       0 gone, 1 connected
+//!  22   u8   cli_notify    both         bits the server asks the client to signal (0x1, 0x2);
+//!                                       0x40: the client shut down its write half
+//!  23   u8   srv_notify    both         bits the client asks the server to signal (0x1, 0x2);
+//!                                       0x40: the server shut down its write half
 //!  24   u32[] grants       server       grant refs of ring pages, left ring's first
 //! ```
-//! All fields little-endian. Live state 3 ("shut down for writing") is a dombus extension; a
-//! libxenvchan peer treats any non-zero value as open, so it stays wire compatible.
+//! All fields little-endian. The 0x40 "write half shut down" bit is a dombus extension: it lets
+//! the reader tell a clean end of stream from a crash (where the hypervisor clears the live byte
+//! and nothing else). libxenvchan only ever sets and clears bits 0x1 and 0x2 with atomic
+//! or/and, so the extra bit survives and a vchan peer is unaffected by it.
 
 use crate::ring::{MAX_ORDER, MIN_ORDER, PeerMisbehaved};
 use crate::types::{PAGE_SHIFT, PAGE_SIZE};
@@ -49,6 +53,8 @@ pub const LARGE_RING_OFFSET: usize = 2048;
 pub const NOTIFY_WRITE: u8 = 0x1;
 /// Notify bit: "signal me when you have read data (freed space)".
 pub const NOTIFY_READ: u8 = 0x2;
+/// Flag in a side's *own* notify byte: "I will write no more" (dombus extension).
+pub const SHUT_WR: u8 = 0x40;
 
 /// The state a side publishes in its live byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +66,6 @@ pub enum Live {
     Connected = 1,
     /// Client not connected yet (set by the server at initialisation).
     Waiting = 2,
-    /// Connected, will write no more (dombus extension; reads as "open" to libxenvchan).
-    WriteShut = 3,
 }
 
 impl Live {
@@ -71,7 +75,6 @@ impl Live {
             0 => Ok(Live::Gone),
             1 => Ok(Live::Connected),
             2 => Ok(Live::Waiting),
-            3 => Ok(Live::WriteShut),
             other => Err(PeerMisbehaved::BadLiveState(other)),
         }
     }

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod backend;
+pub mod diag;
 pub mod layout;
 pub mod link;
 pub mod ring;

@@ -128,6 +128,9 @@ pub trait MappedPages: Send + Sync + 'static {
 /// An event-channel handle (`/dev/xen/evtchn`): ports bound through it deliver their events to
 /// its file descriptor, which polls readable while any port is pending.
 ///
+/// `as_fd` must return the same open descriptor, owned by the handle, for the handle's whole
+/// life (the link layer registers it with tokio's reactor).
+///
 /// As on Xen, a port is masked once [`EventChannel::pending`] reports it and stays masked until
 /// [`EventChannel::unmask`]; events that arrive meanwhile are coalesced, not lost.
 pub trait EventChannel: AsFd + Send + Sync + 'static {
@@ -220,7 +223,8 @@ pub trait Store: Send + Sync + 'static {
     fn watch(&self, path: &str) -> Result<Self::Watch>;
 }
 
-/// A pollable stream of changed paths; dropping it unregisters the watch.
+/// A pollable stream of changed paths; dropping it unregisters the watch. `as_fd` must return the
+/// same open descriptor, owned by the watch, for its whole life.
 pub trait StoreWatch: AsFd + Send + Sync + 'static {
     /// The next changed path without blocking (`None` if nothing is queued).
     fn try_next(&self) -> Result<Option<String>>;

@@ -10,7 +10,7 @@
 //!   byte, issue a full barrier, and look at the ring again: the peer either sees our request or
 //!   we see its update (Dekker), so no wake-up is lost.
 
-use crate::layout::{self, Live, NOTIFY_READ, NOTIFY_WRITE, RingOrders};
+use crate::layout::{self, Live, NOTIFY_READ, NOTIFY_WRITE, RingOrders, SHUT_WR};
 use crate::ring::{Consumer, PeerMisbehaved, Producer};
 use crate::shmem::SharedMem;
 
@@ -84,7 +84,6 @@ pub struct Endpoint<M> {
     peer_notify: usize,
     write_shut: bool,
     closed: bool,
-    peer_eof: bool,
     failure: Option<PeerMisbehaved>,
 }
 
@@ -114,7 +113,6 @@ impl<M: SharedMem> Endpoint<M> {
             peer_notify: layout::CLI_NOTIFY,
             write_shut: false,
             closed: false,
-            peer_eof: false,
             failure: None,
         }
     }
@@ -138,7 +136,6 @@ impl<M: SharedMem> Endpoint<M> {
             peer_notify: layout::SRV_NOTIFY,
             write_shut: false,
             closed: false,
-            peer_eof: false,
             failure: None,
         };
         ep.ctl.store_u8(layout::CLI_LIVE, Live::Connected as u8);
@@ -197,9 +194,19 @@ impl<M: SharedMem> Endpoint<M> {
         self.check_usable()?;
         match self.peer_live()? {
             Live::Waiting => Ok(false),
-            Live::Connected | Live::WriteShut => Ok(true),
+            Live::Connected => Ok(true),
             Live::Gone => Err(EndpointError::PeerGone),
         }
+    }
+
+    /// True once the peer has shut down its write half (the flag in its own notify byte).
+    pub fn peer_shut_write(&self) -> bool {
+        self.ctl.load_u8(self.peer_notify) & SHUT_WR != 0
+    }
+
+    /// True if waiting for data is pointless: the peer is gone or will write no more.
+    pub fn peer_done(&mut self) -> bool {
+        !matches!(self.peer_live(), Ok(Live::Connected | Live::Waiting)) || self.peer_shut_write()
     }
 
     /// Writes as much of `buf` as the ring takes.
@@ -222,9 +229,10 @@ impl<M: SharedMem> Endpoint<M> {
     /// Reads up to `buf.len()` bytes.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<RecvStatus, EndpointError> {
         self.check_usable()?;
-        // Live state first, then the ring: a peer publishes its data before it changes its live
-        // byte, so having seen the new live state we also see all the data written before it.
+        // Live state and shutdown flag first, then the ring: a peer publishes its data before it
+        // sets either, so having seen them we also see all the data written before.
         let live = self.peer_live()?;
+        let shut = self.peer_shut_write();
         let bytes = match self.rx.read(&self.ctl, &self.rx_data, buf) {
             Ok(n) => n,
             Err(e) => return Err(self.fail(e)),
@@ -237,11 +245,7 @@ impl<M: SharedMem> Endpoint<M> {
             return Ok(RecvStatus::Empty);
         }
         match live {
-            Live::WriteShut => {
-                self.peer_eof = true;
-                Ok(RecvStatus::Eof)
-            }
-            Live::Gone if self.peer_eof => Ok(RecvStatus::Eof),
+            _ if shut => Ok(RecvStatus::Eof),
             Live::Gone => Err(EndpointError::PeerGone),
             Live::Connected | Live::Waiting => Ok(RecvStatus::Empty),
         }
@@ -265,7 +269,7 @@ impl<M: SharedMem> Endpoint<M> {
         self.ctl.fetch_or_u8(self.peer_notify, NOTIFY_WRITE);
         self.ctl.full_fence();
         let live = self.peer_live()?;
-        if self.readable()? > 0 || matches!(live, Live::Gone | Live::WriteShut) {
+        if self.readable()? > 0 || live == Live::Gone || self.peer_shut_write() {
             return Ok(Wait::Retry);
         }
         Ok(Wait::Sleep)
@@ -296,8 +300,7 @@ impl<M: SharedMem> Endpoint<M> {
         self.check_usable()?;
         if !self.write_shut {
             self.write_shut = true;
-            self.ctl.full_fence();
-            self.ctl.store_u8(self.own_live, Live::WriteShut as u8);
+            self.ctl.fetch_or_u8(self.own_notify, SHUT_WR);
         }
         Ok(true)
     }
@@ -308,11 +311,11 @@ impl<M: SharedMem> Endpoint<M> {
             return false;
         }
         self.closed = true;
-        self.ctl.full_fence();
+        // Clean close: first say "no more data", then "gone", so the peer can tell a close from
+        // a crash (where the hypervisor clears only the live byte).
         if !self.write_shut {
-            // Clean close: first say "no more data", then "gone", so the peer can tell a close
-            // from a crash (where the hypervisor clears the byte straight from 1 to 0).
-            self.ctl.store_u8(self.own_live, Live::WriteShut as u8);
+            self.write_shut = true;
+            self.ctl.fetch_or_u8(self.own_notify, SHUT_WR);
         }
         self.ctl.store_u8(self.own_live, Live::Gone as u8);
         true
@@ -420,6 +423,20 @@ mod tests {
         c.control().store_u32(layout::LEFT_PROD, 0);
         assert_eq!(s.recv(&mut buf).unwrap_err(), err);
         assert!(s.failure().is_some());
+    }
+
+    #[test]
+    fn shutdown_flag_survives_notify_traffic() {
+        let (mut s, mut c) = link(in_page());
+        c.shutdown_write().unwrap();
+        // The server asks for notifications in the client's byte; the flag must stay.
+        let mut buf = [0u8; 4];
+        assert_eq!(s.recv(&mut buf).unwrap(), RecvStatus::Eof);
+        s.prepare_wait_recv().unwrap();
+        s.send(b"abc").unwrap();
+        assert!(matches!(c.recv(&mut buf).unwrap(), RecvStatus::Data(_)));
+        assert!(s.peer_shut_write());
+        assert_eq!(s.recv(&mut buf).unwrap(), RecvStatus::Eof);
     }
 
     #[test]

@@ -1,0 +1,168 @@
+//! Links between domains attached from one process to an in-process simulated hypervisor.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Scratch;
+use dombus_transport_xen::backend::{Backend, BackendError, Store};
+use dombus_transport_xen::diag;
+use dombus_transport_xen::link::{Link, LinkConfig};
+use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
+use dombus_transport_xen::types::DomId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+
+struct Host {
+    _dir: Scratch,
+    _hv: dombus_transport_xen::sim::SimHypervisorHandle,
+    srv: SimBackend,
+    cli: SimBackend,
+}
+
+fn host(tag: &str) -> Host {
+    let dir = Scratch::new(tag);
+    let sock = dir.path("hv.sock");
+    let hv = SimHypervisor::spawn(&sock).unwrap();
+    let srv = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let cli = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    Host { _dir: dir, _hv: hv, srv, cli }
+}
+
+fn cfg(c2s: usize, s2c: usize) -> LinkConfig {
+    LinkConfig { client_to_server: c2s, server_to_client: s2c, spin: None }
+}
+
+async fn pair(h: &Host, path: &str, cfg: &LinkConfig) -> (Link<SimBackend>, Link<SimBackend>) {
+    let listener = Link::listen(&h.srv, path, DomId(2), cfg).unwrap();
+    let (s, c) = tokio::join!(listener.accept(), Link::connect(&h.cli, path, DomId(1), cfg));
+    (s.unwrap(), c.unwrap())
+}
+
+#[tokio::test]
+async fn every_ring_placement_carries_data_both_ways() {
+    let h = host("placements");
+    // In-page pairs (10/11 and 11/10), page rings of several orders, the 1 MiB maximum.
+    for (i, (c2s, s2c)) in [(1024, 2048), (2048, 1024), (4096, 4096), (1024, 1 << 16), (1 << 20, 1 << 20)]
+        .into_iter()
+        .enumerate()
+    {
+        let cfg = cfg(c2s, s2c);
+        let (mut s, mut c) = pair(&h, &format!("data/p{i}"), &cfg).await;
+        let (tx, rx) = c.ring_sizes();
+        assert!(tx as usize >= c2s && rx as usize >= s2c, "{:?} for {c2s}/{s2c}", c.ring_sizes());
+        assert_eq!(s.ring_sizes(), (rx, tx));
+        let n = 3 * c2s.max(s2c) as u64 + 17;
+        let (sent, got) = tokio::time::timeout(T, async {
+            tokio::join!(diag::send_pattern(&mut c, n, 1000), diag::recv_all(&mut s))
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.unwrap(), (n, sent.unwrap()));
+        s.write_all(b"back").await.unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"back");
+    }
+}
+
+#[tokio::test]
+async fn half_close_then_close_reads_as_clean_end_of_stream() {
+    let h = host("halfclose");
+    let (mut s, mut c) = pair(&h, "data/hc", &LinkConfig::default()).await;
+    c.write_all(b"request").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut req = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut req)).await.unwrap().unwrap();
+    assert_eq!(req, b"request");
+    // The client's read half still works after its write half is shut.
+    s.write_all(b"reply").await.unwrap();
+    drop(s);
+    let mut reply = Vec::new();
+    tokio::time::timeout(T, c.read_to_end(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply, b"reply");
+    // Writing to a closed peer fails instead of blocking.
+    assert!(c.write_all(b"x").await.is_err());
+}
+
+#[tokio::test]
+async fn server_path_is_removed_from_the_store_on_close() {
+    let h = host("cleanup");
+    let (s, _c) = pair(&h, "data/gone", &LinkConfig::default()).await;
+    assert!(h.srv.store().read("data/gone/ring-ref").is_ok());
+    drop(s);
+    assert!(matches!(h.srv.store().read("data/gone/ring-ref"), Err(BackendError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn connect_waits_for_a_late_listener_by_watch() {
+    let h = host("late");
+    let cli = h.cli.clone();
+    let connecting = tokio::spawn(async move {
+        let mut c = Link::connect(&cli, "data/late", DomId(1), &LinkConfig::default()).await.unwrap();
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.unwrap();
+        b
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!connecting.is_finished());
+    let mut s = Link::listen(&h.srv, "data/late", DomId(2), &LinkConfig::default())
+        .unwrap()
+        .accept()
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    assert_eq!(&tokio::time::timeout(T, connecting).await.unwrap().unwrap(), b"hello");
+}
+
+#[tokio::test]
+async fn a_full_ring_applies_backpressure_without_losing_bytes() {
+    let h = host("backpressure");
+    let (mut s, mut c) = pair(&h, "data/bp", &cfg(4096, 4096)).await;
+    let writer = tokio::spawn(async move { diag::send_pattern(&mut c, 4 << 20, 64 << 10).await.map(|crc| (crc, c)) });
+    // A slow reader: small reads with pauses; the writer must wait, not fail or spin.
+    let mut total = 0u64;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = [0u8; 3000];
+    loop {
+        let n = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+        total += n as u64;
+        if total % (1 << 20) < 3000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (sent_crc, _c) = writer.await.unwrap().unwrap();
+    assert_eq!(total, 4 << 20);
+    assert_eq!(crc.finalize(), sent_crc);
+}
+
+#[tokio::test]
+async fn adaptive_polling_link_pings() {
+    let h = host("spin");
+    let cfg = LinkConfig { spin: Some(Duration::from_micros(50)), ..LinkConfig::default() };
+    let (mut s, mut c) = pair(&h, "data/spin", &cfg).await;
+    let echo = tokio::spawn(async move { diag::echo(&mut s).await });
+    let lat = tokio::time::timeout(T, diag::ping(&mut c, 64, 10, 200)).await.unwrap().unwrap().unwrap();
+    assert_eq!(lat.count, 200);
+    c.shutdown().await.unwrap();
+    assert_eq!(echo.await.unwrap().unwrap(), 210 * 64);
+}
+
+#[tokio::test]
+async fn wrong_client_domain_cannot_see_the_link() {
+    let h = host("wrongclient");
+    let _l = Link::listen(&h.srv, "data/private", DomId(3), &LinkConfig::default()).unwrap();
+    // Domain 2 is not the intended client: the store hides the keys from it.
+    let r = tokio::time::timeout(
+        Duration::from_millis(300),
+        Link::connect(&h.cli, "data/private", DomId(1), &LinkConfig::default()),
+    )
+    .await;
+    assert!(r.is_err(), "domain 2 connected to a link published for domain 3");
+}

@@ -1,1 +1,41 @@
-//! The simulated hypervisor (being written).
+//! The simulated hypervisor: Xen's grant, event-channel and store semantics between real
+//! processes and real shared memory, for tests, benches and demos on machines without Xen.
+//!
+//! A daemon ([`SimHypervisor`], binary `dombus-simxen`) plays the hypervisor and xenstored.
+//! Each domain is a process (or, in tests, a [`SimBackend`] in-process) connected over a Unix
+//! `SOCK_SEQPACKET` socket; see [`proto`] for the messages.
+//!
+//! * **Grants.** `share_pages` makes the daemon create a sealed memfd, one grant ref per page in
+//!   the granter's own table (refs start at 8), and pass the memfd to the granter. `map_grants`
+//!   checks every ref (unknown: `NotFound`; granted to another domain, or read-only and asked
+//!   writable: `PermissionDenied`) and passes the memfds (reopened read-only for read-only
+//!   maps); the mapper maps each page `MAP_FIXED` into one reserved area, so the result is one
+//!   contiguous [`Region`](crate::shmem::Region). Data never passes through the daemon.
+//! * **Event channels.** A handle is an epoll fd; each port is an eventfd made by the daemon.
+//!   The two eventfds of a channel belong to the channel, not to one binding: a port receives on
+//!   its own eventfd and signals by writing the one its peer receives on, which it holds from the
+//!   moment the port exists. So `notify` is one uncontended lock and one `write(2)`, never asks
+//!   the daemon, and can never write a stale eventfd: when the peer closes and another domain
+//!   binds, the new peer receives on the same eventfd (which the daemon drains at bind time, so
+//!   events sent while the port was unbound are dropped, as on Xen). `pending` clears the
+//!   port's eventfd; `unmask` is a no-op: events are never lost, only coalesced.
+//! * **Store.** xenstored's permission, quota and watch rules ([`store`]).
+//! * **Death** (the connection closes: process exit, or every `SimBackend` clone and object
+//!   dropped), in this order: (1) the unmap notifications the domain registered are performed
+//!   (the daemon clears the byte through its own memfd and signals the peer of the port);
+//!   (2) its event channels close: each peer port returns to unbound and gets one final event;
+//!   (3) its watches go; (4) `/local/domain/<id>` is removed and `@releaseDomain` fires;
+//!   (5) its grants are revoked (mappings other domains hold stay valid).
+//! * **Robustness.** Every message is capped at [`proto::MAX_MSG`]; bad requests get an error
+//!   reply; undecodable or oversize messages disconnect only that domain. Outbound messages go
+//!   through a bounded queue per domain; a domain that stops reading is disconnected.
+
+mod client;
+mod daemon;
+mod fdpass;
+mod mem;
+pub mod proto;
+pub mod store;
+
+pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch};
+pub use daemon::{SimHypervisor, SimHypervisorHandle, SimStopper};

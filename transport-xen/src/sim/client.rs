@@ -1,0 +1,728 @@
+//! The domain side: a connection to the daemon and the backend types built on it.
+//!
+//! One connection per [`SimBackend`]. Requests are synchronous calls; a reader thread demuxes
+//! replies (by request id) and asynchronous events. The reader applies every cache update
+//! (port table, peer eventfds, watch queues) itself, in the order the daemon sent the messages,
+//! so a reply and an event about the same port can never be applied out of order.
+
+use std::collections::{HashMap, VecDeque};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustix::event::epoll;
+use rustix::net::{AddressFamily, Shutdown, SocketAddrUnix, SocketFlags, SocketType};
+
+use super::fdpass::{self, Received};
+use super::mem;
+use super::proto::{self, ClientMsg, Event, Op, Reply, ServerMsg, WireError};
+use crate::backend::{
+    Backend, BackendError, EventChannel, MappedPages, Perm, Result, SharedPages, Store, StoreWatch,
+};
+use crate::shmem::{Region, SharedMem};
+use crate::types::{DomId, EvtchnPort, GrantRef, PAGE_SIZE};
+
+type Fds = Vec<Arc<OwnedFd>>;
+type Answer = (std::result::Result<Reply, WireError>, Fds);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct PortEntry {
+    handle: u64,
+    /// Where this port receives.
+    own: Arc<OwnedFd>,
+    /// Where the peer receives: `notify` writes it (see the daemon's `Port`).
+    slot: Arc<OwnedFd>,
+}
+
+struct WatchQueue {
+    queue: Mutex<VecDeque<String>>,
+    efd: OwnedFd,
+}
+
+#[derive(Default)]
+struct Pending {
+    dead: Option<String>,
+    waiters: HashMap<u64, SyncSender<Answer>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    ports: Mutex<HashMap<u32, PortEntry>>,
+    watches: Mutex<HashMap<u64, Arc<WatchQueue>>>,
+}
+
+impl Shared {
+    fn dead_reason(&self) -> Option<String> {
+        lock(&self.pending).dead.clone()
+    }
+
+    /// Applies one message from the daemon. Returns `Err` on a protocol violation.
+    fn dispatch(&self, msg: ServerMsg, fds: Vec<OwnedFd>) -> std::result::Result<(), String> {
+        let mut fds: Fds = fds.into_iter().map(Arc::new).collect();
+        match msg {
+            ServerMsg::Reply { id, mut result } => {
+                match &result {
+                    Ok(Reply::Port { handle, port }) => match fds.as_slice() {
+                        [own, slot] => {
+                            let entry = PortEntry {
+                                handle: *handle,
+                                own: own.clone(),
+                                slot: slot.clone(),
+                            };
+                            lock(&self.ports).insert(*port, entry);
+                        }
+                        _ => {
+                            result = Err(WireError::Unavailable(format!(
+                                "daemon sent {} fds, not 2",
+                                fds.len()
+                            )))
+                        }
+                    },
+                    Ok(Reply::Unbound { port }) => {
+                        lock(&self.ports).remove(port);
+                    }
+                    _ => {}
+                }
+                let waiter = lock(&self.pending).waiters.remove(&id);
+                if let Some(w) = waiter {
+                    let _ = w.try_send((result, std::mem::take(&mut fds)));
+                }
+            }
+            ServerMsg::Event(Event::Watch { watch, path }) => {
+                let q = lock(&self.watches).get(&watch).cloned();
+                if let Some(q) = q {
+                    let mut queue = lock(&q.queue);
+                    queue.push_back(path);
+                    mem::signal(&q.efd);
+                }
+            }
+            ServerMsg::Fatal { reason } => {
+                return Err(format!("disconnected by the simulator: {reason}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn reader(self: Arc<Shared>, sock: OwnedFd, domid: String) {
+        let mut buf = fdpass::buffer();
+        let reason = loop {
+            match fdpass::recv(&sock, &mut buf) {
+                Ok(Received::Msg { len, fds }) => {
+                    let r =
+                        proto::decode::<ServerMsg>(&buf[..len]).and_then(|m| self.dispatch(m, fds));
+                    if let Err(e) = r {
+                        break e;
+                    }
+                }
+                Ok(Received::Eof) => break "the simulator closed the connection".to_string(),
+                Ok(Received::Oversize { reason }) => {
+                    break format!("bad message from the simulator: {reason}");
+                }
+                Err(e) => break format!("receive from the simulator failed: {e}"),
+            }
+        };
+        tracing::debug!("domain {domid}: connection closed: {reason}");
+        let _ = rustix::net::shutdown(&sock, Shutdown::Both);
+        {
+            let mut p = lock(&self.pending);
+            p.dead = Some(reason);
+            p.waiters.clear();
+        }
+        for q in lock(&self.watches).values() {
+            mem::signal(&q.efd);
+        }
+    }
+}
+
+struct Conn {
+    sock: OwnedFd,
+    shared: Arc<Shared>,
+    domid: DomId,
+    next_id: AtomicU64,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Wakes the reader thread (which holds a duplicate of the socket) and tells the daemon
+        // that this domain is gone.
+        let _ = rustix::net::shutdown(&self.sock, Shutdown::Both);
+    }
+}
+
+impl Conn {
+    fn call(&self, op: Op) -> Result<(Reply, Fds)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut p = lock(&self.shared.pending);
+            if let Some(reason) = &p.dead {
+                return Err(BackendError::Disconnected(reason.clone()));
+            }
+            p.waiters.insert(id, tx);
+        }
+        let sent = proto::encode(&ClientMsg { id, op })
+            .map_err(BackendError::from)
+            .and_then(|bytes| {
+                fdpass::send(self.sock.as_fd(), &bytes, &[]).map_err(|e| {
+                    BackendError::Disconnected(format!("send to the simulator failed: {e}"))
+                })
+            });
+        if let Err(e) = sent {
+            lock(&self.shared.pending).waiters.remove(&id);
+            return Err(e);
+        }
+        match rx.recv() {
+            Ok((Ok(reply), fds)) => Ok((reply, fds)),
+            Ok((Err(e), _)) => Err(e.into()),
+            Err(_) => Err(BackendError::Disconnected(
+                self.shared
+                    .dead_reason()
+                    .unwrap_or_else(|| "connection to the simulator lost".into()),
+            )),
+        }
+    }
+
+    fn call_done(&self, op: Op) -> Result<()> {
+        match self.call(op)? {
+            (Reply::Done, _) => Ok(()),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends an event on `port` (of handle `handle`, if given): one lock and one `write(2)` on
+    /// the eventfd the peer receives on. If the port is unbound nobody watches that eventfd and
+    /// the daemon drains it when someone binds, so the event is dropped, as on Xen.
+    fn notify(&self, port: EvtchnPort, handle: Option<u64>) -> Result<()> {
+        let ports = lock(&self.shared.ports);
+        match ports.get(&port.0) {
+            Some(e) if handle.is_none_or(|h| h == e.handle) => {
+                mem::signal(&*e.slot);
+                Ok(())
+            }
+            _ => Err(BackendError::NotFound(format!(
+                "port {port} is not bound to this handle"
+            ))),
+        }
+    }
+}
+
+fn unexpected(r: &Reply) -> BackendError {
+    BackendError::Disconnected(format!("unexpected reply from the simulator: {r:?}"))
+}
+
+/// A domain attached to the simulated hypervisor. Cheap to clone; the domain dies when the last
+/// clone and every object made from it are dropped (or the process exits).
+#[derive(Clone)]
+pub struct SimBackend {
+    conn: Arc<Conn>,
+    store: SimStore,
+}
+
+impl std::fmt::Debug for SimBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBackend")
+            .field("domid", &self.conn.domid)
+            .finish()
+    }
+}
+
+impl SimBackend {
+    /// Attaches to the simulator at `socket` as domain `domid` (`None`: the lowest free id >= 1),
+    /// named after this process.
+    pub fn attach(socket: impl AsRef<Path>, domid: Option<DomId>) -> Result<SimBackend> {
+        let name = format!("pid{}", rustix::process::getpid().as_raw_nonzero());
+        SimBackend::attach_named(socket, domid, &name)
+    }
+
+    /// Attaches to the simulator at `socket` as domain `domid` with the given name (stored at
+    /// `/local/domain/<id>/name`).
+    pub fn attach_named(
+        socket: impl AsRef<Path>,
+        domid: Option<DomId>,
+        name: &str,
+    ) -> Result<SimBackend> {
+        let path = socket.as_ref();
+        let unavailable = |e: rustix::io::Errno| {
+            BackendError::Unavailable(format!(
+                "cannot connect to the simulator at {}: {e}",
+                path.display()
+            ))
+        };
+        let addr = SocketAddrUnix::new(path).map_err(unavailable)?;
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| BackendError::io("socket", e.into()))?;
+        rustix::net::connect(&sock, &addr).map_err(unavailable)?;
+        let dup = rustix::io::fcntl_dupfd_cloexec(&sock, 0)
+            .map_err(|e| BackendError::io("dup", e.into()))?;
+        let shared = Arc::new(Shared::default());
+        let reader_shared = shared.clone();
+        let tag = domid.map_or_else(|| "?".to_string(), |d| d.to_string());
+        std::thread::Builder::new()
+            .name("simxen-client".into())
+            .spawn(move || reader_shared.reader(dup, tag))
+            .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
+        let mut conn = Conn {
+            sock,
+            shared,
+            domid: DomId(u16::MAX),
+            next_id: AtomicU64::new(1),
+        };
+        let hello = Op::Hello {
+            domid: domid.map(|d| d.0),
+            name: name.to_string(),
+        };
+        conn.domid = match conn.call(hello)? {
+            (Reply::Attached { domid }, _) => DomId(domid),
+            (other, _) => return Err(unexpected(&other)),
+        };
+        let conn = Arc::new(conn);
+        Ok(SimBackend {
+            store: SimStore { conn: conn.clone() },
+            conn,
+        })
+    }
+}
+
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+impl Backend for SimBackend {
+    type Shared = SimSharedPages;
+    type Mapped = SimMappedPages;
+    type Evtchn = SimEvtchn;
+    type Store = SimStore;
+
+    fn domid(&self) -> DomId {
+        self.conn.domid
+    }
+
+    fn share_pages(&self, remote: DomId, count: usize, writable: bool) -> Result<SimSharedPages> {
+        let pages = u32::try_from(count)
+            .map_err(|_| BackendError::InvalidArgument(format!("{count} pages")))?;
+        let (reply, fds) = self.conn.call(Op::SharePages {
+            remote: remote.0,
+            count: pages,
+            writable,
+        })?;
+        let Reply::Shared { alloc, refs } = reply else {
+            return Err(unexpected(&reply));
+        };
+        let revoke = |e: BackendError| {
+            let _ = self.conn.call(Op::Revoke { alloc });
+            e
+        };
+        let fd = fds
+            .first()
+            .ok_or_else(|| revoke(BackendError::Disconnected("no memfd in reply".into())))?;
+        if refs.len() != count {
+            return Err(revoke(BackendError::Disconnected(
+                "wrong number of grant refs in reply".into(),
+            )));
+        }
+        let region = mem::map_fd(&**fd, count * PAGE_SIZE, true)
+            .map_err(|e| revoke(BackendError::io("mapping granted pages", e)))?
+            .into_region();
+        Ok(SimSharedPages {
+            conn: self.conn.clone(),
+            alloc,
+            refs: refs.into_iter().map(GrantRef).collect(),
+            region,
+            notify: None,
+        })
+    }
+
+    fn map_grants(
+        &self,
+        granter: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+    ) -> Result<SimMappedPages> {
+        let op = Op::MapGrants {
+            granter: granter.0,
+            refs: refs.iter().map(|r| r.0).collect(),
+            writable,
+        };
+        let (reply, fds) = self.conn.call(op)?;
+        let Reply::Mapped { map, pages } = reply else {
+            return Err(unexpected(&reply));
+        };
+        let unmap = |e: BackendError| {
+            let _ = self.conn.call(Op::Unmap { map });
+            e
+        };
+        if pages.len() != refs.len() {
+            return Err(unmap(BackendError::Disconnected(
+                "wrong number of pages in reply".into(),
+            )));
+        }
+        let region = mem::map_pages(&fds, &pages, writable)
+            .map_err(|e| unmap(BackendError::io("mapping grants", e)))?
+            .into_region();
+        Ok(SimMappedPages {
+            conn: self.conn.clone(),
+            map,
+            region,
+            notify: None,
+        })
+    }
+
+    fn open_evtchn(&self) -> Result<SimEvtchn> {
+        let epfd = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| BackendError::io("epoll_create", e.into()))?;
+        Ok(SimEvtchn {
+            conn: self.conn.clone(),
+            id: NEXT_HANDLE.fetch_add(1, Ordering::Relaxed),
+            epfd,
+        })
+    }
+
+    fn store(&self) -> &SimStore {
+        &self.store
+    }
+}
+
+fn check_notify(region: &Region, offset: usize) -> Result<()> {
+    if offset >= region.len() {
+        return Err(BackendError::InvalidArgument(format!(
+            "notify offset {offset} outside {} bytes",
+            region.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Performs an unmap notification locally (as the kernel does on release).
+fn local_notify(conn: &Conn, region: &Region, notify: Option<(usize, Option<EvtchnPort>)>) {
+    if let Some((offset, port)) = notify {
+        region.store_u8(offset, 0);
+        if let Some(port) = port {
+            if let Err(e) = conn.notify(port, None) {
+                tracing::debug!("unmap notification on port {port}: {e}");
+            }
+        }
+    }
+}
+
+/// Pages this domain granted (see [`SharedPages`]).
+pub struct SimSharedPages {
+    conn: Arc<Conn>,
+    alloc: u64,
+    refs: Vec<GrantRef>,
+    region: Region,
+    notify: Option<(usize, Option<EvtchnPort>)>,
+}
+
+impl SharedPages for SimSharedPages {
+    fn refs(&self) -> &[GrantRef] {
+        &self.refs
+    }
+
+    fn region(&self) -> &Region {
+        &self.region
+    }
+
+    fn set_unmap_notify(&mut self, offset: usize, port: Option<EvtchnPort>) -> Result<()> {
+        check_notify(&self.region, offset)?;
+        self.conn.call_done(Op::SetShareNotify {
+            alloc: self.alloc,
+            offset: offset as u64,
+            port: port.map(|p| p.0),
+        })?;
+        self.notify = Some((offset, port));
+        Ok(())
+    }
+}
+
+impl Drop for SimSharedPages {
+    fn drop(&mut self) {
+        local_notify(&self.conn, &self.region, self.notify);
+        if let Err(e) = self.conn.call_done(Op::Revoke { alloc: self.alloc }) {
+            tracing::debug!("revoking grants {:?}: {e}", self.refs);
+        }
+    }
+}
+
+/// Another domain's pages mapped here (see [`MappedPages`]).
+pub struct SimMappedPages {
+    conn: Arc<Conn>,
+    map: u64,
+    region: Region,
+    notify: Option<(usize, Option<EvtchnPort>)>,
+}
+
+impl MappedPages for SimMappedPages {
+    fn region(&self) -> &Region {
+        &self.region
+    }
+
+    fn set_unmap_notify(&mut self, offset: usize, port: Option<EvtchnPort>) -> Result<()> {
+        check_notify(&self.region, offset)?;
+        self.conn.call_done(Op::SetMapNotify {
+            map: self.map,
+            offset: offset as u64,
+            port: port.map(|p| p.0),
+        })?;
+        self.notify = Some((offset, port));
+        Ok(())
+    }
+}
+
+impl Drop for SimMappedPages {
+    fn drop(&mut self) {
+        local_notify(&self.conn, &self.region, self.notify);
+        if let Err(e) = self.conn.call_done(Op::Unmap { map: self.map }) {
+            tracing::debug!("forgetting mapping {}: {e}", self.map);
+        }
+    }
+}
+
+/// An event-channel handle: an epoll fd over one eventfd per port.
+///
+/// Masking: [`EventChannel::pending`] clears the port's eventfd when it reports it, and
+/// [`EventChannel::unmask`] is a no-op. An event that arrives after `pending` (masked or not)
+/// makes the port pending again, so no event is ever lost; several events before a `pending`
+/// coalesce into one, as on Xen.
+pub struct SimEvtchn {
+    conn: Arc<Conn>,
+    id: u64,
+    epfd: OwnedFd,
+}
+
+impl SimEvtchn {
+    fn own_fd(&self, port: EvtchnPort) -> Result<Arc<OwnedFd>> {
+        match lock(&self.conn.shared.ports).get(&port.0) {
+            Some(e) if e.handle == self.id => Ok(e.own.clone()),
+            _ => Err(BackendError::NotFound(format!(
+                "port {port} is not bound to this handle"
+            ))),
+        }
+    }
+
+    fn register(&self, reply: Reply) -> Result<EvtchnPort> {
+        let Reply::Port { port, .. } = reply else {
+            return Err(unexpected(&reply));
+        };
+        let port = EvtchnPort(port);
+        let own = self.own_fd(port)?;
+        epoll::add(
+            &self.epfd,
+            &*own,
+            epoll::EventData::new_u64(u64::from(port.0)),
+            epoll::EventFlags::IN,
+        )
+        .map_err(|e| BackendError::io("epoll_ctl", e.into()))?;
+        Ok(port)
+    }
+}
+
+impl AsFd for SimEvtchn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epfd.as_fd()
+    }
+}
+
+impl EventChannel for SimEvtchn {
+    fn bind_unbound(&self, remote: DomId) -> Result<EvtchnPort> {
+        let (reply, _) = self.conn.call(Op::BindUnbound {
+            handle: self.id,
+            remote: remote.0,
+        })?;
+        self.register(reply)
+    }
+
+    fn bind_interdomain(&self, remote: DomId, remote_port: EvtchnPort) -> Result<EvtchnPort> {
+        let op = Op::BindInterdomain {
+            handle: self.id,
+            remote: remote.0,
+            remote_port: remote_port.0,
+        };
+        let (reply, _) = self.conn.call(op)?;
+        self.register(reply)
+    }
+
+    fn notify(&self, port: EvtchnPort) -> Result<()> {
+        self.conn.notify(port, Some(self.id))
+    }
+
+    fn pending(&self) -> Result<Option<EvtchnPort>> {
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // Bounded: a port reported ready but already drained (by a concurrent caller) is skipped.
+        for _ in 0..64 {
+            let mut evs = [MaybeUninit::<epoll::Event>::uninit(); 1];
+            let (ready, _) =
+                epoll::wait(&self.epfd, &mut evs, Some(&zero)).or_else(|e| match e {
+                    rustix::io::Errno::INTR => Ok((&mut [][..], &mut [][..])),
+                    e => Err(BackendError::io("epoll_wait", e.into())),
+                })?;
+            let Some(ev) = ready.first().copied() else {
+                return Ok(None);
+            };
+            let data = ev.data;
+            let port = EvtchnPort(u32::try_from(data.u64()).unwrap_or(0));
+            let Ok(own) = self.own_fd(port) else { continue };
+            if mem::drain(&*own) {
+                return Ok(Some(port));
+            }
+        }
+        Ok(None)
+    }
+
+    fn unmask(&self, port: EvtchnPort) -> Result<()> {
+        // Events are never held back while "masked" (see the type's documentation).
+        self.own_fd(port).map(|_| ())
+    }
+
+    fn unbind(&self, port: EvtchnPort) -> Result<()> {
+        let own = self.own_fd(port)?;
+        let _ = epoll::delete(&self.epfd, &*own);
+        match self.conn.call(Op::Unbind { port: port.0 })? {
+            (Reply::Unbound { .. }, _) => Ok(()),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+}
+
+impl Drop for SimEvtchn {
+    fn drop(&mut self) {
+        let mine: Vec<u32> = lock(&self.conn.shared.ports)
+            .iter()
+            .filter(|(_, e)| e.handle == self.id)
+            .map(|(p, _)| *p)
+            .collect();
+        for port in mine {
+            if let Err(e) = self.conn.call(Op::Unbind { port }) {
+                tracing::debug!("closing port {port}: {e}");
+            }
+        }
+    }
+}
+
+/// The store connection of a simulated domain.
+#[derive(Clone)]
+pub struct SimStore {
+    conn: Arc<Conn>,
+}
+
+static NEXT_WATCH: AtomicU64 = AtomicU64::new(1);
+
+impl Store for SimStore {
+    type Watch = SimWatch;
+
+    fn read(&self, path: &str) -> Result<Vec<u8>> {
+        match self.conn.call(Op::Read { path: path.into() })? {
+            (Reply::Value(v), _) => Ok(v),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    fn write(&self, path: &str, value: &[u8]) -> Result<()> {
+        self.conn.call_done(Op::Write {
+            path: path.into(),
+            value: value.to_vec(),
+        })
+    }
+
+    fn mkdir(&self, path: &str) -> Result<()> {
+        self.conn.call_done(Op::Mkdir { path: path.into() })
+    }
+
+    fn rm(&self, path: &str) -> Result<()> {
+        self.conn.call_done(Op::Rm { path: path.into() })
+    }
+
+    fn directory(&self, path: &str) -> Result<Vec<String>> {
+        match self.conn.call(Op::Directory { path: path.into() })? {
+            (Reply::Names(v), _) => Ok(v),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    fn get_perms(&self, path: &str) -> Result<Vec<Perm>> {
+        match self.conn.call(Op::GetPerms { path: path.into() })? {
+            (Reply::Perms(v), _) => Ok(v),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    fn set_perms(&self, path: &str, perms: &[Perm]) -> Result<()> {
+        self.conn.call_done(Op::SetPerms {
+            path: path.into(),
+            perms: perms.to_vec(),
+        })
+    }
+
+    fn watch(&self, path: &str) -> Result<SimWatch> {
+        let id = NEXT_WATCH.fetch_add(1, Ordering::Relaxed);
+        let efd = mem::eventfd().map_err(|e| BackendError::io("eventfd", e))?;
+        let queue = Arc::new(WatchQueue {
+            queue: Mutex::new(VecDeque::new()),
+            efd,
+        });
+        // Registered before the request so that the immediate event finds its queue.
+        lock(&self.conn.shared.watches).insert(id, queue.clone());
+        if let Err(e) = self.conn.call_done(Op::Watch {
+            watch: id,
+            path: path.into(),
+        }) {
+            lock(&self.conn.shared.watches).remove(&id);
+            return Err(e);
+        }
+        Ok(SimWatch {
+            conn: self.conn.clone(),
+            id,
+            queue,
+        })
+    }
+}
+
+/// A registered store watch: pollable (its fd is readable while paths are queued).
+pub struct SimWatch {
+    conn: Arc<Conn>,
+    id: u64,
+    queue: Arc<WatchQueue>,
+}
+
+impl AsFd for SimWatch {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.queue.efd.as_fd()
+    }
+}
+
+impl StoreWatch for SimWatch {
+    fn try_next(&self) -> Result<Option<String>> {
+        let mut q = lock(&self.queue.queue);
+        let next = q.pop_front();
+        if q.is_empty() {
+            mem::drain(&self.queue.efd);
+        }
+        if next.is_none() {
+            if let Some(reason) = self.conn.shared.dead_reason() {
+                return Err(BackendError::Disconnected(reason));
+            }
+        }
+        Ok(next)
+    }
+}
+
+impl Drop for SimWatch {
+    fn drop(&mut self) {
+        lock(&self.conn.shared.watches).remove(&self.id);
+        if let Err(e) = self.conn.call_done(Op::Unwatch { watch: self.id }) {
+            tracing::debug!("removing watch {}: {e}", self.id);
+        }
+    }
+}

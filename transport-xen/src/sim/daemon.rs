@@ -1,0 +1,941 @@
+//! The simulator daemon: domains, grant tables, event channels and the store.
+//!
+//! One thread accepts connections; each connection has a reader thread (requests, handled under
+//! the one state lock) and a writer thread fed by a bounded queue. Nothing is written to a socket
+//! while the lock is held: handlers only `try_send` into queues, and a domain whose queue
+//! overflows is disconnected (and so dies) without affecting anyone else.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{AddressFamily, Shutdown, SocketAddrUnix, SocketFlags, SocketType};
+
+use super::fdpass::{self, Received};
+use super::mem;
+use super::proto::{self, ClientMsg, Event, MAX_FDS, Op, Reply, ServerMsg, WireError};
+use super::store::{Fire, StoreTree};
+use crate::types::{DomId, PAGE_SIZE};
+
+/// Messages queued for one domain before it is considered unresponsive and disconnected.
+pub const QUEUE_LEN: usize = 4096;
+/// How long the daemon waits on a domain's full socket before disconnecting it.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Largest allocation of one `share_pages` call, in pages.
+pub const MAX_SHARE_PAGES: u32 = 8192;
+/// Grants one domain may have live.
+pub const MAX_GRANTS: usize = 65_536;
+/// Event-channel ports per domain (Xen's 2-level ABI limit on 64-bit).
+pub const MAX_PORTS: u32 = 4096;
+/// First grant ref handed out (Xen reserves the first few entries).
+pub const FIRST_REF: u32 = 8;
+
+type Fds = Vec<Arc<OwnedFd>>;
+
+/// Sends to one domain through its bounded queue.
+#[derive(Clone)]
+struct Outbox {
+    tx: SyncSender<(Vec<u8>, Fds)>,
+    sock: Arc<OwnedFd>,
+    kicked: Arc<AtomicBool>,
+    domid: u16,
+}
+
+impl Outbox {
+    fn push(&self, msg: &ServerMsg, fds: Fds) {
+        let bytes = match proto::encode(msg) {
+            Ok(b) => b,
+            Err(e) => {
+                // Only replies can be that large (a huge directory listing): answer with the error.
+                let ServerMsg::Reply { id, .. } = msg else {
+                    tracing::warn!("dropping unencodable message to domain {}: {e}", self.domid);
+                    return;
+                };
+                let reply = ServerMsg::Reply { id: *id, result: Err(e) };
+                match proto::encode(&reply) {
+                    Ok(b) => return self.push_bytes(b, Vec::new()),
+                    Err(_) => return,
+                }
+            }
+        };
+        self.push_bytes(bytes, fds);
+    }
+
+    fn push_bytes(&self, bytes: Vec<u8>, fds: Fds) {
+        match self.tx.try_send((bytes, fds)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                if !self.kicked.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "domain {} does not read its connection ({QUEUE_LEN} messages queued): disconnecting it",
+                        self.domid
+                    );
+                }
+                let _ = rustix::net::shutdown(&*self.sock, Shutdown::Both);
+            }
+        }
+    }
+}
+
+struct Grant {
+    remote: u16,
+    writable: bool,
+    alloc: u64,
+    page: u32,
+    fd: Arc<OwnedFd>,
+}
+
+struct Alloc {
+    fd: Arc<OwnedFd>,
+    refs: Vec<u32>,
+    notify: Option<(u64, Option<u32>)>,
+}
+
+struct MapRec {
+    pages: Vec<(Arc<OwnedFd>, u32)>,
+    notify: Option<(u64, Option<u32>)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortState {
+    Unbound { remote: u16 },
+    Bound { remote: u16, remote_port: u32 },
+}
+
+/// An event-channel port. The two eventfds belong to the *channel*, not to a binding: `own` is
+/// where this port receives, `slot` is where whoever binds to it (its peer) receives. Binding to
+/// `p` creates `q` with `q.own = p.slot` and `q.slot = p.own`, so the eventfd a domain caches for
+/// signalling (`slot`) never goes stale: when the peer closes and another binds, the new peer
+/// receives on the same eventfd (drained at bind time, so events sent while unbound are
+/// dropped, as on Xen).
+struct Port {
+    own: Arc<OwnedFd>,
+    slot: Arc<OwnedFd>,
+    state: PortState,
+}
+
+struct Domain {
+    name: String,
+    out: Outbox,
+    grants: BTreeMap<u32, Grant>,
+    next_ref: u32,
+    allocs: HashMap<u64, Alloc>,
+    maps: HashMap<u64, MapRec>,
+    ports: BTreeMap<u32, Port>,
+}
+
+#[derive(Default)]
+struct State {
+    domains: BTreeMap<u16, Domain>,
+    store: StoreTree,
+    next_id: u64,
+}
+
+type Answer = (Result<Reply, WireError>, Fds);
+
+fn not_found(msg: impl Into<String>) -> WireError {
+    WireError::NotFound(msg.into())
+}
+
+fn io_err(what: &str, e: io::Error) -> WireError {
+    WireError::Unavailable(format!("{what}: {e}"))
+}
+
+impl State {
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn dom(&mut self, d: u16) -> Result<&mut Domain, WireError> {
+        self.domains.get_mut(&d).ok_or_else(|| not_found(format!("no domain {d}")))
+    }
+
+    fn push(&self, d: u16, msg: &ServerMsg, fds: Fds) {
+        if let Some(dom) = self.domains.get(&d) {
+            dom.out.push(msg, fds);
+        }
+    }
+
+    fn deliver(&self, fires: Vec<Fire>) {
+        for f in fires {
+            self.push(f.dom, &ServerMsg::Event(Event::Watch { watch: f.watch, path: f.path }), Vec::new());
+        }
+    }
+
+    /// The peer port `remote_port` of `remote` goes back to unbound (towards `closer`), receives
+    /// one final event, and its domain learns that its cached peer eventfd is stale.
+    fn close_peer(&mut self, remote: u16, remote_port: u32, closer: u16) {
+        let Some(dom) = self.domains.get_mut(&remote) else {
+            return;
+        };
+        let Some(p) = dom.ports.get_mut(&remote_port) else {
+            return;
+        };
+        p.state = PortState::Unbound { remote: closer };
+        mem::signal(&*p.own);
+    }
+
+    /// Signals the other end of port `port` in `ports` (a removed domain's port table).
+    fn signal_peer(ports: &BTreeMap<u32, Port>, port: u32) {
+        if let Some(p) = ports.get(&port) {
+            if matches!(p.state, PortState::Bound { .. }) {
+                mem::signal(&*p.slot);
+            }
+        }
+    }
+
+    fn attach(&mut self, requested: Option<u16>, name: &str, out: Outbox) -> Result<u16, WireError> {
+        if name.len() > 256 {
+            return Err(WireError::InvalidArgument("domain name longer than 256 bytes".into()));
+        }
+        let id = match requested {
+            Some(id) if !DomId(id).is_guest_id() => {
+                return Err(WireError::InvalidArgument(format!(
+                    "domain id {id} is reserved (guest ids are 0..={})",
+                    DomId::MAX_GUEST.0
+                )));
+            }
+            Some(id) if self.domains.contains_key(&id) => {
+                return Err(WireError::AlreadyExists(format!("domain {id} is already attached")));
+            }
+            Some(id) => id,
+            None => (1..=DomId::MAX_GUEST.0)
+                .find(|i| !self.domains.contains_key(i))
+                .ok_or_else(|| WireError::Limit("no free domain id".into()))?,
+        };
+        let fires = self.store.introduce(id, name)?;
+        let out = Outbox { domid: id, ..out };
+        self.domains.insert(
+            id,
+            Domain {
+                name: name.to_string(),
+                out,
+                grants: BTreeMap::new(),
+                next_ref: FIRST_REF,
+                allocs: HashMap::new(),
+                maps: HashMap::new(),
+                ports: BTreeMap::new(),
+            },
+        );
+        self.deliver(fires);
+        Ok(id)
+    }
+
+    /// Death of `d`, in Xen's order: unmap notifications, event channels, watches, the store
+    /// home and `@releaseDomain`, then the grant table (existing mappings stay valid).
+    fn death(&mut self, d: u16) {
+        let Some(dom) = self.domains.remove(&d) else {
+            return;
+        };
+        // (1) Unmap notifications.
+        let shares =
+            dom.allocs.values().filter_map(|a| a.notify.map(|(off, port)| (a.fd.clone(), off, port)));
+        let maps = dom.maps.values().filter_map(|m| {
+            let (off, port) = m.notify?;
+            let (fd, page) = m.pages.get(off as usize / PAGE_SIZE)?;
+            Some((fd.clone(), u64::from(*page) * PAGE_SIZE as u64 + off % PAGE_SIZE as u64, port))
+        });
+        for (fd, off, port) in shares.chain(maps).collect::<Vec<_>>() {
+            if let Err(e) = mem::clear_byte(&*fd, off) {
+                tracing::warn!("unmap notification of dead domain {d}: cannot clear byte {off}: {e}");
+            }
+            if let Some(port) = port {
+                State::signal_peer(&dom.ports, port);
+            }
+        }
+        // (2) Event channels.
+        for p in dom.ports.values() {
+            if let PortState::Bound { remote, remote_port } = p.state {
+                self.close_peer(remote, remote_port, d);
+            }
+        }
+        // (3) Watches, (4) home and @releaseDomain.
+        self.store.remove_watches(d);
+        let fires = self.store.release(d);
+        self.deliver(fires);
+        // (5) The grant table goes with `dom`; mappings elsewhere hold their own fds.
+        tracing::info!(
+            "domain {d} ({}) died: {} grants revoked, {} ports closed",
+            dom.name,
+            dom.grants.len(),
+            dom.ports.len()
+        );
+    }
+
+    fn share(&mut self, d: u16, remote: u16, count: u32, writable: bool) -> Answer {
+        let r = (|| {
+            if !DomId(remote).is_guest_id() {
+                return Err(WireError::InvalidArgument(format!(
+                    "cannot grant to reserved domain id {remote}"
+                )));
+            }
+            if count == 0 || count > MAX_SHARE_PAGES {
+                return Err(WireError::InvalidArgument(format!(
+                    "page count {count} not in 1..={MAX_SHARE_PAGES}"
+                )));
+            }
+            if self.dom(d)?.grants.len() + count as usize > MAX_GRANTS {
+                return Err(WireError::Limit(format!("domain {d} would exceed {MAX_GRANTS} grants")));
+            }
+            let fd = Arc::new(mem::memfd(count as usize).map_err(|e| io_err("cannot allocate pages", e))?);
+            let alloc = self.fresh_id();
+            let dom = self.dom(d)?;
+            let mut refs = Vec::with_capacity(count as usize);
+            for page in 0..count {
+                let mut r = dom.next_ref;
+                while dom.grants.contains_key(&r) {
+                    r = r.checked_add(1).unwrap_or(FIRST_REF);
+                }
+                dom.next_ref = r.checked_add(1).unwrap_or(FIRST_REF);
+                dom.grants.insert(r, Grant { remote, writable, alloc, page, fd: fd.clone() });
+                refs.push(r);
+            }
+            dom.allocs.insert(alloc, Alloc { fd: fd.clone(), refs: refs.clone(), notify: None });
+            Ok((Reply::Shared { alloc, refs }, vec![fd]))
+        })();
+        split(r)
+    }
+
+    fn map(&mut self, d: u16, granter: u16, refs: &[u32], writable: bool) -> Answer {
+        let r = (|| {
+            if refs.is_empty() || refs.len() > MAX_SHARE_PAGES as usize {
+                return Err(WireError::InvalidArgument(format!(
+                    "{} refs not in 1..={MAX_SHARE_PAGES}",
+                    refs.len()
+                )));
+            }
+            let g = self
+                .domains
+                .get(&granter)
+                .ok_or_else(|| not_found(format!("domain {granter} has no grants")))?;
+            let mut fds: Vec<(u64, Arc<OwnedFd>)> = Vec::new();
+            let mut pages = Vec::with_capacity(refs.len());
+            let mut keep = Vec::with_capacity(refs.len());
+            for r in refs {
+                let grant =
+                    g.grants.get(r).ok_or_else(|| not_found(format!("grant ref {r} of domain {granter}")))?;
+                if grant.remote != d {
+                    return Err(WireError::PermissionDenied(format!(
+                        "grant ref {r} of domain {granter} is for domain {}, not {d}",
+                        grant.remote
+                    )));
+                }
+                if writable && !grant.writable {
+                    return Err(WireError::PermissionDenied(format!(
+                        "grant ref {r} of domain {granter} is read-only"
+                    )));
+                }
+                let idx = match fds.iter().position(|(a, _)| *a == grant.alloc) {
+                    Some(i) => i,
+                    None => {
+                        fds.push((grant.alloc, grant.fd.clone()));
+                        fds.len() - 1
+                    }
+                };
+                if fds.len() > MAX_FDS {
+                    return Err(WireError::Limit(format!("refs span more than {MAX_FDS} allocations")));
+                }
+                pages.push((idx as u32, grant.page));
+                keep.push((grant.fd.clone(), grant.page));
+            }
+            let mut out = Vec::with_capacity(fds.len());
+            for (_, fd) in fds {
+                if writable {
+                    out.push(fd);
+                } else {
+                    let ro =
+                        mem::reopen_read_only(fd.as_fd()).map_err(|e| io_err("cannot reopen pages", e))?;
+                    out.push(Arc::new(ro));
+                }
+            }
+            let map = self.fresh_id();
+            self.dom(d)?.maps.insert(map, MapRec { pages: keep, notify: None });
+            Ok((Reply::Mapped { map, pages }, out))
+        })();
+        split(r)
+    }
+
+    fn bind_unbound(&mut self, d: u16, handle: u64, remote: u16) -> Answer {
+        let r = (|| {
+            let remote = if remote == DomId::SELF.0 { d } else { remote };
+            if !DomId(remote).is_guest_id() {
+                return Err(WireError::InvalidArgument(format!("invalid remote domain {remote}")));
+            }
+            let own = Arc::new(mem::eventfd().map_err(|e| io_err("cannot create eventfd", e))?);
+            let slot = Arc::new(mem::eventfd().map_err(|e| io_err("cannot create eventfd", e))?);
+            let dom = self.dom(d)?;
+            let port = free_port(dom)?;
+            dom.ports.insert(
+                port,
+                Port { own: own.clone(), slot: slot.clone(), state: PortState::Unbound { remote } },
+            );
+            Ok((Reply::Port { handle, port }, vec![own, slot]))
+        })();
+        split(r)
+    }
+
+    fn bind_interdomain(&mut self, d: u16, handle: u64, remote: u16, remote_port: u32) -> Answer {
+        let r = (|| {
+            let remote = if remote == DomId::SELF.0 { d } else { remote };
+            let rdom = self.domains.get(&remote).ok_or_else(|| not_found(format!("no domain {remote}")))?;
+            let rp = rdom
+                .ports
+                .get(&remote_port)
+                .ok_or_else(|| not_found(format!("no port {remote_port} in domain {remote}")))?;
+            match rp.state {
+                PortState::Unbound { remote: allowed } if allowed == d => {}
+                PortState::Unbound { remote: allowed } => {
+                    return Err(WireError::PermissionDenied(format!(
+                        "port {remote_port} of domain {remote} was allocated for domain {allowed}, not {d}"
+                    )));
+                }
+                PortState::Bound { .. } => {
+                    return Err(WireError::InvalidArgument(format!(
+                        "port {remote_port} of domain {remote} is already bound"
+                    )));
+                }
+            }
+            // Events sent on `remote_port` while it was unbound are dropped, as on Xen.
+            mem::drain(&*rp.slot);
+            let (own, slot) = (rp.slot.clone(), rp.own.clone());
+            let dom = self.dom(d)?;
+            let port = free_port(dom)?;
+            dom.ports.insert(
+                port,
+                Port {
+                    own: own.clone(),
+                    slot: slot.clone(),
+                    state: PortState::Bound { remote, remote_port },
+                },
+            );
+            if let Some(rp) = self.dom(remote)?.ports.get_mut(&remote_port) {
+                rp.state = PortState::Bound { remote: d, remote_port: port };
+            }
+            Ok((Reply::Port { handle, port }, vec![own, slot]))
+        })();
+        split(r)
+    }
+
+    fn unbind(&mut self, d: u16, port: u32) -> Result<Reply, WireError> {
+        let p = self.dom(d)?.ports.remove(&port).ok_or_else(|| not_found(format!("no port {port}")))?;
+        if let PortState::Bound { remote, remote_port } = p.state {
+            self.close_peer(remote, remote_port, d);
+        }
+        Ok(Reply::Unbound { port })
+    }
+
+    fn set_notify(
+        &mut self,
+        d: u16,
+        share: Option<u64>,
+        map: Option<u64>,
+        offset: u64,
+        port: Option<u32>,
+    ) -> Result<Reply, WireError> {
+        let dom = self.dom(d)?;
+        let (pages, slot) = if let Some(a) = share {
+            let a = dom.allocs.get_mut(&a).ok_or_else(|| not_found(format!("no allocation {a}")))?;
+            (a.refs.len(), &mut a.notify)
+        } else if let Some(m) = map {
+            let m = dom.maps.get_mut(&m).ok_or_else(|| not_found(format!("no mapping {m}")))?;
+            (m.pages.len(), &mut m.notify)
+        } else {
+            return Err(WireError::InvalidArgument("nothing to notify about".into()));
+        };
+        if offset >= (pages * PAGE_SIZE) as u64 {
+            return Err(WireError::InvalidArgument(format!("notify offset {offset} outside {pages} pages")));
+        }
+        *slot = Some((offset, port));
+        Ok(Reply::Done)
+    }
+
+    /// Handles one request of domain `d`: the reply, its fds, and the watch events it caused
+    /// (sent after the reply).
+    fn handle(&mut self, d: u16, op: Op) -> (Result<Reply, WireError>, Fds, Vec<Fire>) {
+        let store = |r: Result<Vec<Fire>, WireError>| match r {
+            Ok(fires) => (Ok(Reply::Done), Vec::new(), fires),
+            Err(e) => (Err(e), Vec::new(), Vec::new()),
+        };
+        let plain = |(r, fds): Answer| (r, fds, Vec::new());
+        match op {
+            Op::Hello { .. } => {
+                plain((Err(WireError::InvalidArgument("already attached".into())), Vec::new()))
+            }
+            Op::SharePages { remote, count, writable } => plain(self.share(d, remote, count, writable)),
+            Op::Revoke { alloc } => {
+                let r = self.dom(d).and_then(|dom| {
+                    let a = dom
+                        .allocs
+                        .remove(&alloc)
+                        .ok_or_else(|| not_found(format!("no allocation {alloc}")))?;
+                    for r in a.refs {
+                        dom.grants.remove(&r);
+                    }
+                    Ok(Reply::Done)
+                });
+                plain((r, Vec::new()))
+            }
+            Op::SetShareNotify { alloc, offset, port } => {
+                plain((self.set_notify(d, Some(alloc), None, offset, port), Vec::new()))
+            }
+            Op::MapGrants { granter, refs, writable } => plain(self.map(d, granter, &refs, writable)),
+            Op::Unmap { map } => {
+                let r = self.dom(d).and_then(|dom| {
+                    dom.maps
+                        .remove(&map)
+                        .map(|_| Reply::Done)
+                        .ok_or_else(|| not_found(format!("no mapping {map}")))
+                });
+                plain((r, Vec::new()))
+            }
+            Op::SetMapNotify { map, offset, port } => {
+                plain((self.set_notify(d, None, Some(map), offset, port), Vec::new()))
+            }
+            Op::BindUnbound { handle, remote } => plain(self.bind_unbound(d, handle, remote)),
+            Op::BindInterdomain { handle, remote, remote_port } => {
+                plain(self.bind_interdomain(d, handle, remote, remote_port))
+            }
+            Op::Unbind { port } => plain((self.unbind(d, port), Vec::new())),
+            Op::Read { path } => plain((self.store.read(d, &path).map(Reply::Value), Vec::new())),
+            Op::Directory { path } => plain((self.store.directory(d, &path).map(Reply::Names), Vec::new())),
+            Op::GetPerms { path } => plain((self.store.get_perms(d, &path).map(Reply::Perms), Vec::new())),
+            Op::Write { path, value } => store(self.store.write(d, &path, &value)),
+            Op::Mkdir { path } => store(self.store.mkdir(d, &path)),
+            Op::Rm { path } => store(self.store.rm(d, &path)),
+            Op::SetPerms { path, perms } => store(self.store.set_perms(d, &path, &perms)),
+            Op::Watch { watch, path } => store(self.store.watch(d, watch, &path)),
+            Op::Unwatch { watch } => plain((self.store.unwatch(d, watch).map(|()| Reply::Done), Vec::new())),
+        }
+    }
+}
+
+fn split(r: Result<(Reply, Fds), WireError>) -> Answer {
+    match r {
+        Ok((reply, fds)) => (Ok(reply), fds),
+        Err(e) => (Err(e), Vec::new()),
+    }
+}
+
+fn free_port(dom: &Domain) -> Result<u32, WireError> {
+    (1..MAX_PORTS)
+        .find(|p| !dom.ports.contains_key(p))
+        .ok_or_else(|| WireError::Limit(format!("all {MAX_PORTS} event-channel ports in use")))
+}
+
+struct Daemon {
+    state: Mutex<State>,
+    conns: Mutex<HashMap<u64, Arc<OwnedFd>>>,
+    next_conn: AtomicU64,
+}
+
+impl Daemon {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving the other domains anyway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Arc<OwnedFd>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves one connection until it closes, then buries its domain.
+    fn serve(self: &Arc<Daemon>, conn: u64, sock: Arc<OwnedFd>) {
+        // A writer stuck for this long on a domain that does not read is treated as its death.
+        if let Err(e) = rustix::net::sockopt::set_socket_timeout(
+            &*sock,
+            rustix::net::sockopt::Timeout::Send,
+            Some(SEND_TIMEOUT),
+        ) {
+            tracing::warn!("connection {conn}: cannot set send timeout: {e}");
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
+        let out =
+            Outbox { tx, sock: sock.clone(), kicked: Arc::new(AtomicBool::new(false)), domid: u16::MAX };
+        let writer_sock = sock.clone();
+        let writer = std::thread::Builder::new()
+            .name(format!("simxen-w{conn}"))
+            .spawn(move || writer_loop(writer_sock, rx));
+        if let Err(e) = writer {
+            tracing::warn!("connection {conn}: cannot start writer thread: {e}");
+            return;
+        }
+        let mut domid: Option<u16> = None;
+        let mut buf = fdpass::buffer();
+        let reason = loop {
+            let (len, fds) = match fdpass::recv(&*sock, &mut buf) {
+                Ok(Received::Msg { len, fds }) => (len, fds),
+                Ok(Received::Eof) => break None,
+                Ok(Received::Oversize { reason }) => break Some(reason),
+                Err(e) => break Some(format!("receive failed: {e}")),
+            };
+            if !fds.is_empty() {
+                break Some(format!("unexpected {} fds from a domain", fds.len()));
+            }
+            let msg: ClientMsg = match proto::decode(&buf[..len]) {
+                Ok(m) => m,
+                Err(e) => break Some(e),
+            };
+            let id = msg.id;
+            let mut st = self.lock();
+            let (result, fds, fires) = match (domid, msg.op) {
+                (None, Op::Hello { domid: req, name }) => match st.attach(req, &name, out.clone()) {
+                    Ok(d) => {
+                        domid = Some(d);
+                        tracing::info!("domain {d} ({name}) attached");
+                        (Ok(Reply::Attached { domid: d }), Vec::new(), Vec::new())
+                    }
+                    Err(e) => {
+                        tracing::warn!("connection {conn}: attach refused: {e}");
+                        (Err(e), Vec::new(), Vec::new())
+                    }
+                },
+                (None, _) => {
+                    drop(st);
+                    break Some("request before Hello".to_string());
+                }
+                (Some(d), op) => {
+                    let r = st.handle(d, op);
+                    if let Err(e) = &r.0 {
+                        tracing::debug!("domain {d}: request {id} failed: {e}");
+                    }
+                    r
+                }
+            };
+            let reply = ServerMsg::Reply { id, result };
+            match domid.and_then(|d| st.domains.get(&d)) {
+                Some(dom) => dom.out.push(&reply, fds),
+                None => out.push(&reply, fds),
+            }
+            st.deliver(fires);
+        };
+        if let Some(reason) = &reason {
+            tracing::warn!("connection {conn} (domain {domid:?}): disconnecting: {reason}");
+            out.push(&ServerMsg::Fatal { reason: reason.clone() }, Vec::new());
+        }
+        if let Some(d) = domid {
+            self.lock().death(d);
+        }
+        drop(out);
+        // Let the writer flush what is queued (e.g. the Fatal message); it exits when the queue
+        // is empty and all senders are gone, or when the socket breaks.
+        let _ = rustix::net::shutdown(&*sock, Shutdown::Read);
+        self.conns().remove(&conn);
+    }
+}
+
+fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<(Vec<u8>, Fds)>) {
+    while let Ok((bytes, fds)) = rx.recv() {
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = fdpass::send(sock.as_fd(), &bytes, &borrowed) {
+            tracing::debug!("send to domain failed: {e}");
+            break;
+        }
+    }
+    let _ = rustix::net::shutdown(&*sock, Shutdown::Both);
+}
+
+/// The simulated hypervisor: a daemon that domains (processes) attach to over a Unix socket.
+pub struct SimHypervisor {
+    listener: OwnedFd,
+    path: PathBuf,
+    stop: Arc<OwnedFd>,
+    daemon: Arc<Daemon>,
+}
+
+/// Stops a running [`SimHypervisor`] (from another thread or a signal handler thread).
+#[derive(Clone)]
+pub struct SimStopper {
+    stop: Arc<OwnedFd>,
+}
+
+impl SimStopper {
+    /// Asks the daemon to stop: it disconnects every domain and [`SimHypervisor::run`] returns.
+    pub fn stop(&self) {
+        mem::signal(&*self.stop);
+    }
+}
+
+/// An in-process daemon on background threads; dropping the handle stops it and removes the
+/// socket.
+pub struct SimHypervisorHandle {
+    stopper: SimStopper,
+    thread: Option<JoinHandle<io::Result<()>>>,
+    path: PathBuf,
+}
+
+impl SimHypervisorHandle {
+    /// The socket path domains attach to.
+    pub fn socket(&self) -> &Path {
+        &self.path
+    }
+
+    /// A stopper for this daemon.
+    pub fn stopper(&self) -> SimStopper {
+        self.stopper.clone()
+    }
+}
+
+impl Drop for SimHypervisorHandle {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("simulator stopped with an error: {e}"),
+                Err(_) => tracing::warn!("simulator thread panicked"),
+            }
+        }
+    }
+}
+
+impl SimHypervisor {
+    /// Creates the listening socket at `socket` (replacing a stale one; refusing if a daemon is
+    /// still listening there).
+    pub fn bind(socket: &Path) -> io::Result<SimHypervisor> {
+        let addr = SocketAddrUnix::new(socket)?;
+        if socket.exists() {
+            let probe = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )?;
+            if rustix::net::connect(&probe, &addr).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a simulator is already listening on {}", socket.display()),
+                ));
+            }
+            std::fs::remove_file(socket)?;
+        }
+        let listener =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+        rustix::net::bind(&listener, &addr)?;
+        rustix::net::listen(&listener, 128)?;
+        Ok(SimHypervisor {
+            listener,
+            path: socket.to_path_buf(),
+            stop: Arc::new(mem::eventfd()?),
+            daemon: Arc::new(Daemon {
+                state: Mutex::new(State::default()),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// A handle that makes [`SimHypervisor::run`] return.
+    pub fn stopper(&self) -> SimStopper {
+        SimStopper { stop: self.stop.clone() }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves domains until stopped (see [`SimHypervisor::stopper`]); then disconnects every
+    /// domain, waits for their connections to wind down and removes the socket.
+    pub fn run(self) -> io::Result<()> {
+        tracing::info!("simulated hypervisor listening on {}", self.path.display());
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let result = loop {
+            let mut fds =
+                [PollFd::new(&self.listener, PollFlags::IN), PollFd::new(&*self.stop, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => break Err(e.into()),
+            }
+            if !fds[1].revents().is_empty() {
+                break Ok(());
+            }
+            if fds[0].revents().is_empty() {
+                continue;
+            }
+            let sock = match rustix::net::accept_with(&self.listener, SocketFlags::CLOEXEC) {
+                Ok(s) => Arc::new(s),
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN | rustix::io::Errno::CONNABORTED) => {
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            let conn = self.daemon.next_conn.fetch_add(1, Ordering::Relaxed);
+            self.daemon.conns().insert(conn, sock.clone());
+            let daemon = self.daemon.clone();
+            threads.retain(|t| !t.is_finished());
+            match std::thread::Builder::new()
+                .name(format!("simxen-r{conn}"))
+                .spawn(move || daemon.serve(conn, sock))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::warn!("cannot start connection thread: {e}");
+                    if let Some(s) = self.daemon.conns().remove(&conn) {
+                        let _ = rustix::net::shutdown(&*s, Shutdown::Both);
+                    }
+                }
+            }
+        };
+        tracing::info!("simulated hypervisor stopping");
+        for s in self.daemon.conns().values() {
+            let _ = rustix::net::shutdown(&**s, Shutdown::Both);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// Runs a daemon on `socket` on background threads (for tests and in-process use).
+    pub fn spawn(socket: &Path) -> io::Result<SimHypervisorHandle> {
+        let hv = SimHypervisor::bind(socket)?;
+        let stopper = hv.stopper();
+        let thread = std::thread::Builder::new().name("simxen-accept".into()).spawn(move || hv.run())?;
+        Ok(SimHypervisorHandle { stopper, thread: Some(thread), path: socket.to_path_buf() })
+    }
+}
+
+impl Drop for SimHypervisor {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", self.path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shmem::SharedMem;
+
+    struct Harness {
+        st: State,
+        _rx: Vec<Receiver<(Vec<u8>, Fds)>>,
+    }
+
+    fn harness(doms: &[u16]) -> Harness {
+        let mut h = Harness { st: State::default(), _rx: Vec::new() };
+        for &d in doms {
+            let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
+            let sock = Arc::new(mem::eventfd().unwrap_or_else(|e| panic!("eventfd: {e}")));
+            let out = Outbox { tx, sock, kicked: Arc::new(AtomicBool::new(false)), domid: d };
+            assert_eq!(h.st.attach(Some(d), "t", out).ok(), Some(d));
+            h._rx.push(rx);
+        }
+        h
+    }
+
+    fn shared(a: Answer) -> (u64, Vec<u32>, Fds) {
+        match a {
+            (Ok(Reply::Shared { alloc, refs }), fds) => (alloc, refs, fds),
+            other => panic!("share failed: {:?}", other.0),
+        }
+    }
+
+    fn port(a: Answer) -> (u32, Fds) {
+        match a {
+            (Ok(Reply::Port { port, .. }), fds) => (port, fds),
+            other => panic!("bind failed: {:?}", other.0),
+        }
+    }
+
+    #[test]
+    fn grant_table_rules() {
+        let mut h = harness(&[1, 2, 3]);
+        let st = &mut h.st;
+        let (alloc, refs, _) = shared(st.share(1, 2, 2, false));
+        assert!(refs.iter().all(|r| *r >= FIRST_REF));
+        // Refs are per granting domain: domain 2's first grant gets the same number.
+        let (_, refs2, _) = shared(st.share(2, 1, 1, true));
+        assert_eq!(refs2[0], refs[0]);
+        assert!(matches!(st.map(2, 1, &refs, false), (Ok(Reply::Mapped { .. }), _)));
+        assert!(matches!(st.map(3, 1, &refs, false).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(st.map(2, 1, &refs, true).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(st.map(2, 1, &[0], false).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.map(2, 9, &refs, false).0, Err(WireError::NotFound(_))));
+        // Read-only maps get an O_RDONLY fd: it cannot be mapped writable.
+        let (_, fds) = match st.map(2, 1, &refs[..1], false) {
+            (Ok(Reply::Mapped { pages, .. }), fds) => (pages, fds),
+            other => panic!("{:?}", other.0),
+        };
+        assert!(mem::map_fd(&*fds[0], PAGE_SIZE, true).is_err());
+        assert!(mem::map_fd(&*fds[0], PAGE_SIZE, false).is_ok());
+        // Revocation.
+        assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Ok(Reply::Done)));
+        assert!(matches!(st.map(2, 1, &refs, false).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.share(1, 2, 0, true).0, Err(WireError::InvalidArgument(_))));
+        assert!(matches!(st.share(1, 2, MAX_SHARE_PAGES + 1, true).0, Err(WireError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn event_channel_rules() {
+        let mut h = harness(&[1, 2, 3]);
+        let st = &mut h.st;
+        let (pa, fa) = port(st.bind_unbound(1, 0, 2));
+        assert_eq!(pa, 1, "ports start at 1");
+        assert!(matches!(st.bind_interdomain(3, 0, 1, pa).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(st.bind_interdomain(2, 0, 1, 99).0, Err(WireError::NotFound(_))));
+        // Sent while unbound: dropped when the peer binds.
+        mem::signal(&*fa[1]);
+        let (pb, fb) = port(st.bind_interdomain(2, 0, 1, pa));
+        assert!(!mem::drain(&*fb[0]), "event sent while unbound must be dropped");
+        assert!(matches!(st.bind_interdomain(2, 0, 1, pa).0, Err(WireError::InvalidArgument(_))));
+        // The channel's eventfds are crossed.
+        mem::signal(&*fa[1]);
+        assert!(mem::drain(&*fb[0]));
+        mem::signal(&*fb[1]);
+        assert!(mem::drain(&*fa[0]));
+        // Close: the peer returns to unbound and gets one event.
+        assert!(matches!(st.unbind(2, pb), Ok(Reply::Unbound { .. })));
+        assert!(mem::drain(&*fa[0]));
+        assert_eq!(
+            st.domains.get(&1).and_then(|d| d.ports.get(&pa)).map(|p| p.state),
+            Some(PortState::Unbound { remote: 2 })
+        );
+        assert!(matches!(st.unbind(2, pb), Err(WireError::NotFound(_))));
+    }
+
+    #[test]
+    fn death_runs_unmap_notify_then_closes_channels() {
+        let mut h = harness(&[1, 2]);
+        let st = &mut h.st;
+        let (p2, f2) = port(st.bind_unbound(2, 0, 1));
+        let (p1, f1) = port(st.bind_interdomain(1, 0, 2, p2));
+        let (alloc, refs, fds) = shared(st.share(2, 1, 1, true));
+        let region = mem::map_fd(&*fds[0], PAGE_SIZE, true).unwrap_or_else(|e| panic!("{e}")).into_region();
+        region.store_u8(21, 0xaa);
+        assert!(matches!(st.set_notify(2, Some(alloc), None, 21, Some(p2)), Ok(Reply::Done)));
+        assert!(st.set_notify(2, Some(alloc), None, PAGE_SIZE as u64, None).is_err());
+        let mapped = match st.map(1, 2, &refs, true) {
+            (Ok(Reply::Mapped { pages, .. }), fds) => mem::map_pages(&fds, &pages, true),
+            other => panic!("{:?}", other.0),
+        };
+        let mapped = mapped.unwrap_or_else(|e| panic!("{e}")).into_region();
+        st.death(2);
+        assert_eq!(mapped.load_u8(21), 0);
+        assert!(mem::drain(&*f1[0]), "peer of the notify port signalled");
+        assert_eq!(
+            st.domains.get(&1).and_then(|d| d.ports.get(&p1)).map(|p| p.state),
+            Some(PortState::Unbound { remote: 2 })
+        );
+        assert!(matches!(st.map(1, 2, &refs, true).0, Err(WireError::NotFound(_))));
+        mapped.store_u8(0, 1);
+        assert_eq!(region.load_u8(0), 1, "mappings survive the granter's death");
+        assert!(st.store.read(0, "/local/domain/2").is_err());
+        drop(f2);
+    }
+}

@@ -1,0 +1,190 @@
+//! Page memory of the simulator: memfds for granted pages and the mappings built from them.
+
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::shmem::{MappingOwner, Region};
+use crate::types::PAGE_SIZE;
+
+/// A live mmap; unmapped on drop.
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; it is only unmapped in Drop, and
+// all access goes through `Region`, which uses atomics and raw copies.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `Mapping` itself exposes no access to the memory.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr+len` is a mapping this value created and nobody else unmaps; every
+        // `Region` pointing into it holds an `Arc` of this owner, so none is left.
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) }
+        {
+            tracing::warn!("munmap of {} bytes failed: {e}", self.len);
+        }
+    }
+}
+
+impl Mapping {
+    /// Wraps the whole mapping as a [`Region`].
+    pub fn into_region(self) -> Region {
+        let ptr = self.ptr;
+        let len = self.len;
+        let owner: Arc<dyn MappingOwner> = Arc::new(self);
+        // SAFETY: `ptr..ptr+len` is mapped (readable, and writable if it was mapped so) until
+        // `owner` drops; mmap returns page-aligned (so 4-aligned) addresses.
+        unsafe { Region::from_raw(ptr, len, owner) }
+    }
+}
+
+fn prot(writable: bool) -> ProtFlags {
+    if writable {
+        ProtFlags::READ | ProtFlags::WRITE
+    } else {
+        ProtFlags::READ
+    }
+}
+
+/// A zeroed, sealed (cannot shrink or grow) memfd of `pages` pages.
+pub fn memfd(pages: usize) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(
+        "dombus-sim-grant",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    rustix::fs::ftruncate(&fd, (pages * PAGE_SIZE) as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// Reopens a memfd read-only (so the holder cannot map it writable).
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::open(
+        path.as_str(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
+/// Maps `len` bytes of `fd` from offset 0, shared.
+pub fn map_fd(fd: impl AsFd, len: usize, writable: bool) -> io::Result<Mapping> {
+    // SAFETY: a fresh mapping chosen by the kernel (no fixed address), so nothing is overwritten.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot(writable),
+            MapFlags::SHARED,
+            fd,
+            0,
+        )?
+    };
+    let ptr =
+        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+    Ok(Mapping { ptr, len })
+}
+
+/// Maps single pages of several fds contiguously: page `i` of the result is page `pages[i].1` of
+/// `fds[pages[i].0]`.
+pub fn map_pages<F: AsFd>(fds: &[F], pages: &[(u32, u32)], writable: bool) -> io::Result<Mapping> {
+    if pages.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no pages to map",
+        ));
+    }
+    let len = pages.len() * PAGE_SIZE;
+    // SAFETY: a fresh inaccessible reservation chosen by the kernel.
+    let base = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )?
+    };
+    let base =
+        NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+    // From here the reservation is owned (and unmapped on error) by `area`.
+    let area = Mapping { ptr: base, len };
+    for (i, &(fd_idx, page)) in pages.iter().enumerate() {
+        let fd = fds
+            .get(fd_idx as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "page names a missing fd"))?;
+        // SAFETY: the target page lies inside our own reservation `area` (i < pages.len()), which
+        // nothing else uses, so replacing it with MAP_FIXED cannot clobber foreign memory.
+        unsafe {
+            rustix::mm::mmap(
+                base.as_ptr().add(i * PAGE_SIZE).cast::<c_void>(),
+                PAGE_SIZE,
+                prot(writable),
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd,
+                u64::from(page) * PAGE_SIZE as u64,
+            )?;
+        }
+    }
+    Ok(area)
+}
+
+/// Clears the byte at `offset` of `fd` (as an unmap notification does).
+pub fn clear_byte(fd: impl AsFd, offset: u64) -> io::Result<()> {
+    let page_off = offset & !(PAGE_SIZE as u64 - 1);
+    // SAFETY: a fresh mapping chosen by the kernel.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            prot(true),
+            MapFlags::SHARED,
+            fd,
+            page_off,
+        )?
+    };
+    let map = Mapping {
+        ptr: NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?,
+        len: PAGE_SIZE,
+    };
+    let idx = (offset - page_off) as usize;
+    // SAFETY: idx < PAGE_SIZE, inside the mapping just created and kept alive by `map`; any byte is
+    // a valid AtomicU8 and other domains access it atomically too.
+    let byte = unsafe { AtomicU8::from_ptr(map.ptr.as_ptr().add(idx)) };
+    byte.store(0, Ordering::SeqCst);
+    drop(map);
+    Ok(())
+}
+
+/// Sends one event on an eventfd (a full counter means an event is already pending).
+pub fn signal(fd: impl AsFd) {
+    match rustix::io::write(fd, &1u64.to_ne_bytes()) {
+        Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+        Err(e) => tracing::debug!("eventfd write failed: {e}"),
+    }
+}
+
+/// Clears an eventfd; true if an event was pending.
+pub fn drain(fd: impl AsFd) -> bool {
+    let mut buf = [0u8; 8];
+    matches!(rustix::io::read(fd, &mut buf), Ok(8))
+}
+
+/// A new non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+    )?)
+}

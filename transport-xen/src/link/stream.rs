@@ -35,6 +35,9 @@ impl<T: AsFd> AsRawFd for Pollable<T> {
 
 /// Registers a backend handle's fd with tokio's reactor for readability.
 fn register<T: AsFd>(handle: T) -> io::Result<AsyncFd<Pollable<T>>> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other("dombus links must be set up inside a tokio runtime (with IO enabled)"));
+    }
     // SAFETY: the backend traits require `as_fd` to return the same open descriptor, owned by the
     // handle, for the handle's whole life; the handle is moved into the AsyncFd and lives exactly
     // as long as the registration.

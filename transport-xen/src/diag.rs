@@ -89,7 +89,10 @@ pub async fn ping<S: AsyncRead + AsyncWrite + Unpin>(
         stream.read_exact(&mut back).await?;
         let rtt = t.elapsed();
         if back != msg {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "echo differs from what was sent"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "echo differs from what was sent",
+            ));
         }
         if i >= warmup {
             samples.push(rtt);
@@ -105,7 +108,11 @@ fn pattern_byte(i: u64) -> u8 {
 
 /// Writes `bytes` bytes of a deterministic pattern in `chunk`-sized writes, then shuts down the
 /// write half. Returns the CRC-32 of what was written.
-pub async fn send_pattern<S: AsyncWrite + Unpin>(stream: &mut S, bytes: u64, chunk: usize) -> std::io::Result<u32> {
+pub async fn send_pattern<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: u64,
+    chunk: usize,
+) -> std::io::Result<u32> {
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; chunk.max(1)];
     let mut sent = 0u64;

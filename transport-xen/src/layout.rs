@@ -136,7 +136,19 @@ impl RingOrders {
         if left == right && left < PAGE_SHIFT {
             return Err(PeerMisbehaved::OverlappingRings(left));
         }
-        Ok(RingOrders { left, right })
+        // Stricter than libxenvchan, which accepts e.g. 10/20: 256 grant refs would run from
+        // offset 24 past 1024, into the in-page ring. No honest server chooses that.
+        let orders = RingOrders { left, right };
+        let (l, r) = orders.page_counts();
+        let grants_end = GRANTS + 4 * (l + r);
+        for o in [left, right] {
+            if let Placement::InPage(off) = Self::placement(o) {
+                if off < grants_end {
+                    return Err(PeerMisbehaved::GrantsOverlapRing { left, right });
+                }
+            }
+        }
+        Ok(orders)
     }
 
     /// The word to store at [`ORDERS`].
@@ -197,6 +209,16 @@ mod tests {
         assert_eq!(RingOrders::from_control_word(10 | (21 << 16)), Err(PeerMisbehaved::BadRingOrder(21)));
         assert_eq!(RingOrders::from_control_word(11 | (11 << 16)), Err(PeerMisbehaved::OverlappingRings(11)));
         assert!(RingOrders::from_control_word(12 | (12 << 16)).is_ok());
+        assert_eq!(
+            RingOrders::from_control_word(10 | (20 << 16)),
+            Err(PeerMisbehaved::GrantsOverlapRing { left: 10, right: 20 })
+        );
+        assert!(RingOrders::from_control_word(11 | (20 << 16)).is_ok());
+        // Every choice our own server makes is accepted by a client.
+        for (l, r) in [(1, 1), (1024, 2048), (2048, 1 << 20), (1 << 20, 1024), (1 << 20, 1 << 20)] {
+            let o = RingOrders::for_sizes(l, r).unwrap();
+            assert_eq!(RingOrders::from_control_word(o.control_word()), Ok(o), "{l}/{r}");
+        }
         assert!(RingOrders::from_control_word(u32::MAX).is_err());
     }
 

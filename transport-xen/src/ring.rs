@@ -19,7 +19,9 @@ pub const MAX_ORDER: u32 = 20;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerMisbehaved {
     /// The peer's producer index claims more data than the ring can hold.
-    #[error("peer moved its producer index to {prod} with our consumer index at {cons}: more than the {size}-byte ring holds")]
+    #[error(
+        "peer moved its producer index to {prod} with our consumer index at {cons}: more than the {size}-byte ring holds"
+    )]
     ProducerOverrun {
         /// Producer index read from the peer.
         prod: u32,
@@ -29,7 +31,9 @@ pub enum PeerMisbehaved {
         size: u32,
     },
     /// The peer's consumer index is ahead of what we produced, or implies a negative fill level.
-    #[error("peer moved its consumer index to {cons} with our producer index at {prod} on a {size}-byte ring")]
+    #[error(
+        "peer moved its consumer index to {cons} with our producer index at {prod} on a {size}-byte ring"
+    )]
     ConsumerOverrun {
         /// Our producer index.
         prod: u32,
@@ -47,6 +51,14 @@ pub enum PeerMisbehaved {
     /// Both rings were placed at the same offset inside the control page.
     #[error("both rings have order {0} and would overlap inside the control page")]
     OverlappingRings(u32),
+    /// The grant array needed for the ring pages would run into a ring inside the control page.
+    #[error("ring orders {left}/{right} make the grant array overlap the in-page ring")]
+    GrantsOverlapRing {
+        /// Order of the left ring.
+        left: u32,
+        /// Order of the right ring.
+        right: u32,
+    },
     /// A value the peer published in the store does not parse.
     #[error("peer published an invalid {what} in the store: {value:?}")]
     BadStoreValue {
@@ -216,6 +228,29 @@ mod tests {
         assert_eq!(c.read(&ctl, &data, &mut out).unwrap(), 1000);
         assert_eq!(out, msg);
         assert_eq!(p.index(), (u32::MAX - 100).wrapping_add(1000));
+    }
+
+    #[test]
+    fn every_order_wraps_the_ring_and_the_u32_indices() {
+        for order in MIN_ORDER..=MAX_ORDER {
+            let size = 1usize << order;
+            // Start just before the u32 wrap, at an odd position inside the ring.
+            let start = u32::MAX - (size as u32 / 3);
+            let (ctl, data, mut p, mut c) = pair(order, start);
+            let msg: Vec<u8> = (0..size * 3).map(|i| (i * 31 % 253) as u8).collect();
+            let mut out = vec![0u8; msg.len()];
+            let (mut sent, mut got) = (0, 0);
+            while got < msg.len() {
+                // Uneven chunks so that copies straddle the ring's end at varying offsets.
+                let w = (size / 2 + 7).min(msg.len() - sent);
+                sent += p.write(&ctl, &data, &msg[sent..sent + w]).unwrap();
+                let r = (size / 3 + 5).min(out.len() - got);
+                got += c.read(&ctl, &data, &mut out[got..got + r]).unwrap();
+            }
+            assert_eq!(out, msg, "order {order}");
+            assert_eq!(p.index(), start.wrapping_add(msg.len() as u32));
+            assert_eq!(c.available(&ctl).unwrap(), 0);
+        }
     }
 
     #[test]

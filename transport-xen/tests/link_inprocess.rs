@@ -108,11 +108,8 @@ async fn connect_waits_for_a_late_listener_by_watch() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!connecting.is_finished());
-    let mut s = Link::listen(&h.srv, "data/late", DomId(2), &LinkConfig::default())
-        .unwrap()
-        .accept()
-        .await
-        .unwrap();
+    let mut s =
+        Link::listen(&h.srv, "data/late", DomId(2), &LinkConfig::default()).unwrap().accept().await.unwrap();
     s.write_all(b"hello").await.unwrap();
     assert_eq!(&tokio::time::timeout(T, connecting).await.unwrap().unwrap(), b"hello");
 }
@@ -121,7 +118,8 @@ async fn connect_waits_for_a_late_listener_by_watch() {
 async fn a_full_ring_applies_backpressure_without_losing_bytes() {
     let h = host("backpressure");
     let (mut s, mut c) = pair(&h, "data/bp", &cfg(4096, 4096)).await;
-    let writer = tokio::spawn(async move { diag::send_pattern(&mut c, 4 << 20, 64 << 10).await.map(|crc| (crc, c)) });
+    let writer =
+        tokio::spawn(async move { diag::send_pattern(&mut c, 4 << 20, 64 << 10).await.map(|crc| (crc, c)) });
     // A slow reader: small reads with pauses; the writer must wait, not fail or spin.
     let mut total = 0u64;
     let mut crc = crc32fast::Hasher::new();

@@ -14,7 +14,11 @@ use dombus_transport_xen::types::DomId;
 fn one_gib_streams_with_matching_checksum() {
     let dir = Scratch::new("stream");
     let (_daemon, sock) = simxen(&dir);
-    let mut server = Proc::spawn(link_cmd(&sock, 1, &["serve", "--path", "data/stream", "--peer", "2", "--ring", "1M", "recv"]));
+    let mut server = Proc::spawn(link_cmd(
+        &sock,
+        1,
+        &["serve", "--path", "data/stream", "--peer", "2", "--ring", "1M", "recv"],
+    ));
     server.expect_line("listening", Duration::from_secs(10));
     let mut client = Proc::spawn(link_cmd(
         &sock,
@@ -37,7 +41,11 @@ fn peer_killed_mid_stream_is_detected_within_a_second() {
     let (_daemon, sock) = simxen(&dir);
     let mut server = Proc::spawn(link_cmd(&sock, 1, &["serve", "--path", "data/k", "--peer", "2", "recv"]));
     server.expect_line("listening", Duration::from_secs(10));
-    let mut client = Proc::spawn(link_cmd(&sock, 2, &["connect", "--path", "data/k", "--peer", "1", "send", "--bytes", "1000G"]));
+    let mut client = Proc::spawn(link_cmd(
+        &sock,
+        2,
+        &["connect", "--path", "data/k", "--peer", "1", "send", "--bytes", "1000G"],
+    ));
     client.expect_line("connected", Duration::from_secs(10));
     server.expect_line("connected", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(200)); // let data flow
@@ -80,7 +88,8 @@ fn ring_scribbler_is_disconnected_while_other_links_live_on() {
     ));
     pinger.expect_line("connected", Duration::from_secs(10));
 
-    let mut victim = Proc::spawn(link_cmd(&sock, 1, &["serve", "--path", "data/evil", "--peer", "3", "recv"]));
+    let mut victim =
+        Proc::spawn(link_cmd(&sock, 1, &["serve", "--path", "data/evil", "--peer", "3", "recv"]));
     victim.expect_line("listening", Duration::from_secs(10));
     let mut attacker = Proc::spawn(link_cmd(&sock, 3, &["scribble", "--path", "data/evil", "--peer", "1"]));
     attacker.expect_line("scribbled", Duration::from_secs(10));

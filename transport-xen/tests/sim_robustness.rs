@@ -7,9 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use dombus_transport_xen::backend::{
-    Backend, BackendError, MappedPages, SharedPages, Store, StoreWatch,
-};
+use dombus_transport_xen::backend::{Backend, BackendError, MappedPages, SharedPages, Store, StoreWatch};
 use dombus_transport_xen::shmem::SharedMem;
 use dombus_transport_xen::sim::proto::{self, ClientMsg, MAX_MSG, Op, ServerMsg};
 use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
@@ -31,13 +29,8 @@ fn daemon(tag: &str) -> (SimHypervisorHandle, PathBuf) {
 }
 
 fn raw(sock: &Path) -> OwnedFd {
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap();
+    let fd = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+        .unwrap();
     rustix::net::connect(&fd, &SocketAddrUnix::new(sock).unwrap()).unwrap();
     fd
 }
@@ -53,10 +46,7 @@ fn msg(id: u64, op: Op) -> Vec<u8> {
 /// The next message from the daemon, `None` on EOF; panics after `timeout`.
 fn recv(fd: &OwnedFd, timeout: Duration) -> Option<ServerMsg> {
     let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-    let ts = rustix::event::Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: 0,
-    };
+    let ts = rustix::event::Timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: 0 };
     assert!(
         rustix::event::poll(&mut fds, Some(&ts)).unwrap() > 0,
         "daemon neither answered nor disconnected"
@@ -73,31 +63,17 @@ fn expect_disconnect(fd: &OwnedFd) -> Vec<ServerMsg> {
     let mut got = Vec::new();
     while let Some(m) = recv(fd, Duration::from_secs(5)) {
         got.push(m);
-        assert!(
-            got.len() < 10,
-            "daemon keeps talking to a broken client: {got:?}"
-        );
+        assert!(got.len() < 10, "daemon keeps talking to a broken client: {got:?}");
     }
     got
 }
 
 fn hello(fd: &OwnedFd, domid: u16) {
-    send(
-        fd,
-        &msg(
-            1,
-            Op::Hello {
-                domid: Some(domid),
-                name: "raw".into(),
-            },
-        ),
-    )
-    .unwrap();
+    send(fd, &msg(1, Op::Hello { domid: Some(domid), name: "raw".into() })).unwrap();
     match recv(fd, Duration::from_secs(5)) {
-        Some(ServerMsg::Reply {
-            id: 1,
-            result: Ok(proto::Reply::Attached { domid: d }),
-        }) => assert_eq!(d, domid),
+        Some(ServerMsg::Reply { id: 1, result: Ok(proto::Reply::Attached { domid: d }) }) => {
+            assert_eq!(d, domid)
+        }
         other => panic!("bad hello reply {other:?}"),
     }
 }
@@ -112,126 +88,53 @@ fn garbage_truncated_and_oversize_messages() {
     let fd = raw(&sock);
     send(&fd, &[0xff; 37]).unwrap();
     let got = expect_disconnect(&fd);
-    assert!(
-        matches!(got.as_slice(), [] | [ServerMsg::Fatal { .. }]),
-        "{got:?}"
-    );
+    assert!(matches!(got.as_slice(), [] | [ServerMsg::Fatal { .. }]), "{got:?}");
 
     // A request before Hello.
     let fd = raw(&sock);
     send(&fd, &msg(5, Op::Read { path: "x".into() })).unwrap();
-    assert!(matches!(
-        expect_disconnect(&fd).as_slice(),
-        [] | [ServerMsg::Fatal { .. }]
-    ));
+    assert!(matches!(expect_disconnect(&fd).as_slice(), [] | [ServerMsg::Fatal { .. }]));
 
     // Truncated message after a good Hello.
     let fd = raw(&sock);
     hello(&fd, 2);
-    let full = msg(
-        2,
-        Op::Write {
-            path: "some/path".into(),
-            value: vec![1; 100],
-        },
-    );
+    let full = msg(2, Op::Write { path: "some/path".into(), value: vec![1; 100] });
     send(&fd, &full[..full.len() / 2]).unwrap();
-    assert!(matches!(
-        expect_disconnect(&fd).as_slice(),
-        [] | [ServerMsg::Fatal { .. }]
-    ));
+    assert!(matches!(expect_disconnect(&fd).as_slice(), [] | [ServerMsg::Fatal { .. }]));
 
     // Oversize message.
     let fd = raw(&sock);
     hello(&fd, 3);
     let big = vec![0u8; MAX_MSG + 1000];
     if send(&fd, &big).is_ok() {
-        assert!(matches!(
-            expect_disconnect(&fd).as_slice(),
-            [] | [ServerMsg::Fatal { .. }]
-        ));
+        assert!(matches!(expect_disconnect(&fd).as_slice(), [] | [ServerMsg::Fatal { .. }]));
     }
 
     // Bad requests get error replies and the connection stays usable.
     let fd = raw(&sock);
     hello(&fd, 4);
     for (id, op) in [
-        (
-            10,
-            Op::Read {
-                path: "a//b".into(),
-            },
-        ),
-        (
-            11,
-            Op::MapGrants {
-                granter: 1,
-                refs: vec![12345],
-                writable: true,
-            },
-        ),
+        (10, Op::Read { path: "a//b".into() }),
+        (11, Op::MapGrants { granter: 1, refs: vec![12345], writable: true }),
         (12, Op::Unmap { map: 77 }),
         (13, Op::Unbind { port: 0 }),
         (14, Op::Revoke { alloc: 999 }),
-        (
-            15,
-            Op::Hello {
-                domid: None,
-                name: "again".into(),
-            },
-        ),
-        (
-            16,
-            Op::SharePages {
-                remote: 1,
-                count: 1_000_000,
-                writable: true,
-            },
-        ),
-        (
-            17,
-            Op::BindUnbound {
-                handle: 1,
-                remote: 0x7FF5,
-            },
-        ),
-        (
-            18,
-            Op::Write {
-                path: "x".into(),
-                value: vec![0; 5000],
-            },
-        ),
-        (
-            19,
-            Op::SetPerms {
-                path: "domid".into(),
-                perms: vec![],
-            },
-        ),
+        (15, Op::Hello { domid: None, name: "again".into() }),
+        (16, Op::SharePages { remote: 1, count: 1_000_000, writable: true }),
+        (17, Op::BindUnbound { handle: 1, remote: 0x7FF5 }),
+        (18, Op::Write { path: "x".into(), value: vec![0; 5000] }),
+        (19, Op::SetPerms { path: "domid".into(), perms: vec![] }),
     ] {
         send(&fd, &msg(id, op)).unwrap();
         match recv(&fd, Duration::from_secs(5)) {
-            Some(ServerMsg::Reply {
-                id: got,
-                result: Err(e),
-            }) => {
+            Some(ServerMsg::Reply { id: got, result: Err(e) }) => {
                 assert_eq!(got, id);
                 assert!(!e.to_string().is_empty());
             }
             other => panic!("request {id}: expected an error reply, got {other:?}"),
         }
     }
-    send(
-        &fd,
-        &msg(
-            20,
-            Op::Read {
-                path: "domid".into(),
-            },
-        ),
-    )
-    .unwrap();
+    send(&fd, &msg(20, Op::Read { path: "domid".into() })).unwrap();
     assert!(matches!(
         recv(&fd, Duration::from_secs(5)),
         Some(ServerMsg::Reply { id: 20, result: Ok(proto::Reply::Value(v)) }) if v == b"4"
@@ -254,12 +157,7 @@ fn a_domain_that_does_not_read_is_disconnected() {
     let fd = raw(&sock);
     hello(&fd, 2);
     // Flood requests without ever reading the replies.
-    let req = msg(
-        3,
-        Op::Read {
-            path: "domid".into(),
-        },
-    );
+    let req = msg(3, Op::Read { path: "domid".into() });
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < Duration::from_secs(30) {
@@ -272,10 +170,7 @@ fn a_domain_that_does_not_read_is_disconnected() {
             assert_eq!(good.store().read("domid").unwrap(), b"1");
         }
     }
-    assert!(
-        start.elapsed() < Duration::from_secs(30),
-        "flooding client never disconnected ({sent} sent)"
-    );
+    assert!(start.elapsed() < Duration::from_secs(30), "flooding client never disconnected ({sent} sent)");
     // Its death is visible like any other.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut released = 0;
@@ -287,18 +182,12 @@ fn a_domain_that_does_not_read_is_disconnected() {
             }
             None => {
                 let mut fds = [rustix::event::PollFd::new(&w, rustix::event::PollFlags::IN)];
-                let ts = rustix::event::Timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
-                };
+                let ts = rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 };
                 let _ = rustix::event::poll(&mut fds, Some(&ts));
             }
         }
     }
-    assert_eq!(
-        released, 2,
-        "initial event + the release of the flooding domain"
-    );
+    assert_eq!(released, 2, "initial event + the release of the flooding domain");
     assert_eq!(good.store().read("domid").unwrap(), b"1");
     let again = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
     assert_eq!(again.domid(), DomId(2));
@@ -342,10 +231,7 @@ fn the_binary_serves_and_stops_on_sigterm() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "dombus-simxen did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "dombus-simxen did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(10));
     };
     let mut log = String::new();
@@ -357,19 +243,12 @@ fn the_binary_serves_and_stops_on_sigterm() {
     assert!(!sock.exists(), "socket not removed");
     assert!(log.contains("attached"), "{log}");
     // The domains see the loss, and their mappings stay usable.
-    assert!(matches!(
-        a.store().read("domid"),
-        Err(BackendError::Disconnected(_))
-    ));
+    assert!(matches!(a.store().read("domid"), Err(BackendError::Disconnected(_))));
     mapped.region().read_bytes(0, &mut buf);
     assert_eq!(&buf, b"pong");
     let w = b.store().watch("x");
     assert!(matches!(w, Err(BackendError::Disconnected(_))));
-    assert!(matches!(
-        a.open_evtchn()
-            .map(|e| e.as_fd().try_clone_to_owned().is_ok()),
-        Ok(true)
-    ));
+    assert!(matches!(a.open_evtchn().map(|e| e.as_fd().try_clone_to_owned().is_ok()), Ok(true)));
 }
 
 #[test]
@@ -378,21 +257,11 @@ fn watch_fd_is_pollable() {
     let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
     let w = a.store().watch("data").unwrap();
     let mut fds = [rustix::event::PollFd::new(&w, rustix::event::PollFlags::IN)];
-    let ts = rustix::event::Timespec {
-        tv_sec: 5,
-        tv_nsec: 0,
-    };
+    let ts = rustix::event::Timespec { tv_sec: 5, tv_nsec: 0 };
     assert_eq!(rustix::event::poll(&mut fds, Some(&ts)).unwrap(), 1);
     assert_eq!(w.try_next().unwrap().as_deref(), Some("data"));
     assert_eq!(w.try_next().unwrap(), None);
     let mut fds = [rustix::event::PollFd::new(&w, rustix::event::PollFlags::IN)];
-    let zero = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    assert_eq!(
-        rustix::event::poll(&mut fds, Some(&zero)).unwrap(),
-        0,
-        "drained watch still readable"
-    );
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&zero)).unwrap(), 0, "drained watch still readable");
 }

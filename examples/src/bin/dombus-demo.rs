@@ -124,7 +124,8 @@ fn host(count: usize) -> Result<()> {
     println!("  hypervisor up (pid {}), socket {}", hv.0.id(), sock.display());
     let server = spawn(&["__server", &sock_s], "server domain")?;
     let client = spawn(&["__client", &sock_s, &count.to_string()], "client domain")?;
-    let outcome = client.wait_ok(Duration::from_secs(300)).and_then(|()| server.wait_ok(Duration::from_secs(30)));
+    let outcome =
+        client.wait_ok(Duration::from_secs(300)).and_then(|()| server.wait_ok(Duration::from_secs(30)));
     drop(hv);
     let _ = std::fs::remove_dir_all(&dir);
     outcome?;

@@ -113,7 +113,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -140,7 +142,8 @@ async fn run(args: Args) -> Result<()> {
     match args.role {
         Role::Serve(l) => {
             let cfg = config(&l);
-            let listener = Link::listen(&backend, &l.path, DomId(l.peer), &cfg).context("publishing the link")?;
+            let listener =
+                Link::listen(&backend, &l.path, DomId(l.peer), &cfg).context("publishing the link")?;
             println!("listening path={}", server_path(backend.domid(), &l.path));
             let link = tokio::time::timeout(Duration::from_secs(l.timeout_s), listener.accept())
                 .await

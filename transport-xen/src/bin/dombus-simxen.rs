@@ -23,18 +23,13 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let hv = SimHypervisor::bind(&args.socket)
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
     let stopper = hv.stopper();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     // Install the handlers before serving, so that a signal can never hit the default action.
     let (mut term, mut int) = {
         use tokio::signal::unix::{SignalKind, signal};
@@ -44,17 +39,15 @@ fn main() -> anyhow::Result<()> {
             signal(SignalKind::interrupt()).context("SIGINT handler")?,
         )
     };
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
-                }
-            });
-            stopper.stop();
-        })?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        rt.block_on(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        });
+        stopper.stop();
+    })?;
     hv.run().context("simulator failed")?;
     tracing::info!("simulated hypervisor stopped");
     Ok(())

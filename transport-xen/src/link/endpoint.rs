@@ -84,6 +84,8 @@ pub struct Endpoint<M> {
     peer_notify: usize,
     write_shut: bool,
     closed: bool,
+    /// End of stream was reported once: it stays reported (a peer cannot take it back).
+    peer_eof: bool,
     failure: Option<PeerMisbehaved>,
 }
 
@@ -113,6 +115,7 @@ impl<M: SharedMem> Endpoint<M> {
             peer_notify: layout::CLI_NOTIFY,
             write_shut: false,
             closed: false,
+            peer_eof: false,
             failure: None,
         }
     }
@@ -136,6 +139,7 @@ impl<M: SharedMem> Endpoint<M> {
             peer_notify: layout::SRV_NOTIFY,
             write_shut: false,
             closed: false,
+            peer_eof: false,
             failure: None,
         };
         ep.ctl.store_u8(layout::CLI_LIVE, Live::Connected as u8);
@@ -252,7 +256,10 @@ impl<M: SharedMem> Endpoint<M> {
             return Ok(RecvStatus::Empty);
         }
         match live {
-            _ if shut => Ok(RecvStatus::Eof),
+            _ if shut || self.peer_eof => {
+                self.peer_eof = true;
+                Ok(RecvStatus::Eof)
+            }
             Live::Gone => Err(EndpointError::PeerGone),
             Live::Connected | Live::Waiting => Ok(RecvStatus::Empty),
         }
@@ -476,9 +483,6 @@ mod tests {
     fn garbage_live_byte_is_a_named_violation() {
         let (mut s, c) = link(in_page());
         c.control().store_u8(layout::CLI_LIVE, 0x7f);
-        assert_eq!(
-            s.send(b"x"),
-            Err(EndpointError::Misbehaved(PeerMisbehaved::BadLiveState(0x7f)))
-        );
+        assert_eq!(s.send(b"x"), Err(EndpointError::Misbehaved(PeerMisbehaved::BadLiveState(0x7f))));
     }
 }

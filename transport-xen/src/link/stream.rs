@@ -93,7 +93,12 @@ impl<B: Backend + Clone> Link<B> {
     /// Server side: grants the pages to `client`, allocates the event channel and publishes
     /// `ring-ref` and `event-channel` under `path` (relative paths live under this domain's
     /// home). Returns at once; [`LinkListener::accept`] waits for the client.
-    pub fn listen(backend: &B, path: &str, client: DomId, cfg: &LinkConfig) -> Result<LinkListener<B>, LinkError> {
+    pub fn listen(
+        backend: &B,
+        path: &str,
+        client: DomId,
+        cfg: &LinkConfig,
+    ) -> Result<LinkListener<B>, LinkError> {
         let orders = RingOrders::for_sizes(cfg.client_to_server, cfg.server_to_client).ok_or_else(|| {
             LinkError::Config(format!(
                 "ring sizes {}/{} exceed the 1 MiB maximum",
@@ -162,7 +167,12 @@ impl<B: Backend + Clone> Link<B> {
     /// Client side: waits (via a store watch, no polling) until the server at `path` has published
     /// the link, then binds the event channel, maps the pages and connects. A relative `path` is
     /// resolved under the *server's* home. Wrap in `tokio::time::timeout` for a deadline.
-    pub async fn connect(backend: &B, path: &str, server: DomId, cfg: &LinkConfig) -> Result<Link<B>, LinkError> {
+    pub async fn connect(
+        backend: &B,
+        path: &str,
+        server: DomId,
+        cfg: &LinkConfig,
+    ) -> Result<Link<B>, LinkError> {
         let path = server_path(server, path);
         let (ring_ref, remote_port) = wait_published(backend, &path, server).await?;
         let evtchn = backend.open_evtchn()?;
@@ -177,29 +187,30 @@ impl<B: Backend + Clone> Link<B> {
 
         let mut rings = Vec::new();
         let mut next_grant = 0usize;
-        let mut ring_region = |order: u32, writable: bool, rings: &mut Vec<B::Mapped>| -> Result<Region, LinkError> {
-            match RingOrders::placement(order) {
-                Placement::InPage(off) => Ok(page.sub(off, 1 << order)),
-                Placement::Pages(n) => {
-                    // Each grant ref is read once from the (untrusted) page; the hypervisor
-                    // checks that it is a live grant to us.
-                    let refs: Vec<GrantRef> = (next_grant..next_grant + n)
-                        .map(|i| GrantRef(page.load_u32(layout::GRANTS + 4 * i)))
-                        .collect();
-                    next_grant += n;
-                    let mapped = backend.map_grants(server, &refs, writable)?;
-                    let region = mapped.region().clone();
-                    if region.len() != n * crate::types::PAGE_SIZE {
-                        return Err(LinkError::Backend(BackendError::InvalidArgument(format!(
-                            "mapped {} bytes for {n} ring pages",
-                            region.len()
-                        ))));
+        let mut ring_region =
+            |order: u32, writable: bool, rings: &mut Vec<B::Mapped>| -> Result<Region, LinkError> {
+                match RingOrders::placement(order) {
+                    Placement::InPage(off) => Ok(page.sub(off, 1 << order)),
+                    Placement::Pages(n) => {
+                        // Each grant ref is read once from the (untrusted) page; the hypervisor
+                        // checks that it is a live grant to us.
+                        let refs: Vec<GrantRef> = (next_grant..next_grant + n)
+                            .map(|i| GrantRef(page.load_u32(layout::GRANTS + 4 * i)))
+                            .collect();
+                        next_grant += n;
+                        let mapped = backend.map_grants(server, &refs, writable)?;
+                        let region = mapped.region().clone();
+                        if region.len() != n * crate::types::PAGE_SIZE {
+                            return Err(LinkError::Backend(BackendError::InvalidArgument(format!(
+                                "mapped {} bytes for {n} ring pages",
+                                region.len()
+                            ))));
+                        }
+                        rings.push(mapped);
+                        Ok(region)
                     }
-                    rings.push(mapped);
-                    Ok(region)
                 }
-            }
-        };
+            };
         // We write the left ring and only read the right one (libxenvchan maps it read-only).
         let left = ring_region(orders.left, true, &mut rings)?;
         let right = ring_region(orders.right, false, &mut rings)?;
@@ -289,7 +300,10 @@ impl<B: Backend + Clone> Link<B> {
         };
         let mut io_err = io::Error::from(err);
         if writing && io_err.kind() == io::ErrorKind::ConnectionReset {
-            io_err = io::Error::new(io::ErrorKind::BrokenPipe, io_err.into_inner().unwrap_or_else(|| "peer gone".into()));
+            io_err = io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                io_err.into_inner().unwrap_or_else(|| "peer gone".into()),
+            );
         }
         io_err
     }
@@ -303,7 +317,9 @@ impl<B: Backend + Clone> Link<B> {
                 let ch = &self.evtchn.get_ref().0;
                 loop {
                     match ch.pending() {
-                        Ok(Some(port)) => ch.unmask(port).map_err(|e| io::Error::other(LinkError::from(e)))?,
+                        Ok(Some(port)) => {
+                            ch.unmask(port).map_err(|e| io::Error::other(LinkError::from(e)))?
+                        }
                         Ok(None) => break,
                         Err(e) => return Poll::Ready(Err(io::Error::other(LinkError::from(e)))),
                     }
@@ -351,25 +367,27 @@ impl<B: Backend + Clone> Link<B> {
 impl<B: Backend + Clone> LinkListener<B> {
     /// Waits until the client has connected.
     pub async fn accept(mut self) -> Result<Link<B>, LinkError> {
-        std::future::poll_fn(|_cx| loop {
-            let link = &mut self.link;
-            match link.endpoint.client_connected() {
-                Ok(true) => return Poll::Ready(Ok(())),
-                Ok(false) => {}
-                Err(EndpointError::PeerGone) => return Poll::Ready(Err(LinkError::PeerGone(link.peer))),
-                Err(e) => return Poll::Ready(Err(LinkError::Io(link.fail(e, false)))),
-            }
-            match link.endpoint.prepare_wait_connect() {
-                Ok(Wait::Retry) => continue,
-                Ok(Wait::Sleep) => {}
-                Err(e) => return Poll::Ready(Err(LinkError::Io(link.fail(e, false)))),
-            }
-            // Whoever polls accept() is woken through the fan-out waker's reader slot.
-            link.wakers.register_reader(_cx.waker());
-            match link.poll_event() {
-                Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(LinkError::Io(e))),
-                Poll::Pending => return Poll::Pending,
+        std::future::poll_fn(|_cx| {
+            loop {
+                let link = &mut self.link;
+                match link.endpoint.client_connected() {
+                    Ok(true) => return Poll::Ready(Ok(())),
+                    Ok(false) => {}
+                    Err(EndpointError::PeerGone) => return Poll::Ready(Err(LinkError::PeerGone(link.peer))),
+                    Err(e) => return Poll::Ready(Err(LinkError::Io(link.fail(e, false)))),
+                }
+                match link.endpoint.prepare_wait_connect() {
+                    Ok(Wait::Retry) => continue,
+                    Ok(Wait::Sleep) => {}
+                    Err(e) => return Poll::Ready(Err(LinkError::Io(link.fail(e, false)))),
+                }
+                // Whoever polls accept() is woken through the fan-out waker's reader slot.
+                link.wakers.register_reader(_cx.waker());
+                match link.poll_event() {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(LinkError::Io(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
             }
         })
         .await?;
@@ -437,7 +455,10 @@ impl<B: Backend + Clone> AsyncWrite for Link<B> {
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(this.fail(e, true))),
             }
-            if this.spin_until(|ep| ep.writable().map_or(true, |n| n > 0) || ep.peer_live().map_or(true, |l| l == layout::Live::Gone)) {
+            if this.spin_until(|ep| {
+                ep.writable().map_or(true, |n| n > 0)
+                    || ep.peer_live().map_or(true, |l| l == layout::Live::Gone)
+            }) {
                 continue;
             }
             match this.endpoint.prepare_wait_send() {
@@ -484,7 +505,11 @@ impl<B: Backend + Clone> Drop for Link<B> {
 }
 
 /// Waits until `ring-ref` and `event-channel` under `path` are published and parses them.
-async fn wait_published<B: Backend>(backend: &B, path: &str, server: DomId) -> Result<(GrantRef, EvtchnPort), LinkError> {
+async fn wait_published<B: Backend>(
+    backend: &B,
+    path: &str,
+    server: DomId,
+) -> Result<(GrantRef, EvtchnPort), LinkError> {
     let store = backend.store();
     let watch = register(store.watch(path)?)?;
     loop {
@@ -497,10 +522,16 @@ async fn wait_published<B: Backend>(backend: &B, path: &str, server: DomId) -> R
     }
 }
 
-fn read_published<S: Store>(store: &S, path: &str, server: DomId) -> Result<Option<(GrantRef, EvtchnPort)>, LinkError> {
+fn read_published<S: Store>(
+    store: &S,
+    path: &str,
+    server: DomId,
+) -> Result<Option<(GrantRef, EvtchnPort)>, LinkError> {
     let read = |key: &'static str| -> Result<Option<u32>, LinkError> {
         match store.read(&format!("{path}/{key}")) {
-            Ok(v) => parse_decimal(key, &v).map(Some).map_err(|violation| LinkError::PeerMisbehaved { peer: server, violation }),
+            Ok(v) => parse_decimal(key, &v)
+                .map(Some)
+                .map_err(|violation| LinkError::PeerMisbehaved { peer: server, violation }),
             Err(BackendError::NotFound(_)) | Err(BackendError::PermissionDenied(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -513,7 +544,10 @@ fn read_published<S: Store>(store: &S, path: &str, server: DomId) -> Result<Opti
 
 /// Parses a non-zero decimal u32 published by the (untrusted) server.
 fn parse_decimal(what: &'static str, raw: &[u8]) -> Result<u32, PeerMisbehaved> {
-    let bad = || PeerMisbehaved::BadStoreValue { what, value: String::from_utf8_lossy(&raw[..raw.len().min(32)]).into() };
+    let bad = || PeerMisbehaved::BadStoreValue {
+        what,
+        value: String::from_utf8_lossy(&raw[..raw.len().min(32)]).into(),
+    };
     let text = std::str::from_utf8(raw).map_err(|_| bad())?;
     match text.trim_end_matches('\0').parse::<u32>() {
         Ok(v) if v != 0 => Ok(v),

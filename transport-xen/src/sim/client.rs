@@ -71,18 +71,12 @@ impl Shared {
                 match &result {
                     Ok(Reply::Port { handle, port }) => match fds.as_slice() {
                         [own, slot] => {
-                            let entry = PortEntry {
-                                handle: *handle,
-                                own: own.clone(),
-                                slot: slot.clone(),
-                            };
+                            let entry = PortEntry { handle: *handle, own: own.clone(), slot: slot.clone() };
                             lock(&self.ports).insert(*port, entry);
                         }
                         _ => {
-                            result = Err(WireError::Unavailable(format!(
-                                "daemon sent {} fds, not 2",
-                                fds.len()
-                            )))
+                            result =
+                                Err(WireError::Unavailable(format!("daemon sent {} fds, not 2", fds.len())))
                         }
                     },
                     Ok(Reply::Unbound { port }) => {
@@ -115,8 +109,7 @@ impl Shared {
         let reason = loop {
             match fdpass::recv(&sock, &mut buf) {
                 Ok(Received::Msg { len, fds }) => {
-                    let r =
-                        proto::decode::<ServerMsg>(&buf[..len]).and_then(|m| self.dispatch(m, fds));
+                    let r = proto::decode::<ServerMsg>(&buf[..len]).and_then(|m| self.dispatch(m, fds));
                     if let Err(e) = r {
                         break e;
                     }
@@ -167,13 +160,10 @@ impl Conn {
             }
             p.waiters.insert(id, tx);
         }
-        let sent = proto::encode(&ClientMsg { id, op })
-            .map_err(BackendError::from)
-            .and_then(|bytes| {
-                fdpass::send(self.sock.as_fd(), &bytes, &[]).map_err(|e| {
-                    BackendError::Disconnected(format!("send to the simulator failed: {e}"))
-                })
-            });
+        let sent = proto::encode(&ClientMsg { id, op }).map_err(BackendError::from).and_then(|bytes| {
+            fdpass::send(self.sock.as_fd(), &bytes, &[])
+                .map_err(|e| BackendError::Disconnected(format!("send to the simulator failed: {e}")))
+        });
         if let Err(e) = sent {
             lock(&self.shared.pending).waiters.remove(&id);
             return Err(e);
@@ -182,9 +172,7 @@ impl Conn {
             Ok((Ok(reply), fds)) => Ok((reply, fds)),
             Ok((Err(e), _)) => Err(e.into()),
             Err(_) => Err(BackendError::Disconnected(
-                self.shared
-                    .dead_reason()
-                    .unwrap_or_else(|| "connection to the simulator lost".into()),
+                self.shared.dead_reason().unwrap_or_else(|| "connection to the simulator lost".into()),
             )),
         }
     }
@@ -206,9 +194,7 @@ impl Conn {
                 mem::signal(&*e.slot);
                 Ok(())
             }
-            _ => Err(BackendError::NotFound(format!(
-                "port {port} is not bound to this handle"
-            ))),
+            _ => Err(BackendError::NotFound(format!("port {port} is not bound to this handle"))),
         }
     }
 }
@@ -227,9 +213,7 @@ pub struct SimBackend {
 
 impl std::fmt::Debug for SimBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimBackend")
-            .field("domid", &self.conn.domid)
-            .finish()
+        f.debug_struct("SimBackend").field("domid", &self.conn.domid).finish()
     }
 }
 
@@ -243,29 +227,17 @@ impl SimBackend {
 
     /// Attaches to the simulator at `socket` as domain `domid` with the given name (stored at
     /// `/local/domain/<id>/name`).
-    pub fn attach_named(
-        socket: impl AsRef<Path>,
-        domid: Option<DomId>,
-        name: &str,
-    ) -> Result<SimBackend> {
+    pub fn attach_named(socket: impl AsRef<Path>, domid: Option<DomId>, name: &str) -> Result<SimBackend> {
         let path = socket.as_ref();
         let unavailable = |e: rustix::io::Errno| {
-            BackendError::Unavailable(format!(
-                "cannot connect to the simulator at {}: {e}",
-                path.display()
-            ))
+            BackendError::Unavailable(format!("cannot connect to the simulator at {}: {e}", path.display()))
         };
         let addr = SocketAddrUnix::new(path).map_err(unavailable)?;
-        let sock = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|e| BackendError::io("socket", e.into()))?;
+        let sock =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+                .map_err(|e| BackendError::io("socket", e.into()))?;
         rustix::net::connect(&sock, &addr).map_err(unavailable)?;
-        let dup = rustix::io::fcntl_dupfd_cloexec(&sock, 0)
-            .map_err(|e| BackendError::io("dup", e.into()))?;
+        let dup = rustix::io::fcntl_dupfd_cloexec(&sock, 0).map_err(|e| BackendError::io("dup", e.into()))?;
         let shared = Arc::new(Shared::default());
         let reader_shared = shared.clone();
         let tag = domid.map_or_else(|| "?".to_string(), |d| d.to_string());
@@ -273,25 +245,14 @@ impl SimBackend {
             .name("simxen-client".into())
             .spawn(move || reader_shared.reader(dup, tag))
             .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
-        let mut conn = Conn {
-            sock,
-            shared,
-            domid: DomId(u16::MAX),
-            next_id: AtomicU64::new(1),
-        };
-        let hello = Op::Hello {
-            domid: domid.map(|d| d.0),
-            name: name.to_string(),
-        };
+        let mut conn = Conn { sock, shared, domid: DomId(u16::MAX), next_id: AtomicU64::new(1) };
+        let hello = Op::Hello { domid: domid.map(|d| d.0), name: name.to_string() };
         conn.domid = match conn.call(hello)? {
             (Reply::Attached { domid }, _) => DomId(domid),
             (other, _) => return Err(unexpected(&other)),
         };
         let conn = Arc::new(conn);
-        Ok(SimBackend {
-            store: SimStore { conn: conn.clone() },
-            conn,
-        })
+        Ok(SimBackend { store: SimStore { conn: conn.clone() }, conn })
     }
 }
 
@@ -308,13 +269,9 @@ impl Backend for SimBackend {
     }
 
     fn share_pages(&self, remote: DomId, count: usize, writable: bool) -> Result<SimSharedPages> {
-        let pages = u32::try_from(count)
-            .map_err(|_| BackendError::InvalidArgument(format!("{count} pages")))?;
-        let (reply, fds) = self.conn.call(Op::SharePages {
-            remote: remote.0,
-            count: pages,
-            writable,
-        })?;
+        let pages =
+            u32::try_from(count).map_err(|_| BackendError::InvalidArgument(format!("{count} pages")))?;
+        let (reply, fds) = self.conn.call(Op::SharePages { remote: remote.0, count: pages, writable })?;
         let Reply::Shared { alloc, refs } = reply else {
             return Err(unexpected(&reply));
         };
@@ -322,13 +279,9 @@ impl Backend for SimBackend {
             let _ = self.conn.call(Op::Revoke { alloc });
             e
         };
-        let fd = fds
-            .first()
-            .ok_or_else(|| revoke(BackendError::Disconnected("no memfd in reply".into())))?;
+        let fd = fds.first().ok_or_else(|| revoke(BackendError::Disconnected("no memfd in reply".into())))?;
         if refs.len() != count {
-            return Err(revoke(BackendError::Disconnected(
-                "wrong number of grant refs in reply".into(),
-            )));
+            return Err(revoke(BackendError::Disconnected("wrong number of grant refs in reply".into())));
         }
         let region = mem::map_fd(&**fd, count * PAGE_SIZE, true)
             .map_err(|e| revoke(BackendError::io("mapping granted pages", e)))?
@@ -342,17 +295,8 @@ impl Backend for SimBackend {
         })
     }
 
-    fn map_grants(
-        &self,
-        granter: DomId,
-        refs: &[GrantRef],
-        writable: bool,
-    ) -> Result<SimMappedPages> {
-        let op = Op::MapGrants {
-            granter: granter.0,
-            refs: refs.iter().map(|r| r.0).collect(),
-            writable,
-        };
+    fn map_grants(&self, granter: DomId, refs: &[GrantRef], writable: bool) -> Result<SimMappedPages> {
+        let op = Op::MapGrants { granter: granter.0, refs: refs.iter().map(|r| r.0).collect(), writable };
         let (reply, fds) = self.conn.call(op)?;
         let Reply::Mapped { map, pages } = reply else {
             return Err(unexpected(&reply));
@@ -362,29 +306,18 @@ impl Backend for SimBackend {
             e
         };
         if pages.len() != refs.len() {
-            return Err(unmap(BackendError::Disconnected(
-                "wrong number of pages in reply".into(),
-            )));
+            return Err(unmap(BackendError::Disconnected("wrong number of pages in reply".into())));
         }
         let region = mem::map_pages(&fds, &pages, writable)
             .map_err(|e| unmap(BackendError::io("mapping grants", e)))?
             .into_region();
-        Ok(SimMappedPages {
-            conn: self.conn.clone(),
-            map,
-            region,
-            notify: None,
-        })
+        Ok(SimMappedPages { conn: self.conn.clone(), map, region, notify: None })
     }
 
     fn open_evtchn(&self) -> Result<SimEvtchn> {
         let epfd = epoll::create(epoll::CreateFlags::CLOEXEC)
             .map_err(|e| BackendError::io("epoll_create", e.into()))?;
-        Ok(SimEvtchn {
-            conn: self.conn.clone(),
-            id: NEXT_HANDLE.fetch_add(1, Ordering::Relaxed),
-            epfd,
-        })
+        Ok(SimEvtchn { conn: self.conn.clone(), id: NEXT_HANDLE.fetch_add(1, Ordering::Relaxed), epfd })
     }
 
     fn store(&self) -> &SimStore {
@@ -503,9 +436,7 @@ impl SimEvtchn {
     fn own_fd(&self, port: EvtchnPort) -> Result<Arc<OwnedFd>> {
         match lock(&self.conn.shared.ports).get(&port.0) {
             Some(e) if e.handle == self.id => Ok(e.own.clone()),
-            _ => Err(BackendError::NotFound(format!(
-                "port {port} is not bound to this handle"
-            ))),
+            _ => Err(BackendError::NotFound(format!("port {port} is not bound to this handle"))),
         }
     }
 
@@ -515,13 +446,8 @@ impl SimEvtchn {
         };
         let port = EvtchnPort(port);
         let own = self.own_fd(port)?;
-        epoll::add(
-            &self.epfd,
-            &*own,
-            epoll::EventData::new_u64(u64::from(port.0)),
-            epoll::EventFlags::IN,
-        )
-        .map_err(|e| BackendError::io("epoll_ctl", e.into()))?;
+        epoll::add(&self.epfd, &*own, epoll::EventData::new_u64(u64::from(port.0)), epoll::EventFlags::IN)
+            .map_err(|e| BackendError::io("epoll_ctl", e.into()))?;
         Ok(port)
     }
 }
@@ -534,19 +460,12 @@ impl AsFd for SimEvtchn {
 
 impl EventChannel for SimEvtchn {
     fn bind_unbound(&self, remote: DomId) -> Result<EvtchnPort> {
-        let (reply, _) = self.conn.call(Op::BindUnbound {
-            handle: self.id,
-            remote: remote.0,
-        })?;
+        let (reply, _) = self.conn.call(Op::BindUnbound { handle: self.id, remote: remote.0 })?;
         self.register(reply)
     }
 
     fn bind_interdomain(&self, remote: DomId, remote_port: EvtchnPort) -> Result<EvtchnPort> {
-        let op = Op::BindInterdomain {
-            handle: self.id,
-            remote: remote.0,
-            remote_port: remote_port.0,
-        };
+        let op = Op::BindInterdomain { handle: self.id, remote: remote.0, remote_port: remote_port.0 };
         let (reply, _) = self.conn.call(op)?;
         self.register(reply)
     }
@@ -556,18 +475,14 @@ impl EventChannel for SimEvtchn {
     }
 
     fn pending(&self) -> Result<Option<EvtchnPort>> {
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
         // Bounded: a port reported ready but already drained (by a concurrent caller) is skipped.
         for _ in 0..64 {
             let mut evs = [MaybeUninit::<epoll::Event>::uninit(); 1];
-            let (ready, _) =
-                epoll::wait(&self.epfd, &mut evs, Some(&zero)).or_else(|e| match e {
-                    rustix::io::Errno::INTR => Ok((&mut [][..], &mut [][..])),
-                    e => Err(BackendError::io("epoll_wait", e.into())),
-                })?;
+            let (ready, _) = epoll::wait(&self.epfd, &mut evs, Some(&zero)).or_else(|e| match e {
+                rustix::io::Errno::INTR => Ok((&mut [][..], &mut [][..])),
+                e => Err(BackendError::io("epoll_wait", e.into())),
+            })?;
             let Some(ev) = ready.first().copied() else {
                 return Ok(None);
             };
@@ -630,10 +545,7 @@ impl Store for SimStore {
     }
 
     fn write(&self, path: &str, value: &[u8]) -> Result<()> {
-        self.conn.call_done(Op::Write {
-            path: path.into(),
-            value: value.to_vec(),
-        })
+        self.conn.call_done(Op::Write { path: path.into(), value: value.to_vec() })
     }
 
     fn mkdir(&self, path: &str) -> Result<()> {
@@ -659,33 +571,20 @@ impl Store for SimStore {
     }
 
     fn set_perms(&self, path: &str, perms: &[Perm]) -> Result<()> {
-        self.conn.call_done(Op::SetPerms {
-            path: path.into(),
-            perms: perms.to_vec(),
-        })
+        self.conn.call_done(Op::SetPerms { path: path.into(), perms: perms.to_vec() })
     }
 
     fn watch(&self, path: &str) -> Result<SimWatch> {
         let id = NEXT_WATCH.fetch_add(1, Ordering::Relaxed);
         let efd = mem::eventfd().map_err(|e| BackendError::io("eventfd", e))?;
-        let queue = Arc::new(WatchQueue {
-            queue: Mutex::new(VecDeque::new()),
-            efd,
-        });
+        let queue = Arc::new(WatchQueue { queue: Mutex::new(VecDeque::new()), efd });
         // Registered before the request so that the immediate event finds its queue.
         lock(&self.conn.shared.watches).insert(id, queue.clone());
-        if let Err(e) = self.conn.call_done(Op::Watch {
-            watch: id,
-            path: path.into(),
-        }) {
+        if let Err(e) = self.conn.call_done(Op::Watch { watch: id, path: path.into() }) {
             lock(&self.conn.shared.watches).remove(&id);
             return Err(e);
         }
-        Ok(SimWatch {
-            conn: self.conn.clone(),
-            id,
-            queue,
-        })
+        Ok(SimWatch { conn: self.conn.clone(), id, queue })
     }
 }
 

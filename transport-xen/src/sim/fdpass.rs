@@ -15,10 +15,7 @@ use super::proto::{MAX_FDS, MAX_MSG};
 /// Sends `bytes` as one record with `fds` attached. Never raises `SIGPIPE`.
 pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "too many fds in one message",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds in one message"));
     }
     let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -26,18 +23,10 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
         return Err(io::Error::other("control buffer too small for fds"));
     }
     loop {
-        match rustix::net::sendmsg(
-            sock,
-            &[io::IoSlice::new(bytes)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        ) {
+        match rustix::net::sendmsg(sock, &[io::IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL) {
             Ok(n) if n == bytes.len() => return Ok(()),
             Ok(n) => {
-                return Err(io::Error::other(format!(
-                    "short seqpacket send: {n} of {}",
-                    bytes.len()
-                )));
+                return Err(io::Error::other(format!("short seqpacket send: {n} of {}", bytes.len())));
             }
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
@@ -83,24 +72,16 @@ pub fn recv(sock: impl AsFd, buf: &mut [u8]) -> io::Result<Received> {
     }
     if msg.flags.contains(ReturnFlags::TRUNC) || msg.bytes > buf.len() {
         return Ok(Received::Oversize {
-            reason: format!(
-                "message larger than the {}-byte limit",
-                buf.len().min(MAX_MSG)
-            ),
+            reason: format!("message larger than the {}-byte limit", buf.len().min(MAX_MSG)),
         });
     }
     if msg.flags.contains(ReturnFlags::CTRUNC) {
-        return Ok(Received::Oversize {
-            reason: format!("more than {MAX_FDS} fds in one message"),
-        });
+        return Ok(Received::Oversize { reason: format!("more than {MAX_FDS} fds in one message") });
     }
     if msg.bytes == 0 && fds.is_empty() {
         return Ok(Received::Eof);
     }
-    Ok(Received::Msg {
-        len: msg.bytes,
-        fds,
-    })
+    Ok(Received::Msg { len: msg.bytes, fds })
 }
 
 /// A receive buffer of the protocol's maximum message size.

@@ -29,8 +29,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr..ptr+len` is a mapping this value created and nobody else unmaps; every
         // `Region` pointing into it holds an `Arc` of this owner, so none is left.
-        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) }
-        {
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) } {
             tracing::warn!("munmap of {} bytes failed: {e}", self.len);
         }
     }
@@ -49,19 +48,12 @@ impl Mapping {
 }
 
 fn prot(writable: bool) -> ProtFlags {
-    if writable {
-        ProtFlags::READ | ProtFlags::WRITE
-    } else {
-        ProtFlags::READ
-    }
+    if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ }
 }
 
 /// A zeroed, sealed (cannot shrink or grow) memfd of `pages` pages.
 pub fn memfd(pages: usize) -> io::Result<OwnedFd> {
-    let fd = rustix::fs::memfd_create(
-        "dombus-sim-grant",
-        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-    )?;
+    let fd = rustix::fs::memfd_create("dombus-sim-grant", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     rustix::fs::ftruncate(&fd, (pages * PAGE_SIZE) as u64)?;
     rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
     Ok(fd)
@@ -81,18 +73,9 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 /// Maps `len` bytes of `fd` from offset 0, shared.
 pub fn map_fd(fd: impl AsFd, len: usize, writable: bool) -> io::Result<Mapping> {
     // SAFETY: a fresh mapping chosen by the kernel (no fixed address), so nothing is overwritten.
-    let ptr = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            len,
-            prot(writable),
-            MapFlags::SHARED,
-            fd,
-            0,
-        )?
-    };
     let ptr =
-        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot(writable), MapFlags::SHARED, fd, 0)? };
+    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
     Ok(Mapping { ptr, len })
 }
 
@@ -100,10 +83,7 @@ pub fn map_fd(fd: impl AsFd, len: usize, writable: bool) -> io::Result<Mapping> 
 /// `fds[pages[i].0]`.
 pub fn map_pages<F: AsFd>(fds: &[F], pages: &[(u32, u32)], writable: bool) -> io::Result<Mapping> {
     if pages.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "no pages to map",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no pages to map"));
     }
     let len = pages.len() * PAGE_SIZE;
     // SAFETY: a fresh inaccessible reservation chosen by the kernel.
@@ -115,8 +95,7 @@ pub fn map_pages<F: AsFd>(fds: &[F], pages: &[(u32, u32)], writable: bool) -> io
             MapFlags::PRIVATE | MapFlags::NORESERVE,
         )?
     };
-    let base =
-        NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+    let base = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
     // From here the reservation is owned (and unmapped on error) by `area`.
     let area = Mapping { ptr: base, len };
     for (i, &(fd_idx, page)) in pages.iter().enumerate() {
@@ -144,18 +123,10 @@ pub fn clear_byte(fd: impl AsFd, offset: u64) -> io::Result<()> {
     let page_off = offset & !(PAGE_SIZE as u64 - 1);
     // SAFETY: a fresh mapping chosen by the kernel.
     let ptr = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            PAGE_SIZE,
-            prot(true),
-            MapFlags::SHARED,
-            fd,
-            page_off,
-        )?
+        rustix::mm::mmap(std::ptr::null_mut(), PAGE_SIZE, prot(true), MapFlags::SHARED, fd, page_off)?
     };
     let map = Mapping {
-        ptr: NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?,
+        ptr: NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?,
         len: PAGE_SIZE,
     };
     let idx = (offset - page_off) as usize;

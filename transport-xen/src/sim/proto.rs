@@ -283,8 +283,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
 
 /// Decodes a message; trailing bytes are an error.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
-    let (msg, rest) =
-        postcard::take_from_bytes(bytes).map_err(|e| format!("undecodable message: {e}"))?;
+    let (msg, rest) = postcard::take_from_bytes(bytes).map_err(|e| format!("undecodable message: {e}"))?;
     if !rest.is_empty() {
         return Err(format!("{} trailing bytes after message", rest.len()));
     }
@@ -297,29 +296,16 @@ mod tests {
 
     #[test]
     fn roundtrip_and_limits() {
-        let m = ClientMsg {
-            id: 7,
-            op: Op::Read { path: "a/b".into() },
-        };
+        let m = ClientMsg { id: 7, op: Op::Read { path: "a/b".into() } };
         let bytes = encode(&m).unwrap_or_default();
-        let back: ClientMsg = decode(&bytes).unwrap_or(ClientMsg {
-            id: 0,
-            op: Op::Mkdir {
-                path: String::new(),
-            },
-        });
+        let back: ClientMsg =
+            decode(&bytes).unwrap_or(ClientMsg { id: 0, op: Op::Mkdir { path: String::new() } });
         assert_eq!(back.id, 7);
         assert!(decode::<ClientMsg>(&[0xff, 0xff, 0xff]).is_err());
         let mut extra = bytes.clone();
         extra.push(0);
         assert!(decode::<ClientMsg>(&extra).is_err());
-        let big = ClientMsg {
-            id: 1,
-            op: Op::Write {
-                path: "x".into(),
-                value: vec![0; MAX_MSG],
-            },
-        };
+        let big = ClientMsg { id: 1, op: Op::Write { path: "x".into(), value: vec![0; MAX_MSG] } };
         assert!(matches!(encode(&big), Err(WireError::Limit(_))));
     }
 }

@@ -87,10 +87,7 @@ fn access(dom: u16, perms: &[Perm]) -> PermKind {
     if owner.domid.0 == dom {
         return PermKind::Both;
     }
-    perms[1..]
-        .iter()
-        .find(|p| p.domid.0 == dom)
-        .map_or(owner.kind, |p| p.kind)
+    perms[1..].iter().find(|p| p.domid.0 == dom).map_or(owner.kind, |p| p.kind)
 }
 
 fn parent_of(path: &str) -> &str {
@@ -119,28 +116,16 @@ pub fn resolve(dom: u16, path: &str) -> Result<(String, bool), WireError> {
         return Err(invalid("empty store path"));
     }
     if path.len() > MAX_PATH {
-        return Err(invalid(format!(
-            "store path of {} bytes exceeds {MAX_PATH}",
-            path.len()
-        )));
+        return Err(invalid(format!("store path of {} bytes exceeds {MAX_PATH}", path.len())));
     }
-    if let Some(c) = path
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "_/@.-".contains(*c)))
-    {
-        return Err(invalid(format!(
-            "store path {path:?} contains invalid character {c:?}"
-        )));
+    if let Some(c) = path.chars().find(|c| !(c.is_ascii_alphanumeric() || "_/@.-".contains(*c))) {
+        return Err(invalid(format!("store path {path:?} contains invalid character {c:?}")));
     }
     if path.starts_with('@') {
-        return Err(invalid(format!(
-            "special path {path:?} is only valid for watches"
-        )));
+        return Err(invalid(format!("special path {path:?} is only valid for watches")));
     }
     if path.contains("//") {
-        return Err(invalid(format!(
-            "store path {path:?} has an empty component"
-        )));
+        return Err(invalid(format!("store path {path:?} has an empty component")));
     }
     if path != "/" && path.ends_with('/') {
         return Err(invalid(format!("store path {path:?} ends with '/'")));
@@ -151,9 +136,7 @@ pub fn resolve(dom: u16, path: &str) -> Result<(String, bool), WireError> {
         (format!("{}/{path}", home(dom)), true)
     };
     if abs.len() > MAX_PATH {
-        return Err(invalid(format!(
-            "store path {abs:?} exceeds {MAX_PATH} bytes"
-        )));
+        return Err(invalid(format!("store path {abs:?} exceeds {MAX_PATH} bytes")));
     }
     Ok((abs, relative))
 }
@@ -166,10 +149,7 @@ fn check_perms(perms: &[Perm]) -> Result<(), WireError> {
         return Err(invalid("permission list longer than 256 entries"));
     }
     if let Some(p) = perms.iter().find(|p| !p.domid.is_guest_id()) {
-        return Err(invalid(format!(
-            "permission entry names reserved domain {}",
-            p.domid
-        )));
+        return Err(invalid(format!("permission entry names reserved domain {}", p.domid)));
     }
     Ok(())
 }
@@ -182,49 +162,26 @@ impl StoreTree {
 
     /// As [`StoreTree::new`] with a custom node quota (for tests).
     pub fn with_quota(quota: usize) -> StoreTree {
-        let mut t = StoreTree {
-            nodes: BTreeMap::new(),
-            owned: HashMap::new(),
-            watches: Vec::new(),
-            quota,
-        };
-        let perms = vec![Perm {
-            domid: DomId::DOM0,
-            kind: PermKind::None,
-        }];
-        for (p, child) in [
-            ("/", Some("local")),
-            ("/local", Some("domain")),
-            ("/local/domain", None),
-        ] {
+        let mut t = StoreTree { nodes: BTreeMap::new(), owned: HashMap::new(), watches: Vec::new(), quota };
+        let perms = vec![Perm { domid: DomId::DOM0, kind: PermKind::None }];
+        for (p, child) in [("/", Some("local")), ("/local", Some("domain")), ("/local/domain", None)] {
             let mut children = BTreeSet::new();
             if let Some(c) = child {
                 children.insert(c.to_string());
             }
-            t.nodes.insert(
-                p.to_string(),
-                Node {
-                    value: Vec::new(),
-                    perms: perms.clone(),
-                    children,
-                },
-            );
+            t.nodes.insert(p.to_string(), Node { value: Vec::new(), perms: perms.clone(), children });
         }
         t
     }
 
     fn node(&self, abs: &str) -> Result<&Node, WireError> {
-        self.nodes
-            .get(abs)
-            .ok_or_else(|| WireError::NotFound(format!("no store node {abs}")))
+        self.nodes.get(abs).ok_or_else(|| WireError::NotFound(format!("no store node {abs}")))
     }
 
     fn readable(&self, dom: u16, abs: &str) -> Result<&Node, WireError> {
         let n = self.node(abs)?;
         if !access(dom, &n.perms).can_read() {
-            return Err(WireError::PermissionDenied(format!(
-                "domain {dom} may not read {abs}"
-            )));
+            return Err(WireError::PermissionDenied(format!("domain {dom} may not read {abs}")));
         }
         Ok(n)
     }
@@ -235,11 +192,7 @@ impl StoreTree {
             .iter()
             .filter(|w| !w.path.starts_with('@') && at_or_below(abs, &w.path))
             .filter(|w| perms.iter().any(|p| access(w.dom, p).can_read()))
-            .map(|w| Fire {
-                dom: w.dom,
-                watch: w.id,
-                path: report(w, abs),
-            })
+            .map(|w| Fire { dom: w.dom, watch: w.id, path: report(w, abs) })
             .collect()
     }
 
@@ -247,11 +200,7 @@ impl StoreTree {
         self.watches
             .iter()
             .filter(|w| w.path == name)
-            .map(|w| Fire {
-                dom: w.dom,
-                watch: w.id,
-                path: name.to_string(),
-            })
+            .map(|w| Fire { dom: w.dom, watch: w.id, path: name.to_string() })
             .collect()
     }
 
@@ -291,11 +240,7 @@ impl StoreTree {
             }
             self.nodes.insert(
                 p.clone(),
-                Node {
-                    value: Vec::new(),
-                    perms: perms.clone(),
-                    children: BTreeSet::new(),
-                },
+                Node { value: Vec::new(), perms: perms.clone(), children: BTreeSet::new() },
             );
         }
         Ok(())
@@ -310,25 +255,17 @@ impl StoreTree {
     /// Creates or replaces the value of `path`.
     pub fn write(&mut self, dom: u16, path: &str, value: &[u8]) -> Result<Vec<Fire>, WireError> {
         if value.len() > MAX_VALUE {
-            return Err(invalid(format!(
-                "store value of {} bytes exceeds {MAX_VALUE}",
-                value.len()
-            )));
+            return Err(invalid(format!("store value of {} bytes exceeds {MAX_VALUE}", value.len())));
         }
         let (abs, _) = resolve(dom, path)?;
         match self.nodes.get(&abs) {
             Some(n) if !access(dom, &n.perms).can_write() => {
-                return Err(WireError::PermissionDenied(format!(
-                    "domain {dom} may not write {abs}"
-                )));
+                return Err(WireError::PermissionDenied(format!("domain {dom} may not write {abs}")));
             }
             Some(_) => {}
             None => self.create(dom, &abs)?,
         }
-        let node = self
-            .nodes
-            .get_mut(&abs)
-            .ok_or_else(|| WireError::NotFound(abs.clone()))?;
+        let node = self.nodes.get_mut(&abs).ok_or_else(|| WireError::NotFound(abs.clone()))?;
         node.value = value.to_vec();
         let perms = node.perms.clone();
         Ok(self.fires_for(&abs, &[&perms]))
@@ -339,9 +276,7 @@ impl StoreTree {
         let (abs, _) = resolve(dom, path)?;
         if let Some(n) = self.nodes.get(&abs) {
             if !access(dom, &n.perms).can_write() {
-                return Err(WireError::PermissionDenied(format!(
-                    "domain {dom} may not write {abs}"
-                )));
+                return Err(WireError::PermissionDenied(format!("domain {dom} may not write {abs}")));
             }
             return Ok(Vec::new());
         }
@@ -358,9 +293,7 @@ impl StoreTree {
         }
         let node = self.node(&abs)?;
         if !access(dom, &node.perms).can_write() {
-            return Err(WireError::PermissionDenied(format!(
-                "domain {dom} may not remove {abs}"
-            )));
+            return Err(WireError::PermissionDenied(format!("domain {dom} may not remove {abs}")));
         }
         Ok(self.remove_subtree(&abs))
     }
@@ -379,11 +312,7 @@ impl StoreTree {
             }
             let perms = self.nodes.get(&w.path).map_or(&node.perms, |n| &n.perms);
             if access(w.dom, perms).can_read() {
-                fires.push(Fire {
-                    dom: w.dom,
-                    watch: w.id,
-                    path: report(w, &w.path),
-                });
+                fires.push(Fire { dom: w.dom, watch: w.id, path: report(w, &w.path) });
             }
         }
         let prefix = format!("{abs}/");
@@ -397,10 +326,7 @@ impl StoreTree {
             )
             .collect();
         for k in doomed {
-            let owner = self
-                .nodes
-                .remove(&k)
-                .and_then(|n| n.perms.first().map(|p| p.domid.0));
+            let owner = self.nodes.remove(&k).and_then(|n| n.perms.first().map(|p| p.domid.0));
             if let Some(c) = owner.and_then(|o| self.owned.get_mut(&o)) {
                 *c = c.saturating_sub(1);
             }
@@ -425,12 +351,7 @@ impl StoreTree {
     }
 
     /// Replaces the permissions of `path`.
-    pub fn set_perms(
-        &mut self,
-        dom: u16,
-        path: &str,
-        perms: &[Perm],
-    ) -> Result<Vec<Fire>, WireError> {
+    pub fn set_perms(&mut self, dom: u16, path: &str, perms: &[Perm]) -> Result<Vec<Fire>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         check_perms(perms)?;
         let node = self.node(&abs)?;
@@ -470,26 +391,13 @@ impl StoreTree {
             resolve(dom, path)?
         };
         if self.watches.iter().any(|w| w.dom == dom && w.id == id) {
-            return Err(WireError::AlreadyExists(format!(
-                "watch id {id} already registered"
-            )));
+            return Err(WireError::AlreadyExists(format!("watch id {id} already registered")));
         }
         if self.watches.iter().filter(|w| w.dom == dom).count() >= WATCH_QUOTA {
-            return Err(WireError::Limit(format!(
-                "domain {dom} has {WATCH_QUOTA} watches"
-            )));
+            return Err(WireError::Limit(format!("domain {dom} has {WATCH_QUOTA} watches")));
         }
-        self.watches.push(WatchReg {
-            dom,
-            id,
-            path: abs,
-            relative,
-        });
-        Ok(vec![Fire {
-            dom,
-            watch: id,
-            path: path.to_string(),
-        }])
+        self.watches.push(WatchReg { dom, id, path: abs, relative });
+        Ok(vec![Fire { dom, watch: id, path: path.to_string() }])
     }
 
     /// Removes watch `id` of `dom`.
@@ -511,15 +419,8 @@ impl StoreTree {
     /// and `name`, and fires `@introduceDomain`.
     pub fn introduce(&mut self, dom: u16, name: &str) -> Result<Vec<Fire>, WireError> {
         let h = home(dom);
-        let mut fires = if self.nodes.contains_key(&h) {
-            Vec::new()
-        } else {
-            self.mkdir(0, &h)?
-        };
-        let perms = vec![Perm {
-            domid: DomId(dom),
-            kind: PermKind::None,
-        }];
+        let mut fires = if self.nodes.contains_key(&h) { Vec::new() } else { self.mkdir(0, &h)? };
+        let perms = vec![Perm { domid: DomId(dom), kind: PermKind::None }];
         fires.extend(self.set_perms(0, &h, &perms)?);
         fires.extend(self.write(0, &format!("{h}/domid"), dom.to_string().as_bytes())?);
         fires.extend(self.write(0, &format!("{h}/name"), name.as_bytes())?);
@@ -556,10 +457,7 @@ mod tests {
     use super::*;
 
     fn perm(d: u16, kind: PermKind) -> Perm {
-        Perm {
-            domid: DomId(d),
-            kind,
-        }
+        Perm { domid: DomId(d), kind }
     }
 
     fn tree() -> StoreTree {
@@ -574,34 +472,13 @@ mod tests {
         assert!(resolve(1, "data/x").is_ok_and(|(p, rel)| p == "/local/domain/1/data/x" && rel));
         assert!(resolve(1, "/a/b-c_d.e@f").is_ok_and(|(p, rel)| p == "/a/b-c_d.e@f" && !rel));
         assert!(resolve(1, "/").is_ok());
-        for bad in [
-            "",
-            "a//b",
-            "/a/",
-            "a b",
-            "a/ü",
-            "@releaseDomain",
-            "//",
-            "a\0b",
-        ] {
-            assert!(
-                matches!(resolve(1, bad), Err(WireError::InvalidArgument(_))),
-                "{bad:?}"
-            );
+        for bad in ["", "a//b", "/a/", "a b", "a/ü", "@releaseDomain", "//", "a\0b"] {
+            assert!(matches!(resolve(1, bad), Err(WireError::InvalidArgument(_))), "{bad:?}");
         }
-        assert!(matches!(
-            resolve(1, &"a".repeat(MAX_PATH + 1)),
-            Err(WireError::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            resolve(1, &"a".repeat(MAX_PATH - 5)),
-            Err(WireError::InvalidArgument(_))
-        ));
+        assert!(matches!(resolve(1, &"a".repeat(MAX_PATH + 1)), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(resolve(1, &"a".repeat(MAX_PATH - 5)), Err(WireError::InvalidArgument(_))));
         let mut t = tree();
-        assert!(matches!(
-            t.write(1, "x", &vec![0; MAX_VALUE + 1]),
-            Err(WireError::InvalidArgument(_))
-        ));
+        assert!(matches!(t.write(1, "x", &vec![0; MAX_VALUE + 1]), Err(WireError::InvalidArgument(_))));
         assert!(t.write(1, "x", &vec![0; MAX_VALUE]).is_ok());
         assert!(matches!(t.rm(0, "/"), Err(WireError::InvalidArgument(_))));
     }
@@ -611,22 +488,10 @@ mod tests {
         let mut t = tree();
         assert_eq!(t.read(1, "domid").ok(), Some(b"1".to_vec()));
         assert_eq!(t.read(2, "name").ok(), Some(b"b".to_vec()));
-        assert!(matches!(
-            t.read(2, "/local/domain/1/name"),
-            Err(WireError::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            t.write(2, "/local/domain/1/x", b"v"),
-            Err(WireError::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            t.directory(1, "/local/domain"),
-            Err(WireError::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            t.write(1, "/tool/x", b"v"),
-            Err(WireError::PermissionDenied(_))
-        ));
+        assert!(matches!(t.read(2, "/local/domain/1/name"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.write(2, "/local/domain/1/x", b"v"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.directory(1, "/local/domain"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.write(1, "/tool/x", b"v"), Err(WireError::PermissionDenied(_))));
         assert!(t.read(0, "/local/domain/1/name").is_ok());
         assert!(matches!(t.read(1, "nothing"), Err(WireError::NotFound(_))));
         assert!(matches!(t.rm(1, "nothing"), Err(WireError::NotFound(_))));
@@ -637,76 +502,36 @@ mod tests {
         let mut t = tree();
         // dom0 opens a directory to domain 2 for writing.
         assert!(t.mkdir(0, "/shared").is_ok());
-        assert!(
-            t.set_perms(
-                0,
-                "/shared",
-                &[perm(0, PermKind::None), perm(2, PermKind::Both)]
-            )
-            .is_ok()
-        );
+        assert!(t.set_perms(0, "/shared", &[perm(0, PermKind::None), perm(2, PermKind::Both)]).is_ok());
         assert!(t.write(2, "/shared/a/b", b"x").is_ok());
         let p = t.get_perms(2, "/shared/a/b").unwrap_or_default();
         assert_eq!(p, vec![perm(2, PermKind::None), perm(2, PermKind::Both)]);
-        assert!(matches!(
-            t.read(1, "/shared/a/b"),
-            Err(WireError::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            t.write(1, "/shared/c", b"x"),
-            Err(WireError::PermissionDenied(_))
-        ));
-        assert_eq!(
-            t.directory(2, "/shared/a").unwrap_or_default(),
-            vec!["b".to_string()]
-        );
+        assert!(matches!(t.read(1, "/shared/a/b"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.write(1, "/shared/c", b"x"), Err(WireError::PermissionDenied(_))));
+        assert_eq!(t.directory(2, "/shared/a").unwrap_or_default(), vec!["b".to_string()]);
     }
 
     #[test]
     fn grant_read_and_ownership_rules() {
         let mut t = tree();
         assert!(t.write(1, "data/x", b"hello").is_ok());
-        assert!(matches!(
-            t.read(2, "/local/domain/1/data/x"),
-            Err(WireError::PermissionDenied(_))
-        ));
+        assert!(matches!(t.read(2, "/local/domain/1/data/x"), Err(WireError::PermissionDenied(_))));
         let ok = [perm(1, PermKind::None), perm(2, PermKind::Read)];
         assert!(t.set_perms(1, "data/x", &ok).is_ok());
-        assert_eq!(
-            t.read(2, "/local/domain/1/data/x").ok(),
-            Some(b"hello".to_vec())
-        );
-        assert!(matches!(
-            t.write(2, "/local/domain/1/data/x", b"no"),
-            Err(WireError::PermissionDenied(_))
-        ));
+        assert_eq!(t.read(2, "/local/domain/1/data/x").ok(), Some(b"hello".to_vec()));
+        assert!(matches!(t.write(2, "/local/domain/1/data/x", b"no"), Err(WireError::PermissionDenied(_))));
         // Domain 2 is not the owner: no set_perms.
-        assert!(matches!(
-            t.set_perms(2, "/local/domain/1/data/x", &ok),
-            Err(WireError::PermissionDenied(_))
-        ));
+        assert!(matches!(t.set_perms(2, "/local/domain/1/data/x", &ok), Err(WireError::PermissionDenied(_))));
         // Owner may not give it away; dom0 may.
         let away = [perm(2, PermKind::None)];
-        assert!(matches!(
-            t.set_perms(1, "data/x", &away),
-            Err(WireError::PermissionDenied(_))
-        ));
+        assert!(matches!(t.set_perms(1, "data/x", &away), Err(WireError::PermissionDenied(_))));
         assert!(t.set_perms(0, "/local/domain/1/data/x", &away).is_ok());
         assert!(t.read(2, "/local/domain/1/data/x").is_ok());
-        assert!(matches!(
-            t.set_perms(1, "data/x", &[]),
-            Err(WireError::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            t.set_perms(0, "/x", &ok),
-            Err(WireError::NotFound(_))
-        ));
+        assert!(matches!(t.set_perms(1, "data/x", &[]), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(t.set_perms(0, "/x", &ok), Err(WireError::NotFound(_))));
         // rm needs write and removes the subtree.
         assert!(t.write(1, "data/y/z", b"1").is_ok());
-        assert!(matches!(
-            t.rm(2, "/local/domain/1/data"),
-            Err(WireError::PermissionDenied(_))
-        ));
+        assert!(matches!(t.rm(2, "/local/domain/1/data"), Err(WireError::PermissionDenied(_))));
         assert!(t.rm(1, "data").is_ok());
         assert!(matches!(t.read(1, "data/y/z"), Err(WireError::NotFound(_))));
         assert_eq!(t.directory(1, "").ok(), None);
@@ -730,33 +555,14 @@ mod tests {
     fn watches_fire_on_readable_changes_only() {
         let mut t = tree();
         let f = t.watch(2, 10, "/local/domain/1").unwrap_or_default();
-        assert_eq!(
-            f,
-            vec![Fire {
-                dom: 2,
-                watch: 10,
-                path: "/local/domain/1".into()
-            }]
-        );
+        assert_eq!(f, vec![Fire { dom: 2, watch: 10, path: "/local/domain/1".into() }]);
         assert!(t.watch(1, 11, "data").is_ok());
         // Not readable by 2: only domain 1's watch fires (relative path).
         let f = t.write(1, "data/x", b"1").unwrap_or_default();
-        assert_eq!(
-            f,
-            vec![Fire {
-                dom: 1,
-                watch: 11,
-                path: "data/x".into()
-            }]
-        );
+        assert_eq!(f, vec![Fire { dom: 1, watch: 11, path: "data/x".into() }]);
         // Readable after set_perms: both fire.
-        let f = t
-            .set_perms(
-                1,
-                "data/x",
-                &[perm(1, PermKind::None), perm(2, PermKind::Read)],
-            )
-            .unwrap_or_default();
+        let f =
+            t.set_perms(1, "data/x", &[perm(1, PermKind::None), perm(2, PermKind::Read)]).unwrap_or_default();
         assert_eq!(f.len(), 2);
         let f = t.write(1, "data/x", b"2").unwrap_or_default();
         assert_eq!(f.len(), 2);
@@ -767,20 +573,11 @@ mod tests {
         let f = t.rm(1, "data").unwrap_or_default();
         let mut paths: Vec<_> = f.iter().map(|f| (f.dom, f.path.clone())).collect();
         paths.sort();
-        assert_eq!(
-            paths,
-            vec![(1, "data".to_string()), (1, "data/x/deeper".to_string())]
-        );
+        assert_eq!(paths, vec![(1, "data".to_string()), (1, "data/x/deeper".to_string())]);
         assert!(t.unwatch(1, 11).is_ok());
         assert!(matches!(t.unwatch(1, 11), Err(WireError::NotFound(_))));
-        assert!(matches!(
-            t.watch(1, 12, "x"),
-            Err(WireError::AlreadyExists(_))
-        ));
-        assert!(matches!(
-            t.watch(1, 13, "a//b"),
-            Err(WireError::InvalidArgument(_))
-        ));
+        assert!(matches!(t.watch(1, 12, "x"), Err(WireError::AlreadyExists(_))));
+        assert!(matches!(t.watch(1, 13, "a//b"), Err(WireError::InvalidArgument(_))));
     }
 
     #[test]
@@ -790,25 +587,11 @@ mod tests {
         assert!(t.watch(1, 2, RELEASE).is_ok());
         assert!(t.watch(3, 3, RELEASE).is_ok());
         let f = t.introduce(5, "e").unwrap_or_default();
-        assert!(f.contains(&Fire {
-            dom: 1,
-            watch: 1,
-            path: INTRODUCE.into()
-        }));
+        assert!(f.contains(&Fire { dom: 1, watch: 1, path: INTRODUCE.into() }));
         t.remove_watches(3);
         let f = t.release(5);
-        assert_eq!(
-            f,
-            vec![Fire {
-                dom: 1,
-                watch: 2,
-                path: RELEASE.into()
-            }]
-        );
-        assert!(matches!(
-            t.read(0, "/local/domain/5"),
-            Err(WireError::NotFound(_))
-        ));
+        assert_eq!(f, vec![Fire { dom: 1, watch: 2, path: RELEASE.into() }]);
+        assert!(matches!(t.read(0, "/local/domain/5"), Err(WireError::NotFound(_))));
         assert_eq!(t.owned_by(5), 0);
     }
 }

@@ -233,27 +233,19 @@ impl<M: SharedMem> Endpoint<M> {
     /// Reads up to `buf.len()` bytes.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<RecvStatus, EndpointError> {
         self.check_usable()?;
-        // Live state and shutdown flag first, then the ring: a peer publishes its data before it
-        // sets either, so having seen them we also see all the data written before.
-        let live = self.peer_live()?;
-        let shut = self.peer_shut_write();
-        let bytes = match self.rx.read(&self.ctl, &self.rx_data, buf) {
-            Ok(n) => n,
-            Err(e) => return Err(self.fail(e)),
-        };
-        if bytes > 0 {
-            // Wake a writer that waits for space only once half the ring is free (always the
-            // case before we run dry), so that it writes a large batch per wake-up instead of
-            // a few bytes per event. Reading the producer index again is validated as usual.
-            let used = match self.rx.available(&self.ctl) {
-                Ok(n) => n,
-                Err(e) => return Err(self.fail(e)),
-            };
-            let notify = used <= self.rx.size() / 2 && self.clear_own(NOTIFY_READ);
-            return Ok(RecvStatus::Data(Transfer { bytes, notify }));
-        }
         if buf.is_empty() {
             return Ok(RecvStatus::Empty);
+        }
+        if let Some(t) = self.read_ring(buf)? {
+            return Ok(RecvStatus::Data(t));
+        }
+        // Empty. Look at the peer's live byte and shutdown flag, then at the ring once more: a
+        // peer publishes its data before it sets either, so having seen them we also see all
+        // the data it wrote before.
+        let live = self.peer_live()?;
+        let shut = self.peer_shut_write();
+        if let Some(t) = self.read_ring(buf)? {
+            return Ok(RecvStatus::Data(t));
         }
         match live {
             _ if shut || self.peer_eof => {
@@ -263,6 +255,31 @@ impl<M: SharedMem> Endpoint<M> {
             Live::Gone => Err(EndpointError::PeerGone),
             Live::Connected | Live::Waiting => Ok(RecvStatus::Empty),
         }
+    }
+
+    /// Copies ready bytes out of the receive ring; `None` if it is empty.
+    fn read_ring(&mut self, buf: &mut [u8]) -> Result<Option<Transfer>, EndpointError> {
+        let bytes = match self.rx.read(&self.ctl, &self.rx_data, buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) => return Err(self.fail(e)),
+        };
+        // Barrier between our consumer-index update and the look at the notify byte (the other
+        // half of the Dekker pair in `prepare_wait_send`).
+        self.ctl.full_fence();
+        if self.ctl.load_u8(self.own_notify) & NOTIFY_READ == 0 {
+            return Ok(Some(Transfer { bytes, notify: false }));
+        }
+        // The writer waits for space. Wake it only once half the ring is free (always the case
+        // before we run dry), so that it writes a large batch per wake-up instead of a few
+        // bytes per event. Reading the producer index again is validated as usual.
+        let used = match self.rx.available(&self.ctl) {
+            Ok(n) => n,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let notify = used <= self.rx.size() / 2
+            && self.ctl.fetch_and_u8(self.own_notify, !NOTIFY_READ) & NOTIFY_READ != 0;
+        Ok(Some(Transfer { bytes, notify }))
     }
 
     /// Bytes ready to read now (reads the peer's producer index once).

@@ -337,10 +337,19 @@ impl<B: Backend + Clone> Link<B> {
     /// The first microseconds are a pure spin (the peer on another core answers in well under a
     /// microsecond); after that each check also yields the CPU, so that a peer scheduled on the
     /// same core gets to run instead of waiting for our spin budget to run out.
-    fn spin_until(&mut self, ready: impl Fn(&mut Endpoint<Region>) -> bool) -> bool {
+    ///
+    /// `ready` is checked every round (one load of the peer's index); `done` (the peer's state,
+    /// which changes rarely) every 64 rounds.
+    fn spin_until(
+        &mut self,
+        ready: impl Fn(&mut Endpoint<Region>) -> bool,
+        done: impl Fn(&mut Endpoint<Region>) -> bool,
+    ) -> bool {
         const PURE_SPIN: Duration = Duration::from_micros(2);
         let Some(budget) = self.spin.budget() else { return false };
-        let start = Instant::now();
+        // The clock is read lazily: a peer on another core usually answers within the first
+        // 64 rounds, and then the spin costs no clock read at all.
+        let mut start: Option<Instant> = None;
         let mut rounds = 0u32;
         loop {
             if ready(&mut self.endpoint) {
@@ -350,7 +359,11 @@ impl<B: Backend + Clone> Link<B> {
             rounds = rounds.wrapping_add(1);
             // Reading the clock costs more than a ring check: look at it every 64 rounds.
             if rounds % 64 == 0 {
-                let spent = start.elapsed();
+                if done(&mut self.endpoint) {
+                    self.spin.record(true);
+                    return true;
+                }
+                let spent = start.get_or_insert_with(Instant::now).elapsed();
                 if spent >= budget {
                     self.spin.record(false);
                     return false;
@@ -418,7 +431,7 @@ impl<B: Backend + Clone> AsyncRead for Link<B> {
                 Ok(RecvStatus::Empty) => {}
                 Err(e) => return Poll::Ready(Err(this.fail(e, false))),
             }
-            if this.spin_until(|ep| ep.readable().map_or(true, |n| n > 0) || ep.peer_done()) {
+            if this.spin_until(|ep| ep.readable().map_or(true, |n| n > 0), |ep| ep.peer_done()) {
                 continue;
             }
             match this.endpoint.prepare_wait_recv() {
@@ -455,10 +468,10 @@ impl<B: Backend + Clone> AsyncWrite for Link<B> {
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(this.fail(e, true))),
             }
-            if this.spin_until(|ep| {
-                ep.writable().map_or(true, |n| n > 0)
-                    || ep.peer_live().map_or(true, |l| l == layout::Live::Gone)
-            }) {
+            if this.spin_until(
+                |ep| ep.writable().map_or(true, |n| n > 0),
+                |ep| ep.peer_live().map_or(true, |l| l == layout::Live::Gone),
+            ) {
                 continue;
             }
             match this.endpoint.prepare_wait_send() {

@@ -296,3 +296,90 @@ pub fn bandwidth(bytes: u64, wall: Duration) -> f64 {
     let s = wall.as_secs_f64();
     if s > 0.0 { bytes as f64 / s } else { 0.0 }
 }
+
+/// Peer role of [`ShmStream`].
+pub const SHM_STREAM_ROLE: &str = "shm-stream";
+
+// Layout of the stream mapping: producer and consumer counters on separate cache-line pairs,
+// then a 1 MiB ring (the link stream's ring size).
+const STREAM_PROD: usize = 0;
+const STREAM_CONS: usize = 128;
+const STREAM_DATA: usize = 4096;
+const STREAM_LEN: usize = STREAM_DATA + MEMCPY_DST;
+
+/// The cross-process bandwidth ceiling: 64 KiB chunks one way through a 1 MiB ring in shared
+/// memory between two processes that spin (no wake-ups, no protocol beyond two counters on
+/// separate cache lines). What a link stream could reach at best on this machine, measured in
+/// the same run; the difference to [`Memcpy`] is the cost of moving the bytes between cores.
+#[derive(Debug)]
+pub struct ShmStream {
+    map: SharedMap,
+    chunk: Vec<u8>,
+    prod: u64,
+    peer: PeerProcess,
+}
+
+impl ShmStream {
+    /// Creates the mapping and starts the spinning reader.
+    pub fn new() -> io::Result<ShmStream> {
+        let fd = memfd_create("dombus-bench-stream", MemfdFlags::CLOEXEC).map_err(os)?;
+        ftruncate(&fd, STREAM_LEN as u64).map_err(os)?;
+        let map = SharedMap::new(&fd, STREAM_LEN)?;
+        let peer = PeerProcess::spawn(SHM_STREAM_ROLE, "", &[fd.as_fd()])?;
+        Ok(ShmStream { map, chunk: (0..CHUNK).map(|i| i as u8).collect(), prod: 0, peer })
+    }
+
+    /// Streams `chunks` chunks and waits until the reader has consumed them all.
+    pub fn run(&mut self, chunks: u64) -> Duration {
+        let ShmStream { map, chunk, prod, .. } = self;
+        let (p, c) = (map.word(STREAM_PROD), map.word(STREAM_CONS));
+        let start = Instant::now();
+        for _ in 0..chunks {
+            while *prod - c.load(Ordering::Acquire) > (MEMCPY_DST - CHUNK) as u64 {
+                spin_loop();
+            }
+            // CHUNK divides the ring size, so a chunk never wraps.
+            map.write(STREAM_DATA + (*prod as usize % MEMCPY_DST), chunk);
+            *prod += CHUNK as u64;
+            p.store(*prod, Ordering::Release);
+        }
+        while c.load(Ordering::Acquire) != *prod {
+            spin_loop();
+        }
+        start.elapsed()
+    }
+
+    /// The reading process.
+    pub fn peer(&self) -> &PeerProcess {
+        &self.peer
+    }
+}
+
+impl Drop for ShmStream {
+    fn drop(&mut self) {
+        self.map.word(STREAM_PROD).store(STOP, Ordering::Release);
+    }
+}
+
+/// The peer of [`ShmStream`]: copies every chunk out of the ring as soon as it is there.
+pub(crate) fn shm_stream_child(fds: Vec<OwnedFd>) -> io::Result<()> {
+    let [fd]: [OwnedFd; 1] =
+        fds.try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "need 1 fd"))?;
+    let map = SharedMap::new(&fd, STREAM_LEN)?;
+    let (p, c) = (map.word(STREAM_PROD), map.word(STREAM_CONS));
+    let mut buf = vec![0u8; CHUNK];
+    let mut cons = 0u64;
+    loop {
+        let prod = p.load(Ordering::Acquire);
+        if prod == STOP {
+            return Ok(());
+        }
+        if prod == cons {
+            spin_loop();
+            continue;
+        }
+        map.read(STREAM_DATA + (cons as usize % MEMCPY_DST), &mut buf);
+        cons += CHUNK as u64;
+        c.store(cons, Ordering::Release);
+    }
+}

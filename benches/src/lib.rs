@@ -81,6 +81,7 @@ pub fn run_child_if_requested() {
     let res = match role.as_str() {
         baseline::EVENTFD_ROLE => baseline::eventfd_child(fds),
         baseline::SHM_SPIN_ROLE => baseline::shm_spin_child(fds, &arg),
+        baseline::SHM_STREAM_ROLE => baseline::shm_stream_child(fds),
         link::ECHO_ROLE => link::echo_child(&arg),
         link::SINK_ROLE => link::sink_child(&arg),
         other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown role {other}"))),

@@ -15,7 +15,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use dombus_benches::baseline::{CHUNK, EventfdPingPong, Memcpy, ShmSpinPingPong, bandwidth};
+use dombus_benches::baseline::{CHUNK, EventfdPingPong, Memcpy, ShmSpinPingPong, ShmStream, bandwidth};
 use dombus_benches::link::{LinkPingPong, LinkStream};
 use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, own_cpu_time};
 
@@ -149,6 +149,15 @@ impl Throughput for Memcpy {
     }
     fn cpu_time(&self) -> io::Result<Duration> {
         own_cpu_time()
+    }
+}
+
+impl Throughput for ShmStream {
+    fn run(&mut self, chunks: u64) -> io::Result<Duration> {
+        Ok(ShmStream::run(self, chunks))
+    }
+    fn cpu_time(&self) -> io::Result<Duration> {
+        Ok(own_cpu_time()? + self.peer().cpu_time()?)
     }
 }
 
@@ -357,6 +366,7 @@ fn run(plan: &Plan) -> io::Result<()> {
         vec![
             ("memcpy_64k".into(), None, tput(|| Ok(Memcpy::new()))),
             ("memcpy_64k_cold".into(), None, tput(|| Ok(Memcpy::cold()))),
+            ("shm_stream_64k".into(), None, tput(ShmStream::new)),
             ("link_stream_64k".into(), vs_memcpy, tput(|| LinkStream::new(None))),
             (
                 format!("link_stream_64k_spin{spin_us}us"),

@@ -137,6 +137,8 @@ impl Producer {
 pub struct Consumer {
     size: u32,
     cons: u32,
+    /// The consumer index last stored in shared memory (`cons` may run ahead of it).
+    published: u32,
     cons_off: usize,
     prod_off: usize,
 }
@@ -145,7 +147,7 @@ impl Consumer {
     /// A consumer for a ring of `2^order` bytes whose indices live at `cons_off`/`prod_off` of the
     /// control page, starting at consumer index `cons`.
     pub fn new(order: u32, cons_off: usize, prod_off: usize, cons: u32) -> Consumer {
-        Consumer { size: 1 << order, cons, cons_off, prod_off }
+        Consumer { size: 1 << order, cons, published: cons, cons_off, prod_off }
     }
 
     /// Ring size in bytes.
@@ -176,6 +178,37 @@ impl Consumer {
         data: &impl SharedMem,
         buf: &mut [u8],
     ) -> Result<usize, PeerMisbehaved> {
+        let n = self.read_unpublished(ctl, data, buf)?;
+        if n > 0 {
+            self.publish(ctl);
+        }
+        Ok(n)
+    }
+
+    /// Bytes consumed but not yet published to the producer.
+    pub fn unpublished(&self) -> u32 {
+        self.cons.wrapping_sub(self.published)
+    }
+
+    /// Stores the consumer index in shared memory (frees the space read so far for the
+    /// producer). Returns false if there was nothing new to publish.
+    pub fn publish(&mut self, ctl: &impl SharedMem) -> bool {
+        if self.published == self.cons {
+            return false;
+        }
+        ctl.store_u32(self.cons_off, self.cons);
+        self.published = self.cons;
+        true
+    }
+
+    /// Like [`Consumer::read`], but leaves the consumer index unpublished: the space stays
+    /// taken, from the producer's point of view, until [`Consumer::publish`].
+    pub fn read_unpublished(
+        &mut self,
+        ctl: &impl SharedMem,
+        data: &impl SharedMem,
+        buf: &mut [u8],
+    ) -> Result<usize, PeerMisbehaved> {
         let ready = self.available(ctl)?;
         let n = (ready as usize).min(buf.len());
         if n == 0 {
@@ -188,7 +221,6 @@ impl Consumer {
             data.read_bytes(0, &mut buf[first..n]);
         }
         self.cons = self.cons.wrapping_add(n as u32);
-        ctl.store_u32(self.cons_off, self.cons);
         Ok(n)
     }
 }

@@ -291,7 +291,10 @@ fn consumer(mut p: Party, sc: Scenario, stats: &Stats) -> Vec<u8> {
                 }
             }
             RecvStatus::Eof => break,
-            RecvStatus::Empty => {
+            RecvStatus::Empty { notify } => {
+                if notify {
+                    p.peer.notify();
+                }
                 let sleep = match sc.consumer {
                     Shell::Correct => p.ep.prepare_wait_recv().unwrap() == Wait::Sleep,
                     Shell::SleepWithoutRecheck => {

@@ -49,13 +49,17 @@ pub struct Transfer {
     pub notify: bool,
 }
 
-/// Outcome of a read that moved nothing.
+/// Outcome of a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvStatus {
     /// Bytes were read.
     Data(Transfer),
-    /// Nothing to read yet.
-    Empty,
+    /// Nothing to read yet. `notify`: the space freed by earlier reads was just published and
+    /// the peer waits for it — the shell must notify the event channel.
+    Empty {
+        /// The peer asked to be signalled.
+        notify: bool,
+    },
     /// The peer shut down its write half (or closed cleanly after doing so): end of stream.
     Eof,
 }
@@ -234,7 +238,7 @@ impl<M: SharedMem> Endpoint<M> {
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<RecvStatus, EndpointError> {
         self.check_usable()?;
         if buf.is_empty() {
-            return Ok(RecvStatus::Empty);
+            return Ok(RecvStatus::Empty { notify: false });
         }
         if let Some(t) = self.read_ring(buf)? {
             return Ok(RecvStatus::Data(t));
@@ -247,28 +251,48 @@ impl<M: SharedMem> Endpoint<M> {
         if let Some(t) = self.read_ring(buf)? {
             return Ok(RecvStatus::Data(t));
         }
+        // We are about to wait (or to tell the caller there is nothing): hand back all the
+        // space read so far, so that a producer waiting for it is never stalled by us.
+        let notify = self.publish_consumed()?;
         match live {
             _ if shut || self.peer_eof => {
                 self.peer_eof = true;
                 Ok(RecvStatus::Eof)
             }
             Live::Gone => Err(EndpointError::PeerGone),
-            Live::Connected | Live::Waiting => Ok(RecvStatus::Empty),
+            Live::Connected | Live::Waiting => Ok(RecvStatus::Empty { notify }),
         }
     }
 
     /// Copies ready bytes out of the receive ring; `None` if it is empty.
+    ///
+    /// The consumer index is published lazily: when a quarter of the ring has been read since
+    /// the last publication, and whenever the ring is found empty (see [`Endpoint::recv`]).
+    /// A producer therefore sees at most a quarter of the ring less free space than there is,
+    /// and in request/response traffic the index store lands on the control-page cache line
+    /// while we own it anyway (right after our own producer-index store), instead of costing a
+    /// cache-line transfer of its own.
     fn read_ring(&mut self, buf: &mut [u8]) -> Result<Option<Transfer>, EndpointError> {
-        let bytes = match self.rx.read(&self.ctl, &self.rx_data, buf) {
+        let bytes = match self.rx.read_unpublished(&self.ctl, &self.rx_data, buf) {
             Ok(0) => return Ok(None),
             Ok(n) => n,
             Err(e) => return Err(self.fail(e)),
         };
+        let notify =
+            if self.rx.unpublished() >= self.rx.size() / 4 { self.publish_consumed()? } else { false };
+        Ok(Some(Transfer { bytes, notify }))
+    }
+
+    /// Publishes the consumer index; true if the producer waits for space and must be woken.
+    fn publish_consumed(&mut self) -> Result<bool, EndpointError> {
+        if !self.rx.publish(&self.ctl) {
+            return Ok(false);
+        }
         // Barrier between our consumer-index update and the look at the notify byte (the other
         // half of the Dekker pair in `prepare_wait_send`).
         self.ctl.full_fence();
         if self.ctl.load_u8(self.own_notify) & NOTIFY_READ == 0 {
-            return Ok(Some(Transfer { bytes, notify: false }));
+            return Ok(false);
         }
         // The writer waits for space. Wake it only once half the ring is free (always the case
         // before we run dry), so that it writes a large batch per wake-up instead of a few
@@ -277,9 +301,8 @@ impl<M: SharedMem> Endpoint<M> {
             Ok(n) => n,
             Err(e) => return Err(self.fail(e)),
         };
-        let notify = used <= self.rx.size() / 2
-            && self.ctl.fetch_and_u8(self.own_notify, !NOTIFY_READ) & NOTIFY_READ != 0;
-        Ok(Some(Transfer { bytes, notify }))
+        Ok(used <= self.rx.size() / 2
+            && self.ctl.fetch_and_u8(self.own_notify, !NOTIFY_READ) & NOTIFY_READ != 0)
     }
 
     /// Bytes ready to read now (reads the peer's producer index once).
@@ -411,7 +434,7 @@ mod tests {
         let mut buf = [0u8; 8];
         c.send(b"x").unwrap();
         s.recv(&mut buf).unwrap();
-        assert_eq!(s.recv(&mut buf).unwrap(), RecvStatus::Empty);
+        assert_eq!(s.recv(&mut buf).unwrap(), RecvStatus::Empty { notify: false });
         assert_eq!(s.prepare_wait_recv().unwrap(), Wait::Sleep);
         assert!(c.send(b"y").unwrap().notify, "the sleeping server must be woken");
     }

@@ -427,8 +427,14 @@ impl<B: Backend + Clone> AsyncRead for Link<B> {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(RecvStatus::Eof) => return Poll::Ready(Ok(())),
-                Ok(RecvStatus::Empty) if buf.remaining() == 0 => return Poll::Ready(Ok(())),
-                Ok(RecvStatus::Empty) => {}
+                Ok(RecvStatus::Empty { notify }) => {
+                    if notify {
+                        this.kick()?;
+                    }
+                    if buf.remaining() == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
                 Err(e) => return Poll::Ready(Err(this.fail(e, false))),
             }
             if this.spin_until(|ep| ep.readable().map_or(true, |n| n > 0), |ep| ep.peer_done()) {

@@ -379,6 +379,8 @@ pub(crate) fn shm_stream_child(fds: Vec<OwnedFd>) -> io::Result<()> {
             continue;
         }
         map.read(STREAM_DATA + (cons as usize % MEMCPY_DST), &mut buf);
+        // Keep the copy: nothing else reads `buf`, and the compiler may drop a dead copy.
+        std::hint::black_box(&mut buf);
         cons += CHUNK as u64;
         c.store(cons, Ordering::Release);
     }

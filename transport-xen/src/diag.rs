@@ -101,28 +101,32 @@ pub async fn ping<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Latency::from_samples(&mut samples))
 }
 
-/// The deterministic byte at stream offset `i` of [`send_pattern`].
-fn pattern_byte(i: u64) -> u8 {
-    (i.wrapping_mul(2654435761) >> 13) as u8
-}
+/// Period of the [`send_pattern`] byte pattern: a prime, so that it never lines up with ring
+/// sizes or write sizes (a lost, repeated or reordered chunk changes the checksum).
+const PATTERN_PERIOD: usize = 65521;
 
 /// Writes `bytes` bytes of a deterministic pattern in `chunk`-sized writes, then shuts down the
 /// write half. Returns the CRC-32 of what was written.
+///
+/// The pattern is generated once and written from slices of it, so the sender costs no more
+/// than the link itself (plus the checksum).
 pub async fn send_pattern<S: AsyncWrite + Unpin>(
     stream: &mut S,
     bytes: u64,
     chunk: usize,
 ) -> std::io::Result<u32> {
+    let chunk = chunk.max(1);
+    let table: Vec<u8> = (0..PATTERN_PERIOD + chunk)
+        .map(|i| (((i % PATTERN_PERIOD) as u64 * 2654435761) >> 13) as u8)
+        .collect();
     let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; chunk.max(1)];
     let mut sent = 0u64;
     while sent < bytes {
-        let n = (bytes - sent).min(buf.len() as u64) as usize;
-        for (j, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern_byte(sent + j as u64);
-        }
-        stream.write_all(&buf[..n]).await?;
-        crc.update(&buf[..n]);
+        let n = (bytes - sent).min(chunk as u64) as usize;
+        let start = (sent % PATTERN_PERIOD as u64) as usize;
+        let piece = &table[start..start + n];
+        stream.write_all(piece).await?;
+        crc.update(piece);
         sent += n as u64;
     }
     stream.shutdown().await?;

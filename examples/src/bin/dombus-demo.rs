@@ -26,7 +26,7 @@ const CLIENT: DomId = DomId(2);
 const LINKS: [(&str, Option<Duration>); 2] =
     [("data/demo/wakeup", None), ("data/demo/spin", Some(Duration::from_micros(50)))];
 const STREAM_PATH: &str = "data/demo/stream";
-const STREAM_BYTES: u64 = 512 << 20;
+const STREAM_BYTES: u64 = 2 << 30;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

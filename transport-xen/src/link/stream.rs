@@ -24,6 +24,13 @@ use crate::types::{DomId, EvtchnPort, GrantRef};
 /// without ever writing cannot keep a task spinning inside `poll_read`.
 const MAX_WAKES_PER_POLL: usize = 64;
 
+/// Which half of the stream is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Read,
+    Write,
+}
+
 /// Makes a backend handle usable with tokio's `AsyncFd` (which wants `AsRawFd`).
 struct Pollable<T>(T);
 
@@ -332,6 +339,38 @@ impl<B: Backend + Clone> Link<B> {
         }
     }
 
+    /// After a read or write made no progress: spin (if configured), then ask the peer for an
+    /// event and wait for it. `Ready(Ok)` means "try the operation again"; `Pending` means the
+    /// task's waker is registered.
+    fn wait(&mut self, cx: &Context<'_>, dir: Direction) -> Poll<io::Result<()>> {
+        let spun = match dir {
+            Direction::Read => {
+                self.spin_until(|ep| ep.readable().map_or(true, |n| n > 0), |ep| ep.peer_done())
+            }
+            Direction::Write => self.spin_until(
+                |ep| ep.writable().map_or(true, |n| n > 0),
+                |ep| ep.peer_live().map_or(true, |l| l == layout::Live::Gone),
+            ),
+        };
+        if spun {
+            return Poll::Ready(Ok(()));
+        }
+        let prepared = match dir {
+            Direction::Read => self.endpoint.prepare_wait_recv(),
+            Direction::Write => self.endpoint.prepare_wait_send(),
+        };
+        match prepared {
+            Ok(Wait::Retry) => return Poll::Ready(Ok(())),
+            Ok(Wait::Sleep) => {}
+            Err(e) => return Poll::Ready(Err(self.fail(e, dir == Direction::Write))),
+        }
+        match dir {
+            Direction::Read => self.wakers.register_reader(cx.waker()),
+            Direction::Write => self.wakers.register_writer(cx.waker()),
+        }
+        self.poll_event()
+    }
+
     /// Spins (bounded) until `ready` holds; true if it did.
     ///
     /// The first microseconds are a pure spin (the peer on another core answers in well under a
@@ -437,16 +476,7 @@ impl<B: Backend + Clone> AsyncRead for Link<B> {
                 }
                 Err(e) => return Poll::Ready(Err(this.fail(e, false))),
             }
-            if this.spin_until(|ep| ep.readable().map_or(true, |n| n > 0), |ep| ep.peer_done()) {
-                continue;
-            }
-            match this.endpoint.prepare_wait_recv() {
-                Ok(Wait::Retry) => continue,
-                Ok(Wait::Sleep) => {}
-                Err(e) => return Poll::Ready(Err(this.fail(e, false))),
-            }
-            this.wakers.register_reader(cx.waker());
-            match this.poll_event() {
+            match this.wait(cx, Direction::Read) {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
@@ -474,19 +504,7 @@ impl<B: Backend + Clone> AsyncWrite for Link<B> {
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(this.fail(e, true))),
             }
-            if this.spin_until(
-                |ep| ep.writable().map_or(true, |n| n > 0),
-                |ep| ep.peer_live().map_or(true, |l| l == layout::Live::Gone),
-            ) {
-                continue;
-            }
-            match this.endpoint.prepare_wait_send() {
-                Ok(Wait::Retry) => continue,
-                Ok(Wait::Sleep) => {}
-                Err(e) => return Poll::Ready(Err(this.fail(e, true))),
-            }
-            this.wakers.register_writer(cx.waker());
-            match this.poll_event() {
+            match this.wait(cx, Direction::Write) {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,

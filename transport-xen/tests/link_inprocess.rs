@@ -164,3 +164,29 @@ async fn wrong_client_domain_cannot_see_the_link() {
     .await;
     assert!(r.is_err(), "domain 2 connected to a link published for domain 3");
 }
+
+#[tokio::test]
+async fn split_halves_wait_at_the_same_time_without_losing_wakeups() {
+    // Both halves of each end block at once: the readers for data, the writers for space in a
+    // small ring. Both wait on the same event-channel fd, so each wake-up must reach both tasks.
+    let h = host("split");
+    let (s, c) = pair(&h, "data/split", &cfg(1024, 1024)).await;
+    let (mut s_rd, mut s_wr) = tokio::io::split(s);
+    let (mut c_rd, mut c_wr) = tokio::io::split(c);
+    const N: u64 = 2 << 20;
+    // Four tasks, four different wakers.
+    let c_send =
+        tokio::spawn(async move { diag::send_pattern(&mut c_wr, N, 3000).await.map(|crc| (crc, c_wr)) });
+    let s_send =
+        tokio::spawn(async move { diag::send_pattern(&mut s_wr, N, 5000).await.map(|crc| (crc, s_wr)) });
+    let s_recv = tokio::spawn(async move { diag::recv_all(&mut s_rd).await });
+    let c_recv = tokio::spawn(async move { diag::recv_all(&mut c_rd).await });
+    let all = tokio::time::timeout(T, async { tokio::try_join!(c_send, s_send, s_recv, c_recv) })
+        .await
+        .expect("a half never woke up")
+        .unwrap();
+    let ((c_crc, _), (s_crc, _), s_got, c_got) =
+        (all.0.unwrap(), all.1.unwrap(), all.2.unwrap(), all.3.unwrap());
+    assert_eq!(s_got, (N, c_crc));
+    assert_eq!(c_got, (N, s_crc));
+}

@@ -32,6 +32,7 @@ pub mod ring;
 pub mod shmem;
 pub mod sim;
 pub mod types;
+pub mod vsock;
 
 pub use ring::PeerMisbehaved;
 pub use types::{DomId, EvtchnPort, GrantRef};

@@ -295,7 +295,10 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
                 if len == 0 {
-                    assert!(matches!(res, Ok(RecvStatus::Empty { notify: false }) | Err(_)), "recv into [] gave {res:?}");
+                    assert!(
+                        matches!(res, Ok(RecvStatus::Empty { notify: false }) | Err(_)),
+                        "recv into [] gave {res:?}"
+                    );
                 }
             }
             2 => {

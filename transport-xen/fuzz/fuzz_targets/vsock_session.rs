@@ -1,0 +1,116 @@
+//! Fuzz target: a session fed arbitrary packets from a hostile peer, interleaved with local
+//! calls (connect, accept, send, recv, shutdown, close).
+//!
+//! Invariants: nothing panics; once `handle` reports a violation the link is considered closed
+//! (the target stops); every packet the session emits decodes cleanly and its payload matches
+//! its length; a connection's emitted data never exceeds the credit the peer advertised.
+#![no_main]
+
+use std::collections::HashMap;
+
+use arbitrary::Unstructured;
+use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
+use dombus_transport_xen::vsock::session::{ConnId, Event, Session, SessionConfig};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let mut s = Session::new(SessionConfig { buf_alloc: 4096, max_connections: 16 });
+    // What the hostile peer has advertised per connection (buf_alloc, fwd_cnt), and what we sent.
+    let mut credit: HashMap<ConnId, (u32, u32, u32)> = HashMap::new();
+    let mut buf = [0u8; 300];
+    for _ in 0..200 {
+        let Ok(choice) = u.int_in_range(0u8..=7) else { break };
+        let port = |u: &mut Unstructured| u.int_in_range(0u32..=3).unwrap_or(0);
+        match choice {
+            0 | 1 => {
+                // A packet from the peer: mostly well-formed headers with random fields.
+                let mut h = Header::new(
+                    match u.int_in_range(1u8..=7).unwrap_or(5) {
+                        1 => Op::Request,
+                        2 => Op::Response,
+                        3 => Op::Rst,
+                        4 => Op::Shutdown,
+                        5 => Op::Rw,
+                        6 => Op::CreditUpdate,
+                        _ => Op::CreditRequest,
+                    },
+                    port(&mut u),
+                    port(&mut u),
+                );
+                h.flags = u.arbitrary().unwrap_or(0);
+                h.len = u.int_in_range(0u32..=5000).unwrap_or(0);
+                h.buf_alloc = u.arbitrary().unwrap_or(0);
+                h.fwd_cnt = u.arbitrary().unwrap_or(0);
+                let mut bytes = h.encode().to_vec();
+                if choice == 1 {
+                    // Raw garbage header bytes instead.
+                    for b in bytes.iter_mut() {
+                        *b = u.arbitrary().unwrap_or(0);
+                    }
+                }
+                let n = u.int_in_range(0usize..=5000).unwrap_or(0);
+                bytes.extend(std::iter::repeat_n(0xA5, n));
+                let id = ConnId { local: h.dst_port, peer: h.src_port };
+                let known = s.connections();
+                if s.handle(&bytes).is_err() {
+                    return;
+                }
+                if let Ok(ok) = Header::decode(&bytes) {
+                    match ok.op {
+                        // A new incarnation starts from nothing sent (an existing pair is reset
+                        // instead, and sends nothing more).
+                        Op::Request if !known.contains(&id) => {
+                            credit.insert(id, (ok.buf_alloc, ok.fwd_cnt, 0));
+                        }
+                        Op::Request | Op::Rst => {}
+                        _ => {
+                            let sent = credit.get(&id).map_or(0, |c| c.2);
+                            credit.insert(id, (ok.buf_alloc, ok.fwd_cnt, sent));
+                        }
+                    }
+                }
+            }
+            2 => {
+                let id = ConnId { local: port(&mut u), peer: port(&mut u) };
+                if s.connect(id).is_ok() {
+                    credit.insert(id, (0, 0, 0));
+                }
+            }
+            3 => {
+                while let Some(e) = s.poll_event() {
+                    if let Event::Requested(id) = e {
+                        let _ = s.accept(id);
+                    }
+                }
+            }
+            4 => {
+                let id = ConnId { local: port(&mut u), peer: port(&mut u) };
+                let len = u.int_in_range(0usize..=buf.len()).unwrap_or(0);
+                let _ = s.send(id, &buf[..len]);
+            }
+            5 => {
+                let id = ConnId { local: port(&mut u), peer: port(&mut u) };
+                let _ = s.recv(id, &mut buf);
+            }
+            6 => {
+                let _ = s.shutdown_send(ConnId { local: port(&mut u), peer: port(&mut u) });
+            }
+            _ => s.close(ConnId { local: port(&mut u), peer: port(&mut u) }),
+        }
+        while let Some(t) = s.poll_transmit() {
+            let mut wire = t.header.encode().to_vec();
+            wire.extend_from_slice(&t.payload);
+            let h = Header::decode(&wire).expect("the session emitted an invalid header");
+            assert_eq!(h.len as usize, t.payload.len());
+            assert_eq!(wire.len(), HEADER_LEN + t.payload.len());
+            if h.op == Op::Rw {
+                let id = ConnId { local: h.src_port, peer: h.dst_port };
+                let (alloc, fwd, sent) = credit.get(&id).copied().unwrap_or((0, 0, 0));
+                let sent = sent.wrapping_add(h.len);
+                assert!(sent.wrapping_sub(fwd) <= alloc, "sent beyond the peer's credit");
+                credit.insert(id, (alloc, fwd, sent));
+            }
+        }
+    }
+});

@@ -358,9 +358,11 @@ impl Session {
             };
         }
         let n = buf.len().min(conn.rx.len());
-        for (dst, src) in buf.iter_mut().zip(conn.rx.drain(..n)) {
-            *dst = src;
-        }
+        let (front, back) = conn.rx.as_slices();
+        let first = n.min(front.len());
+        buf[..first].copy_from_slice(&front[..first]);
+        buf[first..n].copy_from_slice(&back[..n - first]);
+        conn.rx.drain(..n);
         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
         let live = matches!(conn.state, State::Established) && !conn.peer_shut_send;
         if live && conn.fwd_cnt.wrapping_sub(conn.announced_fwd_cnt) >= half {

@@ -1,11 +1,12 @@
-//! Virtual sockets on a link (issue 3, in progress): addressing, the packet header, the session.
+//! Virtual sockets on a link (issue 3, in progress).
 //!
 //! Many connections between two domains share one link; each packet names its source and
-//! destination port. This module holds the parts that are complete and tested on their own:
-//! [`VsockAddr`], the wire header ([`packet`]) and the sans-IO [`session`] of all connections on
-//! a link, with credit flow control. The tokio shell (`Listener`, `connect`) arrives next.
+//! destination port. Here: [`VsockAddr`], the wire header ([`packet`]), the sans-IO [`session`]
+//! of all connections on a link with credit flow control, and its tokio shell over one link
+//! ([`mux`]). Setting up and sharing links between any two domains arrives next.
 
 mod addr;
+pub mod mux;
 pub mod packet;
 pub mod session;
 

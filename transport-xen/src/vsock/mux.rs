@@ -1,0 +1,476 @@
+//! The tokio shell of a [`Session`]: connections as async byte streams over one [`Link`].
+//!
+//! [`Mux::spawn`] takes an established link and runs two tasks: a reader that takes packets off
+//! the link into the session, and a writer that puts the session's packets on it. Applications
+//! [`Mux::listen`] on ports and [`Mux::connect`] to the peer's ports; each connection is a
+//! [`VsockStream`] (`AsyncRead` + `AsyncWrite`). Session events wake exactly the tasks of the
+//! connections they name.
+//!
+//! Which ports a domain may listen on, and how links between domains are set up and shared, is
+//! the business of the layer above (issue 3, in progress).
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+
+use super::packet::{HEADER_LEN, Header};
+use super::session::{CloseReason, ConnId, Event, Read, Session, SessionConfig, SessionError, Violation};
+use crate::backend::Backend;
+use crate::link::Link;
+
+/// First port [`Mux::connect`] picks for the local end of a connection.
+pub const FIRST_EPHEMERAL_PORT: u32 = 49152;
+/// Most bytes the writer task takes from the session per write to the link.
+const WRITE_BATCH: usize = 256 << 10;
+
+/// Why the whole multiplexer stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MuxError {
+    /// The peer broke the session protocol; the link was closed.
+    #[error("peer broke the virtual-socket protocol: {0}")]
+    Violation(Violation),
+    /// The link failed or the peer closed it.
+    #[error("link to the peer lost: {0}")]
+    LinkLost(String),
+    /// Every handle to the multiplexer was dropped.
+    #[error("closed locally")]
+    Closed,
+}
+
+#[derive(Default)]
+struct Waiters {
+    read: Option<Waker>,
+    write: Option<Waker>,
+    connected: Option<Result<(), CloseReason>>,
+}
+
+#[derive(Default)]
+struct Listening {
+    ready: VecDeque<ConnId>,
+    waker: Option<Waker>,
+}
+
+struct State {
+    session: Session,
+    waiters: HashMap<ConnId, Waiters>,
+    listeners: HashMap<u32, Listening>,
+    stopped: Option<MuxError>,
+    next_port: u32,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    transmit: Notify,
+    /// Tells the reader task to stop (the last handle was dropped).
+    closing: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(w) = slot.take() {
+        w.wake();
+    }
+}
+
+impl State {
+    /// Turns session events into wake-ups of the connections they name.
+    fn dispatch(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                Event::Requested(id) => match self.listeners.get_mut(&id.local) {
+                    Some(l) if self.session.accept(id).is_ok() => {
+                        self.waiters.entry(id).or_default();
+                        l.ready.push_back(id);
+                        wake(&mut l.waker);
+                    }
+                    _ => {
+                        let _ = self.session.refuse(id);
+                    }
+                },
+                Event::Connected(id) => {
+                    if let Some(w) = self.waiters.get_mut(&id) {
+                        w.connected = Some(Ok(()));
+                        wake(&mut w.write);
+                    }
+                }
+                Event::Readable(id) => {
+                    if let Some(w) = self.waiters.get_mut(&id) {
+                        wake(&mut w.read);
+                    }
+                }
+                Event::Writable(id) => {
+                    if let Some(w) = self.waiters.get_mut(&id) {
+                        wake(&mut w.write);
+                    }
+                }
+                Event::Closed(id, reason) => {
+                    if let Some(w) = self.waiters.get_mut(&id) {
+                        w.connected.get_or_insert(Err(reason));
+                        wake(&mut w.read);
+                        wake(&mut w.write);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self, why: MuxError) {
+        if self.stopped.is_none() {
+            tracing::warn!(error = %why, "virtual-socket link stopped");
+            self.stopped = Some(why);
+        }
+        self.session.peer_gone();
+        self.dispatch();
+        for l in self.listeners.values_mut() {
+            wake(&mut l.waker);
+        }
+    }
+}
+
+/// The connections over one link. Cheap to clone; when the last clone, listener and stream are
+/// dropped, the link is closed.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+    _owner: Arc<Owner>,
+}
+
+/// Stops the tasks when the last handle goes.
+struct Owner(Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.lock().stop(MuxError::Closed);
+        self.0.closing.notify_one();
+        self.0.transmit.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.shared.lock();
+        f.debug_struct("Mux").field("connections", &st.session.len()).field("stopped", &st.stopped).finish()
+    }
+}
+
+impl Mux {
+    /// Runs the session over `link` (on the current tokio runtime) until the link fails or the
+    /// peer breaks the protocol.
+    pub fn spawn<B: Backend + Clone>(link: Link<B>, config: SessionConfig) -> Mux {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                session: Session::new(config),
+                waiters: HashMap::new(),
+                listeners: HashMap::new(),
+                stopped: None,
+                next_port: FIRST_EPHEMERAL_PORT,
+            }),
+            transmit: Notify::new(),
+            closing: Notify::new(),
+        });
+        let (rd, wr) = tokio::io::split(link);
+        tokio::spawn(read_packets(shared.clone(), rd));
+        tokio::spawn(write_packets(shared.clone(), wr));
+        Mux { _owner: Arc::new(Owner(shared.clone())), shared }
+    }
+
+    /// Why the multiplexer stopped, if it did.
+    pub fn stopped(&self) -> Option<MuxError> {
+        self.shared.lock().stopped.clone()
+    }
+
+    /// Number of connections (any state).
+    pub fn connections(&self) -> usize {
+        self.shared.lock().session.len()
+    }
+
+    /// Accepts connections to our `port` from the peer.
+    pub fn listen(&self, port: u32) -> io::Result<MuxListener> {
+        let mut st = self.shared.lock();
+        if st.listeners.contains_key(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("port {port} already has a listener"),
+            ));
+        }
+        st.listeners.insert(port, Listening::default());
+        Ok(MuxListener { mux: self.clone(), port })
+    }
+
+    /// Connects to the peer's `port` from a free local port. Fails with `ConnectionRefused` if
+    /// nothing listens there.
+    pub async fn connect(&self, port: u32) -> io::Result<VsockStream> {
+        let id = {
+            let mut st = self.shared.lock();
+            if let Some(e) = &st.stopped {
+                return Err(io::Error::new(io::ErrorKind::NotConnected, e.clone()));
+            }
+            let id = loop {
+                let candidate = ConnId { local: st.next_port, peer: port };
+                st.next_port = st.next_port.checked_add(1).unwrap_or(FIRST_EPHEMERAL_PORT);
+                if !st.waiters.contains_key(&candidate) {
+                    break candidate;
+                }
+            };
+            st.session.connect(id).map_err(session_io)?;
+            st.waiters.insert(id, Waiters::default());
+            id
+        };
+        self.shared.transmit.notify_one();
+        let stream = VsockStream { mux: self.clone(), id };
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            let Some(w) = st.waiters.get_mut(&id) else {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "connection vanished")));
+            };
+            match w.connected {
+                Some(Ok(())) => Poll::Ready(Ok(())),
+                Some(Err(CloseReason::Refused)) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("nothing listens on port {port} of the peer"),
+                ))),
+                Some(Err(r)) => Poll::Ready(Err(closed_io(r))),
+                None => {
+                    w.write = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
+        Ok(stream)
+    }
+}
+
+/// Connections accepted on one port. Dropping it stops accepting (pending ones are reset).
+pub struct MuxListener {
+    mux: Mux,
+    port: u32,
+}
+
+impl MuxListener {
+    /// The next connection to this port.
+    pub async fn accept(&self) -> io::Result<VsockStream> {
+        let id = std::future::poll_fn(|cx| {
+            let mut st = self.mux.shared.lock();
+            if let Some(e) = &st.stopped {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, e.clone())));
+            }
+            let Some(l) = st.listeners.get_mut(&self.port) else {
+                return Poll::Ready(Err(io::Error::other("listener removed")));
+            };
+            match l.ready.pop_front() {
+                Some(id) => Poll::Ready(Ok(id)),
+                None => {
+                    l.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
+        Ok(VsockStream { mux: self.mux.clone(), id })
+    }
+}
+
+impl Drop for MuxListener {
+    fn drop(&mut self) {
+        let mut st = self.mux.shared.lock();
+        if let Some(l) = st.listeners.remove(&self.port) {
+            for id in l.ready {
+                st.session.close(id);
+                st.waiters.remove(&id);
+            }
+        }
+        drop(st);
+        self.mux.shared.transmit.notify_one();
+    }
+}
+
+/// One connection: a byte stream to a port of the peer.
+pub struct VsockStream {
+    mux: Mux,
+    id: ConnId,
+}
+
+impl std::fmt::Debug for VsockStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockStream")
+            .field("local_port", &self.id.local)
+            .field("peer_port", &self.id.peer)
+            .finish()
+    }
+}
+
+impl VsockStream {
+    /// (local port, peer port).
+    pub fn ports(&self) -> (u32, u32) {
+        (self.id.local, self.id.peer)
+    }
+}
+
+fn closed_io(reason: CloseReason) -> io::Error {
+    let kind = match reason {
+        CloseReason::Refused => io::ErrorKind::ConnectionRefused,
+        CloseReason::Reset => io::ErrorKind::ConnectionReset,
+        CloseReason::Finished => io::ErrorKind::BrokenPipe,
+        CloseReason::PeerGone => io::ErrorKind::ConnectionAborted,
+    };
+    io::Error::new(kind, format!("connection closed: {reason:?}"))
+}
+
+fn session_io(e: SessionError) -> io::Error {
+    match e {
+        SessionError::Closed(_, r) => closed_io(r),
+        SessionError::SendShut(_) => io::Error::new(io::ErrorKind::BrokenPipe, e),
+        SessionError::InUse(_) => io::Error::new(io::ErrorKind::AddrInUse, e),
+        SessionError::NotFound(_) | SessionError::NotConnected(_) => {
+            io::Error::new(io::ErrorKind::NotConnected, e)
+        }
+        SessionError::TooManyConnections => io::Error::other(e),
+    }
+}
+
+impl AsyncRead for VsockStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut st = this.mux.shared.lock();
+        let result = st.session.recv(this.id, buf.initialize_unfilled());
+        let poll = match result {
+            Ok(Read::Data(n)) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Ok(Read::Eof) => Poll::Ready(Ok(())),
+            Ok(Read::WouldBlock) => match &st.stopped {
+                Some(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, e.clone()))),
+                None => {
+                    if let Some(w) = st.waiters.get_mut(&this.id) {
+                        w.read = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            },
+            Err(e) => Poll::Ready(Err(session_io(e))),
+        };
+        drop(st);
+        // Reading may have queued a credit update.
+        this.mux.shared.transmit.notify_one();
+        poll
+    }
+}
+
+impl AsyncWrite for VsockStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let mut st = this.mux.shared.lock();
+        match st.session.send(this.id, data) {
+            Ok(0) if !data.is_empty() => {
+                if let Some(w) = st.waiters.get_mut(&this.id) {
+                    w.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                drop(st);
+                this.mux.shared.transmit.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(session_io(e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = this.mux.shared.lock().session.shutdown_send(this.id).map_err(session_io);
+        this.mux.shared.transmit.notify_one();
+        Poll::Ready(r)
+    }
+}
+
+impl Drop for VsockStream {
+    fn drop(&mut self) {
+        let mut st = self.mux.shared.lock();
+        st.session.close(self.id);
+        st.waiters.remove(&self.id);
+        drop(st);
+        self.mux.shared.transmit.notify_one();
+    }
+}
+
+/// Takes packets off the link into the session until the link or the peer fails.
+async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
+    let mut packet = vec![0u8; HEADER_LEN];
+    let why = loop {
+        packet.resize(HEADER_LEN, 0);
+        let header = tokio::select! {
+            r = rd.read_exact(&mut packet) => r,
+            () = shared.closing.notified() => break MuxError::Closed,
+        };
+        if let Err(e) = header {
+            break MuxError::LinkLost(e.to_string());
+        }
+        // Validate before trusting the length for the payload read.
+        let len = match Header::decode(&packet) {
+            Ok(h) => h.len as usize,
+            Err(e) => break MuxError::Violation(Violation::Packet(e)),
+        };
+        packet.resize(HEADER_LEN + len, 0);
+        if let Err(e) = rd.read_exact(&mut packet[HEADER_LEN..]).await {
+            break MuxError::LinkLost(e.to_string());
+        }
+        let mut st = shared.lock();
+        if let Err(v) = st.session.handle(&packet) {
+            break MuxError::Violation(v);
+        }
+        st.dispatch();
+        drop(st);
+        shared.transmit.notify_one();
+    };
+    shared.lock().stop(why);
+    // Let the writer notice and end (dropping its half closes our side of the link).
+    shared.transmit.notify_one();
+}
+
+/// Puts the session's packets on the link, batched.
+async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        shared.transmit.notified().await;
+        loop {
+            batch.clear();
+            let stopped = {
+                let mut st = shared.lock();
+                while batch.len() < WRITE_BATCH {
+                    let Some(t) = st.session.poll_transmit() else { break };
+                    batch.extend_from_slice(&t.header.encode());
+                    batch.extend_from_slice(&t.payload);
+                }
+                st.stopped.is_some()
+            };
+            if stopped {
+                let _ = wr.shutdown().await;
+                return;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            if let Err(e) = wr.write_all(&batch).await {
+                shared.lock().stop(MuxError::LinkLost(e.to_string()));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Many connections over one link between two domains (in-process simulated hypervisor).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+use dombus_transport_xen::diag;
+use dombus_transport_xen::link::{Link, LinkConfig};
+use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_transport_xen::types::DomId;
+use dombus_transport_xen::vsock::mux::{Mux, MuxError};
+use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
+use dombus_transport_xen::vsock::session::{SessionConfig, Violation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+
+struct Host {
+    _dir: Scratch,
+    _hv: SimHypervisorHandle,
+    a: SimBackend,
+    b: SimBackend,
+}
+
+fn host(tag: &str) -> Host {
+    let dir = Scratch::new(tag);
+    let sock = dir.path("hv.sock");
+    let hv = SimHypervisor::spawn(&sock).unwrap();
+    let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let b = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    Host { _dir: dir, _hv: hv, a, b }
+}
+
+async fn links(h: &Host, path: &str) -> (Link<SimBackend>, Link<SimBackend>) {
+    let cfg = LinkConfig::default();
+    let listener = Link::listen(&h.a, path, DomId(2), &cfg).unwrap();
+    let (s, c) = tokio::join!(listener.accept(), Link::connect(&h.b, path, DomId(1), &cfg));
+    (s.unwrap(), c.unwrap())
+}
+
+async fn muxes(h: &Host, path: &str) -> (Mux, Mux) {
+    let (s, c) = links(h, path).await;
+    (Mux::spawn(s, SessionConfig::default()), Mux::spawn(c, SessionConfig::default()))
+}
+
+#[tokio::test]
+async fn concurrent_connections_in_both_directions() {
+    let h = host("mux-concurrent");
+    let (ma, mb) = muxes(&h, "data/mux").await;
+    // Echo services on both domains.
+    let mut servers = Vec::new();
+    for m in [ma.clone(), mb.clone()] {
+        let l = m.listen(80).unwrap();
+        servers.push(tokio::spawn(async move {
+            loop {
+                let mut s = l.accept().await?;
+                tokio::spawn(async move { diag::echo(&mut s).await });
+            }
+            #[allow(unreachable_code)]
+            std::io::Result::Ok(())
+        }));
+    }
+    let mut clients = Vec::new();
+    for i in 0..20u64 {
+        let m = if i % 2 == 0 { ma.clone() } else { mb.clone() };
+        clients.push(tokio::spawn(async move {
+            let mut s = m.connect(80).await?;
+            let n = 10_000 + i * 997;
+            let sent: Vec<u8> = (0..n).map(|j| (j * 7 + i) as u8).collect();
+            s.write_all(&sent).await?;
+            let mut back = vec![0u8; sent.len()];
+            s.read_exact(&mut back).await?;
+            assert_eq!(back, sent);
+            std::io::Result::Ok(())
+        }));
+    }
+    for c in clients {
+        tokio::time::timeout(T, c).await.unwrap().unwrap().unwrap();
+    }
+    assert!(ma.stopped().is_none() && mb.stopped().is_none());
+}
+
+#[tokio::test]
+async fn connecting_to_a_port_nobody_listens_on_is_refused() {
+    let h = host("mux-refused");
+    let (_ma, mb) = muxes(&h, "data/mux").await;
+    let err = tokio::time::timeout(T, mb.connect(4242)).await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[tokio::test]
+async fn a_slow_reader_does_not_delay_another_connection_on_the_same_link() {
+    let h = host("mux-slow");
+    let (ma, mb) = muxes(&h, "data/mux").await;
+    let bulk = ma.listen(1).unwrap();
+    let echo = ma.listen(2).unwrap();
+    // Connection 1: the writer pushes far more than the credit; nobody reads on the other end.
+    let mut stuck = mb.connect(1).await.unwrap();
+    let _parked = bulk.accept().await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 << 10];
+        for _ in 0..64 {
+            if stuck.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!writer.is_finished(), "4 MiB went through a 256 KiB credit window");
+    // Connection 2 on the same link: round trips still flow.
+    let echoer = tokio::spawn(async move {
+        let mut s = echo.accept().await.unwrap();
+        diag::echo(&mut s).await
+    });
+    let mut c = mb.connect(2).await.unwrap();
+    let started = Instant::now();
+    let lat = tokio::time::timeout(T, diag::ping(&mut c, 64, 10, 200)).await.unwrap().unwrap().unwrap();
+    assert_eq!(lat.count, 200);
+    eprintln!("200 round trips beside a stalled connection in {:?}: {lat}", started.elapsed());
+    c.shutdown().await.unwrap();
+    echoer.await.unwrap().unwrap();
+    writer.abort();
+}
+
+#[tokio::test]
+async fn half_close_and_reply() {
+    let h = host("mux-halfclose");
+    let (ma, mb) = muxes(&h, "data/mux").await;
+    let l = ma.listen(7).unwrap();
+    let server = tokio::spawn(async move {
+        let mut s = l.accept().await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        s.write_all(&req.iter().rev().copied().collect::<Vec<u8>>()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let mut c = mb.connect(7).await.unwrap();
+    c.write_all(b"olleh").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(T, c.read_to_end(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply, b"hello");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn dropping_one_side_fails_the_other_sides_connections_promptly() {
+    let h = host("mux-gone");
+    let (ma, mb) = muxes(&h, "data/mux").await;
+    let l = ma.listen(9).unwrap();
+    let mut c = mb.connect(9).await.unwrap();
+    let s = l.accept().await.unwrap();
+    let gone = Instant::now();
+    drop((s, l, ma));
+    let mut buf = [0u8; 8];
+    let r =
+        tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await.expect("not noticed within 1 s");
+    let err = r.expect_err("a vanished peer is not a clean end of stream");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+    assert!(matches!(mb.stopped(), Some(MuxError::LinkLost(_))), "{:?}", mb.stopped());
+    assert!(c.write_all(b"x").await.is_err());
+    eprintln!("noticed after {:?}", gone.elapsed());
+}
+
+#[tokio::test]
+async fn a_peer_that_overruns_its_credit_is_disconnected_and_others_live_on() {
+    let h = host("mux-overrun");
+    let (victim_link, mut raw) = links(&h, "data/evil").await;
+    let victim = Mux::spawn(victim_link, SessionConfig { buf_alloc: 4096, ..SessionConfig::default() });
+    let _l = victim.listen(80).unwrap();
+    // The raw side speaks the protocol by hand: REQUEST, wait for RESPONSE, then too much data.
+    raw.write_all(&Header::new(Op::Request, 5000, 80).encode()).await.unwrap();
+    let mut resp = [0u8; HEADER_LEN];
+    raw.read_exact(&mut resp).await.unwrap();
+    assert_eq!(Header::decode(&resp).unwrap().op, Op::Response);
+    let mut rw = Header::new(Op::Rw, 5000, 80);
+    rw.len = 5000;
+    raw.write_all(&rw.encode()).await.unwrap();
+    raw.write_all(&[0u8; 5000]).await.unwrap();
+    let deadline = Instant::now() + T;
+    while victim.stopped().is_none() {
+        assert!(Instant::now() < deadline, "violation not detected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        matches!(victim.stopped(), Some(MuxError::Violation(Violation::CreditOverrun { .. }))),
+        "{:?}",
+        victim.stopped()
+    );
+    // The raw side sees the link close.
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(T, raw.read_to_end(&mut sink)).await.unwrap();
+    // Another pair of domains' link is unaffected.
+    let (ma, mb) = muxes(&h, "data/other").await;
+    let _l2 = ma.listen(1).unwrap();
+    assert!(tokio::time::timeout(T, mb.connect(1)).await.unwrap().is_ok());
+}

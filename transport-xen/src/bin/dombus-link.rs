@@ -16,6 +16,7 @@ use dombus_transport_xen::link::{Link, LinkConfig, server_path};
 use dombus_transport_xen::shmem::SharedMem;
 use dombus_transport_xen::sim::SimBackend;
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef};
+use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use dombus_transport_xen::{diag, layout};
 
 #[derive(Parser)]
@@ -37,6 +38,28 @@ enum Role {
     Serve(LinkArgs),
     /// Connect to a link a server domain published.
     Connect(LinkArgs),
+    /// Virtual sockets: echo every connection to `--port`, from any domain, until killed.
+    VsockEcho {
+        /// The port to listen on.
+        #[arg(long)]
+        port: u32,
+    },
+    /// Virtual sockets: `--conns` concurrent connections to `--to`, each doing `--count` round
+    /// trips of 64 bytes; prints the percentiles.
+    VsockPing {
+        /// Where to connect, e.g. xen:1:5000.
+        #[arg(long)]
+        to: dombus_transport_xen::vsock::VsockAddr,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// Round trips per connection.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Wait this many seconds for the listener to appear.
+        #[arg(long, default_value_t = 10)]
+        wait_s: u64,
+    },
     /// Hostile client: connect by hand and scribble on the ring indices.
     Scribble {
         /// Store path of the server's link.
@@ -163,6 +186,42 @@ async fn run(args: Args) -> Result<()> {
             act(link, l.action).await
         }
         Role::Scribble { path, peer } => scribble(&backend, &path, DomId(peer)).await,
+        Role::VsockEcho { port } => {
+            let vs = VsockDomain::start(backend, VsockConfig::default())?;
+            let mut listener = vs.listen(port)?;
+            println!("vsock listening port={port}");
+            loop {
+                let mut s = listener.accept().await?;
+                tokio::spawn(async move {
+                    let _ = diag::echo(&mut s).await;
+                });
+            }
+        }
+        Role::VsockPing { to, conns, count, wait_s } => {
+            let vs = VsockDomain::start(backend, VsockConfig::default())?;
+            let mut tasks = Vec::new();
+            for _ in 0..conns {
+                let vs = vs.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut s = vs.connect_wait(to, Duration::from_secs(wait_s)).await?;
+                    let lat = diag::ping(&mut s, 64, 10, count).await?;
+                    tokio::io::AsyncWriteExt::shutdown(&mut s).await?;
+                    std::io::Result::Ok(lat)
+                }));
+            }
+            let mut samples = 0;
+            let mut worst = None;
+            for t in tasks {
+                let lat = t.await??.context("no samples")?;
+                samples += lat.count;
+                worst = Some(worst.map_or(lat.p50, |w: Duration| w.max(lat.p50)));
+            }
+            println!(
+                "vsock-ping to={to} conns={conns} round_trips={samples} worst_p50_us={:.2}",
+                worst.map_or(0.0, diag::us)
+            );
+            Ok(())
+        }
     }
 }
 

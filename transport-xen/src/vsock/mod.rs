@@ -3,9 +3,11 @@
 //! Many connections between two domains share one link; each packet names its source and
 //! destination port. Here: [`VsockAddr`], the wire header ([`packet`]), the sans-IO [`session`]
 //! of all connections on a link with credit flow control, and its tokio shell over one link
-//! ([`mux`]). Setting up and sharing links between any two domains arrives next.
+//! ([`mux`]), and [`domain::VsockDomain`]: connections between any two domains, one link per
+//! pair set up on demand through the store.
 
 mod addr;
+pub mod domain;
 pub mod mux;
 pub mod packet;
 pub mod session;

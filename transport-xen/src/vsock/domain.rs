@@ -1,0 +1,392 @@
+//! Virtual sockets between any two domains: one link per pair of domains, set up on demand
+//! through the store and shared by all their connections.
+//!
+//! Link set-up: of two domains, the one with the lower id serves the link, at
+//! `/local/domain/<low>/data/dombus/link/<high>`. The higher one asks for it by writing
+//! `/local/domain/<high>/data/dombus/want/<low>`, readable by the lower one only. Every domain
+//! watches `/local/domain` and reacts to exactly two kinds of change it may read: a request for a
+//! link from a higher domain (it publishes the link), and a link published for it by a lower
+//! domain (it connects). Both sides also create the link on their own first `connect`.
+//!
+//! Listeners announce themselves at `/local/domain/<id>/data/dombus/listen/<port>` (readable by
+//! all), so that [`VsockDomain::connect_wait`] can wait for a service that is not up yet, woken
+//! by a store watch rather than by timed retries.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
+use super::mux::{Mux, MuxListener, VsockStream};
+use super::session::SessionConfig;
+use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch};
+use crate::link::{Link, LinkConfig};
+use crate::types::DomId;
+
+/// How a domain's virtual sockets behave.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    /// Rings of the links this domain sets up.
+    pub link: LinkConfig,
+    /// Per-connection buffers.
+    pub session: SessionConfig,
+    /// The backend domain (`CID_BACKEND`).
+    pub backend_domain: DomId,
+    /// Domains that may listen on ports below 1024 (besides the backend domain).
+    pub privileged: Vec<DomId>,
+    /// How long a domain waits for its peer to join a link it published or asked for.
+    pub link_timeout: Duration,
+}
+
+impl Default for VsockConfig {
+    /// Default rings and buffers; dom0 is the backend and the toolstack; links time out in 10 s.
+    fn default() -> Self {
+        VsockConfig {
+            link: LinkConfig::default(),
+            session: SessionConfig::default(),
+            backend_domain: DomId::DOM0,
+            privileged: vec![DomId::DOM0],
+            link_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Pollable<T>(T);
+
+impl<T: AsFd> AsRawFd for Pollable<T> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// A watch as an async stream of changed paths.
+struct AsyncWatch<W: StoreWatch>(AsyncFd<Pollable<W>>);
+
+impl<W: StoreWatch> AsyncWatch<W> {
+    fn new(w: W) -> io::Result<Self> {
+        // SAFETY: `StoreWatch` requires `as_fd` to return the same open descriptor, owned by the
+        // watch, for its whole life; the watch lives exactly as long as the registration.
+        let fd = unsafe { AsyncFd::register_with_interest(Pollable(w), tokio::io::Interest::READABLE) }?;
+        Ok(AsyncWatch(fd))
+    }
+
+    async fn next(&self) -> io::Result<Vec<String>> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            let mut paths = Vec::new();
+            while let Some(p) = self.0.get_ref().0.try_next().map_err(io::Error::other)? {
+                paths.push(p);
+            }
+            guard.clear_ready();
+            if !paths.is_empty() {
+                return Ok(paths);
+            }
+        }
+    }
+}
+
+struct Registered {
+    sender: mpsc::UnboundedSender<VsockStream>,
+    forwarders: Vec<JoinHandle<()>>,
+}
+
+struct Inner<B: Backend + Clone> {
+    backend: B,
+    me: DomId,
+    cfg: VsockConfig,
+    /// One slot per peer domain; the async lock serialises link set-up for that peer.
+    links: StdMutex<HashMap<DomId, Arc<Mutex<Option<Mux>>>>>,
+    /// Listeners and the links they listen on, under one lock so that a listener registered
+    /// while a link comes up is attached to it exactly once.
+    listening: StdMutex<Listening>,
+}
+
+#[derive(Default)]
+struct Listening {
+    ports: HashMap<u32, Registered>,
+    links: HashMap<DomId, Mux>,
+}
+
+/// This domain's virtual sockets. Cheap to clone.
+pub struct VsockDomain<B: Backend + Clone> {
+    inner: Arc<Inner<B>>,
+    watcher: Arc<JoinHandle<()>>,
+}
+
+impl<B: Backend + Clone> Clone for VsockDomain<B> {
+    fn clone(&self) -> Self {
+        VsockDomain { inner: self.inner.clone(), watcher: self.watcher.clone() }
+    }
+}
+
+impl<B: Backend + Clone> Drop for VsockDomain<B> {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.watcher) == 1 {
+            self.watcher.abort();
+        }
+    }
+}
+
+fn link_path(server: DomId, client: DomId) -> String {
+    format!("/local/domain/{}/data/dombus/link/{}", server.0, client.0)
+}
+
+fn want_path(me: DomId, server: DomId) -> String {
+    format!("/local/domain/{}/data/dombus/want/{}", me.0, server.0)
+}
+
+fn listen_path(dom: DomId, port: u32) -> String {
+    format!("/local/domain/{}/data/dombus/listen/{}", dom.0, port)
+}
+
+fn store_io(e: BackendError) -> io::Error {
+    let kind = match &e {
+        BackendError::NotFound(_) => io::ErrorKind::NotFound,
+        BackendError::PermissionDenied(_) => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl<B: Backend + Clone> VsockDomain<B> {
+    /// Starts this domain's virtual sockets (must run inside a tokio runtime).
+    pub fn start(backend: B, cfg: VsockConfig) -> io::Result<VsockDomain<B>> {
+        let me = backend.domid();
+        let watch = AsyncWatch::new(backend.store().watch("/local/domain").map_err(store_io)?)?;
+        let inner = Arc::new(Inner {
+            backend,
+            me,
+            cfg,
+            links: StdMutex::new(HashMap::new()),
+            listening: StdMutex::new(Listening::default()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let watcher = tokio::spawn(async move {
+            while let Ok(paths) = watch.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                for p in paths {
+                    if let Some(peer) = inner.link_wanted(&p) {
+                        let inner = inner.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = inner.mux(peer).await {
+                                tracing::debug!(%peer, error = %e, "link set-up on request failed");
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Ok(VsockDomain { inner, watcher: Arc::new(watcher) })
+    }
+
+    /// This domain's id.
+    pub fn domid(&self) -> DomId {
+        self.inner.me
+    }
+
+    /// Listens on `port` for connections from any domain. Ports below 1024 need the backend
+    /// domain or a domain listed in [`VsockConfig::privileged`].
+    pub fn listen(&self, port: u32) -> io::Result<VsockListener<B>> {
+        let inner = &self.inner;
+        if port < FIRST_UNPRIVILEGED_PORT
+            && inner.me != inner.cfg.backend_domain
+            && !inner.cfg.privileged.contains(&inner.me)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "port {port} is reserved for the backend domain and the toolstack (domain {})",
+                    inner.me
+                ),
+            ));
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        {
+            let mut l = inner.listening.lock().unwrap_or_else(|p| p.into_inner());
+            if l.ports.contains_key(&port) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("port {port} already has a listener"),
+                ));
+            }
+            let mut forwarders = Vec::new();
+            for mux in l.links.values().filter(|m| m.stopped().is_none()) {
+                forwarders.push(forward(mux.listen(port)?, sender.clone()));
+            }
+            l.ports.insert(port, Registered { sender, forwarders });
+        }
+        // Announce, readable by every domain, for connect_wait.
+        let store = inner.backend.store();
+        let path = listen_path(inner.me, port);
+        store.write(&path, b"1").map_err(store_io)?;
+        store.set_perms(&path, &[Perm { domid: inner.me, kind: PermKind::Read }]).map_err(store_io)?;
+        Ok(VsockListener { domain: self.clone(), port, receiver })
+    }
+
+    /// Connects to `addr`. Fails with `ConnectionRefused` if nothing listens there.
+    pub async fn connect(&self, addr: VsockAddr) -> io::Result<VsockStream> {
+        let peer = self.resolve(addr.cid)?;
+        let mux = self.inner.mux(peer).await?;
+        mux.connect(addr.port).await
+    }
+
+    /// Like [`VsockDomain::connect`], but first waits up to `deadline` for a listener on `addr`
+    /// to be announced — woken by a store watch, not by retries.
+    pub async fn connect_wait(&self, addr: VsockAddr, deadline: Duration) -> io::Result<VsockStream> {
+        let peer = self.resolve(addr.cid)?;
+        let path = listen_path(peer, addr.port);
+        let store = self.inner.backend.store();
+        let watch = AsyncWatch::new(store.watch(&path).map_err(store_io)?)?;
+        tokio::time::timeout(deadline, async {
+            loop {
+                match store.read(&path) {
+                    Ok(_) => return Ok(()),
+                    Err(BackendError::NotFound(_)) | Err(BackendError::PermissionDenied(_)) => {}
+                    Err(e) => return Err(store_io(e)),
+                }
+                watch.next().await?;
+            }
+        })
+        .await
+        .map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, format!("no listener on {addr} within {deadline:?}"))
+        })??;
+        self.connect(addr).await
+    }
+
+    fn resolve(&self, cid: u32) -> io::Result<DomId> {
+        let dom = match cid {
+            CID_BACKEND => self.inner.cfg.backend_domain,
+            CID_SELF => self.inner.me,
+            c => u16::try_from(c).ok().map(DomId).filter(|d| d.is_guest_id()).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("CID {c} is not a domain id"))
+            })?,
+        };
+        if dom == self.inner.me {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "connections to the own domain are not supported",
+            ));
+        }
+        Ok(dom)
+    }
+}
+
+impl<B: Backend + Clone> Inner<B> {
+    /// If `path` is a link request from a higher domain or a link published by a lower one for
+    /// us, the peer to set up a link with.
+    fn link_wanted(&self, path: &str) -> Option<DomId> {
+        let rest = path.strip_prefix("/local/domain/")?;
+        let (dom, rest) = rest.split_once('/')?;
+        let dom = DomId(dom.parse().ok()?);
+        if let Some(target) = rest.strip_prefix("data/dombus/want/") {
+            (target.parse::<u16>().ok()? == self.me.0 && dom > self.me).then_some(dom)
+        } else if let Some(rest) = rest.strip_prefix("data/dombus/link/") {
+            let (client, key) = rest.split_once('/')?;
+            (key == "ring-ref" && client.parse::<u16>().ok()? == self.me.0 && dom < self.me).then_some(dom)
+        } else {
+            None
+        }
+    }
+
+    /// The link to `peer`, set up if there is none (or the old one stopped).
+    async fn mux(self: &Arc<Self>, peer: DomId) -> io::Result<Mux> {
+        let slot = self.links.lock().unwrap_or_else(|p| p.into_inner()).entry(peer).or_default().clone();
+        let mut guard = slot.lock().await;
+        if let Some(mux) = guard.as_ref().filter(|m| m.stopped().is_none()) {
+            return Ok(mux.clone());
+        }
+        let store = self.backend.store();
+        let link = if self.me < peer {
+            let rel = format!("data/dombus/link/{}", peer.0);
+            let listener =
+                Link::listen(&self.backend, &rel, peer, &self.cfg.link).map_err(io::Error::from)?;
+            tokio::time::timeout(self.cfg.link_timeout, listener.accept()).await
+        } else {
+            // Ask the lower domain to publish, then join.
+            let want = want_path(self.me, peer);
+            store.write(&want, b"1").map_err(store_io)?;
+            store
+                .set_perms(
+                    &want,
+                    &[
+                        Perm { domid: self.me, kind: PermKind::None },
+                        Perm { domid: peer, kind: PermKind::Read },
+                    ],
+                )
+                .map_err(store_io)?;
+            let path = link_path(peer, self.me);
+            tokio::time::timeout(
+                self.cfg.link_timeout,
+                Link::connect(&self.backend, &path, peer, &self.cfg.link),
+            )
+            .await
+        };
+        let link = link
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, format!("domain {peer} did not join the link"))
+            })?
+            .map_err(io::Error::from)?;
+        let mux = Mux::spawn(link, self.cfg.session.clone());
+        {
+            // Every listener of this domain also listens on the new link.
+            let mut l = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+            for (port, reg) in l.ports.iter_mut() {
+                reg.forwarders.push(forward(mux.listen(*port)?, reg.sender.clone()));
+            }
+            l.links.insert(peer, mux.clone());
+        }
+        tracing::debug!(me = %self.me, %peer, "virtual-socket link up");
+        *guard = Some(mux.clone());
+        Ok(mux)
+    }
+}
+
+/// Moves connections accepted on one link to the domain-wide listener.
+fn forward(listener: MuxListener, to: mpsc::UnboundedSender<VsockStream>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(stream) = listener.accept().await {
+            if to.send(stream).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Connections to one port of this domain, from any domain.
+pub struct VsockListener<B: Backend + Clone> {
+    domain: VsockDomain<B>,
+    port: u32,
+    receiver: mpsc::UnboundedReceiver<VsockStream>,
+}
+
+impl<B: Backend + Clone> VsockListener<B> {
+    /// The next connection.
+    pub async fn accept(&mut self) -> io::Result<VsockStream> {
+        self.receiver.recv().await.ok_or_else(|| io::Error::other("listener closed"))
+    }
+
+    /// The port.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+}
+
+impl<B: Backend + Clone> Drop for VsockListener<B> {
+    fn drop(&mut self) {
+        let inner = &self.domain.inner;
+        if let Some(reg) = inner.listening.lock().unwrap_or_else(|p| p.into_inner()).ports.remove(&self.port)
+        {
+            for f in reg.forwarders {
+                f.abort();
+            }
+        }
+        let _ = inner.backend.store().rm(&listen_path(inner.me, self.port));
+    }
+}

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use dombus_transport_xen::link::{Link, LinkConfig, LinkError};
 use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
+use dombus_transport_xen::vsock::mux::{Mux, VsockStream};
+use dombus_transport_xen::vsock::session::SessionConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
@@ -123,9 +125,27 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// The parts of an established benchmark link, before a benchmark takes them over.
+struct Parts {
+    link: Link<SimBackend>,
+    rt: Runtime,
+    peer: PeerProcess,
+    backend: SimBackend,
+    hv: SimHypervisorHandle,
+    dir: TempDir,
+}
+
 impl Session {
     /// Starts the simulated hypervisor, the peer in `role`, and establishes the link.
     fn start(role: &str, payload: usize, cfg: &LinkConfig) -> io::Result<Session> {
+        let Parts { link, rt, peer, backend, hv, dir } = establish(role, payload, cfg)?;
+        Ok(Session { link, rt, peer, _backend: backend, _hv: hv, _dir: dir })
+    }
+}
+
+/// Starts the simulated hypervisor, the peer in `role`, and establishes the link.
+fn establish(role: &str, payload: usize, cfg: &LinkConfig) -> io::Result<Parts> {
+    {
         let dir = TempDir::new()?;
         let socket = dir.path().join("simxen.sock");
         let hv = SimHypervisor::spawn(&socket)?;
@@ -151,7 +171,7 @@ impl Session {
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer did not connect")),
             }
         })?;
-        Ok(Session { link, rt, peer, _backend: backend, _hv: hv, _dir: dir })
+        Ok(Parts { link, rt, peer, backend, hv, dir })
     }
 }
 
@@ -346,4 +366,124 @@ impl LinkStream {
     pub fn peer_cpu_clock(&self) -> crate::CpuClock {
         self.session.peer.cpu_clock()
     }
+}
+
+/// Peer role of [`VsockPingPong`].
+pub const VSOCK_ECHO_ROLE: &str = "vsock-echo";
+/// Port of the measured connection in [`VsockPingPong`].
+const VSOCK_ECHO_PORT: u32 = 7;
+/// Port the idle connections of [`VsockPingPong`] go to.
+const VSOCK_IDLE_PORT: u32 = 1;
+
+/// Round trips of 64-byte messages over one virtual-socket connection on a link (wake-ups, no
+/// spinning), with `idle` other connections open on the same link.
+pub struct VsockPingPong {
+    stream: VsockStream,
+    idle: Vec<VsockStream>,
+    mux: Mux,
+    out: Vec<u8>,
+    back: Vec<u8>,
+    rt: Runtime,
+    peer: PeerProcess,
+    _backend: SimBackend,
+    _hv: SimHypervisorHandle,
+    _dir: TempDir,
+}
+
+impl std::fmt::Debug for VsockPingPong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockPingPong").field("idle", &self.idle.len()).field("mux", &self.mux).finish()
+    }
+}
+
+impl VsockPingPong {
+    /// Sets up the link, the echoing peer, the measured connection and `idle` idle ones.
+    pub fn new(idle: usize) -> io::Result<VsockPingPong> {
+        let Parts { link, rt, peer, backend, hv, dir } =
+            establish(VSOCK_ECHO_ROLE, idle, &LinkConfig::default())?;
+        let (mux, stream, idle) = rt.block_on(async {
+            let mux = Mux::spawn(link, SessionConfig::default());
+            let stream = mux.connect(VSOCK_ECHO_PORT).await?;
+            let mut held = Vec::with_capacity(idle);
+            for _ in 0..idle {
+                held.push(mux.connect(VSOCK_IDLE_PORT).await?);
+            }
+            io::Result::Ok((mux, stream, held))
+        })?;
+        let mut me = VsockPingPong {
+            stream,
+            idle,
+            mux,
+            out: vec![0x5a; 64],
+            back: vec![0; 64],
+            rt,
+            peer,
+            _backend: backend,
+            _hv: hv,
+            _dir: dir,
+        };
+        me.run(HANDSHAKE_ROUND_TRIPS, None)?;
+        Ok(me)
+    }
+}
+
+impl PingPong for VsockPingPong {
+    fn run(&mut self, n: u64, samples: Option<&mut Vec<Duration>>) -> io::Result<Duration> {
+        let VsockPingPong { stream, out, back, rt, .. } = self;
+        rt.block_on(async {
+            let start = Instant::now();
+            let mut prev = start;
+            let mut samples = samples;
+            for _ in 0..n {
+                stream.write_all(out).await?;
+                stream.read_exact(back).await?;
+                if let Some(s) = samples.as_deref_mut() {
+                    let now = Instant::now();
+                    s.push(now - prev);
+                    prev = now;
+                }
+            }
+            Ok(start.elapsed())
+        })
+    }
+
+    fn peer(&self) -> &PeerProcess {
+        &self.peer
+    }
+}
+
+impl Drop for VsockPingPong {
+    fn drop(&mut self) {
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await });
+        self.peer.wait_exit(Duration::from_secs(1));
+    }
+}
+
+/// Peer of [`VsockPingPong`]: holds every idle connection, echoes 64-byte messages on the
+/// measured one until it ends.
+pub(crate) fn vsock_echo_child(arg: &str) -> io::Result<()> {
+    peer_session(arg, |link, _idle| async move {
+        let mux = Mux::spawn(link, SessionConfig::default());
+        let idle = mux.listen(VSOCK_IDLE_PORT)?;
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok(s) = idle.accept().await {
+                held.push(s);
+            }
+        });
+        let echo = mux.listen(VSOCK_ECHO_PORT)?;
+        let mut s = echo.accept().await?;
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read_exact(&mut buf).await {
+                Ok(_) => s.write_all(&buf).await?,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        holder.abort();
+        Ok(())
+    })
 }

@@ -16,7 +16,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use dombus_benches::baseline::{CHUNK, EventfdPingPong, Memcpy, ShmSpinPingPong, ShmStream, bandwidth};
-use dombus_benches::link::{LinkPingPong, LinkStream};
+use dombus_benches::link::{LinkPingPong, LinkStream, VsockPingPong};
 use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, own_cpu_time};
 
 const USAGE: &str = "usage: compare [--quick] [--iters N] [--spin US[,US...]] [--only NAME[,NAME...]]";
@@ -347,6 +347,24 @@ fn run(plan: &Plan) -> io::Result<()> {
             ("eventfd_pingpong".into(), None, lat(EventfdPingPong::new)),
             ("link_wakeup_64".into(), vs_eventfd(Some(1.3)), lat(|| LinkPingPong::new(64, &wake))),
             ("link_wakeup_4k".into(), vs_eventfd(None), lat(|| LinkPingPong::new(4096, &wake))),
+        ],
+    )?;
+
+    eprintln!("virtual sockets (wake-ups)");
+    r.latency_group(
+        plan,
+        vec![
+            ("vsock_wakeup_64".into(), Some(("link_wakeup_64", None)), lat(|| VsockPingPong::new(0))),
+            (
+                "vsock_wakeup_64_idle100".into(),
+                Some(("vsock_wakeup_64", None)),
+                lat(|| VsockPingPong::new(100)),
+            ),
+            (
+                "vsock_wakeup_64_idle10000".into(),
+                Some(("vsock_wakeup_64", Some(1.2))),
+                lat(|| VsockPingPong::new(10_000)),
+            ),
         ],
     )?;
 

@@ -381,6 +381,8 @@ impl Session {
                 Ok(())
             }
             State::Established => Ok(()),
+            // The peer already closed both directions in order: nothing left to shut.
+            State::Closed(CloseReason::Finished) => Ok(()),
             State::Closed(r) => Err(SessionError::Closed(id, r)),
             _ => Err(SessionError::NotConnected(id)),
         }

@@ -14,6 +14,7 @@ pub mod endpoint;
 mod stream;
 
 pub use stream::{Link, LinkListener};
+pub(crate) use stream::{Pollable, register};
 
 use std::io;
 use std::time::Duration;

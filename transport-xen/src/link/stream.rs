@@ -32,7 +32,7 @@ enum Direction {
 }
 
 /// Makes a backend handle usable with tokio's `AsyncFd` (which wants `AsRawFd`).
-struct Pollable<T>(T);
+pub(crate) struct Pollable<T>(pub(crate) T);
 
 impl<T: AsFd> AsRawFd for Pollable<T> {
     fn as_raw_fd(&self) -> RawFd {
@@ -41,7 +41,7 @@ impl<T: AsFd> AsRawFd for Pollable<T> {
 }
 
 /// Registers a backend handle's fd with tokio's reactor for readability.
-fn register<T: AsFd>(handle: T) -> io::Result<AsyncFd<Pollable<T>>> {
+pub(crate) fn register<T: AsFd>(handle: T) -> io::Result<AsyncFd<Pollable<T>>> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other("dombus links must be set up inside a tokio runtime (with IO enabled)"));
     }

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
 use super::mux::{Mux, MuxListener, VsockStream};
 use super::session::SessionConfig;
 use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch};
-use crate::link::{Link, LinkConfig};
+use crate::link::{Link, LinkConfig, Pollable, register};
 use crate::types::DomId;
 
 /// How a domain's virtual sockets behave.
@@ -57,23 +56,12 @@ impl Default for VsockConfig {
     }
 }
 
-struct Pollable<T>(T);
-
-impl<T: AsFd> AsRawFd for Pollable<T> {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
 /// A watch as an async stream of changed paths.
 struct AsyncWatch<W: StoreWatch>(AsyncFd<Pollable<W>>);
 
 impl<W: StoreWatch> AsyncWatch<W> {
     fn new(w: W) -> io::Result<Self> {
-        // SAFETY: `StoreWatch` requires `as_fd` to return the same open descriptor, owned by the
-        // watch, for its whole life; the watch lives exactly as long as the registration.
-        let fd = unsafe { AsyncFd::register_with_interest(Pollable(w), tokio::io::Interest::READABLE) }?;
-        Ok(AsyncWatch(fd))
+        Ok(AsyncWatch(register(w)?))
     }
 
     async fn next(&self) -> io::Result<Vec<String>> {

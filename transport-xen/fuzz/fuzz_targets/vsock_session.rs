@@ -25,19 +25,8 @@ fuzz_target!(|data: &[u8]| {
         match choice {
             0 | 1 => {
                 // A packet from the peer: mostly well-formed headers with random fields.
-                let mut h = Header::new(
-                    match u.int_in_range(1u8..=7).unwrap_or(5) {
-                        1 => Op::Request,
-                        2 => Op::Response,
-                        3 => Op::Rst,
-                        4 => Op::Shutdown,
-                        5 => Op::Rw,
-                        6 => Op::CreditUpdate,
-                        _ => Op::CreditRequest,
-                    },
-                    port(&mut u),
-                    port(&mut u),
-                );
+                let op = Op::from_byte(u.int_in_range(1u8..=7).unwrap_or(5)).unwrap_or(Op::Rw);
+                let mut h = Header::new(op, port(&mut u), port(&mut u));
                 h.flags = u.arbitrary().unwrap_or(0);
                 h.len = u.int_in_range(0u32..=5000).unwrap_or(0);
                 h.buf_alloc = u.arbitrary().unwrap_or(0);

@@ -61,7 +61,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn from_byte(b: u8) -> Option<Op> {
+    /// The op for a wire byte, if the protocol defines one.
+    pub fn from_byte(b: u8) -> Option<Op> {
         Some(match b {
             1 => Op::Request,
             2 => Op::Response,

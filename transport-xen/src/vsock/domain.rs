@@ -321,15 +321,19 @@ impl<B: Backend + Clone> Inner<B> {
                 io::Error::new(io::ErrorKind::TimedOut, format!("domain {peer} did not join the link"))
             })?
             .map_err(io::Error::from)?;
-        let mux = Mux::spawn(link, self.cfg.session.clone());
-        {
-            // Every listener of this domain also listens on the new link.
+        let mux = {
+            // Every listener of this domain also listens on the new link, from its first packet.
             let mut l = self.listening.lock().unwrap_or_else(|p| p.into_inner());
-            for (port, reg) in l.ports.iter_mut() {
-                reg.forwarders.push(forward(mux.listen(*port)?, reg.sender.clone()));
+            let ports: Vec<u32> = l.ports.keys().copied().collect();
+            let (mux, listeners) = Mux::spawn_listening(link, self.cfg.session.clone(), &ports);
+            for (port, listener) in ports.iter().zip(listeners) {
+                if let Some(reg) = l.ports.get_mut(port) {
+                    reg.forwarders.push(forward(listener, reg.sender.clone()));
+                }
             }
             l.links.insert(peer, mux.clone());
-        }
+            mux
+        };
         tracing::debug!(me = %self.me, %peer, "virtual-socket link up");
         *guard = Some(mux.clone());
         Ok(mux)

@@ -167,6 +167,16 @@ impl Mux {
     /// Runs the session over `link` (on the current tokio runtime) until the link fails or the
     /// peer breaks the protocol.
     pub fn spawn<B: Backend + Clone>(link: Link<B>, config: SessionConfig) -> Mux {
+        Mux::spawn_listening(link, config, &[]).0
+    }
+
+    /// Like [`Mux::spawn`], with listeners on `ports` in place before the first packet is read
+    /// (so that a `REQUEST` racing the set-up is never refused).
+    pub fn spawn_listening<B: Backend + Clone>(
+        link: Link<B>,
+        config: SessionConfig,
+        ports: &[u32],
+    ) -> (Mux, Vec<MuxListener>) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 session: Session::new(config),
@@ -178,10 +188,13 @@ impl Mux {
             transmit: Notify::new(),
             closing: Notify::new(),
         });
+        shared.lock().listeners.extend(ports.iter().map(|&p| (p, Listening::default())));
+        let mux = Mux { _owner: Arc::new(Owner(shared.clone())), shared: shared.clone() };
+        let listeners = ports.iter().map(|&port| MuxListener { mux: mux.clone(), port }).collect();
         let (rd, wr) = tokio::io::split(link);
         tokio::spawn(read_packets(shared.clone(), rd));
-        tokio::spawn(write_packets(shared.clone(), wr));
-        Mux { _owner: Arc::new(Owner(shared.clone())), shared }
+        tokio::spawn(write_packets(shared, wr));
+        (mux, listeners)
     }
 
     /// Why the multiplexer stopped, if it did.

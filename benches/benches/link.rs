@@ -4,7 +4,10 @@
 //! * `baseline`: `eventfd_pingpong` (wake-up floor), `shm_spin_pingpong_64` / `_4k` (polling
 //!   floor), `memcpy_64k` (bandwidth floor, one process);
 //! * `link`: `wakeup_64` / `wakeup_4k` (event-channel wake-ups), `spin_64` / `spin_4k` (adaptive
-//!   polling, [`SPIN`] budget), `stream_64k` (64 KiB chunks through 1 MiB rings).
+//!   polling, [`SPIN`] budget), `stream_64k` (64 KiB chunks through 1 MiB rings);
+//! * `vsock`: `wakeup_64` / `wakeup_64_idle100` / `wakeup_64_idle10000` (one connection's round
+//!   trip with that many other connections open on the link; compare with `link/wakeup_64`),
+//!   `stream_64k_x16` (aggregate of 16 connections streaming at once through 1 MiB rings).
 //!
 //! Each benchmark starts its peer process once; `iter_custom` times only the round trips.
 //! Processes are pinned parent to one CPU and peer to the other unless `DOMBUS_BENCH_PIN` says
@@ -56,6 +59,20 @@ fn link(c: &mut Criterion) {
     g.finish();
 }
 
+fn vsock(c: &mut Criterion) {
+    use dombus_benches::link::{VsockPingPong, VsockStreams};
+
+    let mut g = c.benchmark_group("vsock");
+    g.sample_size(40).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(6));
+    pingpong(&mut g, "wakeup_64", &mut VsockPingPong::new(0).unwrap());
+    pingpong(&mut g, "wakeup_64_idle100", &mut VsockPingPong::new(100).unwrap());
+    pingpong(&mut g, "wakeup_64_idle10000", &mut VsockPingPong::new(10_000).unwrap());
+    g.throughput(Throughput::Bytes(CHUNK as u64));
+    let mut s = VsockStreams::new(16, None).unwrap();
+    g.bench_function("stream_64k_x16", |b| b.iter_custom(|iters| s.run(iters).unwrap()));
+    g.finish();
+}
+
 fn main() {
     dombus_benches::run_child_if_requested();
     // Parent on one CPU, peer on the other, as in `compare` (override: DOMBUS_BENCH_PIN).
@@ -63,5 +80,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     baseline(&mut c);
     link(&mut c);
+    vsock(&mut c);
     c.final_summary();
 }

@@ -85,6 +85,7 @@ pub fn run_child_if_requested() {
         link::ECHO_ROLE => link::echo_child(&arg),
         link::SINK_ROLE => link::sink_child(&arg),
         link::VSOCK_ECHO_ROLE => link::vsock_echo_child(&arg),
+        link::VSOCK_SINK_ROLE => link::vsock_sink_child(&arg),
         other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown role {other}"))),
     };
     match res {

@@ -16,7 +16,7 @@ use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::mux::{Mux, VsockStream};
 use dombus_transport_xen::vsock::session::SessionConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
 use crate::baseline::CHUNK;
@@ -232,29 +232,50 @@ pub(crate) fn echo_child(arg: &str) -> io::Result<()> {
     })
 }
 
-/// Peer of [`LinkStream`]: reads a little-endian u64 length (0 = stop), sinks that many bytes,
-/// answers one byte; repeats.
+/// Peer of [`LinkStream`]: sinks batches on the link until end of stream.
 pub(crate) fn sink_child(arg: &str) -> io::Result<()> {
-    peer_session(arg, |mut link, _| async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let mut len = match link.read_u64_le().await {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            while len > 0 {
-                let want = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
-                let n = link.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended mid-batch"));
-                }
-                len -= n as u64;
+    peer_session(arg, |mut link, _| async move { sink(&mut link).await })
+}
+
+/// The sinking side of a stream benchmark: reads a little-endian u64 length (0 or end of stream
+/// = stop), sinks that many bytes, answers one byte; repeats.
+async fn sink<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut len = match s.read_u64_le().await {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        while len > 0 {
+            let want = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
+            let n = s.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended mid-batch"));
             }
-            link.write_all(&[1]).await?;
+            len -= n as u64;
         }
-    })
+        s.write_all(&[1]).await?;
+    }
+}
+
+/// The sending side of a stream benchmark: one batch of `chunks` chunks, then the acknowledgement.
+async fn send_batch<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    chunk: &[u8],
+    chunks: u64,
+) -> io::Result<()> {
+    if chunks == 0 {
+        return Ok(());
+    }
+    s.write_u64_le(chunks * chunk.len() as u64).await?;
+    for _ in 0..chunks {
+        s.write_all(chunk).await?;
+    }
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).await?;
+    Ok(())
 }
 
 /// Round trips of `payload`-byte messages through a link to an echoing peer process.
@@ -347,12 +368,7 @@ impl LinkStream {
         }
         rt.block_on(async {
             let start = Instant::now();
-            link.write_u64_le(chunks * CHUNK as u64).await?;
-            for _ in 0..chunks {
-                link.write_all(chunk).await?;
-            }
-            let mut ack = [0u8; 1];
-            link.read_exact(&mut ack).await?;
+            send_batch(link, chunk, chunks).await?;
             Ok(start.elapsed())
         })
     }
@@ -484,6 +500,106 @@ pub(crate) fn vsock_echo_child(arg: &str) -> io::Result<()> {
             }
         }
         holder.abort();
+        Ok(())
+    })
+}
+
+/// Peer role of [`VsockStreams`].
+pub const VSOCK_SINK_ROLE: &str = "vsock-sink";
+/// Port the connections of [`VsockStreams`] go to.
+const VSOCK_SINK_PORT: u32 = 9;
+
+/// Aggregate throughput of several virtual-socket connections on one link, all streaming 64 KiB
+/// chunks at once into a sinking peer (rings of [`STREAM_RING`] bytes, default credit).
+pub struct VsockStreams {
+    streams: Vec<VsockStream>,
+    mux: Mux,
+    chunk: Vec<u8>,
+    rt: Runtime,
+    peer: PeerProcess,
+    _backend: SimBackend,
+    _hv: SimHypervisorHandle,
+    _dir: TempDir,
+}
+
+impl std::fmt::Debug for VsockStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockStreams").field("conns", &self.streams.len()).field("mux", &self.mux).finish()
+    }
+}
+
+impl VsockStreams {
+    /// Sets up the link (adaptive polling if `spin`), the sinking peer and `conns` connections.
+    pub fn new(conns: usize, spin: Option<Duration>) -> io::Result<VsockStreams> {
+        let conns = conns.max(1);
+        let cfg = LinkConfig { client_to_server: STREAM_RING, server_to_client: STREAM_RING, spin };
+        let Parts { link, rt, peer, backend, hv, dir } = establish(VSOCK_SINK_ROLE, conns, &cfg)?;
+        let (mux, streams) = rt.block_on(async {
+            let mux = Mux::spawn(link, SessionConfig::default());
+            let mut streams = Vec::with_capacity(conns);
+            for _ in 0..conns {
+                streams.push(mux.connect(VSOCK_SINK_PORT).await?);
+            }
+            io::Result::Ok((mux, streams))
+        })?;
+        let chunk = (0..CHUNK).map(|i| i as u8).collect();
+        let mut me = VsockStreams { streams, mux, chunk, rt, peer, _backend: backend, _hv: hv, _dir: dir };
+        me.run(16 * conns as u64)?;
+        Ok(me)
+    }
+
+    /// Sends `chunks` 64 KiB chunks spread evenly over the connections, all at once, and waits
+    /// until the peer has acknowledged every connection's share; returns the wall time.
+    pub fn run(&mut self, chunks: u64) -> io::Result<Duration> {
+        let VsockStreams { streams, chunk, rt, .. } = self;
+        let n = streams.len() as u64;
+        rt.block_on(async {
+            let start = Instant::now();
+            let batches = streams.iter_mut().enumerate().map(|(i, s)| {
+                let share = chunks / n + u64::from((i as u64) < chunks % n);
+                send_batch(s, chunk, share)
+            });
+            futures::future::try_join_all(batches).await?;
+            Ok(start.elapsed())
+        })
+    }
+
+    /// The peer process.
+    pub fn peer(&self) -> &PeerProcess {
+        &self.peer
+    }
+}
+
+impl Drop for VsockStreams {
+    fn drop(&mut self) {
+        let VsockStreams { streams, rt, peer, .. } = self;
+        let _ = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), async {
+                for s in streams.iter_mut() {
+                    s.shutdown().await?;
+                }
+                io::Result::Ok(())
+            })
+            .await
+        });
+        peer.wait_exit(Duration::from_secs(1));
+    }
+}
+
+/// Peer of [`VsockStreams`]: accepts the connections and sinks each in its own task; exits when
+/// all of them have ended.
+pub(crate) fn vsock_sink_child(arg: &str) -> io::Result<()> {
+    peer_session(arg, |link, conns| async move {
+        let mux = Mux::spawn(link, SessionConfig::default());
+        let listener = mux.listen(VSOCK_SINK_PORT)?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            let mut s = listener.accept().await?;
+            tasks.spawn(async move { sink(&mut s).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(io::Error::other)??;
+        }
         Ok(())
     })
 }

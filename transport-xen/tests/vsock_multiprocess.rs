@@ -1,5 +1,6 @@
 //! Virtual sockets between domain processes through the `dombus-simxen` daemon: three domains,
-//! connections in both directions, refused connects, and the death of a domain.
+//! connections in both directions, refused connects, a stalled reader beside a busy connection
+//! on the same link, and the death of a domain.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -21,7 +22,8 @@ async fn three_domain_processes_and_the_death_of_one() {
     let dir = Scratch::new("vsock-mp");
     let (mut daemon, sock) = simxen(&dir);
     // Domains 1 and 2 are processes running echo services; this test process is domain 3.
-    let mut d1 = Proc::spawn(link_cmd(&sock, 1, &["vsock-echo", "--port", "5000"]));
+    // Domain 1 also parks every connection to port 5002 without ever reading from it.
+    let mut d1 = Proc::spawn(link_cmd(&sock, 1, &["vsock-echo", "--port", "5000", "--park", "5002"]));
     let mut d2 = Proc::spawn(link_cmd(&sock, 2, &["vsock-echo", "--port", "5000"]));
     d1.expect_line("vsock listening", T);
     d2.expect_line("vsock listening", T);
@@ -57,6 +59,37 @@ async fn three_domain_processes_and_the_death_of_one() {
         tokio::time::timeout(T, s.read_exact(&mut b)).await.unwrap().unwrap();
         assert_eq!(&b, b"ping");
     }
+    // A reader that never reads: its writer stops at the credit window, and connections to the
+    // same domain (the same link) keep flowing.
+    let before = diag::ping(&mut to1[0], 64, 10, 200).await.unwrap().unwrap();
+    let mut stalled = tokio::time::timeout(T, me.connect(VsockAddr::new(1, 5002))).await.unwrap().unwrap();
+    let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(0usize);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 << 10];
+        for _ in 0..64 {
+            if stalled.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent_tx.send_modify(|n| *n += chunk.len());
+        }
+    });
+    // Wait until the writer is stuck at its window: nothing more is accepted for 200 ms.
+    loop {
+        if tokio::time::timeout(Duration::from_millis(200), sent_rx.changed()).await.is_err() {
+            break;
+        }
+    }
+    let stuck_at = *sent_rx.borrow();
+    assert!(!writer.is_finished() && stuck_at < (4 << 20), "4 MiB went to a reader that never reads");
+    let beside =
+        tokio::time::timeout(T, diag::ping(&mut to1[0], 64, 10, 200)).await.unwrap().unwrap().unwrap();
+    assert_eq!(beside.count, 200);
+    eprintln!(
+        "a writer to a stalled reader stopped after {} KiB; round trips on the same link: {before} before, {beside} beside it",
+        stuck_at >> 10
+    );
+    writer.abort();
+
     // A port nobody listens on is refused.
     let err = tokio::time::timeout(T, me.connect(VsockAddr::new(2, 5001))).await.unwrap().unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);

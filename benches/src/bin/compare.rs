@@ -16,7 +16,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use dombus_benches::baseline::{CHUNK, EventfdPingPong, Memcpy, ShmSpinPingPong, ShmStream, bandwidth};
-use dombus_benches::link::{LinkPingPong, LinkStream, VsockPingPong};
+use dombus_benches::link::{LinkPingPong, LinkStream, VsockPingPong, VsockStreams};
 use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, own_cpu_time};
 
 const USAGE: &str = "usage: compare [--quick] [--iters N] [--spin US[,US...]] [--only NAME[,NAME...]]";
@@ -109,7 +109,12 @@ impl Plan {
 }
 
 /// A baseline a row is compared with, and the target ratio if there is one.
-type Versus = Option<(&'static str, Option<f64>)>;
+type Versus = Option<(String, Option<f64>)>;
+
+/// Compare with row `base`, against `target` if given.
+fn vs(base: impl Into<String>, target: Option<f64>) -> Versus {
+    Some((base.into(), target))
+}
 
 /// One latency row.
 struct Row {
@@ -164,6 +169,15 @@ impl Throughput for ShmStream {
 impl Throughput for LinkStream {
     fn run(&mut self, chunks: u64) -> io::Result<Duration> {
         LinkStream::run(self, chunks)
+    }
+    fn cpu_time(&self) -> io::Result<Duration> {
+        Ok(own_cpu_time()? + self.peer().cpu_time()?)
+    }
+}
+
+impl Throughput for VsockStreams {
+    fn run(&mut self, chunks: u64) -> io::Result<Duration> {
+        VsockStreams::run(self, chunks)
     }
     fn cpu_time(&self) -> io::Result<Duration> {
         Ok(own_cpu_time()? + self.peer().cpu_time()?)
@@ -253,9 +267,9 @@ impl Results {
         println!("| benchmark | p50 | p99 | CPU / round trip | cores busy | vs | ratio (p50) | target |");
         println!("|---|---:|---:|---:|---:|---|---:|---|");
         for r in &self.rows {
-            let base = r.versus.and_then(|(b, _)| self.rows.iter().find(|x| x.name == b));
+            let base = r.versus.as_ref().and_then(|(b, _)| self.rows.iter().find(|x| x.name == *b));
             let ratio = base.map(|b| r.stats.p50.as_secs_f64() / b.stats.p50.as_secs_f64().max(1e-12));
-            let (vs, ratio, target) = columns(r.versus, ratio, false);
+            let (vs, ratio, target) = columns(&r.versus, ratio, false);
             println!(
                 "| {} | {} | {} | {} | {:.2} | {vs} | {ratio} | {target} |",
                 r.name,
@@ -269,9 +283,9 @@ impl Results {
         println!("| throughput (64 KiB chunks) | median | min | max | cores busy | vs | ratio | target |");
         println!("|---|---:|---:|---:|---:|---|---:|---|");
         for t in &self.tputs {
-            let base = t.versus.and_then(|(b, _)| self.tputs.iter().find(|x| x.name == b));
+            let base = t.versus.as_ref().and_then(|(b, _)| self.tputs.iter().find(|x| x.name == *b));
             let ratio = base.map(|b| t.median / b.median.max(1e-12));
-            let (vs, ratio, target) = columns(t.versus, ratio, true);
+            let (vs, ratio, target) = columns(&t.versus, ratio, true);
             println!(
                 "| {} | {:.2} GB/s | {:.2} GB/s | {:.2} GB/s | {:.2} | {vs} | {ratio} | {target} |",
                 t.name,
@@ -297,22 +311,22 @@ impl Results {
 }
 
 /// The "vs", "ratio" and "target" cells of a row.
-fn columns(versus: Versus, ratio: Option<f64>, higher_is_better: bool) -> (String, String, String) {
+fn columns(versus: &Versus, ratio: Option<f64>, higher_is_better: bool) -> (String, String, String) {
     let Some((base, target)) = versus else {
         return ("(baseline)".into(), String::new(), String::new());
     };
     let Some(ratio) = ratio else {
-        return (base.into(), "n/a".into(), String::new());
+        return (base.clone(), "n/a".into(), String::new());
     };
     let target = match target {
         None => String::new(),
         Some(t) => {
-            let met = if higher_is_better { ratio >= t } else { ratio <= t };
+            let met = if higher_is_better { ratio >= *t } else { ratio <= *t };
             let op = if higher_is_better { "≥" } else { "≤" };
             format!("{op} {t}x: {}", if met { "met" } else { "**missed**" })
         }
     };
-    (base.into(), format!("{ratio:.2}x"), target)
+    (base.clone(), format!("{ratio:.2}x"), target)
 }
 
 /// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` gives them.
@@ -340,7 +354,7 @@ fn run(plan: &Plan) -> io::Result<()> {
         "wake-ups ({} round trips each after {} warm-up, {} rounds)",
         plan.iters, plan.warmup, plan.rounds
     );
-    let vs_eventfd = |target| Some(("eventfd_pingpong", target));
+    let vs_eventfd = |target| vs("eventfd_pingpong", target);
     r.latency_group(
         plan,
         vec![
@@ -354,15 +368,11 @@ fn run(plan: &Plan) -> io::Result<()> {
     r.latency_group(
         plan,
         vec![
-            ("vsock_wakeup_64".into(), Some(("link_wakeup_64", None)), lat(|| VsockPingPong::new(0))),
-            (
-                "vsock_wakeup_64_idle100".into(),
-                Some(("vsock_wakeup_64", None)),
-                lat(|| VsockPingPong::new(100)),
-            ),
+            ("vsock_wakeup_64".into(), vs("link_wakeup_64", None), lat(|| VsockPingPong::new(0))),
+            ("vsock_wakeup_64_idle100".into(), vs("vsock_wakeup_64", None), lat(|| VsockPingPong::new(100))),
             (
                 "vsock_wakeup_64_idle10000".into(),
-                Some(("vsock_wakeup_64", Some(1.2))),
+                vs("vsock_wakeup_64", Some(1.2)),
                 lat(|| VsockPingPong::new(10_000)),
             ),
         ],
@@ -373,7 +383,7 @@ fn run(plan: &Plan) -> io::Result<()> {
     for &us in &plan.spins {
         let cfg = LinkPingPong::config(Some(Duration::from_micros(us)));
         let make = lat(move || LinkPingPong::new(64, &cfg));
-        group.push((format!("link_spin{us}us_64"), Some(("shm_spin_64", Some(2.0))), make));
+        group.push((format!("link_spin{us}us_64"), vs("shm_spin_64", Some(2.0)), make));
     }
     r.latency_group(plan, group)?;
     r.latency_group(
@@ -382,14 +392,14 @@ fn run(plan: &Plan) -> io::Result<()> {
             ("shm_spin_4k".into(), None, lat(|| ShmSpinPingPong::new(4096))),
             (
                 format!("link_spin{spin_us}us_4k"),
-                Some(("shm_spin_4k", Some(2.0))),
+                vs("shm_spin_4k", Some(2.0)),
                 lat(|| LinkPingPong::new(4096, &spin)),
             ),
         ],
     )?;
 
     eprintln!("throughput ({} batches of {} x 64 KiB)", plan.batches, plan.chunks);
-    let vs_memcpy = Some(("memcpy_64k", Some(0.25)));
+    let vs_memcpy = vs("memcpy_64k", Some(0.25));
     let main_spin = plan.main_spin();
     r.throughput_group(
         plan,
@@ -397,11 +407,26 @@ fn run(plan: &Plan) -> io::Result<()> {
             ("memcpy_64k".into(), None, tput(|| Ok(Memcpy::new()))),
             ("memcpy_64k_cold".into(), None, tput(|| Ok(Memcpy::cold()))),
             ("shm_stream_64k".into(), None, tput(ShmStream::new)),
-            ("link_stream_64k".into(), vs_memcpy, tput(|| LinkStream::new(None))),
+            ("link_stream_64k".into(), vs_memcpy.clone(), tput(|| LinkStream::new(None))),
             (
                 format!("link_stream_64k_spin{spin_us}us"),
                 vs_memcpy,
                 tput(move || LinkStream::new(Some(main_spin))),
+            ),
+        ],
+    )?;
+    eprintln!("virtual-socket throughput (the same batches spread over the connections)");
+    let vs_link = vs("link_stream_64k", None);
+    let vs_link_spin = vs(format!("link_stream_64k_spin{spin_us}us"), None);
+    r.throughput_group(
+        plan,
+        vec![
+            ("vsock_stream_64k_x1".into(), vs_link.clone(), tput(|| VsockStreams::new(1, None))),
+            ("vsock_stream_64k_x16".into(), vs_link, tput(|| VsockStreams::new(16, None))),
+            (
+                format!("vsock_stream_64k_x16_spin{spin_us}us"),
+                vs_link_spin,
+                tput(move || VsockStreams::new(16, Some(main_spin))),
             ),
         ],
     )?;

@@ -43,6 +43,10 @@ enum Role {
         /// The port to listen on.
         #[arg(long)]
         port: u32,
+        /// Also accept connections on this port and never read from them (a stalled reader,
+        /// for flow-control tests).
+        #[arg(long)]
+        park: Option<u32>,
     },
     /// Virtual sockets: `--conns` concurrent connections to `--to`, each doing `--count` round
     /// trips of 64 bytes; prints the percentiles.
@@ -186,9 +190,18 @@ async fn run(args: Args) -> Result<()> {
             act(link, l.action).await
         }
         Role::Scribble { path, peer } => scribble(&backend, &path, DomId(peer)).await,
-        Role::VsockEcho { port } => {
+        Role::VsockEcho { port, park } => {
             let vs = VsockDomain::start(backend, VsockConfig::default())?;
             let mut listener = vs.listen(port)?;
+            if let Some(park) = park {
+                let mut parking = vs.listen(park)?;
+                tokio::spawn(async move {
+                    let mut parked = Vec::new();
+                    while let Ok(s) = parking.accept().await {
+                        parked.push(s);
+                    }
+                });
+            }
             println!("vsock listening port={port}");
             loop {
                 let mut s = listener.accept().await?;

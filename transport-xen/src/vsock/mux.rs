@@ -27,6 +27,9 @@ use crate::link::Link;
 pub const FIRST_EPHEMERAL_PORT: u32 = 49152;
 /// Most bytes the writer task takes from the session per write to the link.
 const WRITE_BATCH: usize = 256 << 10;
+/// Payloads at least this long are written to the link straight from the session's buffer
+/// instead of being copied into the batch first.
+const DIRECT_PAYLOAD: usize = 4 << 10;
 
 /// Why the whole multiplexer stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -460,16 +463,24 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
 /// Puts the session's packets on the link, batched.
 async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut big = Vec::new();
     loop {
         shared.transmit.notified().await;
         loop {
             batch.clear();
             let stopped = {
                 let mut st = shared.lock();
+                st.session.recycle(std::mem::take(&mut big));
                 while batch.len() < WRITE_BATCH {
                     let Some(t) = st.session.poll_transmit() else { break };
                     batch.extend_from_slice(&t.header.encode());
+                    if t.payload.len() >= DIRECT_PAYLOAD {
+                        // Large payloads go to the link from their own buffer: no second copy.
+                        big = t.payload;
+                        break;
+                    }
                     batch.extend_from_slice(&t.payload);
+                    st.session.recycle(t.payload);
                 }
                 st.stopped.is_some()
             };
@@ -480,7 +491,11 @@ async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
             if batch.is_empty() {
                 break;
             }
-            if let Err(e) = wr.write_all(&batch).await {
+            let mut sent = wr.write_all(&batch).await;
+            if sent.is_ok() && !big.is_empty() {
+                sent = wr.write_all(&big).await;
+            }
+            if let Err(e) = sent {
                 shared.lock().stop(MuxError::LinkLost(e.to_string()));
                 return;
             }

@@ -12,7 +12,7 @@
 //! than the receiver can buffer. So the receiver always drains the link into per-connection
 //! queues, and one slow reader never blocks the other connections on the same link. A peer that
 //! sends beyond its credit is a protocol violation ([`Violation::CreditOverrun`]): the link is
-//! closed. Consumed space is announced with `CREDIT_UPDATE` once half the buffer has been freed
+//! closed. Consumed space is announced with `CREDIT_UPDATE` once a quarter of the buffer has been freed
 //! since the last announcement (or when asked with `CREDIT_REQUEST`).
 //!
 //! **Lifecycle.** `REQUEST` → the receiver's shell accepts (`RESPONSE`) or refuses (`RST`) it.
@@ -221,12 +221,32 @@ pub struct Session {
     conns: HashMap<ConnId, Conn>,
     transmit: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Payload buffers handed back by [`Session::recycle`], reused by [`Session::send`]: a
+    /// stream of 64 KiB packets does not allocate (and fault in) a fresh buffer per packet.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Most payload buffers [`Session`] keeps for reuse.
+const SPARE_BUFFERS: usize = 32;
 
 impl Session {
     /// An empty session.
     pub fn new(config: SessionConfig) -> Session {
-        Session { config, conns: HashMap::new(), transmit: VecDeque::new(), events: VecDeque::new() }
+        Session {
+            config,
+            conns: HashMap::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands back the payload buffer of a [`Transmit`] that has been put on the link, for reuse.
+    pub fn recycle(&mut self, mut payload: Vec<u8>) {
+        if payload.capacity() > 0 && self.spare.len() < SPARE_BUFFERS {
+            payload.clear();
+            self.spare.push(payload);
+        }
     }
 
     /// Number of connections in any state.
@@ -339,14 +359,16 @@ impl Session {
         header.len = n;
         header.buf_alloc = buf_alloc;
         header.fwd_cnt = conn.fwd_cnt;
-        self.transmit.push_back(Transmit { header, payload: data[..n as usize].to_vec() });
+        let mut payload = self.spare.pop().unwrap_or_default();
+        payload.extend_from_slice(&data[..n as usize]);
+        self.transmit.push_back(Transmit { header, payload });
         Ok(n as usize)
     }
 
-    /// Reads buffered data. Consuming frees credit; the peer is told once half the buffer has
+    /// Reads buffered data. Consuming frees credit; the peer is told once a quarter of the buffer has
     /// been freed since it was last told.
     pub fn recv(&mut self, id: ConnId, buf: &mut [u8]) -> Result<Read, SessionError> {
-        let half = self.config.buf_alloc / 2;
+        let threshold = self.config.buf_alloc / 4;
         let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
         if conn.rx.is_empty() {
             return match conn.state {
@@ -365,7 +387,7 @@ impl Session {
         conn.rx.drain(..n);
         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
         let live = matches!(conn.state, State::Established) && !conn.peer_shut_send;
-        if live && conn.fwd_cnt.wrapping_sub(conn.announced_fwd_cnt) >= half {
+        if live && conn.fwd_cnt.wrapping_sub(conn.announced_fwd_cnt) >= threshold {
             self.send_control(Op::CreditUpdate, id, 0);
         }
         Ok(Read::Data(n))

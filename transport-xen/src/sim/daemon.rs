@@ -402,8 +402,9 @@ impl State {
                     )));
                 }
             }
-            // Events sent on `remote_port` while it was unbound are dropped, as on Xen.
-            mem::drain(&*rp.slot);
+            // As Xen: notifications sent to the unbound end may have been lost, so the new local
+            // port starts out pending (Xen's evtchn_bind_interdomain sets it conservatively).
+            mem::signal(&*rp.slot);
             let (own, slot) = (rp.slot.clone(), rp.own.clone());
             let dom = self.dom(d)?;
             let port = free_port(dom)?;
@@ -889,10 +890,10 @@ mod tests {
         assert_eq!(pa, 1, "ports start at 1");
         assert!(matches!(st.bind_interdomain(3, 0, 1, pa).0, Err(WireError::PermissionDenied(_))));
         assert!(matches!(st.bind_interdomain(2, 0, 1, 99).0, Err(WireError::NotFound(_))));
-        // Sent while unbound: dropped when the peer binds.
-        mem::signal(&*fa[1]);
+        // As on Xen, the newly bound local port starts out pending, whatever was sent before.
         let (pb, fb) = port(st.bind_interdomain(2, 0, 1, pa));
-        assert!(!mem::drain(&*fb[0]), "event sent while unbound must be dropped");
+        assert!(mem::drain(&*fb[0]), "a freshly bound port must start out pending");
+        assert!(!mem::drain(&*fa[0]), "the unbound end gets nothing from the bind");
         assert!(matches!(st.bind_interdomain(2, 0, 1, pa).0, Err(WireError::InvalidArgument(_))));
         // The channel's eventfds are crossed.
         mem::signal(&*fa[1]);

@@ -116,9 +116,7 @@ pub async fn send_pattern<S: AsyncWrite + Unpin>(
     chunk: usize,
 ) -> std::io::Result<u32> {
     let chunk = chunk.max(1);
-    let table: Vec<u8> = (0..PATTERN_PERIOD + chunk)
-        .map(|i| (((i % PATTERN_PERIOD) as u64 * 2654435761) >> 13) as u8)
-        .collect();
+    let table = pattern_table(chunk);
     let mut crc = crc32fast::Hasher::new();
     let mut sent = 0u64;
     while sent < bytes {
@@ -131,6 +129,57 @@ pub async fn send_pattern<S: AsyncWrite + Unpin>(
     }
     stream.shutdown().await?;
     Ok(crc.finalize())
+}
+
+/// Writes `bytes` bytes of the [`send_pattern`] pattern to an echoing peer while reading the
+/// echo back (no half-close: the echo ends when `bytes` have come back). Returns the CRC-32 of
+/// what was sent and of what came back.
+pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: u64,
+    chunk: usize,
+) -> std::io::Result<(u32, u32)> {
+    let chunk = chunk.max(1);
+    let table = pattern_table(chunk);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let send = async {
+        let mut crc = crc32fast::Hasher::new();
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(chunk as u64) as usize;
+            let start = (sent % PATTERN_PERIOD as u64) as usize;
+            let piece = &table[start..start + n];
+            wr.write_all(piece).await?;
+            crc.update(piece);
+            sent += n as u64;
+        }
+        std::io::Result::Ok(crc.finalize())
+    };
+    let recv = async {
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0u64;
+        while got < bytes {
+            let want = (bytes - got).min(buf.len() as u64) as usize;
+            let n = rd.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the echo ended after {got} of {bytes} bytes"),
+                ));
+            }
+            crc.update(&buf[..n]);
+            got += n as u64;
+        }
+        Ok(crc.finalize())
+    };
+    tokio::try_join!(send, recv)
+}
+
+/// The pattern of [`send_pattern`], with `extra` bytes past one period so that any window of up
+/// to `extra` bytes is one slice.
+fn pattern_table(extra: usize) -> Vec<u8> {
+    (0..PATTERN_PERIOD + extra).map(|i| (((i % PATTERN_PERIOD) as u64 * 2654435761) >> 13) as u8).collect()
 }
 
 /// Reads until end-of-stream; returns the byte count and CRC-32 of what was read.

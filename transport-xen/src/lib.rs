@@ -33,6 +33,7 @@ pub mod shmem;
 pub mod sim;
 pub mod types;
 pub mod vsock;
+pub mod xen;
 
 pub use ring::PeerMisbehaved;
 pub use types::{DomId, EvtchnPort, GrantRef};

@@ -9,6 +9,7 @@
 //! Offsets passed to these methods are computed by this crate from validated values, never taken
 //! from the peer; an out-of-range offset is a bug in this crate and panics with a clear message.
 
+use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering, fence};
@@ -192,6 +193,65 @@ impl SharedMem for Region {
     fn full_fence(&self) {
         fence(Ordering::SeqCst)
     }
+}
+
+/// A live mmap; unmapped on drop.
+pub struct Mapping {
+    pub(crate) ptr: NonNull<u8>,
+    pub(crate) len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; it is only unmapped in Drop, and
+// all access goes through `Region`, which uses atomics and raw copies.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `Mapping` itself exposes no access to the memory.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr+len` is a mapping this value created and nobody else unmaps; every
+        // `Region` pointing into it holds an `Arc` of this owner, so none is left.
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) } {
+            tracing::warn!("munmap of {} bytes failed: {e}", self.len);
+        }
+    }
+}
+
+impl Mapping {
+    /// Wraps the whole mapping as a [`Region`] that also keeps `keep` alive (dropped after the
+    /// unmap), e.g. the device the pages were mapped from.
+    pub fn into_region_with<T: Send + Sync + 'static>(self, keep: T) -> Region {
+        let ptr = self.ptr;
+        let len = self.len;
+        let owner: Arc<dyn MappingOwner> = Arc::new((self, keep));
+        // SAFETY: as in `into_region`: the mapping lives as long as `owner`.
+        unsafe { Region::from_raw(ptr, len, owner) }
+    }
+
+    /// Wraps the whole mapping as a [`Region`].
+    pub fn into_region(self) -> Region {
+        let ptr = self.ptr;
+        let len = self.len;
+        let owner: Arc<dyn MappingOwner> = Arc::new(self);
+        // SAFETY: `ptr..ptr+len` is mapped (readable, and writable if it was mapped so) until
+        // `owner` drops; mmap returns page-aligned (so 4-aligned) addresses.
+        unsafe { Region::from_raw(ptr, len, owner) }
+    }
+}
+
+/// Maps `len` bytes of `fd` from byte `offset`, shared; writable or read-only.
+pub(crate) fn map_shared(
+    fd: impl std::os::fd::AsFd,
+    len: usize,
+    writable: bool,
+    offset: u64,
+) -> std::io::Result<Mapping> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
+    // SAFETY: a fresh mapping chosen by the kernel (no fixed address), so nothing is overwritten.
+    let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, offset)? };
+    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+    Ok(Mapping { ptr, len })
 }
 
 #[cfg(test)]

@@ -137,7 +137,8 @@ pub trait EventChannel: AsFd + Send + Sync + 'static {
     /// Allocates a port that `remote` may bind to; returns the local port.
     fn bind_unbound(&self, remote: DomId) -> Result<EvtchnPort>;
     /// Binds to `remote`'s unbound port `remote_port` (which must have been allocated for this
-    /// domain); returns the local port.
+    /// domain); returns the local port. As on Xen, the new local port starts out pending
+    /// (notifications sent to the unbound end may have been lost, so Xen assumes one was).
     fn bind_interdomain(&self, remote: DomId, remote_port: EvtchnPort) -> Result<EvtchnPort>;
     /// Sends an event to the other end of `port`. Sending on a port whose peer has closed is
     /// silently dropped, as on Xen.
@@ -209,8 +210,8 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, path: &str, value: &[u8]) -> Result<()>;
     /// Creates `path` (and missing parents) with an empty value if it does not exist.
     fn mkdir(&self, path: &str) -> Result<()>;
-    /// Removes `path` and everything under it. Removing a missing node is
-    /// [`BackendError::NotFound`].
+    /// Removes `path` and everything under it. As on xenstored, removing a missing node
+    /// succeeds if its parent exists, and is [`BackendError::NotFound`] otherwise.
     fn rm(&self, path: &str) -> Result<()>;
     /// Names of the children of `path`.
     fn directory(&self, path: &str) -> Result<Vec<String>>;

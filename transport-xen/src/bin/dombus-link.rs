@@ -3,6 +3,7 @@
 //! ```text
 //! dombus-link --socket /tmp/simxen.sock --domid 1 serve   --path data/t --peer 2 recv
 //! dombus-link --socket /tmp/simxen.sock --domid 2 connect --path data/t --peer 1 send --bytes 1G
+//! dombus-link --xen serve --path data/t --peer 0 echo      # on real Xen (e.g. two dom0 processes)
 //! ```
 //! Results are printed as `key=value` lines on stdout; errors on stderr with exit status 1.
 
@@ -17,17 +18,24 @@ use dombus_transport_xen::shmem::SharedMem;
 use dombus_transport_xen::sim::SimBackend;
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef};
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
+use dombus_transport_xen::vsock::mux::Mux;
+use dombus_transport_xen::vsock::session::SessionConfig;
+use dombus_transport_xen::xen::XenBackend;
 use dombus_transport_xen::{diag, layout};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Parser)]
-#[command(about = "One end of a dombus link over the simulated hypervisor")]
+#[command(about = "One end of a dombus link, over the simulated hypervisor or real Xen")]
 struct Args {
     /// The simulated hypervisor's socket.
-    #[arg(long)]
-    socket: std::path::PathBuf,
-    /// Domain id to attach as (default: the next free one).
-    #[arg(long)]
+    #[arg(long, required_unless_present = "xen", conflicts_with = "xen")]
+    socket: Option<std::path::PathBuf>,
+    /// Domain id to attach as (default: the next free one; simulator only).
+    #[arg(long, conflicts_with = "xen")]
     domid: Option<u16>,
+    /// Use real Xen (/dev/xen/* and xenstore) instead of the simulator.
+    #[arg(long)]
+    xen: bool,
     #[command(subcommand)]
     role: Role,
 }
@@ -111,6 +119,27 @@ enum Action {
         #[arg(long, default_value_t = 64 << 10)]
         chunk: usize,
     },
+    /// Write a pattern of `--bytes` bytes to an echoing peer while reading the echo back; check
+    /// it, print the byte count and CRC-32, then close the link.
+    Roundtrip {
+        /// Bytes to send (suffixes K, M, G).
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+        /// Size of each write.
+        #[arg(long, default_value_t = 16 << 10)]
+        chunk: usize,
+    },
+    /// Virtual sockets over this link (serving side): port 1 echoes every connection, port 2
+    /// accepts connections and never reads them; ends when the link does.
+    MuxServe,
+    /// Virtual sockets over this link (connecting side, against `mux-serve`): a connect to port
+    /// 3 must be refused; a writer to port 2 must be held back by credit; `--conns` concurrent
+    /// connections to port 1 must each get a 256 KiB round trip back intact.
+    MuxCheck {
+        /// Concurrent echo connections.
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+    },
     /// Round trips against an echoing peer; print percentiles.
     Ping {
         /// Measured round trips.
@@ -163,10 +192,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let backend = SimBackend::attach(&args.socket, args.domid.map(DomId))
-        .with_context(|| format!("attaching to the simulated hypervisor at {}", args.socket.display()))?;
+    match &args.socket {
+        Some(socket) => {
+            let backend = SimBackend::attach(socket, args.domid.map(DomId))
+                .with_context(|| format!("attaching to the simulated hypervisor at {}", socket.display()))?;
+            run_on(backend, args.role).await
+        }
+        None => run_on(XenBackend::open().context("opening the Xen backend")?, args.role).await,
+    }
+}
+
+async fn run_on<B: Backend + Clone>(backend: B, role: Role) -> Result<()> {
     println!("domid={}", backend.domid());
-    match args.role {
+    match role {
         Role::Serve(l) => {
             let cfg = config(&l);
             let listener =
@@ -246,12 +284,27 @@ fn config(l: &LinkArgs) -> LinkConfig {
     }
 }
 
-async fn act(mut link: Link<SimBackend>, action: Action) -> Result<()> {
+async fn act<B: Backend + Clone>(mut link: Link<B>, action: Action) -> Result<()> {
     println!("connected peer={} rings={:?}", link.peer(), link.ring_sizes());
     match action {
         Action::Echo => {
-            let n = diag::echo(&mut link).await.context("echoing")?;
-            println!("echoed bytes={n}");
+            // A libxenvchan peer has no half-close: it ends by clearing its live byte, which
+            // the link reports as the peer gone. For an echo that is simply the end.
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n = 0u64;
+            let how = loop {
+                match tokio::io::AsyncReadExt::read(&mut link, &mut buf).await {
+                    Ok(0) => break "end-of-stream",
+                    Ok(k) => {
+                        link.write_all(&buf[..k]).await.context("echoing")?;
+                        n += k as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "peer-closed",
+                    Err(e) => return Err(e).context("echoing"),
+                }
+            };
+            let _ = link.shutdown().await;
+            println!("echoed bytes={n} end={how}");
         }
         Action::Recv => {
             let (n, crc) = diag::recv_all(&mut link).await.context("receiving")?;
@@ -266,6 +319,18 @@ async fn act(mut link: Link<SimBackend>, action: Action) -> Result<()> {
             let mut sink = [0u8; 1];
             let _ = tokio::io::AsyncReadExt::read(&mut link, &mut sink).await;
         }
+        Action::Roundtrip { bytes, chunk } => {
+            let t = std::time::Instant::now();
+            let (sent, got) = diag::roundtrip(&mut link, bytes, chunk).await.context("round trip")?;
+            let secs = t.elapsed().as_secs_f64();
+            if sent != got {
+                bail!("the echo differs: sent crc={sent:08x}, got back crc={got:08x}");
+            }
+            println!("roundtrip bytes={bytes} crc={sent:08x} echo=ok secs={secs:.3}");
+            // Dropping the link closes it: the peer sees it go away.
+        }
+        Action::MuxServe => mux_serve(link).await?,
+        Action::MuxCheck { conns } => mux_check(link, conns).await?,
         Action::Ping { count, size, warmup } => {
             let lat = diag::ping(&mut link, size, warmup, count).await.context("pinging")?;
             if let Some(l) = lat {
@@ -284,8 +349,79 @@ async fn act(mut link: Link<SimBackend>, action: Action) -> Result<()> {
     Ok(())
 }
 
+/// Serving side of the virtual-socket check: echo on port 1, a reader that never reads on 2.
+async fn mux_serve<B: Backend + Clone>(link: Link<B>) -> Result<()> {
+    let mux = Mux::spawn(link, SessionConfig::default());
+    let echo = mux.listen(1)?;
+    let park = mux.listen(2)?;
+    tokio::spawn(async move {
+        let mut parked = Vec::new();
+        while let Ok(s) = park.accept().await {
+            parked.push(s);
+        }
+    });
+    let mut served = 0usize;
+    while let Ok(mut s) = echo.accept().await {
+        served += 1;
+        tokio::spawn(async move {
+            let _ = diag::echo(&mut s).await;
+        });
+    }
+    println!("mux served conns={served}");
+    Ok(())
+}
+
+/// Connecting side of the virtual-socket check (see `Action::MuxCheck`).
+async fn mux_check<B: Backend + Clone>(link: Link<B>, conns: usize) -> Result<()> {
+    let config = SessionConfig::default();
+    let window = config.buf_alloc as usize;
+    let mux = Mux::spawn(link, config);
+    match mux.connect(3).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => println!("mux refused port=3"),
+        Err(e) => bail!("connect to a port nobody listens on: {e} (expected connection refused)"),
+        Ok(_) => bail!("connect to a port nobody listens on succeeded"),
+    }
+    // A writer to a reader that never reads: it must stop at the credit window.
+    let mut stalled = mux.connect(2).await.context("connecting to the parking port")?;
+    let (tx, mut rx) = tokio::sync::watch::channel(0usize);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            if stalled.write_all(&chunk).await.is_err() {
+                return;
+            }
+            tx.send_modify(|n| *n += chunk.len());
+        }
+    });
+    while tokio::time::timeout(Duration::from_millis(500), rx.changed()).await.is_ok_and(|r| r.is_ok()) {}
+    let sent = *rx.borrow();
+    let held = sent <= window + (64 << 10) && !writer.is_finished();
+    println!("mux credit held={} sent={sent} window={window}", if held { "yes" } else { "no" });
+    // Meanwhile, concurrent connections on the same link get their data echoed intact.
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mux = mux.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = mux.connect(1).await?;
+            let (a, b) = diag::roundtrip(&mut s, 256 << 10, 16 << 10).await?;
+            std::io::Result::Ok(a == b)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await? {
+            Ok(true) => ok += 1,
+            Ok(false) => eprintln!("an echo came back different"),
+            Err(e) => eprintln!("an echo connection failed: {e}"),
+        }
+    }
+    println!("mux echo conns={conns} ok={ok}");
+    writer.abort();
+    Ok(())
+}
+
 /// A hostile client: joins by hand, then writes a producer index far beyond the ring.
-async fn scribble(backend: &SimBackend, path: &str, server: DomId) -> Result<()> {
+async fn scribble<B: Backend>(backend: &B, path: &str, server: DomId) -> Result<()> {
     let path = server_path(server, path);
     let store = backend.store();
     let read = |key: &str| -> Result<u32> {

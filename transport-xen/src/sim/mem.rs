@@ -4,48 +4,13 @@ use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
-use crate::shmem::{MappingOwner, Region};
+pub use crate::shmem::Mapping;
 use crate::types::PAGE_SIZE;
-
-/// A live mmap; unmapped on drop.
-pub struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value; it is only unmapped in Drop, and
-// all access goes through `Region`, which uses atomics and raw copies.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; `Mapping` itself exposes no access to the memory.
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr..ptr+len` is a mapping this value created and nobody else unmaps; every
-        // `Region` pointing into it holds an `Arc` of this owner, so none is left.
-        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) } {
-            tracing::warn!("munmap of {} bytes failed: {e}", self.len);
-        }
-    }
-}
-
-impl Mapping {
-    /// Wraps the whole mapping as a [`Region`].
-    pub fn into_region(self) -> Region {
-        let ptr = self.ptr;
-        let len = self.len;
-        let owner: Arc<dyn MappingOwner> = Arc::new(self);
-        // SAFETY: `ptr..ptr+len` is mapped (readable, and writable if it was mapped so) until
-        // `owner` drops; mmap returns page-aligned (so 4-aligned) addresses.
-        unsafe { Region::from_raw(ptr, len, owner) }
-    }
-}
 
 fn prot(writable: bool) -> ProtFlags {
     if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ }
@@ -72,11 +37,7 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// Maps `len` bytes of `fd` from offset 0, shared.
 pub fn map_fd(fd: impl AsFd, len: usize, writable: bool) -> io::Result<Mapping> {
-    // SAFETY: a fresh mapping chosen by the kernel (no fixed address), so nothing is overwritten.
-    let ptr =
-        unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot(writable), MapFlags::SHARED, fd, 0)? };
-    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-    Ok(Mapping { ptr, len })
+    crate::shmem::map_shared(fd, len, writable, 0)
 }
 
 /// Maps single pages of several fds contiguously: page `i` of the result is page `pages[i].1` of

@@ -1,6 +1,8 @@
 //! Helpers for multi-process tests: the simulator daemon and domain processes.
 #![allow(dead_code, clippy::unwrap_used, missing_docs)]
 
+pub mod scenarios;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

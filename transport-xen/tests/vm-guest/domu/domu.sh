@@ -1,0 +1,25 @@
+#!/bin/sh
+# domU side of the real-Xen tests: links and virtual sockets across the domain boundary to
+# dom0 (which started its servers before creating this domain). Prints DOMBUS-PASS/FAIL lines.
+cd /payload || exit 1
+failed=0
+pass() { echo "DOMBUS-PASS $1"; }
+fail() { echo "DOMBUS-FAIL $1 $2"; failed=1; }
+
+check() {
+    name=$1
+    want=$2
+    shift 2
+    if out=$("$@" 2>&1) && echo "$out" | grep -q "$want"; then
+        pass "$name: $(echo "$out" | grep "$want")"
+    else
+        fail "$name" "$out"
+    fi
+}
+
+check domu-link-stream "sent bytes=16777216" ./dombus-link --xen connect --path data/u-stream --peer 0 --ring 1M send --bytes 16M
+check domu-sessions "mux echo conns=4 ok=4" ./dombus-link --xen connect --path data/u-mux --peer 0 mux-check --conns 4
+check domu-vchan-interop "echo=ok" ./dombus-link --xen connect --path data/u-vchan --peer 0 roundtrip --bytes 1000000
+check domu-vsock "round_trips=400" ./dombus-link --xen vsock-ping --to xen:0:5000 --conns 4 --count 100 --wait-s 60
+check domu-ping "p50_us" ./dombus-link --xen vsock-ping --to xen:0:5000 --conns 1 --count 500 --wait-s 60
+[ "$failed" = 0 ]

@@ -64,7 +64,8 @@ fn unmap_notify_clears_the_byte_and_signals() {
     let a = ev.bind_unbound(me).unwrap();
     let b = ev.bind_interdomain(me, a).unwrap();
     // Xen marks a freshly bound interdomain port pending (lost notifications on the unbound
-    // end are conservatively assumed): take that one first.
+    // end are conservatively assumed): take that one first (delivered asynchronously).
+    assert!(wait_readable(&ev), "the bind did not leave the new port pending");
     assert_eq!(ev.pending().unwrap(), Some(b));
     ev.unmask(b).unwrap();
     assert_eq!(ev.pending().unwrap(), None);

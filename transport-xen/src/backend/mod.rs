@@ -224,6 +224,17 @@ pub trait Store: Send + Sync + 'static {
     fn watch(&self, path: &str) -> Result<Self::Watch>;
 }
 
+/// Writes `value` at `path` readable as `perms` says, so that every domain `perms` lets read it
+/// hears of it through its watches: the node is created empty, given its permissions, then
+/// written. (xenstored tells a watcher of a permission change only if it could already read the
+/// node, so writing first and setting permissions after would leave a newly allowed reader
+/// unaware.) Readers treat the empty value as "not yet".
+pub fn publish<S: Store + ?Sized>(store: &S, path: &str, value: &[u8], perms: &[Perm]) -> Result<()> {
+    store.write(path, b"")?;
+    store.set_perms(path, perms)?;
+    store.write(path, value)
+}
+
 /// A pollable stream of changed paths; dropping it unregisters the watch. `as_fd` must return the
 /// same open descriptor, owned by the watch, for its whole life.
 pub trait StoreWatch: AsFd + Send + Sync + 'static {

@@ -142,6 +142,7 @@ impl<B: Backend + Clone> Link<B> {
 
         // Publish: event-channel first, ring-ref last, each readable by the client only, so that
         // a client that sees ring-ref also finds event-channel (libxenvchan uses a transaction).
+        // `publish` makes sure the client's watch hears of each node.
         let store = backend.store();
         let path = server_path(backend.domid(), path);
         let perms = [
@@ -153,8 +154,7 @@ impl<B: Backend + Clone> Link<B> {
         })?;
         for (key, value) in [("event-channel", port.0), ("ring-ref", ring_ref.0)] {
             let node = format!("{path}/{key}");
-            store.write(&node, value.to_string().as_bytes())?;
-            store.set_perms(&node, &perms)?;
+            crate::backend::publish(store, &node, value.to_string().as_bytes(), &perms)?;
         }
         tracing::debug!(%path, %client, %port, ?orders, "link published");
 
@@ -566,6 +566,8 @@ fn read_published<S: Store>(
 ) -> Result<Option<(GrantRef, EvtchnPort)>, LinkError> {
     let read = |key: &'static str| -> Result<Option<u32>, LinkError> {
         match store.read(&format!("{path}/{key}")) {
+            // Created but not yet written (see `listen`).
+            Ok(v) if v.is_empty() => Ok(None),
             Ok(v) => parse_decimal(key, &v)
                 .map(Some)
                 .map_err(|violation| LinkError::PeerMisbehaved { peer: server, violation }),

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
 use super::mux::{Mux, MuxListener, VsockStream};
 use super::session::SessionConfig;
-use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch};
+use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch, publish};
 use crate::link::{Link, LinkConfig, Pollable, register};
 use crate::types::DomId;
 
@@ -212,8 +212,7 @@ impl<B: Backend + Clone> VsockDomain<B> {
         // Announce, readable by every domain, for connect_wait.
         let store = inner.backend.store();
         let path = listen_path(inner.me, port);
-        store.write(&path, b"1").map_err(store_io)?;
-        store.set_perms(&path, &[Perm { domid: inner.me, kind: PermKind::Read }]).map_err(store_io)?;
+        publish(store, &path, b"1", &[Perm { domid: inner.me, kind: PermKind::Read }]).map_err(store_io)?;
         Ok(VsockListener { domain: self.clone(), port, receiver })
     }
 
@@ -299,16 +298,9 @@ impl<B: Backend + Clone> Inner<B> {
         } else {
             // Ask the lower domain to publish, then join.
             let want = want_path(self.me, peer);
-            store.write(&want, b"1").map_err(store_io)?;
-            store
-                .set_perms(
-                    &want,
-                    &[
-                        Perm { domid: self.me, kind: PermKind::None },
-                        Perm { domid: peer, kind: PermKind::Read },
-                    ],
-                )
-                .map_err(store_io)?;
+            let perms =
+                [Perm { domid: self.me, kind: PermKind::None }, Perm { domid: peer, kind: PermKind::Read }];
+            publish(store, &want, b"1", &perms).map_err(store_io)?;
             let path = link_path(peer, self.me);
             tokio::time::timeout(
                 self.cfg.link_timeout,

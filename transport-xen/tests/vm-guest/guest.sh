@@ -82,16 +82,24 @@ done
 
 if command -v dombus-start-domu >/dev/null && [ -d /domu ]; then
     echo "== dom0 <-> domU"
+    # The domU is created paused; the dom0 ends start once it exists (xenstored drops permissions
+    # naming a domain that did not exist when they were set — XSA-322) and before it runs.
+    # Twice, under a loaded host, a process started while the fresh domU was booting died in
+    # ld.so or with an impossible enum value before running any of our code; starting ours while
+    # it is paused keeps them out of that window.
     # 256 MiB: the domU's initramfs holds our binaries; quiet kernel so the console stays readable.
-    domid=$(DOMBUS_DOMU_MEMORY=256 DOMBUS_DOMU_EXTRA=loglevel=4 dombus-start-domu dombus-u1 | tail -n 1)
+    domid=$(DOMBUS_DOMU_MEMORY=256 DOMBUS_DOMU_EXTRA=loglevel=4 dombus-start-domu -p dombus-u1 | tail -n 1)
     case "$domid" in
     '' | *[!0-9]*) fail "domu-start" "no domain id: $domid" ;;
     *)
-        echo "domU is domain $domid"
-        ./dombus-link --xen serve --path data/u-stream --peer "$domid" --ring 1M recv >/tmp/u-stream.log 2>&1 &
-        ./dombus-link --xen serve --path data/u-mux --peer "$domid" mux-serve >/tmp/u-mux.log 2>&1 &
+        echo "domU is domain $domid (paused)"
+        ./dombus-link --xen serve --path data/u-stream --peer "$domid" --ring 1M --timeout-s 600 recv >/tmp/u-stream.log 2>&1 &
+        ./dombus-link --xen serve --path data/u-mux --peer "$domid" --timeout-s 600 mux-serve >/tmp/u-mux.log 2>&1 &
         vchan-peer server "$domid" /local/domain/0/data/u-vchan echo >/tmp/u-vchan.log 2>&1 &
         ./dombus-link --xen vsock-echo --port 5000 >/tmp/u-vsock.log 2>&1 &
+        wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
+            wait_for listening 60 /tmp/u-vsock.log || fail domu-servers "a dom0 server did not start"
+        xl unpause dombus-u1
         if dombus-wait-domu dombus-u1 600; then pass domu; else fail domu "see the domU log above"; fi
         for f in u-stream u-mux u-vchan u-vsock; do sed "s/^/[dom0 $f] /" /tmp/$f.log; done
         grep -q "received bytes=16777216" /tmp/u-stream.log && pass "domu-stream-dom0-side" ||

@@ -1,0 +1,170 @@
+//! Addresses: which transport, and where.
+//!
+//! | address | transport |
+//! |---|---|
+//! | `xen:<cid>:<port>` | transport-xen virtual sockets (CID = domain id, `self`, `backend`) |
+//! | `vsock:<cid>:<port>` | AF_VSOCK through `tokio-vsock` (KVM/Firecracker guests, vsock loopback) |
+//! | `unix:<path>` | a Unix stream socket (development, tests) |
+//! | `tcp:<host>:<port>` | TCP (development, tests); IPv6 hosts in brackets: `tcp:[::1]:80` |
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use dombus_transport_xen::vsock::VsockAddr;
+
+/// Where to connect or listen.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// A transport-xen virtual socket.
+    Xen(VsockAddr),
+    /// An AF_VSOCK socket.
+    Vsock {
+        /// Context id (1 = local, 2 = host, 3+ guests; `u32::MAX` = any when listening).
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+    /// A Unix stream socket path.
+    Unix(PathBuf),
+    /// A TCP host (name or IP literal, without brackets) and port.
+    Tcp {
+        /// Host name or IP address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// Why an address string is not an address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// No known scheme.
+    #[error(
+        "{0:?}: unknown transport; expected xen:<cid>:<port>, vsock:<cid>:<port>, unix:<path> or tcp:<host>:<port>"
+    )]
+    Scheme(String),
+    /// A bad `xen:` address.
+    #[error(transparent)]
+    Xen(#[from] dombus_transport_xen::vsock::AddrParseError),
+    /// A bad `vsock:` address.
+    #[error("{0:?}: expected vsock:<cid>:<port> with decimal cid and port (cid `any` when listening)")]
+    Vsock(String),
+    /// A bad `unix:` address.
+    #[error("{0:?}: expected unix:<path> with a non-empty path")]
+    Unix(String),
+    /// A bad `tcp:` address.
+    #[error("{0:?}: expected tcp:<host>:<port> with a port from 0 to 65535 (IPv6 hosts in brackets)")]
+    Tcp(String),
+}
+
+impl FromStr for Address {
+    type Err = AddressError;
+
+    fn from_str(s: &str) -> Result<Address, AddressError> {
+        let (scheme, rest) = s.split_once(':').ok_or_else(|| AddressError::Scheme(s.to_string()))?;
+        match scheme {
+            "xen" => Ok(Address::Xen(s.parse()?)),
+            "vsock" => {
+                let bad = || AddressError::Vsock(s.to_string());
+                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+                let cid = match cid {
+                    "any" => u32::MAX,
+                    c => decimal(c).ok_or_else(bad)?,
+                };
+                Ok(Address::Vsock { cid, port: decimal(port).ok_or_else(bad)? })
+            }
+            "unix" if !rest.is_empty() => Ok(Address::Unix(PathBuf::from(rest))),
+            "unix" => Err(AddressError::Unix(s.to_string())),
+            "tcp" => {
+                let bad = || AddressError::Tcp(s.to_string());
+                let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                let host = match host.strip_prefix('[') {
+                    Some(h) => h.strip_suffix(']').ok_or_else(bad)?,
+                    None if host.contains(':') => return Err(bad()),
+                    None => host,
+                };
+                if host.is_empty() {
+                    return Err(bad());
+                }
+                let port = decimal(port).and_then(|p| u16::try_from(p).ok()).ok_or_else(bad)?;
+                Ok(Address::Tcp { host: host.to_string(), port })
+            }
+            _ => Err(AddressError::Scheme(s.to_string())),
+        }
+    }
+}
+
+/// A decimal u32 with digits only (no sign, no spaces).
+fn decimal(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Xen(a) => write!(f, "{a}"),
+            Address::Vsock { cid: u32::MAX, port } => write!(f, "vsock:any:{port}"),
+            Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Address::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_every_transport() {
+        assert_eq!("xen:3:5000".parse(), Ok(Address::Xen(VsockAddr::new(3, 5000))));
+        assert_eq!("vsock:1:5000".parse(), Ok(Address::Vsock { cid: 1, port: 5000 }));
+        assert_eq!("vsock:any:5000".parse(), Ok(Address::Vsock { cid: u32::MAX, port: 5000 }));
+        assert_eq!("unix:/run/x.sock".parse(), Ok(Address::Unix("/run/x.sock".into())));
+        assert_eq!("tcp:127.0.0.1:80".parse(), Ok(Address::Tcp { host: "127.0.0.1".into(), port: 80 }));
+        assert_eq!("tcp:[::1]:80".parse(), Ok(Address::Tcp { host: "::1".into(), port: 80 }));
+        assert_eq!("tcp:localhost:0".parse(), Ok(Address::Tcp { host: "localhost".into(), port: 0 }));
+    }
+
+    #[test]
+    fn bad_addresses_say_what_is_wrong() {
+        let e = |s: &str| s.parse::<Address>().unwrap_err();
+        assert!(matches!(e("http://x"), AddressError::Scheme(_)));
+        assert!(matches!(e("nocolon"), AddressError::Scheme(_)));
+        assert!(matches!(e("xen:1"), AddressError::Xen(_)));
+        assert!(matches!(e("vsock:1"), AddressError::Vsock(_)));
+        assert!(matches!(e("vsock:x:1"), AddressError::Vsock(_)));
+        assert!(matches!(e("unix:"), AddressError::Unix(_)));
+        assert!(matches!(e("tcp:host"), AddressError::Tcp(_)));
+        assert!(matches!(e("tcp:host:70000"), AddressError::Tcp(_)));
+        assert!(matches!(e("tcp:::1:80"), AddressError::Tcp(_)));
+        assert!(matches!(e("tcp::80"), AddressError::Tcp(_)));
+        assert!(e("ftp:x").to_string().contains("tcp:<host>:<port>"));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,60}") {
+            let _ = s.parse::<Address>();
+        }
+
+        #[test]
+        fn display_round_trips(cid in any::<u32>(), port in any::<u32>(), tport in any::<u16>(), path in "/[a-z/]{1,20}") {
+            for a in [
+                Address::Xen(VsockAddr::new(cid, port)),
+                Address::Vsock { cid, port },
+                Address::Unix(path.clone().into()),
+                Address::Tcp { host: "::1".into(), port: tport },
+                Address::Tcp { host: "example.org".into(), port: tport },
+            ] {
+                prop_assert_eq!(a.to_string().parse::<Address>(), Ok(a));
+            }
+        }
+    }
+}

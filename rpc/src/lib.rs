@@ -1,0 +1,20 @@
+//! dombus RPC: typed calls ([tarpc]) over any byte-stream transport — transport-xen virtual
+//! sockets (`xen:`), AF_VSOCK (`vsock:`), Unix and TCP — with a connection preamble, a
+//! swappable codec, frame limits, tower client and server stacks (deadlines, retries of
+//! idempotent calls, concurrency limits, load shedding), tracing spans and Prometheus metrics.
+//! See `docs/rpc.md`.
+
+pub mod addr;
+pub mod client;
+pub mod codec;
+pub mod metrics;
+pub mod preamble;
+pub mod server;
+pub mod transport;
+
+pub use addr::{Address, AddressError};
+pub use client::{Client, ClientConfig, ConnectionLost, connection_lost};
+pub use codec::Codec;
+pub use metrics::Metrics;
+pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
+pub use transport::{Accepted, BoxStream, Listener, Net};

@@ -35,6 +35,15 @@ echo "== dom0: the xen backend, link scenarios, sessions"
 run_tests xen_backend
 run_tests xen_multiprocess --nocapture
 
+echo "== dombus-rpc over real AF_VSOCK (vsock_loopback, CID 1)"
+if DOMBUS_TEST_VSOCK=1 ./conformance --exact conformance_vsock --nocapture >/tmp/conformance.log 2>&1 &&
+    grep -q "vsock: conformance suite passed" /tmp/conformance.log; then
+    pass "rpc-conformance-vsock"
+else
+    fail "rpc-conformance-vsock" "see the log above"
+fi
+sed "s/^/[conformance] /" /tmp/conformance.log
+
 echo "== interoperability with libxenvchan (dom0 <-> dom0)"
 # Us as server, libxenvchan as client: it sends 1 MB and checks our echo, then closes.
 ./dombus-link --xen serve --path data/iop-a --peer 0 echo >/tmp/iop-a.log 2>&1 &

@@ -130,9 +130,11 @@ impl ServeHandle {
         &self.addr
     }
 
-    /// Stops accepting connections and drops the open ones.
-    pub fn stop(self) {
+    /// Stops accepting connections and drops the open ones; when it returns, the address is
+    /// free to serve again.
+    pub async fn stop(self) {
         self.task.abort();
+        let _ = self.task.await;
     }
 }
 

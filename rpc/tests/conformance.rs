@@ -25,6 +25,8 @@ pub trait Echo {
     async fn sleep(ms: u64) -> u64;
     /// Records `id` (duplicates are counted), returns it.
     async fn record(id: u64) -> u64;
+    /// Sleeps `ms`, returns it (idempotent: retried after a connection loss).
+    async fn nap(ms: u64) -> u64;
 }
 
 #[derive(Clone, Default)]
@@ -54,6 +56,10 @@ impl Echo for EchoServer {
         let mut guard = CancelGuard(self.0.cancelled.clone(), false);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         guard.1 = true;
+        ms
+    }
+    async fn nap(self, _: context::Context, ms: u64) -> u64 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
         ms
     }
     async fn record(self, _: context::Context, id: u64) -> u64 {
@@ -257,13 +263,24 @@ async fn suite(f: Fixture) {
         async move { c.sleep(ctx_for(T), 10_000).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    handle.stop();
+    handle.stop().await;
     let r = tokio::time::timeout(T, in_flight).await.expect("in-flight call hung").unwrap();
     let e = r.unwrap_err();
     assert!(connection_lost(&e).is_some(), "{name}: {e:?}");
     let (_server2, handle2) = start(&f, &state, ServerConfig::default()).await;
     assert_eq!(c.echo(ctx_for(T), b"again".to_vec()).await.unwrap(), b"again", "{name}: after restart");
-    handle2.stop();
+
+    // An idempotent call in flight when the server goes is sent again once it is back.
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        async move { c.nap(ctx_for(T), 300).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    handle2.stop().await;
+    let (_server3, handle3) = start(&f, &state, ServerConfig::default()).await;
+    let r = tokio::time::timeout(T, in_flight).await.expect("retried call hung").unwrap();
+    assert_eq!(r.unwrap(), 300, "{name}: the idempotent call was not retried");
+    handle3.stop().await;
     eprintln!("{name}: conformance suite passed");
 }
 

@@ -250,6 +250,7 @@ type Stack<Req, Resp> = tower::util::BoxCloneSyncService<(Context, Arc<Req>), Re
 /// A reconnecting, retrying client of one service at one address; use it as the stub of a
 /// tarpc-generated client: `EchoClient::from(client)`. Cheap to clone.
 pub struct Client<Req, Resp> {
+    conn: Arc<Connection<Req, Resp>>,
     addr: Arc<str>,
     service: &'static str,
     stack: Stack<Req, Resp>,
@@ -260,6 +261,7 @@ pub struct Client<Req, Resp> {
 impl<Req, Resp> Clone for Client<Req, Resp> {
     fn clone(&self) -> Self {
         Client {
+            conn: self.conn.clone(),
             addr: self.addr.clone(),
             service: self.service,
             stack: self.stack.clone(),
@@ -308,8 +310,9 @@ where
         let stack = ServiceBuilder::new()
             .concurrency_limit(max_in_flight)
             .layer(tower::retry::RetryLayer::new(retry))
-            .service(Attempt(conn));
+            .service(Attempt(conn.clone()));
         Client {
+            conn,
             addr: addr.to_string().into(),
             service,
             stack: tower::util::BoxCloneSyncService::new(stack),
@@ -318,8 +321,9 @@ where
         }
     }
 
-    /// Like [`Client::new`], then connects (within `timeout`) so that a wrong address, a
-    /// missing service or an incompatible server is reported now.
+    /// Like [`Client::new`], then connects (within `timeout`; the connection is kept for the
+    /// calls) so that a wrong address, a missing service or an incompatible server is reported
+    /// now, as the `io::Error` of the transport or the preamble.
     pub async fn connect(
         net: Net,
         addr: Address,
@@ -328,12 +332,16 @@ where
         idempotent: fn(&Req) -> bool,
         timeout: Duration,
     ) -> io::Result<Client<Req, Resp>> {
-        let client = Client::new(net.clone(), addr.clone(), service, config.clone(), idempotent);
-        let mut stream = tokio::time::timeout(timeout, net.connect(&addr))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}")))??;
-        preamble::client(&mut stream, service, config.codec, timeout).await?;
-        drop(stream);
+        let client = Client::new(net, addr.clone(), service, config, idempotent);
+        match tokio::time::timeout(timeout, client.conn.channel()).await {
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}"))),
+            Ok(Err(RpcError::Send(e))) => match e.downcast::<ConnectFailed>() {
+                Ok(f) => return Err(f.cause),
+                Err(e) => return Err(io::Error::other(e)),
+            },
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Ok(Ok(_)) => {}
+        }
         Ok(client)
     }
 

@@ -153,23 +153,11 @@ fn vsock() -> Option<Fixture> {
 async fn start(f: &Fixture, state: &State, config: ServerConfig) -> (Server, dombus_rpc::ServeHandle) {
     let server = Server::new(f.server_net.clone(), config);
     let st = state.clone();
-    // Once in ~20 loaded runs the xen listener of a just-stopped server was still registered
-    // (not reproduced in isolation; noted in docs/rpc.md): allow it a moment, say so if needed.
-    for attempt in 0.. {
-        let st = st.clone();
-        match server
-            .serve(&f.addr, "echo", move |ctx, req| EchoServer(st.clone()).serve().serve(ctx, req))
-            .await
-        {
-            Ok(h) => return (server, h),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 20 => {
-                eprintln!("{}: {e}; retrying", f.name);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("{}: serve: {e}", f.name),
-        }
-    }
-    unreachable!()
+    let h = server
+        .serve(&f.addr, "echo", move |ctx, req| EchoServer(st.clone()).serve().serve(ctx, req))
+        .await
+        .unwrap();
+    (server, h)
 }
 
 fn client(f: &Fixture, codec: Codec) -> EchoClient<Client<EchoRequest, EchoResponse>> {

@@ -98,6 +98,26 @@ async fn the_backend_domain_may_use_low_ports_and_is_reachable_as_backend() {
 }
 
 #[tokio::test]
+async fn a_port_is_free_again_as_soon_as_its_listener_is_dropped() {
+    let (_dir, _hv, sock) = hv("vsock-relisten");
+    let (a, b) = (domain(&sock, 1), domain(&sock, 2));
+    for round in 0..3 {
+        // Listening on a domain with a live link: the listener is also registered on that link,
+        // through a forwarding task. Dropping it must free the port before that task runs again
+        // (this single-threaded runtime does not run it in between).
+        let mut l = a.listen(7100).unwrap();
+        let mut s = tokio::time::timeout(T, b.connect(VsockAddr::new(1, 7100))).await.unwrap().unwrap();
+        let mut got = tokio::time::timeout(T, l.accept()).await.unwrap().unwrap();
+        s.write_all(&[round]).await.unwrap();
+        let mut byte = [0u8; 1];
+        got.read_exact(&mut byte).await.unwrap();
+        assert_eq!(byte[0], round);
+        drop(l);
+        assert!(a.listen(7100).is_ok(), "round {round}: port still taken right after the drop");
+    }
+}
+
+#[tokio::test]
 async fn connect_wait_is_woken_when_the_listener_appears() {
     let (_dir, _hv, sock) = hv("vsock-wait");
     let (a, b) = (domain(&sock, 1), domain(&sock, 2));

@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
 use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
-use super::mux::{Mux, MuxListener, VsockStream};
+use super::mux::{ListenerCloser, Mux, MuxListener, VsockStream};
 use super::session::SessionConfig;
 use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch, publish};
 use crate::link::{Link, LinkConfig, Pollable, register};
@@ -81,7 +81,9 @@ impl<W: StoreWatch> AsyncWatch<W> {
 
 struct Registered {
     sender: mpsc::UnboundedSender<VsockStream>,
-    forwarders: Vec<JoinHandle<()>>,
+    /// One per link: the task moving its accepted connections to `sender`, and what closes its
+    /// listener at once (aborting the task frees the port only when the task next runs).
+    forwarders: Vec<(JoinHandle<()>, ListenerCloser)>,
 }
 
 struct Inner<B: Backend + Clone> {
@@ -333,14 +335,19 @@ impl<B: Backend + Clone> Inner<B> {
 }
 
 /// Moves connections accepted on one link to the domain-wide listener.
-fn forward(listener: MuxListener, to: mpsc::UnboundedSender<VsockStream>) -> JoinHandle<()> {
-    tokio::spawn(async move {
+fn forward(
+    listener: MuxListener,
+    to: mpsc::UnboundedSender<VsockStream>,
+) -> (JoinHandle<()>, ListenerCloser) {
+    let closer = listener.closer();
+    let task = tokio::spawn(async move {
         while let Ok(stream) = listener.accept().await {
             if to.send(stream).is_err() {
                 return;
             }
         }
-    })
+    });
+    (task, closer)
 }
 
 /// Connections to one port of this domain, from any domain.
@@ -367,8 +374,9 @@ impl<B: Backend + Clone> Drop for VsockListener<B> {
         let inner = &self.domain.inner;
         if let Some(reg) = inner.listening.lock().unwrap_or_else(|p| p.into_inner()).ports.remove(&self.port)
         {
-            for f in reg.forwarders {
-                f.abort();
+            for (task, closer) in reg.forwarders {
+                closer.close();
+                task.abort();
             }
         }
         let _ = inner.backend.store().rm(&listen_path(inner.me, self.port));

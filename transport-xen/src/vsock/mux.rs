@@ -54,6 +54,8 @@ struct Waiters {
 
 #[derive(Default)]
 struct Listening {
+    /// Which `MuxListener` this is (a port may be listened on again after a close).
+    id: u64,
     ready: VecDeque<ConnId>,
     waker: Option<Waker>,
 }
@@ -64,6 +66,7 @@ struct State {
     listeners: HashMap<u32, Listening>,
     stopped: Option<MuxError>,
     next_port: u32,
+    next_listener: u64,
 }
 
 struct Shared {
@@ -127,6 +130,28 @@ impl State {
         }
     }
 
+    fn add_listener(&mut self, mux: &Mux, port: u32) -> MuxListener {
+        let id = self.next_listener;
+        self.next_listener += 1;
+        self.listeners.insert(port, Listening { id, ready: VecDeque::new(), waker: None });
+        MuxListener { mux: mux.clone(), port, id }
+    }
+
+    /// Removes listener `id` from `port` (if it is still the one there): connections waiting
+    /// to be accepted are closed, a pending `accept` fails.
+    fn remove_listener(&mut self, port: u32, id: u64) {
+        if self.listeners.get(&port).is_none_or(|l| l.id != id) {
+            return;
+        }
+        if let Some(mut l) = self.listeners.remove(&port) {
+            for conn in l.ready.drain(..) {
+                self.session.close(conn);
+                self.waiters.remove(&conn);
+            }
+            wake(&mut l.waker);
+        }
+    }
+
     fn stop(&mut self, why: MuxError) {
         if self.stopped.is_none() {
             tracing::warn!(error = %why, "virtual-socket link stopped");
@@ -187,13 +212,16 @@ impl Mux {
                 listeners: HashMap::new(),
                 stopped: None,
                 next_port: FIRST_EPHEMERAL_PORT,
+                next_listener: 0,
             }),
             transmit: Notify::new(),
             closing: Notify::new(),
         });
-        shared.lock().listeners.extend(ports.iter().map(|&p| (p, Listening::default())));
         let mux = Mux { _owner: Arc::new(Owner(shared.clone())), shared: shared.clone() };
-        let listeners = ports.iter().map(|&port| MuxListener { mux: mux.clone(), port }).collect();
+        let listeners = {
+            let mut st = shared.lock();
+            ports.iter().map(|&port| st.add_listener(&mux, port)).collect()
+        };
         let (rd, wr) = tokio::io::split(link);
         tokio::spawn(read_packets(shared.clone(), rd));
         tokio::spawn(write_packets(shared, wr));
@@ -219,8 +247,7 @@ impl Mux {
                 format!("port {port} already has a listener"),
             ));
         }
-        st.listeners.insert(port, Listening::default());
-        Ok(MuxListener { mux: self.clone(), port })
+        Ok(st.add_listener(self, port))
     }
 
     /// Connects to the peer's `port` from a free local port. Fails with `ConnectionRefused` if
@@ -271,6 +298,32 @@ impl Mux {
 pub struct MuxListener {
     mux: Mux,
     port: u32,
+    id: u64,
+}
+
+/// Closes a [`MuxListener`] from elsewhere (the task that owns it may be stopped only later):
+/// once [`ListenerCloser::close`] returns, the port is free again. Does not keep the link open.
+#[derive(Clone)]
+pub struct ListenerCloser {
+    shared: std::sync::Weak<Shared>,
+    port: u32,
+    id: u64,
+}
+
+impl ListenerCloser {
+    /// Stops the listener now.
+    pub fn close(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.lock().remove_listener(self.port, self.id);
+            shared.transmit.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for ListenerCloser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerCloser").field("port", &self.port).field("id", &self.id).finish()
+    }
 }
 
 impl MuxListener {
@@ -281,7 +334,7 @@ impl MuxListener {
             if let Some(e) = &st.stopped {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, e.clone())));
             }
-            let Some(l) = st.listeners.get_mut(&self.port) else {
+            let Some(l) = st.listeners.get_mut(&self.port).filter(|l| l.id == self.id) else {
                 return Poll::Ready(Err(io::Error::other("listener removed")));
             };
             match l.ready.pop_front() {
@@ -297,16 +350,16 @@ impl MuxListener {
     }
 }
 
+impl MuxListener {
+    /// A handle that can close this listener without owning it.
+    pub fn closer(&self) -> ListenerCloser {
+        ListenerCloser { shared: Arc::downgrade(&self.mux.shared), port: self.port, id: self.id }
+    }
+}
+
 impl Drop for MuxListener {
     fn drop(&mut self) {
-        let mut st = self.mux.shared.lock();
-        if let Some(l) = st.listeners.remove(&self.port) {
-            for id in l.ready {
-                st.session.close(id);
-                st.waiters.remove(&id);
-            }
-        }
-        drop(st);
+        self.mux.shared.lock().remove_listener(self.port, self.id);
         self.mux.shared.transmit.notify_one();
     }
 }

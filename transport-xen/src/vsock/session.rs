@@ -266,6 +266,11 @@ impl Session {
         self.conns.is_empty()
     }
 
+    /// True if packets are waiting to be put on the link.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
     /// The next packet to put on the link.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmit.pop_front()

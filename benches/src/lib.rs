@@ -54,6 +54,7 @@ use std::time::Duration;
 
 pub mod baseline;
 pub mod link;
+pub mod rpc;
 
 /// Environment variable naming the peer role a re-executed benchmark binary plays.
 pub const ROLE_ENV: &str = "DOMBUS_BENCH_ROLE";
@@ -86,6 +87,7 @@ pub fn run_child_if_requested() {
         link::SINK_ROLE => link::sink_child(&arg),
         link::VSOCK_ECHO_ROLE => link::vsock_echo_child(&arg),
         link::VSOCK_SINK_ROLE => link::vsock_sink_child(&arg),
+        rpc::SERVER_ROLE => rpc::server_child(&arg),
         other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown role {other}"))),
     };
     match res {

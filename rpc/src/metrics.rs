@@ -22,7 +22,8 @@ struct Method {
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     side: &'static str,
-    methods: Arc<Mutex<BTreeMap<(String, String), Method>>>,
+    /// service → method → numbers (nested so that recording a known method allocates nothing).
+    methods: Arc<Mutex<BTreeMap<String, BTreeMap<String, Method>>>>,
 }
 
 /// One method's numbers, as [`Metrics::snapshot`] returns them.
@@ -49,7 +50,14 @@ impl Metrics {
     /// Records one completed call.
     pub fn record(&self, service: &str, method: &str, ok: bool, latency: Duration) {
         let mut m = self.methods.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry((service.to_string(), method.to_string())).or_default();
+        if !m.contains_key(service) {
+            m.insert(service.to_string(), BTreeMap::new());
+        }
+        let Some(methods) = m.get_mut(service) else { return };
+        if !methods.contains_key(method) {
+            methods.insert(method.to_string(), Method::default());
+        }
+        let Some(e) = methods.get_mut(method) else { return };
         let s = latency.as_secs_f64();
         e.calls += 1;
         e.errors += u64::from(!ok);
@@ -62,7 +70,8 @@ impl Metrics {
     pub fn snapshot(&self) -> Vec<MethodStats> {
         let m = self.methods.lock().unwrap_or_else(|p| p.into_inner());
         m.iter()
-            .map(|((service, method), v)| MethodStats {
+            .flat_map(|(service, methods)| methods.iter().map(move |(method, v)| (service, method, v)))
+            .map(|(service, method, v)| MethodStats {
                 service: service.clone(),
                 method: method.clone(),
                 calls: v.calls,
@@ -80,17 +89,17 @@ impl Metrics {
         let label = |s: &str, me: &str| format!("service=\"{}\",method=\"{}\"", escape(s), escape(me));
         let _ = writeln!(out, "# HELP dombus_rpc_{side}_calls_total Calls completed.");
         let _ = writeln!(out, "# TYPE dombus_rpc_{side}_calls_total counter");
-        for ((s, me), v) in m.iter() {
+        for (s, me, v) in m.iter().flat_map(|(s, ms)| ms.iter().map(move |(me, v)| (s, me, v))) {
             let _ = writeln!(out, "dombus_rpc_{side}_calls_total{{{}}} {}", label(s, me), v.calls);
         }
         let _ = writeln!(out, "# HELP dombus_rpc_{side}_errors_total Calls that failed.");
         let _ = writeln!(out, "# TYPE dombus_rpc_{side}_errors_total counter");
-        for ((s, me), v) in m.iter() {
+        for (s, me, v) in m.iter().flat_map(|(s, ms)| ms.iter().map(move |(me, v)| (s, me, v))) {
             let _ = writeln!(out, "dombus_rpc_{side}_errors_total{{{}}} {}", label(s, me), v.errors);
         }
         let _ = writeln!(out, "# HELP dombus_rpc_{side}_latency_seconds Call latency.");
         let _ = writeln!(out, "# TYPE dombus_rpc_{side}_latency_seconds histogram");
-        for ((s, me), v) in m.iter() {
+        for (s, me, v) in m.iter().flat_map(|(s, ms)| ms.iter().map(move |(me, v)| (s, me, v))) {
             let l = label(s, me);
             let mut cumulative = 0;
             for (i, b) in BUCKETS.iter().enumerate() {

@@ -115,6 +115,13 @@ pub async fn send_pattern<S: AsyncWrite + Unpin>(
     bytes: u64,
     chunk: usize,
 ) -> std::io::Result<u32> {
+    let crc = write_pattern(stream, bytes, chunk).await?;
+    stream.shutdown().await?;
+    Ok(crc)
+}
+
+/// Writes `bytes` bytes of the pattern in `chunk`-sized writes; returns their CRC-32.
+async fn write_pattern<W: AsyncWrite + Unpin>(w: &mut W, bytes: u64, chunk: usize) -> std::io::Result<u32> {
     let chunk = chunk.max(1);
     let table = pattern_table(chunk);
     let mut crc = crc32fast::Hasher::new();
@@ -123,11 +130,10 @@ pub async fn send_pattern<S: AsyncWrite + Unpin>(
         let n = (bytes - sent).min(chunk as u64) as usize;
         let start = (sent % PATTERN_PERIOD as u64) as usize;
         let piece = &table[start..start + n];
-        stream.write_all(piece).await?;
+        w.write_all(piece).await?;
         crc.update(piece);
         sent += n as u64;
     }
-    stream.shutdown().await?;
     Ok(crc.finalize())
 }
 
@@ -139,22 +145,8 @@ pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
     bytes: u64,
     chunk: usize,
 ) -> std::io::Result<(u32, u32)> {
-    let chunk = chunk.max(1);
-    let table = pattern_table(chunk);
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let send = async {
-        let mut crc = crc32fast::Hasher::new();
-        let mut sent = 0u64;
-        while sent < bytes {
-            let n = (bytes - sent).min(chunk as u64) as usize;
-            let start = (sent % PATTERN_PERIOD as u64) as usize;
-            let piece = &table[start..start + n];
-            wr.write_all(piece).await?;
-            crc.update(piece);
-            sent += n as u64;
-        }
-        std::io::Result::Ok(crc.finalize())
-    };
+    let send = write_pattern(&mut wr, bytes, chunk);
     let recv = async {
         let mut crc = crc32fast::Hasher::new();
         let mut buf = vec![0u8; 64 << 10];

@@ -112,8 +112,11 @@ struct Connection<Req, Resp> {
     service: &'static str,
     config: ClientConfig,
     /// The current channel and its generation (so that a failure of an old one does not drop a
-    /// newer one).
-    current: tokio::sync::Mutex<Option<(u64, Channel<Req, Resp>)>>,
+    /// newer one). A plain mutex, held only to clone or swap: calls on a live connection never
+    /// wait on `connecting`.
+    current: Mutex<Option<(u64, Channel<Req, Resp>)>>,
+    /// Held while connecting, so that one caller connects and the others wait for it.
+    connecting: tokio::sync::Mutex<()>,
     generation: Mutex<u64>,
 }
 
@@ -122,10 +125,17 @@ where
     Req: RequestName + Serialize + Send + Sync + 'static,
     Resp: for<'de> Deserialize<'de> + Send + 'static,
 {
+    fn live(&self) -> Option<(u64, Channel<Req, Resp>)> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     async fn channel(&self) -> Result<(u64, Channel<Req, Resp>), RpcError> {
-        let mut cur = self.current.lock().await;
-        if let Some((g, c)) = cur.as_ref() {
-            return Ok((*g, c.clone()));
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
         }
         let failed =
             |cause: io::Error| RpcError::Send(Box::new(ConnectFailed { addr: self.addr.to_string(), cause }));
@@ -145,12 +155,12 @@ where
             *g
         };
         tracing::debug!(addr = %self.addr, generation = g, "connected");
-        *cur = Some((g, channel.clone()));
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((g, channel.clone()));
         Ok((g, channel))
     }
 
-    async fn forget(&self, generation: u64) {
-        let mut cur = self.current.lock().await;
+    fn forget(&self, generation: u64) {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if cur.as_ref().is_some_and(|(g, _)| *g == generation) {
             tracing::info!(addr = %self.addr, "connection lost; the next call reconnects");
             *cur = None;
@@ -190,7 +200,7 @@ where
             let r = channel.call(ctx, req).await;
             if let Err(e) = &r {
                 if is_transport_error(e) {
-                    conn.forget(g).await;
+                    conn.forget(g);
                 }
             }
             r
@@ -304,7 +314,8 @@ where
             addr: addr.clone(),
             service,
             config,
-            current: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             generation: Mutex::new(0),
         });
         let stack = ServiceBuilder::new()

@@ -177,6 +177,53 @@ pub fn set_pinning(pinning: Pinning) -> io::Result<()> {
     PINNED.set(chosen).map_err(|_| io::Error::other("pinning already set"))
 }
 
+/// Applies `pinning` if given, else the one named by [`PIN_ENV`] (default split): what the
+/// comparison binaries' `--pin` does.
+pub fn apply_pinning(pinning: Option<Pinning>) -> io::Result<Pinning> {
+    match pinning {
+        Some(p) => set_pinning(p).map(|()| p),
+        None => pin_from_env(Pinning::Split),
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` gives them (for result headers).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Times a run of round trips: call [`Laps::lap`] after each; samples each lap's duration when
+/// asked to (the timing bookkeeping every `PingPong::run` shares).
+#[derive(Debug)]
+pub struct Laps<'a> {
+    start: std::time::Instant,
+    prev: std::time::Instant,
+    samples: Option<&'a mut Vec<Duration>>,
+}
+
+impl<'a> Laps<'a> {
+    /// Starts the clock.
+    pub fn start(samples: Option<&'a mut Vec<Duration>>) -> Laps<'a> {
+        let now = std::time::Instant::now();
+        Laps { start: now, prev: now, samples }
+    }
+
+    /// One round trip done.
+    pub fn lap(&mut self) {
+        if let Some(s) = self.samples.as_deref_mut() {
+            let now = std::time::Instant::now();
+            s.push(now - self.prev);
+            self.prev = now;
+        }
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
 /// Applies the pinning named by [`PIN_ENV`] (default `default`).
 pub fn pin_from_env(default: Pinning) -> io::Result<Pinning> {
     let pinning = match std::env::var(PIN_ENV) {
@@ -357,24 +404,12 @@ pub fn timed_loop(
     samples: Option<&mut Vec<Duration>>,
     mut f: impl FnMut() -> io::Result<()>,
 ) -> io::Result<Duration> {
-    let start = std::time::Instant::now();
-    match samples {
-        None => {
-            for _ in 0..n {
-                f()?;
-            }
-        }
-        Some(samples) => {
-            let mut prev = start;
-            for _ in 0..n {
-                f()?;
-                let now = std::time::Instant::now();
-                samples.push(now - prev);
-                prev = now;
-            }
-        }
+    let mut laps = Laps::start(samples);
+    for _ in 0..n {
+        f()?;
+        laps.lap();
     }
-    Ok(start.elapsed())
+    Ok(laps.elapsed())
 }
 
 /// Latency statistics of one benchmark from [`Sampler::stats`].

@@ -310,26 +310,13 @@ impl PingPong for LinkPingPong {
         let LinkPingPong { session, out, back } = self;
         let Session { link, rt, .. } = session;
         rt.block_on(async {
-            let start = Instant::now();
-            match samples {
-                None => {
-                    for _ in 0..n {
-                        link.write_all(out).await?;
-                        link.read_exact(back).await?;
-                    }
-                }
-                Some(samples) => {
-                    let mut prev = start;
-                    for _ in 0..n {
-                        link.write_all(out).await?;
-                        link.read_exact(back).await?;
-                        let now = Instant::now();
-                        samples.push(now - prev);
-                        prev = now;
-                    }
-                }
+            let mut laps = crate::Laps::start(samples);
+            for _ in 0..n {
+                link.write_all(out).await?;
+                link.read_exact(back).await?;
+                laps.lap();
             }
-            Ok(start.elapsed())
+            Ok(laps.elapsed())
         })
     }
 
@@ -447,19 +434,13 @@ impl PingPong for VsockPingPong {
     fn run(&mut self, n: u64, samples: Option<&mut Vec<Duration>>) -> io::Result<Duration> {
         let VsockPingPong { stream, out, back, rt, .. } = self;
         rt.block_on(async {
-            let start = Instant::now();
-            let mut prev = start;
-            let mut samples = samples;
+            let mut laps = crate::Laps::start(samples);
             for _ in 0..n {
                 stream.write_all(out).await?;
                 stream.read_exact(back).await?;
-                if let Some(s) = samples.as_deref_mut() {
-                    let now = Instant::now();
-                    s.push(now - prev);
-                    prev = now;
-                }
+                laps.lap();
             }
-            Ok(start.elapsed())
+            Ok(laps.elapsed())
         })
     }
 

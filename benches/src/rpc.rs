@@ -711,18 +711,12 @@ impl PingPong for RpcPingPong {
     fn run(&mut self, n: u64, samples: Option<&mut Vec<Duration>>) -> io::Result<Duration> {
         let RpcPingPong { caller, rt, data, .. } = self;
         rt.block_on(async {
-            let start = Instant::now();
-            let mut prev = start;
-            let mut samples = samples;
+            let mut laps = crate::Laps::start(samples);
             for _ in 0..n {
                 caller.call(data).await?;
-                if let Some(s) = samples.as_deref_mut() {
-                    let now = Instant::now();
-                    s.push(now - prev);
-                    prev = now;
-                }
+                laps.lap();
             }
-            Ok(start.elapsed())
+            Ok(laps.elapsed())
         })
     }
 

@@ -329,22 +329,9 @@ fn columns(versus: &Versus, ratio: Option<f64>, higher_is_better: bool) -> (Stri
     (base.clone(), format!("{ratio:.2}x"), target)
 }
 
-/// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` gives them.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn run(plan: &Plan) -> io::Result<()> {
-    let pinning = match plan.pin {
-        Some(p) => {
-            dombus_benches::set_pinning(p)?;
-            p
-        }
-        None => dombus_benches::pin_from_env(Pinning::Split)?,
-    };
-    let load_start = load_average();
+    let pinning = dombus_benches::apply_pinning(plan.pin)?;
+    let load_start = dombus_benches::load_average();
     let mut r = Results::default();
     let wake = LinkPingPong::config(None);
     let spin = LinkPingPong::config(Some(plan.main_spin()));
@@ -442,7 +429,7 @@ fn run(plan: &Plan) -> io::Result<()> {
         plan.batches,
         plan.chunks,
         plan.cpu_window.as_millis(),
-        load_average()
+        dombus_benches::load_average()
     );
     println!();
     r.print();

@@ -399,22 +399,9 @@ fn print(plan: &Plan, specs: &[Spec], m: &[Measured]) {
     }
 }
 
-/// The 1-, 5- and 15-minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn run(plan: &Plan) -> io::Result<()> {
-    let pinning = match plan.pin {
-        Some(p) => {
-            dombus_benches::set_pinning(p)?;
-            p
-        }
-        None => dombus_benches::pin_from_env(Pinning::Split)?,
-    };
-    let load_start = load_average();
+    let pinning = dombus_benches::apply_pinning(plan.pin)?;
+    let load_start = dombus_benches::load_average();
     let started = Instant::now();
     let specs: Vec<Spec> = specs(plan).into_iter().filter(|s| plan.wants(&s.name)).collect();
     eprintln!(
@@ -441,7 +428,7 @@ fn run(plan: &Plan) -> io::Result<()> {
         plan.calls,
         plan.depth,
         plan.flavor,
-        load_average(),
+        dombus_benches::load_average(),
         started.elapsed().as_secs_f64()
     );
     println!();

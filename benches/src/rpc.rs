@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use dombus_rpc::codec::SerdeCodec;
-use dombus_rpc::{Address, BoxStream, Client, ClientConfig, Codec, Net, Server, ServerConfig};
+use dombus_rpc::{Address, BoxStream, ClientConfig, Codec, Net, Server, ServerConfig};
 use dombus_transport_xen::link::LinkConfig;
 use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
@@ -44,7 +44,7 @@ use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
-use tarpc::server::{BaseChannel, Channel, Serve};
+use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::{ClientMessage, Request, Response, context};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -64,6 +64,28 @@ mod service {
     }
 }
 pub use service::{Echo, EchoClient, EchoRequest, EchoResponse, ServeEcho};
+
+/// The same service through `#[dombus::service]`, for the dombus-rpc stacks (calls by method
+/// name; generated items `typed::EchoClient`, …).
+pub mod typed {
+    /// An echo service.
+    #[dombus::service(name = "echo")]
+    pub trait Echo {
+        /// Returns its argument.
+        #[idempotent]
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+    }
+
+    /// The implementation the peer serves.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct EchoServer;
+
+    impl Echo for EchoServer {
+        async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+            data
+        }
+    }
+}
 
 /// The [`Echo`] implementation the peer serves.
 #[derive(Debug, Clone, Copy, Default)]
@@ -373,7 +395,7 @@ async fn join_first(mut set: tokio::task::JoinSet<io::Result<()>>) -> io::Result
 /// Serves [`Echo`] through dombus-rpc on `addr`.
 async fn serve_rpc(net: &Net, addr: &Address) -> io::Result<dombus_rpc::ServeHandle> {
     Server::new(net.clone(), ServerConfig::default())
-        .serve(addr, SERVICE, |ctx, req| EchoServer.serve().serve(ctx, req))
+        .serve(addr, typed::Echo::into_service(typed::EchoServer))
         .await
 }
 
@@ -440,7 +462,7 @@ async fn serve_raw<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()
 // ---------------------------------------------------------------------------------------------
 // The parent: one client of one stack.
 
-type RpcClient = EchoClient<Client<EchoRequest, EchoResponse>>;
+type RpcClient = typed::EchoClient;
 type FramedTransport = tarpc::serde_transport::Transport<
     BoxStream,
     Response<EchoResponse>,
@@ -631,7 +653,7 @@ impl RpcPingPong {
                     Stack::Rpc(codec) => {
                         drop(stream);
                         let config = ClientConfig { codec, ..ClientConfig::default() };
-                        Caller::Rpc(EchoClient::from(Client::new(net, addr, SERVICE, config, |_| true)))
+                        Caller::Rpc(typed::EchoClient::with_config(net, addr, config))
                     }
                     Stack::Tarpc => {
                         let cfg = tarpc::client::Config::default();

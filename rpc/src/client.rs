@@ -1,7 +1,8 @@
-//! Calling a typed service on any [`Address`]: a tarpc [`Stub`] that reconnects.
+//! Calling a service on any [`Address`]: a tarpc [`Stub`] that reconnects.
 //!
-//! [`Client`] plugs into the typed client tarpc generates (`XClient::from(client)`) and runs
-//! every call through a tower stack — `ConcurrencyLimit(Retry(Reconnecting))`:
+//! [`Client`] is the stub of the typed clients `#[dombus::service]` generates
+//! (`StorageClient::connect(net, addr)`), [`RawClient`] its untyped core (calls by method name,
+//! the built-in `describe` and `ping`). Every call goes through a tower stack — `ConcurrencyLimit(Retry(Reconnecting))`:
 //!
 //! * **Deadlines** travel with each call in tarpc's context (the server abandons a call past its
 //!   deadline, the client returns `DeadlineExceeded`); connecting and retrying are bounded by the
@@ -9,7 +10,7 @@
 //! * **Reconnect.** When the connection goes (peer restart, migration, a link torn down), the
 //!   next call connects again, with exponential backoff between attempts.
 //! * **Retries**: a call that never left (connecting failed) is sent again, whatever it is; a
-//!   call the `idempotent` predicate accepts is also sent again after the connection went while
+//!   call to a method marked `#[idempotent]` is also sent again after the connection went while
 //!   it was in flight. Any other call whose connection went fails with [`ConnectionLost`]
 //!   (inside `RpcError::Channel`; see [`connection_lost`]): it may or may not have run. (tarpc
 //!   reports a connection found closed at send time like one lost in flight, so a
@@ -17,23 +18,25 @@
 //!   conservative answer.)
 //! * **Concurrency limit**: at most `max_in_flight` calls at once from this client.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::io;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tarpc::client::RpcError;
 use tarpc::client::stub::Stub;
 use tarpc::context::Context;
-use tarpc::{ChannelError, ClientMessage, RequestName, Response};
+use tarpc::{ChannelError, ClientMessage, Response};
 use tower::retry::Policy;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::codec::{self, Codec};
 use crate::metrics::Metrics;
+use crate::wire::{BUILTIN_SERVICE, Call, DESCRIBE, PING, Reply, Request, ServiceDescriptor};
 use crate::{Address, Net, preamble};
 
 /// Client settings.
@@ -103,10 +106,10 @@ pub struct ConnectFailed {
     pub cause: io::Error,
 }
 
-type Channel<Req, Resp> = tarpc::client::Channel<Arc<Req>, Resp>;
+type Channel = tarpc::client::Channel<Arc<Call>, Reply>;
 
 /// The connection, made again when it goes.
-struct Connection<Req, Resp> {
+struct Connection {
     net: Net,
     addr: Address,
     service: &'static str,
@@ -114,22 +117,18 @@ struct Connection<Req, Resp> {
     /// The current channel and its generation (so that a failure of an old one does not drop a
     /// newer one). A plain mutex, held only to clone or swap: calls on a live connection never
     /// wait on `connecting`.
-    current: Mutex<Option<(u64, Channel<Req, Resp>)>>,
+    current: Mutex<Option<(u64, Channel)>>,
     /// Held while connecting, so that one caller connects and the others wait for it.
     connecting: tokio::sync::Mutex<()>,
     generation: Mutex<u64>,
 }
 
-impl<Req, Resp> Connection<Req, Resp>
-where
-    Req: RequestName + Serialize + Send + Sync + 'static,
-    Resp: for<'de> Deserialize<'de> + Send + 'static,
-{
-    fn live(&self) -> Option<(u64, Channel<Req, Resp>)> {
+impl Connection {
+    fn live(&self) -> Option<(u64, Channel)> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn channel(&self) -> Result<(u64, Channel<Req, Resp>), RpcError> {
+    async fn channel(&self) -> Result<(u64, Channel), RpcError> {
         if let Some(c) = self.live() {
             return Ok(c);
         }
@@ -143,7 +142,7 @@ where
         preamble::client(&mut stream, self.service, self.config.codec, self.config.preamble_timeout)
             .await
             .map_err(failed)?;
-        let transport = codec::transport::<Response<Resp>, ClientMessage<Arc<Req>>>(
+        let transport = codec::transport::<Response<Reply>, ClientMessage<Arc<Call>>>(
             stream,
             self.config.codec,
             self.config.max_frame,
@@ -168,36 +167,35 @@ where
     }
 }
 
-/// The innermost tower service: one attempt over the current connection.
-struct Attempt<Req, Resp>(Arc<Connection<Req, Resp>>);
-
-impl<Req, Resp> Clone for Attempt<Req, Resp> {
-    fn clone(&self) -> Self {
-        Attempt(self.0.clone())
-    }
+/// One call as it goes through the client's tower stack.
+#[derive(Clone)]
+struct Outgoing {
+    ctx: Context,
+    call: Arc<Call>,
+    idempotent: bool,
 }
+
+/// The innermost tower service: one attempt over the current connection.
+#[derive(Clone)]
+struct Attempt(Arc<Connection>);
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<Req, Resp> Service<(Context, Arc<Req>)> for Attempt<Req, Resp>
-where
-    Req: RequestName + Serialize + Send + Sync + 'static,
-    Resp: for<'de> Deserialize<'de> + Send + 'static,
-{
-    type Response = Resp;
+impl Service<Outgoing> for Attempt {
+    type Response = Reply;
     type Error = RpcError;
-    type Future = BoxFuture<Result<Resp, RpcError>>;
+    type Future = BoxFuture<Result<Reply, RpcError>>;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), RpcError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (ctx, req): (Context, Arc<Req>)) -> Self::Future {
+    fn call(&mut self, out: Outgoing) -> Self::Future {
         let conn = self.0.clone();
         Box::pin(async move {
-            let connect = tokio::time::timeout_at(ctx.deadline.into(), conn.channel());
+            let connect = tokio::time::timeout_at(out.ctx.deadline.into(), conn.channel());
             let (g, channel) = connect.await.map_err(|_| RpcError::DeadlineExceeded)??;
-            let r = channel.call(ctx, req).await;
+            let r = channel.call(out.ctx, out.call).await;
             if let Err(e) = &r {
                 if is_transport_error(e) {
                     conn.forget(g);
@@ -209,39 +207,24 @@ where
 }
 
 /// Retries idempotent calls after transport failures, with backoff, within the deadline.
-struct Retry<Req> {
-    idempotent: fn(&Req) -> bool,
+#[derive(Clone)]
+struct Retry {
     left: u32,
     backoff: Duration,
     max_backoff: Duration,
 }
 
-impl<Req> Clone for Retry<Req> {
-    fn clone(&self) -> Self {
-        Retry {
-            idempotent: self.idempotent,
-            left: self.left,
-            backoff: self.backoff,
-            max_backoff: self.max_backoff,
-        }
-    }
-}
-
-impl<Req: Send + Sync + 'static, Resp> Policy<(Context, Arc<Req>), Resp, RpcError> for Retry<Req> {
+impl Policy<Outgoing, Reply, RpcError> for Retry {
     type Future = BoxFuture<()>;
 
-    fn retry(
-        &mut self,
-        (ctx, req): &mut (Context, Arc<Req>),
-        result: &mut Result<Resp, RpcError>,
-    ) -> Option<Self::Future> {
+    fn retry(&mut self, out: &mut Outgoing, result: &mut Result<Reply, RpcError>) -> Option<Self::Future> {
         let Err(e) = result else { return None };
         let never_sent = matches!(e, RpcError::Send(_));
-        if !is_transport_error(e) || self.left == 0 || !(never_sent || (self.idempotent)(req)) {
+        if !is_transport_error(e) || self.left == 0 || !(never_sent || out.idempotent) {
             return None;
         }
         let wait = self.backoff;
-        if Instant::now() + wait >= ctx.deadline {
+        if Instant::now() + wait >= out.ctx.deadline {
             return None;
         }
         self.left -= 1;
@@ -250,64 +233,37 @@ impl<Req: Send + Sync + 'static, Resp> Policy<(Context, Arc<Req>), Resp, RpcErro
         Some(Box::pin(tokio::time::sleep(wait)))
     }
 
-    fn clone_request(&mut self, req: &(Context, Arc<Req>)) -> Option<(Context, Arc<Req>)> {
-        Some(req.clone())
+    fn clone_request(&mut self, out: &Outgoing) -> Option<Outgoing> {
+        Some(out.clone())
     }
 }
 
-type Stack<Req, Resp> = tower::util::BoxCloneSyncService<(Context, Arc<Req>), Resp, RpcError>;
+type Stack = tower::util::BoxCloneSyncService<Outgoing, Reply, RpcError>;
 
-/// A reconnecting, retrying client of one service at one address; use it as the stub of a
-/// tarpc-generated client: `EchoClient::from(client)`. Cheap to clone.
-pub struct Client<Req, Resp> {
-    conn: Arc<Connection<Req, Resp>>,
+/// A reconnecting, retrying client of one service at one address, calling methods by name with
+/// encoded arguments. [`Client`] is its typed form; this one serves the built-in methods
+/// ([`RawClient::describe`], [`RawClient::ping`]) and tools that handle any service.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct RawClient {
+    conn: Arc<Connection>,
     addr: Arc<str>,
     service: &'static str,
-    stack: Stack<Req, Resp>,
-    idempotent: fn(&Req) -> bool,
+    stack: Stack,
     metrics: Metrics,
 }
 
-impl<Req, Resp> Clone for Client<Req, Resp> {
-    fn clone(&self) -> Self {
-        Client {
-            conn: self.conn.clone(),
-            addr: self.addr.clone(),
-            service: self.service,
-            stack: self.stack.clone(),
-            idempotent: self.idempotent,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-impl<Req, Resp> std::fmt::Debug for Client<Req, Resp> {
+impl std::fmt::Debug for RawClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("addr", &self.addr).field("service", &self.service).finish()
+        f.debug_struct("RawClient").field("addr", &self.addr).field("service", &self.service).finish()
     }
 }
 
-impl<Req, Resp> Client<Req, Resp>
-where
-    Req: RequestName + Serialize + Send + Sync + 'static,
-    Resp: for<'de> Deserialize<'de> + Send + 'static,
-{
-    /// A client of `service` at `addr`. Connects on the first call (and again after a loss);
-    /// use [`Client::connect`] to fail early instead. `idempotent` says which calls may be sent
-    /// again after a connection loss.
-    pub fn new(
-        net: Net,
-        addr: Address,
-        service: &'static str,
-        config: ClientConfig,
-        idempotent: fn(&Req) -> bool,
-    ) -> Client<Req, Resp> {
-        let retry = Retry {
-            idempotent,
-            left: config.retries,
-            backoff: config.backoff,
-            max_backoff: config.max_backoff,
-        };
+impl RawClient {
+    /// A client of `service` at `addr` (use [`BUILTIN_SERVICE`] to reach only the built-in
+    /// methods of whatever serves there). Connects on the first call, and again after a loss.
+    pub fn new(net: Net, addr: Address, service: &'static str, config: ClientConfig) -> RawClient {
+        let retry = Retry { left: config.retries, backoff: config.backoff, max_backoff: config.max_backoff };
         let max_in_flight = config.max_in_flight;
         let conn = Arc::new(Connection {
             net,
@@ -322,65 +278,62 @@ where
             .concurrency_limit(max_in_flight)
             .layer(tower::retry::RetryLayer::new(retry))
             .service(Attempt(conn.clone()));
-        Client {
+        RawClient {
             conn,
             addr: addr.to_string().into(),
             service,
             stack: tower::util::BoxCloneSyncService::new(stack),
-            idempotent,
             metrics: Metrics::new("client"),
         }
     }
 
-    /// Like [`Client::new`], then connects (within `timeout`; the connection is kept for the
-    /// calls) so that a wrong address, a missing service or an incompatible server is reported
-    /// now, as the `io::Error` of the transport or the preamble.
-    pub async fn connect(
-        net: Net,
-        addr: Address,
-        service: &'static str,
-        config: ClientConfig,
-        idempotent: fn(&Req) -> bool,
-        timeout: Duration,
-    ) -> io::Result<Client<Req, Resp>> {
-        let client = Client::new(net, addr.clone(), service, config, idempotent);
-        match tokio::time::timeout(timeout, client.conn.channel()).await {
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}"))),
+    /// Connects now (within `timeout`; the connection is kept for the calls), so that a wrong
+    /// address, a missing service or an incompatible server is reported now, as the
+    /// `io::Error` of the transport or the preamble.
+    pub async fn connect_now(&self, timeout: Duration) -> io::Result<()> {
+        let addr = &self.addr;
+        match tokio::time::timeout(timeout, self.conn.channel()).await {
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}"))),
             Ok(Err(RpcError::Send(e))) => match e.downcast::<ConnectFailed>() {
-                Ok(f) => return Err(f.cause),
-                Err(e) => return Err(io::Error::other(e)),
+                Ok(f) => Err(f.cause),
+                Err(e) => Err(io::Error::other(e)),
             },
-            Ok(Err(e)) => return Err(io::Error::other(e)),
-            Ok(Ok(_)) => {}
+            Ok(Err(e)) => Err(io::Error::other(e)),
+            Ok(Ok(_)) => Ok(()),
         }
-        Ok(client)
+    }
+
+    /// The codec arguments and results are encoded with.
+    pub fn codec(&self) -> Codec {
+        self.conn.config.codec
+    }
+
+    /// Where the calls go.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// Call statistics of this client (and its clones).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-}
 
-impl<Req, Resp> Stub for Client<Req, Resp>
-where
-    Req: RequestName + Serialize + Send + Sync + 'static,
-    Resp: for<'de> Deserialize<'de> + Send + 'static,
-{
-    type Req = Req;
-    type Resp = Resp;
-
-    async fn call(&self, ctx: Context, request: Req) -> Result<Resp, RpcError> {
-        let method = request.name().to_string();
-        let idempotent = (self.idempotent)(&request);
+    /// Calls `method` with encoded `args`; answers the encoded result. `idempotent` allows
+    /// sending it again after the connection was lost with the call in flight.
+    pub async fn call(
+        &self,
+        ctx: Context,
+        method: Cow<'static, str>,
+        args: Vec<u8>,
+        idempotent: bool,
+    ) -> Result<Vec<u8>, RpcError> {
         let span = tracing::debug_span!("call", service = self.service, method = %method, addr = %self.addr);
         let start = Instant::now();
+        let call = Arc::new(Call { method, args });
         let mut stack = self.stack.clone();
-        let result = tracing::Instrument::instrument(
-            async move { stack.ready().await?.call((ctx, Arc::new(request))).await },
-            span,
-        )
-        .await;
+        let out = Outgoing { ctx, call: call.clone(), idempotent };
+        let result =
+            tracing::Instrument::instrument(async move { stack.ready().await?.call(out).await }, span).await;
         let result = match result {
             Err(e) if is_transport_error(&e) && !matches!(e, RpcError::Send(_)) && !idempotent => {
                 let lost = ConnectionLost { addr: self.addr.to_string(), cause: e.to_string() };
@@ -388,7 +341,99 @@ where
             }
             other => other,
         };
-        self.metrics.record(self.service, &method, result.is_ok(), start.elapsed());
-        result
+        self.metrics.record(self.service, &call.method, result.is_ok(), start.elapsed());
+        result.map(|Reply(bytes)| bytes)
     }
+
+    /// The descriptors of the services hosted where this client calls (the built-in
+    /// [`DESCRIBE`] method; any server answers it).
+    pub async fn describe(&self, ctx: Context) -> Result<Vec<ServiceDescriptor>, RpcError> {
+        let bytes = self.call(ctx, Cow::Borrowed(DESCRIBE), Vec::new(), true).await?;
+        self.codec().decode(&bytes).map_err(|e| undecodable(DESCRIBE, e))
+    }
+
+    /// One round trip through the built-in [`PING`] method.
+    pub async fn ping(&self, ctx: Context) -> Result<(), RpcError> {
+        self.call(ctx, Cow::Borrowed(PING), Vec::new(), true).await.map(drop)
+    }
+}
+
+fn undecodable(method: &str, e: io::Error) -> RpcError {
+    RpcError::Server(tarpc::ServerError::new(
+        io::ErrorKind::InvalidData,
+        format!("the reply of {method} does not decode: {e}"),
+    ))
+}
+
+/// A typed client of a `#[dombus::service]` at one address: the stub of the generated
+/// `<Trait>Client`, which is how it is normally made (`StorageClient::connect(net, addr)`).
+/// Cheap to clone.
+pub struct Client<Req> {
+    raw: RawClient,
+    _request: PhantomData<fn(Req)>,
+}
+
+impl<Req> Clone for Client<Req> {
+    fn clone(&self) -> Self {
+        Client { raw: self.raw.clone(), _request: PhantomData }
+    }
+}
+
+impl<Req> std::fmt::Debug for Client<Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.raw.fmt(f)
+    }
+}
+
+impl<Req: Request> Client<Req> {
+    /// A client of `Req`'s service at `addr`. Connects on the first call (and again after a
+    /// loss); use [`Client::connect`] to fail early instead.
+    pub fn new(net: Net, addr: Address, config: ClientConfig) -> Client<Req> {
+        Client { raw: RawClient::new(net, addr, Req::SERVICE, config), _request: PhantomData }
+    }
+
+    /// Like [`Client::new`], then connects (see [`RawClient::connect_now`]).
+    pub async fn connect(
+        net: Net,
+        addr: Address,
+        config: ClientConfig,
+        timeout: Duration,
+    ) -> io::Result<Client<Req>> {
+        let client = Client::new(net, addr, config);
+        client.raw.connect_now(timeout).await?;
+        Ok(client)
+    }
+
+    /// The untyped client underneath (built-in methods, metrics).
+    pub fn raw(&self) -> &RawClient {
+        &self.raw
+    }
+
+    /// Call statistics of this client (and its clones).
+    pub fn metrics(&self) -> &Metrics {
+        self.raw.metrics()
+    }
+}
+
+impl<Req: Request> Stub for Client<Req> {
+    type Req = Req;
+    type Resp = Req::Response;
+
+    async fn call(&self, ctx: Context, request: Req) -> Result<Req::Response, RpcError> {
+        let method = request.method();
+        let idempotent = request.idempotent();
+        let codec = self.raw.codec();
+        let args = request.encode_args(codec).map_err(|e| RpcError::Send(Box::new(e)))?;
+        let bytes = self.raw.call(ctx, Cow::Borrowed(method), args, idempotent).await?;
+        Req::decode_response(method, &bytes, codec).map_err(|e| undecodable(method, e))
+    }
+}
+
+/// The services hosted at `addr` (connects for the built-in [`DESCRIBE`] call only).
+pub async fn describe(net: Net, addr: Address, timeout: Duration) -> io::Result<Vec<ServiceDescriptor>> {
+    let client = RawClient::new(net, addr, BUILTIN_SERVICE, ClientConfig::default());
+    client.connect_now(timeout).await?;
+    let mut ctx = Context::current();
+    ctx.deadline = Instant::now() + timeout;
+    client.describe(ctx).await.map_err(io::Error::other)
 }

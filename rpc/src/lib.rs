@@ -5,16 +5,19 @@
 //! See `docs/rpc.md`.
 
 pub mod addr;
+pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod metrics;
 pub mod preamble;
 pub mod server;
 pub mod transport;
+pub mod wire;
 
 pub use addr::{Address, AddressError};
-pub use client::{Client, ClientConfig, ConnectionLost, connection_lost};
+pub use client::{Client, ClientConfig, ConnectionLost, RawClient, connection_lost, describe};
 pub use codec::Codec;
 pub use metrics::Metrics;
 pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
 pub use transport::{Accepted, BoxStream, Listener, Net};
+pub use wire::{Dispatch, Request, Service, ServiceDescriptor, current_context, is_unknown_method};

@@ -1,7 +1,8 @@
-//! Serving a typed service on any [`Address`].
+//! Serving typed services on any [`Address`].
 //!
 //! Each connection: the preamble (service name, version, codec), then tarpc's channel over
-//! length-delimited frames. Every request goes through the server's tower stack —
+//! length-delimited frames, carrying [`Call`]s (method by name) and [`Reply`]s. Every server
+//! also answers the built-in [`DESCRIBE`] and [`PING`]. Every request goes through the server's tower stack —
 //! `LoadShed(ConcurrencyLimit(handler))`: beyond `max_concurrent` calls in progress across all
 //! connections, new calls fail at once ([`is_overloaded`]) instead of queueing — inside a tracing
 //! span (service, method, peer), and is counted in [`Metrics`]. Deadlines come with each request
@@ -9,7 +10,6 @@
 //! that sends an oversize, truncated or undecodable frame is closed with the reason logged; the
 //! others go on.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,17 +17,17 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, future};
-use serde::{Deserialize, Serialize};
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel, Serve};
-use tarpc::{ClientMessage, RequestName, Response, ServerError};
+use tarpc::{ClientMessage, Response, ServerError};
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Service as _, ServiceBuilder, ServiceExt};
 use tracing::Instrument;
 
 use crate::codec::{self, Codec};
 use crate::metrics::Metrics;
 use crate::preamble::{self, Refusal};
+use crate::wire::{self, BUILTIN_SERVICE, Call, DESCRIBE, PING, Reply, Service, ServiceDescriptor};
 use crate::{Address, Net};
 
 /// Start of the detail of a shed call's `ServerError` (kind `WouldBlock`).
@@ -57,44 +57,60 @@ impl Default for ServerConfig {
     }
 }
 
-type Stack<Req, Resp> = BoxCloneSyncService<(Context, Req), Resp, BoxError>;
+/// One call as it goes through the server's tower stack.
+struct Incoming {
+    ctx: Context,
+    call: Call,
+    /// The service the connection chose (`None`: the built-in methods only).
+    target: Option<Service>,
+    codec: Codec,
+}
 
-/// The tarpc [`Serve`] that runs each request through the tower stack, a span and the metrics.
-struct Stacked<Req, Resp> {
-    service: &'static str,
+type Stack = BoxCloneSyncService<Incoming, Vec<u8>, BoxError>;
+
+/// The tarpc [`Serve`] that runs each call through the tower stack, a span and the metrics.
+#[derive(Clone)]
+struct Stacked {
+    target: Option<Service>,
+    codec: Codec,
     peer: Arc<str>,
-    stack: Stack<Req, Resp>,
+    stack: Stack,
     metrics: Metrics,
 }
 
-impl<Req, Resp> Clone for Stacked<Req, Resp> {
-    fn clone(&self) -> Self {
-        Stacked {
-            service: self.service,
-            peer: self.peer.clone(),
-            stack: self.stack.clone(),
-            metrics: self.metrics.clone(),
-        }
+impl Stacked {
+    fn service_name(&self) -> &str {
+        self.target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name())
+    }
+
+    /// The method's name for metrics: only names the service has (or the built-ins), so that
+    /// a client inventing names cannot grow the metrics without bound.
+    fn metric_name(&self, method: &str) -> String {
+        let known = [DESCRIBE, PING].contains(&method)
+            || self.target.as_ref().is_some_and(|s| s.descriptor().methods.iter().any(|m| m.name == method));
+        if known { method.to_string() } else { "<unknown>".to_string() }
     }
 }
 
-impl<Req: RequestName + Send + 'static, Resp: Send + 'static> Serve for Stacked<Req, Resp> {
-    type Req = Req;
-    type Resp = Resp;
+impl Serve for Stacked {
+    type Req = Call;
+    type Resp = Reply;
 
-    async fn serve(self, ctx: Context, req: Req) -> Result<Resp, ServerError> {
-        let method = req.name().to_string();
-        let span = tracing::info_span!("rpc", service = self.service, method = %method, peer = %self.peer);
+    async fn serve(self, ctx: Context, call: Call) -> Result<Reply, ServerError> {
+        let method = self.metric_name(&call.method);
+        let service = self.service_name().to_string();
+        let span = tracing::info_span!("rpc", service = %service, method = %method, peer = %self.peer);
         let start = Instant::now();
         let mut stack = self.stack;
+        let incoming = Incoming { ctx, call, target: self.target, codec: self.codec };
         let result = async {
             let svc = stack.ready().await?;
-            svc.call((ctx, req)).await
+            svc.call(incoming).await
         }
         .instrument(span.clone())
         .await;
-        self.metrics.record(self.service, &method, result.is_ok(), start.elapsed());
-        result.map_err(|e| {
+        self.metrics.record(&service, &method, result.is_ok(), start.elapsed());
+        result.map(Reply).map_err(|e| {
             span.in_scope(|| tracing::debug!(error = %e, "call failed"));
             if e.is::<tower::load_shed::error::Overloaded>() {
                 // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
@@ -103,9 +119,30 @@ impl<Req: RequestName + Send + 'static, Resp: Send + 'static> Serve for Stacked<
                     format!("{OVERLOADED}: too many calls in progress"),
                 )
             } else {
-                ServerError::new(io::ErrorKind::Other, e.to_string())
+                match e.downcast::<ServerError>() {
+                    Ok(e) => *e,
+                    Err(e) => ServerError::new(io::ErrorKind::Other, e.to_string()),
+                }
             }
         })
+    }
+}
+
+/// Answers one call: a built-in method, or the chosen service's.
+async fn answer(hosted: Arc<Vec<ServiceDescriptor>>, incoming: Incoming) -> Result<Vec<u8>, ServerError> {
+    let Incoming { ctx, call, target, codec } = incoming;
+    match &*call.method {
+        DESCRIBE => {
+            codec.encode(&*hosted).map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, DESCRIBE, e))
+        }
+        PING => Ok(Vec::new()),
+        method => match target {
+            None => Err(wire::unknown_method(BUILTIN_SERVICE, method)),
+            Some(service) => {
+                let reply = service.dispatch().dispatch(method, &call.args, codec)?;
+                wire::with_context(ctx, reply).await
+            }
+        },
     }
 }
 
@@ -149,36 +186,41 @@ impl Server {
         &self.metrics
     }
 
-    /// Serves `service` (its name, checked against each client's preamble) on `addr`:
-    /// `handler(ctx, request)` answers each call. With a tarpc service `S` (from
-    /// `#[tarpc::service]`), the handler is `move |ctx, req| S.serve().serve(ctx, req)`-style
-    /// glue; `#[dombus::service]` generates it.
-    pub async fn serve<Req, Resp, F, Fut>(
-        &self,
-        addr: &Address,
-        service: &'static str,
-        handler: F,
-    ) -> io::Result<ServeHandle>
-    where
-        Req: for<'de> Deserialize<'de> + RequestName + Send + 'static,
-        Resp: Serialize + Send + 'static,
-        F: Fn(Context, Req) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = Result<Resp, ServerError>> + Send + 'static,
-    {
-        preamble::check_name(service)?;
+    /// Serves `service` (from `#[dombus::service]`: `my_impl.into_service()`) on `addr`.
+    pub async fn serve(&self, addr: &Address, service: Service) -> io::Result<ServeHandle> {
+        self.serve_many(addr, vec![service]).await
+    }
+
+    /// Serves several services on one address; each connection names the one it calls in its
+    /// preamble. Every connection may also call the built-in methods ([`DESCRIBE`], [`PING`]).
+    pub async fn serve_many(&self, addr: &Address, services: Vec<Service>) -> io::Result<ServeHandle> {
+        let mut names = std::collections::HashSet::new();
+        for s in &services {
+            preamble::check_name(s.name())?;
+            if s.name() == BUILTIN_SERVICE || !names.insert(s.name().to_string()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("service name {:?} reserved or given twice", s.name()),
+                ));
+            }
+        }
+        let hosted: Arc<Vec<ServiceDescriptor>> =
+            Arc::new(services.iter().map(|s| s.descriptor().clone()).collect());
+        let services: Arc<[Service]> = services.into();
         let mut listener = self.net.listen(addr).await?;
         let bound = listener.local_addr()?;
-        let stack: Stack<Req, Resp> = BoxCloneSyncService::new(
+        let stack: Stack = BoxCloneSyncService::new(
             ServiceBuilder::new().load_shed().concurrency_limit(self.config.max_concurrent).service(
-                tower::service_fn(move |(ctx, req): (Context, Req)| {
-                    let h = handler.clone();
-                    async move { h(ctx, req).await.map_err(BoxError::from) }
+                tower::service_fn(move |incoming: Incoming| {
+                    let hosted = hosted.clone();
+                    async move { answer(hosted, incoming).await.map_err(BoxError::from) }
                 }),
             ),
         );
         let config = self.config.clone();
         let metrics = self.metrics.clone();
-        tracing::info!(%bound, service, "serving");
+        let names: Vec<String> = names.into_iter().collect();
+        tracing::info!(%bound, services = ?names, "serving");
         let task = tokio::spawn(async move {
             // Owned here, so that stopping the service (aborting this task) drops every open
             // connection too.
@@ -195,23 +237,31 @@ impl Server {
                     }
                 };
                 let peer: Arc<str> = accepted.peer.into();
-                let stacked =
-                    Stacked { service, peer: peer.clone(), stack: stack.clone(), metrics: metrics.clone() };
+                let hosting = Hosting {
+                    services: services.clone(),
+                    peer: peer.clone(),
+                    stack: stack.clone(),
+                    metrics: metrics.clone(),
+                };
                 let config = config.clone();
-                let span = tracing::info_span!("conn", service, peer = %peer);
-                connections.spawn(connection(accepted.stream, stacked, config).instrument(span));
+                let span = tracing::info_span!("conn", peer = %peer);
+                connections.spawn(connection(accepted.stream, hosting, config).instrument(span));
             }
         });
         Ok(ServeHandle { addr: bound, task })
     }
 }
 
+/// What a new connection may reach.
+struct Hosting {
+    services: Arc<[Service]>,
+    peer: Arc<str>,
+    stack: Stack,
+    metrics: Metrics,
+}
+
 /// One connection: preamble, then requests until the client goes or breaks the protocol.
-async fn connection<Req, Resp>(mut stream: crate::BoxStream, serve: Stacked<Req, Resp>, config: ServerConfig)
-where
-    Req: for<'de> Deserialize<'de> + RequestName + Send + 'static,
-    Resp: Serialize + Send + 'static,
-{
+async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: ServerConfig) {
     let hello = match preamble::read_hello(&mut stream, config.preamble_timeout).await {
         Ok(h) => h,
         Err(r) => {
@@ -220,13 +270,18 @@ where
             return;
         }
     };
+    let target = hosting.services.iter().find(|s| s.name() == hello.service).cloned();
+    let here = || {
+        let names: Vec<&str> = hosting.services.iter().map(|s| s.name()).collect();
+        names.join(", ")
+    };
     let refusal = if hello.version != preamble::VERSION {
         Some((
             Refusal::Version,
             format!("protocol version {} (server speaks {})", hello.version, preamble::VERSION),
         ))
-    } else if hello.service != serve.service {
-        Some((Refusal::NoSuchService, format!("this is {:?}, not {:?}", serve.service, hello.service)))
+    } else if target.is_none() && hello.service != BUILTIN_SERVICE {
+        Some((Refusal::NoSuchService, format!("this is {:?}, not {:?}", here(), hello.service)))
     } else if Codec::from_id(hello.codec).is_none() {
         Some((Refusal::Codec, format!("unknown codec {}", hello.codec)))
     } else {
@@ -241,9 +296,12 @@ where
         return;
     }
     let codec = Codec::from_id(hello.codec).unwrap_or_default();
-    let transport = codec::transport::<ClientMessage<Req>, Response<Resp>>(stream, codec, config.max_frame);
+    let stacked =
+        Stacked { target, codec, peer: hosting.peer, stack: hosting.stack, metrics: hosting.metrics };
+    tracing::debug!(service = stacked.service_name(), %codec, "connection accepted");
+    let transport = codec::transport::<ClientMessage<Call>, Response<Reply>>(stream, codec, config.max_frame);
     BaseChannel::with_defaults(Logged { inner: transport })
-        .execute(serve)
+        .execute(stacked)
         .for_each(|call| {
             tokio::spawn(call);
             future::ready(())

@@ -8,25 +8,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dombus_rpc::{Address, Client, ClientConfig, Codec, Net, Server, ServerConfig, connection_lost};
+use dombus_rpc::{Address, ClientConfig, Codec, Net, RawClient, Server, ServerConfig, connection_lost};
 use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use tarpc::client::RpcError;
 use tarpc::context;
-use tarpc::server::Serve;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[tarpc::service]
+#[dombus::service]
 pub trait Echo {
     /// Returns its argument.
-    async fn echo(data: Vec<u8>) -> Vec<u8>;
+    #[idempotent]
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
     /// Sleeps `ms`, returns it (not idempotent, for the in-flight-loss test).
-    async fn sleep(ms: u64) -> u64;
+    async fn sleep(&self, ms: u64) -> u64;
     /// Records `id` (duplicates are counted), returns it.
-    async fn record(id: u64) -> u64;
+    #[idempotent]
+    async fn record(&self, id: u64) -> u64;
     /// Sleeps `ms`, returns it (idempotent: retried after a connection loss).
-    async fn nap(ms: u64) -> u64;
+    #[idempotent]
+    async fn nap(&self, ms: u64) -> u64;
 }
 
 #[derive(Clone, Default)]
@@ -49,29 +51,25 @@ impl Drop for CancelGuard {
 }
 
 impl Echo for EchoServer {
-    async fn echo(self, _: context::Context, data: Vec<u8>) -> Vec<u8> {
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
         data
     }
-    async fn sleep(self, _: context::Context, ms: u64) -> u64 {
+    async fn sleep(&self, ms: u64) -> u64 {
         let mut guard = CancelGuard(self.0.cancelled.clone(), false);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         guard.1 = true;
         ms
     }
-    async fn nap(self, _: context::Context, ms: u64) -> u64 {
+    async fn nap(&self, ms: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         ms
     }
-    async fn record(self, _: context::Context, id: u64) -> u64 {
+    async fn record(&self, id: u64) -> u64 {
         if !self.0.seen.lock().unwrap().insert(id) {
             self.0.duplicates.fetch_add(1, Ordering::SeqCst);
         }
         id
     }
-}
-
-fn idempotent(req: &EchoRequest) -> bool {
-    !matches!(req, EchoRequest::Sleep { .. })
 }
 
 /// A transport under test: where the server listens and how both sides reach it.
@@ -153,16 +151,13 @@ fn vsock() -> Option<Fixture> {
 async fn start(f: &Fixture, state: &State, config: ServerConfig) -> (Server, dombus_rpc::ServeHandle) {
     let server = Server::new(f.server_net.clone(), config);
     let st = state.clone();
-    let h = server
-        .serve(&f.addr, "echo", move |ctx, req| EchoServer(st.clone()).serve().serve(ctx, req))
-        .await
-        .unwrap();
+    let h = server.serve(&f.addr, EchoServer(st).into_service()).await.unwrap();
     (server, h)
 }
 
-fn client(f: &Fixture, codec: Codec) -> EchoClient<Client<EchoRequest, EchoResponse>> {
+fn client(f: &Fixture, codec: Codec) -> EchoClient {
     let config = ClientConfig { codec, ..ClientConfig::default() };
-    EchoClient::from(Client::new(f.client_net.clone(), f.addr.clone(), "echo", config, idempotent))
+    EchoClient::with_config(f.client_net.clone(), f.addr.clone(), config)
 }
 
 fn ctx_for(d: Duration) -> context::Context {
@@ -213,16 +208,10 @@ async fn suite(f: Fixture) {
     }
 
     // The wrong service name is a clear error.
-    let e = Client::<EchoRequest, EchoResponse>::connect(
-        f.client_net.clone(),
-        f.addr.clone(),
-        "storage",
-        ClientConfig::default(),
-        idempotent,
-        T,
-    )
-    .await
-    .unwrap_err();
+    let e = RawClient::new(f.client_net.clone(), f.addr.clone(), "storage", ClientConfig::default())
+        .connect_now(T)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{name}: {e}");
     assert!(e.to_string().contains("not \"storage\""), "{name}: {e}");
 
@@ -252,7 +241,7 @@ async fn suite(f: Fixture) {
     assert_eq!(state.duplicates.load(Ordering::SeqCst), 0, "{name}: duplicated calls");
     let text = server.metrics().prometheus();
     assert!(
-        text.contains("dombus_rpc_server_calls_total{service=\"echo\",method=\"Echo.record\"} 1000"),
+        text.contains("dombus_rpc_server_calls_total{service=\"echo\",method=\"record\"} 1000"),
         "{text}"
     );
 

@@ -1,0 +1,339 @@
+//! The generated code. For a trait `Storage`:
+//!
+//! * the trait itself, each `async fn` turned into `fn … -> impl Future<Output = …> + Send` (so
+//!   that a server can run calls on any thread; implementors still write `async fn`), with
+//!   `Send + Sync + 'static` and a provided `into_service()`;
+//! * `StorageRequest` / `StorageResponse`: one variant per method (tarpc's shape, so that
+//!   tarpc's stubs apply), which the rpc layer puts on the wire **by method name**;
+//! * `StorageClient<Stub = dombus::rpc::Client<StorageRequest>>`: a method per trait method,
+//!   taking a tarpc `Context` first;
+//! * in an anonymous `const _` block (so that it sees the trait's scope even inside a function,
+//!   and adds no names to it): the argument structs, the server's dispatch, the wire encoding,
+//!   the descriptor and the CLI glue (`dombus::rpc::cli::ServiceCli`).
+//!
+//! Generated code names everything by absolute path through `::dombus`, and its own locals
+//! start with `__` (argument names may not), so user names cannot capture them.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+use syn::ItemTrait;
+
+use crate::model::{CliKind, Options, Service};
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let options = Options::parse(attr)?;
+    let item: ItemTrait = syn::parse2(item)?;
+    let service = Service::new(item, options)?;
+    Ok(generate(&service))
+}
+
+fn generate(s: &Service) -> TokenStream {
+    let rpc = quote!(::dombus::rpc);
+    let private = quote!(::dombus::__private);
+    let tarpc = quote!(#private::tarpc);
+    let Service { vis, ident, name, version, doc, attrs, methods } = s;
+    let request = format_ident!("{ident}Request");
+    let response = format_ident!("{ident}Response");
+    let client = format_ident!("{ident}Client");
+
+    let idents: Vec<_> = methods.iter().map(|m| &m.ident).collect();
+    let variants: Vec<_> = methods.iter().map(|m| &m.variant).collect();
+    let wires: Vec<_> = methods.iter().map(|m| &m.wire).collect();
+    let outputs: Vec<_> = methods.iter().map(|m| &m.output).collect();
+    let method_attrs: Vec<_> = methods.iter().map(|m| &m.attrs).collect();
+    let arg_idents: Vec<Vec<_>> = methods.iter().map(|m| m.args.iter().map(|a| &a.ident).collect()).collect();
+    let arg_types: Vec<Vec<_>> = methods.iter().map(|m| m.args.iter().map(|a| &a.ty).collect()).collect();
+    let args_structs: Vec<_> = methods.iter().map(|m| format_ident!("__Args{}", m.variant)).collect();
+    let idempotent: Vec<_> = methods.iter().map(|m| m.idempotent).collect();
+
+    let trait_doc_line = doc.lines().next().unwrap_or_default().to_string();
+    let request_doc = format!("A call of [`{ident}`]: one variant per method, with its arguments.");
+    let response_doc = format!("What a method of [`{ident}`] returned: one variant per method.");
+    let client_doc = format!(
+        "A client of [`{ident}`] (service `{name}`): one method per trait method, each taking a call \
+         context (deadline) first. `{client}::connect(net, addr)` makes one over any dombus transport."
+    );
+
+    let descriptor_methods = methods.iter().map(|m| {
+        let (wire, doc, result, idem) = (&m.wire, &m.doc, &m.output_name, m.idempotent);
+        let args = m.args.iter().map(|a| {
+            let (n, t) = (a.ident.to_string(), &a.ty_name);
+            quote!(#rpc::wire::ArgDescriptor { name: #n.into(), ty: #t.into() })
+        });
+        quote! {
+            #rpc::wire::MethodDescriptor {
+                name: #wire.into(),
+                args: ::std::vec![#(#args),*],
+                result: #result.into(),
+                idempotent: #idem,
+                doc: #doc.into(),
+            }
+        }
+    });
+
+    let cli_subcommands = methods.iter().map(|m| {
+        let (wire, doc) = (&m.wire, &m.doc);
+        let specs = m.args.iter().map(|a| {
+            let (n, t) = (a.ident.to_string(), &a.ty_name);
+            let kind = match a.cli {
+                CliKind::Required => quote!(Required),
+                CliKind::Optional => quote!(Optional),
+                CliKind::Switch => quote!(Switch),
+            };
+            quote!(#rpc::cli::ArgSpec { name: #n, ty: #t, kind: #rpc::cli::ArgKind::#kind })
+        });
+        quote!(.subcommand(#rpc::cli::method_command(#wire, #doc, &[#(#specs),*])))
+    });
+    let cli_requests = methods.iter().zip(&args_structs).map(|(m, args_struct)| {
+        let (wire, variant) = (&m.wire, &m.variant);
+        let fields: Vec<_> = m.args.iter().map(|a| &a.ident).collect();
+        let getters = m.args.iter().map(|a| {
+            let n = a.ident.to_string();
+            match a.cli {
+                CliKind::Required => quote!(#rpc::cli::required(__matches, #n)?),
+                CliKind::Optional => quote!(#rpc::cli::optional(__matches, #n)?),
+                CliKind::Switch => quote!(#rpc::cli::switch(__matches, #n)),
+            }
+        });
+        quote! {
+            #wire => {
+                let #args_struct { #(#fields),* } = match #rpc::cli::from_stdin(__matches)? {
+                    ::core::option::Option::Some(__args) => __args,
+                    ::core::option::Option::None => #args_struct { #(#fields: #getters),* },
+                };
+                ::core::result::Result::Ok(#request::#variant { #(#fields),* })
+            }
+        }
+    });
+    let cli_outcomes = methods.iter().map(|m| {
+        let variant = &m.variant;
+        let body = if m.returns_result {
+            quote! {
+                match __result {
+                    ::core::result::Result::Ok(__v) => #rpc::cli::Outcome::Ok(#rpc::cli::to_json(&__v)?),
+                    ::core::result::Result::Err(__e) => #rpc::cli::Outcome::Failed(#rpc::cli::to_json(&__e)?),
+                }
+            }
+        } else {
+            quote!(#rpc::cli::Outcome::Ok(#rpc::cli::to_json(&__result)?))
+        };
+        quote!(#response::#variant(__result) => ::core::result::Result::Ok(#body))
+    });
+
+    quote! {
+        #(#attrs)*
+        #vis trait #ident: ::core::marker::Send + ::core::marker::Sync + 'static {
+            #(
+                #(#method_attrs)*
+                fn #idents(&self, #(#arg_idents: #arg_types),*)
+                    -> impl ::core::future::Future<Output = #outputs> + ::core::marker::Send;
+            )*
+
+            /// This implementation, ready to serve: `server.serve(&addr, my_impl.into_service())`.
+            fn into_service(self) -> #rpc::Service
+            where
+                Self: ::core::marker::Sized,
+            {
+                #request::__dombus_into_service(self)
+            }
+        }
+
+        #[doc = #request_doc]
+        #[allow(missing_docs)]
+        #vis enum #request {
+            #( #variants { #(#arg_idents: #arg_types),* } ),*
+        }
+
+        #[doc = #response_doc]
+        #[allow(missing_docs)]
+        #vis enum #response {
+            #( #variants(#outputs) ),*
+        }
+
+        #[doc = #client_doc]
+        #[derive(Clone, Debug)]
+        #vis struct #client<Stub = #rpc::Client<#request>>(pub Stub);
+
+        impl #client {
+            /// A client of the service at `addr`, connecting on the first call (and again after a
+            /// connection loss).
+            pub fn new(net: #rpc::Net, addr: #rpc::Address) -> Self {
+                Self::with_config(net, addr, #rpc::ClientConfig::default())
+            }
+
+            /// Like `new`, with settings.
+            pub fn with_config(net: #rpc::Net, addr: #rpc::Address, config: #rpc::ClientConfig) -> Self {
+                #client(#rpc::Client::new(net, addr, config))
+            }
+
+            /// A client connected now (within 10 s): a wrong address, a missing service or an
+            /// incompatible server is reported here.
+            pub async fn connect(net: #rpc::Net, addr: #rpc::Address) -> ::std::io::Result<Self> {
+                let timeout = ::std::time::Duration::from_secs(10);
+                #rpc::Client::connect(net, addr, #rpc::ClientConfig::default(), timeout).await.map(#client)
+            }
+        }
+
+        impl<Stub> ::core::convert::From<Stub> for #client<Stub>
+        where
+            Stub: #tarpc::client::stub::Stub<Req = #request, Resp = #response>,
+        {
+            fn from(stub: Stub) -> Self {
+                #client(stub)
+            }
+        }
+
+        impl<Stub> #client<Stub>
+        where
+            Stub: #tarpc::client::stub::Stub<Req = #request, Resp = #response>,
+        {
+            #(
+                #(#method_attrs)*
+                pub async fn #idents(
+                    &self,
+                    ctx: #tarpc::context::Context,
+                    #(#arg_idents: #arg_types),*
+                ) -> ::core::result::Result<#outputs, #tarpc::client::RpcError> {
+                    let __request = #request::#variants { #(#arg_idents),* };
+                    match #tarpc::client::stub::Stub::call(&self.0, ctx, __request).await? {
+                        #response::#variants(__result) => ::core::result::Result::Ok(__result),
+                        #[allow(unreachable_patterns)]
+                        _ => ::core::result::Result::Err(#rpc::wire::mismatched_response(<#request as #rpc::Request>::SERVICE, #wires)),
+                    }
+                }
+            )*
+        }
+
+        #[allow(non_camel_case_types, non_upper_case_globals, missing_docs, private_interfaces, private_bounds)]
+        const _: () = {
+            /// The service's name on the wire.
+            const __SERVICE: &str = #name;
+
+            impl #request {
+                #[doc(hidden)]
+                pub fn __dombus_into_service<T: #ident>(service: T) -> #rpc::Service {
+                    #rpc::Service::new(
+                        <#request as #rpc::Request>::descriptor(),
+                        __Dispatcher(::std::sync::Arc::new(service)),
+                    )
+                }
+            }
+
+            #(
+                #[derive(#private::serde::Serialize, #private::serde::Deserialize)]
+                #[serde(crate = "::dombus::__private::serde")]
+                struct #args_structs { #(#arg_idents: #arg_types),* }
+            )*
+
+            /// Runs calls on an implementation.
+            struct __Dispatcher<T>(pub ::std::sync::Arc<T>);
+
+            impl<T: #ident> #rpc::Dispatch for __Dispatcher<T> {
+                fn dispatch(
+                    &self,
+                    __method: &str,
+                    __args: &[u8],
+                    __codec: #rpc::codec::Codec,
+                ) -> ::core::result::Result<#rpc::wire::ReplyFuture, #tarpc::ServerError> {
+                    match __method {
+                        #(
+                            #wires => {
+                                let #args_structs { #(#arg_idents),* } = __codec
+                                    .decode(__args)
+                                    .map_err(|e| #rpc::wire::bad_arguments(__SERVICE, #wires, e))?;
+                                let __service = ::std::sync::Arc::clone(&self.0);
+                                ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                                    let __result = #ident::#idents(&*__service, #(#arg_idents),*).await;
+                                    __codec
+                                        .encode(&__result)
+                                        .map_err(|e| #rpc::wire::unencodable_result(__SERVICE, #wires, e))
+                                }))
+                            }
+                        )*
+                        _ => ::core::result::Result::Err(#rpc::wire::unknown_method(__SERVICE, __method)),
+                    }
+                }
+            }
+        impl #tarpc::RequestName for #request {
+            fn name(&self) -> &str {
+                #rpc::Request::method(self)
+            }
+        }
+
+        impl #rpc::Request for #request {
+            type Response = #response;
+            const SERVICE: &'static str = __SERVICE;
+
+            fn method(&self) -> &'static str {
+                match self {
+                    #( Self::#variants { .. } => #wires, )*
+                }
+            }
+
+            fn idempotent(&self) -> bool {
+                match self {
+                    #( Self::#variants { .. } => #idempotent, )*
+                }
+            }
+
+            fn encode_args(self, __codec: #rpc::codec::Codec) -> ::std::io::Result<::std::vec::Vec<u8>> {
+                match self {
+                    #( Self::#variants { #(#arg_idents),* } => __codec.encode(&#args_structs { #(#arg_idents),* }), )*
+                }
+            }
+
+            fn decode_response(
+                __method: &str,
+                __bytes: &[u8],
+                __codec: #rpc::codec::Codec,
+            ) -> ::std::io::Result<#response> {
+                match __method {
+                    #( #wires => __codec.decode(__bytes).map(#response::#variants), )*
+                    _ => ::core::result::Result::Err(::std::io::Error::new(
+                        ::std::io::ErrorKind::InvalidInput,
+                        ::std::format!("{:?} is not a method of {}", __method, __SERVICE),
+                    )),
+                }
+            }
+
+            fn descriptor() -> #rpc::ServiceDescriptor {
+                #rpc::ServiceDescriptor {
+                    name: __SERVICE.into(),
+                    version: #version,
+                    doc: #doc.into(),
+                    methods: ::std::vec![#(#descriptor_methods),*],
+                }
+            }
+        }
+
+        impl #rpc::cli::ServiceCli for #request {
+            fn command() -> #private::clap::Command {
+                #private::clap::Command::new(__SERVICE)
+                    .about(#trait_doc_line)
+                    .subcommand_required(true)
+                    #(#cli_subcommands)*
+            }
+
+            fn request(
+                __method: &str,
+                __matches: &#private::clap::ArgMatches,
+            ) -> ::core::result::Result<Self, #rpc::cli::CliError> {
+                match __method {
+                    #(#cli_requests)*
+                    _ => ::core::result::Result::Err(#rpc::cli::CliError::Usage(
+                        ::std::format!("{:?} is not a method of {}", __method, __SERVICE),
+                    )),
+                }
+            }
+
+            fn outcome(__response: #response) -> ::core::result::Result<#rpc::cli::Outcome, #rpc::cli::CliError> {
+                match __response {
+                    #(#cli_outcomes,)*
+                }
+            }
+        }
+
+        };
+
+    }
+}

@@ -1,0 +1,425 @@
+//! The service a trait describes, checked: everything the macro cannot turn into a service is a
+//! compile error spanned on the offending part, all of them reported at once.
+
+use heck::ToKebabCase;
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{ToTokens, format_ident};
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{
+    Attribute, Expr, FnArg, Ident, ItemTrait, Lit, LitInt, LitStr, Pat, ReturnType, TraitItem, Type,
+    Visibility,
+};
+
+/// `#[dombus::service(name = "…", version = N)]`.
+#[derive(Default)]
+pub struct Options {
+    pub name: Option<LitStr>,
+    pub version: Option<LitInt>,
+}
+
+impl Options {
+    pub fn parse(attr: TokenStream) -> syn::Result<Options> {
+        let mut options = Options::default();
+        let parser = syn::meta::parser(|meta| {
+            if meta.path.is_ident("name") {
+                options.name = Some(meta.value()?.parse()?);
+                Ok(())
+            } else if meta.path.is_ident("version") {
+                options.version = Some(meta.value()?.parse()?);
+                Ok(())
+            } else {
+                Err(meta.error("unknown option: #[dombus::service] takes `name = \"…\"` and `version = N`"))
+            }
+        });
+        syn::parse::Parser::parse2(parser, attr)?;
+        Ok(options)
+    }
+}
+
+/// How a method argument appears on the command line.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CliKind {
+    Required,
+    Optional,
+    Switch,
+}
+
+pub struct Arg {
+    pub ident: Ident,
+    pub ty: Type,
+    /// The type as written, tidied (`Option<String>`).
+    pub ty_name: String,
+    pub cli: CliKind,
+}
+
+pub struct Method {
+    pub ident: Ident,
+    /// The name on the wire: the method's identity.
+    pub wire: String,
+    /// `CreateDisk` for `create_disk`.
+    pub variant: Ident,
+    pub args: Vec<Arg>,
+    pub output: Type,
+    pub output_name: String,
+    /// The output is a `Result` (its `Err` is the service's error, shown as such by the CLI).
+    pub returns_result: bool,
+    pub idempotent: bool,
+    pub doc: String,
+    /// Attributes kept on the trait's method (docs, lints).
+    pub attrs: Vec<Attribute>,
+}
+
+pub struct Service {
+    pub vis: Visibility,
+    pub ident: Ident,
+    pub name: String,
+    pub version: u32,
+    pub doc: String,
+    pub attrs: Vec<Attribute>,
+    pub methods: Vec<Method>,
+}
+
+/// Collects errors so that all are reported at once.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, span: Span, msg: impl std::fmt::Display) {
+        let e = syn::Error::new(span, msg);
+        match &mut self.0 {
+            Some(all) => all.combine(e),
+            None => self.0 = Some(e),
+        }
+    }
+    fn push_tokens(&mut self, tokens: impl ToTokens, msg: impl std::fmt::Display) {
+        let e = syn::Error::new_spanned(tokens, msg);
+        match &mut self.0 {
+            Some(all) => all.combine(e),
+            None => self.0 = Some(e),
+        }
+    }
+    fn finish(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// Argument names the generated code needs for itself.
+const RESERVED_ARGS: &[&str] = &["ctx", "stdin", "help"];
+/// Method names the generated trait has already.
+const RESERVED_METHODS: &[&str] = &["into_service"];
+
+impl Service {
+    pub fn new(item: ItemTrait, options: Options) -> syn::Result<Service> {
+        let mut errors = Errors::default();
+        if let Some(u) = &item.unsafety {
+            errors.push(u.span(), "a dombus service trait cannot be `unsafe`");
+        }
+        if let Some(a) = &item.auto_token {
+            errors.push(a.span(), "a dombus service trait cannot be an auto trait");
+        }
+        if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+            errors.push_tokens(
+                &item.generics,
+                "a dombus service trait cannot be generic: its methods are called from other domains, with concrete types",
+            );
+        }
+        if !item.supertraits.is_empty() {
+            errors.push_tokens(
+                &item.supertraits,
+                "a dombus service trait cannot have supertraits (it is given `Send + Sync + 'static`)",
+            );
+        }
+        let name = match &options.name {
+            Some(n) => n.value(),
+            None => item.ident.unraw().to_string().to_kebab_case(),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name != "dombus"
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !name_ok {
+            let span = options.name.as_ref().map_or(item.ident.span(), |n| n.span());
+            errors.push(
+                span,
+                format!(
+                    "{name:?}: a service name is 1 to 64 characters of A-Z a-z 0-9 _ . - (and not \"dombus\")"
+                ),
+            );
+        }
+        let version = match &options.version {
+            Some(v) => v.base10_parse::<u32>().unwrap_or_else(|e| {
+                errors.push(v.span(), e);
+                0
+            }),
+            None => 1,
+        };
+        let mut methods = Vec::new();
+        for trait_item in item.items {
+            match trait_item {
+                TraitItem::Fn(f) => {
+                    if let Some(m) = method(f, &mut errors) {
+                        methods.push(m);
+                    }
+                }
+                other => errors.push_tokens(other, "a dombus service trait holds only `async fn` methods"),
+            }
+        }
+        if methods.is_empty() && errors.0.is_none() {
+            errors.push(item.ident.span(), "a dombus service needs at least one method");
+        }
+        errors.finish()?;
+        let (doc, attrs) = split_docs(item.attrs);
+        Ok(Service { vis: item.vis, ident: item.ident, name, version, doc, attrs, methods })
+    }
+}
+
+fn method(f: syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
+    let sig = &f.sig;
+    let ident = sig.ident.clone();
+    let wire = ident.unraw().to_string();
+    let before = errors.0.is_some();
+    if let Some(body) = &f.default {
+        errors.push_tokens(
+            body,
+            "service methods are declared here, not defined: implement them in `impl Trait for YourType`",
+        );
+    }
+    if sig.asyncness.is_none() {
+        errors.push(
+            sig.fn_token.span(),
+            format!("service methods are `async fn`: `async fn {wire}(&self, …)`"),
+        );
+    }
+    if let Some(c) = &sig.constness {
+        errors.push(c.span(), "service methods cannot be `const`");
+    }
+    if let Some(u) = &sig.unsafety {
+        errors.push(u.span(), "service methods cannot be `unsafe`");
+    }
+    if let Some(a) = &sig.abi {
+        errors.push_tokens(a, "service methods cannot have an ABI");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.push_tokens(
+            &sig.generics,
+            "service methods cannot be generic: a call from another domain carries concrete types",
+        );
+    }
+    if let Some(v) = &sig.variadic {
+        errors.push_tokens(v, "service methods cannot be variadic");
+    }
+    if RESERVED_METHODS.contains(&wire.as_str()) {
+        errors.push(ident.span(), format!("`{wire}` is generated for every service; choose another name"));
+    }
+    let mut inputs = sig.inputs.iter();
+    match inputs.next() {
+        Some(FnArg::Receiver(r))
+            if r.colon_token.is_none() && r.reference.is_some() && r.mutability.is_none() =>
+        {
+            if let Some((_, Some(l))) = &r.reference {
+                errors.push(l.span(), "take plain `&self` (no lifetime)");
+            }
+        }
+        Some(FnArg::Receiver(r)) if r.mutability.is_some() && r.reference.is_some() => {
+            errors.push_tokens(r, "service methods take `&self`, not `&mut self`: calls run concurrently");
+        }
+        Some(FnArg::Receiver(r)) => {
+            errors.push_tokens(r, "service methods take `&self`");
+        }
+        _ => errors.push(
+            sig.paren_token.span.join(),
+            format!("service methods take `&self` first: `async fn {wire}(&self, …)`"),
+        ),
+    }
+    let mut args = Vec::new();
+    for input in inputs {
+        let FnArg::Typed(pt) = input else {
+            errors.push_tokens(input, "`self` can only come first");
+            continue;
+        };
+        let arg_ident = match &*pt.pat {
+            Pat::Ident(p) if p.by_ref.is_none() && p.mutability.is_none() && p.subpat.is_none() => {
+                p.ident.clone()
+            }
+            other => {
+                errors.push_tokens(
+                    other,
+                    "arguments need plain names: they become fields on the wire and CLI flags",
+                );
+                continue;
+            }
+        };
+        let arg_name = arg_ident.unraw().to_string();
+        if RESERVED_ARGS.contains(&arg_name.as_str()) || arg_name.starts_with("__") {
+            errors.push(
+                arg_ident.span(),
+                format!("`{arg_name}` is reserved for the generated code (`ctx`, `stdin`, `help`, `__…`); rename it"),
+            );
+        }
+        check_owned(&pt.ty, errors, "arguments");
+        let cli = cli_kind(&pt.ty);
+        args.push(Arg { ident: arg_ident, ty_name: type_name(&pt.ty), ty: (*pt.ty).clone(), cli });
+    }
+    let output: Type = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    check_owned(&output, errors, "results");
+    let mut idempotent = false;
+    let mut attrs = Vec::new();
+    for attr in f.attrs {
+        if attr.path().is_ident("idempotent") {
+            if let Err(e) = attr.meta.require_path_only() {
+                errors.push(e.span(), "`#[idempotent]` takes no arguments");
+            }
+            idempotent = true;
+        } else if attr.path().is_ident("cfg") {
+            errors.push_tokens(
+                &attr,
+                "`#[cfg]` on a service method is not supported: a service's methods must not depend on build features",
+            );
+        } else {
+            attrs.push(attr);
+        }
+    }
+    if errors.0.is_some() && !before {
+        return None;
+    }
+    let (doc, attrs) = split_docs(attrs);
+    let variant =
+        format_ident!("{}", heck::ToUpperCamelCase::to_upper_camel_case(wire.as_str()), span = ident.span());
+    Some(Method {
+        ident,
+        wire,
+        variant,
+        args,
+        output_name: type_name(&output),
+        returns_result: is_result(&output),
+        output,
+        idempotent,
+        doc,
+        attrs,
+    })
+}
+
+/// Arguments and results cross a domain boundary: no borrows, no `impl Trait`, no `Self`.
+fn check_owned(ty: &Type, errors: &mut Errors, what: &str) {
+    match ty {
+        Type::Reference(r) => {
+            errors.push_tokens(
+                r,
+                format!("{what} cross a domain boundary: take owned types (`String`, not `&str`)"),
+            );
+            return;
+        }
+        Type::ImplTrait(i) => {
+            errors.push_tokens(i, format!("{what} need a concrete type, not `impl Trait`"));
+            return;
+        }
+        Type::TraitObject(t) => {
+            errors.push_tokens(t, format!("{what} need a concrete serializable type, not a trait object"));
+            return;
+        }
+        _ => {}
+    }
+    fn walk(tokens: TokenStream, errors: &mut Errors, what: &str) -> bool {
+        for tt in tokens {
+            match tt {
+                TokenTree::Group(g) if walk(g.stream(), errors, what) => return true,
+                TokenTree::Punct(p) if p.as_char() == '&' => {
+                    errors
+                        .push(p.span(), format!("{what} cross a domain boundary: no references inside them"));
+                    return true;
+                }
+                TokenTree::Punct(p) if p.as_char() == '\'' => {
+                    errors
+                        .push(p.span(), format!("{what} cross a domain boundary: no lifetimes inside them"));
+                    return true;
+                }
+                TokenTree::Ident(i) if i == "Self" => {
+                    errors.push(
+                        i.span(),
+                        format!("{what} cannot name `Self`: the client has no implementing type"),
+                    );
+                    return true;
+                }
+                TokenTree::Ident(i) if i == "impl" || i == "dyn" => {
+                    errors.push(i.span(), format!("{what} need concrete serializable types"));
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+    walk(ty.to_token_stream(), errors, what);
+}
+
+fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
+        _ => None,
+    }
+}
+
+fn cli_kind(ty: &Type) -> CliKind {
+    match last_segment(ty) {
+        Some(s) if s.ident == "bool" && s.arguments.is_none() => CliKind::Switch,
+        Some(s) if s.ident == "Option" && !s.arguments.is_none() => CliKind::Optional,
+        _ => CliKind::Required,
+    }
+}
+
+fn is_result(ty: &Type) -> bool {
+    last_segment(ty).is_some_and(|s| s.ident == "Result")
+}
+
+/// The doc comment (lines joined, one leading space dropped) and the other attributes.
+fn split_docs(attrs: Vec<Attribute>) -> (String, Vec<Attribute>) {
+    let mut lines = Vec::new();
+    for attr in &attrs {
+        if !attr.path().is_ident("doc") {
+            continue;
+        }
+        if let syn::Meta::NameValue(nv) = &attr.meta {
+            if let Expr::Lit(syn::ExprLit { lit: Lit::Str(s), .. }) = &nv.value {
+                let v = s.value();
+                lines.push(v.strip_prefix(' ').map(str::to_string).unwrap_or(v));
+            }
+        }
+    }
+    (lines.join("\n").trim().to_string(), attrs)
+}
+
+/// A type as written, without the token printer's spaces: `Result<Vec<u8>, Error>`.
+pub fn type_name(ty: &Type) -> String {
+    let s = ty.to_token_stream().to_string();
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len());
+    for (i, &c) in chars.iter().enumerate() {
+        if c == ' ' {
+            let prev = i.checked_sub(1).map(|j| chars[j]);
+            let next = chars.get(i + 1).copied();
+            if prev.is_some_and(|p| "<(&[:".contains(p)) || next.is_some_and(|n| "<>),:;]".contains(n)) {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_names_are_tidy() {
+        let t = |s: &str| type_name(&syn::parse_str::<Type>(s).unwrap());
+        assert_eq!(t("Vec<u8>"), "Vec<u8>");
+        assert_eq!(t("std::result::Result<Vec<u8>, my::Error>"), "std::result::Result<Vec<u8>, my::Error>");
+        assert_eq!(t("(u8, [u16; 4])"), "(u8, [u16; 4])");
+        assert_eq!(t("Option<HashMap<String, u64>>"), "Option<HashMap<String, u64>>");
+    }
+}

@@ -57,7 +57,7 @@ fn generate(s: &Service) -> TokenStream {
     let descriptor_methods = methods.iter().map(|m| {
         let (wire, doc, result, idem) = (&m.wire, &m.doc, &m.output_name, m.idempotent);
         let args = m.args.iter().map(|a| {
-            let (n, t) = (a.ident.to_string(), &a.ty_name);
+            let (n, t) = (syn::ext::IdentExt::unraw(&a.ident).to_string(), &a.ty_name);
             quote!(#rpc::wire::ArgDescriptor { name: #n.into(), ty: #t.into() })
         });
         quote! {
@@ -74,7 +74,7 @@ fn generate(s: &Service) -> TokenStream {
     let cli_subcommands = methods.iter().map(|m| {
         let (wire, doc) = (&m.wire, &m.doc);
         let specs = m.args.iter().map(|a| {
-            let (n, t) = (a.ident.to_string(), &a.ty_name);
+            let (n, t) = (syn::ext::IdentExt::unraw(&a.ident).to_string(), &a.ty_name);
             let kind = match a.cli {
                 CliKind::Required => quote!(Required),
                 CliKind::Optional => quote!(Optional),
@@ -88,7 +88,7 @@ fn generate(s: &Service) -> TokenStream {
         let (wire, variant) = (&m.wire, &m.variant);
         let fields: Vec<_> = m.args.iter().map(|a| &a.ident).collect();
         let getters = m.args.iter().map(|a| {
-            let n = a.ident.to_string();
+            let n = syn::ext::IdentExt::unraw(&a.ident).to_string();
             match a.cli {
                 CliKind::Required => quote!(#rpc::cli::required(__matches, #n)?),
                 CliKind::Optional => quote!(#rpc::cli::optional(__matches, #n)?),
@@ -335,5 +335,54 @@ fn generate(s: &Service) -> TokenStream {
 
         };
 
+    }
+}
+
+/// Expansion snapshots: every change to the generated code shows up in review as a diff of
+/// `src/snapshots/*.snap` (`cargo insta review`, or `INSTA_UPDATE=always cargo test -p
+/// dombus-codegen` and read the diff).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pretty(attr: TokenStream, item: TokenStream) -> String {
+        let tokens = expand(attr, item).unwrap_or_else(|e| panic!("{e}"));
+        let file: syn::File =
+            syn::parse2(tokens).unwrap_or_else(|e| panic!("generated code does not parse: {e}"));
+        prettyplease::unparse(&file)
+    }
+
+    #[test]
+    fn a_service_with_every_kind_of_method() {
+        insta::assert_snapshot!(pretty(
+            quote!(name = "storage", version = 2),
+            quote! {
+                /// Disk images.
+                pub trait Storage {
+                    /// Creates a disk.
+                    ///
+                    /// Fails if it exists.
+                    async fn create(&self, name: String, size: u64, backing: Option<String>, force: bool)
+                        -> Result<DiskInfo, StorageError>;
+                    /// All disks.
+                    #[idempotent]
+                    async fn list(&self) -> Vec<DiskInfo>;
+                    /// Forgets the cache.
+                    async fn r#drop(&self);
+                }
+            },
+        ));
+    }
+
+    #[test]
+    fn a_private_service_with_default_name_and_version() {
+        insta::assert_snapshot!(pretty(
+            quote!(),
+            quote! {
+                trait NetworkManager {
+                    async fn up(&self, interface: String) -> bool;
+                }
+            },
+        ));
     }
 }

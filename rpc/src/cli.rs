@@ -10,15 +10,86 @@
 //! types that are awkward to type.
 
 use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tarpc::client::RpcError;
 use tarpc::client::stub::Stub;
 
-use crate::client::Client;
-use crate::wire::Request;
+use crate::client::{Client, ClientConfig};
+use crate::wire::{Request, ServiceDescriptor};
+use crate::{Address, Net};
+
+/// Exit statuses of command-line calls, so that scripts can tell failures apart.
+pub mod exit {
+    /// The call succeeded.
+    pub const OK: u8 = 0;
+    /// The service answered with its error (the method's `Err`).
+    pub const FAILED: u8 = 1;
+    /// The command line was wrong.
+    pub const USAGE: u8 = 2;
+    /// Refused or denied before any call: nothing listening, no such service, not allowed,
+    /// incompatible server.
+    pub const REFUSED: u8 = 3;
+    /// The call itself failed: deadline passed, connection lost, server error.
+    pub const CALL: u8 = 4;
+}
+
+/// How a command-line tool reaches `xen:` addresses (other addresses need nothing).
+#[derive(Debug, Clone, Args)]
+#[command(about = None, long_about = None)]
+pub struct NetArgs {
+    /// Reach xen: addresses through the simulated hypervisor listening on SOCKET.
+    #[arg(long, value_name = "SOCKET", global = true, env = "DOMBUS_SIM")]
+    pub sim: Option<PathBuf>,
+    /// Our domain id on the simulated hypervisor (0: the toolstack's domain).
+    #[arg(long, value_name = "DOMID", default_value_t = 0, global = true)]
+    pub domid: u16,
+    /// Reach xen: addresses through real Xen (/dev/xen/*, xenstored).
+    #[arg(long, global = true, conflicts_with = "sim")]
+    pub xen: bool,
+    /// How long a call (including connecting) may take, seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, global = true)]
+    pub timeout: f64,
+}
+
+impl NetArgs {
+    /// The transports these options give.
+    pub fn net(&self) -> std::io::Result<Net> {
+        use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
+        let mut net = if let Some(sock) = &self.sim {
+            let backend = dombus_transport_xen::sim::SimBackend::attach(
+                sock,
+                Some(dombus_transport_xen::types::DomId(self.domid)),
+            )
+            .map_err(|e| std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display())))?;
+            Net::new().with_xen(VsockDomain::start(backend, VsockConfig::default())?)
+        } else if self.xen {
+            let backend = dombus_transport_xen::xen::XenBackend::open().map_err(std::io::Error::other)?;
+            Net::new().with_xen(VsockDomain::start(backend, VsockConfig::default())?)
+        } else {
+            Net::new()
+        };
+        net.xen_connect_wait = Some(self.timeout());
+        Ok(net)
+    }
+
+    /// The `--timeout`.
+    pub fn timeout(&self) -> Duration {
+        Duration::try_from_secs_f64(self.timeout).unwrap_or(Duration::from_secs(30))
+    }
+
+    /// A call context with the `--timeout` as deadline.
+    pub fn context(&self) -> tarpc::context::Context {
+        let mut ctx = tarpc::context::current();
+        ctx.deadline = Instant::now() + self.timeout();
+        ctx
+    }
+}
 
 /// The id of the `--stdin` flag every method subcommand has.
 pub const STDIN: &str = "dombus-stdin";
@@ -84,7 +155,7 @@ pub fn method_command(name: &'static str, doc: &'static str, args: &[ArgSpec]) -
     let mut cmd = Command::new(name).about(about).long_about(doc.trim().to_string());
     let mut ids = Vec::new();
     for (i, a) in args.iter().enumerate() {
-        let mut arg = Arg::new(a.name).value_name(a.ty.to_uppercase()).help(format!("({})", a.ty));
+        let mut arg = Arg::new(a.name).value_name(a.name.to_uppercase()).help(a.ty.to_string());
         arg = match a.kind {
             ArgKind::Switch => arg.long(kebab(a.name)).action(ArgAction::SetTrue),
             ArgKind::Optional => arg.long(kebab(a.name)),
@@ -168,6 +239,124 @@ pub async fn call<Req: ServiceCli>(
     let request = Req::request(method, m)?;
     let response = Stub::call(client, ctx, request).await?;
     Req::outcome(response)
+}
+
+/// The exit status for a failed call: refused before calling, or failed during it.
+pub fn call_error_status(e: &CliError) -> u8 {
+    match e {
+        CliError::Usage(_) => exit::USAGE,
+        CliError::Call(RpcError::Send(_)) => exit::REFUSED,
+        CliError::Call(_) | CliError::Output(_) => exit::CALL,
+    }
+}
+
+/// Prints what a call answered (JSON with `json`, else [`render`]ed; a service error on
+/// stderr) and gives the exit status.
+pub fn print_outcome(outcome: &Outcome, json: bool) -> u8 {
+    match outcome {
+        Outcome::Ok(v) if json => println!("{v}"),
+        Outcome::Ok(v) => println!("{}", render(v)),
+        Outcome::Failed(e) if json => println!("{}", serde_json::json!({ "error": e })),
+        Outcome::Failed(e) => eprintln!("error: {}", render_error(e)),
+    }
+    match outcome {
+        Outcome::Ok(_) => exit::OK,
+        Outcome::Failed(_) => exit::FAILED,
+    }
+}
+
+/// A service's error (an enum, as serde puts it in JSON) on one line: `NotFound: name=disk0`.
+pub fn render_error(e: &Value) -> String {
+    match e {
+        Value::Object(map) if map.len() == 1 => {
+            let (variant, inner) = map.iter().next().map(|(k, v)| (k.clone(), v)).unwrap_or_default();
+            match inner {
+                Value::Object(fields) => {
+                    let parts: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect();
+                    format!("{variant}: {}", parts.join(", "))
+                }
+                other => format!("{variant}: {}", cell(other)),
+            }
+        }
+        other => cell(other),
+    }
+}
+
+/// Descriptors for people: each service, then one line per method.
+pub fn render_descriptors(services: &[ServiceDescriptor]) -> String {
+    let mut out = Vec::new();
+    for s in services {
+        let doc = s.doc.lines().next().unwrap_or_default();
+        out.push(format!(
+            "{} (version {}){}",
+            s.name,
+            s.version,
+            if doc.is_empty() { String::new() } else { format!(": {doc}") }
+        ));
+        for m in &s.methods {
+            let args: Vec<String> = m.args.iter().map(|a| format!("{}: {}", a.name, a.ty)).collect();
+            let idem = if m.idempotent { "  [idempotent]" } else { "" };
+            out.push(format!("  {}({}) -> {}{idem}", m.name, args.join(", "), m.result));
+            if let Some(line) = m.doc.lines().next().filter(|l| !l.is_empty()) {
+                out.push(format!("      {line}"));
+            }
+        }
+    }
+    out.join("\n")
+}
+
+/// A whole command-line client for one service: `PROG [--json] [--sim SOCKET --domid N |
+/// --xen] ADDR METHOD [ARGS]`, printing the result and exiting with an [`exit`] status. The
+/// glue a service author's own tool needs (see `docs/codegen.md`).
+pub async fn main_for<Req: ServiceCli>(prog: &'static str, argv: Vec<String>) -> ExitCode {
+    let about = Req::descriptor().doc.lines().next().unwrap_or_default().to_string();
+    let cmd = NetArgs::augment_args(Req::command().name(prog))
+        .about(about)
+        .arg(
+            Arg::new("addr")
+                .value_name("ADDR")
+                .required(true)
+                .help("Where the service listens (xen:CID:PORT, vsock:CID:PORT, unix:PATH, tcp:HOST:PORT)"),
+        )
+        .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).global(true).help("Print JSON"));
+    let matches = match cmd.try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let json = switch(&matches, "json");
+    let status = match call_from_matches::<Req>(&matches).await {
+        Ok(outcome) => print_outcome(&outcome, json),
+        Err(e) => {
+            eprintln!("error: {}", cli_error_text(&e));
+            call_error_status(&e)
+        }
+    };
+    ExitCode::from(status)
+}
+
+/// A [`CliError`] for people (with what the server said; see [`crate::error_text`]).
+pub fn cli_error_text(e: &CliError) -> String {
+    match e {
+        CliError::Call(rpc) => crate::error_text(rpc),
+        other => other.to_string(),
+    }
+}
+
+async fn call_from_matches<Req: ServiceCli>(matches: &ArgMatches) -> Result<Outcome, CliError> {
+    let net_args = NetArgs::from_arg_matches(matches).map_err(|e| CliError::Usage(e.to_string()))?;
+    let addr: Address = matches
+        .get_one::<String>("addr")
+        .ok_or_else(|| CliError::Usage("no address".into()))?
+        .parse()
+        .map_err(|e: crate::AddressError| CliError::Usage(e.to_string()))?;
+    let net = net_args.net().map_err(|e| CliError::Call(RpcError::Send(Box::new(e))))?;
+    let client = Client::<Req>::connect(net, addr, ClientConfig::default(), net_args.timeout())
+        .await
+        .map_err(|e| CliError::Call(RpcError::Send(Box::new(e))))?;
+    call(&client, net_args.context(), matches).await
 }
 
 /// `value` for people: scalars as they are, objects as aligned `key: value` lines, lists of

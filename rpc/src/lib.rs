@@ -19,5 +19,9 @@ pub use client::{Client, ClientConfig, ConnectionLost, RawClient, connection_los
 pub use codec::Codec;
 pub use metrics::Metrics;
 pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
+/// Why a call failed (tarpc's): see [`error_text`] for the whole story of one.
+pub use tarpc::client::RpcError;
 pub use transport::{Accepted, BoxStream, Listener, Net};
-pub use wire::{Dispatch, Request, Service, ServiceDescriptor, current_context, is_unknown_method};
+pub use wire::{
+    Dispatch, Request, Service, ServiceDescriptor, current_context, error_text, is_unknown_method,
+};

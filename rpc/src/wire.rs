@@ -187,6 +187,19 @@ pub fn is_unknown_method(e: &tarpc::client::RpcError) -> bool {
         if s.kind == io::ErrorKind::NotFound && s.detail.starts_with(UNKNOWN_METHOD))
 }
 
+/// The whole story of a failed call, for people: tarpc's `Display` of a server's error says
+/// only "the server aborted request processing"; this adds what the server said, and the
+/// cause of transport errors.
+pub fn error_text(e: &tarpc::client::RpcError) -> String {
+    use tarpc::client::RpcError;
+    match e {
+        RpcError::Server(s) => format!("the server refused the call ({:?}): {}", s.kind, s.detail),
+        RpcError::Send(inner) => inner.to_string(),
+        RpcError::Channel(inner) => inner.to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// The error a generated client returns if its stub answers with the response of another method
 /// (only a broken custom stub can).
 pub fn mismatched_response(service: &str, method: &str) -> tarpc::client::RpcError {
@@ -219,7 +232,9 @@ mod tests {
         let long = "x".repeat(10_000);
         let e = unknown_method("kv", &long);
         assert!(e.detail.len() < 300);
-        assert!(is_unknown_method(&tarpc::client::RpcError::Server(e)));
+        let e = tarpc::client::RpcError::Server(e);
+        assert!(is_unknown_method(&e));
+        assert!(error_text(&e).contains("unknown method \"xxx"), "{}", error_text(&e));
         let other = ServerError::new(io::ErrorKind::NotFound, "no such disk".into());
         assert!(!is_unknown_method(&tarpc::client::RpcError::Server(other)));
     }

@@ -1,0 +1,110 @@
+//! The service author's example end to end, as processes: `greeter serve` in one simulated
+//! domain, the generated command-line client in another, over transport-xen link sockets.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dombus_transport_xen::sim::SimHypervisor;
+
+const GREETER: &str = env!("CARGO_BIN_EXE_greeter");
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn greeter(sock: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(GREETER);
+    cmd.args(["xen:1:7000", "--sim"]).arg(sock).args(["--domid", "2", "--timeout", "20"]).args(args);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_string()
+}
+
+#[test]
+fn greeter_serves_and_its_generated_cli_calls_it_across_domains() {
+    let dir = std::env::temp_dir().join(format!("dombus-greeter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("simxen.sock");
+    let _hv = SimHypervisor::spawn(&sock).unwrap();
+    let _server = Kill(
+        Command::new(GREETER)
+            .args(["serve", "xen:1:7000", "--sim"])
+            .arg(&sock)
+            .args(["--domid", "1"])
+            .spawn()
+            .unwrap(),
+    );
+
+    // The first call waits for the server's listener to appear (connect_wait), within --timeout.
+    let t = Instant::now();
+    let out = greeter(&sock, &["hello", "world", "--excited"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "hello, world!");
+    assert!(t.elapsed() < Duration::from_secs(20));
+
+    // Arguments as JSON on stdin.
+    let out = greeter(&sock, &["hello", "--stdin"], Some(r#"{"name": "json", "excited": false}"#));
+    assert_eq!(text(&out.stdout), "hello, json.", "{out:?}");
+
+    // A list of records: a table for people, JSON for scripts.
+    let out = greeter(&sock, &["guests"], None);
+    assert_eq!(text(&out.stdout), "LETTERS  NAME\n4        json\n5        world", "{out:?}");
+    let out = greeter(&sock, &["guests", "--json"], None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[1]["name"], "world");
+
+    // The service's own error: exit 1, the error named.
+    let out = greeter(&sock, &["hello", ""], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(text(&out.stderr), "error: BadName: length=0");
+
+    // Usage errors: exit 2, before any call.
+    for bad in [&["nope"][..], &["hello", "--excited"][..], &["hello", "x", "--stdin"][..]] {
+        let out = greeter(&sock, bad, None);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+    let out = greeter(&sock, &["hello", "--stdin"], Some("{not json"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("the arguments on stdin"), "{out:?}");
+
+    // Nothing there: refused, exit 3.
+    let out = Command::new(GREETER).args(["unix:/nonexistent/greeter.sock", "guests"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(text(&out.stderr).contains("/nonexistent/greeter.sock"), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_ten_line_service_of_the_docs_runs_as_shown() {
+    let hello = env!("CARGO_BIN_EXE_hello");
+    let dir = std::env::temp_dir().join(format!("dombus-hello-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = format!("unix:{}", dir.join("hello.sock").display());
+    let _server = Kill(Command::new(hello).args(["serve", &addr]).spawn().unwrap());
+    let t = Instant::now();
+    let out = loop {
+        let out = Command::new(hello).args([&addr, "hello", "world", "--excited"]).output().unwrap();
+        if out.status.code() != Some(3) || t.elapsed() > Duration::from_secs(20) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(20)); // not listening yet
+    };
+    assert_eq!(text(&out.stdout), "hello, world!", "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,16 +15,28 @@
 //! start with `__` (argument names may not), so user names cannot capture them.
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 use syn::ItemTrait;
+use syn::spanned::Spanned;
 
 use crate::model::{CliKind, Options, Service};
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
-    let options = Options::parse(attr)?;
-    let item: ItemTrait = syn::parse2(item)?;
-    let service = Service::new(item, options)?;
-    Ok(generate(&service))
+    let item: ItemTrait = syn::parse2(item)
+        .map_err(|e| syn::Error::new(e.span(), format!("#[dombus::service] goes on a trait: {e}")))?;
+    // Report a bad option together with the trait's own errors.
+    let (options, bad_options) = match Options::parse(attr) {
+        Ok(o) => (o, None),
+        Err(e) => (Options::default(), Some(e)),
+    };
+    match (Service::new(item, options), bad_options) {
+        (Ok(service), None) => Ok(generate(&service)),
+        (Ok(_), Some(e)) | (Err(e), None) => Err(e),
+        (Err(mut e), Some(o)) => {
+            e.combine(o);
+            Err(e)
+        }
+    }
 }
 
 fn generate(s: &Service) -> TokenStream {
@@ -45,6 +57,35 @@ fn generate(s: &Service) -> TokenStream {
     let arg_types: Vec<Vec<_>> = methods.iter().map(|m| m.args.iter().map(|a| &a.ty).collect()).collect();
     let args_structs: Vec<_> = methods.iter().map(|m| format_ident!("__Args{}", m.variant)).collect();
     let idempotent: Vec<_> = methods.iter().map(|m| m.idempotent).collect();
+    // Expressions that need the argument or result types to be serde types, spanned on the
+    // method's name or its result type: a non-serde type is reported there, not on the
+    // attribute.
+    let encode_results: Vec<_> = methods
+        .iter()
+        .map(|m| quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::encode(__codec, &__result)))
+        .collect();
+    let decode_results: Vec<_> = methods
+        .iter()
+        .map(|m| quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __bytes)))
+        .collect();
+    // Spanned on the method: what serde's derive says about a non-serde argument points there
+    // (and at the argument's type), not at the attribute.
+    let args_struct_defs: Vec<_> = methods
+        .iter()
+        .zip(&args_structs)
+        .map(|(m, name)| {
+            let (fields, types): (Vec<_>, Vec<_>) = m.args.iter().map(|a| (&a.ident, &a.ty)).unzip();
+            quote_spanned! {m.ident.span()=>
+                #[derive(::dombus::__private::serde::Serialize, ::dombus::__private::serde::Deserialize)]
+                #[serde(crate = "::dombus::__private::serde")]
+                struct #name { #(#fields: #types),* }
+            }
+        })
+        .collect();
+    let decode_args: Vec<_> = methods
+        .iter()
+        .map(|m| quote_spanned!(m.ident.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __args)))
+        .collect();
 
     let trait_doc_line = doc.lines().next().unwrap_or_default().to_string();
     let request_doc = format!("A call of [`{ident}`]: one variant per method, with its arguments.");
@@ -87,6 +128,7 @@ fn generate(s: &Service) -> TokenStream {
     let cli_requests = methods.iter().zip(&args_structs).map(|(m, args_struct)| {
         let (wire, variant) = (&m.wire, &m.variant);
         let fields: Vec<_> = m.args.iter().map(|a| &a.ident).collect();
+        let from_stdin = quote_spanned!(m.ident.span()=> ::dombus::rpc::cli::from_stdin(__matches)?);
         let getters = m.args.iter().map(|a| {
             let n = syn::ext::IdentExt::unraw(&a.ident).to_string();
             match a.cli {
@@ -97,7 +139,8 @@ fn generate(s: &Service) -> TokenStream {
         });
         quote! {
             #wire => {
-                let #args_struct { #(#fields),* } = match #rpc::cli::from_stdin(__matches)? {
+                let __stdin = #from_stdin;
+                let #args_struct { #(#fields),* } = match __stdin {
                     ::core::option::Option::Some(__args) => __args,
                     ::core::option::Option::None => #args_struct { #(#fields: #getters),* },
                 };
@@ -107,15 +150,18 @@ fn generate(s: &Service) -> TokenStream {
     });
     let cli_outcomes = methods.iter().map(|m| {
         let variant = &m.variant;
+        let span = m.output.span();
         let body = if m.returns_result {
             quote! {
                 match __result {
                     ::core::result::Result::Ok(__v) => #rpc::cli::Outcome::Ok(#rpc::cli::to_json(&__v)?),
-                    ::core::result::Result::Err(__e) => #rpc::cli::Outcome::Failed(#rpc::cli::to_json(&__e)?),
+                    ::core::result::Result::Err(__e) => {
+                        #rpc::cli::Outcome::Failed(#rpc::cli::to_json(&__e)?)
+                    }
                 }
             }
         } else {
-            quote!(#rpc::cli::Outcome::Ok(#rpc::cli::to_json(&__result)?))
+            quote_spanned!(span=> ::dombus::rpc::cli::Outcome::Ok(::dombus::rpc::cli::to_json(&__result)?))
         };
         quote!(#response::#variant(__result) => ::core::result::Result::Ok(#body))
     });
@@ -219,11 +265,7 @@ fn generate(s: &Service) -> TokenStream {
                 }
             }
 
-            #(
-                #[derive(#private::serde::Serialize, #private::serde::Deserialize)]
-                #[serde(crate = "::dombus::__private::serde")]
-                struct #args_structs { #(#arg_idents: #arg_types),* }
-            )*
+            #(#args_struct_defs)*
 
             /// Runs calls on an implementation.
             struct __Dispatcher<T>(pub ::std::sync::Arc<T>);
@@ -238,14 +280,12 @@ fn generate(s: &Service) -> TokenStream {
                     match __method {
                         #(
                             #wires => {
-                                let #args_structs { #(#arg_idents),* } = __codec
-                                    .decode(__args)
+                                let #args_structs { #(#arg_idents),* } = #decode_args
                                     .map_err(|e| #rpc::wire::bad_arguments(__SERVICE, #wires, e))?;
                                 let __service = ::std::sync::Arc::clone(&self.0);
                                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
                                     let __result = #ident::#idents(&*__service, #(#arg_idents),*).await;
-                                    __codec
-                                        .encode(&__result)
+                                    #encode_results
                                         .map_err(|e| #rpc::wire::unencodable_result(__SERVICE, #wires, e))
                                 }))
                             }
@@ -288,7 +328,7 @@ fn generate(s: &Service) -> TokenStream {
                 __codec: #rpc::codec::Codec,
             ) -> ::std::io::Result<#response> {
                 match __method {
-                    #( #wires => __codec.decode(__bytes).map(#response::#variants), )*
+                    #( #wires => #decode_results.map(#response::#variants), )*
                     _ => ::core::result::Result::Err(::std::io::Error::new(
                         ::std::io::ErrorKind::InvalidInput,
                         ::std::format!("{:?} is not a method of {}", __method, __SERVICE),

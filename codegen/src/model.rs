@@ -106,8 +106,10 @@ impl Errors {
 
 /// Argument names the generated code needs for itself.
 const RESERVED_ARGS: &[&str] = &["ctx", "stdin", "help"];
-/// Method names the generated trait has already.
-const RESERVED_METHODS: &[&str] = &["into_service"];
+/// Method names the generated trait or client has already (`client.clone()` must stay
+/// `Clone::clone`).
+const RESERVED_METHODS: &[&str] =
+    &["into_service", "new", "with_config", "connect", "clone", "clone_from", "fmt", "from"];
 
 impl Service {
     pub fn new(item: ItemTrait, options: Options) -> syn::Result<Service> {
@@ -118,11 +120,13 @@ impl Service {
         if let Some(a) = &item.auto_token {
             errors.push(a.span(), "a dombus service trait cannot be an auto trait");
         }
-        if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+        if !item.generics.params.is_empty() {
             errors.push_tokens(
                 &item.generics,
                 "a dombus service trait cannot be generic: its methods are called from other domains, with concrete types",
             );
+        } else if let Some(w) = &item.generics.where_clause {
+            errors.push_tokens(w, "a dombus service trait cannot have a `where` clause");
         }
         if !item.supertraits.is_empty() {
             errors.push_tokens(
@@ -149,7 +153,7 @@ impl Service {
         }
         let version = match &options.version {
             Some(v) => v.base10_parse::<u32>().unwrap_or_else(|e| {
-                errors.push(v.span(), e);
+                errors.push(v.span(), format!("`version` is a u32 (0 to 4294967295): {e}"));
                 0
             }),
             None => 1,
@@ -163,6 +167,18 @@ impl Service {
                     }
                 }
                 other => errors.push_tokens(other, "a dombus service trait holds only `async fn` methods"),
+            }
+        }
+        let mut variants = std::collections::HashMap::new();
+        for m in &methods {
+            if let Some(first) = variants.insert(m.variant.to_string(), m.wire.clone()) {
+                errors.push(
+                    m.ident.span(),
+                    format!(
+                        "`{}` and `{first}` both become the variant `{}` of the request enum; rename one",
+                        m.wire, m.variant
+                    ),
+                );
             }
         }
         if methods.is_empty() && errors.0.is_none() {
@@ -200,17 +216,24 @@ fn method(f: syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
     if let Some(a) = &sig.abi {
         errors.push_tokens(a, "service methods cannot have an ABI");
     }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+    if !sig.generics.params.is_empty() {
         errors.push_tokens(
             &sig.generics,
             "service methods cannot be generic: a call from another domain carries concrete types",
         );
+    } else if let Some(w) = &sig.generics.where_clause {
+        errors.push_tokens(w, "service methods cannot have a `where` clause: their types are concrete");
     }
     if let Some(v) = &sig.variadic {
         errors.push_tokens(v, "service methods cannot be variadic");
     }
     if RESERVED_METHODS.contains(&wire.as_str()) {
-        errors.push(ident.span(), format!("`{wire}` is generated for every service; choose another name"));
+        errors.push(
+            ident.span(),
+            format!(
+                "`{wire}` is taken by the generated trait or client (or `Clone`/`Debug`); choose another name"
+            ),
+        );
     }
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
@@ -270,14 +293,15 @@ fn method(f: syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
     let mut attrs = Vec::new();
     for attr in f.attrs {
         if attr.path().is_ident("idempotent") {
-            if let Err(e) = attr.meta.require_path_only() {
-                errors.push(e.span(), "`#[idempotent]` takes no arguments");
+            if attr.meta.require_path_only().is_err() {
+                errors.push_tokens(&attr, "`#[idempotent]` takes no arguments");
             }
             idempotent = true;
-        } else if attr.path().is_ident("cfg") {
+        } else if attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr") {
             errors.push_tokens(
                 &attr,
-                "`#[cfg]` on a service method is not supported: a service's methods must not depend on build features",
+                "`#[cfg]` and `#[cfg_attr]` on a service method are not supported: a service's methods and their \
+                 attributes must not depend on build features",
             );
         } else {
             attrs.push(attr);
@@ -345,7 +369,8 @@ fn check_owned(ty: &Type, errors: &mut Errors, what: &str) {
                     return true;
                 }
                 TokenTree::Ident(i) if i == "impl" || i == "dyn" => {
-                    errors.push(i.span(), format!("{what} need concrete serializable types"));
+                    errors
+                        .push(i.span(), format!("{what} need concrete serializable types, not `{i} Trait`"));
                     return true;
                 }
                 _ => {}

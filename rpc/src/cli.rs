@@ -149,10 +149,10 @@ pub struct ArgSpec {
     pub kind: ArgKind,
 }
 
-/// The subcommand of one method.
+/// The subcommand of one method (named in kebab case: `snapshot_create` → `snapshot-create`).
 pub fn method_command(name: &'static str, doc: &'static str, args: &[ArgSpec]) -> Command {
     let about = doc.lines().next().unwrap_or_default().trim().to_string();
-    let mut cmd = Command::new(name).about(about).long_about(doc.trim().to_string());
+    let mut cmd = Command::new(kebab(name)).about(about).long_about(doc.trim().to_string());
     let mut ids = Vec::new();
     for (i, a) in args.iter().enumerate() {
         let mut arg = Arg::new(a.name).value_name(a.name.to_uppercase()).help(a.ty.to_string());
@@ -235,8 +235,10 @@ pub async fn call<Req: ServiceCli>(
     ctx: tarpc::context::Context,
     matches: &ArgMatches,
 ) -> Result<Outcome, CliError> {
-    let (method, m) = matches.subcommand().ok_or_else(|| CliError::Usage("no method given".into()))?;
-    let request = Req::request(method, m)?;
+    let (command, m) = matches.subcommand().ok_or_else(|| CliError::Usage("no method given".into()))?;
+    // Subcommands are the methods' names in kebab case (`snapshot-create`); method names are
+    // snake-case identifiers, so this is exact.
+    let request = Req::request(&command.replace('-', "_"), m)?;
     let response = Stub::call(client, ctx, request).await?;
     Req::outcome(response)
 }

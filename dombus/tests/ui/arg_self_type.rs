@@ -1,0 +1,6 @@
+#[dombus::service]
+pub trait Store {
+    async fn merge(&self, other: Box<Self>) -> bool;
+}
+
+fn main() {}

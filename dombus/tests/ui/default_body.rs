@@ -1,0 +1,8 @@
+#[dombus::service]
+pub trait Store {
+    async fn get(&self, key: String) -> Option<String> {
+        Some(key)
+    }
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[dombus::service]
+pub trait Store {}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[dombus::service]
+pub struct Store;
+
+fn main() {}

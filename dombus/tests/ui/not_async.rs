@@ -1,0 +1,6 @@
+#[dombus::service]
+pub trait Store {
+    fn get(&self, key: String) -> Option<String>;
+}
+
+fn main() {}

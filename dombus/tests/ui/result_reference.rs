@@ -1,0 +1,6 @@
+#[dombus::service]
+pub trait Store {
+    async fn get(&self, key: String) -> &'static str;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[dombus::service]
+pub trait Store {
+    async fn put(&mut self, key: String, value: String);
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[dombus::service(foo = 1)]
+pub trait Store {
+    async fn get(&self, key: String) -> Option<String>;
+}
+
+fn main() {}

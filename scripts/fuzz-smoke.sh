@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of transport-xen briefly; fails if any target finds a crash.
+# Runs every cargo-fuzz target of transport-xen and rpc briefly; fails if any target finds a
+# crash.
 #
 #   scripts/fuzz-smoke.sh                  # each target for $FUZZ_SECONDS (default 20) seconds
 #   FUZZ_SECONDS=600 scripts/fuzz-smoke.sh # longer
-#   scripts/fuzz-smoke.sh ring_orders      # only the named targets
+#   scripts/fuzz-smoke.sh ring_orders rpc_message  # only the named targets (of either crate)
+#   RPC_FUZZ_STRICT=1 scripts/fuzz-smoke.sh rpc_message  # known issues fail too (docs/fuzzing.md)
 #
 # Needs the nightly toolchain (rustup toolchain install nightly); installs cargo-fuzz if missing.
-# Corpora grow in transport-xen/fuzz/corpus/<target>/ and crashes land in
-# transport-xen/fuzz/artifacts/<target>/ (both gitignored). See docs/fuzzing.md.
+# Each fuzz crate (transport-xen/fuzz, rpc/fuzz) keeps its corpora in corpus/<target>/ and its
+# crashes in artifacts/<target>/ (gitignored, except rpc/fuzz's hand-made corpus/*/seed-*).
+# See docs/fuzzing.md.
 set -euo pipefail
 
 seconds="${FUZZ_SECONDS:-20}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-fuzz_dir="$root/transport-xen/fuzz"
+fuzz_dirs=("$root/transport-xen/fuzz" "$root/rpc/fuzz")
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz-smoke: installing cargo-fuzz (about a minute)" >&2
@@ -23,24 +26,46 @@ if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     exit 1
 fi
 
-cd "$fuzz_dir"
+# Every target as "<fuzz dir>/<target>" (target names are unique across the fuzz crates).
+all=()
+for dir in "${fuzz_dirs[@]}"; do
+    mapfile -t names < <(cd "$dir" && cargo +nightly fuzz list)
+    for name in "${names[@]}"; do
+        all+=("$dir/$name")
+    done
+done
 if [ "$#" -gt 0 ]; then
-    targets=("$@")
+    targets=()
+    for want in "$@"; do
+        found=""
+        for t in "${all[@]}"; do
+            if [ "${t##*/}" = "$want" ]; then
+                found="$t"
+            fi
+        done
+        if [ -z "$found" ]; then
+            echo "fuzz-smoke: no target $want in ${fuzz_dirs[*]}" >&2
+            exit 1
+        fi
+        targets+=("$found")
+    done
 else
-    mapfile -t targets < <(cargo +nightly fuzz list)
+    targets=("${all[@]}")
 fi
 
 failed=()
-for target in "${targets[@]}"; do
-    echo "fuzz-smoke: $target for ${seconds}s" >&2
+for t in "${targets[@]}"; do
+    dir="${t%/*}"
+    target="${t##*/}"
+    echo "fuzz-smoke: $target (${dir#"$root"/}) for ${seconds}s" >&2
     # -max_total_time bounds the fuzzing; the build before it is not counted.
-    if ! cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" -print_final_stats=1; then
-        failed+=("$target")
+    if ! (cd "$dir" && cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" -print_final_stats=1); then
+        failed+=("$target (crash inputs in $dir/artifacts/$target/)")
     fi
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "fuzz-smoke: FAILED: ${failed[*]} (crash inputs in $fuzz_dir/artifacts/)" >&2
+    printf 'fuzz-smoke: FAILED: %s\n' "${failed[@]}" >&2
     exit 1
 fi
 echo "fuzz-smoke: ${#targets[@]} targets ran ${seconds}s each without a crash" >&2

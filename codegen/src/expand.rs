@@ -235,6 +235,7 @@ fn generate(s: &Service) -> TokenStream {
         {
             #(
                 #(#method_attrs)*
+                #[allow(clippy::too_many_arguments)] // the trait's arguments, plus the context
                 pub async fn #idents(
                     &self,
                     ctx: #tarpc::context::Context,

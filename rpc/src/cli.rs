@@ -52,6 +52,9 @@ pub struct NetArgs {
     /// Reach xen: addresses through real Xen (/dev/xen/*, xenstored).
     #[arg(long, global = true, conflicts_with = "sim")]
     pub xen: bool,
+    /// The backend domain (what xen:backend:PORT names).
+    #[arg(long, value_name = "DOMID", default_value_t = 0, global = true)]
+    pub backend_domain: u16,
     /// How long a call (including connecting) may take, seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0, global = true)]
     pub timeout: f64,
@@ -61,16 +64,20 @@ impl NetArgs {
     /// The transports these options give.
     pub fn net(&self) -> std::io::Result<Net> {
         use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
+        let config = || VsockConfig {
+            backend_domain: dombus_transport_xen::types::DomId(self.backend_domain),
+            ..VsockConfig::default()
+        };
         let mut net = if let Some(sock) = &self.sim {
             let backend = dombus_transport_xen::sim::SimBackend::attach(
                 sock,
                 Some(dombus_transport_xen::types::DomId(self.domid)),
             )
             .map_err(|e| std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display())))?;
-            Net::new().with_xen(VsockDomain::start(backend, VsockConfig::default())?)
+            Net::new().with_xen(VsockDomain::start(backend, config())?)
         } else if self.xen {
             let backend = dombus_transport_xen::xen::XenBackend::open().map_err(std::io::Error::other)?;
-            Net::new().with_xen(VsockDomain::start(backend, VsockConfig::default())?)
+            Net::new().with_xen(VsockDomain::start(backend, config())?)
         } else {
             Net::new()
         };

@@ -85,6 +85,9 @@ pub struct Accepted {
     pub stream: BoxStream,
     /// The peer, for logs.
     pub peer: String,
+    /// The peer's domain (CID) as the transport established it — transport-xen's link set-up
+    /// through the store, AF_VSOCK's kernel — or `None` (Unix, TCP).
+    pub peer_domain: Option<u32>,
 }
 
 /// A listening socket of any transport.
@@ -120,21 +123,22 @@ impl Listener {
             Listener::Xen(l, _) => {
                 let s = l.accept().await?;
                 let (local, remote) = s.ports();
-                let peer = format!("xen port {remote} (to our {local})");
-                Accepted { stream: Box::new(s), peer }
+                let domain = s.peer_domain();
+                let peer = format!("xen:{domain}:{remote} (to our port {local})");
+                Accepted { stream: Box::new(s), peer, peer_domain: Some(u32::from(domain.0)) }
             }
             Listener::Vsock(l) => {
                 let (s, a) = l.accept().await?;
-                Accepted { stream: Box::new(s), peer: format!("vsock:{}:{}", a.cid(), a.port()) }
+                Accepted { stream: Box::new(s), peer: format!("vsock:{}:{}", a.cid(), a.port()), peer_domain: Some(a.cid()) }
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                Accepted { stream: Box::new(s), peer: "unix".into() }
+                Accepted { stream: Box::new(s), peer: "unix".into(), peer_domain: None }
             }
             Listener::Tcp(l) => {
                 let (s, a) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Accepted { stream: Box::new(s), peer: format!("tcp:{a}") }
+                Accepted { stream: Box::new(s), peer: format!("tcp:{a}"), peer_domain: None }
             }
         })
     }

@@ -9,6 +9,7 @@
 //! Which ports a domain may listen on, and how links between domains are set up and shared, is
 //! the business of the layer above (issue 3, in progress).
 
+use crate::types::DomId;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
@@ -70,6 +71,8 @@ struct State {
 }
 
 struct Shared {
+    /// The domain at the other end of the link.
+    peer: DomId,
     state: Mutex<State>,
     transmit: Notify,
     /// Tells the reader task to stop (the last handle was dropped).
@@ -206,6 +209,7 @@ impl Mux {
         ports: &[u32],
     ) -> (Mux, Vec<MuxListener>) {
         let shared = Arc::new(Shared {
+            peer: link.peer(),
             state: Mutex::new(State {
                 session: Session::new(config),
                 waiters: HashMap::new(),
@@ -383,6 +387,12 @@ impl VsockStream {
     /// (local port, peer port).
     pub fn ports(&self) -> (u32, u32) {
         (self.id.local, self.id.peer)
+    }
+
+    /// The domain at the other end: established by the link's set-up through the store (the
+    /// hypervisor's word, not the peer's), so a server may trust it to tell callers apart.
+    pub fn peer_domain(&self) -> DomId {
+        self.mux.shared.peer
     }
 }
 

@@ -1,25 +1,44 @@
-//! `dombus`: the toolstack's command-line tool.
+//! `dombus`: the toolstack's command-line tool, modelled on `xl`.
 //!
 //! ```text
-//! dombus [--json] [--sim SOCKET --domid N | --xen] describe ADDR
-//! dombus [--json] [...] ping ADDR [--count N]
+//! dombus demo                                   a whole simulated host, driven end to end
+//! dombus host up | down | status                the simulated host (hypervisor, backend and storage domains)
+//! dombus storage create disk0 --size 10G --format qcow2 [--domain 2 | --addr ADDR]
+//! dombus storage list | info NAME | snapshot-create NAME SNAP | clone-disk SRC NAME [--linked] | …
+//! dombus describe ADDR                          what a server hosts
+//! dombus ping ADDR [--count N]                  round-trip latency, p50/p99
 //! ```
+//! Options for every command: `--json` (output for scripts), `--state DIR` (where the host
+//! lives), `--sim SOCKET --domid N` or `--xen` (how to reach `xen:` addresses; by default those
+//! of the host that is up), `--timeout SECONDS`.
+//!
 //! Exit status: 0 success, 1 the service answered with an error, 2 usage, 3 refused (nothing
 //! there, no such service, denied), 4 the call failed (deadline, connection lost).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use dombus::rpc::cli::{self, NetArgs, exit};
-use dombus::rpc::{Address, ClientConfig, RawClient, error_text, wire};
+use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use dombus::rpc::cli::{self, NetArgs, ServiceCli, exit};
+use dombus::rpc::{Address, Client, ClientConfig, Net, RawClient, error_text, wire};
+use dombus_services::storage::{StorageClient, StorageRequest};
+
+mod daemons;
+mod demo;
+mod host;
+
+use host::StateDir;
 
 #[derive(Parser)]
-#[command(name = "dombus", about = "Drive dombus services: describe them, ping them, call them", version)]
+#[command(name = "dombus", about = "Drive a dombus host: its domains and their services", version)]
 struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Where the host keeps its state [default: $XDG_RUNTIME_DIR/dombus or ~/.local/state/dombus].
+    #[arg(long, value_name = "DIR", global = true)]
+    state: Option<PathBuf>,
     #[command(flatten)]
     net: NetArgs,
     #[command(subcommand)]
@@ -28,6 +47,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Top {
+    /// Bring a simulated host up, call its storage domain as the toolstack, bring it down.
+    Demo,
+    /// The simulated host: hypervisor, backend domain, service domains.
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
     /// The services at ADDR: their methods, arguments, results and docs.
     Describe {
         /// Where (xen:CID:PORT, vsock:CID:PORT, unix:PATH, tcp:HOST:PORT).
@@ -41,21 +67,140 @@ enum Top {
         #[arg(long, short = 'c', default_value_t = 100)]
         count: u32,
     },
+    /// Run one of the host's processes (used by `host up`).
+    #[command(hide = true)]
+    Daemon {
+        #[command(subcommand)]
+        daemon: daemons::Daemon,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Start the simulated hypervisor, the backend domain and the storage domain.
+    Up,
+    /// Stop every process of the host (logs and images stay in the state directory).
+    Down,
+    /// Domains, services (with a ping), links.
+    Status,
 }
 
 /// A failure and its exit status.
 struct Failure(u8, String);
 
-async fn run(cli: Cli) -> Result<(), Failure> {
-    let net = cli.net.net().map_err(|e| Failure(exit::REFUSED, e.to_string()))?;
-    let (Top::Describe { addr } | Top::Ping { addr, .. }) = &cli.command;
+impl Failure {
+    fn refused(e: impl std::fmt::Display) -> Failure {
+        Failure(exit::REFUSED, e.to_string())
+    }
+}
+
+/// The `storage` command: every method of the storage service, from its generated glue.
+fn storage_command() -> clap::Command {
+    StorageRequest::command()
+        .about("Disk images in a storage domain (qemu-img)")
+        .arg(
+            Arg::new("domain")
+                .long("domain")
+                .value_name("DOMID")
+                .global(true)
+                .value_parser(clap::value_parser!(u16))
+                .help("The storage domain [default: the host's]"),
+        )
+        .arg(
+            Arg::new("addr")
+                .long("addr")
+                .value_name("ADDR")
+                .global(true)
+                .help("The storage service's address"),
+        )
+}
+
+/// How to reach `xen:` addresses: the options if given, else the host that is up, else none.
+fn net_for(net: &NetArgs, state: &StateDir) -> Result<(Net, Option<host::Manifest>), Failure> {
+    let manifest = state.load().map_err(Failure::refused)?;
+    let args = match (&manifest, net.sim.is_some() || net.xen) {
+        (Some(m), false) => m.net_args(net.timeout()),
+        _ => net.clone(),
+    };
+    let net = args.net().map_err(|e| {
+        let hint = if e.to_string().contains("already attached") {
+            " (another dombus command is running as the toolstack, domain 0)"
+        } else {
+            ""
+        };
+        Failure::refused(format!("{e}{hint}"))
+    })?;
+    Ok((net, manifest))
+}
+
+async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
+    let (net, manifest) = net_for(global, state)?;
+    let addr: Address = match (m.get_one::<String>("addr"), m.get_one::<u16>("domain"), &manifest) {
+        (Some(a), _, _) => a.parse().map_err(|e| Failure(exit::USAGE, format!("--addr: {e}")))?,
+        (None, Some(d), _) => {
+            format!("xen:{d}:{}", dombus_services::ports::STORAGE).parse().map_err(Failure::refused)?
+        }
+        (None, None, Some(m)) => {
+            m.service_addr("storage").ok_or_else(|| Failure::refused("the host has no storage domain"))?
+        }
+        (None, None, None) => {
+            return Err(Failure(
+                exit::USAGE,
+                format!("no host is up in {} and no --domain or --addr given", state.0.display()),
+            ));
+        }
+    };
+    let client =
+        Client::<StorageRequest>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
+            .await
+            .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
+    let progress = watch_progress(&client, m, json);
+    let outcome = cli::call(&client, global.context(), m).await;
+    progress.abort();
+    match outcome {
+        Ok(o) => Ok(cli::print_outcome(&o, json)),
+        Err(e) => Err(Failure(cli::call_error_status(&e), cli::cli_error_text(&e))),
+    }
+}
+
+/// While a call on an image runs, shows the progress the service reports for it (long
+/// operations: a full clone) on stderr.
+fn watch_progress(
+    client: &Client<StorageRequest>,
+    m: &ArgMatches,
+    json: bool,
+) -> tokio::task::JoinHandle<()> {
+    let name = m
+        .subcommand()
+        .filter(|(method, _)| *method != "progress")
+        .and_then(|(_, sub)| sub.try_get_one::<String>("name").ok().flatten().cloned());
+    let storage = StorageClient::from(client.clone());
+    tokio::spawn(async move {
+        let Some(name) = name.and_then(|n| cli::parse_value::<String>(&n).ok()) else { return };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut shown = false;
+        loop {
+            if let Ok(Some(p)) = storage.progress(host::context(Duration::from_secs(5)), name.clone()).await {
+                if !json {
+                    eprint!("\r  {}: {:5.1}%", p.operation, p.percent);
+                    shown = true;
+                }
+            } else if shown {
+                eprintln!();
+                shown = false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
+async fn run_builtin(cli: &Cli, state: &StateDir) -> Result<u8, Failure> {
+    let (Top::Describe { addr } | Top::Ping { addr, .. }) = &cli.command else { return Ok(exit::USAGE) };
+    let (net, _) = net_for(&cli.net, state)?;
     let client = RawClient::new(net, addr.clone(), wire::BUILTIN_SERVICE, ClientConfig::default());
-    client
-        .connect_now(cli.net.timeout())
-        .await
-        .map_err(|e| Failure(exit::REFUSED, format!("{addr}: {e}")))?;
+    client.connect_now(cli.net.timeout()).await.map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
     let failed = |e: dombus::rpc::RpcError| Failure(exit::CALL, error_text(&e));
-    match cli.command {
+    match &cli.command {
         Top::Describe { .. } => {
             let services = client.describe(cli.net.context()).await.map_err(failed)?;
             if cli.json {
@@ -65,52 +210,123 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Top::Ping { count, .. } => {
-            let mut laps = Vec::with_capacity(count as usize);
-            for _ in 0..count.max(1) {
+            let mut laps = Vec::with_capacity(*count as usize);
+            for _ in 0..(*count).max(1) {
                 let t = Instant::now();
                 client.ping(cli.net.context()).await.map_err(failed)?;
                 laps.push(t.elapsed());
             }
-            laps.sort();
-            let at = |q: f64| laps[((laps.len() - 1) as f64 * q).round() as usize];
-            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            let s = demo::Summary::of(&mut laps);
             if cli.json {
-                let v = serde_json::json!({ "addr": addr_text(&client), "count": laps.len(),
-                    "p50_us": us(at(0.5)), "p99_us": us(at(0.99)), "max_us": us(at(1.0)) });
+                let v = serde_json::json!({ "addr": client.addr(), "count": laps.len(),
+                    "p50_us": s.p50_us, "p99_us": s.p99_us, "max_us": s.max_us });
                 println!("{v}");
             } else {
-                println!(
-                    "{}: {} round trips, p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
-                    addr_text(&client),
-                    laps.len(),
-                    us(at(0.5)),
-                    us(at(0.99)),
-                    us(at(1.0))
-                );
+                println!("{}: {} round trips, {s}", client.addr(), laps.len());
+            }
+        }
+        _ => {}
+    }
+    Ok(exit::OK)
+}
+
+async fn run_host(cli: &Cli, state: StateDir, command: &HostCommand) -> Result<u8, Failure> {
+    match command {
+        HostCommand::Up => {
+            if !cli.json {
+                println!("bringing a simulated host up in {}", state.0.display());
+            }
+            demo::ensure_qemu_img().map_err(Failure::refused)?;
+            let host = host::up(state, cli.json).await.map_err(|e| Failure::refused(format!("{e:#}")))?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&host.manifest).unwrap_or_default());
+            } else {
+                println!("host up: `dombus host status`, `dombus storage list`, `dombus host down`");
+            }
+        }
+        HostCommand::Down => {
+            let n = host::down(state, cli.json).await.map_err(|e| Failure::refused(format!("{e:#}")))?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "stopped": n }));
+            } else {
+                println!("host down: {n} processes stopped");
+            }
+        }
+        HostCommand::Status => {
+            let s = host::status(state).await.map_err(|e| Failure::refused(format!("{e:#}")))?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                println!("{}", host::render_status(&s));
             }
         }
     }
-    Ok(())
+    Ok(exit::OK)
 }
 
-fn addr_text(c: &RawClient) -> String {
-    c.addr().to_string()
+async fn run(matches: ArgMatches) -> Result<u8, Failure> {
+    let usage = |e: clap::Error| Failure(exit::USAGE, e.to_string());
+    if let Some(("storage", m)) = matches.subcommand() {
+        let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
+        let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
+        return run_storage(&net, &state, matches.get_flag("json"), m).await;
+    }
+    let cli = Cli::from_arg_matches(&matches).map_err(usage)?;
+    let state = StateDir::resolve(cli.state.clone());
+    match &cli.command {
+        Top::Demo => demo::run(state_for_demo(&cli), cli.json)
+            .await
+            .map(|()| exit::OK)
+            .map_err(|e| Failure(exit::CALL, format!("{e:#}"))),
+        Top::Host { command } => run_host(&cli, state, command).await,
+        Top::Describe { .. } | Top::Ping { .. } => run_builtin(&cli, &state).await,
+        Top::Daemon { .. } => Ok(exit::USAGE),
+    }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+/// The demo's state: `--state` if given, else a fresh directory of its own (removed after), so
+/// it never touches a host that is up.
+fn state_for_demo(cli: &Cli) -> Option<StateDir> {
+    cli.state.clone().map(StateDir)
+}
+
+fn main() -> ExitCode {
+    let command = Cli::command().subcommand(storage_command());
+    let matches = match command.try_get_matches() {
+        Ok(m) => m,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(status, msg)) => {
-            eprintln!("dombus: {msg}");
-            ExitCode::from(status)
-        }
+    // The host's processes run without a tokio runtime of this function's making.
+    if matches.subcommand_name() == Some("daemon") {
+        let Ok(Cli { command: Top::Daemon { daemon }, .. }) = Cli::from_arg_matches(&matches) else {
+            return ExitCode::from(exit::USAGE);
+        };
+        return match daemons::run(daemon) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dombus daemon: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dombus: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = rt.block_on(async move {
+        match run(matches).await {
+            Ok(status) => status,
+            Err(Failure(status, msg)) => {
+                eprintln!("dombus: {msg}");
+                status
+            }
+        }
+    });
+    ExitCode::from(status)
 }

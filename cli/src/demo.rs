@@ -1,0 +1,297 @@
+//! `dombus demo`: brings a simulated host up, drives its storage domain as the toolstack through
+//! the generated clients (each call printed with what it did and its round trip), prints a
+//! latency summary, and brings the host down.
+
+use std::fmt;
+use std::future::Future;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
+use dombus_services::ports;
+use dombus_services::registry::RegistryClient;
+use dombus_services::storage::{DiskInfo, Format, Size, StorageClient, StorageError};
+
+use crate::host::{self, Host, StateDir, context};
+
+/// Latency figures of a series of round trips.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Summary {
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Slowest, µs.
+    pub max_us: f64,
+}
+
+impl Summary {
+    /// Of `laps` (sorted in place).
+    pub fn of(laps: &mut [Duration]) -> Summary {
+        laps.sort();
+        let at = |q: f64| {
+            let i = ((laps.len().saturating_sub(1)) as f64 * q).round() as usize;
+            laps.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        Summary { p50_us: at(0.5), p99_us: at(0.99), max_us: at(1.0) }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs", self.p50_us, self.p99_us, self.max_us)
+    }
+}
+
+/// Makes sure `qemu-img` runs (the storage domain needs it): as root, installs Debian's
+/// qemu-utils if it is missing; otherwise says how.
+pub fn ensure_qemu_img() -> anyhow::Result<()> {
+    let works = || Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    if works() {
+        return Ok(());
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!("qemu-img is not installed (the storage domain runs it): apt-get install qemu-utils");
+    }
+    eprintln!("qemu-img is missing: installing Debian's qemu-utils (apt-get)…");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+    };
+    if !apt(&["install", "-y", "-q", "qemu-utils"]).unwrap_or(false) {
+        apt(&["update", "-q"]).context("apt-get update")?;
+        if !apt(&["install", "-y", "-q", "qemu-utils"]).context("apt-get install qemu-utils")? {
+            bail!("apt-get install qemu-utils failed");
+        }
+    }
+    if !works() {
+        bail!("qemu-utils installed but qemu-img does not run");
+    }
+    Ok(())
+}
+
+fn size(bytes: u64) -> String {
+    // One decimal in the largest unit that keeps the number ≥ 1.
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift {
+            return format!("{:.1}{unit}", bytes as f64 / (1u64 << shift) as f64).replace(".0", "");
+        }
+    }
+    format!("{bytes}B")
+}
+
+fn disk(d: &DiskInfo) -> String {
+    let backing = d.backing.as_ref().map(|b| format!(", linked clone of {b:?}")).unwrap_or_default();
+    let snaps = if d.snapshots > 0 { format!(", {} snapshot(s)", d.snapshots) } else { String::new() };
+    format!(
+        "{} {:?}: {} virtual, {} on disk{backing}{snaps}",
+        d.format.as_str(),
+        d.name,
+        size(d.virtual_size),
+        size(d.actual_size)
+    )
+}
+
+/// Runs one toolstack call: prints what it asked, what came back, and how long it took.
+async fn call<T, F>(
+    what: &str,
+    fut: F,
+    show: impl FnOnce(&Result<T, StorageError>) -> String,
+) -> anyhow::Result<Result<T, StorageError>>
+where
+    F: Future<Output = Result<Result<T, StorageError>, RpcError>>,
+{
+    let t = Instant::now();
+    let r = fut.await.map_err(|e| anyhow::anyhow!("{what}: {}", error_text(&e)))?;
+    let took = t.elapsed();
+    println!("  {what:<46} {:>8.2} ms  {}", took.as_secs_f64() * 1e3, show(&r));
+    Ok(r)
+}
+
+fn ok_or<T>(what: &str, r: Result<T, StorageError>) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{what}: the storage domain refused: {e}"))
+}
+
+/// The toolstack's calls, through the generated clients.
+async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
+    let net = host.net.clone().context("the host has no toolstack connection")?;
+    let storage_addr: Address = host.manifest.service_addr("storage").context("no storage domain")?;
+    println!(
+        "\n2. The toolstack (domain {}) calls the storage domain (domain {}) at {storage_addr}",
+        host::TOOLSTACK,
+        host::STORAGE
+    );
+    let storage = StorageClient::connect(net.clone(), storage_addr.clone())
+        .await
+        .context("connecting to the storage service")?;
+    let d = Duration::from_secs(60);
+    let show_disk = |r: &Result<DiskInfo, StorageError>| match r {
+        Ok(d) => disk(d),
+        Err(e) => format!("error: {e}"),
+    };
+    let show_unit = |r: &Result<(), StorageError>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+
+    let r = call(
+        "create(\"demo\", 1G, qcow2)",
+        storage.create(context(d), "demo".into(), Size(1 << 30), Some(Format::Qcow2), None),
+        show_disk,
+    )
+    .await?;
+    ok_or("create", r)?;
+    let r = call(
+        "snapshot_create(\"demo\", \"fresh\")",
+        storage.snapshot_create(context(d), "demo".into(), "fresh".into()),
+        |r| match r {
+            Ok(s) => format!("snapshot {:?} (id {})", s.name, s.id),
+            Err(e) => format!("error: {e}"),
+        },
+    )
+    .await?;
+    ok_or("snapshot_create", r)?;
+    let r = call(
+        "resize(\"demo\", 2G)",
+        storage.resize(context(d), "demo".into(), Size(2 << 30), false),
+        show_disk,
+    )
+    .await?;
+    ok_or("resize", r)?;
+    let r = call(
+        "resize(\"demo\", 1G) without force",
+        storage.resize(context(d), "demo".into(), Size(1 << 30), false),
+        |r| match r {
+            Ok(d) => format!("unexpectedly allowed: {}", disk(d)),
+            Err(e) => format!("refused, as it must be: {e}"),
+        },
+    )
+    .await?;
+    if r.is_ok() {
+        bail!("the storage domain shrank an image without force");
+    }
+    let r = call(
+        "clone_disk(\"demo\" → \"vm1\", linked)",
+        storage.clone_disk(context(d), "demo".into(), "vm1".into(), true, None),
+        show_disk,
+    )
+    .await?;
+    ok_or("clone_disk", r)?;
+    let r = call("list()", storage.list(context(d)), |r| match r {
+        Ok(l) => format!(
+            "{} images: {}",
+            l.len(),
+            l.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        Err(e) => format!("error: {e}"),
+    })
+    .await?;
+    ok_or("list", r)?;
+    let r = call("info(\"vm1\")", storage.info(context(d), "vm1".into()), show_disk).await?;
+    ok_or("info", r)?;
+    let r = call("snapshot_list(\"demo\")", storage.snapshot_list(context(d), "demo".into()), |r| match r {
+        Ok(l) => format!(
+            "{} snapshot(s): {}",
+            l.len(),
+            l.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        Err(e) => format!("error: {e}"),
+    })
+    .await?;
+    ok_or("snapshot_list", r)?;
+    let r =
+        call("delete(\"demo\") while vm1 is on it", storage.delete(context(d), "demo".into()), |r| match r {
+            Ok(()) => "unexpectedly allowed".to_string(),
+            Err(e) => format!("refused, as it must be: {e}"),
+        })
+        .await?;
+    if r.is_ok() {
+        bail!("the storage domain deleted an image a linked clone uses");
+    }
+    ok_or("delete", call("delete(\"vm1\")", storage.delete(context(d), "vm1".into()), show_unit).await?)?;
+    ok_or("delete", call("delete(\"demo\")", storage.delete(context(d), "demo".into()), show_unit).await?)?;
+    let r = call("info(\"demo\")", storage.info(context(d), "demo".into()), show_disk).await?;
+    if !matches!(r, Err(StorageError::NotFound { .. })) {
+        bail!("a deleted image is still there");
+    }
+
+    println!("\n3. Round trips over the Xen link (simulated hypervisor, event-channel wake-ups)");
+    let raw =
+        RawClient::new(net.clone(), storage_addr.clone(), wire::BUILTIN_SERVICE, ClientConfig::default());
+    let mut laps = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        raw.ping(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
+        laps.push(t.elapsed());
+    }
+    let ping = Summary::of(&mut laps);
+    println!("  {:<46} {ping}", "ping, storage domain (1000 round trips)");
+    let mut laps = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let r = storage.list(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
+        ok_or("list", r)?;
+        laps.push(t.elapsed());
+    }
+    let list = Summary::of(&mut laps);
+    println!("  {:<46} {list}", "storage.list(), typed call (200)");
+    let registry_addr: Address = format!("xen:backend:{}", ports::REGISTRY).parse()?;
+    let registry = RegistryClient::connect(net, registry_addr).await.context("the host registry")?;
+    let mut laps = Vec::new();
+    let mut domains = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        domains = registry.domains(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
+        laps.push(t.elapsed());
+    }
+    let reg = Summary::of(&mut laps);
+    println!("  {:<46} {reg}", "registry.domains(), backend domain (200)");
+    println!(
+        "  the registry knows: {}",
+        domains
+            .iter()
+            .map(|d| format!("domain {} {} ({})", d.domid, d.name, d.role))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    Ok(serde_json::json!({ "ping": ping, "storage_list": list, "registry_domains": reg }))
+}
+
+/// `dombus demo`.
+pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
+    ensure_qemu_img()?;
+    let own = state.is_none();
+    let state = state.unwrap_or_else(|| {
+        StateDir(std::env::temp_dir().join(format!("dombus-demo-{}", std::process::id())))
+    });
+    println!("dombus demo: a Xen host simulated on this machine — separate processes, shared memory,");
+    println!("event channels and a store with Xen's semantics — driven by the toolstack over dombus RPC.\n");
+    println!("1. Host up (state in {})", state.0.display());
+    let t = Instant::now();
+    let host = host::up(state.clone(), false).await?;
+    println!("  host up in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    let pids: Vec<u32> = host.manifest.procs.iter().map(|p| p.pid).collect();
+    let result = drive(&host).await;
+    println!("\n4. Host down");
+    let stopped = host.down(false).await;
+    let stray: Vec<u32> =
+        pids.iter().copied().filter(|&p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
+    if own {
+        let _ = std::fs::remove_dir_all(&state.0);
+    }
+    let figures = result?;
+    let n = stopped?;
+    if !stray.is_empty() {
+        bail!("processes still running after host down: {stray:?}");
+    }
+    println!("  {n} processes stopped, none left running");
+    if json {
+        println!("{figures}");
+    }
+    println!("\ndemo complete");
+    Ok(())
+}

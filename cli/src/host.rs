@@ -1,0 +1,656 @@
+//! `dombus host up | down | status`: a whole dombus host on one machine without Xen — the
+//! simulated hypervisor, the backend domain (the host registry), and the service domains (the
+//! storage domain) — each a separate process with its own domain id, all state in one directory.
+//!
+//! ```text
+//! <state>/host.json      what runs: processes, domain ids, services and addresses
+//! <state>/simxen.sock    the simulated hypervisor's socket
+//! <state>/logs/*.log     one log per process
+//! <state>/images/        the storage domain's disk images
+//! ```
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use dombus::rpc::cli::NetArgs;
+use dombus::rpc::{Address, ClientConfig, Net, RawClient, wire};
+use dombus::transport::backend::{Backend, Store};
+use dombus::transport::sim::SimBackend;
+use dombus::transport::types::DomId;
+use dombus_services::ports;
+use dombus_services::registry::{DomainEntry, RegistryClient, ServiceEntry};
+use serde::{Deserialize, Serialize};
+
+/// The backend domain's id on a simulated host.
+pub const BACKEND: u16 = 1;
+/// The storage domain's id on a simulated host.
+pub const STORAGE: u16 = 2;
+/// The toolstack's domain id (this tool).
+pub const TOOLSTACK: u16 = 0;
+
+/// How long each start-up step may take.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a process has to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a host keeps its state.
+#[derive(Debug, Clone)]
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    /// `--state`, else `$DOMBUS_STATE`, else `$XDG_RUNTIME_DIR/dombus`, else
+    /// `~/.local/state/dombus`, else `/tmp/dombus-<uid>`.
+    pub fn resolve(explicit: Option<PathBuf>) -> StateDir {
+        if let Some(p) = explicit.or_else(|| std::env::var_os("DOMBUS_STATE").map(PathBuf::from)) {
+            return StateDir(p);
+        }
+        if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR") {
+            return StateDir(PathBuf::from(run).join("dombus"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            return StateDir(PathBuf::from(home).join(".local/state/dombus"));
+        }
+        StateDir(std::env::temp_dir().join(format!("dombus-{}", rustix::process::getuid().as_raw())))
+    }
+
+    fn manifest(&self) -> PathBuf {
+        self.0.join("host.json")
+    }
+    /// The simulated hypervisor's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.0.join("simxen.sock")
+    }
+    fn logs(&self) -> PathBuf {
+        self.0.join("logs")
+    }
+    /// The storage domain's image directory.
+    pub fn images(&self) -> PathBuf {
+        self.0.join("images")
+    }
+
+    /// The running host's manifest, if there is one.
+    pub fn load(&self) -> anyhow::Result<Option<Manifest>> {
+        match std::fs::read(self.manifest()) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is damaged; remove it after checking no dombus process runs",
+                    self.manifest().display()
+                )
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.manifest().display())),
+        }
+    }
+
+    fn save(&self, m: &Manifest) -> anyhow::Result<()> {
+        let tmp = self.0.join("host.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(m)?)?;
+        std::fs::rename(&tmp, self.manifest())?;
+        Ok(())
+    }
+}
+
+/// One process of the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proc {
+    /// Its name (`hypervisor`, `backend`, `storage`).
+    pub name: String,
+    /// Its domain id (none for the hypervisor).
+    pub domid: Option<u16>,
+    /// What it is for.
+    pub role: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its log.
+    pub log: PathBuf,
+    /// What it serves.
+    pub services: Vec<ServiceEntry>,
+}
+
+/// What runs on a host (`host.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The simulated hypervisor's socket.
+    pub sim_socket: PathBuf,
+    /// The backend domain.
+    pub backend_domid: u16,
+    /// Seconds since the epoch when it came up.
+    pub started: u64,
+    /// Its processes, in start order (the hypervisor first).
+    pub procs: Vec<Proc>,
+}
+
+impl Manifest {
+    /// How this tool reaches the host's domains, as the toolstack.
+    pub fn net_args(&self, timeout: Duration) -> NetArgs {
+        NetArgs {
+            sim: Some(self.sim_socket.clone()),
+            domid: TOOLSTACK,
+            xen: false,
+            backend_domain: self.backend_domid,
+            timeout: timeout.as_secs_f64(),
+        }
+    }
+
+    /// The address of `service` on this host.
+    pub fn service_addr(&self, service: &str) -> Option<Address> {
+        self.procs
+            .iter()
+            .flat_map(|p| &p.services)
+            .find(|s| s.name == service)
+            .and_then(|s| s.addr.parse().ok())
+    }
+}
+
+/// A host brought up by this process: its children are waited for when it goes down.
+pub struct Host {
+    /// Its state directory.
+    pub state: StateDir,
+    /// What runs.
+    pub manifest: Manifest,
+    /// This process as the toolstack (domain 0) on the host, once it is up.
+    pub net: Option<Net>,
+    children: Vec<Child>,
+}
+
+/// Whether `pid` runs: exists and is not a zombie (a process that exited but whose parent —
+/// after `host up` exits, init — has not reaped it yet).
+fn alive(pid: u32) -> bool {
+    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else { return false };
+    if rustix::process::test_kill_process(p).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold anything.
+        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// The last lines of a log, for error messages.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+fn spawn(state: &StateDir, name: &str, args: &[String]) -> anyhow::Result<(Child, PathBuf)> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let log = state.logs().join(format!("{name}.log"));
+    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("daemon").args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    // Its own process group: a Ctrl-C meant for the tool that started the host does not stop it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().with_context(|| format!("starting the {name} process"))?;
+    Ok((child, log))
+}
+
+/// Waits until `ready()` says yes, failing early if the process died.
+async fn wait_ready(
+    name: &str,
+    child: &mut Child,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the {name} process exited ({status}) while starting; its log ({}):\n{}",
+                log.display(),
+                tail(log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {name} process did not come up within {START_TIMEOUT:?}; its log ({}):\n{}",
+                log.display(),
+                tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A line of progress: `  what (elapsed)`.
+fn step(quiet: bool, what: impl std::fmt::Display, since: Instant) {
+    if !quiet {
+        println!("  {what} ({:.1} ms)", since.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+/// `dombus host up`: starts the hypervisor, the backend domain and the storage domain, registers
+/// them with the backend's registry and waits until every service answers.
+pub async fn up(state: StateDir, quiet: bool) -> anyhow::Result<Host> {
+    if let Some(m) = state.load()? {
+        if m.procs.iter().any(|p| alive(p.pid)) {
+            bail!(
+                "a host is already up in {} (hypervisor pid {}); `dombus host down` first, or use another --state",
+                state.0.display(),
+                m.procs.first().map_or(0, |p| p.pid)
+            );
+        }
+        std::fs::remove_file(state.manifest())?;
+    }
+    std::fs::create_dir_all(state.logs()).with_context(|| format!("creating {}", state.0.display()))?;
+    std::fs::create_dir_all(state.images())?;
+    let _ = std::fs::remove_file(state.socket());
+    let sock = state.socket();
+    let sim = sock.display().to_string();
+    let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut host = Host {
+        state: state.clone(),
+        manifest: Manifest { sim_socket: sock.clone(), backend_domid: BACKEND, started, procs: vec![] },
+        net: None,
+        children: vec![],
+    };
+    match start(&mut host, &sim, quiet).await {
+        Ok(()) => Ok(host),
+        Err(e) => {
+            // Leave nothing running behind a failed start.
+            let _ = host.down(true).await;
+            Err(e)
+        }
+    }
+}
+
+async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let state = host.state.clone();
+    let sock = state.socket();
+    let (mut child, log) =
+        spawn(&state, "hypervisor", &["hypervisor".into(), "--socket".into(), sim.into()])?;
+    host.manifest.procs.push(Proc {
+        name: "hypervisor".into(),
+        domid: None,
+        role: "simulated Xen: grants, event channels, store".into(),
+        pid: child.id(),
+        log: log.clone(),
+        services: vec![],
+    });
+    state.save(&host.manifest)?;
+    let waited = wait_ready("hypervisor", &mut child, &log, || sock.exists()).await;
+    host.children.push(child);
+    waited?;
+    step(quiet, format_args!("hypervisor       pid {:<7} {}", host.children[0].id(), sim), t);
+
+    let domain_args = |domid: u16| {
+        vec![
+            "--sim".to_string(),
+            sim.to_string(),
+            "--domid".into(),
+            domid.to_string(),
+            "--backend-domain".into(),
+            BACKEND.to_string(),
+        ]
+    };
+    let registry_addr = format!("xen:backend:{}", ports::REGISTRY);
+    let storage_addr = format!("xen:{STORAGE}:{}", ports::STORAGE);
+    let images = state.images().display().to_string();
+    let domains = [
+        (
+            BACKEND,
+            "backend",
+            "backend domain: the host registry",
+            vec!["backend".to_string()],
+            ("registry", registry_addr.clone()),
+        ),
+        (
+            STORAGE,
+            "storage",
+            "storage domain: disk images on qemu-img",
+            vec!["storage".into(), "--root".into(), images, "--listen".into(), storage_addr.clone()],
+            ("storage", storage_addr.clone()),
+        ),
+    ];
+    for (domid, name, role, mut args, (service, addr)) in domains {
+        args.extend(domain_args(domid));
+        let (child, log) = spawn(&state, name, &args)?;
+        host.manifest.procs.push(Proc {
+            name: name.into(),
+            domid: Some(domid),
+            role: role.into(),
+            pid: child.id(),
+            log,
+            services: vec![ServiceEntry { name: service.into(), addr }],
+        });
+        host.children.push(child);
+        state.save(&host.manifest)?;
+    }
+
+    // As the toolstack: wait for every service (connecting waits for its listener), then
+    // register the domains with the backend's registry.
+    let net = host
+        .manifest
+        .net_args(START_TIMEOUT)
+        .net()
+        .context("attaching to the simulated hypervisor as the toolstack")?;
+    for i in 1..host.manifest.procs.len() {
+        let p = host.manifest.procs[i].clone();
+        let t = Instant::now();
+        for s in &p.services {
+            let addr: Address = s.addr.parse()?;
+            let client = RawClient::new(net.clone(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
+            let ready = tokio::select! {
+                r = client.connect_now(START_TIMEOUT) => r,
+                died = wait_exit(&mut host.children[i]) => Err(std::io::Error::other(format!("exited: {died}"))),
+            };
+            if let Err(e) = ready {
+                bail!(
+                    "the {} domain's {} service at {} did not come up: {e}; its log ({}):\n{}",
+                    p.name,
+                    s.name,
+                    s.addr,
+                    p.log.display(),
+                    tail(&p.log)
+                );
+            }
+        }
+        step(
+            quiet,
+            format_args!(
+                "{:<16} pid {:<7} domain {}, {}",
+                format!("{} domain", p.name),
+                p.pid,
+                p.domid.unwrap_or_default(),
+                services_text(&p.services)
+            ),
+            t,
+        );
+    }
+    let registry =
+        RegistryClient::connect(net.clone(), registry_addr.parse()?).await.context("the host registry")?;
+    for p in host.manifest.procs.iter().filter(|p| p.domid.is_some()) {
+        let entry = DomainEntry {
+            domid: p.domid.unwrap_or_default(),
+            name: p.name.clone(),
+            role: p.role.clone(),
+            services: p.services.clone(),
+        };
+        registry
+            .register(context(START_TIMEOUT), entry)
+            .await
+            .map_err(|e| anyhow::anyhow!(dombus::rpc::error_text(&e)))?
+            .map_err(|e| anyhow::anyhow!("registering {}: {e}", p.name))?;
+    }
+    step(
+        quiet,
+        format_args!("registered {} domains with the backend's registry", host.manifest.procs.len() - 1),
+        t,
+    );
+    host.net = Some(net);
+    Ok(())
+}
+
+async fn wait_exit(child: &mut Child) -> String {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.to_string(),
+            Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+fn services_text(s: &[ServiceEntry]) -> String {
+    s.iter().map(|s| format!("{} on {}", s.name, s.addr)).collect::<Vec<_>>().join(", ")
+}
+
+/// A call context with a deadline `d` from now.
+pub fn context(d: Duration) -> dombus::context::Context {
+    let mut ctx = dombus::context::current();
+    ctx.deadline = Instant::now() + d;
+    ctx
+}
+
+impl Host {
+    /// Stops every process (services first, the hypervisor last): SIGTERM, then SIGKILL after
+    /// 5 s; removes the manifest and the socket (logs and images stay). Returns how many
+    /// processes were stopped.
+    pub async fn down(mut self, quiet: bool) -> anyhow::Result<usize> {
+        // Leave the host as the toolstack first.
+        drop(self.net.take());
+        stop_all(&self.state, &self.manifest, &mut self.children, quiet).await
+    }
+}
+
+/// `dombus host down` for a host started by another process.
+pub async fn down(state: StateDir, quiet: bool) -> anyhow::Result<usize> {
+    let Some(m) = state.load()? else {
+        bail!("no host is up in {} (no host.json)", state.0.display());
+    };
+    stop_all(&state, &m, &mut Vec::new(), quiet).await
+}
+
+async fn stop_all(
+    state: &StateDir,
+    m: &Manifest,
+    children: &mut [Child],
+    quiet: bool,
+) -> anyhow::Result<usize> {
+    let mut stopped = 0;
+    let mut stubborn = Vec::new();
+    for p in m.procs.iter().rev() {
+        let child = children.iter_mut().find(|c| c.id() == p.pid);
+        let gone = |child: &mut Option<&mut Child>| match child {
+            // Our own child: reap it (a zombie would still answer kill(0)).
+            Some(c) => matches!(c.try_wait(), Ok(Some(_)) | Err(_)),
+            None => !alive(p.pid),
+        };
+        let mut child = child;
+        if gone(&mut child) {
+            continue;
+        }
+        let t = Instant::now();
+        signal(p.pid, rustix::process::Signal::TERM);
+        while !gone(&mut child) && t.elapsed() < STOP_TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !gone(&mut child) {
+            signal(p.pid, rustix::process::Signal::KILL);
+            stubborn.push(p.name.clone());
+            let t = Instant::now();
+            while !gone(&mut child) && t.elapsed() < STOP_TIMEOUT {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        stopped += 1;
+        step(quiet, format_args!("stopped {:<10} pid {}", p.name, p.pid), t);
+    }
+    let _ = std::fs::remove_file(state.manifest());
+    let _ = std::fs::remove_file(&m.sim_socket);
+    if !stubborn.is_empty() {
+        eprintln!(
+            "dombus: killed after {STOP_TIMEOUT:?} without stopping on SIGTERM: {}",
+            stubborn.join(", ")
+        );
+    }
+    if let Some(p) = m.procs.iter().find(|p| alive(p.pid) && !children.iter().any(|c| c.id() == p.pid)) {
+        bail!("{} (pid {}) is still running", p.name, p.pid);
+    }
+    Ok(stopped)
+}
+
+/// What `dombus host status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The state directory.
+    pub state: PathBuf,
+    /// Processes and whether they run.
+    pub processes: Vec<ProcStatus>,
+    /// Domains as the backend's registry has them.
+    pub domains: Vec<DomainEntry>,
+    /// Links between domains, as the store has them: (server domain, client domain).
+    pub links: Vec<(u16, u16)>,
+    /// Each service's answer to pings.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// A process of the host.
+#[derive(Debug, Serialize)]
+pub struct ProcStatus {
+    /// Name.
+    pub name: String,
+    /// Domain id.
+    pub domid: Option<u16>,
+    /// Process id.
+    pub pid: u32,
+    /// Whether it runs.
+    pub running: bool,
+}
+
+/// A service of the host.
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub addr: String,
+    /// Version (from describe).
+    pub version: Option<u32>,
+    /// Median of 20 round trips, µs; `None` if it did not answer.
+    pub ping_p50_us: Option<f64>,
+    /// Why not, if it did not.
+    pub error: Option<String>,
+}
+
+/// `dombus host status`.
+pub async fn status(state: StateDir) -> anyhow::Result<Status> {
+    let Some(m) = state.load()? else {
+        bail!("no host is up in {} (no host.json); `dombus host up` starts one", state.0.display());
+    };
+    let processes: Vec<ProcStatus> = m
+        .procs
+        .iter()
+        .map(|p| ProcStatus { name: p.name.clone(), domid: p.domid, pid: p.pid, running: alive(p.pid) })
+        .collect();
+    if !processes.first().is_some_and(|p| p.running) {
+        return Ok(Status { state: state.0, processes, domains: vec![], links: vec![], services: vec![] });
+    }
+    // As the toolstack: read the links from the store first (before this tool makes its own),
+    // then ask the registry and ping every service.
+    let backend = SimBackend::attach_named(&m.sim_socket, Some(DomId(TOOLSTACK)), "dombus host status")
+        .map_err(|e| anyhow::anyhow!("attaching to the simulated hypervisor: {e}"))?;
+    let mut links = Vec::new();
+    let domids: Vec<u16> = std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
+    for &d in &domids {
+        let path = format!("/local/domain/{d}/data/dombus/link");
+        for peer in backend.store().directory(&path).unwrap_or_default() {
+            if let Ok(peer) = peer.parse::<u16>() {
+                links.push((d, peer));
+            }
+        }
+    }
+    let config = dombus::transport::vsock::domain::VsockConfig {
+        backend_domain: DomId(m.backend_domid),
+        ..Default::default()
+    };
+    let domain = dombus::transport::vsock::domain::VsockDomain::start(backend, config)?;
+    let mut net = Net::new().with_xen(domain);
+    net.xen_connect_wait = Some(Duration::from_secs(5));
+    let registry_addr: Address = format!("xen:backend:{}", ports::REGISTRY).parse()?;
+    let domains = match RegistryClient::connect(net.clone(), registry_addr).await {
+        Ok(r) => r.domains(context(Duration::from_secs(5))).await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let mut services = Vec::new();
+    for s in m.procs.iter().flat_map(|p| &p.services) {
+        services.push(ping_service(&net, s).await);
+    }
+    Ok(Status { state: state.0, processes, domains, links, services })
+}
+
+async fn ping_service(net: &Net, s: &ServiceEntry) -> ServiceStatus {
+    let mut st = ServiceStatus {
+        name: s.name.clone(),
+        addr: s.addr.clone(),
+        version: None,
+        ping_p50_us: None,
+        error: None,
+    };
+    let addr: Address = match s.addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            st.error = Some(format!("{e}"));
+            return st;
+        }
+    };
+    let client = RawClient::new(net.clone(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
+    let d = Duration::from_secs(5);
+    match client.describe(context(d)).await {
+        Ok(ds) => st.version = ds.iter().find(|x| x.name == s.name).map(|x| x.version),
+        Err(e) => {
+            st.error = Some(dombus::rpc::error_text(&e));
+            return st;
+        }
+    }
+    let mut laps = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        if let Err(e) = client.ping(context(d)).await {
+            st.error = Some(dombus::rpc::error_text(&e));
+            return st;
+        }
+        laps.push(t.elapsed());
+    }
+    laps.sort();
+    st.ping_p50_us = Some(laps[laps.len() / 2].as_secs_f64() * 1e6);
+    st
+}
+
+/// `status` for people.
+pub fn render_status(s: &Status) -> String {
+    let mut out = vec![format!("host in {}", s.state.display()), String::new()];
+    out.push(format!("{:<12} {:<6} {:<8} STATE", "PROCESS", "DOMAIN", "PID"));
+    for p in &s.processes {
+        let dom = p.domid.map_or("-".to_string(), |d| d.to_string());
+        out.push(format!(
+            "{:<12} {:<6} {:<8} {}",
+            p.name,
+            dom,
+            p.pid,
+            if p.running { "running" } else { "gone" }
+        ));
+    }
+    if !s.domains.is_empty() {
+        out.push(String::new());
+        out.push(format!("{:<6} {:<10} ROLE", "DOMAIN", "NAME"));
+        for d in &s.domains {
+            out.push(format!("{:<6} {:<10} {}", d.domid, d.name, d.role));
+        }
+    }
+    if !s.services.is_empty() {
+        out.push(String::new());
+        out.push(format!("{:<10} {:<16} {:<8} PING p50", "SERVICE", "ADDRESS", "VERSION"));
+        for x in &s.services {
+            let v = x.version.map_or("-".into(), |v| v.to_string());
+            let ping = match (&x.ping_p50_us, &x.error) {
+                (Some(us), _) => format!("{us:.0} µs"),
+                (None, Some(e)) => format!("no answer: {e}"),
+                (None, None) => "-".into(),
+            };
+            out.push(format!("{:<10} {:<16} {:<8} {ping}", x.name, x.addr, v));
+        }
+    }
+    out.push(String::new());
+    let links: Vec<String> = s.links.iter().map(|(a, b)| format!("{a} ↔ {b}")).collect();
+    out.push(format!("links: {}", if links.is_empty() { "none".to_string() } else { links.join(", ") }));
+    out.join("\n")
+}

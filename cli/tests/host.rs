@@ -1,0 +1,158 @@
+//! End to end, as an operator would: `dombus host up`, `dombus storage …` calls across domains
+//! (toolstack → storage domain over transport-xen link sockets on the simulated hypervisor),
+//! `dombus host status`, `dombus host down` — and no stray processes after; the registry refuses
+//! a domain registering another; `dombus demo` runs to completion.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use dombus::rpc::cli::NetArgs;
+use dombus_services::registry::{DomainEntry, RegistryClient, RegistryError};
+
+const DOMBUS: &str = env!("CARGO_BIN_EXE_dombus");
+
+fn dombus(state: &Path, args: &[&str]) -> Output {
+    Command::new(DOMBUS).arg("--state").arg(state).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {o:?}"))
+}
+
+fn alive(pid: u64) -> bool {
+    // A process that exited but was not yet reaped by init shows as a zombie: not running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+/// Brings the host down even if the test fails half-way.
+struct Down(PathBuf);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = Command::new(DOMBUS).arg("--state").arg(&self.0).args(["host", "down"]).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn host_up_storage_calls_across_domains_status_and_down() {
+    let state = std::env::temp_dir().join(format!("dombus-host-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let _down = Down(state.clone());
+
+    let up = dombus(&state, &["host", "up"]);
+    assert!(up.status.success(), "{up:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("host.json")).unwrap()).unwrap();
+    let pids: Vec<u64> =
+        manifest["procs"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids.len(), 3, "hypervisor, backend, storage: {manifest}");
+    assert!(pids.iter().all(|&p| alive(p)));
+    // A second host in the same state directory is refused.
+    let again = dombus(&state, &["host", "up"]);
+    assert_eq!(again.status.code(), Some(3), "{again:?}");
+
+    // Storage calls: the toolstack (domain 0) → the storage domain (domain 2).
+    let o = dombus(&state, &["storage", "create", "d0", "--size", "64M", "--format", "qcow2"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("d0"), "{o:?}");
+    let o = dombus(&state, &["--json", "storage", "info", "d0"]);
+    let v = json(&o);
+    assert_eq!((v["format"].as_str(), v["virtual_size"].as_u64()), (Some("qcow2"), Some(64 << 20)), "{v}");
+    assert!(dombus(&state, &["storage", "snapshot-create", "d0", "--snapshot", "s1"]).status.success());
+    let v = json(&dombus(&state, &["--json", "storage", "snapshot-list", "d0"]));
+    assert_eq!(v[0]["name"], "s1", "{v}");
+    let o = dombus(&state, &["storage", "clone-disk", "d0", "--name", "c0", "--linked"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = dombus(&state, &["storage", "list"]);
+    assert!(stdout(&o).starts_with("NAME"), "a table: {o:?}");
+    assert!(stdout(&o).contains("c0") && stdout(&o).contains("d0"), "{o:?}");
+    // Service errors: exit 1, named.
+    let o = dombus(&state, &["storage", "info", "nope"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("NotFound"), "{o:?}");
+    let o = dombus(&state, &["storage", "delete", "d0"]);
+    assert_eq!(o.status.code(), Some(1), "d0 backs c0: {o:?}");
+    let o = dombus(&state, &["storage", "create", "../escape", "--size", "1M"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("InvalidName"), "{o:?}");
+    // Usage errors: exit 2.
+    let o = dombus(&state, &["storage", "create", "x", "--size", "ten"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(dombus(&state, &["storage", "delete", "c0"]).status.success());
+    assert!(dombus(&state, &["storage", "delete", "d0"]).status.success());
+    // Explicit domain, describe and ping across domains.
+    assert!(dombus(&state, &["storage", "--domain", "2", "list"]).status.success());
+    let o = dombus(&state, &["describe", "xen:2:5100"]);
+    assert!(stdout(&o).starts_with("storage (version 1)"), "{o:?}");
+    let v = json(&dombus(&state, &["--json", "ping", "xen:2:5100", "--count", "200"]));
+    assert_eq!(v["count"], 200);
+
+    // Status: processes, the registry's domains, services answering, links.
+    let v = json(&dombus(&state, &["--json", "host", "status"]));
+    assert!(v["processes"].as_array().unwrap().iter().all(|p| p["running"] == true), "{v}");
+    let names: Vec<&str> =
+        v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["backend", "storage"], "{v}");
+    assert!(v["services"].as_array().unwrap().iter().all(|s| s["ping_p50_us"].as_f64().is_some()), "{v}");
+    let text = stdout(&dombus(&state, &["host", "status"]));
+    assert!(text.contains("storage") && text.contains("xen:2:5100") && text.contains("running"), "{text}");
+
+    // The registry knows who calls: a domain may register itself, not another.
+    registry_checks_the_caller(&state.join("simxen.sock"));
+
+    let down = dombus(&state, &["host", "down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(stdout(&down).contains("3 processes stopped"), "{down:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let stray: Vec<u64> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(stray.is_empty(), "stray processes after host down: {stray:?}");
+    assert!(!state.join("host.json").exists());
+    let o = dombus(&state, &["host", "status"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    // Without a host, storage needs an address.
+    let o = dombus(&state, &["storage", "list"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
+
+fn registry_checks_the_caller(sim: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let args = NetArgs { sim: Some(sim.into()), domid: 7, xen: false, backend_domain: 1, timeout: 10.0 };
+        let registry =
+            RegistryClient::connect(args.net().unwrap(), "xen:backend:1".parse().unwrap()).await.unwrap();
+        let entry =
+            |domid| DomainEntry { domid, name: "intruder".into(), role: "test".into(), services: vec![] };
+        let r = registry.register(args.context(), entry(2)).await.unwrap();
+        assert_eq!(r, Err(RegistryError::Denied { caller: "7".into(), domid: 2 }));
+        assert_eq!(
+            registry.unregister(args.context(), 2).await.unwrap(),
+            Err(RegistryError::Denied { caller: "7".into(), domid: 2 })
+        );
+        assert_eq!(registry.register(args.context(), entry(7)).await.unwrap(), Ok(()));
+        assert_eq!(registry.unregister(args.context(), 7).await.unwrap(), Ok(true));
+    });
+}
+
+#[test]
+fn the_demo_runs_to_completion() {
+    let o = Command::new(DOMBUS).arg("demo").output().unwrap();
+    assert!(o.status.success(), "{}\n{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    let text = stdout(&o);
+    for expected in [
+        "1. Host up",
+        "create(\"demo\", 1G, qcow2)",
+        "refused, as it must be",
+        "ping, storage domain",
+        "none left running",
+        "demo complete",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,54 @@
+//! `dombus-storaged`: hosts the storage service of a storage domain.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use dombus::rpc::cli::NetArgs;
+use dombus::{Address, Server, ServerConfig};
+
+use super::{QemuImg, Storage};
+
+/// How the storage daemon runs.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// The directory holding the images (created if missing); callers' names resolve inside it.
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Where to serve (repeatable): xen:<this domain>:5100 between domains, unix:PATH locally.
+    #[arg(long = "listen", value_name = "ADDR", required = true)]
+    pub listen: Vec<Address>,
+    /// The qemu-img to run.
+    #[arg(long, value_name = "PATH", default_value = "qemu-img")]
+    pub qemu_img: PathBuf,
+    /// How to reach xen: addresses.
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Serves the storage service on every `--listen` address until SIGTERM or SIGINT, then stops
+/// accepting, drops the connections and returns.
+pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let storage = QemuImg::new(args.root.clone(), args.qemu_img.clone())
+        .with_context(|| format!("storage root {}", args.root.display()))?;
+    let net = args.net.net().context("transports")?;
+    let server = Server::new(net, ServerConfig::default());
+    let service = storage.into_service();
+    let mut handles = Vec::new();
+    for addr in &args.listen {
+        let handle =
+            server.serve(addr, service.clone()).await.with_context(|| format!("serving on {addr}"))?;
+        tracing::info!(addr = %handle.addr(), root = %args.root.display(), "storage service ready");
+        handles.push(handle);
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+    for h in handles {
+        h.stop().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The storage service: disk images (qcow2 or raw) in one directory of the storage domain,
+//! managed with the real `qemu-img`.
+//!
+//! Callers name images; they never give paths. A name is 1 to 64 characters of
+//! `A-Z a-z 0-9 . _ -`, not starting with `.`; the image is `<root>/<name>`, and anything at that
+//! path that is not a regular file (a symlink, a directory) is refused. Long operations (a full
+//! [`Storage::clone_disk`]) write to a temporary name and rename on success, so a call cancelled
+//! by its deadline leaves no partial image; their progress is readable with
+//! [`Storage::progress`] while they run.
+
+use serde::{Deserialize, Serialize};
+
+mod daemon;
+mod qemu;
+mod size;
+
+pub use daemon::{DaemonArgs, run_daemon};
+pub use qemu::QemuImg;
+pub use size::Size;
+
+/// An image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// QEMU copy-on-write v2: sparse, snapshots, backing files.
+    #[default]
+    Qcow2,
+    /// A plain byte-for-byte image: no snapshots, no backing file.
+    Raw,
+}
+
+impl Format {
+    /// The name `qemu-img` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// What `info` and `list` say about an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Its name.
+    pub name: String,
+    /// Its format.
+    pub format: Format,
+    /// The size the guest sees, bytes.
+    pub virtual_size: u64,
+    /// Bytes it takes on disk.
+    pub actual_size: u64,
+    /// The image it is a linked clone of (by name), if any.
+    pub backing: Option<String>,
+    /// Its internal snapshots.
+    pub snapshots: usize,
+}
+
+/// An internal snapshot of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// `qemu-img`'s id for it.
+    pub id: String,
+    /// When it was taken, seconds since the Unix epoch.
+    pub date: u64,
+    /// Saved VM state, bytes (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+}
+
+/// A long operation in progress on an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// What runs ("clone from base").
+    pub operation: String,
+    /// How far, 0 to 100.
+    pub percent: f32,
+}
+
+/// Why a storage call failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StorageError {
+    /// No image of that name.
+    #[error("no image {name:?}")]
+    NotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// An image of that name exists already.
+    #[error("image {name:?} already exists")]
+    AlreadyExists {
+        /// The name.
+        name: String,
+    },
+    /// The storage domain's disk is full.
+    #[error("no space left: {message}")]
+    NoSpace {
+        /// What the tool or the check said.
+        message: String,
+    },
+    /// A size that cannot be (zero, not a multiple of 512, too large, a shrink without `force`).
+    #[error("invalid size: {reason}")]
+    InvalidSize {
+        /// Why.
+        reason: String,
+    },
+    /// A name that is not a plain image name, or a path outside the storage root.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// No snapshot of that name on that image.
+    #[error("image {disk:?} has no snapshot {snapshot:?}")]
+    SnapshotNotFound {
+        /// The image.
+        disk: String,
+        /// The snapshot asked for.
+        snapshot: String,
+    },
+    /// The operation does not apply (snapshots of a raw image, a backing file for raw).
+    #[error("unsupported: {reason}")]
+    Unsupported {
+        /// Why.
+        reason: String,
+    },
+    /// Another operation is running on that image.
+    #[error("image {name:?} is busy: {operation}")]
+    Busy {
+        /// The image.
+        name: String,
+        /// What runs on it.
+        operation: String,
+    },
+    /// The tool failed; its message.
+    #[error("{tool} failed ({status}): {message}")]
+    ToolFailed {
+        /// Which tool (`qemu-img`).
+        tool: String,
+        /// Its exit status, or how it ended.
+        status: String,
+        /// What it printed on stderr.
+        message: String,
+    },
+}
+
+/// Disk images in the storage domain.
+#[dombus::service(name = "storage", version = 1)]
+pub trait Storage {
+    /// Creates an empty image `name` of `size` bytes (qcow2 unless `format` says otherwise),
+    /// optionally a linked clone of the image `backing` (qcow2 only).
+    async fn create(
+        &self,
+        name: String,
+        size: Size,
+        format: Option<Format>,
+        backing: Option<String>,
+    ) -> Result<DiskInfo, StorageError>;
+
+    /// What `name` is: format, sizes, backing image, snapshots.
+    #[idempotent]
+    async fn info(&self, name: String) -> Result<DiskInfo, StorageError>;
+
+    /// Every image, by name.
+    #[idempotent]
+    async fn list(&self) -> Result<Vec<DiskInfo>, StorageError>;
+
+    /// Sets the virtual size of `name` to `size`; shrinking (which loses data at the end) is
+    /// refused unless `force`.
+    #[idempotent]
+    async fn resize(&self, name: String, size: Size, force: bool) -> Result<DiskInfo, StorageError>;
+
+    /// Takes the internal snapshot `snapshot` of `name` (qcow2).
+    async fn snapshot_create(&self, name: String, snapshot: String) -> Result<SnapshotInfo, StorageError>;
+
+    /// The snapshots of `name`, oldest first.
+    #[idempotent]
+    async fn snapshot_list(&self, name: String) -> Result<Vec<SnapshotInfo>, StorageError>;
+
+    /// Returns `name` to the state of its snapshot `snapshot`.
+    #[idempotent]
+    async fn snapshot_revert(&self, name: String, snapshot: String) -> Result<(), StorageError>;
+
+    /// Deletes the snapshot `snapshot` of `name`.
+    async fn snapshot_delete(&self, name: String, snapshot: String) -> Result<(), StorageError>;
+
+    /// Clones `source` as `name`: `linked`, a qcow2 image with `source` as its backing file
+    /// (instant; `source` must then stay); otherwise a full copy in `format` (default: the
+    /// source's), written under a temporary name and renamed when complete, with progress.
+    async fn clone_disk(
+        &self,
+        source: String,
+        name: String,
+        linked: bool,
+        format: Option<Format>,
+    ) -> Result<DiskInfo, StorageError>;
+
+    /// Deletes the image `name` (refused while linked clones use it as their backing image).
+    async fn delete(&self, name: String) -> Result<(), StorageError>;
+
+    /// How far the long operation creating or changing `name` is, if one runs.
+    #[idempotent]
+    async fn progress(&self, name: String) -> Option<Progress>;
+}

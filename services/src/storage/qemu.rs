@@ -1,0 +1,1362 @@
+//! [`QemuImg`]: the [`Storage`] service on the real `qemu-img`.
+//!
+//! Everything lives in one directory, the root. Callers name images (see [`check_name`]); the
+//! image is `<root>/<name>` and must be a regular file there. The format of an image is decided
+//! here from its first bytes (the qcow2 magic, else raw) and always given to `qemu-img` with
+//! `-f`, so `qemu-img` never probes a guest-written raw image into a vmdk or qcow2 that points
+//! at files outside the root. Backing files must name an image of the root, with their format
+//! recorded; qcow2 external data files are refused. Linked clones record their backing image by
+//! its relative name, so the root can be moved.
+//!
+//! New images (create, clones) are written as `<root>/.tmp-<name>-<random>` and renamed into
+//! place without replacing anything; a dropped call (deadline, client gone) kills its
+//! `qemu-img` and removes the temporary file. One process owns a root at a time (a lock file,
+//! `.dombus-storage.lock`), so the temporary files found at start are left-overs of a crash and
+//! are removed.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Component, Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::process::{Child, Command};
+
+use super::{DiskInfo, Format, Progress, SnapshotInfo, Storage, StorageError};
+use crate::storage::Size;
+
+/// The tool's name in [`StorageError::ToolFailed`].
+const TOOL: &str = "qemu-img";
+/// Prefix of the temporary files of operations in progress.
+const TMP_PREFIX: &str = ".tmp-";
+/// The lock file making one process the owner of a root.
+const LOCK_FILE: &str = ".dombus-storage.lock";
+/// Longest image or snapshot name.
+const MAX_NAME: usize = 64;
+/// Largest size accepted (2^60 bytes, 1 EiB).
+const MAX_SIZE: u64 = 1 << 60;
+/// How much of a tool's stderr is kept in an error.
+const MAX_MESSAGE: usize = 4096;
+/// How much of a tool's stdout is read (qemu-img info of an image with many snapshots).
+const MAX_STDOUT: usize = 16 << 20;
+/// Longest backing chain followed.
+const MAX_CHAIN: usize = 16;
+
+/// Disk images in a directory, managed with `qemu-img`. Cheap to clone (shared state).
+#[derive(Debug, Clone)]
+pub struct QemuImg {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    qemu_img: PathBuf,
+    running: Mutex<HashMap<String, Running>>,
+    /// Held (flock) while this storage lives.
+    _lock: File,
+}
+
+/// An operation running on an image name.
+#[derive(Debug)]
+struct Running {
+    operation: String,
+    percent: f32,
+    /// Images it reads (the source of a clone, a backing image): they must not change meanwhile.
+    reads: Vec<String>,
+}
+
+impl QemuImg {
+    /// Storage in `root` (created if missing) using the `qemu-img` at `qemu_img` (a path or a
+    /// name looked up in `PATH`). Fails if `qemu-img --version` does not run, or if another
+    /// process uses `root`. Removes temporary files left by operations of a crashed process.
+    pub fn new(root: PathBuf, qemu_img: PathBuf) -> io::Result<QemuImg> {
+        std::fs::create_dir_all(&root)?;
+        let root = root.canonicalize()?;
+        if !root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        let version = std::process::Command::new(&qemu_img)
+            .arg("--version")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot run {} ({e}); install it (Debian: apt-get install qemu-utils) or give its path",
+                        qemu_img.display()
+                    ),
+                )
+            })?;
+        if !version.status.success() {
+            return Err(io::Error::other(format!(
+                "{} --version failed ({}): {}; install qemu-img (Debian: apt-get install qemu-utils)",
+                qemu_img.display(),
+                version.status,
+                bounded_message(&version.stderr)
+            )));
+        }
+        let version = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or_default().to_owned();
+
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(root.join(LOCK_FILE))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+            let e = io::Error::from(e);
+            if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by another storage process", root.display()),
+                )
+            } else {
+                e
+            }
+        })?;
+
+        let mut stale = 0;
+        for entry in std::fs::read_dir(&root)? {
+            let entry = entry?;
+            let is_tmp = entry.file_name().to_str().is_some_and(|n| n.starts_with(TMP_PREFIX));
+            if is_tmp && entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+                stale += 1;
+            }
+        }
+        tracing::info!(root = %root.display(), qemu_img = %qemu_img.display(), %version, stale_removed = stale, "storage ready");
+        Ok(QemuImg {
+            inner: Arc::new(Inner { root, qemu_img, running: Mutex::new(HashMap::new()), _lock: lock }),
+        })
+    }
+
+    /// The storage root (canonical).
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.inner.root.join(name)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.inner.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers `operation` on `name` (which it changes) reading `reads`; Busy if `name` or one
+    /// of `reads` is being changed, or `name` is being read.
+    fn claim(&self, name: &str, operation: String, reads: &[&str]) -> Result<OpGuard, StorageError> {
+        let mut running = self.running();
+        if let Some(r) = running.get(name) {
+            return Err(StorageError::Busy { name: name.to_owned(), operation: r.operation.clone() });
+        }
+        if let Some((other, r)) = running.iter().find(|(_, r)| r.reads.iter().any(|n| n == name)) {
+            return Err(StorageError::Busy {
+                name: name.to_owned(),
+                operation: format!("read by {:?} on {other:?}", r.operation),
+            });
+        }
+        for read in reads {
+            if let Some(r) = running.get(*read) {
+                return Err(StorageError::Busy { name: (*read).to_owned(), operation: r.operation.clone() });
+            }
+        }
+        running.insert(
+            name.to_owned(),
+            Running { operation, percent: 0.0, reads: reads.iter().map(|s| (*s).to_owned()).collect() },
+        );
+        Ok(OpGuard { storage: self.clone(), name: name.to_owned() })
+    }
+
+    /// `Ok(true)` if `name` is a regular file in the root, `Ok(false)` if nothing is there;
+    /// InvalidName for anything else (symlink, directory, fifo, device).
+    fn exists(&self, name: &str) -> Result<bool, StorageError> {
+        match std::fs::symlink_metadata(self.path(name)) {
+            Ok(m) if m.file_type().is_file() => Ok(true),
+            Ok(m) => Err(StorageError::InvalidName {
+                name: name.to_owned(),
+                reason: format!("{} in the storage root is not a regular file", kind_of(&m.file_type())),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error(name, e)),
+        }
+    }
+
+    /// The image `name` must exist.
+    fn existing(&self, name: &str) -> Result<(), StorageError> {
+        if self.exists(name)? { Ok(()) } else { Err(StorageError::NotFound { name: name.to_owned() }) }
+    }
+
+    /// The format of the image `name`, from its first bytes (never qemu-img's probing).
+    fn detect_format(&self, name: &str) -> Result<Format, StorageError> {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+            .open(self.path(name))
+            .map_err(|e| match e.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => StorageError::InvalidName {
+                    name: name.to_owned(),
+                    reason: "a symlink in the storage root".into(),
+                },
+                _ => io_error(name, e),
+            })?;
+        let m = f.metadata().map_err(|e| io_error(name, e))?;
+        if !m.file_type().is_file() {
+            return Err(StorageError::InvalidName {
+                name: name.to_owned(),
+                reason: format!("{} in the storage root is not a regular file", kind_of(&m.file_type())),
+            });
+        }
+        let mut head = [0u8; 8];
+        let mut got = 0;
+        while got < head.len() {
+            match f.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(name, e)),
+            }
+        }
+        Ok(format_from_header(&head[..got]))
+    }
+
+    /// What `qemu-img info` says about `name`, checked: a regular file of the root, the format
+    /// detected here, no external data file, a backing file (if any) naming an image of the root.
+    async fn inspect(&self, name: &str) -> Result<Image, StorageError> {
+        self.existing(name)?;
+        let format = self.detect_format(name)?;
+        let path = self.path(name);
+        let out = self
+            .run(
+                name,
+                vec![
+                    "info".into(),
+                    "-U".into(),
+                    "-f".into(),
+                    format.as_str().into(),
+                    "--output=json".into(),
+                    path.into(),
+                ],
+                None,
+            )
+            .await?;
+        let json = parse_info(&out).map_err(|e| StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "exit status: 0".into(),
+            message: format!("unexpected `info --output=json` output for {name:?}: {e}"),
+        })?;
+        if json.format != format.as_str() {
+            return Err(StorageError::ToolFailed {
+                tool: TOOL.into(),
+                status: "exit status: 0".into(),
+                message: format!(
+                    "asked for {} of {name:?}, it reports format {:?}",
+                    format.as_str(),
+                    json.format
+                ),
+            });
+        }
+        if let Some(data_file) =
+            json.format_specific.as_ref().and_then(|f| f.data.as_ref()).and_then(|d| d.data_file.as_ref())
+        {
+            return Err(StorageError::InvalidName {
+                name: name.to_owned(),
+                reason: format!("the image has an external data file ({data_file:?}); not supported"),
+            });
+        }
+        let backing = match &json.backing_filename {
+            None => None,
+            Some(file) => {
+                let Some(backing) = backing_name(&self.inner.root, file) else {
+                    return Err(StorageError::InvalidName {
+                        name: name.to_owned(),
+                        reason: format!("its backing file {file:?} is not an image of the storage root"),
+                    });
+                };
+                let format = match json.backing_format.as_deref() {
+                    Some("qcow2") => Some(Format::Qcow2),
+                    Some("raw") => Some(Format::Raw),
+                    _ => None,
+                };
+                Some((backing, format, json.backing_format.clone()))
+            }
+        };
+        Ok(Image { name: name.to_owned(), format, json, backing })
+    }
+
+    /// [`Self::inspect`] of `name` and of every image of its backing chain (top first); each
+    /// backing image must exist and have its format recorded, so `qemu-img` never probes one.
+    async fn chain(&self, name: &str) -> Result<Vec<Image>, StorageError> {
+        let mut chain = vec![self.inspect(name).await?];
+        while let Some(top) = chain.last() {
+            let Some((backing, format, recorded)) = &top.backing else { break };
+            if format.is_none() {
+                return Err(StorageError::Unsupported {
+                    reason: format!(
+                        "image {:?}: its backing image {backing:?} has no (or an unsupported) recorded format {recorded:?}",
+                        top.name
+                    ),
+                });
+            }
+            if chain.len() >= MAX_CHAIN || chain.iter().any(|i| &i.name == backing) {
+                return Err(StorageError::Unsupported {
+                    reason: format!("image {name:?}: backing chain too long or circular"),
+                });
+            }
+            let next = self.inspect(backing).await?;
+            chain.push(next);
+        }
+        Ok(chain)
+    }
+
+    /// The images of the root (valid names, regular files), sorted.
+    fn names(&self) -> Result<Vec<String>, StorageError> {
+        let dir = std::fs::read_dir(&self.inner.root).map_err(|e| io_error("", e))?;
+        let mut names = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(|e| io_error("", e))?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            if check_name(&name).is_ok() && entry.file_type().is_ok_and(|t| t.is_file()) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The images whose backing image is `name`.
+    async fn users_of(&self, name: &str) -> Result<Vec<String>, StorageError> {
+        let mut users = Vec::new();
+        for other in self.names()? {
+            if other == name || !matches!(self.detect_format(&other), Ok(Format::Qcow2)) {
+                continue;
+            }
+            match self.inspect(&other).await {
+                Ok(img) if img.backing.as_ref().is_some_and(|(b, _, _)| b == name) => users.push(other),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(image = %other, error = %e, "not inspected while looking for users")
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    /// Busy if linked clones use `name` as their backing image (changing it would corrupt them).
+    async fn refuse_if_backing(&self, name: &str, what: &str) -> Result<(), StorageError> {
+        let users = self.users_of(name).await?;
+        if users.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::Busy {
+                name: name.to_owned(),
+                operation: format!("backing image of {} (cannot {what} it)", users.join(", ")),
+            })
+        }
+    }
+
+    /// A fresh temporary path for a new `name`, removed on drop unless kept.
+    fn temp_for(&self, name: &str) -> TempFile {
+        TempFile { path: self.path(&format!("{TMP_PREFIX}{name}-{}", random_suffix())), keep: false }
+    }
+
+    /// Moves `tmp` to `<root>/<name>`, never replacing: AlreadyExists if `name` appeared.
+    fn publish(&self, mut tmp: TempFile, name: &str) -> Result<(), StorageError> {
+        let target = self.path(name);
+        let renamed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &tmp.path,
+            rustix::fs::CWD,
+            &target,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        let result = match renamed {
+            Ok(()) => Ok(()),
+            // A filesystem without RENAME_NOREPLACE: link (fails if the name exists) + unlink.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                std::fs::hard_link(&tmp.path, &target)
+            }
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(()) => {
+                tmp.keep = std::fs::symlink_metadata(&tmp.path).is_err();
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Err(StorageError::AlreadyExists { name: name.to_owned() })
+            }
+            Err(e) => Err(io_error(name, e)),
+        }
+    }
+
+    /// Runs `qemu-img args` (killed if this future is dropped) in the root; its stdout, or the
+    /// error its failure means. With `progress`, `-p` lines of stdout update that operation.
+    async fn run(
+        &self,
+        name: &str,
+        args: Vec<OsString>,
+        progress: Option<&OpGuard>,
+    ) -> Result<Vec<u8>, StorageError> {
+        tracing::debug!(qemu_img = %self.inner.qemu_img.display(), ?args, "running");
+        let mut child = Command::new(&self.inner.qemu_img)
+            .args(&args)
+            .current_dir(&self.inner.root)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| StorageError::ToolFailed {
+                tool: TOOL.into(),
+                status: "not started".into(),
+                message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
+            })?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let mut child = ChildGuard(Some(child));
+        let (out, err, status) =
+            tokio::join!(read_stdout(stdout, progress), read_bounded(stderr, 64 << 10), child.wait(),);
+        let status = status.map_err(|e| StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "unknown".into(),
+            message: format!("waiting for it: {e}"),
+        })?;
+        tracing::debug!(%status, "qemu-img ended");
+        if status.success() { Ok(out) } else { Err(failure(name, status, &self.inner.root, &err)) }
+    }
+
+    async fn do_create(
+        &self,
+        name: &str,
+        size: Size,
+        format: Option<Format>,
+        backing: Option<&str>,
+    ) -> Result<DiskInfo, StorageError> {
+        check_name(name)?;
+        if let Some(b) = backing {
+            check_name(b)?;
+        }
+        check_size(size)?;
+        let format = format.unwrap_or_default();
+        if backing.is_some() && format == Format::Raw {
+            return Err(StorageError::Unsupported {
+                reason: "a raw image cannot have a backing image".into(),
+            });
+        }
+        let _op = self.claim(name, "create".into(), backing.as_slice())?;
+        if self.exists(name)? {
+            return Err(StorageError::AlreadyExists { name: name.to_owned() });
+        }
+        let mut args: Vec<OsString> = vec!["create".into(), "-q".into(), "-f".into(), format.as_str().into()];
+        if let Some(b) = backing {
+            let chain = self.chain(b).await?;
+            let bformat = chain.first().map(|i| i.format).unwrap_or_default();
+            args.extend(["-b".into(), b.into(), "-F".into(), bformat.as_str().into()]);
+        }
+        let tmp = self.temp_for(name);
+        args.extend([tmp.path.clone().into(), size.bytes().to_string().into()]);
+        self.run(name, args, None).await?;
+        self.publish(tmp, name)?;
+        self.inspect(name).await.map(Image::into_disk_info)
+    }
+
+    async fn do_resize(&self, name: &str, size: Size, force: bool) -> Result<DiskInfo, StorageError> {
+        check_name(name)?;
+        check_size(size)?;
+        let _op = self.claim(name, format!("resize to {size}"), &[])?;
+        let chain = self.chain(name).await?;
+        let Some(image) = chain.first() else { return Err(StorageError::NotFound { name: name.to_owned() }) };
+        let current = image.json.virtual_size;
+        let shrink = size.bytes() < current;
+        if shrink && !force {
+            return Err(StorageError::InvalidSize {
+                reason: format!(
+                    "{size} is smaller than the current {} of {name:?}: shrinking loses the data at the end; force it",
+                    Size(current)
+                ),
+            });
+        }
+        if size.bytes() != current {
+            self.refuse_if_backing(name, "resize").await?;
+            let mut args: Vec<OsString> =
+                vec!["resize".into(), "-q".into(), "-f".into(), image.format.as_str().into()];
+            if shrink {
+                args.push("--shrink".into());
+            }
+            args.extend([self.path(name).into(), size.bytes().to_string().into()]);
+            self.run(name, args, None).await?;
+        }
+        self.inspect(name).await.map(Image::into_disk_info)
+    }
+
+    /// Runs `qemu-img snapshot <flag> <snapshot>` on the qcow2 image `name` (opened as qcow2,
+    /// never probed).
+    async fn snapshot_op(&self, name: &str, flag: &str, snapshot: &str) -> Result<(), StorageError> {
+        let spec = serde_json::json!({
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": self.path(name) },
+        });
+        let args: Vec<OsString> =
+            vec!["snapshot".into(), "-q".into(), flag.into(), snapshot.into(), format!("json:{spec}").into()];
+        self.run(name, args, None).await.map(drop)
+    }
+
+    /// The qcow2 image `name` (its chain checked); Unsupported for raw.
+    async fn qcow2(&self, name: &str) -> Result<Image, StorageError> {
+        let chain = self.chain(name).await?;
+        let Some(image) = chain.into_iter().next() else {
+            return Err(StorageError::NotFound { name: name.to_owned() });
+        };
+        if image.format != Format::Qcow2 {
+            return Err(StorageError::Unsupported {
+                reason: format!("{name:?} is raw: snapshots need qcow2"),
+            });
+        }
+        Ok(image)
+    }
+
+    async fn do_snapshot_create(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo, StorageError> {
+        check_name(name)?;
+        check_snapshot_name(snapshot)?;
+        let _op = self.claim(name, format!("snapshot {snapshot}"), &[])?;
+        let image = self.qcow2(name).await?;
+        if image.json.snapshots.iter().any(|s| s.name == snapshot) {
+            return Err(StorageError::AlreadyExists { name: format!("{name}@{snapshot}") });
+        }
+        self.snapshot_op(name, "-c", snapshot).await?;
+        let image = self.inspect(name).await?;
+        // The newest of that name (there is one: duplicates are refused above).
+        image.json.snapshots.iter().rev().find(|s| s.name == snapshot).map(SnapshotJson::to_info).ok_or_else(
+            || StorageError::ToolFailed {
+                tool: TOOL.into(),
+                status: "exit status: 0".into(),
+                message: format!("snapshot {snapshot:?} of {name:?} not listed after its creation"),
+            },
+        )
+    }
+
+    async fn do_snapshot_list(&self, name: &str) -> Result<Vec<SnapshotInfo>, StorageError> {
+        check_name(name)?;
+        let image = self.inspect(name).await?;
+        Ok(image.json.snapshots.iter().map(SnapshotJson::to_info).collect())
+    }
+
+    /// Reverts to or deletes (`flag` `-a`, `-d`) the snapshot `snapshot` of `name`.
+    async fn do_snapshot_change(&self, name: &str, snapshot: &str, flag: &str) -> Result<(), StorageError> {
+        check_name(name)?;
+        check_snapshot_name(snapshot)?;
+        let what = if flag == "-a" { "revert" } else { "delete snapshot" };
+        let _op = self.claim(name, format!("{what} {snapshot}"), &[])?;
+        let image = self.qcow2(name).await?;
+        if !image.json.snapshots.iter().any(|s| s.name == snapshot) {
+            return Err(StorageError::SnapshotNotFound {
+                disk: name.to_owned(),
+                snapshot: snapshot.to_owned(),
+            });
+        }
+        if flag == "-a" {
+            self.refuse_if_backing(name, "revert").await?;
+        }
+        self.snapshot_op(name, flag, snapshot).await
+    }
+
+    async fn do_clone(
+        &self,
+        source: &str,
+        name: &str,
+        linked: bool,
+        format: Option<Format>,
+    ) -> Result<DiskInfo, StorageError> {
+        check_name(source)?;
+        check_name(name)?;
+        if source == name {
+            return Err(StorageError::AlreadyExists { name: name.to_owned() });
+        }
+        let op = self.claim(name, format!("clone from {source}"), &[source])?;
+        if self.exists(name)? {
+            return Err(StorageError::AlreadyExists { name: name.to_owned() });
+        }
+        let chain = self.chain(source).await?;
+        let Some(src) = chain.first() else { return Err(StorageError::NotFound { name: source.to_owned() }) };
+        let tmp = self.temp_for(name);
+        if linked {
+            if format == Some(Format::Raw) {
+                return Err(StorageError::Unsupported {
+                    reason: "a linked clone is qcow2 (raw has no backing image)".into(),
+                });
+            }
+            let args: Vec<OsString> = vec![
+                "create".into(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+                "-b".into(),
+                source.into(),
+                "-F".into(),
+                src.format.as_str().into(),
+                tmp.path.clone().into(),
+            ];
+            self.run(name, args, None).await?;
+        } else {
+            let format = format.unwrap_or(src.format);
+            let needed: u64 = chain.iter().map(|i| i.json.actual_size.unwrap_or(i.json.virtual_size)).sum();
+            let free = free_space(&self.inner.root).map_err(|e| io_error(name, e))?;
+            if needed > free {
+                return Err(StorageError::NoSpace {
+                    message: format!(
+                        "a full copy of {source:?} needs about {} bytes; {free} bytes free in the storage root",
+                        needed
+                    ),
+                });
+            }
+            let args: Vec<OsString> = vec![
+                "convert".into(),
+                "-p".into(),
+                "-f".into(),
+                src.format.as_str().into(),
+                "-O".into(),
+                format.as_str().into(),
+                self.path(source).into(),
+                tmp.path.clone().into(),
+            ];
+            self.run(name, args, Some(&op)).await?;
+        }
+        self.publish(tmp, name)?;
+        drop(op);
+        self.inspect(name).await.map(Image::into_disk_info)
+    }
+
+    async fn do_delete(&self, name: &str) -> Result<(), StorageError> {
+        check_name(name)?;
+        let _op = self.claim(name, "delete".into(), &[])?;
+        self.existing(name)?;
+        self.refuse_if_backing(name, "delete").await?;
+        std::fs::remove_file(self.path(name)).map_err(|e| io_error(name, e))
+    }
+}
+
+impl Storage for QemuImg {
+    async fn create(
+        &self,
+        name: String,
+        size: Size,
+        format: Option<Format>,
+        backing: Option<String>,
+    ) -> Result<DiskInfo, StorageError> {
+        let log = OpLog::new("create", &name);
+        log.finish(self.do_create(&name, size, format, backing.as_deref()).await)
+    }
+
+    async fn info(&self, name: String) -> Result<DiskInfo, StorageError> {
+        check_name(&name)?;
+        let r = self.inspect(&name).await.map(Image::into_disk_info);
+        tracing::debug!(%name, ok = r.is_ok(), "info");
+        r
+    }
+
+    async fn list(&self) -> Result<Vec<DiskInfo>, StorageError> {
+        let mut list = Vec::new();
+        for name in self.names()? {
+            match self.inspect(&name).await {
+                Ok(image) => list.push(image.into_disk_info()),
+                Err(StorageError::NotFound { .. }) => {} // deleted meanwhile
+                Err(e) => tracing::warn!(image = %name, error = %e, "not listed"),
+            }
+        }
+        tracing::debug!(images = list.len(), "list");
+        Ok(list)
+    }
+
+    async fn resize(&self, name: String, size: Size, force: bool) -> Result<DiskInfo, StorageError> {
+        let log = OpLog::new("resize", &name);
+        log.finish(self.do_resize(&name, size, force).await)
+    }
+
+    async fn snapshot_create(&self, name: String, snapshot: String) -> Result<SnapshotInfo, StorageError> {
+        let log = OpLog::new("snapshot-create", &name);
+        log.finish(self.do_snapshot_create(&name, &snapshot).await)
+    }
+
+    async fn snapshot_list(&self, name: String) -> Result<Vec<SnapshotInfo>, StorageError> {
+        let r = self.do_snapshot_list(&name).await;
+        tracing::debug!(%name, ok = r.is_ok(), "snapshot list");
+        r
+    }
+
+    async fn snapshot_revert(&self, name: String, snapshot: String) -> Result<(), StorageError> {
+        let log = OpLog::new("snapshot-revert", &name);
+        log.finish(self.do_snapshot_change(&name, &snapshot, "-a").await)
+    }
+
+    async fn snapshot_delete(&self, name: String, snapshot: String) -> Result<(), StorageError> {
+        let log = OpLog::new("snapshot-delete", &name);
+        log.finish(self.do_snapshot_change(&name, &snapshot, "-d").await)
+    }
+
+    async fn clone_disk(
+        &self,
+        source: String,
+        name: String,
+        linked: bool,
+        format: Option<Format>,
+    ) -> Result<DiskInfo, StorageError> {
+        let log = OpLog::new(if linked { "clone-linked" } else { "clone-full" }, &name);
+        log.finish(self.do_clone(&source, &name, linked, format).await)
+    }
+
+    async fn delete(&self, name: String) -> Result<(), StorageError> {
+        let log = OpLog::new("delete", &name);
+        log.finish(self.do_delete(&name).await)
+    }
+
+    async fn progress(&self, name: String) -> Option<Progress> {
+        self.running().get(&name).map(|r| Progress { operation: r.operation.clone(), percent: r.percent })
+    }
+}
+
+/// An image as inspected.
+#[derive(Debug)]
+struct Image {
+    name: String,
+    format: Format,
+    json: ImageJson,
+    /// Backing image name, its recorded format (if qcow2 or raw), the recorded format string.
+    backing: Option<(String, Option<Format>, Option<String>)>,
+}
+
+impl Image {
+    fn into_disk_info(self) -> DiskInfo {
+        DiskInfo {
+            name: self.name,
+            format: self.format,
+            virtual_size: self.json.virtual_size,
+            actual_size: self.json.actual_size.unwrap_or(0),
+            backing: self.backing.map(|(b, _, _)| b),
+            snapshots: self.json.snapshots.len(),
+        }
+    }
+}
+
+/// `qemu-img info --output=json`, the parts used.
+#[derive(Debug, Deserialize)]
+struct ImageJson {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    actual_size: Option<u64>,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
+    #[serde(rename = "backing-filename-format", default)]
+    backing_format: Option<String>,
+    #[serde(default)]
+    snapshots: Vec<SnapshotJson>,
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<FormatSpecificJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatSpecificJson {
+    #[serde(default)]
+    data: Option<FormatDataJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatDataJson {
+    #[serde(rename = "data-file", default)]
+    data_file: Option<String>,
+}
+
+/// One entry of info's `snapshots`.
+#[derive(Debug, Deserialize)]
+struct SnapshotJson {
+    name: String,
+    id: String,
+    #[serde(rename = "date-sec", default)]
+    date_sec: u64,
+    #[serde(rename = "vm-state-size", default)]
+    vm_state_size: u64,
+}
+
+impl SnapshotJson {
+    fn to_info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            date: self.date_sec,
+            vm_state_size: self.vm_state_size,
+        }
+    }
+}
+
+fn parse_info(out: &[u8]) -> Result<ImageJson, serde_json::Error> {
+    serde_json::from_slice(out)
+}
+
+/// Checks an image name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub(crate) fn check_name(name: &str) -> Result<(), StorageError> {
+    let bad =
+        |reason: &str| Err(StorageError::InvalidName { name: name.to_owned(), reason: reason.to_owned() });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME {
+        return bad("longer than 64 characters");
+    }
+    if name.starts_with('.') {
+        return bad("starts with '.'");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return bad("only A-Z a-z 0-9 . _ - may be used (names, not paths)");
+    }
+    Ok(())
+}
+
+/// A snapshot name: an image name that is not all digits (qemu-img takes those as snapshot ids).
+fn check_snapshot_name(snapshot: &str) -> Result<(), StorageError> {
+    check_name(snapshot)?;
+    if snapshot.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(StorageError::InvalidName {
+            name: snapshot.to_owned(),
+            reason: "a snapshot name cannot be all digits (qemu-img would take it for a snapshot id)".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_size(size: Size) -> Result<(), StorageError> {
+    let reason = if size.bytes() == 0 {
+        "zero".to_owned()
+    } else if size.bytes() % 512 != 0 {
+        format!("{} bytes is not a multiple of 512", size.bytes())
+    } else if size.bytes() > MAX_SIZE {
+        format!("{} bytes is more than 2^60", size.bytes())
+    } else {
+        return Ok(());
+    };
+    Err(StorageError::InvalidSize { reason })
+}
+
+/// qcow2 if the header has the qcow2 magic and version 2 or 3; raw otherwise.
+fn format_from_header(head: &[u8]) -> Format {
+    match head {
+        [b'Q', b'F', b'I', 0xfb, v0, v1, v2, v3, ..]
+            if matches!(u32::from_be_bytes([*v0, *v1, *v2, *v3]), 2 | 3) =>
+        {
+            Format::Qcow2
+        }
+        _ => Format::Raw,
+    }
+}
+
+/// The image name a backing file refers to, if it is an image of `root`: a plain name
+/// (relative to the image's directory, the root) or `<root>/<name>`.
+fn backing_name(root: &Path, file: &str) -> Option<String> {
+    let path = Path::new(file);
+    let name = if path.is_absolute() {
+        if path.parent()? != root {
+            return None;
+        }
+        path.file_name()?.to_str()?
+    } else {
+        let mut normal = path.components().filter(|c| !matches!(c, Component::CurDir));
+        let Some(Component::Normal(n)) = normal.next() else { return None };
+        if normal.next().is_some() {
+            return None;
+        }
+        n.to_str()?
+    };
+    check_name(name).ok()?;
+    Some(name.to_owned())
+}
+
+/// A `qemu-img -p` progress line (`    (12.34/100%)`), as a percentage.
+fn parse_progress(line: &str) -> Option<f32> {
+    let inner = line.trim().strip_prefix('(')?.strip_suffix("/100%)")?;
+    let p: f32 = inner.trim().parse().ok()?;
+    (p.is_finite() && (0.0..=100.0).contains(&p)).then_some(p)
+}
+
+/// The error a failed `qemu-img` run on `name` in `root` means (paths in its message are shown
+/// relative to the root: callers know names, not where the root is).
+fn failure(name: &str, status: ExitStatus, root: &Path, stderr: &[u8]) -> StorageError {
+    let message = bounded_message(stderr).replace(&format!("{}/", root.display()), "");
+    if message.contains("No space left on device") || message.contains("Disk quota exceeded") {
+        StorageError::NoSpace { message }
+    } else if message.contains("Failed to get") && message.contains("lock") {
+        StorageError::Busy {
+            name: name.to_owned(),
+            operation: format!("in use by another process: {message}"),
+        }
+    } else {
+        StorageError::ToolFailed { tool: TOOL.into(), status: status.to_string(), message }
+    }
+}
+
+/// A tool's stderr for an error: lossy UTF-8, trimmed, at most [`MAX_MESSAGE`] bytes.
+fn bounded_message(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    if text.len() <= MAX_MESSAGE {
+        return text.to_owned();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// An I/O error on the image `name`.
+fn io_error(name: &str, e: io::Error) -> StorageError {
+    let errno = e.raw_os_error();
+    if errno == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || errno == Some(rustix::io::Errno::DQUOT.raw_os_error())
+    {
+        return StorageError::NoSpace { message: e.to_string() };
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound => StorageError::NotFound { name: name.to_owned() },
+        _ => StorageError::ToolFailed {
+            tool: "filesystem".into(),
+            status: "error".into(),
+            message: format!("{name:?}: {e}"),
+        },
+    }
+}
+
+fn kind_of(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_symlink() {
+        "a symlink"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a fifo"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "something"
+    }
+}
+
+/// Bytes available to unprivileged users on the filesystem of `path`.
+fn free_space(path: &Path) -> io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+fn random_suffix() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(d.as_nanos());
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// Reads `stdout` (up to [`MAX_STDOUT`]), publishing `-p` progress lines to `progress`.
+async fn read_stdout(stdout: Option<impl AsyncRead + Unpin>, progress: Option<&OpGuard>) -> Vec<u8> {
+    let Some(mut stdout) = stdout else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stdout.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        if out.len() < MAX_STDOUT {
+            out.extend_from_slice(&chunk[..n.min(MAX_STDOUT - out.len())]);
+        }
+        if let Some(op) = progress {
+            for &b in chunk {
+                if b == b'\r' || b == b'\n' {
+                    if let Some(p) = std::str::from_utf8(&line).ok().and_then(parse_progress) {
+                        op.set_percent(p);
+                    }
+                    line.clear();
+                } else if line.len() < 256 {
+                    line.push(b);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reads all of `r`, keeping the first `limit` bytes.
+async fn read_bounded(r: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
+    let Some(mut r) = r else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if out.len() < limit {
+                    out.extend_from_slice(&buf[..n.min(limit - out.len())]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A running child: waited for, or killed when dropped first (the call was cancelled).
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let Some(child) = self.0.as_mut() else { return Err(io::Error::other("no child")) };
+        let status = child.wait().await?;
+        self.0 = None;
+        Ok(status)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let pid = child.id();
+            let _ = child.start_kill();
+            tracing::debug!(?pid, "qemu-img killed (call cancelled)");
+            // Reap it (tokio would too, later); nothing waits for this.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = child.wait().await;
+                });
+            }
+        }
+    }
+}
+
+/// A temporary file of an operation: removed when dropped, unless kept (renamed into place).
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => tracing::debug!(path = %self.path.display(), "temporary file removed"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot remove temporary file"),
+        }
+        // qemu-img may have been killed in the middle of creating it: look again once it is gone.
+        let path = self.path.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let _ = std::fs::remove_file(path);
+            });
+        }
+    }
+}
+
+/// The registration of a running operation; unregistered when dropped.
+struct OpGuard {
+    storage: QemuImg,
+    name: String,
+}
+
+impl OpGuard {
+    fn set_percent(&self, percent: f32) {
+        if let Some(r) = self.storage.running().get_mut(&self.name) {
+            r.percent = percent;
+        }
+    }
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        self.storage.running().remove(&self.name);
+    }
+}
+
+/// The info line of one operation: its outcome, or "cancelled" if dropped unfinished.
+struct OpLog {
+    op: &'static str,
+    name: String,
+    done: bool,
+}
+
+impl OpLog {
+    fn new(op: &'static str, name: &str) -> OpLog {
+        OpLog { op, name: name.to_owned(), done: false }
+    }
+
+    fn finish<T>(mut self, r: Result<T, StorageError>) -> Result<T, StorageError> {
+        self.done = true;
+        match &r {
+            Ok(_) => tracing::info!(name = %self.name, op = self.op, "ok"),
+            Err(e) => tracing::info!(name = %self.name, op = self.op, error = %e, "failed"),
+        }
+        r
+    }
+}
+
+impl Drop for OpLog {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(name = %self.name, op = self.op, "cancelled");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `qemu-img info --output=json` (7.2) of a linked clone with two snapshots.
+    const INFO: &str = r#"{
+    "snapshots": [
+        {
+            "icount": 0,
+            "vm-clock-nsec": 0,
+            "name": "before-upgrade",
+            "date-sec": 1795621308,
+            "date-nsec": 450158000,
+            "vm-clock-sec": 0,
+            "id": "1",
+            "vm-state-size": 0
+        },
+        {
+            "icount": 0,
+            "vm-clock-nsec": 0,
+            "name": "s2",
+            "date-sec": 1795621400,
+            "date-nsec": 0,
+            "vm-clock-sec": 0,
+            "id": "2",
+            "vm-state-size": 4096
+        }
+    ],
+    "backing-filename-format": "qcow2",
+    "virtual-size": 1048576,
+    "filename": "child",
+    "cluster-size": 65536,
+    "format": "qcow2",
+    "actual-size": 200704,
+    "format-specific": {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": false,
+            "refcount-bits": 16,
+            "corrupt": false,
+            "extended-l2": false
+        }
+    },
+    "full-backing-filename": "base",
+    "backing-filename": "base",
+    "dirty-flag": false
+}"#;
+
+    #[test]
+    fn parses_captured_info() {
+        let j = parse_info(INFO.as_bytes()).unwrap();
+        assert_eq!(j.format, "qcow2");
+        assert_eq!(j.virtual_size, 1 << 20);
+        assert_eq!(j.actual_size, Some(200704));
+        assert_eq!(j.backing_filename.as_deref(), Some("base"));
+        assert_eq!(j.backing_format.as_deref(), Some("qcow2"));
+        assert!(j.format_specific.unwrap().data.unwrap().data_file.is_none());
+        let snaps: Vec<_> = j.snapshots.iter().map(SnapshotJson::to_info).collect();
+        assert_eq!(
+            snaps,
+            [
+                SnapshotInfo {
+                    name: "before-upgrade".into(),
+                    id: "1".into(),
+                    date: 1795621308,
+                    vm_state_size: 0
+                },
+                SnapshotInfo { name: "s2".into(), id: "2".into(), date: 1795621400, vm_state_size: 4096 },
+            ]
+        );
+        let raw = r#"{"virtual-size": 1048576, "filename": "r", "format": "raw", "actual-size": 4096, "dirty-flag": false}"#;
+        let j = parse_info(raw.as_bytes()).unwrap();
+        assert!(j.snapshots.is_empty() && j.backing_filename.is_none() && j.format_specific.is_none());
+        let data_file = r#"{"virtual-size": 512, "format": "qcow2",
+            "format-specific": {"type": "qcow2", "data": {"data-file": "/etc/shadow", "data-file-raw": false}}}"#;
+        let j = parse_info(data_file.as_bytes()).unwrap();
+        assert_eq!(j.format_specific.unwrap().data.unwrap().data_file.as_deref(), Some("/etc/shadow"));
+        for bad in ["", "{", "[]", r#"{"format": "raw"}"#, r#"{"format": "raw", "virtual-size": -1}"#] {
+            assert!(parse_info(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_progress_lines() {
+        assert_eq!(parse_progress("    (12.34/100%)"), Some(12.34));
+        assert_eq!(parse_progress("    (0.00/100%)"), Some(0.0));
+        assert_eq!(parse_progress("(100.00/100%)\r"), Some(100.0));
+        for bad in [
+            "",
+            "(",
+            "12.34",
+            "(12.34/100)",
+            "(x/100%)",
+            "(-1.00/100%)",
+            "(101.00/100%)",
+            "(NaN/100%)",
+            "(inf/100%)",
+        ] {
+            assert_eq!(parse_progress(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "disk-1.qcow2", "A_b", "x".repeat(64).as_str(), "9", "-x"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            "a b",
+            "a\0",
+            "é",
+            &"x".repeat(65),
+            "a:b",
+            "a,b",
+        ] {
+            assert!(matches!(check_name(bad), Err(StorageError::InvalidName { .. })), "{bad:?}");
+        }
+        assert!(check_snapshot_name("s1").is_ok());
+        assert!(check_snapshot_name("12").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert!(check_size(Size(512)).is_ok());
+        assert!(check_size(Size(1 << 60)).is_ok());
+        for bad in [0, 1, 1000, (1 << 60) + 512, u64::MAX] {
+            assert!(matches!(check_size(Size(bad)), Err(StorageError::InvalidSize { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formats_from_headers() {
+        assert_eq!(format_from_header(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
+        assert_eq!(format_from_header(b"QFI\xfb\0\0\0\x02"), Format::Qcow2);
+        assert_eq!(format_from_header(b"QFI\xfb\0\0\0\x01"), Format::Raw);
+        assert_eq!(format_from_header(b"QFI\xfb"), Format::Raw);
+        assert_eq!(format_from_header(b"# Disk DescriptorFile"), Format::Raw);
+        assert_eq!(format_from_header(b""), Format::Raw);
+    }
+
+    #[test]
+    fn backing_names() {
+        let root = Path::new("/var/images");
+        assert_eq!(backing_name(root, "base").as_deref(), Some("base"));
+        assert_eq!(backing_name(root, "./base").as_deref(), Some("base"));
+        assert_eq!(backing_name(root, "/var/images/base").as_deref(), Some("base"));
+        for bad in [
+            "../base",
+            "/etc/passwd",
+            "/var/images/a/b",
+            "a/b",
+            "/var/images/.x",
+            "json:{}",
+            "",
+            "nbd://h/x",
+            "/",
+        ] {
+            assert_eq!(backing_name(root, bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn failures_are_typed_and_bounded() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let status = ExitStatus::from_raw(1 << 8);
+        let root = Path::new("/srv/images");
+        let e = failure(
+            "d",
+            status,
+            root,
+            b"qemu-img: /srv/images/.tmp-d-1: Could not write qcow2 header: Permission denied",
+        );
+        assert_eq!(
+            e,
+            StorageError::ToolFailed {
+                tool: "qemu-img".into(),
+                status: "exit status: 1".into(),
+                message: "qemu-img: .tmp-d-1: Could not write qcow2 header: Permission denied".into()
+            }
+        );
+        let e = failure(
+            "d",
+            status,
+            root,
+            b"qemu-img: error while writing at byte 2097152: No space left on device\n",
+        );
+        assert!(matches!(e, StorageError::NoSpace { .. }), "{e:?}");
+        let e = failure("d", status, root, b"qemu-img: Could not open 'd': Failed to get \"write\" lock\nIs another process using the image [d]?");
+        assert!(matches!(e, StorageError::Busy { .. }), "{e:?}");
+        let long = "é".repeat(10_000);
+        match failure("d", status, root, long.as_bytes()) {
+            StorageError::ToolFailed { tool, status, message } => {
+                assert_eq!(tool, "qemu-img");
+                assert_eq!(status, "exit status: 1");
+                assert!(message.len() <= MAX_MESSAGE + 4);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn accepted_names_are_plain(name in "[A-Za-z0-9._/-]{0,70}|\\PC{0,10}") {
+            if check_name(&name).is_ok() {
+                prop_assert!(!name.contains('/'));
+                prop_assert!(!name.starts_with('.'));
+                prop_assert!(!name.is_empty() && name.len() <= 64);
+                prop_assert_eq!(backing_name(Path::new("/r"), &name), Some(name.clone()));
+                let joined = Path::new("/r").join(&name);
+                prop_assert_eq!(joined.parent(), Some(Path::new("/r")));
+            }
+        }
+
+        #[test]
+        fn progress_parsing_never_panics(line in "\\PC{0,40}") {
+            let _ = parse_progress(&line);
+        }
+    }
+}

@@ -140,7 +140,10 @@ impl<T: for<'de> Deserialize<'de>> tokio_serde::Deserializer<T> for SerdeCodec {
 enum ClientMessageStart {
     Request(RequestStart),
     #[allow(dead_code)] // Read only to tell the variants apart.
-    Cancel { trace_context: tarpc::trace::Context, request_id: u64 },
+    Cancel {
+        trace_context: tarpc::trace::Context,
+        request_id: u64,
+    },
 }
 
 /// A tarpc `Request` up to its context's first field: the deadline, as the time left.
@@ -186,7 +189,12 @@ pub fn server_transport<M>(
     stream: BoxStream,
     codec: Codec,
     max_frame: usize,
-) -> tarpc::serde_transport::Transport<BoxStream, tarpc::ClientMessage<M>, tarpc::Response<crate::wire::Reply>, ServerCodec>
+) -> tarpc::serde_transport::Transport<
+    BoxStream,
+    tarpc::ClientMessage<M>,
+    tarpc::Response<crate::wire::Reply>,
+    ServerCodec,
+>
 where
     M: for<'de> Deserialize<'de>,
 {

@@ -23,5 +23,6 @@ pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
 pub use tarpc::client::RpcError;
 pub use transport::{Accepted, BoxStream, Listener, Net};
 pub use wire::{
-    Dispatch, Request, Service, ServiceDescriptor, current_caller, current_context, error_text, is_unknown_method,
+    Dispatch, Request, Service, ServiceDescriptor, current_caller, current_context, error_text,
+    is_unknown_method,
 };

@@ -17,9 +17,9 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, future};
+use tarpc::ServerError;
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel, Serve};
-use tarpc::ServerError;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service as _, ServiceBuilder, ServiceExt};
 use tracing::Instrument;

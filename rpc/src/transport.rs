@@ -129,7 +129,11 @@ impl Listener {
             }
             Listener::Vsock(l) => {
                 let (s, a) = l.accept().await?;
-                Accepted { stream: Box::new(s), peer: format!("vsock:{}:{}", a.cid(), a.port()), peer_domain: Some(a.cid()) }
+                Accepted {
+                    stream: Box::new(s),
+                    peer: format!("vsock:{}:{}", a.cid(), a.port()),
+                    peer_domain: Some(a.cid()),
+                }
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;

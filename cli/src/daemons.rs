@@ -61,24 +61,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn hypervisor(socket: PathBuf) -> anyhow::Result<()> {
     let hv = dombus::transport::sim::SimHypervisor::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    let stopper = hv.stopper();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (mut term, mut int) = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let _guard = rt.enter();
-        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
-    };
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        rt.block_on(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        });
-        stopper.stop();
-    })?;
     tracing::info!(socket = %socket.display(), "simulated hypervisor ready");
-    hv.run().context("simulated hypervisor failed")?;
+    hv.run_until_signalled().context("simulated hypervisor failed")?;
     tracing::info!("stopped");
     Ok(())
 }

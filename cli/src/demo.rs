@@ -116,6 +116,24 @@ fn ok_or<T>(what: &str, r: Result<T, StorageError>) -> anyhow::Result<T> {
     r.map_err(|e| anyhow::anyhow!("{what}: the storage domain refused: {e}"))
 }
 
+/// `n` calls of `f`, one at a time: prints and returns their latency (a method's own `Err`
+/// counts as a round trip; a failed call stops the series).
+async fn timed<T, F, Fut>(what: &str, n: usize, mut f: F) -> anyhow::Result<Summary>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RpcError>>,
+{
+    let mut laps = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await.map_err(|e| anyhow::anyhow!("{what}: {}", error_text(&e)))?;
+        laps.push(t.elapsed());
+    }
+    let summary = Summary::of(&mut laps);
+    println!("  {what:<46} {summary}");
+    Ok(summary)
+}
+
 /// The toolstack's calls, through the generated clients.
 async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     let net = host.net.clone().context("the host has no toolstack connection")?;
@@ -222,34 +240,12 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     println!("\n3. Round trips over the Xen link (simulated hypervisor, event-channel wake-ups)");
     let raw =
         RawClient::new(net.clone(), storage_addr.clone(), wire::BUILTIN_SERVICE, ClientConfig::default());
-    let mut laps = Vec::new();
-    for _ in 0..1000 {
-        let t = Instant::now();
-        raw.ping(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
-        laps.push(t.elapsed());
-    }
-    let ping = Summary::of(&mut laps);
-    println!("  {:<46} {ping}", "ping, storage domain (1000 round trips)");
-    let mut laps = Vec::new();
-    for _ in 0..200 {
-        let t = Instant::now();
-        let r = storage.list(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
-        ok_or("list", r)?;
-        laps.push(t.elapsed());
-    }
-    let list = Summary::of(&mut laps);
-    println!("  {:<46} {list}", "storage.list(), typed call (200)");
+    let ping = timed("ping, storage domain (1000 round trips)", 1000, || raw.ping(context(d))).await?;
+    let list = timed("storage.list(), typed call (200)", 200, || storage.list(context(d))).await?;
     let registry_addr: Address = format!("xen:backend:{}", ports::REGISTRY).parse()?;
     let registry = RegistryClient::connect(net, registry_addr).await.context("the host registry")?;
-    let mut laps = Vec::new();
-    let mut domains = Vec::new();
-    for _ in 0..200 {
-        let t = Instant::now();
-        domains = registry.domains(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
-        laps.push(t.elapsed());
-    }
-    let reg = Summary::of(&mut laps);
-    println!("  {:<46} {reg}", "registry.domains(), backend domain (200)");
+    let reg = timed("registry.domains(), backend domain (200)", 200, || registry.domains(context(d))).await?;
+    let domains = registry.domains(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
     println!(
         "  the registry knows: {}",
         domains

@@ -60,12 +60,7 @@ impl Codec {
             Codec::Postcard => postcard::take_from_bytes(bytes).map(|(v, _)| v).map_err(invalid),
             Codec::Bincode => {
                 use bincode::Options;
-                bincode::DefaultOptions::new()
-                    .with_fixint_encoding()
-                    .allow_trailing_bytes()
-                    .with_limit(bytes.len() as u64)
-                    .deserialize(bytes)
-                    .map_err(invalid)
+                bincode_options(bytes).allow_trailing_bytes().deserialize(bytes).map_err(invalid)
             }
         }
     }
@@ -80,14 +75,7 @@ impl Codec {
             },
             Codec::Bincode => {
                 use bincode::Options;
-                // tarpc's bincode format: fixed-width integers, trailing bytes rejected, and no
-                // length inside the message may claim more than the frame holds.
-                bincode::DefaultOptions::new()
-                    .with_fixint_encoding()
-                    .reject_trailing_bytes()
-                    .with_limit(bytes.len() as u64)
-                    .deserialize(bytes)
-                    .map_err(invalid)
+                bincode_options(bytes).reject_trailing_bytes().deserialize(bytes).map_err(invalid)
             }
         }
     }
@@ -111,6 +99,13 @@ impl std::str::FromStr for Codec {
             _ => Err(format!("{s:?}: unknown codec (postcard or bincode)")),
         }
     }
+}
+
+/// tarpc's bincode format — fixed-width integers — reading `bytes`: no length inside the message
+/// may claim more than the frame holds.
+fn bincode_options(bytes: &[u8]) -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_fixint_encoding().with_limit(bytes.len() as u64)
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {

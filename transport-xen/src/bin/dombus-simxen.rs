@@ -28,27 +28,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let hv = SimHypervisor::bind(&args.socket)
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
-    let stopper = hv.stopper();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    // Install the handlers before serving, so that a signal can never hit the default action.
-    let (mut term, mut int) = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let _guard = rt.enter();
-        (
-            signal(SignalKind::terminate()).context("SIGTERM handler")?,
-            signal(SignalKind::interrupt()).context("SIGINT handler")?,
-        )
-    };
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        rt.block_on(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        });
-        stopper.stop();
-    })?;
-    hv.run().context("simulator failed")?;
+    hv.run_until_signalled().context("simulator failed")?;
     tracing::info!("simulated hypervisor stopped");
     Ok(())
 }

@@ -742,6 +742,28 @@ impl SimHypervisor {
         &self.path
     }
 
+    /// [`SimHypervisor::run`] until the process gets SIGTERM or SIGINT (what a daemon
+    /// serving the simulator does; the handlers are installed before serving starts).
+    pub fn run_until_signalled(self) -> io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let stopper = self.stopper();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (mut term, mut int) = {
+            let _guard = rt.enter();
+            (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+        };
+        std::thread::Builder::new().name("signals".into()).spawn(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            });
+            stopper.stop();
+        })?;
+        self.run()
+    }
+
     /// Serves domains until stopped (see [`SimHypervisor::stopper`]); then disconnects every
     /// domain, waits for their connections to wind down and removes the socket.
     pub fn run(self) -> io::Result<()> {

@@ -1,7 +1,7 @@
 //! The dombus demo: a simulated Xen host on this machine, two domains pinging over a link.
 //!
 //! ```text
-//! cargo run --release --bin dombus-demo
+//! cargo run --release -p dombus-examples --bin dombus-demo
 //! ```
 //! Starts the simulated hypervisor and two domain processes (a server and a client domain), sets
 //! up a link between them through the store handshake, and prints round-trip latency with

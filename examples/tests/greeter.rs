@@ -63,7 +63,7 @@ fn greeter_serves_and_its_generated_cli_calls_it_across_domains() {
 
     // A list of records: a table for people, JSON for scripts.
     let out = greeter(&sock, &["guests"], None);
-    assert_eq!(text(&out.stdout), "LETTERS  NAME\n4        json\n5        world", "{out:?}");
+    assert_eq!(text(&out.stdout), "NAME   LETTERS\njson   4\nworld  5", "{out:?}");
     let out = greeter(&sock, &["guests", "--json"], None);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[1]["name"], "world");

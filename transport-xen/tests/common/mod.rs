@@ -40,6 +40,8 @@ pub struct Proc {
     lines: Receiver<String>,
     pub seen: Vec<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Closed when the stderr reader has seen EOF (everything the process wrote is in `stderr`).
+    stderr_done: Receiver<()>,
 }
 
 impl Proc {
@@ -57,14 +59,16 @@ impl Proc {
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let err = child.stderr.take().unwrap();
         let sink = stderr.clone();
+        let (done, stderr_done) = channel::<()>();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
                 s.push('\n');
             }
+            drop(done);
         });
-        Proc { child, lines, seen: Vec::new(), stderr }
+        Proc { child, lines, seen: Vec::new(), stderr, stderr_done }
     }
 
     /// Waits for a stdout line starting with `prefix`; panics with what was seen on timeout.
@@ -92,11 +96,14 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Waits for exit up to `timeout`.
+    /// Waits for exit up to `timeout`; then also (briefly) for the reader of its stderr to
+    /// reach EOF, so that [`Proc::stderr`] has all of it (a process can exit before its last
+    /// line is read: a race seen once in CI).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                let _ = self.stderr_done.recv_timeout(Duration::from_secs(2));
                 return Some(s);
             }
             if Instant::now() >= deadline {

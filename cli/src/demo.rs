@@ -267,11 +267,18 @@ pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
     println!("dombus demo: a Xen host simulated on this machine — separate processes, shared memory,");
     println!("event channels and a store with Xen's semantics — driven by the toolstack over dombus RPC.\n");
     println!("1. Host up (state in {})", state.0.display());
+    // The host's processes have a process group of their own (a Ctrl-C meant for `dombus host
+    // up` must not stop them): an interrupted demo brings its host down itself. Listening from
+    // here on, so that a Ctrl-C while the host comes up waits for it and then takes it down.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let t = Instant::now();
     let host = host::up(state.clone(), false).await?;
     println!("  host up in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     let pids: Vec<u32> = host.manifest.procs.iter().map(|p| p.pid).collect();
-    let result = drive(&host).await;
+    let result = tokio::select! {
+        r = drive(&host) => r,
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
+    };
     println!("\n4. Host down");
     let stopped = host.down(false).await;
     let stray: Vec<u32> =

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
 use dombus_services::ports;
 use dombus_services::registry::RegistryClient;
-use dombus_services::storage::{DiskInfo, Format, Size, StorageClient, StorageError};
+use dombus_services::storage::{DiskInfo, Format, Size, SnapshotInfo, StorageClient, StorageError};
 
 use crate::host::{self, Host, StateDir, context};
 
@@ -94,6 +94,14 @@ fn disk(d: &DiskInfo) -> String {
         size(d.virtual_size),
         size(d.actual_size)
     )
+}
+
+/// A list result as `N <what>: a, b, c`.
+fn names<T>(r: &Result<Vec<T>, StorageError>, what: &str, name: impl Fn(&T) -> &str) -> String {
+    match r {
+        Ok(l) => format!("{} {what}: {}", l.len(), l.iter().map(name).collect::<Vec<_>>().join(", ")),
+        Err(e) => format!("error: {e}"),
+    }
 }
 
 /// Runs one toolstack call: prints what it asked, what came back, and how long it took.
@@ -199,25 +207,13 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     )
     .await?;
     ok_or("clone_disk", r)?;
-    let r = call("list()", storage.list(context(d)), |r| match r {
-        Ok(l) => format!(
-            "{} images: {}",
-            l.len(),
-            l.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
-        ),
-        Err(e) => format!("error: {e}"),
-    })
-    .await?;
+    let r = call("list()", storage.list(context(d)), |r| names(r, "images", |d: &DiskInfo| d.name.as_str()))
+        .await?;
     ok_or("list", r)?;
     let r = call("info(\"vm1\")", storage.info(context(d), "vm1".into()), show_disk).await?;
     ok_or("info", r)?;
-    let r = call("snapshot_list(\"demo\")", storage.snapshot_list(context(d), "demo".into()), |r| match r {
-        Ok(l) => format!(
-            "{} snapshot(s): {}",
-            l.len(),
-            l.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
-        ),
-        Err(e) => format!("error: {e}"),
+    let r = call("snapshot_list(\"demo\")", storage.snapshot_list(context(d), "demo".into()), |r| {
+        names(r, "snapshot(s)", |s: &SnapshotInfo| s.name.as_str())
     })
     .await?;
     ok_or("snapshot_list", r)?;

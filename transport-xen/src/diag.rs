@@ -145,27 +145,191 @@ pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
     bytes: u64,
     chunk: usize,
 ) -> std::io::Result<(u32, u32)> {
+    let echo = roundtrip_checked(stream, bytes, chunk).await?;
+    Ok((echo.sent_crc, echo.echo_crc))
+}
+
+/// What came back from an echoing peer, checked byte by byte against what was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Echo {
+    /// CRC-32 of what was sent.
+    pub sent_crc: u32,
+    /// CRC-32 of what came back.
+    pub echo_crc: u32,
+    /// The first difference, if any.
+    pub first_difference: Option<Difference>,
+    /// Bytes that differ in all.
+    pub differing_bytes: u64,
+}
+
+/// Where an echo first differs from what was sent, described so that the kind of damage shows:
+/// a few flipped bytes, a shifted stream (lost or repeated data), or a whole stale page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// Stream offset of the first differing byte.
+    pub offset: u64,
+    /// Length of the read that brought it, and its offset in the stream.
+    pub read: (u64, usize),
+    /// Up to 16 bytes expected from `offset` on.
+    pub expected: Vec<u8>,
+    /// Up to 16 bytes received from `offset` on.
+    pub got: Vec<u8>,
+    /// If the received bytes are the pattern at another position: that position (modulo the
+    /// pattern period), which tells a shift from garbage.
+    pub got_is_pattern_at: Option<usize>,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        write!(
+            f,
+            "first difference at stream offset {} (read of {} bytes at {}): expected {} got {}",
+            self.offset,
+            self.read.1,
+            self.read.0,
+            hex(&self.expected),
+            hex(&self.got)
+        )?;
+        match self.got_is_pattern_at {
+            Some(p) => write!(
+                f,
+                "; the bytes received are the pattern at offset {p} (mod {PATTERN_PERIOD}), expected {}",
+                self.offset % PATTERN_PERIOD as u64
+            ),
+            None => write!(f, "; the bytes received are not the sent pattern anywhere"),
+        }
+    }
+}
+
+/// Compares a stream, read piece by piece, with the [`send_pattern`] pattern.
+#[derive(Debug)]
+pub struct PatternCheck {
+    table: Vec<u8>,
+    crc: crc32fast::Hasher,
+    offset: u64,
+    first_difference: Option<Difference>,
+    differing_bytes: u64,
+}
+
+impl Default for PatternCheck {
+    fn default() -> Self {
+        PatternCheck::new()
+    }
+}
+
+impl PatternCheck {
+    /// Longest piece [`PatternCheck::update`] compares at once (longer ones are split).
+    const PIECE: usize = 64 << 10;
+
+    /// A check of a stream that starts at the pattern's beginning.
+    pub fn new() -> PatternCheck {
+        PatternCheck {
+            table: pattern_table(Self::PIECE),
+            crc: crc32fast::Hasher::new(),
+            offset: 0,
+            first_difference: None,
+            differing_bytes: 0,
+        }
+    }
+
+    /// Checks the next `data` of the stream.
+    pub fn update(&mut self, data: &[u8]) {
+        self.crc.update(data);
+        for piece in data.chunks(Self::PIECE) {
+            self.compare(piece);
+            self.offset += piece.len() as u64;
+        }
+    }
+
+    fn compare(&mut self, got: &[u8]) {
+        let start = (self.offset % PATTERN_PERIOD as u64) as usize;
+        let expected = &self.table[start..start + got.len()];
+        if expected == got {
+            return;
+        }
+        self.differing_bytes += expected.iter().zip(got).filter(|(a, b)| a != b).count() as u64;
+        if self.first_difference.is_some() {
+            return;
+        }
+        let at = expected.iter().zip(got).position(|(a, b)| a != b).unwrap_or(0);
+        let end = (at + 16).min(got.len());
+        let got_bytes = &got[at..end];
+        let got_is_pattern_at = self.table[..PATTERN_PERIOD + got_bytes.len()]
+            .windows(got_bytes.len())
+            .position(|w| w == got_bytes);
+        self.first_difference = Some(Difference {
+            offset: self.offset + at as u64,
+            read: (self.offset, got.len()),
+            expected: expected[at..end].to_vec(),
+            got: got_bytes.to_vec(),
+            got_is_pattern_at,
+        });
+    }
+
+    /// Bytes checked so far.
+    pub fn bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// The first difference so far, if any.
+    pub fn first_difference(&self) -> Option<&Difference> {
+        self.first_difference.as_ref()
+    }
+
+    /// The CRC-32 of everything checked, the first difference and the count of differing bytes.
+    pub fn finish(self) -> (u32, Option<Difference>, u64) {
+        (self.crc.finalize(), self.first_difference, self.differing_bytes)
+    }
+}
+
+/// Like [`roundtrip`], and compares every byte that comes back with the byte sent at that
+/// position (a CRC says only that the echo differs; this says where and how).
+pub async fn roundtrip_checked<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: u64,
+    chunk: usize,
+) -> std::io::Result<Echo> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let send = write_pattern(&mut wr, bytes, chunk);
     let recv = async {
-        let mut crc = crc32fast::Hasher::new();
+        let mut check = PatternCheck::new();
         let mut buf = vec![0u8; 64 << 10];
-        let mut got = 0u64;
-        while got < bytes {
-            let want = (bytes - got).min(buf.len() as u64) as usize;
+        while check.bytes() < bytes {
+            let want = (bytes - check.bytes()).min(buf.len() as u64) as usize;
             let n = rd.read(&mut buf[..want]).await?;
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("the echo ended after {got} of {bytes} bytes"),
+                    format!("the echo ended after {} of {bytes} bytes", check.bytes()),
                 ));
             }
-            crc.update(&buf[..n]);
-            got += n as u64;
+            check.update(&buf[..n]);
         }
-        Ok(crc.finalize())
+        Ok(check.finish())
     };
-    tokio::try_join!(send, recv)
+    let (sent_crc, (echo_crc, first_difference, differing_bytes)) = tokio::try_join!(send, recv)?;
+    Ok(Echo { sent_crc, echo_crc, first_difference, differing_bytes })
+}
+
+/// Like [`echo`], for a peer that sends the [`send_pattern`] pattern: also checks what it
+/// receives, so that damage is pinned to a direction. Returns the bytes echoed and the first
+/// difference from the pattern, if any.
+pub async fn echo_pattern<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<(u64, Option<Difference>)> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut check = PatternCheck::new();
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            stream.shutdown().await?;
+            let bytes = check.bytes();
+            return Ok((bytes, check.finish().1));
+        }
+        check.update(&buf[..n]);
+        stream.write_all(&buf[..n]).await?;
+    }
 }
 
 /// The pattern of [`send_pattern`], with `extra` bytes past one period so that any window of up
@@ -201,6 +365,84 @@ mod tests {
         assert_eq!(l.p99, Duration::from_micros(99));
         assert_eq!(l.min, Duration::from_micros(1));
         assert!(Latency::from_samples(&mut []).is_none());
+    }
+
+    #[test]
+    fn pattern_check_says_where_and_how_a_stream_differs() {
+        let table = pattern_table(0);
+        let stream: Vec<u8> = (0..200_000).map(|i| table[i % PATTERN_PERIOD]).collect();
+
+        let mut clean = PatternCheck::new();
+        for piece in stream.chunks(7_777) {
+            clean.update(piece);
+        }
+        assert_eq!(clean.bytes(), 200_000);
+        let (crc, diff, n) = clean.finish();
+        assert_eq!((crc, diff, n), (crc32fast::hash(&stream), None, 0));
+
+        // 64 zeroed bytes inside the second piece: found, counted, described as garbage.
+        let mut damaged = stream.clone();
+        damaged[70_000..70_064].fill(0);
+        let mut check = PatternCheck::new();
+        check.update(&damaged[..65_536]);
+        check.update(&damaged[65_536..]);
+        let (_, diff, n) = check.finish();
+        let diff = diff.expect("a difference");
+        let first = (70_000..70_064).find(|&i| stream[i] != 0).expect("the pattern is not all zeros");
+        assert_eq!(diff.offset, first as u64);
+        assert_eq!(diff.read, (65_536, 65_536));
+        assert_eq!(diff.got, damaged[first..first + 16].to_vec());
+        assert_eq!(diff.got_is_pattern_at, None);
+        assert!(n > 60 && n <= 64, "{n}");
+
+        // A lost chunk: what follows is the pattern from later on, and the report says so.
+        let mut shifted = stream[..1_000].to_vec();
+        shifted.extend_from_slice(&stream[1_500..]);
+        let mut check = PatternCheck::new();
+        check.update(&shifted);
+        let diff = check.finish().1.expect("a difference");
+        assert_eq!(diff.offset, 1_000);
+        assert_eq!(diff.got_is_pattern_at, Some(1_500));
+        assert!(diff.to_string().contains("pattern at offset 1500"), "{diff}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupting_echo_is_caught_and_located() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let echo = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut at = 0u64;
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                // Flip the byte at stream offset 100_000 on the way back.
+                if (at..at + n as u64).contains(&100_000) {
+                    buf[(100_000 - at) as usize] ^= 0xff;
+                }
+                at += n as u64;
+                server.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let echo_result = roundtrip_checked(&mut client, 150_000, 3_000).await.unwrap();
+        drop(client);
+        echo.await.unwrap();
+        assert_ne!(echo_result.sent_crc, echo_result.echo_crc);
+        assert_eq!(echo_result.differing_bytes, 1);
+        assert_eq!(echo_result.first_difference.map(|d| d.offset), Some(100_000));
+    }
+
+    #[tokio::test]
+    async fn echo_pattern_checks_what_comes_in() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { echo_pattern(&mut server).await.unwrap() });
+        let echo = roundtrip_checked(&mut client, 100_000, 4_096).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!((echo.first_difference, echo.sent_crc == echo.echo_crc), (None, true));
+        assert_eq!(server.await.unwrap(), (100_000, None));
     }
 
     #[tokio::test]

@@ -321,10 +321,14 @@ async fn act<B: Backend + Clone>(mut link: Link<B>, action: Action) -> Result<()
         }
         Action::Roundtrip { bytes, chunk } => {
             let t = std::time::Instant::now();
-            let (sent, got) = diag::roundtrip(&mut link, bytes, chunk).await.context("round trip")?;
+            let echo = diag::roundtrip_checked(&mut link, bytes, chunk).await.context("round trip")?;
             let secs = t.elapsed().as_secs_f64();
-            if sent != got {
-                bail!("the echo differs: sent crc={sent:08x}, got back crc={got:08x}");
+            let sent = echo.sent_crc;
+            if let Some(d) = echo.first_difference {
+                bail!("the echo differs in {} bytes: {d}", echo.differing_bytes);
+            }
+            if sent != echo.echo_crc {
+                bail!("the echo differs: sent crc={sent:08x}, got back crc={:08x}", echo.echo_crc);
             }
             println!("roundtrip bytes={bytes} crc={sent:08x} echo=ok secs={secs:.3}");
             // Dropping the link closes it: the peer sees it go away.
@@ -364,7 +368,17 @@ async fn mux_serve<B: Backend + Clone>(link: Link<B>) -> Result<()> {
     while let Ok(mut s) = echo.accept().await {
         served += 1;
         tokio::spawn(async move {
-            let _ = diag::echo(&mut s).await;
+            // The client sends the pattern: check it here too, so that damage is pinned to
+            // a direction.
+            let port = s.ports().1;
+            match diag::echo_pattern(&mut s).await {
+                Ok((_, Some(d))) => {
+                    eprintln!("what came in from port {port} differs from what was sent: {d}")
+                }
+                Ok((_, None)) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => eprintln!("echo to port {port} failed: {e}"),
+            }
         });
     }
     println!("mux served conns={served}");
@@ -403,15 +417,21 @@ async fn mux_check<B: Backend + Clone>(link: Link<B>, conns: usize) -> Result<()
         let mux = mux.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = mux.connect(1).await?;
-            let (a, b) = diag::roundtrip(&mut s, 256 << 10, 16 << 10).await?;
-            std::io::Result::Ok(a == b)
+            let ports = s.ports();
+            let echo = diag::roundtrip_checked(&mut s, 256 << 10, 16 << 10).await?;
+            std::io::Result::Ok((ports, echo))
         }));
     }
     let mut ok = 0;
     for t in tasks {
         match t.await? {
-            Ok(true) => ok += 1,
-            Ok(false) => eprintln!("an echo came back different"),
+            Ok((_, echo)) if echo.sent_crc == echo.echo_crc && echo.first_difference.is_none() => ok += 1,
+            Ok((ports, echo)) => eprintln!(
+                "the echo on port {} came back different: {} bytes differ; {}",
+                ports.0,
+                echo.differing_bytes,
+                echo.first_difference.map_or_else(|| "(only the CRC differs)".into(), |d| d.to_string())
+            ),
             Err(e) => eprintln!("an echo connection failed: {e}"),
         }
     }

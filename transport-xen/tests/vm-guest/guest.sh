@@ -31,34 +31,8 @@ run_tests() {
     sed "s/^/[$name] /" "/tmp/$name.log"
 }
 
-# Platform canary: while the tests run, copy a file and compare the copy every two seconds. A
-# difference means the emulated machine itself corrupted memory (as it did with XSAVE offered,
-# see tests/vm/run-xen), so that a damaged stream is not mistaken for a dombus bug. Detached
-# (not a child of this shell) so that the bare `wait`s below do not wait for it.
-canary_start() {
-    (
-        (
-            n=0 bad=0
-            while [ ! -e /tmp/canary.stop ]; do
-                cp /payload/dombus-link /tmp/canary.copy
-                cmp -s /payload/dombus-link /tmp/canary.copy || bad=$((bad + 1))
-                n=$((n + 1))
-                sleep 2
-            done
-            echo "copies=$n bad=$bad" >/tmp/canary.result
-        ) </dev/null >/dev/null 2>&1 &
-    )
-}
-canary_finish() {
-    touch /tmp/canary.stop
-    wait_for copies= 30 /tmp/canary.result
-    result=$(cat /tmp/canary.result 2>/dev/null)
-    case "$result" in
-    *" bad=0") pass "$1: $result" ;;
-    *) fail "$1" "the emulated machine corrupted a plain file copy ($result): results are not trustworthy" ;;
-    esac
-}
-canary_start
+# A plain file copied and compared every two seconds while the tests run (canary.sh).
+./canary.sh start
 
 echo "== dom0: the xen backend, link scenarios, sessions"
 run_tests xen_backend
@@ -145,5 +119,9 @@ if command -v dombus-start-domu >/dev/null && [ -d /domu ]; then
     esac
 fi
 
-canary_finish dom0-platform-canary
+if out=$(./canary.sh stop); then
+    pass "dom0-platform-canary: $out"
+else
+    fail dom0-platform-canary "the emulated machine corrupted a plain file copy ($out): results are not trustworthy"
+fi
 [ "$failed" = 0 ]

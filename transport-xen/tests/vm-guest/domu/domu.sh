@@ -17,30 +17,17 @@ check() {
     fi
 }
 
-# The same platform canary as dom0's (guest.sh): a plain file copy compared every two seconds.
-(
-    (
-        n=0 bad=0
-        while [ ! -e /tmp/canary.stop ]; do
-            cp /payload/dombus-link /tmp/canary.copy
-            cmp -s /payload/dombus-link /tmp/canary.copy || bad=$((bad + 1))
-            n=$((n + 1))
-            sleep 2
-        done
-        echo "copies=$n bad=$bad" >/tmp/canary.result
-    ) </dev/null >/dev/null 2>&1 &
-)
+# The same platform canary as dom0's (canary.sh).
+./canary.sh start
 
 check domu-link-stream "sent bytes=16777216" ./dombus-link --xen connect --path data/u-stream --peer 0 --ring 1M send --bytes 16M
 check domu-sessions "mux echo conns=4 ok=4" ./dombus-link --xen connect --path data/u-mux --peer 0 mux-check --conns 4
 check domu-vchan-interop "echo=ok" ./dombus-link --xen connect --path data/u-vchan --peer 0 roundtrip --bytes 1000000
 check domu-vsock "round_trips=400" ./dombus-link --xen vsock-ping --to xen:0:5000 --conns 4 --count 100 --wait-s 60
 check domu-ping "p50_us" ./dombus-link --xen vsock-ping --to xen:0:5000 --conns 1 --count 500 --wait-s 60
-touch /tmp/canary.stop
-i=0
-while [ ! -s /tmp/canary.result ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-case "$(cat /tmp/canary.result 2>/dev/null)" in
-*" bad=0") pass "domu-platform-canary: $(cat /tmp/canary.result)" ;;
-*) fail domu-platform-canary "the emulated machine corrupted a plain file copy ($(cat /tmp/canary.result 2>/dev/null)): results are not trustworthy" ;;
-esac
+if out=$(./canary.sh stop); then
+    pass "domu-platform-canary: $out"
+else
+    fail domu-platform-canary "the emulated machine corrupted a plain file copy ($out): results are not trustworthy"
+fi
 [ "$failed" = 0 ]

@@ -414,37 +414,16 @@ async fn names_are_confined_to_the_root() {
     // Images whose backing file or data file is outside the root.
     let ext = outside.path("ext.qcow2");
     assert_eq!(qemu_img(&["create", "-q", "-f", "qcow2", ext.to_str().unwrap(), "1M"]), 0);
+    // A qcow2 at `path` whose backing file is named `backing` (not checked by qemu-img here).
+    let qcow2_backed_by = |backing: &str, path: &Path| {
+        let args = ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path.to_str().unwrap()];
+        assert_eq!(qemu_img(&args), 0);
+    };
     let evil_abs = dir.path("evil-abs");
-    assert_eq!(
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            ext.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            evil_abs.to_str().unwrap()
-        ]),
-        0
-    );
+    qcow2_backed_by(ext.to_str().unwrap(), &evil_abs);
     let relative = format!("../{}/ext.qcow2", outside.0.file_name().unwrap().to_str().unwrap());
     let evil_rel = dir.path("evil-rel");
-    assert_eq!(
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &relative,
-            "-F",
-            "qcow2",
-            evil_rel.to_str().unwrap()
-        ]),
-        0
-    );
+    qcow2_backed_by(&relative, &evil_rel);
     let evil_data = dir.path("evil-data");
     let data_opt = format!("data_file={}", outside.path("data").display());
     assert_eq!(

@@ -1,14 +1,18 @@
 //! `dombus-storaged` as a process, called through the generated client: calls over a Unix
 //! socket, a full clone whose caller's deadline passes mid-copy (cancelled on the server: no
 //! partial image, no temporary file, no qemu-img left), progress while a clone runs, and a clean
-//! exit (status 0) on SIGTERM.
+//! exit (status 0) on SIGTERM. The daemon runs the tests' qemu-img wrapper
+//! (`common::QemuImgGate`), so that a clone lasts as long as the test needs it to.
 #![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::{LIVENESS, QemuImgGate, processes_mentioning};
 use dombus::rpc::{Address, Net, RpcError};
 use dombus_services::storage::{Format, Size, StorageClient, StorageError};
 
@@ -43,9 +47,12 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
     let root = dir.join("images");
     std::fs::create_dir_all(&root).unwrap();
     let sock = dir.join("storage.sock");
+    let gate = QemuImgGate::new("daemon");
     let child = Command::new(STORAGED)
         .arg("--root")
         .arg(&root)
+        .arg("--qemu-img")
+        .arg(gate.program())
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .spawn()
@@ -56,9 +63,7 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
     let storage = loop {
         match StorageClient::connect(Net::new(), addr.clone()).await {
             Ok(c) => break c,
-            Err(_) if t.elapsed() < Duration::from_secs(20) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
+            Err(_) if t.elapsed() < LIVENESS => tokio::time::sleep(Duration::from_millis(20)).await,
             Err(e) => panic!("dombus-storaged did not come up: {e}"),
         }
     };
@@ -73,37 +78,45 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
     let e = storage.info(ctx(d), "../etc/passwd".into()).await.unwrap().unwrap_err();
     assert!(matches!(e, StorageError::InvalidName { .. }), "{e:?}");
 
-    // A source big enough that a full copy takes a while: 384 MiB of non-zero data.
+    // A source big enough that qemu-img reports progress between 0 and 100 %: 64 MiB of
+    // non-zero data.
     {
         let mut f = std::fs::File::create(root.join("big")).unwrap();
         let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251 + 1) as u8).collect();
-        for _ in 0..384 {
+        for _ in 0..64 {
             f.write_all(&chunk).unwrap();
         }
     }
-    // Progress, seen from a second call while the clone runs.
+    // Progress, seen from a second call while the clone runs (held at its first progress
+    // between 0 and 100 % until the test has seen it).
+    gate.hold_converts();
     let cloning = {
         let storage = storage.clone();
         tokio::spawn(async move {
             storage.clone_disk(ctx(d), "big".into(), "copy".into(), false, Some(Format::Raw)).await
         })
     };
-    let mut seen = None;
     let t = Instant::now();
-    while !cloning.is_finished() && t.elapsed() < d {
-        if let Ok(Some(p)) = storage.progress(ctx(d), "copy".into()).await {
-            seen = Some(p);
+    let p = loop {
+        assert!(!cloning.is_finished(), "the clone finished while held");
+        assert!(t.elapsed() < LIVENESS, "no progress seen while a clone ran (liveness limit)");
+        if let Some(p) = storage.progress(ctx(d), "copy".into()).await.unwrap() {
+            if p.percent > 0.0 && p.percent < 100.0 {
+                break p;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let copied = cloning.await.unwrap().unwrap().unwrap();
-    assert_eq!(copied.virtual_size, 384 << 20);
-    let p = seen.expect("no progress seen while a 384 MiB clone ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert!(p.operation.contains("big"), "{p:?}");
+    gate.release();
+    let copied = cloning.await.unwrap().unwrap().unwrap();
+    assert_eq!(copied.virtual_size, 64 << 20);
     assert_eq!(storage.progress(ctx(d), "copy".into()).await.unwrap(), None);
 
-    // The same clone with a deadline that passes mid-copy: the caller gets DeadlineExceeded,
-    // the server drops the call — qemu-img killed, its temporary file removed.
+    // The same clone at 1 MiB/s (about a minute) with a 150 ms deadline, which passes mid-copy:
+    // the caller gets DeadlineExceeded, the server drops the call — qemu-img killed, its
+    // temporary file removed.
+    gate.slow_converts("1M");
     let before = entries(&root);
     let r = storage
         .clone_disk(ctx(Duration::from_millis(150)), "big".into(), "late".into(), false, Some(Format::Raw))
@@ -113,12 +126,16 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
     loop {
         let now = entries(&root);
         let busy = storage.progress(ctx(d), "late".into()).await.unwrap();
-        if now == before && busy.is_none() {
+        let daemon_pid = daemon.0.id();
+        let running: Vec<u32> =
+            processes_mentioning(&root).into_iter().filter(|&p| p != daemon_pid).collect();
+        if now == before && busy.is_none() && running.is_empty() {
             break;
         }
+        // The copy alone would take most of a minute: 30 s is not a kill.
         assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "left behind after the deadline: {now:?} (before: {before:?}), {busy:?}"
+            t.elapsed() < Duration::from_secs(30),
+            "left behind after the deadline: {now:?} (before: {before:?}), {busy:?}, qemu-img {running:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -133,7 +150,7 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
         if let Some(s) = daemon.0.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "dombus-storaged did not stop on SIGTERM");
+        assert!(t.elapsed() < LIVENESS, "dombus-storaged did not stop on SIGTERM (liveness limit)");
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status:?}");

@@ -5,12 +5,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fmt::Debug;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{LIVENESS, QemuImgGate, missing_prerequisite, processes_mentioning};
 use dombus_services::storage::{Format, QemuImg, Size, Storage, StorageError};
 
 const MIB: u64 = 1 << 20;
@@ -32,6 +35,11 @@ impl TempDir {
 
     fn storage(&self) -> QemuImg {
         QemuImg::new(self.0.clone(), "qemu-img".into()).unwrap()
+    }
+
+    /// The service running `gate`'s qemu-img.
+    fn storage_with(&self, gate: &QemuImgGate) -> QemuImg {
+        QemuImg::new(self.0.clone(), gate.program()).unwrap()
     }
 
     fn temp_files(&self) -> Vec<String> {
@@ -92,20 +100,6 @@ fn same_content(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) -> bool {
         Some(1) => false,
         other => panic!("qemu-img compare: {other:?} {}", String::from_utf8_lossy(&out.stderr)),
     }
-}
-
-/// Pids of live (not zombie) processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if String::from_utf8_lossy(&cmdline).contains(&needle) && pid != std::process::id() {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 #[test]
@@ -492,9 +486,15 @@ async fn an_image_locked_by_another_process_is_busy() {
             .stderr(std::process::Stdio::null())
             .spawn()
     };
-    let Ok(io) = hold() else {
-        eprintln!("an_image_locked_by_another_process_is_busy: skipped: no qemu-io (qemu-utils)");
-        return;
+    let io = match hold() {
+        Ok(io) => io,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return missing_prerequisite(
+                "an_image_locked_by_another_process_is_busy",
+                "no qemu-io (qemu-utils)",
+            );
+        }
+        Err(e) => panic!("qemu-io: {e}"),
     };
     let mut io = KillOnDrop(io);
     let start = Instant::now();
@@ -510,7 +510,7 @@ async fn an_image_locked_by_another_process_is_busy() {
         if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock") {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "qemu-io never locked the image");
+        assert!(start.elapsed() < LIVENESS, "qemu-io never locked the image (liveness limit)");
     }
     assert!(matches!(err(s.snapshot_create("q".into(), "s".into()).await), StorageError::Busy { .. }));
     assert!(matches!(err(s.resize("q".into(), Size(2 * MIB), false).await), StorageError::Busy { .. }));
@@ -529,43 +529,53 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Big enough that converting it takes a while (tenths of a second on a fast host).
-const BIG: u64 = 256 * MIB;
+/// The source of the full clones below: big enough that qemu-img reports progress between 0 and
+/// 100 % on the way (qemu-img prints a line per percent).
+const BIG: u64 = 64 * MIB;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_clone_reports_progress() {
     let dir = TempDir::new("progress");
-    let s = dir.storage();
+    let gate = QemuImgGate::new("progress");
+    let s = dir.storage_with(&gate);
     write_raw(&dir.path("big"), BIG, 3);
+    // The clone stops (as the service sees it) at its first progress between 0 and 100 %, until
+    // the test has looked at it.
+    gate.hold_converts();
     let s2 = s.clone();
-    let started = Instant::now();
-    let clone =
+    let mut clone =
         tokio::spawn(
             async move { s2.clone_disk("big".into(), "copy".into(), false, Some(Format::Qcow2)).await },
         );
-    let mut seen = Vec::new();
-    let mut checked_busy = false;
-    while !clone.is_finished() {
+    let started = Instant::now();
+    let held = loop {
+        assert!(!clone.is_finished(), "the clone finished while held: {:?}", (&mut clone).await);
+        assert!(started.elapsed() < LIVENESS, "no progress between 0 and 100 % (liveness limit)");
         if let Some(p) = s.progress("copy".into()).await {
             assert_eq!(p.operation, "clone from big");
-            assert!((0.0..=100.0).contains(&p.percent), "{p:?}");
-            seen.push(p.percent);
-            if !checked_busy {
-                checked_busy = true;
-                let busy = |e: StorageError| matches!(e, StorageError::Busy { .. });
-                assert!(busy(err(s.create("copy".into(), Size(MIB), None, None).await)));
-                assert!(busy(err(s.clone_disk("big".into(), "copy".into(), true, None).await)));
-                assert!(busy(err(s.delete("big".into()).await)));
-                assert!(busy(err(s.resize("big".into(), Size(BIG * 2), false).await)));
-                assert!(s.progress("big".into()).await.is_none());
+            if p.percent > 0.0 && p.percent < 100.0 {
+                break p;
             }
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let copy = clone.await.unwrap().unwrap();
-    eprintln!("full clone of {} MiB: {:?}, progress seen: {:?}", BIG >> 20, started.elapsed(), seen);
-    assert!(seen.iter().any(|p| *p > 0.0 && *p < 100.0), "no progress between 0 and 100 seen: {seen:?}");
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    };
+    assert!(gate.held(), "progress {held:?} published, but qemu-img's output was not held");
+    // While it runs: the target's name and the source are busy, the source shows no progress.
+    let busy = |e: StorageError| matches!(e, StorageError::Busy { .. });
+    assert!(busy(err(s.create("copy".into(), Size(MIB), None, None).await)));
+    assert!(busy(err(s.clone_disk("big".into(), "copy".into(), true, None).await)));
+    assert!(busy(err(s.delete("big".into()).await)));
+    assert!(busy(err(s.resize("big".into(), Size(BIG * 2), false).await)));
+    assert!(s.progress("big".into()).await.is_none());
+    assert_eq!(
+        s.progress("copy".into()).await.map(|p| p.percent),
+        Some(held.percent),
+        "progress moved while held"
+    );
+    gate.release();
+    let copy =
+        tokio::time::timeout(LIVENESS, clone).await.expect("clone hung after release").unwrap().unwrap();
+    eprintln!("full clone of {} MiB: progress {:.2} % seen while it ran", BIG >> 20, held.percent);
     assert_eq!((copy.format, copy.virtual_size), (Format::Qcow2, BIG));
     assert!(s.progress("copy".into()).await.is_none());
     assert!(dir.temp_files().is_empty());
@@ -575,8 +585,12 @@ async fn a_full_clone_reports_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_clone_leaves_nothing() {
     let dir = TempDir::new("cancel");
-    let s = dir.storage();
+    let gate = QemuImgGate::new("cancel");
+    let s = dir.storage_with(&gate);
     write_raw(&dir.path("big"), BIG, 5);
+    // 64 MiB at 1 MiB/s: about a minute of copying, so the cancellation below kills a real copy
+    // in the middle (the test goes on at the first progress, in a second or so).
+    gate.slow_converts("1M");
     let clone = s.clone_disk("big".into(), "copy".into(), false, Some(Format::Qcow2));
     let running = async {
         loop {
@@ -591,21 +605,35 @@ async fn a_cancelled_clone_leaves_nothing() {
     let seen = tokio::select! {
         r = clone => panic!("the clone finished before it could be cancelled: {r:?}"),
         p = running => p,
+        _ = tokio::time::sleep(LIVENESS) => panic!("no progress from the clone (liveness limit)"),
     };
-    eprintln!("cancelled at {seen:?}");
+    let cancelled = Instant::now();
+    let percent = f64::from(seen.map_or(0.0, |p| p.percent));
+    eprintln!("cancelled at {percent:.2} %");
     assert!(s.progress("copy".into()).await.is_none());
     assert!(!dir.path("copy").exists());
-    assert!(dir.temp_files().is_empty(), "{:?}", dir.temp_files());
-    let start = Instant::now();
+    // At 1 MiB/s the rest of the copy takes `left`: a qemu-img gone well before that was
+    // killed, one still there after half of it was not.
+    let left = Duration::from_secs_f64((BIG >> 20) as f64 * (100.0 - percent) / 100.0);
     while !processes_mentioning(&dir.0).is_empty() {
         assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "qemu-img still running: {:?}",
-            processes_mentioning(&dir.0)
+            cancelled.elapsed() < left / 2,
+            "qemu-img {:?} still copying {:?} after the cancellation (its copy had {left:?} to go): not killed",
+            processes_mentioning(&dir.0),
+            cancelled.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprintln!("qemu-img gone {:?} after the cancellation", cancelled.elapsed());
+    while !dir.temp_files().is_empty() {
+        assert!(
+            cancelled.elapsed() < LIVENESS,
+            "temporary files left (liveness limit): {:?}",
+            dir.temp_files()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // qemu-img is gone: nothing can write into the root any more.
     assert!(dir.temp_files().is_empty() && !dir.path("copy").exists());
     // The name is free again.
     s.clone_disk("big".into(), "copy".into(), true, None).await.unwrap();
@@ -621,11 +649,24 @@ fn no_space() {
         return rt.block_on(no_space_on(PathBuf::from(dir)));
     }
     if !rustix::process::geteuid().is_root() {
-        eprintln!("no_space: skipped: needs root (mounts an 8 MiB tmpfs in a private mount namespace)");
-        return;
+        return missing_prerequisite(
+            "no_space",
+            "needs root (mounts an 8 MiB tmpfs in a private mount namespace)",
+        );
+    }
+    // Whether this machine gives us a private mount namespace at all (a container may not).
+    let probe = Command::new("unshare").args(["--mount", "--propagation", "private", "true"]).output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr);
+            return missing_prerequisite("no_space", &format!("no private mount namespace: {}", why.trim()));
+        }
+        Err(e) => return missing_prerequisite("no_space", &format!("unshare (util-linux): {e}")),
     }
     let dir = TempDir::new("nospace");
     let exe = std::env::current_exe().unwrap();
+    // Exit status 77 only if the mount fails; anything else is the test's own outcome.
     let script = r#"mount -t tmpfs -o size=8M dombus-test "$1" || exit 77
 exec "$0" no_space --exact --nocapture --test-threads=1"#;
     let out = Command::new("unshare")
@@ -636,9 +677,8 @@ exec "$0" no_space --exact --nocapture --test-threads=1"#;
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.status.code() == Some(77) || stderr.contains("Operation not permitted") {
-        eprintln!("no_space: skipped: cannot mount a tmpfs here: {}", stderr.trim());
-        return;
+    if out.status.code() == Some(77) {
+        return missing_prerequisite("no_space", &format!("cannot mount a tmpfs: {}", stderr.trim()));
     }
     assert!(
         out.status.success() && stdout.contains("1 passed"),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, bail};
 use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{Address, ClientConfig, Net, RawClient, wire};
-use dombus::transport::backend::{Backend, Store};
+use dombus::transport::backend::{Backend, BackendError, Store};
 use dombus::transport::sim::SimBackend;
 use dombus::transport::types::DomId;
 use dombus_services::ports;
@@ -552,7 +552,13 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     let domids: Vec<u16> = std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
     for &d in &domids {
         let path = format!("/local/domain/{d}/data/dombus/link");
-        for peer in backend.store().directory(&path).unwrap_or_default() {
+        let peers = match backend.store().directory(&path) {
+            Ok(peers) => peers,
+            // No link was ever set up by this domain.
+            Err(BackendError::NotFound(_)) => Vec::new(),
+            Err(e) => bail!("reading the links of domain {d} ({path}): {e}"),
+        };
+        for peer in peers {
             if let Ok(peer) = peer.parse::<u16>() {
                 links.push((d, peer));
             }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use dombus::rpc::cli::NetArgs;
 use dombus_services::registry::{DomainEntry, RegistryClient, RegistryError};
+use dombus_services::storage::StorageClient;
 
 const DOMBUS: &str = env!("CARGO_BIN_EXE_dombus");
 
@@ -94,15 +95,36 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let v = json(&dombus(&state, &["--json", "ping", "xen:2:5100", "--count", "200"]));
     assert_eq!(v["count"], 200);
 
-    // Status: processes, the registry's domains, services answering, links.
+    // Status: processes, the registry's domains, services answering, links. The daemons keep no
+    // link open between calls, so the test holds one (domain 7 to the storage domain) while it
+    // asks, and asks again once that link is gone.
+    let sim = state.join("simxen.sock");
+    let held = LinkHolder::open(&sim, 7, "xen:2:5100");
     let v = json(&dombus(&state, &["--json", "host", "status"]));
-    assert!(v["processes"].as_array().unwrap().iter().all(|p| p["running"] == true), "{v}");
+    let procs: Vec<(&str, bool)> = v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["running"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(procs, [("hypervisor", true), ("backend", true), ("storage", true)], "{v}");
     let names: Vec<&str> =
         v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["backend", "storage"], "{v}");
-    assert!(v["services"].as_array().unwrap().iter().all(|s| s["ping_p50_us"].as_f64().is_some()), "{v}");
+    let services: Vec<(&str, bool)> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["ping_p50_us"].as_f64().is_some_and(|us| us > 0.0)))
+        .collect();
+    assert_eq!(services, [("registry", true), ("storage", true)], "{v}");
+    assert_eq!(v["links"], serde_json::json!([[2, 7]]), "the link domain 7 holds to the storage domain: {v}");
     let text = stdout(&dombus(&state, &["host", "status"]));
     assert!(text.contains("storage") && text.contains("xen:2:5100") && text.contains("running"), "{text}");
+    assert!(text.contains("links: 2 ↔ 7"), "{text}");
+    drop(held);
+    let v = json(&dombus(&state, &["--json", "host", "status"]));
+    assert_eq!(v["links"], serde_json::json!([]), "domain 7 is gone, and its link with it: {v}");
 
     // The registry knows who calls: a domain may register itself, not another.
     registry_checks_the_caller(&state.join("simxen.sock"));
@@ -110,15 +132,52 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let down = dombus(&state, &["host", "down"]);
     assert!(down.status.success(), "{down:?}");
     assert!(stdout(&down).contains("3 processes stopped"), "{down:?}");
-    std::thread::sleep(Duration::from_millis(100));
-    let stray: Vec<u64> = pids.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(stray.is_empty(), "stray processes after host down: {stray:?}");
+    // `down` waited for each process; init may take a moment to reap them (a liveness limit).
+    let t = std::time::Instant::now();
+    loop {
+        let stray: Vec<u64> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if stray.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "stray processes after host down: {stray:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(!state.join("host.json").exists());
     let o = dombus(&state, &["host", "status"]);
     assert_eq!(o.status.code(), Some(3), "{o:?}");
     // Without a host, storage needs an address.
     let o = dombus(&state, &["storage", "list"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
+
+/// A domain (its own attachment to the simulated hypervisor) with a connection open to a
+/// service, in a runtime of its own: the link between the two domains lives until this is
+/// dropped.
+struct LinkHolder {
+    rt: Option<tokio::runtime::Runtime>,
+    client: Option<StorageClient>,
+}
+
+impl LinkHolder {
+    fn open(sim: &Path, domid: u16, addr: &str) -> LinkHolder {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let client = rt.block_on(async {
+            let args = NetArgs { sim: Some(sim.into()), domid, xen: false, backend_domain: 1, timeout: 10.0 };
+            let c = StorageClient::connect(args.net().unwrap(), addr.parse().unwrap()).await.unwrap();
+            c.list(args.context()).await.unwrap().unwrap();
+            c
+        });
+        LinkHolder { rt: Some(rt), client: Some(client) }
+    }
+}
+
+impl Drop for LinkHolder {
+    fn drop(&mut self) {
+        drop(self.client.take());
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
 }
 
 fn registry_checks_the_caller(sim: &Path) {

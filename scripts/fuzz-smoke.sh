@@ -5,7 +5,6 @@
 #   scripts/fuzz-smoke.sh                  # each target for $FUZZ_SECONDS (default 20) seconds
 #   FUZZ_SECONDS=600 scripts/fuzz-smoke.sh # longer
 #   scripts/fuzz-smoke.sh ring_orders rpc_message  # only the named targets (of either crate)
-#   RPC_FUZZ_STRICT=1 scripts/fuzz-smoke.sh rpc_message  # known issues fail too (docs/fuzzing.md)
 #
 # Needs the nightly toolchain (rustup toolchain install nightly); installs cargo-fuzz if missing.
 # Each fuzz crate (transport-xen/fuzz, rpc/fuzz) keeps its corpora in corpus/<target>/ and its

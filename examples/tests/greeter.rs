@@ -50,12 +50,12 @@ fn greeter_serves_and_its_generated_cli_calls_it_across_domains() {
             .unwrap(),
     );
 
-    // The first call waits for the server's listener to appear (connect_wait), within --timeout.
-    let t = Instant::now();
+    // The first call waits for the server's listener to appear (connect_wait): started at the
+    // same time as the server, it succeeds instead of being refused (it gives up after the
+    // --timeout of 20 s).
     let out = greeter(&sock, &["hello", "world", "--excited"], None);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(text(&out.stdout), "hello, world!");
-    assert!(t.elapsed() < Duration::from_secs(20));
 
     // Arguments as JSON on stdin.
     let out = greeter(&sock, &["hello", "--stdin"], Some(r#"{"name": "json", "excited": false}"#));

@@ -1,0 +1,121 @@
+//! The `dombus` tool beside other users of one simulated host (docs/services.md). A command that
+//! reaches the host's domains acts as the toolstack, domain 0, attached to the simulated
+//! hypervisor while it runs, and the simulator allows one attachment per domain id: while one
+//! holds domain 0, every other such command is refused (exit 3, saying why). `host status` lists
+//! the links the store records, here the one a guest made to the storage domain.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use dombus::rpc::cli::NetArgs;
+use dombus::rpc::{ClientConfig, RawClient, wire};
+use dombus::transport::backend::{Backend, BackendError, Store};
+use dombus::transport::sim::SimBackend;
+use dombus::transport::types::DomId;
+
+const DOMBUS: &str = env!("CARGO_BIN_EXE_dombus");
+
+fn dombus(state: &Path, args: &[&str]) -> Output {
+    Command::new(DOMBUS).arg("--state").arg(state).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Brings the host down even if the test fails half-way.
+struct Down(PathBuf);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = Command::new(DOMBUS).arg("--state").arg(&self.0).args(["host", "down"]).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until no process is attached as domain 0. The simulator notices that a command exited
+/// on a thread of its own, so right after one returns, domain 0 may still be taken for a moment:
+/// `observer` (another domain) sees domain 0's home in the store go when it is released (the
+/// node exists but is unreadable to it until then). A liveness limit, not a verdict.
+fn until_toolstack_is_free(observer: &SimBackend) {
+    let t = Instant::now();
+    loop {
+        match observer.store().read("/local/domain/0/domid") {
+            Err(BackendError::NotFound(_)) => return,
+            Err(BackendError::PermissionDenied(_)) if t.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => panic!("waiting for domain 0 to be released ({:?}): {other:?}", t.elapsed()),
+        }
+    }
+}
+
+#[test]
+fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {
+    let state = std::env::temp_dir().join(format!("dombus-concurrent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let _down = Down(state.clone());
+    let up = dombus(&state, &["host", "up"]);
+    assert!(up.status.success(), "{up:?}");
+    let sim = state.join("simxen.sock");
+    let observer = SimBackend::attach(&sim, Some(DomId(9))).unwrap();
+    let free = || until_toolstack_is_free(&observer);
+
+    // A guest, domain 7, calls the storage domain: the store records their link (served by the
+    // lower domain, 2) and `host status` lists it, in JSON and in text.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let guest = rt.block_on(async {
+        let args = NetArgs { sim: Some(sim.clone()), domid: 7, xen: false, backend_domain: 1, timeout: 10.0 };
+        let addr = "xen:2:5100".parse().unwrap();
+        let client =
+            RawClient::new(args.net().unwrap(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
+        client.ping(args.context()).await.unwrap();
+        client
+    });
+    free();
+    let o = dombus(&state, &["--json", "host", "status"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["links"], serde_json::json!([[2, 7]]), "{v}");
+    free();
+    let o = dombus(&state, &["host", "status"]);
+    assert!(stdout(&o).contains("links: 2 ↔ 7"), "{o:?}");
+    drop(guest);
+    drop(rt);
+
+    // With nobody else acting as domain 0, a command runs.
+    free();
+    let o = dombus(&state, &["storage", "list"]);
+    assert!(o.status.success(), "{o:?}");
+
+    // While something else holds domain 0 (here this test, as a running command would), every
+    // command that needs the host's domains is refused before calling, and says why.
+    free();
+    let toolstack = SimBackend::attach(&sim, Some(DomId(0))).unwrap();
+    let probe = observer.store().read("/local/domain/0/domid");
+    assert!(matches!(probe, Err(BackendError::PermissionDenied(_))), "what `free` waits on: {probe:?}");
+    for args in
+        [&["storage", "list"][..], &["ping", "xen:2:5100", "--count", "1"], &["describe", "xen:2:5100"]]
+    {
+        let o = dombus(&state, args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {o:?}");
+        let err = stderr(&o);
+        assert!(
+            err.contains("domain 0 is already attached")
+                && err.contains("another dombus command is running as the toolstack"),
+            "{args:?}: {err}"
+        );
+    }
+    let o = dombus(&state, &["host", "status"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(stderr(&o).contains("domain 0 is already attached"), "{o:?}");
+    drop(toolstack);
+
+    let down = dombus(&state, &["host", "down"]);
+    assert!(down.status.success(), "{down:?}");
+}

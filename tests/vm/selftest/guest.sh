@@ -4,7 +4,8 @@
 # dom0<->dom0 and domU<->dom0, and a PV domU whose result comes back.
 #   tests/vm/run-xen --payload tests/vm/selftest
 # Prints DOMBUS-PASS <name> / DOMBUS-FAIL <name> <why> per check; exits with
-# the number of failures.
+# the number of failures. run-xen also requires exactly the names listed in
+# expected-pass (the domU's as t1/<name>): keep it in step with this script.
 
 failures=0
 pass() { echo "DOMBUS-PASS $1"; }

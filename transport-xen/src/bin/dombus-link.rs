@@ -108,8 +108,14 @@ struct LinkArgs {
 enum Action {
     /// Echo everything back until end-of-stream.
     Echo,
-    /// Read until end-of-stream; print the byte count and CRC-32.
-    Recv,
+    /// Read until end-of-stream from a `send` peer, comparing every byte with the pattern it
+    /// sends; print the byte count and CRC-32 (`pattern=ok`), or fail naming the first byte
+    /// that differs.
+    Recv {
+        /// Also fail unless exactly this many bytes arrive (suffixes K, M, G).
+        #[arg(long, value_parser = parse_size)]
+        bytes: Option<u64>,
+    },
     /// Write a pattern of `--bytes` bytes, then shut down; print the byte count and CRC-32.
     Send {
         /// Bytes to send (suffixes K, M, G).
@@ -306,9 +312,18 @@ async fn act<B: Backend + Clone>(mut link: Link<B>, action: Action) -> Result<()
             let _ = link.shutdown().await;
             println!("echoed bytes={n} end={how}");
         }
-        Action::Recv => {
-            let (n, crc) = diag::recv_all(&mut link).await.context("receiving")?;
-            println!("received bytes={n} crc={crc:08x}");
+        Action::Recv { bytes } => {
+            let got = diag::recv_pattern(&mut link).await.context("receiving")?;
+            let (n, crc) = (got.bytes, got.crc);
+            // The counts and CRC are printed either way, for the sender's side to compare.
+            let verdict = if got.first_difference.is_none() { "ok" } else { "bad" };
+            println!("received bytes={n} crc={crc:08x} pattern={verdict}");
+            if let Some(d) = got.first_difference {
+                bail!("the stream is not the sent pattern: {} of {n} bytes differ; {d}", got.differing_bytes);
+            }
+            if let Some(want) = bytes.filter(|&want| want != n) {
+                bail!("the stream ended after {n} bytes, expected {want}");
+            }
         }
         Action::Send { bytes, chunk } => {
             let t = std::time::Instant::now();

@@ -1,7 +1,9 @@
 #!/bin/sh
 # dom0 side of the real-Xen tests, run by tests/vm/run-xen inside Xen 4.17 under QEMU
 # (see scripts/test-xen). Prints DOMBUS-PASS <name> / DOMBUS-FAIL <name> <why> per check and
-# exits non-zero if any failed.
+# exits non-zero if any failed. run-xen passes the run only if the console shows exactly the
+# names in expected-pass (next to this script), so a check that is skipped or runs nothing fails
+# the run too: keep that list in step with this script and domu/domu.sh.
 cd /payload || exit 1
 export DOMBUS_LINK_BIN=/payload/dombus-link RUST_BACKTRACE=1
 failed=0
@@ -19,16 +21,53 @@ wait_for() {
     return 1
 }
 
-# Runs a test binary's ignored (real-Xen) tests one at a time.
-run_tests() {
-    name=$1
-    shift
-    if ./"$name" --ignored --test-threads 1 "$@" >"/tmp/$name.log" 2>&1; then
-        pass "$name"
+# CRC-32 (zlib) of the first N bytes of the test pattern (dombus-link's send/roundtrip and
+# vchan-peer's send make the same one), computed on the host with Python's zlib.crc32: a check
+# that does not rest on either end's own arithmetic.
+CRC_1000000=16ff1a2e
+CRC_16M=c6c011d9
+
+# one_test BINARY TEST [ARGS...]: runs one test by its exact name. libtest exits 0 when a
+# filter matches nothing ("0 passed"), so the pass needs its summary to say exactly 1 passed.
+one_test() {
+    bin=$1 tname=$2
+    shift 2
+    tlog=/tmp/$bin.$tname.log
+    if ./"$bin" --exact "$tname" --test-threads 1 "$@" >"$tlog" 2>&1 &&
+        grep -q "^test result: ok\. 1 passed; 0 failed" "$tlog"; then
+        pass "$bin::$tname"
     else
-        fail "$name" "see the log above"
+        fail "$bin::$tname" "did not pass, or did not run exactly one test: see the log above"
     fi
-    sed "s/^/[$name] /" "/tmp/$name.log"
+    sed "s/^/[$bin::$tname] /" "$tlog"
+}
+
+# run_tests BINARY [ARGS...]: each of the binary's ignored (real-Xen) tests, one at a time, as
+# BINARY::TEST. The names come from the binary itself, and expected-pass lists each one: a test
+# added, renamed or lost shows up in the verdict.
+run_tests() {
+    bin=$1
+    shift
+    tests=$(./"$bin" --list --ignored --format terse 2>/tmp/"$bin".list.err | sed -n 's/: test$//p')
+    if [ -z "$tests" ]; then
+        fail "$bin" "lists no ignored tests: $(cat /tmp/"$bin".list.err)"
+        return
+    fi
+    for t in $tests; do
+        one_test "$bin" "$t" --ignored "$@"
+    done
+}
+
+# wait_pid PID SECONDS: the exit status of background job PID; a watchdog kills it (SIGTERM,
+# status 143) if it is still running after SECONDS. (Polling with kill -0 would not do: an
+# exited job stays a zombie until waited for, and kill -0 succeeds on a zombie.)
+wait_pid() {
+    (sleep "$2" && kill "$1" 2>/dev/null) &
+    watchdog=$!
+    wait "$1"
+    rc=$?
+    kill "$watchdog" 2>/dev/null
+    return "$rc"
 }
 
 # A plain file copied and compared every two seconds while the tests run (canary.sh).
@@ -39,11 +78,14 @@ run_tests xen_backend
 run_tests xen_multiprocess --nocapture
 
 echo "== dombus-rpc over real AF_VSOCK (vsock_loopback, CID 1)"
-if DOMBUS_TEST_VSOCK=1 ./conformance --exact conformance_vsock --nocapture >/tmp/conformance.log 2>&1 &&
+# conformance_vsock is an ignored test (it needs AF_VSOCK loopback): run by its exact name with
+# --ignored, it must be the one test that passed, and the suite's own last line must be there.
+if ./conformance --exact conformance_vsock --ignored --nocapture >/tmp/conformance.log 2>&1 &&
+    grep -q "^test result: ok\. 1 passed; 0 failed" /tmp/conformance.log &&
     grep -q "vsock: conformance suite passed" /tmp/conformance.log; then
     pass "rpc-conformance-vsock"
 else
-    fail "rpc-conformance-vsock" "see the log above"
+    fail "rpc-conformance-vsock" "did not pass, did not run exactly one test, or the suite did not finish: see the log above"
 fi
 sed "s/^/[conformance] /" /tmp/conformance.log
 
@@ -53,7 +95,8 @@ echo "== interoperability with libxenvchan (dom0 <-> dom0)"
 srv=$!
 if wait_for listening 30 /tmp/iop-a.log &&
     out=$(vchan-peer client 0 /local/domain/0/data/iop-a send 1000000 2>&1) &&
-    echo "$out" | grep -q "echo=ok" && wait "$srv" && grep -q "echoed bytes=1000000" /tmp/iop-a.log; then
+    echo "$out" | grep -qx "vchan-peer sent bytes=1000000 crc=$CRC_1000000 echo=ok" &&
+    wait "$srv" && grep -q "echoed bytes=1000000" /tmp/iop-a.log; then
     pass "vchan-client-to-dombus-server: $out"
 else
     fail "vchan-client-to-dombus-server" "$out $(cat /tmp/iop-a.log)"
@@ -62,7 +105,8 @@ fi
 vchan-peer server 0 /local/domain/0/data/iop-b echo >/tmp/iop-b.log 2>&1 &
 srv=$!
 if out=$(./dombus-link --xen connect --path data/iop-b --peer 0 --timeout-s 30 roundtrip --bytes 1000000 2>&1) &&
-    echo "$out" | grep -q "echo=ok" && wait "$srv" && grep -q "echoed bytes=1000000" /tmp/iop-b.log; then
+    echo "$out" | grep -q "^roundtrip bytes=1000000 crc=$CRC_1000000 echo=ok" &&
+    wait "$srv" && grep -q "echoed bytes=1000000" /tmp/iop-b.log; then
     pass "dombus-client-to-vchan-server: $(echo "$out" | grep roundtrip)"
 else
     fail "dombus-client-to-vchan-server" "$out $(cat /tmp/iop-b.log)"
@@ -92,8 +136,13 @@ for spin in 0 50; do
     wait
 done
 
-if command -v dombus-start-domu >/dev/null && [ -d /domu ]; then
-    echo "== dom0 <-> domU"
+echo "== dom0 <-> domU"
+# run-xen installs these helpers and builds /domu/initrd.gz from the payload's domu/: without
+# them this section cannot run, and that is a failure, not a skip.
+if ! command -v dombus-start-domu >/dev/null || ! command -v dombus-wait-domu >/dev/null ||
+    [ ! -f /domu/initrd.gz ]; then
+    fail domu-helpers "dombus-start-domu, dombus-wait-domu or /domu/initrd.gz missing: the domU tests did not run"
+else
     # The domU is created paused; the dom0 ends start once it exists (xenstored drops permissions
     # naming a domain that did not exist when they were set — XSA-322) and before it runs.
     # (Processes that died in ld.so while a domU booted were the emulated XSAVE corrupting
@@ -104,17 +153,35 @@ if command -v dombus-start-domu >/dev/null && [ -d /domu ]; then
     '' | *[!0-9]*) fail "domu-start" "no domain id: $domid" ;;
     *)
         echo "domU is domain $domid (paused)"
-        ./dombus-link --xen serve --path data/u-stream --peer "$domid" --ring 1M --timeout-s 600 recv >/tmp/u-stream.log 2>&1 &
+        # The stream's receiver checks every byte against the pattern and the exact count.
+        ./dombus-link --xen serve --path data/u-stream --peer "$domid" --ring 1M --timeout-s 600 \
+            recv --bytes 16M >/tmp/u-stream.log 2>&1 &
+        stream=$!
         ./dombus-link --xen serve --path data/u-mux --peer "$domid" --timeout-s 600 mux-serve >/tmp/u-mux.log 2>&1 &
         vchan-peer server "$domid" /local/domain/0/data/u-vchan echo >/tmp/u-vchan.log 2>&1 &
         ./dombus-link --xen vsock-echo --port 5000 >/tmp/u-vsock.log 2>&1 &
-        wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
-            wait_for listening 60 /tmp/u-vsock.log || fail domu-servers "a dom0 server did not start"
+        if ! { wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
+            wait_for listening 60 /tmp/u-vsock.log; }; then
+            fail domu-servers "a dom0 server did not start"
+        fi
         xl unpause dombus-u1
-        if dombus-wait-domu dombus-u1 600; then pass domu; else fail domu "see the domU log above"; fi
+        # 300 s (the domU's part takes under a minute): a hung domU is reported, with its
+        # console, well before run-xen's 900 s limit stops the whole machine.
+        if dombus-wait-domu dombus-u1 300; then pass domu; else fail domu "see the domU log above"; fi
+        # The stream's two ends, compared: what the domU says it sent (its console) and what
+        # dom0 received, each as "bytes crc", against the pattern's known CRC; and the
+        # receiver's own verdict (its exit status and pattern=ok).
+        wait_pid "$stream" 30
+        stream_rc=$?
         for f in u-stream u-mux u-vchan u-vsock; do sed "s/^/[dom0 $f] /" /tmp/$f.log; done
-        grep -q "received bytes=16777216" /tmp/u-stream.log && pass "domu-stream-dom0-side" ||
-            fail "domu-stream-dom0-side" "no complete stream received"
+        tr -d '\r' 2>/dev/null </var/log/xen/console/guest-dombus-u1.log >/tmp/u1-console.log
+        sent=$(sed -n 's/.*sent bytes=\([0-9]*\) crc=\([0-9a-f]*\) .*/\1 \2/p' /tmp/u1-console.log)
+        got=$(sed -n 's/^received bytes=\([0-9]*\) crc=\([0-9a-f]*\) pattern=\([a-z]*\)$/\1 \2 \3/p' /tmp/u-stream.log)
+        if [ "$stream_rc" = 0 ] && [ "$sent" = "16777216 $CRC_16M" ] && [ "$got" = "16777216 $CRC_16M ok" ]; then
+            pass "domu-stream-end-to-end: domU sent bytes=16777216 crc=$CRC_16M, dom0 received the same, every byte checked"
+        else
+            fail "domu-stream-end-to-end" "domU sent '$sent', dom0 received '$got' (want '16777216 $CRC_16M' and '16777216 $CRC_16M ok'), dom0 receiver rc=$stream_rc"
+        fi
         ;;
     esac
 fi

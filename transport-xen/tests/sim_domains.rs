@@ -62,16 +62,21 @@ fn next_path<W: StoreWatch>(w: &W, timeout: Duration) -> Option<String> {
     }
 }
 
-/// Collects watch events until none arrives for `quiet`.
-fn drain_paths<W: StoreWatch>(w: &W, quiet: Duration) -> Vec<String> {
+/// The watch events before `fence` (a watch's events arrive in the order of the changes, so
+/// nothing a change made before the fence's can fire comes after it).
+fn paths_until<W: StoreWatch>(w: &W, fence: &str) -> Vec<String> {
     let mut v = Vec::new();
-    while let Some(p) = next_path(w, quiet) {
-        v.push(p);
+    loop {
+        match next_path(w, T) {
+            Some(p) if p == fence => return v,
+            Some(p) => v.push(p),
+            None => panic!("no event for {fence} within {T:?} (a liveness limit); before it: {v:?}"),
+        }
     }
-    v
 }
 
-const T: Duration = Duration::from_secs(5);
+/// How long a test waits for an event that must come: a liveness limit, not a performance claim.
+const T: Duration = Duration::from_secs(30);
 
 #[test]
 fn grants_are_mappable_only_as_granted() {
@@ -173,7 +178,11 @@ fn event_channels_bind_notify_and_close() {
     assert!(pb.0 >= 1);
     assert!(eb.bind_interdomain(DomId(1), pa).is_err(), "already bound");
 
-    // A notifies immediately after the bind: must not be lost.
+    // The bind leaves the new port pending (as on Xen): take that event first, so that the next
+    // one can only be A's.
+    assert_eq!(eb.pending().unwrap(), Some(pb));
+    assert_eq!(eb.pending().unwrap(), None);
+    // A notifies right after the bind: must not be lost.
     ea.notify(pa).unwrap();
     assert_eq!(next_event(&eb, T), Some(pb));
     assert_eq!(eb.pending().unwrap(), None);
@@ -198,6 +207,8 @@ fn event_channels_bind_notify_and_close() {
     ea.notify(pa).unwrap();
     // The unbound port can be bound again by the same remote.
     let pb2 = eb.bind_interdomain(DomId(1), pa).unwrap();
+    assert_eq!(eb.pending().unwrap(), Some(pb2), "a freshly bound port starts out pending");
+    assert_eq!(eb.pending().unwrap(), None);
     ea.notify(pa).unwrap();
     assert_eq!(next_event(&eb, T), Some(pb2));
 
@@ -228,6 +239,13 @@ fn store_permissions_and_watches() {
     assert!(matches!(sb.write("big", &vec![0u8; 5000]), Err(BackendError::InvalidArgument(_))));
     assert!(matches!(sb.read("missing"), Err(BackendError::NotFound(_))));
 
+    // A node B may read, written at the end to mark how far B's events go.
+    sa.write("data/fence", b"").unwrap();
+    sa.set_perms(
+        "data/fence",
+        &[Perm { domid: DomId(1), kind: PermKind::None }, Perm { domid: DomId(2), kind: PermKind::Read }],
+    )
+    .unwrap();
     let wb = sb.watch("/local/domain/1/data").unwrap();
     assert_eq!(next_path(&wb, T).as_deref(), Some("/local/domain/1/data"));
     let wa = sa.watch("data").unwrap();
@@ -256,16 +274,17 @@ fn store_permissions_and_watches() {
     sa.write("data/x", b"again").unwrap();
     sa.write("data/secret", b"again").unwrap();
     sa.write("elsewhere", b"1").unwrap();
+    sa.write("data/fence", b"1").unwrap();
     // B saw the write of x after it was allowed to read it — not the set_perms that allowed it
     // (xenstored checks the old permissions too) —, and never the secret.
-    let seen = drain_paths(&wb, Duration::from_millis(300));
+    let seen = paths_until(&wb, "/local/domain/1/data/fence");
     assert_eq!(seen, vec!["/local/domain/1/data/x".to_string()]);
     // rm is judged by the permissions before removal.
     sa.rm("data/x").unwrap();
     assert_eq!(next_path(&wb, T).as_deref(), Some("/local/domain/1/data/x"));
     sa.rm("data/x").unwrap(); // already gone: fine, as on xenstored
     assert!(matches!(sa.rm("data/gone/x"), Err(BackendError::NotFound(_))));
-    assert_eq!(sa.directory("data").unwrap(), vec!["secret".to_string()]);
+    assert_eq!(sa.directory("data").unwrap(), vec!["fence".to_string(), "secret".to_string()]);
     sa.mkdir("data/dir/sub").unwrap();
     assert_eq!(sa.read("data/dir/sub").unwrap(), b"");
 
@@ -281,8 +300,11 @@ fn store_permissions_and_watches() {
     drop(d);
     assert_eq!(next_path(&release, T).as_deref(), Some("@releaseDomain"));
     assert!(matches!(sb.read("@releaseDomain"), Err(BackendError::InvalidArgument(_))));
-    // Dropped watches stop firing.
+    // A dropped watch is gone (that the simulator's store no longer fires an unwatched watch is
+    // checked by its unit tests), and the store goes on.
+    assert!(a.watches().iter().any(|(p, _)| p == "data"), "{:?}", a.watches());
     drop(wa);
+    assert_eq!(a.watches(), Vec::<(String, usize)>::new());
     sa.write("data/y", b"1").unwrap();
     assert_eq!(sa.read("data/y").unwrap(), b"1");
 }
@@ -418,15 +440,15 @@ fn a_killed_domain_is_buried_in_order() {
     let ev = parent.open_evtchn().unwrap();
     let port = ev.bind_interdomain(DomId(7), cport).unwrap();
     // The bind leaves our port pending (as on Xen): take that event first.
-    assert_eq!(next_event(&ev, Duration::from_secs(1)), Some(port));
+    assert_eq!(next_event(&ev, T), Some(port));
     ev.unmask(port).unwrap();
     let mapped = parent.map_grants(DomId(7), &[gref], true).unwrap();
     assert_eq!(mapped.region().load_u8(21), 0x55);
 
     child.kill().unwrap();
     let killed = Instant::now();
-    assert_eq!(next_event(&ev, Duration::from_secs(1)), Some(port), "no event within 1 s of the kill");
-    assert!(killed.elapsed() < Duration::from_secs(1));
+    assert_eq!(next_event(&ev, T), Some(port), "no event within {T:?} of the kill (a liveness limit)");
+    eprintln!("the dead domain's event came {:?} after the kill", killed.elapsed());
     assert_eq!(mapped.region().load_u8(21), 0, "unmap notification byte not cleared");
     let mut buf = [0u8; 10];
     mapped.region().read_bytes(0, &mut buf);

@@ -2,14 +2,16 @@
 //! calls (connect, accept, send, recv, shutdown, close).
 //!
 //! Invariants: nothing panics; once `handle` reports a violation the link is considered closed
-//! (the target stops); every packet the session emits decodes cleanly and its payload matches
-//! its length; a connection's emitted data never exceeds the credit the peer advertised.
+//! (the target stops); an `RST` from the peer is never answered (with anything); every packet
+//! the session emits decodes cleanly to exactly the header it was encoded from (so its flags
+//! suit its op) and its payload matches its length; a connection's emitted data never exceeds
+//! the credit the peer advertised.
 #![no_main]
 
 use std::collections::HashMap;
 
 use arbitrary::Unstructured;
-use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
+use dombus_transport_xen::vsock::packet::{Header, Op};
 use dombus_transport_xen::vsock::session::{ConnId, Event, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -42,10 +44,15 @@ fuzz_target!(|data: &[u8]| {
                 bytes.extend(std::iter::repeat_n(0xA5, n));
                 let id = ConnId { local: h.dst_port, peer: h.src_port };
                 let known = s.connections();
+                // Everything the session had to send went out after the previous step.
+                assert!(!s.has_transmit());
                 if s.handle(&bytes).is_err() {
                     return;
                 }
                 if let Ok(ok) = Header::decode(&bytes) {
+                    if ok.op == Op::Rst {
+                        assert!(!s.has_transmit(), "the session answered an RST: {:?}", s.poll_transmit());
+                    }
                     match ok.op {
                         // A new incarnation starts from nothing sent (an existing pair is reset
                         // instead, and sends nothing more).
@@ -91,8 +98,8 @@ fuzz_target!(|data: &[u8]| {
             let mut wire = t.header.encode().to_vec();
             wire.extend_from_slice(&t.payload);
             let h = Header::decode(&wire).expect("the session emitted an invalid header");
-            assert_eq!(h.len as usize, t.payload.len());
-            assert_eq!(wire.len(), HEADER_LEN + t.payload.len());
+            assert_eq!(h, t.header, "the emitted header does not decode to itself");
+            assert_eq!(h.len as usize, t.payload.len(), "{h:?}");
             if h.op == Op::Rw {
                 let id = ConnId { local: h.src_port, peer: h.dst_port };
                 let (alloc, fwd, sent) = credit.get(&id).copied().unwrap_or((0, 0, 0));

@@ -41,6 +41,8 @@ struct PortEntry {
 }
 
 struct WatchQueue {
+    /// The watched path, as given (for [`SimBackend::watches`]).
+    path: String,
     queue: Mutex<VecDeque<String>>,
     efd: OwnedFd,
 }
@@ -253,6 +255,26 @@ impl SimBackend {
         };
         let conn = Arc::new(conn);
         Ok(SimBackend { store: SimStore { conn: conn.clone() }, conn })
+    }
+
+    /// How many requests this domain (every clone of this backend and every object made from
+    /// it) has sent to the simulator, its `Hello` included. For tests, which observe with it
+    /// that a waiting side makes no requests while it waits (it is woken by a watch, it does not
+    /// poll). Costs nothing: it reads the counter that numbers the requests.
+    pub fn requests(&self) -> u64 {
+        self.conn.next_id.load(Ordering::Relaxed) - 1
+    }
+
+    /// The store watches this domain holds: each watched path (as given to
+    /// [`Store::watch`]) with the number of its events that arrived but were not taken yet
+    /// ([`StoreWatch::try_next`]). For tests, which observe with it that a waiting side has set
+    /// up its watch and taken every event so far, i.e. is parked on the watch, before they act.
+    pub fn watches(&self) -> Vec<(String, usize)> {
+        let watches = lock(&self.conn.shared.watches);
+        let mut v: Vec<(String, usize)> =
+            watches.values().map(|q| (q.path.clone(), lock(&q.queue).len())).collect();
+        v.sort();
+        v
     }
 }
 
@@ -577,7 +599,7 @@ impl Store for SimStore {
     fn watch(&self, path: &str) -> Result<SimWatch> {
         let id = NEXT_WATCH.fetch_add(1, Ordering::Relaxed);
         let efd = mem::eventfd().map_err(|e| BackendError::io("eventfd", e))?;
-        let queue = Arc::new(WatchQueue { queue: Mutex::new(VecDeque::new()), efd });
+        let queue = Arc::new(WatchQueue { path: path.into(), queue: Mutex::new(VecDeque::new()), efd });
         // Registered before the request so that the immediate event finds its queue.
         lock(&self.conn.shared.watches).insert(id, queue.clone());
         if let Err(e) = self.conn.call_done(Op::Watch { watch: id, path: path.into() }) {

@@ -572,8 +572,15 @@ mod tests {
         let f =
             t.set_perms(1, "data/x", &[perm(1, PermKind::None), perm(2, PermKind::Read)]).unwrap_or_default();
         assert_eq!(f, vec![Fire { dom: 1, watch: 11, path: "data/x".into() }]);
-        let f = t.write(1, "data/x", b"2").unwrap_or_default();
-        assert_eq!(f.len(), 2);
+        let mut f = t.write(1, "data/x", b"2").unwrap_or_default();
+        f.sort_by_key(|f| f.dom);
+        assert_eq!(
+            f,
+            vec![
+                Fire { dom: 1, watch: 11, path: "data/x".into() },
+                Fire { dom: 2, watch: 10, path: "/local/domain/1/data/x".into() },
+            ]
+        );
         // Outside the watched path: nothing.
         assert!(t.write(1, "other", b"1").is_ok_and(|f| f.is_empty()));
         // rm judged by perms before removal; a watch inside the subtree fires too.
@@ -583,6 +590,8 @@ mod tests {
         paths.sort();
         assert_eq!(paths, vec![(1, "data".to_string()), (1, "data/x/deeper".to_string())]);
         assert!(t.unwatch(1, 11).is_ok());
+        // An unwatched watch no longer fires (and domain 2 may not read the new node).
+        assert_eq!(t.write(1, "data/z", b"1").ok(), Some(Vec::new()));
         assert!(matches!(t.unwatch(1, 11), Err(WireError::NotFound(_))));
         assert!(matches!(t.watch(1, 12, "x"), Err(WireError::AlreadyExists(_))));
         assert!(matches!(t.watch(1, 13, "a//b"), Err(WireError::InvalidArgument(_))));
@@ -595,7 +604,7 @@ mod tests {
         assert!(t.watch(1, 2, RELEASE).is_ok());
         assert!(t.watch(3, 3, RELEASE).is_ok());
         let f = t.introduce(5, "e").unwrap_or_default();
-        assert!(f.contains(&Fire { dom: 1, watch: 1, path: INTRODUCE.into() }));
+        assert_eq!(f, vec![Fire { dom: 1, watch: 1, path: INTRODUCE.into() }]);
         t.remove_watches(3);
         let f = t.release(5);
         assert_eq!(f, vec![Fire { dom: 1, watch: 2, path: RELEASE.into() }]);

@@ -9,6 +9,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use dombus_transport_xen::backend::{Backend, Store};
+use dombus_transport_xen::sim::SimBackend;
+use dombus_transport_xen::vsock::mux::VsockStream;
+use tokio::io::AsyncWrite;
+
+/// How long a test waits for something that must happen before it calls it a hang: a liveness
+/// limit, not a performance claim (tests also run on loaded machines and under emulation).
+pub const LIVENESS: Duration = Duration::from_secs(30);
+
 /// A unique scratch directory, removed on drop.
 pub struct Scratch(pub PathBuf);
 
@@ -144,6 +153,49 @@ pub fn link_cmd(sock: &Path, domid: u16, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dombus-link"));
     cmd.arg("--socket").arg(sock).arg("--domid").arg(domid.to_string()).args(args);
     cmd
+}
+
+/// Waits until a task of this (current-thread) runtime that waits on a store watch of `path`
+/// by `backend`'s domain is parked on it: the watch is set up and every event of it so far has
+/// been taken. Yields to the runtime meanwhile; panics after [`LIVENESS`].
+///
+/// Events are fenced first with a request of the domain's own: the simulator sends a domain its
+/// events and replies in order, so every event caused before the fence has arrived when its reply
+/// has. A waiter takes a watch's events and looks at the store again in one go (no await in
+/// between), so once the queue is empty it has seen everything there was to see.
+pub async fn parked_on_watch(backend: &SimBackend, path: &str) {
+    let deadline = Instant::now() + LIVENESS;
+    loop {
+        if backend.watches().iter().any(|(p, _)| p == path) {
+            backend.store().read(&format!("/local/domain/{}/domid", backend.domid().0)).unwrap();
+            if backend.watches().iter().any(|(p, queued)| p == path && *queued == 0) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "domain {} never parked on a watch of {path} (its watches: {:?})",
+            backend.domid(),
+            backend.watches()
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Writes to `s` until a write has to wait (polled once, it is pending: no credit left); the
+/// bytes taken. Nothing is left waiting: a later write starts afresh.
+pub fn fill_window(s: &mut VsockStream) -> usize {
+    let chunk = vec![0u8; 64 << 10];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut taken = 0;
+    loop {
+        match std::pin::Pin::new(&mut *s).poll_write(&mut cx, &chunk) {
+            std::task::Poll::Ready(Ok(n)) => taken += n,
+            std::task::Poll::Ready(Err(e)) => panic!("write to the stalled connection failed: {e}"),
+            std::task::Poll::Pending => return taken,
+        }
+        assert!(taken <= 64 << 20, "64 MiB taken for a reader that never reads");
+    }
 }
 
 /// Value of `key=` in a `key=value` line.

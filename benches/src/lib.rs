@@ -452,6 +452,8 @@ pub struct Sampler {
     cpu: Duration,
     cpu_ops: u64,
     cpu_wall: Duration,
+    /// The median of each round's own samples, in round order.
+    round_p50s: Vec<Duration>,
 }
 
 impl Sampler {
@@ -470,8 +472,12 @@ impl Sampler {
         cpu_window: Duration,
     ) -> io::Result<()> {
         bench.run(warmup, None)?;
+        let first = self.samples.len();
         self.samples.reserve(usize::try_from(n).unwrap_or(0));
         self.wall += bench.run(n, Some(&mut self.samples))?;
+        let mut this_round = self.samples[first..].to_vec();
+        this_round.sort_unstable();
+        self.round_p50s.push(percentile(&this_round, 50.0));
 
         let batch = (n / 20).max(100);
         let (mut done, mut elapsed) = (0u64, Duration::ZERO);
@@ -484,6 +490,13 @@ impl Sampler {
         self.cpu_ops += done;
         self.cpu_wall += elapsed;
         Ok(())
+    }
+
+    /// The median round trip of each round so far, in round order: a harness that interleaves
+    /// a benchmark with its baseline can pair round `i` of one with round `i` of the other and
+    /// show how many rounds agree with the pooled ratio.
+    pub fn round_p50s(&self) -> &[Duration] {
+        &self.round_p50s
     }
 
     /// Percentiles over every recorded round trip, CPU cost over every CPU phase.

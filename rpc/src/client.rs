@@ -48,7 +48,8 @@ pub struct ClientConfig {
     pub max_frame: usize,
     /// Calls in flight at once; more wait their turn.
     pub max_in_flight: usize,
-    /// Most extra attempts of an idempotent call.
+    /// Most extra attempts of a call: of any call that never left (the connect or the preamble
+    /// failed), and of an idempotent call whose connection was lost with it in flight.
     pub retries: u32,
     /// First backoff between attempts; doubles up to `max_backoff`.
     pub backoff: Duration,

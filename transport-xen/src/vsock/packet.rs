@@ -19,9 +19,9 @@
 //!                     (free-running, wraps at 2^32)
 //! ```
 //!
-//! A receiver that gets a version it does not speak answers with one `RST` carrying
-//! `UNSUPPORTED_VERSION` and its own version, and closes the link: the sender learns which
-//! version to speak instead of seeing garbage.
+//! A receiver that gets a version it does not speak closes the link as a protocol violation
+//! ([`PacketError::UnsupportedVersion`]). The `RST` flag `UNSUPPORTED_VERSION` is reserved for
+//! telling the sender which version to speak instead; nothing sends it yet.
 //!
 //! Every field comes from the peer: [`Header::decode`] checks the version, the op, the flags
 //! allowed for that op and the payload length before anything else looks at the packet.

@@ -461,3 +461,24 @@ fn a_killed_domain_is_buried_in_order() {
     ev.notify(port).unwrap();
     let _ = child.wait();
 }
+
+/// A domain id is free again as soon as the process holding it lets go: the next attach does
+/// not race the daemon's noticing of the departure (back-to-back `dombus` commands act as
+/// domain 0 one after another).
+#[test]
+fn a_domain_id_is_free_again_as_soon_as_its_holder_lets_go() {
+    let (_hv, sock) = daemon("reattach");
+    for round in 0..300 {
+        let a = SimBackend::attach_named(&sock, Some(DomId(5)), &format!("round-{round}"))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // The new holder is domain 5 with its own home, not a remnant of the previous one.
+        assert_eq!(a.store().read("name").unwrap(), format!("round-{round}").as_bytes());
+        a.store().write("data/round", round.to_string().as_bytes()).unwrap();
+        drop(a);
+    }
+    // A holder that is still there keeps its id.
+    let held = SimBackend::attach(&sock, Some(DomId(5))).unwrap();
+    let e = SimBackend::attach(&sock, Some(DomId(5))).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("already attached"), "{e}");
+    drop(held);
+}

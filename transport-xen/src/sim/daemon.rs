@@ -202,10 +202,18 @@ impl State {
                     DomId::MAX_GUEST.0
                 )));
             }
-            Some(id) if self.domains.contains_key(&id) => {
+            Some(id) if self.domains.get(&id).is_some_and(|dom| !hung_up(&dom.out.sock)) => {
                 return Err(WireError::AlreadyExists(format!("domain {id} is already attached")));
             }
-            Some(id) => id,
+            Some(id) => {
+                // Its holder has let go, and its connection's thread has not buried it yet: do it
+                // now, so that a process attaching right after another exits gets the id.
+                if self.domains.contains_key(&id) {
+                    tracing::info!("domain {id}: its holder hung up; buried before the new attach");
+                    self.death(id);
+                }
+                id
+            }
             None => (1..=DomId::MAX_GUEST.0)
                 .find(|i| !self.domains.contains_key(i))
                 .ok_or_else(|| WireError::Limit("no free domain id".into()))?,
@@ -601,6 +609,12 @@ impl Daemon {
                     drop(st);
                     break Some("request before Hello".to_string());
                 }
+                (Some(d), _) if !st.domains.get(&d).is_some_and(|dom| Arc::ptr_eq(&dom.out.sock, &sock)) => {
+                    // Buried when it hung up, its id now another connection's: what this one
+                    // still had queued must not act on the new domain.
+                    drop(st);
+                    break Some(format!("domain {d} hung up and was attached again"));
+                }
                 (Some(d), op) => {
                     let r = st.handle(d, op);
                     if let Err(e) = &r.0 {
@@ -621,7 +635,11 @@ impl Daemon {
             out.push(&ServerMsg::Fatal { reason: reason.clone() }, Vec::new());
         }
         if let Some(d) = domid {
-            self.lock().death(d);
+            let mut st = self.lock();
+            // Unless it was buried already (it hung up, and its id was attached again).
+            if st.domains.get(&d).is_some_and(|dom| Arc::ptr_eq(&dom.out.sock, &sock)) {
+                st.death(d);
+            }
         }
         drop(out);
         // Let the writer flush what is queued (e.g. the Fatal message); it exits when the queue
@@ -629,6 +647,15 @@ impl Daemon {
         let _ = rustix::net::shutdown(&*sock, Shutdown::Read);
         self.conns().remove(&conn);
     }
+}
+
+/// Whether the domain at the other end of `sock` has closed its connection (its process exited
+/// or dropped its attachment), whether or not its thread here has read to the end yet.
+fn hung_up(sock: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(sock, rustix::event::PollFlags::RDHUP)];
+    let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(1))
+        && fds[0].revents().intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::RDHUP)
 }
 
 fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<(Vec<u8>, Fds)>) {

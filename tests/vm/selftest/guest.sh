@@ -89,7 +89,8 @@ vchan_domu() {
     # its xenstore keys (libxenvchan sets the permissions), so it can only be
     # started now. The domU's client retries until the keys appear.
     path=/local/domain/0/data/vdomu
-    vchan-peer server "$id" "$path" echo >/tmp/vdomu-server.out 2>&1 &
+    # Its idle limit counts from before the domU boots: generous, as a loaded host is slow.
+    VCHAN_PEER_IDLE_TIMEOUT=600 vchan-peer server "$id" "$path" echo >/tmp/vdomu-server.out 2>&1 &
     spid=$!
 
     dombus-wait-domu t1 180

@@ -158,7 +158,9 @@ else
             recv --bytes 16M >/tmp/u-stream.log 2>&1 &
         stream=$!
         ./dombus-link --xen serve --path data/u-mux --peer "$domid" --timeout-s 600 mux-serve >/tmp/u-mux.log 2>&1 &
-        vchan-peer server "$domid" /local/domain/0/data/u-vchan echo >/tmp/u-vchan.log 2>&1 &
+        # Its idle limit counts from its start, before the domU has even booted: as long as the
+        # other dom0 servers' (a loaded host once took over 60 s to get the domU there).
+        VCHAN_PEER_IDLE_TIMEOUT=600 vchan-peer server "$domid" /local/domain/0/data/u-vchan echo >/tmp/u-vchan.log 2>&1 &
         ./dombus-link --xen vsock-echo --port 5000 >/tmp/u-vsock.log 2>&1 &
         if ! { wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
             wait_for listening 60 /tmp/u-vsock.log; }; then

@@ -431,6 +431,17 @@ pub struct Stats {
     pub cores_busy: f64,
 }
 
+/// Sorts `v` and returns its median (the mean of the two middle values for an even count; 0 for
+/// none): the comparison harnesses' median of per-round ratios.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Percentile `p` (0..=100) of sorted `samples` (nearest rank).
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -524,4 +535,16 @@ pub fn measure(bench: &mut dyn PingPong, warmup: u64, n: u64, cpu_window: Durati
 /// Formats a duration in microseconds with two decimals.
 pub fn fmt_us(d: Duration) -> String {
     format!("{:.2} µs", d.as_secs_f64() * 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut []), 0.0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0]), 2.5);
+    }
 }

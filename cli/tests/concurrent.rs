@@ -5,36 +5,14 @@
 //! the links the store records, here the one a guest made to the storage domain.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{Down, dombus, stderr, stdout};
 
 use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{ClientConfig, RawClient, wire};
 use dombus::transport::sim::SimBackend;
 use dombus::transport::types::DomId;
-
-const DOMBUS: &str = env!("CARGO_BIN_EXE_dombus");
-
-fn dombus(state: &Path, args: &[&str]) -> Output {
-    Command::new(DOMBUS).arg("--state").arg(state).args(args).output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// Brings the host down even if the test fails half-way.
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(DOMBUS).arg("--state").arg(&self.0).args(["host", "down"]).output();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {

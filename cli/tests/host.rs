@@ -4,41 +4,22 @@
 //! a domain registering another; `dombus demo` runs to completion.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
+
+use common::{DOMBUS, Down, dombus, json, stdout};
 
 use dombus::rpc::cli::NetArgs;
 use dombus_services::registry::{DomainEntry, RegistryClient, RegistryError};
 use dombus_services::storage::StorageClient;
 
-const DOMBUS: &str = env!("CARGO_BIN_EXE_dombus");
-
-fn dombus(state: &Path, args: &[&str]) -> Output {
-    Command::new(DOMBUS).arg("--state").arg(state).args(args).output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {o:?}"))
-}
-
 fn alive(pid: u64) -> bool {
     // A process that exited but was not yet reaped by init shows as a zombie: not running.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
-}
-
-/// Brings the host down even if the test fails half-way.
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(DOMBUS).arg("--state").arg(&self.0).args(["host", "down"]).output();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use dombus_benches::baseline::{CHUNK, EventfdPingPong, Memcpy, ShmSpinPingPong, ShmStream, bandwidth};
 use dombus_benches::link::{LinkPingPong, LinkStream, VsockPingPong, VsockStreams};
-use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, own_cpu_time};
+use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, median, own_cpu_time};
 
 const USAGE: &str = "usage: compare [--quick] [--iters N] [--spin US[,US...]] [--only NAME[,NAME...]]";
 
@@ -403,16 +403,6 @@ impl Results {
     }
 }
 
-/// Sorts `v` and returns its median (the mean of the two middle values for an even count).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// A row's ratio to its baseline.
 struct Compared {
     /// Of the pooled medians.
@@ -613,13 +603,6 @@ mod tests {
         assert!(plan(&["--iters", "300"]).no_latency_verdict().is_some());
         assert!(plan(&["--rounds", "2"]).no_latency_verdict().is_some());
         assert!(plan(&["--rounds", "2"]).no_throughput_verdict().is_some());
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&mut []), 0.0);
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0]), 2.5);
     }
 
     fn interleaved(ratio: f64, rounds: &[f64]) -> Option<Compared> {

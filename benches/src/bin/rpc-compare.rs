@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use dombus_benches::link::LinkPingPong;
 use dombus_benches::rpc::{Flavor, RpcPingPong, Stack, Transport};
-use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, own_cpu_time};
+use dombus_benches::{PingPong, Pinning, Sampler, Stats, fmt_us, median, own_cpu_time};
 use dombus_rpc::Codec;
 
 const USAGE: &str = "usage: rpc-compare [--quick] [--iters N] [--rounds N] [--calls N] [--depth N] \
@@ -317,16 +317,6 @@ fn run_rows(plan: &Plan, specs: &[Spec]) -> io::Result<Vec<Measured>> {
             Measured { stats: s.stats(), round_p50s, rate, rates: r, round_rates, pipe_cpu }
         })
         .collect())
-}
-
-/// Sorts `v` and returns its median (the mean of the two middle values for an even count).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// The target cell of a row: `ratio` is the row's to its baseline (p50 for latency, calls/s for
@@ -642,13 +632,6 @@ mod tests {
             assert!(!line.contains("met") && !line.contains("missed"), "{line}");
             assert!(line.contains(&fmt_us(p50)), "{line}");
         }
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&mut []), 0.0);
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0]), 2.5);
     }
 
     #[test]

@@ -1,0 +1,36 @@
+//! What the `dombus` tool's end-to-end tests share: running the tool against a host's state
+//! directory, reading its output, and bringing the host down whatever happens.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const DOMBUS: &str = env!("CARGO_BIN_EXE_dombus");
+
+/// `dombus --state STATE ARGS…`, run to completion.
+pub fn dombus(state: &Path, args: &[&str]) -> Output {
+    Command::new(DOMBUS).arg("--state").arg(state).args(args).output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {o:?}"))
+}
+
+/// Brings the host of a state directory down, and removes the directory, even if the test
+/// fails half-way.
+pub struct Down(pub PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = Command::new(DOMBUS).arg("--state").arg(&self.0).args(["host", "down"]).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -235,8 +235,188 @@ pub fn publish<S: Store + ?Sized>(store: &S, path: &str, value: &[u8], perms: &[
     store.write(path, value)
 }
 
+/// Events queued per watch (by both store clients) before the queue collapses: a writer that
+/// changes paths faster than the consumer takes them must not exhaust the consumer's memory.
+pub const MAX_QUEUED_EVENTS: usize = 4096;
+
+/// Events queued per child of the watched path (for a watch on `/local/domain`: per domain)
+/// before that child's events collapse.
+pub const MAX_QUEUED_PER_CHILD: usize = 64;
+
+/// The events of one store watch not taken yet, bounded.
+///
+/// Nothing is lost silently past a bound: events collapse into one event for an ancestor, which
+/// by xenstore's convention (the watched path's event is also the one every new watch gets)
+/// means "something at or beneath this path changed: read it again". Events are counted per
+/// child of the watched path, so one writer (a domain writing beneath its own home) that outruns
+/// the reader by [`MAX_QUEUED_PER_CHILD`] events collapses only its own events, into one for
+/// `<watched>/<child>`, and never drowns another child's. Past [`MAX_QUEUED_EVENTS`] in all, the
+/// whole queue collapses into one event for the watched path.
+#[derive(Debug)]
+pub(crate) struct WatchEvents {
+    root: String,
+    paths: std::collections::VecDeque<String>,
+    /// Events queued per child of `root` (children with none are absent).
+    per_child: std::collections::HashMap<String, usize>,
+    collapsed: u64,
+}
+
+impl WatchEvents {
+    /// An empty queue for a watch on `root`.
+    pub(crate) fn new(root: &str) -> WatchEvents {
+        WatchEvents {
+            root: root.trim_end_matches('/').to_string(),
+            paths: Default::default(),
+            per_child: Default::default(),
+            collapsed: 0,
+        }
+    }
+
+    /// `<root>/<child>` for a path beneath the watched one (`None` for the watched path itself,
+    /// special names and paths elsewhere).
+    fn child_of<'a>(&self, path: &'a str) -> Option<&'a str> {
+        let rest = path.strip_prefix(self.root.as_str())?.strip_prefix('/')?;
+        let child = rest.split('/').next().filter(|c| !c.is_empty())?;
+        Some(&path[..self.root.len() + 1 + child.len()])
+    }
+
+    /// Queues `path`, collapsing as the bounds require.
+    pub(crate) fn push(&mut self, path: String) {
+        if self.paths.len() >= MAX_QUEUED_EVENTS {
+            self.collapse_all();
+            return;
+        }
+        let Some(child) = self.child_of(&path).map(str::to_string) else {
+            self.paths.push_back(path);
+            return;
+        };
+        let n = self.per_child.entry(child.clone()).or_default();
+        if *n < MAX_QUEUED_PER_CHILD {
+            *n += 1;
+            self.paths.push_back(path);
+            return;
+        }
+        // This child's writer outran the reader: its events go, one for the child stays.
+        self.note_collapse(&child);
+        self.paths
+            .retain(|p| !(p.starts_with(child.as_str()) && p[child.len()..].starts_with('/')) && *p != child);
+        self.paths.push_back(child.clone());
+        self.per_child.insert(child, 1);
+    }
+
+    fn collapse_all(&mut self) {
+        self.note_collapse(&self.root.clone());
+        self.paths.clear();
+        self.per_child.clear();
+        self.paths.push_back(self.root.clone());
+    }
+
+    fn note_collapse(&mut self, at: &str) {
+        if self.collapsed == 0 || self.collapsed.is_power_of_two() {
+            tracing::warn!(
+                "store watch on {}: events not taken; those beneath {at} collapsed into one ({} times so far)",
+                self.root,
+                self.collapsed + 1
+            );
+        }
+        self.collapsed += 1;
+    }
+
+    /// The oldest event.
+    pub(crate) fn pop(&mut self) -> Option<String> {
+        let path = self.paths.pop_front()?;
+        if let Some(child) = self.child_of(&path) {
+            if let Some(n) = self.per_child.get_mut(child) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_child.remove(child);
+                }
+            }
+        }
+        Some(path)
+    }
+
+    /// Events queued.
+    pub(crate) fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// How many times events have collapsed.
+    pub(crate) fn collapsed(&self) -> u64 {
+        self.collapsed
+    }
+}
+
+#[cfg(test)]
+mod watch_events_tests {
+    use super::*;
+
+    fn drain(q: &mut WatchEvents) -> Vec<String> {
+        std::iter::from_fn(|| q.pop()).collect()
+    }
+
+    #[test]
+    fn one_flooding_child_collapses_alone() {
+        let mut q = WatchEvents::new("/local/domain");
+        q.push("/local/domain".into());
+        q.push("/local/domain/8/data/dombus/want/1".into());
+        for i in 0..10 * MAX_QUEUED_PER_CHILD {
+            q.push(format!("/local/domain/9/data/x{i}"));
+        }
+        q.push("/local/domain/7/data/y".into());
+        assert!(q.len() <= MAX_QUEUED_PER_CHILD + 3, "{} queued", q.len());
+        let events = drain(&mut q);
+        assert_eq!(events[0], "/local/domain");
+        assert_eq!(events[1], "/local/domain/8/data/dombus/want/1");
+        assert!(events.contains(&"/local/domain/9".to_string()), "{events:?}");
+        assert_eq!(events.last().map(String::as_str), Some("/local/domain/7/data/y"));
+        assert!(q.per_child.is_empty());
+        assert!(q.collapsed() >= 1);
+        // Not a child of domain 9: domain 90.
+        let mut q = WatchEvents::new("/local/domain");
+        for _ in 0..MAX_QUEUED_PER_CHILD {
+            q.push("/local/domain/90/x".into());
+        }
+        q.push("/local/domain/9".into());
+        q.push("/local/domain/9/x".into());
+        assert_eq!(q.collapsed(), 0);
+    }
+
+    #[test]
+    fn many_children_collapse_into_the_watched_path() {
+        let mut q = WatchEvents::new("/local/domain");
+        for i in 0..MAX_QUEUED_EVENTS + 10 {
+            q.push(format!("/local/domain/{i}/x"));
+        }
+        let events = drain(&mut q);
+        assert!(events.len() <= 11, "{}", events.len());
+        assert_eq!(events[0], "/local/domain");
+        assert!(q.per_child.is_empty());
+    }
+
+    #[test]
+    fn special_names_and_other_paths_queue_as_they_are() {
+        let mut q = WatchEvents::new("@releaseDomain");
+        for _ in 0..MAX_QUEUED_PER_CHILD * 2 {
+            q.push("@releaseDomain".into());
+        }
+        assert_eq!(q.len(), MAX_QUEUED_PER_CHILD * 2);
+        assert_eq!(q.collapsed(), 0);
+    }
+}
+
 /// A pollable stream of changed paths; dropping it unregisters the watch. `as_fd` must return the
 /// same open descriptor, owned by the watch, for its whole life.
+///
+/// Events are bounded (see [`MAX_QUEUED_EVENTS`] and [`MAX_QUEUED_PER_CHILD`]); past a bound
+/// they collapse into one event for an ancestor (the watched path, or its child the flood came
+/// from), so a consumer must treat an event for a path above the ones it cares about as "read
+/// everything beneath it again".
 pub trait StoreWatch: AsFd + Send + Sync + 'static {
     /// The next changed path without blocking (`None` if nothing is queued).
     fn try_next(&self) -> Result<Option<String>>;

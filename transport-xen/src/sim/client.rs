@@ -5,7 +5,7 @@
 //! (port table, peer eventfds, watch queues) itself, in the order the daemon sent the messages,
 //! so a reply and an event about the same port can never be applied out of order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -21,6 +21,7 @@ use super::mem;
 use super::proto::{self, ClientMsg, Event, Op, Reply, ServerMsg, WireError};
 use crate::backend::{
     Backend, BackendError, EventChannel, MappedPages, Perm, Result, SharedPages, Store, StoreWatch,
+    WatchEvents,
 };
 use crate::shmem::{Region, SharedMem};
 use crate::types::{DomId, EvtchnPort, GrantRef, PAGE_SIZE};
@@ -43,7 +44,7 @@ struct PortEntry {
 struct WatchQueue {
     /// The watched path, as given (for [`SimBackend::watches`]).
     path: String,
-    queue: Mutex<VecDeque<String>>,
+    queue: Mutex<WatchEvents>,
     efd: OwnedFd,
 }
 
@@ -94,8 +95,7 @@ impl Shared {
             ServerMsg::Event(Event::Watch { watch, path }) => {
                 let q = lock(&self.watches).get(&watch).cloned();
                 if let Some(q) = q {
-                    let mut queue = lock(&q.queue);
-                    queue.push_back(path);
+                    lock(&q.queue).push(path);
                     mem::signal(&q.efd);
                 }
             }
@@ -275,6 +275,13 @@ impl SimBackend {
             watches.values().map(|q| (q.path.clone(), lock(&q.queue).len())).collect();
         v.sort();
         v
+    }
+
+    /// How many times the event queues of this domain's live watches have collapsed into one
+    /// event for the watched path (a writer outran the reader by
+    /// [`MAX_QUEUED_EVENTS`](crate::backend::MAX_QUEUED_EVENTS) events).
+    pub fn watch_collapses(&self) -> u64 {
+        lock(&self.conn.shared.watches).values().map(|q| lock(&q.queue).collapsed()).sum()
     }
 }
 
@@ -599,7 +606,8 @@ impl Store for SimStore {
     fn watch(&self, path: &str) -> Result<SimWatch> {
         let id = NEXT_WATCH.fetch_add(1, Ordering::Relaxed);
         let efd = mem::eventfd().map_err(|e| BackendError::io("eventfd", e))?;
-        let queue = Arc::new(WatchQueue { path: path.into(), queue: Mutex::new(VecDeque::new()), efd });
+        let queue =
+            Arc::new(WatchQueue { path: path.into(), queue: Mutex::new(WatchEvents::new(path)), efd });
         // Registered before the request so that the immediate event finds its queue.
         lock(&self.conn.shared.watches).insert(id, queue.clone());
         if let Err(e) = self.conn.call_done(Op::Watch { watch: id, path: path.into() }) {
@@ -626,7 +634,7 @@ impl AsFd for SimWatch {
 impl StoreWatch for SimWatch {
     fn try_next(&self) -> Result<Option<String>> {
         let mut q = lock(&self.queue.queue);
-        let next = q.pop_front();
+        let next = q.pop();
         if q.is_empty() {
             mem::drain(&self.queue.efd);
         }

@@ -31,6 +31,11 @@ pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub const MAX_SHARE_PAGES: u32 = 8192;
 /// Grants one domain may have live.
 pub const MAX_GRANTS: usize = 65_536;
+/// Pages one domain may have mapped from others at once, over all its live mappings (Xen bounds
+/// this with the mapper's maptrack table). Past it, `map_grants` fails with `Limit`; every
+/// mapping record costs the daemon about 24 bytes per page, so this bounds what one domain
+/// makes the daemon hold for its mappings to about 1.5 MiB.
+pub const MAX_MAPPED_PAGES: usize = 65_536;
 /// Event-channel ports per domain (Xen's 2-level ABI limit on 64-bit).
 pub const MAX_PORTS: u32 = 4096;
 /// First grant ref handed out (Xen reserves the first few entries).
@@ -99,6 +104,7 @@ struct Alloc {
 
 struct MapRec {
     pages: Vec<(Arc<OwnedFd>, u32)>,
+    writable: bool,
     notify: Option<(u64, Option<u32>)>,
 }
 
@@ -127,6 +133,8 @@ struct Domain {
     next_ref: u32,
     allocs: HashMap<u64, Alloc>,
     maps: HashMap<u64, MapRec>,
+    /// Pages over all of `maps` (bounded by [`MAX_MAPPED_PAGES`]).
+    mapped_pages: usize,
     ports: BTreeMap<u32, Port>,
 }
 
@@ -229,6 +237,7 @@ impl State {
                 next_ref: FIRST_REF,
                 allocs: HashMap::new(),
                 maps: HashMap::new(),
+                mapped_pages: 0,
                 ports: BTreeMap::new(),
             },
         );
@@ -319,6 +328,13 @@ impl State {
                     refs.len()
                 )));
             }
+            let mapped = self.dom(d)?.mapped_pages;
+            if mapped + refs.len() > MAX_MAPPED_PAGES {
+                return Err(WireError::Limit(format!(
+                    "domain {d} has {mapped} pages mapped; {} more would exceed {MAX_MAPPED_PAGES}",
+                    refs.len()
+                )));
+            }
             let g = self
                 .domains
                 .get(&granter)
@@ -364,7 +380,9 @@ impl State {
                 }
             }
             let map = self.fresh_id();
-            self.dom(d)?.maps.insert(map, MapRec { pages: keep, notify: None });
+            let dom = self.dom(d)?;
+            dom.mapped_pages += keep.len();
+            dom.maps.insert(map, MapRec { pages: keep, writable, notify: None });
             Ok((Reply::Mapped { map, pages }, out))
         })();
         split(r)
@@ -454,6 +472,13 @@ impl State {
             (a.refs.len(), &mut a.notify)
         } else if let Some(m) = map {
             let m = dom.maps.get_mut(&m).ok_or_else(|| not_found(format!("no mapping {m}")))?;
+            if !m.writable {
+                // Clearing a byte through a read-only mapping would let a read-only mapper write
+                // the granter's page (Linux's gntdev refuses UNMAP_NOTIFY_CLEAR_BYTE there too).
+                return Err(WireError::PermissionDenied(
+                    "an unmap notification clears a byte: the mapping is read-only".into(),
+                ));
+            }
             (m.pages.len(), &mut m.notify)
         } else {
             return Err(WireError::InvalidArgument("nothing to notify about".into()));
@@ -497,10 +522,9 @@ impl State {
             Op::MapGrants { granter, refs, writable } => plain(self.map(d, granter, &refs, writable)),
             Op::Unmap { map } => {
                 let r = self.dom(d).and_then(|dom| {
-                    dom.maps
-                        .remove(&map)
-                        .map(|_| Reply::Done)
-                        .ok_or_else(|| not_found(format!("no mapping {map}")))
+                    let m = dom.maps.remove(&map).ok_or_else(|| not_found(format!("no mapping {map}")))?;
+                    dom.mapped_pages -= m.pages.len();
+                    Ok(Reply::Done)
                 });
                 plain((r, Vec::new()))
             }
@@ -929,6 +953,58 @@ mod tests {
         assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Err(WireError::NotFound(_))));
         assert!(matches!(st.share(1, 2, 0, true).0, Err(WireError::InvalidArgument(_))));
         assert!(matches!(st.share(1, 2, MAX_SHARE_PAGES + 1, true).0, Err(WireError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn mapped_pages_are_bounded_per_domain() {
+        let mut h = harness(&[1, 2, 3]);
+        let st = &mut h.st;
+        let (_, refs, _) = shared(st.share(1, 2, 1, true));
+        let (_, refs3, _) = shared(st.share(1, 3, 1, true));
+        // Mapping the same grant again and again: each mapping counts.
+        let mut maps = Vec::new();
+        for i in 0..MAX_MAPPED_PAGES {
+            match st.map(2, 1, &refs, false) {
+                (Ok(Reply::Mapped { map, .. }), _) => maps.push(map),
+                other => panic!("map {i} failed: {:?}", other.0),
+            }
+        }
+        assert!(
+            matches!(st.map(2, 1, &refs, false).0, Err(WireError::Limit(_))),
+            "mapping {} pages must fail",
+            MAX_MAPPED_PAGES + 1
+        );
+        assert_eq!(st.domains.get(&2).map(|d| d.maps.len()), Some(MAX_MAPPED_PAGES));
+        // Another domain is not affected, and unmapping frees room.
+        assert!(matches!(st.map(3, 1, &refs3, true).0, Ok(Reply::Mapped { .. })));
+        let first = maps[0];
+        assert!(matches!(st.handle(2, Op::Unmap { map: first }).0, Ok(Reply::Done)));
+        assert!(matches!(st.map(2, 1, &refs, false).0, Ok(Reply::Mapped { .. })));
+    }
+
+    #[test]
+    fn a_read_only_mapping_cannot_clear_a_byte() {
+        let mut h = harness(&[1, 2]);
+        let st = &mut h.st;
+        let (_, refs, fds) = shared(st.share(1, 2, 1, false));
+        let region = mem::map_fd(&*fds[0], PAGE_SIZE, true).unwrap_or_else(|e| panic!("{e}")).into_region();
+        region.store_u8(5, 0xaa);
+        let map = match st.map(2, 1, &refs, false) {
+            (Ok(Reply::Mapped { map, .. }), _) => map,
+            other => panic!("{:?}", other.0),
+        };
+        assert!(matches!(st.set_notify(2, None, Some(map), 5, None), Err(WireError::PermissionDenied(_))));
+        st.death(2);
+        assert_eq!(region.load_u8(5), 0xaa, "the granter's byte must survive a read-only mapper's death");
+        // A writable mapping may register one.
+        let mut h = harness(&[1, 2]);
+        let st = &mut h.st;
+        let (_, refs, _) = shared(st.share(1, 2, 1, true));
+        let map = match st.map(2, 1, &refs, true) {
+            (Ok(Reply::Mapped { map, .. }), _) => map,
+            other => panic!("{:?}", other.0),
+        };
+        assert!(matches!(st.set_notify(2, None, Some(map), 5, None), Ok(Reply::Done)));
     }
 
     #[test]

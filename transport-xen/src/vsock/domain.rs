@@ -8,12 +8,19 @@
 //! link from a higher domain (it publishes the link), and a link published for it by a lower
 //! domain (it connects). Both sides also create the link on their own first `connect`.
 //!
+//! A request costs the lower domain at most one set-up task per peer, whatever the requester
+//! writes: a request that arrives while a set-up for that peer runs (or waits out its back-off
+//! after failures) makes it try once more afterwards, rather than start another. When a watch's
+//! events collapse (a flood, see [`crate::backend::MAX_QUEUED_EVENTS`]) the domain reads every
+//! request and published link for it again, so a flood loses nobody's request.
+//!
 //! Listeners announce themselves at `/local/domain/<id>/data/dombus/listen/<port>` (readable by
 //! all), so that [`VsockDomain::connect_wait`] can wait for a service that is not up yet, woken
 //! by a store watch rather than by timed retries.
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -95,6 +102,31 @@ struct Inner<B: Backend + Clone> {
     /// Listeners and the links they listen on, under one lock so that a listener registered
     /// while a link comes up is attached to it exactly once.
     listening: StdMutex<Listening>,
+    /// Set-ups on request, one at most per peer.
+    setups: StdMutex<HashMap<DomId, Setup>>,
+    /// Set-up attempts made on request, ever (an observable for tests and status).
+    setup_attempts: AtomicU64,
+}
+
+/// The set-up on request of the link to one peer.
+#[derive(Default)]
+struct Setup {
+    /// A task runs (or waits out its back-off) for this peer.
+    running: bool,
+    /// A request arrived since that task's attempt began: it tries once more.
+    again: bool,
+    /// Failed attempts in a row (the back-off grows with them).
+    failures: u32,
+}
+
+/// The wait before set-up attempt `failures + 1` on request: none at first, then doubling from
+/// 250 ms to at most 30 s, so a peer that keeps asking and never joins costs one attempt per
+/// 30 s.
+fn setup_backoff(failures: u32) -> Duration {
+    match failures {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(250u64.saturating_mul(1 << (n - 1).min(7))).min(Duration::from_secs(30)),
+    }
 }
 
 #[derive(Default)]
@@ -155,19 +187,25 @@ impl<B: Backend + Clone> VsockDomain<B> {
             cfg,
             links: StdMutex::new(HashMap::new()),
             listening: StdMutex::new(Listening::default()),
+            setups: StdMutex::new(HashMap::new()),
+            setup_attempts: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
         let watcher = tokio::spawn(async move {
             while let Ok(paths) = watch.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 for p in paths {
-                    if let Some(peer) = inner.link_wanted(&p) {
-                        let inner = inner.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = inner.mux(peer).await {
-                                tracing::debug!(%peer, error = %e, "link set-up on request failed");
-                            }
-                        });
+                    let peers = match p.strip_prefix("/local/domain").map(|r| r.trim_start_matches('/')) {
+                        // The watch's first event, or its events collapsed: read them all again.
+                        Some("") => inner.all_wanted(),
+                        // One domain's events collapsed (it wrote faster than we read).
+                        Some(d) if !d.contains('/') => {
+                            d.parse().ok().map(DomId).filter(|&d| inner.wants(d)).into_iter().collect()
+                        }
+                        _ => inner.link_wanted(&p).into_iter().collect(),
+                    };
+                    for peer in peers {
+                        inner.set_up_on_request(peer);
                     }
                 }
             }
@@ -178,6 +216,12 @@ impl<B: Backend + Clone> VsockDomain<B> {
     /// This domain's id.
     pub fn domid(&self) -> DomId {
         self.inner.me
+    }
+
+    /// Link set-up attempts this domain made because a peer asked (requests that arrive while
+    /// one runs do not start another): what a peer's requests have cost it so far.
+    pub fn setup_attempts(&self) -> u64 {
+        self.inner.setup_attempts.load(Ordering::Relaxed)
     }
 
     /// Listens on `port` for connections from any domain. Ports below 1024 need the backend
@@ -282,6 +326,80 @@ impl<B: Backend + Clone> Inner<B> {
         } else {
             None
         }
+    }
+
+    /// Every peer that has asked for a link or published one for this domain, read from the
+    /// store (what the watch's events would have said, had none been collapsed).
+    ///
+    /// Only a domain that may list `/local/domain` (dom0, the backend, which serves every guest's
+    /// link) can do this; a guest relies on the per-domain collapse, which names the domain.
+    fn all_wanted(&self) -> Vec<DomId> {
+        match self.backend.store().directory("/local/domain") {
+            Ok(doms) => {
+                doms.iter().filter_map(|d| d.parse().ok().map(DomId)).filter(|&d| self.wants(d)).collect()
+            }
+            Err(e) => {
+                tracing::debug!(me = %self.me, error = %e, "cannot list the domains to read their link requests again");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Whether `peer` has asked for a link (a higher domain) or published one for us (a lower).
+    fn wants(&self, peer: DomId) -> bool {
+        let path = if peer > self.me {
+            want_path(peer, self.me)
+        } else if peer < self.me {
+            format!("{}/ring-ref", link_path(peer, self.me))
+        } else {
+            return false;
+        };
+        self.backend.store().read(&path).is_ok()
+    }
+
+    /// Sets up the link `peer` asked for: starts the peer's one set-up task, or tells the running
+    /// one to try once more.
+    fn set_up_on_request(self: &Arc<Self>, peer: DomId) {
+        {
+            let mut setups = self.setups.lock().unwrap_or_else(|p| p.into_inner());
+            let setup = setups.entry(peer).or_default();
+            if setup.running {
+                setup.again = true;
+                return;
+            }
+            setup.running = true;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let failures = {
+                    let mut setups = inner.setups.lock().unwrap_or_else(|p| p.into_inner());
+                    let setup = setups.entry(peer).or_default();
+                    setup.again = false;
+                    setup.failures
+                };
+                tokio::time::sleep(setup_backoff(failures)).await;
+                inner.setup_attempts.fetch_add(1, Ordering::Relaxed);
+                let result = inner.mux(peer).await;
+                let mut setups = inner.setups.lock().unwrap_or_else(|p| p.into_inner());
+                let setup = setups.entry(peer).or_default();
+                match result {
+                    Ok(_) => setup.failures = 0,
+                    Err(e) => {
+                        setup.failures = setup.failures.saturating_add(1);
+                        tracing::debug!(%peer, error = %e, failures = setup.failures, "link set-up on request failed");
+                    }
+                }
+                if !setup.again {
+                    if setup.failures == 0 {
+                        setups.remove(&peer);
+                    } else {
+                        setup.running = false;
+                    }
+                    return;
+                }
+            }
+        });
     }
 
     /// The link to `peer`, set up if there is none (or the old one stopped).

@@ -29,7 +29,7 @@
 
 pub mod wire;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
@@ -43,7 +43,7 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
 
 use self::wire::{FrameReader, Msg, MsgType, WireError};
-use crate::backend::{BackendError, Perm, Result, Store, StoreWatch};
+use crate::backend::{BackendError, Perm, Result, Store, StoreWatch, WatchEvents};
 use crate::types::DomId;
 
 /// Where xenstored listens, in the order [`XenStore::open`] tries them.
@@ -52,9 +52,6 @@ pub const SOCKET_PATHS: [&str; 2] = ["/var/run/xenstored/socket", "/run/xenstore
 pub const XENBUS_PATH: &str = "/dev/xen/xenbus";
 /// How many times [`XenStore::with_transaction`] runs a conflicting transaction.
 pub const MAX_TX_ATTEMPTS: u32 = 16;
-/// Events queued per watch beyond which new ones are dropped (a consumer that does not keep up
-/// must not make a writer exhaust our memory).
-const MAX_QUEUED_EVENTS: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -102,7 +99,7 @@ pub fn is_conflict(e: &BackendError) -> bool {
 }
 
 struct WatchQueue {
-    paths: Mutex<VecDeque<String>>,
+    paths: Mutex<WatchEvents>,
     efd: OwnedFd,
 }
 
@@ -158,13 +155,8 @@ impl Shared {
             let Some(q) = lock(&self.watches).get(&token).cloned() else {
                 return Ok(()); // a watch being removed
             };
-            let mut paths = lock(&q.paths);
-            if paths.len() < MAX_QUEUED_EVENTS {
-                paths.push_back(path);
-                signal(&q.efd);
-            } else {
-                tracing::warn!("xenstore watch {token}: {MAX_QUEUED_EVENTS} events queued, dropping {path}");
-            }
+            lock(&q.paths).push(path);
+            signal(&q.efd);
             return Ok(());
         }
         let waiter = lock(&self.state).waiters.remove(&msg.req_id);
@@ -535,7 +527,7 @@ impl Store for XenStore {
     fn watch(&self, path: &str) -> Result<XenWatch> {
         let token = format!("dombus-{}", NEXT_TOKEN.fetch_add(1, Ordering::Relaxed));
         let payload = arg(&[path, &token])?;
-        let queue = Arc::new(WatchQueue { paths: Mutex::default(), efd: eventfd()? });
+        let queue = Arc::new(WatchQueue { paths: Mutex::new(WatchEvents::new(path)), efd: eventfd()? });
         // Registered before the request so that the immediate event finds its queue.
         lock(&self.conn.shared.watches).insert(token.clone(), queue.clone());
         if let Err(e) = self.conn.call(MsgType::Watch, 0, &payload, path) {
@@ -578,7 +570,7 @@ impl AsFd for XenWatch {
 impl StoreWatch for XenWatch {
     fn try_next(&self) -> Result<Option<String>> {
         let mut paths = lock(&self.queue.paths);
-        if let Some(path) = paths.pop_front() {
+        if let Some(path) = paths.pop() {
             if paths.is_empty() && self.conn.shared.dead().is_none() {
                 drain(&self.queue.efd);
             }

@@ -352,6 +352,18 @@ impl WatchEvents {
     }
 }
 
+/// A pollable stream of changed paths; dropping it unregisters the watch. `as_fd` must return the
+/// same open descriptor, owned by the watch, for its whole life.
+///
+/// Events are bounded (see [`MAX_QUEUED_EVENTS`] and [`MAX_QUEUED_PER_CHILD`]); past a bound
+/// they collapse into one event for an ancestor (the watched path, or its child the flood came
+/// from), so a consumer must treat an event for a path above the ones it cares about as "read
+/// everything beneath it again".
+pub trait StoreWatch: AsFd + Send + Sync + 'static {
+    /// The next changed path without blocking (`None` if nothing is queued).
+    fn try_next(&self) -> Result<Option<String>>;
+}
+
 #[cfg(test)]
 mod watch_events_tests {
     use super::*;
@@ -408,16 +420,4 @@ mod watch_events_tests {
         assert_eq!(q.len(), MAX_QUEUED_PER_CHILD * 2);
         assert_eq!(q.collapsed(), 0);
     }
-}
-
-/// A pollable stream of changed paths; dropping it unregisters the watch. `as_fd` must return the
-/// same open descriptor, owned by the watch, for its whole life.
-///
-/// Events are bounded (see [`MAX_QUEUED_EVENTS`] and [`MAX_QUEUED_PER_CHILD`]); past a bound
-/// they collapse into one event for an ancestor (the watched path, or its child the flood came
-/// from), so a consumer must treat an event for a path above the ones it cares about as "read
-/// everything beneath it again".
-pub trait StoreWatch: AsFd + Send + Sync + 'static {
-    /// The next changed path without blocking (`None` if nothing is queued).
-    fn try_next(&self) -> Result<Option<String>>;
 }

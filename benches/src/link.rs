@@ -149,7 +149,7 @@ fn establish(role: &str, payload: usize, cfg: &LinkConfig) -> io::Result<Parts> 
         let dir = TempDir::new()?;
         let socket = dir.path().join("simxen.sock");
         let hv = SimHypervisor::spawn(&socket)?;
-        let backend = SimBackend::attach(socket.as_path(), Some(SERVER)).map_err(to_io)?;
+        let backend = SimBackend::boot(socket.as_path(), Some(SERVER)).map_err(to_io)?;
         let rt = current_thread_runtime()?;
         let args = PeerArgs { socket, payload, cfg: cfg.clone() };
         let mut peer = PeerProcess::spawn(role, &args.encode(), &[])?;
@@ -198,7 +198,7 @@ where
     Fut: std::future::Future<Output = io::Result<()>>,
 {
     let args = PeerArgs::decode(arg)?;
-    let backend = SimBackend::attach(args.socket.as_path(), Some(CLIENT)).map_err(to_io)?;
+    let backend = SimBackend::boot(args.socket.as_path(), Some(CLIENT)).map_err(to_io)?;
     let rt = current_thread_runtime()?;
     rt.block_on(async {
         let path = format!("/local/domain/{}/{PATH}", SERVER.0);

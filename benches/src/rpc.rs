@@ -312,7 +312,7 @@ pub(crate) fn server_child(arg: &str) -> io::Result<()> {
     rt.block_on(async move {
         match args.place {
             Place::Xen { socket, spin } => {
-                let backend = SimBackend::attach(&socket, Some(SERVER_DOM)).map_err(io::Error::other)?;
+                let backend = SimBackend::boot(&socket, Some(SERVER_DOM)).map_err(io::Error::other)?;
                 let domain = VsockDomain::start(backend, xen_config(spin))?;
                 let net = Net::new().with_xen(domain.clone());
                 let rpc = Address::Xen(VsockAddr::new(u32::from(SERVER_DOM.0), XEN_PORTS[0]));
@@ -622,7 +622,7 @@ impl RpcPingPong {
         let mut peer = PeerProcess::spawn(SERVER_ROLE, &args.encode(), &[])?;
         let xen = match (&place, hv) {
             (Place::Xen { socket, spin }, Some(hv)) => {
-                let backend = SimBackend::attach(socket, Some(CLIENT_DOM)).map_err(io::Error::other)?;
+                let backend = SimBackend::boot(socket, Some(CLIENT_DOM)).map_err(io::Error::other)?;
                 let domain = rt.block_on(async { VsockDomain::start(backend, xen_config(*spin)) })?;
                 Some(XenParent { domain, _hv: hv })
             }

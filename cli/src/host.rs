@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{Address, ClientConfig, Net, RawClient, wire};
 use dombus::transport::backend::{Backend, BackendError, Store};
-use dombus::transport::sim::SimBackend;
+use dombus::transport::sim::{SimBackend, TOKEN_ENV};
 use dombus::transport::types::DomId;
 use dombus_services::ports;
 use dombus_services::registry::{DomainEntry, RegistryClient, ServiceEntry};
@@ -183,13 +183,23 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
+/// Starts one process of the host: `dombus daemon ARGS`, logging to its own file, with `env`.
 fn spawn(state: &StateDir, name: &str, args: &[String]) -> anyhow::Result<(Child, PathBuf)> {
+    spawn_with(state, name, args, &[])
+}
+
+fn spawn_with(
+    state: &StateDir,
+    name: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Child, PathBuf)> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let log = state.logs().join(format!("{name}.log"));
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
-    cmd.arg("daemon").args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.arg("daemon").args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
@@ -250,6 +260,9 @@ pub async fn up(state: StateDir, quiet: bool) -> anyhow::Result<Host> {
         std::fs::remove_file(state.manifest())?;
     }
     std::fs::create_dir_all(state.logs()).with_context(|| format!("creating {}", state.0.display()))?;
+    // The hypervisor's socket and key live here: the owner's only.
+    std::fs::set_permissions(&state.0, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("making {} private", state.0.display()))?;
     std::fs::create_dir_all(state.images())?;
     let _ = std::fs::remove_file(state.socket());
     let sock = state.socket();
@@ -322,7 +335,10 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     ];
     for (domid, name, role, mut args, (service, addr)) in domains {
         args.extend(domain_args(domid));
-        let (child, log) = spawn(&state, name, &args)?;
+        // As the toolstack: create the domain, and hand its process the one-time token.
+        let (_, token) = SimBackend::create_domain(&sock, Some(DomId(domid)), name)
+            .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
+        let (child, log) = spawn_with(&state, name, &args, &[(TOKEN_ENV, &token)])?;
         host.manifest.procs.push(Proc {
             name: name.into(),
             domid: Some(domid),
@@ -546,7 +562,7 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     }
     // As the toolstack: read the links from the store first (before this tool makes its own),
     // then ask the registry and ping every service.
-    let backend = SimBackend::attach_named(&m.sim_socket, Some(DomId(TOOLSTACK)), "dombus host status")
+    let backend = SimBackend::toolstack(&m.sim_socket)
         .map_err(|e| anyhow::anyhow!("attaching to the simulated hypervisor: {e}"))?;
     let mut links = Vec::new();
     let domids: Vec<u16> = std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Down, dombus, stderr, stdout};
+use common::{Down, dombus, guest_net, stderr, stdout};
 
 use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{ClientConfig, RawClient, wire};
@@ -30,9 +30,9 @@ fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let guest = rt.block_on(async {
         let args = NetArgs { sim: Some(sim.clone()), domid: 7, xen: false, backend_domain: 1, timeout: 10.0 };
+        let net = guest_net(&sim, 7);
         let addr = "xen:2:5100".parse().unwrap();
-        let client =
-            RawClient::new(args.net().unwrap(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
+        let client = RawClient::new(net, addr, wire::BUILTIN_SERVICE, ClientConfig::default());
         client.ping(args.context()).await.unwrap();
         client
     });
@@ -51,7 +51,7 @@ fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {
 
     // While something else holds domain 0 (here this test, as a running command would), every
     // command that needs the host's domains is refused before calling, and says why.
-    let toolstack = SimBackend::attach(&sim, Some(DomId(0))).unwrap();
+    let toolstack = SimBackend::boot(&sim, Some(DomId(0))).unwrap();
     for args in
         [&["storage", "list"][..], &["ping", "xen:2:5100", "--count", "1"], &["describe", "xen:2:5100"]]
     {

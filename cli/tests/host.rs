@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{DOMBUS, Down, dombus, json, stdout};
+use common::{DOMBUS, Down, dombus, guest_net, json, stdout};
 
 use dombus::rpc::cli::NetArgs;
 use dombus_services::registry::{DomainEntry, RegistryClient, RegistryError};
@@ -144,7 +144,7 @@ impl LinkHolder {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let client = rt.block_on(async {
             let args = NetArgs { sim: Some(sim.into()), domid, xen: false, backend_domain: 1, timeout: 10.0 };
-            let c = StorageClient::connect(args.net().unwrap(), addr.parse().unwrap()).await.unwrap();
+            let c = StorageClient::connect(guest_net(sim, domid), addr.parse().unwrap()).await.unwrap();
             c.list(args.context()).await.unwrap().unwrap();
             c
         });
@@ -166,7 +166,7 @@ fn registry_checks_the_caller(sim: &Path) {
     rt.block_on(async {
         let args = NetArgs { sim: Some(sim.into()), domid: 7, xen: false, backend_domain: 1, timeout: 10.0 };
         let registry =
-            RegistryClient::connect(args.net().unwrap(), "xen:backend:1".parse().unwrap()).await.unwrap();
+            RegistryClient::connect(guest_net(sim, 7), "xen:backend:1".parse().unwrap()).await.unwrap();
         let entry =
             |domid| DomainEntry { domid, name: "intruder".into(), role: "test".into(), services: vec![] };
         let r = registry.register(args.context(), entry(2)).await.unwrap();

@@ -117,8 +117,7 @@ fn xen() -> Place {
     let sock = dir.join("simxen.sock");
     let hv = SimHypervisor::spawn(&sock).unwrap();
     let domain = |id| {
-        VsockDomain::start(SimBackend::attach(&sock, Some(DomId(id))).unwrap(), VsockConfig::default())
-            .unwrap()
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(id))).unwrap(), VsockConfig::default()).unwrap()
     };
     let mut client = Net::new().with_xen(domain(2));
     client.xen_connect_wait = Some(Duration::from_secs(10));

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dombus_transport_xen::sim::SimHypervisor;
+use dombus_transport_xen::sim::{SimBackend, SimHypervisor, TOKEN_ENV};
+use dombus_transport_xen::types::DomId;
 
 const GREETER: &str = env!("CARGO_BIN_EXE_greeter");
 
@@ -21,6 +22,7 @@ impl Drop for Kill {
 fn greeter(sock: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(GREETER);
     cmd.args(["xen:1:7000", "--sim"]).arg(sock).args(["--domid", "2", "--timeout", "20"]).args(args);
+    cmd.env(TOKEN_ENV, token(sock, 2));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     if let Some(text) = stdin {
@@ -28,6 +30,11 @@ fn greeter(sock: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output
     }
     drop(child.stdin.take());
     child.wait_with_output().unwrap()
+}
+
+/// As the toolstack, creates domain `domid` for a greeter process: its one-time token.
+fn token(sock: &std::path::Path, domid: u16) -> String {
+    SimBackend::create_domain(sock, Some(DomId(domid)), "greeter").unwrap().1
 }
 
 fn text(b: &[u8]) -> String {
@@ -46,6 +53,7 @@ fn greeter_serves_and_its_generated_cli_calls_it_across_domains() {
             .args(["serve", "xen:1:7000", "--sim"])
             .arg(&sock)
             .args(["--domid", "1"])
+            .env(TOKEN_ENV, token(&sock, 1))
             .spawn()
             .unwrap(),
     );

@@ -69,9 +69,11 @@ impl NetArgs {
             ..VsockConfig::default()
         };
         let mut net = if let Some(sock) = &self.sim {
-            let backend = dombus_transport_xen::sim::SimBackend::attach(
+            // Domain 0 is the toolstack (the simulator's key); any other domain attaches with the
+            // one-time token its creator handed this process.
+            let backend = dombus_transport_xen::sim::SimBackend::attach_from_env(
                 sock,
-                Some(dombus_transport_xen::types::DomId(self.domid)),
+                dombus_transport_xen::types::DomId(self.domid),
             )
             .map_err(|e| std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display())))?;
             Net::new().with_xen(VsockDomain::start(backend, config())?)

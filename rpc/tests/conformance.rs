@@ -180,11 +180,9 @@ fn xen() -> Fixture {
     let sock = d.0.join("simxen.sock");
     let hv: SimHypervisorHandle = SimHypervisor::spawn(&sock).unwrap();
     let server =
-        VsockDomain::start(SimBackend::attach(&sock, Some(DomId(1))).unwrap(), VsockConfig::default())
-            .unwrap();
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(1))).unwrap(), VsockConfig::default()).unwrap();
     let client =
-        VsockDomain::start(SimBackend::attach(&sock, Some(DomId(2))).unwrap(), VsockConfig::default())
-            .unwrap();
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(2))).unwrap(), VsockConfig::default()).unwrap();
     let mut client_net = Net::new().with_xen(client);
     client_net.xen_connect_wait = Some(Duration::from_secs(10));
     Fixture {

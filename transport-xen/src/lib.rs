@@ -15,7 +15,7 @@
 //! use dombus_transport_xen::{sim::SimBackend, link::{Link, LinkConfig}, types::DomId};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! // In domain 1 (the server); domain 2 runs `Link::connect` on the same path.
-//! let backend = SimBackend::attach("/run/dombus/simxen.sock", Some(DomId(1)))?;
+//! let backend = SimBackend::boot("/run/dombus/simxen.sock", Some(DomId(1)))?;
 //! let listener = Link::listen(&backend, "data/ping", DomId(2), &LinkConfig::default())?;
 //! let mut link = listener.accept().await?;
 //! let mut buf = [0u8; 4];

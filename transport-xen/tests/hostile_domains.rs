@@ -45,7 +45,7 @@ async fn a_flood_of_link_requests_costs_one_set_up() {
     let dir = Scratch::new("hostile-requests");
     let sock = dir.path("hv.sock");
     let _hv = SimHypervisor::spawn(&sock).unwrap();
-    let victim_backend = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let victim_backend = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
     // The hostile domain never joins: its set-up waits out the whole link timeout.
     let victim = VsockDomain::start(victim_backend.clone(), config(LIVENESS * 2)).unwrap();
     let mut listener = victim.listen(5000).unwrap();
@@ -58,11 +58,11 @@ async fn a_flood_of_link_requests_costs_one_set_up() {
     });
     parked_on_watch(&victim_backend, "/local/domain").await;
 
-    let hostile = SimBackend::attach(&sock, Some(DomId(9))).unwrap();
+    let hostile = SimBackend::boot(&sock, Some(DomId(9))).unwrap();
     let writes = 20_000;
     tokio::task::spawn_blocking(move || flood_requests(&hostile, DomId(1), writes)).await.unwrap();
     let friend =
-        VsockDomain::start(SimBackend::attach(&sock, Some(DomId(8))).unwrap(), config(LIVENESS)).unwrap();
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(8))).unwrap(), config(LIVENESS)).unwrap();
     echo_once(&friend, VsockAddr::new(1, 5000)).await;
     parked_on_watch(&victim_backend, "/local/domain").await;
     let attempts = victim.setup_attempts();
@@ -79,7 +79,7 @@ fn a_request_drowned_in_a_flood_is_still_served() {
     let dir = Scratch::new("hostile-drowned");
     let sock = dir.path("hv.sock");
     let _hv = SimHypervisor::spawn(&sock).unwrap();
-    let victim_backend = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let victim_backend = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
     // The victim's runtime is not driven until the flood is over, so its watch queue fills.
     let victim_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (victim, mut listener) = victim_rt.block_on(async {
@@ -89,7 +89,7 @@ fn a_request_drowned_in_a_flood_is_still_served() {
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let friend = rt.block_on(async {
-        VsockDomain::start(SimBackend::attach(&sock, Some(DomId(8))).unwrap(), config(LIVENESS)).unwrap()
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(8))).unwrap(), config(LIVENESS)).unwrap()
     });
     let friend_call = {
         let friend = friend.clone();
@@ -104,7 +104,7 @@ fn a_request_drowned_in_a_flood_is_still_served() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
-    let hostile = SimBackend::attach(&sock, Some(DomId(9))).unwrap();
+    let hostile = SimBackend::boot(&sock, Some(DomId(9))).unwrap();
     flood_requests(&hostile, DomId(1), 2 * MAX_QUEUED_EVENTS);
     // A request of the victim's own: every event caused before it has arrived when it returns.
     victim_backend.store().read("/local/domain/1/domid").unwrap();
@@ -131,4 +131,49 @@ fn a_request_drowned_in_a_flood_is_still_served() {
         std::thread::sleep(Duration::from_millis(5));
     }
     drop(served);
+}
+
+/// No process picks its own domain id: it needs the toolstack key (domain 0) or a one-time token
+/// the toolstack got by creating the domain; tokens cannot be reused, forged or moved to
+/// another id; the socket and key are the owner's only.
+#[test]
+fn a_domain_id_cannot_be_claimed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("hostile-identity");
+    let sock = dir.path("hv.sock");
+    let _hv = SimHypervisor::spawn(&sock).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sock), 0o600, "socket mode");
+    assert_eq!(mode(&SimHypervisor::key_path(&sock)), 0o600, "key mode");
+    let denied = |r: Result<SimBackend, dombus_transport_xen::backend::BackendError>| match r {
+        Err(dombus_transport_xen::backend::BackendError::PermissionDenied(_)) => {}
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    };
+    // Nothing, or anything made up, attaches as nobody.
+    denied(SimBackend::attach(&sock, ""));
+    denied(SimBackend::attach(&sock, &format!("toolstack-{}", "0".repeat(64))));
+    denied(SimBackend::attach(&sock, &format!("5-{}", "a".repeat(64))));
+
+    let (five, token5) = SimBackend::create_domain(&sock, Some(DomId(5)), "five").unwrap();
+    assert_eq!(five, DomId(5));
+    let (_, token6) = SimBackend::create_domain(&sock, Some(DomId(6)), "six").unwrap();
+    // Domain 6's secret does not make domain 5's token, and domain 0 cannot be created.
+    let secret6 = token6.split_once('-').unwrap().1;
+    denied(SimBackend::attach(&sock, &format!("5-{secret6}")));
+    assert!(SimBackend::create_domain(&sock, Some(DomId(0)), "zero").is_err());
+    // The token attaches its domain once, with the name the toolstack gave it.
+    let d5 = SimBackend::attach(&sock, &token5).unwrap();
+    assert_eq!(d5.domid(), DomId(5));
+    assert_eq!(d5.store().read("/local/domain/5/name").unwrap(), b"five");
+    denied(SimBackend::attach(&sock, &token5));
+    // A service that exits cannot be replaced by whoever asks first: its token is spent.
+    drop(d5);
+    denied(SimBackend::attach(&sock, &token5));
+    // A process started for a domain attaches with its token only as that domain.
+    assert!(SimBackend::attach_from_env(&sock, DomId(7)).is_err());
+    // The toolstack (the key's reader) is domain 0, and may create domain 5 again.
+    let ts = SimBackend::toolstack(&sock).unwrap();
+    assert_eq!(ts.domid(), DomId(0));
+    let (_, again) = SimBackend::create_domain(&sock, Some(DomId(5)), "five").unwrap();
+    assert_eq!(SimBackend::attach(&sock, &again).unwrap().domid(), DomId(5));
 }

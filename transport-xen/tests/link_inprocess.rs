@@ -26,8 +26,8 @@ fn host(tag: &str) -> Host {
     let dir = Scratch::new(tag);
     let sock = dir.path("hv.sock");
     let hv = SimHypervisor::spawn(&sock).unwrap();
-    let srv = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
-    let cli = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let srv = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let cli = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     Host { _dir: dir, hv, srv, cli }
 }
 
@@ -182,7 +182,7 @@ async fn wrong_client_domain_cannot_see_the_link() {
     parked_on_watch(&h.cli, path).await;
     assert!(!wrong.is_finished(), "domain 2's connect ended: {:?}", wrong.await);
     // The intended client, domain 3, joins the same link.
-    let dom3 = SimBackend::attach(h.hv.socket(), Some(DomId(3))).unwrap();
+    let dom3 = SimBackend::boot(h.hv.socket(), Some(DomId(3))).unwrap();
     let cfg = LinkConfig::default();
     let (s, c) = tokio::time::timeout(T, async {
         tokio::join!(listener.accept(), Link::connect(&dom3, path, DomId(1), &cfg))

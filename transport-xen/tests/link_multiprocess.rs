@@ -29,9 +29,9 @@ fn virtual_socket_sessions_on_one_link() {
 fn mapping_a_grant_meant_for_another_domain_is_refused() {
     let dir = Scratch::new("wrongdom");
     let (_daemon, sock) = simxen(&dir);
-    let granter = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
-    let intended = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
-    let intruder = SimBackend::attach(&sock, Some(DomId(3))).unwrap();
+    let granter = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let intended = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
+    let intruder = SimBackend::boot(&sock, Some(DomId(3))).unwrap();
     let pages = granter.share_pages(DomId(2), 2, true).unwrap();
     match intruder.map_grants(DomId(1), pages.refs(), false) {
         Err(BackendError::PermissionDenied(_)) => {}
@@ -44,6 +44,6 @@ fn mapping_a_grant_meant_for_another_domain_is_refused() {
 fn ring_scribbler_is_disconnected_while_other_links_live_on() {
     let mut sim = Sim::start("scribble");
     scenarios::ring_scribbler_is_disconnected(&mut sim, "s");
-    let a = SimBackend::attach(sim.sock(), Some(DomId(7)));
+    let a = SimBackend::boot(sim.sock(), Some(DomId(7)));
     assert!(a.is_ok(), "daemon no longer accepts domains");
 }

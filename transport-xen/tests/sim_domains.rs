@@ -81,9 +81,9 @@ const T: Duration = Duration::from_secs(30);
 #[test]
 fn grants_are_mappable_only_as_granted() {
     let (_hv, sock) = daemon("grants");
-    let a = SimBackend::attach_named(&sock, Some(DomId(1)), "a").unwrap();
-    let b = SimBackend::attach_named(&sock, Some(DomId(2)), "b").unwrap();
-    let c = SimBackend::attach_named(&sock, Some(DomId(3)), "c").unwrap();
+    let a = SimBackend::boot_named(&sock, Some(DomId(1)), "a").unwrap();
+    let b = SimBackend::boot_named(&sock, Some(DomId(2)), "b").unwrap();
+    let c = SimBackend::boot_named(&sock, Some(DomId(3)), "c").unwrap();
     assert_eq!(a.domid(), DomId(1));
 
     let shared = a.share_pages(DomId(2), 2, true).unwrap();
@@ -137,8 +137,8 @@ fn grants_are_mappable_only_as_granted() {
 #[test]
 fn unmap_notify_on_drop_clears_byte_and_signals() {
     let (_hv, sock) = daemon("unmapnotify");
-    let a = SimBackend::attach(&sock, None).unwrap();
-    let b = SimBackend::attach(&sock, None).unwrap();
+    let a = SimBackend::boot(&sock, None).unwrap();
+    let b = SimBackend::boot(&sock, None).unwrap();
     assert_ne!(a.domid(), b.domid());
     assert!(a.domid().0 >= 1);
     let ea = a.open_evtchn().unwrap();
@@ -158,9 +158,9 @@ fn unmap_notify_on_drop_clears_byte_and_signals() {
 #[test]
 fn event_channels_bind_notify_and_close() {
     let (_hv, sock) = daemon("evtchn");
-    let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
-    let b = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
-    let c = SimBackend::attach(&sock, Some(DomId(3))).unwrap();
+    let a = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let b = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
+    let c = SimBackend::boot(&sock, Some(DomId(3))).unwrap();
     let ea = a.open_evtchn().unwrap();
     let eb = b.open_evtchn().unwrap();
     let ec = c.open_evtchn().unwrap();
@@ -221,8 +221,8 @@ fn event_channels_bind_notify_and_close() {
 #[test]
 fn store_permissions_and_watches() {
     let (_hv, sock) = daemon("store");
-    let a = SimBackend::attach_named(&sock, Some(DomId(1)), "alpha").unwrap();
-    let b = SimBackend::attach_named(&sock, Some(DomId(2)), "beta").unwrap();
+    let a = SimBackend::boot_named(&sock, Some(DomId(1)), "alpha").unwrap();
+    let b = SimBackend::boot_named(&sock, Some(DomId(2)), "beta").unwrap();
     let (sa, sb) = (a.store(), b.store());
     assert_eq!(sa.read("name").unwrap(), b"alpha");
     assert_eq!(sa.read("/local/domain/1/domid").unwrap(), b"1");
@@ -293,7 +293,7 @@ fn store_permissions_and_watches() {
     let release = sb.watch("@releaseDomain").unwrap();
     assert_eq!(next_path(&intro, T).as_deref(), Some("@introduceDomain"));
     assert_eq!(next_path(&release, T).as_deref(), Some("@releaseDomain"));
-    let d = SimBackend::attach(&sock, Some(DomId(4))).unwrap();
+    let d = SimBackend::boot(&sock, Some(DomId(4))).unwrap();
     assert_eq!(next_path(&intro, T).as_deref(), Some("@introduceDomain"));
     assert!(sa.read("/local/domain/4/domid").is_err());
     d.store().write("x", b"1").unwrap();
@@ -312,24 +312,21 @@ fn store_permissions_and_watches() {
 #[test]
 fn attach_rules_and_daemon_loss() {
     let (hv, sock) = daemon("attach");
-    let a = SimBackend::attach(&sock, Some(DomId(5))).unwrap();
-    assert!(matches!(SimBackend::attach(&sock, Some(DomId(5))), Err(BackendError::AlreadyExists(_))));
-    assert!(matches!(SimBackend::attach(&sock, Some(DomId::SELF)), Err(BackendError::InvalidArgument(_))));
-    let dom0 = SimBackend::attach(&sock, Some(DomId(0))).unwrap();
+    let a = SimBackend::boot(&sock, Some(DomId(5))).unwrap();
+    assert!(matches!(SimBackend::boot(&sock, Some(DomId(5))), Err(BackendError::AlreadyExists(_))));
+    assert!(matches!(SimBackend::boot(&sock, Some(DomId::SELF)), Err(BackendError::InvalidArgument(_))));
+    let dom0 = SimBackend::boot(&sock, Some(DomId(0))).unwrap();
     // Dom0 is privileged in the store.
     a.store().write("private", b"p").unwrap();
     assert_eq!(dom0.store().read("/local/domain/5/private").unwrap(), b"p");
     dom0.store().write("/tool/x", b"1").unwrap();
-    assert!(matches!(
-        SimBackend::attach(sock.with_extension("nope"), None),
-        Err(BackendError::Unavailable(_))
-    ));
+    assert!(matches!(SimBackend::boot(sock.with_extension("nope"), None), Err(BackendError::Unavailable(_))));
     // The id becomes free when the domain dies.
     let w = dom0.store().watch("@releaseDomain").unwrap();
     assert_eq!(next_path(&w, T).as_deref(), Some("@releaseDomain"));
     drop(a);
     assert_eq!(next_path(&w, T).as_deref(), Some("@releaseDomain"));
-    let a2 = SimBackend::attach(&sock, Some(DomId(5))).unwrap();
+    let a2 = SimBackend::boot(&sock, Some(DomId(5))).unwrap();
     assert!(matches!(a2.store().read("private"), Err(BackendError::NotFound(_))));
     // Daemon gone: calls fail, never hang.
     drop(hv);
@@ -356,8 +353,8 @@ fn attach_rules_and_daemon_loss() {
 #[test]
 fn in_process_domain_death_is_visible() {
     let (_hv, sock) = daemon("death-inproc");
-    let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
-    let b = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let a = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let b = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     let release = a.store().watch("@releaseDomain").unwrap();
     assert_eq!(next_path(&release, T).as_deref(), Some("@releaseDomain"));
     let ea = a.open_evtchn().unwrap();
@@ -391,7 +388,7 @@ fn death_child() {
         return;
     };
     let peer = DomId(1);
-    let me = SimBackend::attach_named(&sock, Some(DomId(7)), "child").unwrap();
+    let me = SimBackend::boot_named(&sock, Some(DomId(7)), "child").unwrap();
     let ev = me.open_evtchn().unwrap();
     let port = ev.bind_unbound(peer).unwrap();
     let mut shared = me.share_pages(peer, 1, true).unwrap();
@@ -411,7 +408,7 @@ fn death_child() {
 #[test]
 fn a_killed_domain_is_buried_in_order() {
     let (_hv, sock) = daemon("death-proc");
-    let parent = SimBackend::attach_named(&sock, Some(DomId(1)), "parent").unwrap();
+    let parent = SimBackend::boot_named(&sock, Some(DomId(1)), "parent").unwrap();
     let release = parent.store().watch("@releaseDomain").unwrap();
     assert_eq!(next_path(&release, T).as_deref(), Some("@releaseDomain"));
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -469,7 +466,7 @@ fn a_killed_domain_is_buried_in_order() {
 fn a_domain_id_is_free_again_as_soon_as_its_holder_lets_go() {
     let (_hv, sock) = daemon("reattach");
     for round in 0..300 {
-        let a = SimBackend::attach_named(&sock, Some(DomId(5)), &format!("round-{round}"))
+        let a = SimBackend::boot_named(&sock, Some(DomId(5)), &format!("round-{round}"))
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         // The new holder is domain 5 with its own home, not a remnant of the previous one.
         assert_eq!(a.store().read("name").unwrap(), format!("round-{round}").as_bytes());
@@ -477,8 +474,8 @@ fn a_domain_id_is_free_again_as_soon_as_its_holder_lets_go() {
         drop(a);
     }
     // A holder that is still there keeps its id.
-    let held = SimBackend::attach(&sock, Some(DomId(5))).unwrap();
-    let e = SimBackend::attach(&sock, Some(DomId(5))).map(|_| ()).unwrap_err();
+    let held = SimBackend::boot(&sock, Some(DomId(5))).unwrap();
+    let e = SimBackend::boot(&sock, Some(DomId(5))).map(|_| ()).unwrap_err();
     assert!(e.to_string().contains("already attached"), "{e}");
     drop(held);
 }

@@ -72,8 +72,9 @@ fn expect_disconnect(fd: &OwnedFd) -> String {
     }
 }
 
-fn hello(fd: &OwnedFd, domid: u16) {
-    send(fd, &msg(1, Op::Hello { domid: Some(domid), name: "raw".into() })).unwrap();
+fn hello(fd: &OwnedFd, sock: &Path, domid: u16) {
+    let (_, token) = SimBackend::create_domain(sock, Some(DomId(domid)), "raw").unwrap();
+    send(fd, &msg(1, Op::Hello { token })).unwrap();
     match recv(fd, Duration::from_secs(5)) {
         Some(ServerMsg::Reply { id: 1, result: Ok(proto::Reply::Attached { domid: d }) }) => {
             assert_eq!(d, domid)
@@ -85,7 +86,7 @@ fn hello(fd: &OwnedFd, domid: u16) {
 #[test]
 fn garbage_truncated_and_oversize_messages() {
     let (_hv, sock) = daemon("garbage");
-    let good = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let good = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
     good.store().write("k", b"v").unwrap();
 
     // Garbage before Hello.
@@ -101,7 +102,7 @@ fn garbage_truncated_and_oversize_messages() {
 
     // Truncated message after a good Hello.
     let fd = raw(&sock);
-    hello(&fd, 2);
+    hello(&fd, &sock, 2);
     let full = msg(2, Op::Write { path: "some/path".into(), value: vec![1; 100] });
     send(&fd, &full[..full.len() / 2]).unwrap();
     let reason = expect_disconnect(&fd);
@@ -109,7 +110,7 @@ fn garbage_truncated_and_oversize_messages() {
 
     // Oversize message (a SOCK_SEQPACKET record may be larger than the daemon reads).
     let fd = raw(&sock);
-    hello(&fd, 3);
+    hello(&fd, &sock, 3);
     let big = vec![0u8; MAX_MSG + 1000];
     assert_eq!(send(&fd, &big).unwrap(), big.len());
     let reason = expect_disconnect(&fd);
@@ -117,14 +118,14 @@ fn garbage_truncated_and_oversize_messages() {
 
     // Bad requests get error replies and the connection stays usable.
     let fd = raw(&sock);
-    hello(&fd, 4);
+    hello(&fd, &sock, 4);
     for (id, op) in [
         (10, Op::Read { path: "a//b".into() }),
         (11, Op::MapGrants { granter: 1, refs: vec![12345], writable: true }),
         (12, Op::Unmap { map: 77 }),
         (13, Op::Unbind { port: 0 }),
         (14, Op::Revoke { alloc: 999 }),
-        (15, Op::Hello { domid: None, name: "again".into() }),
+        (15, Op::Hello { token: "toolstack-00".into() }),
         (16, Op::SharePages { remote: 1, count: 1_000_000, writable: true }),
         (17, Op::BindUnbound { handle: 1, remote: 0x7FF5 }),
         (18, Op::Write { path: "x".into(), value: vec![0; 5000] }),
@@ -157,10 +158,10 @@ fn garbage_truncated_and_oversize_messages() {
 #[test]
 fn a_domain_that_does_not_read_is_disconnected() {
     let (_hv, sock) = daemon("slow");
-    let good = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let good = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
     let w = good.store().watch("@releaseDomain").unwrap();
     let fd = raw(&sock);
-    hello(&fd, 2);
+    hello(&fd, &sock, 2);
     // Flood requests without ever reading the replies.
     let req = msg(3, Op::Read { path: "domid".into() });
     let start = Instant::now();
@@ -194,7 +195,7 @@ fn a_domain_that_does_not_read_is_disconnected() {
     }
     assert_eq!(released, 2, "initial event + the release of the flooding domain");
     assert_eq!(good.store().read("domid").unwrap(), b"1");
-    let again = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let again = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     assert_eq!(again.domid(), DomId(2));
 }
 
@@ -210,7 +211,7 @@ fn the_binary_serves_and_stops_on_sigterm() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let a = loop {
-        match SimBackend::attach(&sock, Some(DomId(1))) {
+        match SimBackend::boot(&sock, Some(DomId(1))) {
             Ok(a) => break a,
             Err(BackendError::Unavailable(_)) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
@@ -218,7 +219,7 @@ fn the_binary_serves_and_stops_on_sigterm() {
             Err(e) => panic!("cannot attach to dombus-simxen: {e}"),
         }
     };
-    let b = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let b = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     let shared = a.share_pages(DomId(2), 1, true).unwrap();
     let mapped = b.map_grants(DomId(1), shared.refs(), true).unwrap();
     shared.region().write_bytes(0, b"ping");
@@ -259,7 +260,7 @@ fn the_binary_serves_and_stops_on_sigterm() {
 #[test]
 fn watch_fd_is_pollable() {
     let (_hv, sock) = daemon("watchfd");
-    let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
+    let a = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
     let w = a.store().watch("data").unwrap();
     let mut fds = [rustix::event::PollFd::new(&w, rustix::event::PollFlags::IN)];
     let ts = rustix::event::Timespec { tv_sec: 5, tv_nsec: 0 };

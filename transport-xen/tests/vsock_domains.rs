@@ -24,7 +24,7 @@ fn hv(tag: &str) -> (Scratch, SimHypervisorHandle, std::path::PathBuf) {
 }
 
 fn domain(sock: &std::path::Path, id: u16) -> VsockDomain<SimBackend> {
-    VsockDomain::start(SimBackend::attach(sock, Some(DomId(id))).unwrap(), VsockConfig::default()).unwrap()
+    VsockDomain::start(SimBackend::boot(sock, Some(DomId(id))).unwrap(), VsockConfig::default()).unwrap()
 }
 
 async fn echo_service(d: &VsockDomain<SimBackend>, port: u32) -> tokio::task::JoinHandle<()> {
@@ -122,7 +122,7 @@ async fn a_port_is_free_again_as_soon_as_its_listener_is_dropped() {
 async fn connect_wait_is_woken_when_the_listener_appears() {
     let (_dir, _hv, sock) = hv("vsock-wait");
     let a = domain(&sock, 1);
-    let b_backend = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let b_backend = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     let b = VsockDomain::start(b_backend.clone(), VsockConfig::default()).unwrap();
     let waiting = {
         let b = b.clone();

@@ -27,8 +27,8 @@ async fn three_domain_processes_and_the_death_of_one() {
     let mut d2 = Proc::spawn(link_cmd(&sock, 2, &["vsock-echo", "--port", "5000"]));
     d1.expect_line("vsock listening", T);
     d2.expect_line("vsock listening", T);
-    let me = VsockDomain::start(SimBackend::attach(&sock, Some(DomId(3))).unwrap(), VsockConfig::default())
-        .unwrap();
+    let me =
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(3))).unwrap(), VsockConfig::default()).unwrap();
 
     // The other direction at the same time: domain 4 (a process) opens 4 connections to a
     // service in this domain.

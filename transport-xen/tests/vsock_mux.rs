@@ -28,8 +28,8 @@ fn host(tag: &str) -> Host {
     let dir = Scratch::new(tag);
     let sock = dir.path("hv.sock");
     let hv = SimHypervisor::spawn(&sock).unwrap();
-    let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
-    let b = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let a = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let b = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     Host { _dir: dir, _hv: hv, a, b }
 }
 

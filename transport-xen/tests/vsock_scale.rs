@@ -102,8 +102,8 @@ async fn ten_thousand_idle_connections_cost_bounded_memory_beside_a_busy_one() {
     let dir = Scratch::new("vsock-scale");
     let sock = dir.path("hv.sock");
     let _hv = SimHypervisor::spawn(&sock).unwrap();
-    let a = SimBackend::attach(&sock, Some(DomId(1))).unwrap();
-    let b = SimBackend::attach(&sock, Some(DomId(2))).unwrap();
+    let a = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let b = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
     let cfg = LinkConfig::default();
     let listener = Link::listen(&a, "data/scale", DomId(2), &cfg).unwrap();
     let (la, lb) = tokio::join!(listener.accept(), Link::connect(&b, "data/scale", DomId(1), &cfg));

@@ -34,3 +34,16 @@ impl Drop for Down {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The transports of a guest, domain `domid`, of the host whose simulator listens on `sim`
+/// (backend domain 1). The test is both the toolstack that creates the domain and the process
+/// that runs as it. Must run inside a tokio runtime.
+#[allow(dead_code)]
+pub fn guest_net(sim: &Path, domid: u16) -> dombus::rpc::Net {
+    use dombus::transport::sim::SimBackend;
+    use dombus::transport::types::DomId;
+    use dombus::transport::vsock::domain::{VsockConfig, VsockDomain};
+    let backend = SimBackend::boot(sim, Some(DomId(domid))).unwrap();
+    let config = VsockConfig { backend_domain: DomId(1), ..VsockConfig::default() };
+    dombus::rpc::Net::new().with_xen(VsockDomain::start(backend, config).unwrap())
+}

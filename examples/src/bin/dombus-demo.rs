@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use dombus_transport_xen::backend::Backend;
 use dombus_transport_xen::diag;
 use dombus_transport_xen::link::{Link, LinkConfig};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
+use dombus_transport_xen::sim::{SimBackend, SimHypervisor, TOKEN_ENV};
 use dombus_transport_xen::types::DomId;
 use tokio::io::AsyncWriteExt;
 
@@ -100,9 +100,21 @@ impl Drop for Reaped {
 }
 
 fn spawn(role: &[&str], what: &'static str) -> Result<Reaped> {
-    let exe = std::env::current_exe().context("locating the demo binary")?;
-    let child = Command::new(exe).args(role).spawn().with_context(|| format!("starting {what}"))?;
+    spawn_with(Command::new(std::env::current_exe().context("locating the demo binary")?).args(role), what)
+}
+
+fn spawn_with(cmd: &mut Command, what: &'static str) -> Result<Reaped> {
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
     Ok(Reaped(child, what))
+}
+
+/// Starts the process of domain `domid`: this parent, as the toolstack, creates the domain and
+/// hands the process the one-time token it attaches with.
+fn spawn_domain(sock: &Path, domid: DomId, role: &[&str], what: &'static str) -> Result<Reaped> {
+    let (_, token) = SimBackend::create_domain(sock, Some(domid), what)
+        .with_context(|| format!("creating domain {domid} for the {what}"))?;
+    let exe = std::env::current_exe().context("locating the demo binary")?;
+    spawn_with(Command::new(exe).args(role).env(TOKEN_ENV, token), what)
 }
 
 /// The parent: starts the host, waits for the domains, tears everything down.
@@ -122,8 +134,8 @@ fn host(count: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     println!("  hypervisor up (pid {}), socket {}", hv.0.id(), sock.display());
-    let server = spawn(&["__server", &sock_s], "server domain")?;
-    let client = spawn(&["__client", &sock_s, &count.to_string()], "client domain")?;
+    let server = spawn_domain(&sock, SERVER, &["__server", &sock_s], "server domain")?;
+    let client = spawn_domain(&sock, CLIENT, &["__client", &sock_s, &count.to_string()], "client domain")?;
     let outcome =
         client.wait_ok(Duration::from_secs(300)).and_then(|()| server.wait_ok(Duration::from_secs(30)));
     drop(hv);
@@ -140,7 +152,7 @@ fn run_hypervisor(sock: &Path) -> Result<()> {
 
 /// Domain 1: publishes the links for domain 2 and echoes on them.
 async fn server(sock: &Path) -> Result<()> {
-    let backend = SimBackend::attach_named(sock, Some(SERVER), "server").context("attaching domain 1")?;
+    let backend = SimBackend::attach_from_env(sock, SERVER).context("attaching domain 1")?;
     println!("  domain {} (server) attached", backend.domid());
     // Publish every link up front (the client may connect in any order), then serve them in
     // the order the client uses them.
@@ -164,7 +176,7 @@ async fn server(sock: &Path) -> Result<()> {
 
 /// Domain 2: connects to each link and measures.
 async fn client(sock: &Path, count: usize) -> Result<()> {
-    let backend = SimBackend::attach_named(sock, Some(CLIENT), "client").context("attaching domain 2")?;
+    let backend = SimBackend::attach_from_env(sock, CLIENT).context("attaching domain 2")?;
     println!("  domain {} (client) attached", backend.domid());
     let timeout = Duration::from_secs(30);
     for (path, spin) in LINKS {

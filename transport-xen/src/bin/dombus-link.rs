@@ -30,7 +30,9 @@ struct Args {
     /// The simulated hypervisor's socket.
     #[arg(long, required_unless_present = "xen", conflicts_with = "xen")]
     socket: Option<std::path::PathBuf>,
-    /// Domain id to attach as (default: the next free one; simulator only).
+    /// Domain id to attach as (simulator only): any id but 0 needs the one-time token the
+    /// toolstack got when it created the domain, in $DOMBUS_SIM_TOKEN; without this option, the
+    /// domain that token names, or domain 0 (the toolstack, with the simulator's key) if none.
     #[arg(long, conflicts_with = "xen")]
     domid: Option<u16>,
     /// Use real Xen (/dev/xen/* and xenstore) instead of the simulator.
@@ -71,6 +73,23 @@ enum Role {
         /// Wait this many seconds for the listener to appear.
         #[arg(long, default_value_t = 10)]
         wait_s: u64,
+    },
+    /// Hostile domain: rewrite this domain's request for a link to `--peer` (a lower domain) in
+    /// a loop for `--seconds`, never joining; prints `requests=N`.
+    FloodRequests {
+        /// The lower domain asked.
+        #[arg(long)]
+        peer: u16,
+        /// How long to keep writing.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Hostile domain: grant itself a page and map it again and again, never unmapping, for
+    /// `--seconds`; prints `maps=N refused=M` (maps past the hypervisor's limit are refused).
+    FloodMaps {
+        /// How long to keep mapping.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Hostile client: connect by hand and scribble on the ring indices.
     Scribble {
@@ -200,8 +219,13 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<()> {
     match &args.socket {
         Some(socket) => {
-            let backend = SimBackend::attach(socket, args.domid.map(DomId))
-                .with_context(|| format!("attaching to the simulated hypervisor at {}", socket.display()))?;
+            // With a token (from the toolstack that created the domain) it attaches as that domain;
+            // without, as domain 0 (the toolstack, reading the simulator's key).
+            let backend = match (std::env::var(dombus_transport_xen::sim::TOKEN_ENV), args.domid) {
+                (Ok(token), None) => SimBackend::attach(socket, &token),
+                (_, domid) => SimBackend::attach_from_env(socket, DomId(domid.unwrap_or(0))),
+            }
+            .with_context(|| format!("attaching to the simulated hypervisor at {}", socket.display()))?;
             run_on(backend, args.role).await
         }
         None => run_on(XenBackend::open().context("opening the Xen backend")?, args.role).await,
@@ -234,6 +258,8 @@ async fn run_on<B: Backend + Clone>(backend: B, role: Role) -> Result<()> {
             act(link, l.action).await
         }
         Role::Scribble { path, peer } => scribble(&backend, &path, DomId(peer)).await,
+        Role::FloodRequests { peer, seconds } => flood_requests(&backend, DomId(peer), seconds),
+        Role::FloodMaps { seconds } => flood_maps(&backend, seconds),
         Role::VsockEcho { port, park } => {
             let vs = VsockDomain::start(backend, VsockConfig::default())?;
             let mut listener = vs.listen(port)?;
@@ -483,4 +509,50 @@ async fn scribble<B: Backend>(backend: &B, path: &str, server: DomId) -> Result<
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     bail!("the server did not close the link after the scribble")
+}
+
+/// Rewrites the request for a link to `peer` until `seconds` pass (see `Role::FloodRequests`).
+fn flood_requests<B: Backend>(backend: &B, peer: DomId, seconds: u64) -> Result<()> {
+    let me = backend.domid();
+    let path = format!("/local/domain/{}/data/dombus/want/{}", me.0, peer.0);
+    let perms = [
+        dombus_transport_xen::backend::Perm {
+            domid: me,
+            kind: dombus_transport_xen::backend::PermKind::None,
+        },
+        dombus_transport_xen::backend::Perm {
+            domid: peer,
+            kind: dombus_transport_xen::backend::PermKind::Read,
+        },
+    ];
+    dombus_transport_xen::backend::publish(backend.store(), &path, b"1", &perms)
+        .context("publishing the request")?;
+    let end = std::time::Instant::now() + Duration::from_secs(seconds);
+    let mut n = 0u64;
+    while std::time::Instant::now() < end {
+        backend.store().write(&path, n.to_string().as_bytes()).context("rewriting the request")?;
+        n += 1;
+    }
+    println!("requests={n}");
+    Ok(())
+}
+
+/// Maps one self-granted page again and again until `seconds` pass (see `Role::FloodMaps`).
+fn flood_maps<B: Backend>(backend: &B, seconds: u64) -> Result<()> {
+    let shared = backend.share_pages(backend.domid(), 1, false).context("granting a page to itself")?;
+    let refs = dombus_transport_xen::backend::SharedPages::refs(&shared).to_vec();
+    let end = std::time::Instant::now() + Duration::from_secs(seconds);
+    let (mut maps, mut refused) = (Vec::new(), 0u64);
+    while std::time::Instant::now() < end {
+        match backend.map_grants(backend.domid(), &refs, false) {
+            Ok(m) => maps.push(m),
+            Err(_) => refused += 1,
+        }
+        // Past the limit, do not spin the daemon's thread flat out: it is one request each way.
+        if refused > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    println!("maps={} refused={refused}", maps.len());
+    Ok(())
 }

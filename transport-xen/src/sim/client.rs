@@ -201,6 +201,54 @@ impl Conn {
     }
 }
 
+/// The environment variable a process started for a domain finds its one-time token in.
+pub const TOKEN_ENV: &str = "DOMBUS_SIM_TOKEN";
+
+/// The toolstack key of the daemon at `socket`.
+fn read_key(socket: &Path) -> Result<String> {
+    let path = super::SimHypervisor::key_path(socket);
+    let key = std::fs::read(&path).map_err(|e| {
+        BackendError::PermissionDenied(format!(
+            "the toolstack key {} cannot be read ({e}): only the simulator's owner is the toolstack",
+            path.display()
+        ))
+    })?;
+    String::from_utf8(key)
+        .map(|k| k.trim().to_string())
+        .map_err(|_| BackendError::InvalidArgument(format!("{} is not a toolstack key", path.display())))
+}
+
+fn create(conn: &Conn, key: &str, domid: Option<DomId>, name: &str) -> Result<(DomId, String)> {
+    match conn.call(Op::Create { key: key.to_string(), domid: domid.map(|d| d.0), name: name.to_string() })? {
+        (Reply::Created { domid, token }, _) => Ok((DomId(domid), token)),
+        (other, _) => Err(unexpected(&other)),
+    }
+}
+
+impl Conn {
+    /// A connection to the daemon at `path`, not attached yet; `tag` names its reader thread's
+    /// log lines.
+    fn open(path: &Path, tag: &str) -> Result<Conn> {
+        let unavailable = |e: rustix::io::Errno| {
+            BackendError::Unavailable(format!("cannot connect to the simulator at {}: {e}", path.display()))
+        };
+        let addr = SocketAddrUnix::new(path).map_err(unavailable)?;
+        let sock =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+                .map_err(|e| BackendError::io("socket", e.into()))?;
+        rustix::net::connect(&sock, &addr).map_err(unavailable)?;
+        let dup = rustix::io::fcntl_dupfd_cloexec(&sock, 0).map_err(|e| BackendError::io("dup", e.into()))?;
+        let shared = Arc::new(Shared::default());
+        let reader_shared = shared.clone();
+        let tag = tag.to_string();
+        std::thread::Builder::new()
+            .name("simxen-client".into())
+            .spawn(move || reader_shared.reader(dup, tag))
+            .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
+        Ok(Conn { sock, shared, domid: DomId(u16::MAX), next_id: AtomicU64::new(1) })
+    }
+}
+
 fn unexpected(r: &Reply) -> BackendError {
     BackendError::Disconnected(format!("unexpected reply from the simulator: {r:?}"))
 }
@@ -220,36 +268,75 @@ impl std::fmt::Debug for SimBackend {
 }
 
 impl SimBackend {
-    /// Attaches to the simulator at `socket` as domain `domid` (`None`: the lowest free id >= 1),
-    /// named after this process.
-    pub fn attach(socket: impl AsRef<Path>, domid: Option<DomId>) -> Result<SimBackend> {
-        let name = format!("pid{}", rustix::process::getpid().as_raw_nonzero());
-        SimBackend::attach_named(socket, domid, &name)
+    /// Attaches to the simulator at `socket` as the domain `credential` names: a one-time token
+    /// the toolstack got when it created the domain ([`SimBackend::create_domain`]), or the
+    /// toolstack key (domain 0).
+    pub fn attach(socket: impl AsRef<Path>, credential: &str) -> Result<SimBackend> {
+        SimBackend::hello(Conn::open(socket.as_ref(), "?")?, credential)
     }
 
-    /// Attaches to the simulator at `socket` as domain `domid` with the given name (stored at
-    /// `/local/domain/<id>/name`).
-    pub fn attach_named(socket: impl AsRef<Path>, domid: Option<DomId>, name: &str) -> Result<SimBackend> {
+    /// Attaches as domain 0, the toolstack, with the key the daemon keeps beside its socket.
+    pub fn toolstack(socket: impl AsRef<Path>) -> Result<SimBackend> {
+        SimBackend::attach(socket.as_ref(), &read_key(socket.as_ref())?)
+    }
+
+    /// Creates domain `domid` (`None`: the lowest free id >= 1) named `name`, as the toolstack:
+    /// the id and the one-time token the process that will run as it attaches with. The token
+    /// is a secret: hand it only to that process (e.g. in [`TOKEN_ENV`]).
+    pub fn create_domain(
+        socket: impl AsRef<Path>,
+        domid: Option<DomId>,
+        name: &str,
+    ) -> Result<(DomId, String)> {
         let path = socket.as_ref();
-        let unavailable = |e: rustix::io::Errno| {
-            BackendError::Unavailable(format!("cannot connect to the simulator at {}: {e}", path.display()))
+        let conn = Conn::open(path, "toolstack")?;
+        create(&conn, &read_key(path)?, domid, name)
+    }
+
+    /// Creates a domain as the toolstack and attaches as it, in one go (domain 0: attaches as
+    /// the toolstack): for a process that is its own toolstack, as tests, benches and demos are.
+    /// Named after this process.
+    pub fn boot(socket: impl AsRef<Path>, domid: Option<DomId>) -> Result<SimBackend> {
+        let name = format!("pid{}", rustix::process::getpid().as_raw_nonzero());
+        SimBackend::boot_named(socket, domid, &name)
+    }
+
+    /// [`SimBackend::boot`] with the given name (stored at `/local/domain/<id>/name`).
+    pub fn boot_named(socket: impl AsRef<Path>, domid: Option<DomId>, name: &str) -> Result<SimBackend> {
+        let path = socket.as_ref();
+        let key = read_key(path)?;
+        let conn = Conn::open(path, &domid.map_or_else(|| "?".to_string(), |d| d.to_string()))?;
+        if domid == Some(DomId::DOM0) {
+            return SimBackend::hello(conn, &key);
+        }
+        let (_, token) = create(&conn, &key, domid, name)?;
+        SimBackend::hello(conn, &token)
+    }
+
+    /// How a process started for a domain attaches as domain `domid`: with the token in
+    /// [`TOKEN_ENV`] (which must name `domid`), or, for domain 0, as the toolstack.
+    pub fn attach_from_env(socket: impl AsRef<Path>, domid: DomId) -> Result<SimBackend> {
+        let path = socket.as_ref();
+        let Some(token) = std::env::var_os(TOKEN_ENV) else {
+            if domid == DomId::DOM0 {
+                return SimBackend::toolstack(path);
+            }
+            return Err(BackendError::PermissionDenied(format!(
+                "domain {domid} attaches with the one-time token the toolstack got when it created the domain, in ${TOKEN_ENV}; none is set"
+            )));
         };
-        let addr = SocketAddrUnix::new(path).map_err(unavailable)?;
-        let sock =
-            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
-                .map_err(|e| BackendError::io("socket", e.into()))?;
-        rustix::net::connect(&sock, &addr).map_err(unavailable)?;
-        let dup = rustix::io::fcntl_dupfd_cloexec(&sock, 0).map_err(|e| BackendError::io("dup", e.into()))?;
-        let shared = Arc::new(Shared::default());
-        let reader_shared = shared.clone();
-        let tag = domid.map_or_else(|| "?".to_string(), |d| d.to_string());
-        std::thread::Builder::new()
-            .name("simxen-client".into())
-            .spawn(move || reader_shared.reader(dup, tag))
-            .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
-        let mut conn = Conn { sock, shared, domid: DomId(u16::MAX), next_id: AtomicU64::new(1) };
-        let hello = Op::Hello { domid: domid.map(|d| d.0), name: name.to_string() };
-        conn.domid = match conn.call(hello)? {
+        let token = token.to_str().unwrap_or_default();
+        let named = token.split_once('-').and_then(|(d, _)| d.parse::<u16>().ok());
+        if named != Some(domid.0) {
+            return Err(BackendError::InvalidArgument(format!(
+                "${TOKEN_ENV} is not a token for domain {domid}"
+            )));
+        }
+        SimBackend::attach(path, token)
+    }
+
+    fn hello(mut conn: Conn, credential: &str) -> Result<SimBackend> {
+        conn.domid = match conn.call(Op::Hello { token: credential.to_string() })? {
             (Reply::Attached { domid }, _) => DomId(domid),
             (other, _) => return Err(unexpected(&other)),
         };

@@ -21,6 +21,7 @@ use super::fdpass::{self, Received};
 use super::mem;
 use super::proto::{self, ClientMsg, Event, MAX_FDS, Op, Reply, ServerMsg, WireError};
 use super::store::{Fire, StoreTree};
+use super::token::{self, Credential, Secret};
 use crate::types::{DomId, PAGE_SIZE};
 
 /// Messages queued for one domain before it is considered unresponsive and disconnected.
@@ -38,6 +39,8 @@ pub const MAX_GRANTS: usize = 65_536;
 pub const MAX_MAPPED_PAGES: usize = 65_536;
 /// Event-channel ports per domain (Xen's 2-level ABI limit on 64-bit).
 pub const MAX_PORTS: u32 = 4096;
+/// Domains created and not attached yet (each holds an id and a token).
+pub const MAX_CREATED: usize = 1024;
 /// First grant ref handed out (Xen reserves the first few entries).
 pub const FIRST_REF: u32 = 8;
 
@@ -138,11 +141,14 @@ struct Domain {
     ports: BTreeMap<u32, Port>,
 }
 
-#[derive(Default)]
 struct State {
     domains: BTreeMap<u16, Domain>,
     store: StoreTree,
     next_id: u64,
+    /// The toolstack key.
+    key: Secret,
+    /// Domains created and waiting for their process: name and token.
+    created: BTreeMap<u16, (String, Secret)>,
 }
 
 type Answer = (Result<Reply, WireError>, Fds);
@@ -156,6 +162,16 @@ fn io_err(what: &str, e: io::Error) -> WireError {
 }
 
 impl State {
+    fn new(key: Secret) -> State {
+        State {
+            domains: BTreeMap::new(),
+            store: StoreTree::default(),
+            next_id: 0,
+            key,
+            created: BTreeMap::new(),
+        }
+    }
+
     fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -199,33 +215,84 @@ impl State {
         }
     }
 
-    fn attach(&mut self, requested: Option<u16>, name: &str, out: Outbox) -> Result<u16, WireError> {
+    /// Whether domain `id` is attached by a live connection. One whose holder has let go (and
+    /// whose connection's thread has not buried it yet) is buried now, so that an id is free
+    /// again as soon as its process exits.
+    fn attached(&mut self, id: u16) -> bool {
+        match self.domains.get(&id) {
+            Some(dom) if !hung_up(&dom.out.sock) => true,
+            Some(_) => {
+                tracing::info!("domain {id}: its holder hung up; buried now");
+                self.death(id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Creates domain `requested` (or the lowest free id >= 1) for a process to attach as:
+    /// the toolstack's privilege, checked against its key. Creating an id again replaces the
+    /// token it was created with.
+    fn create(&mut self, key: &str, requested: Option<u16>, name: &str) -> Result<Reply, WireError> {
+        match Credential::parse(key) {
+            Some(Credential::Key(k)) if k.matches(&self.key) => {}
+            _ => return Err(WireError::PermissionDenied("creating a domain needs the toolstack key".into())),
+        }
         if name.len() > 256 {
             return Err(WireError::InvalidArgument("domain name longer than 256 bytes".into()));
         }
         let id = match requested {
+            Some(0) => {
+                return Err(WireError::InvalidArgument(
+                    "domain 0 is the toolstack's: it attaches with the toolstack key".into(),
+                ));
+            }
             Some(id) if !DomId(id).is_guest_id() => {
                 return Err(WireError::InvalidArgument(format!(
                     "domain id {id} is reserved (guest ids are 0..={})",
                     DomId::MAX_GUEST.0
                 )));
             }
-            Some(id) if self.domains.get(&id).is_some_and(|dom| !hung_up(&dom.out.sock)) => {
+            Some(id) if self.attached(id) => {
                 return Err(WireError::AlreadyExists(format!("domain {id} is already attached")));
             }
-            Some(id) => {
-                // Its holder has let go, and its connection's thread has not buried it yet: do it
-                // now, so that a process attaching right after another exits gets the id.
-                if self.domains.contains_key(&id) {
-                    tracing::info!("domain {id}: its holder hung up; buried before the new attach");
-                    self.death(id);
+            Some(id) => id,
+            None => {
+                let free = (1..=DomId::MAX_GUEST.0)
+                    .find(|i| !self.created.contains_key(i) && !self.domains.contains_key(i));
+                match free {
+                    Some(id) => id,
+                    None => return Err(WireError::Limit("no free domain id".into())),
                 }
-                id
             }
-            None => (1..=DomId::MAX_GUEST.0)
-                .find(|i| !self.domains.contains_key(i))
-                .ok_or_else(|| WireError::Limit("no free domain id".into()))?,
         };
+        if !self.created.contains_key(&id) && self.created.len() >= MAX_CREATED {
+            return Err(WireError::Limit(format!("{MAX_CREATED} domains created and not attached yet")));
+        }
+        let secret = Secret::random().map_err(|e| io_err("cannot make a token", e))?;
+        self.created.insert(id, (name.to_string(), secret));
+        Ok(Reply::Created { domid: id, token: token::token_text(id, &secret) })
+    }
+
+    /// Attaches the connection `out` as the domain its credential names: domain 0 for the
+    /// toolstack key, a created domain for its token (spent by this).
+    fn attach(&mut self, credential: &str, out: Outbox) -> Result<u16, WireError> {
+        let (id, name) = match Credential::parse(credential) {
+            Some(Credential::Key(k)) if k.matches(&self.key) => (0, "Domain-0".to_string()),
+            Some(Credential::Token(id, t)) if self.created.get(&id).is_some_and(|(_, s)| s.matches(&t)) => {
+                (id, self.created.remove(&id).map(|(name, _)| name).unwrap_or_default())
+            }
+            _ => {
+                return Err(WireError::PermissionDenied(
+                    "not a valid credential: attach with a token from the toolstack (spent once used) or the toolstack key"
+                        .into(),
+                ));
+            }
+        };
+        if self.attached(id) {
+            return Err(WireError::AlreadyExists(format!("domain {id} is already attached")));
+        }
+        let name = name.as_str();
         let fires = self.store.introduce(id, name)?;
         let out = Outbox { domid: id, ..out };
         self.domains.insert(
@@ -502,6 +569,7 @@ impl State {
             Op::Hello { .. } => {
                 plain((Err(WireError::InvalidArgument("already attached".into())), Vec::new()))
             }
+            Op::Create { key, domid, name } => plain((self.create(&key, domid, &name), Vec::new())),
             Op::SharePages { remote, count, writable } => plain(self.share(d, remote, count, writable)),
             Op::Revoke { alloc } => {
                 let r = self.dom(d).and_then(|dom| {
@@ -618,9 +686,10 @@ impl Daemon {
             let id = msg.id;
             let mut st = self.lock();
             let (result, fds, fires) = match (domid, msg.op) {
-                (None, Op::Hello { domid: req, name }) => match st.attach(req, &name, out.clone()) {
+                (None, Op::Hello { token }) => match st.attach(&token, out.clone()) {
                     Ok(d) => {
                         domid = Some(d);
+                        let name = st.domains.get(&d).map(|dom| dom.name.clone()).unwrap_or_default();
                         tracing::info!("domain {d} ({name}) attached");
                         (Ok(Reply::Attached { domid: d }), Vec::new(), Vec::new())
                     }
@@ -629,6 +698,9 @@ impl Daemon {
                         (Err(e), Vec::new(), Vec::new())
                     }
                 },
+                (None, Op::Create { key, domid: requested, name }) => {
+                    (st.create(&key, requested, &name), Vec::new(), Vec::new())
+                }
                 (None, _) => {
                     drop(st);
                     break Some("request before Hello".to_string());
@@ -769,18 +841,31 @@ impl SimHypervisor {
         }
         let listener =
             rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+        // The key first: once the socket exists, so does the key a toolstack attaches with.
+        let key = Secret::random()?;
+        write_private(&SimHypervisor::key_path(socket), token::key_text(&key).as_bytes())?;
         rustix::net::bind(&listener, &addr)?;
+        // Only the owner may connect; nobody can before `listen`.
+        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         rustix::net::listen(&listener, 128)?;
         Ok(SimHypervisor {
             listener,
             path: socket.to_path_buf(),
             stop: Arc::new(mem::eventfd()?),
             daemon: Arc::new(Daemon {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State::new(key)),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
             }),
         })
+    }
+
+    /// Where the daemon on `socket` keeps the toolstack key (beside the socket, readable by its
+    /// owner only): whoever can read it may create domains and attach as domain 0.
+    pub fn key_path(socket: &Path) -> PathBuf {
+        let mut p = socket.as_os_str().to_owned();
+        p.push(".key");
+        PathBuf::from(p)
     }
 
     /// A handle that makes [`SimHypervisor::run`] return.
@@ -882,12 +967,29 @@ impl SimHypervisor {
 
 impl Drop for SimHypervisor {
     fn drop(&mut self) {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("cannot remove {}: {e}", self.path.display()),
+        for path in [self.path.clone(), SimHypervisor::key_path(&self.path)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+            }
         }
     }
+}
+
+/// Writes `bytes` to `path` readable and writable by the owner only (replacing what was there;
+/// never readable by others, not even for a moment).
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -901,12 +1003,21 @@ mod tests {
     }
 
     fn harness(doms: &[u16]) -> Harness {
-        let mut h = Harness { st: State::default(), _rx: Vec::new() };
+        let key = Secret::random().unwrap_or_else(|e| panic!("{e}"));
+        let mut h = Harness { st: State::new(key), _rx: Vec::new() };
         for &d in doms {
             let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
             let sock = Arc::new(mem::eventfd().unwrap_or_else(|e| panic!("eventfd: {e}")));
             let out = Outbox { tx, sock, kicked: Arc::new(AtomicBool::new(false)), domid: d };
-            assert_eq!(h.st.attach(Some(d), "t", out).ok(), Some(d));
+            let credential = if d == 0 {
+                token::key_text(&key)
+            } else {
+                match h.st.create(&token::key_text(&key), Some(d), "t") {
+                    Ok(Reply::Created { token, .. }) => token,
+                    other => panic!("create {d}: {other:?}"),
+                }
+            };
+            assert_eq!(h.st.attach(&credential, out).ok(), Some(d));
             h._rx.push(rx);
         }
         h

@@ -36,6 +36,7 @@ mod fdpass;
 mod mem;
 pub mod proto;
 pub mod store;
+mod token;
 
-pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch};
+pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV};
 pub use daemon::{SimHypervisor, SimHypervisorHandle, SimStopper};

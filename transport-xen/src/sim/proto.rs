@@ -28,11 +28,20 @@ pub struct ClientMsg {
 /// Operations a domain can ask for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Op {
-    /// First message: become a domain. Reply: [`Reply::Attached`].
+    /// Become a domain: the first message a domain sends. Reply: [`Reply::Attached`].
     Hello {
+        /// A one-time token from [`Op::Create`] (the domain it names), or the toolstack key
+        /// (domain 0).
+        token: String,
+    },
+    /// Create a domain for a process to attach as; allowed on any connection that presents the
+    /// toolstack key, attached or not. Reply: [`Reply::Created`].
+    Create {
+        /// The toolstack key (the daemon's key file, see `SimHypervisor::key_path`).
+        key: String,
         /// Requested id (`None`: the lowest free id >= 1).
         domid: Option<u16>,
-        /// Human-readable name, stored at `/local/domain/<id>/name`.
+        /// Its name, stored at `/local/domain/<id>/name` when it attaches.
         name: String,
     },
     /// Allocate and grant pages. Reply: [`Reply::Shared`] + the memfd.
@@ -160,6 +169,13 @@ pub enum Op {
 pub enum Reply {
     /// Nothing to return.
     Done,
+    /// A domain was created: the process that will run as it attaches with `token`, once.
+    Created {
+        /// Its id.
+        domid: u16,
+        /// The one-time token for [`Op::Hello`].
+        token: String,
+    },
     /// The domain id assigned by [`Op::Hello`].
     Attached {
         /// Assigned id.

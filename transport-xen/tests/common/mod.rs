@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use dombus_transport_xen::backend::{Backend, Store};
 use dombus_transport_xen::sim::SimBackend;
+use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::mux::VsockStream;
 use tokio::io::AsyncWrite;
 
@@ -148,10 +149,15 @@ pub fn simxen(dir: &Scratch) -> (Proc, PathBuf) {
     (p, sock)
 }
 
-/// A `dombus-link` process attached as `domid`.
+/// A `dombus-link` process attached as `domid`: the test, as the toolstack, creates the domain
+/// and hands the process its one-time token.
 pub fn link_cmd(sock: &Path, domid: u16, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dombus-link"));
     cmd.arg("--socket").arg(sock).arg("--domid").arg(domid.to_string()).args(args);
+    if domid != 0 {
+        let (_, token) = SimBackend::create_domain(sock, Some(DomId(domid)), "dombus-link").unwrap();
+        cmd.env(dombus_transport_xen::sim::TOKEN_ENV, token);
+    }
     cmd
 }
 

@@ -11,11 +11,13 @@
 use serde::{Deserialize, Serialize};
 
 mod daemon;
+mod index;
 mod qemu;
+mod sandbox;
 mod size;
 
 pub use daemon::{DaemonArgs, run_daemon};
-pub use qemu::QemuImg;
+pub use qemu::{DEFAULT_MAX_IMAGES, QemuImg, StorageConfig};
 pub use size::Size;
 
 /// An image format.
@@ -134,6 +136,23 @@ pub enum StorageError {
         name: String,
         /// What runs on it.
         operation: String,
+    },
+    /// The root holds as many images as it may (`StorageConfig::max_images`).
+    #[error("too many images: the storage root holds at most {limit}")]
+    TooManyImages {
+        /// The bound.
+        limit: u64,
+    },
+    /// The virtual sizes of the images would add up to more than the root may hold
+    /// (`StorageConfig::max_virtual_bytes`).
+    #[error("quota exceeded: {requested} more bytes of virtual size; {used} of {limit} in use")]
+    QuotaExceeded {
+        /// Bytes of virtual size the call would add.
+        requested: u64,
+        /// Bytes of virtual size in use (recorded images and operations running).
+        used: u64,
+        /// The bound.
+        limit: u64,
     },
     /// The tool failed; its message.
     #[error("{tool} failed ({status}): {message}")]

@@ -1767,6 +1767,65 @@ mod tests {
         }
     }
 
+    /// What the service's qemu-img may open: the files its call names, nothing else — even
+    /// when its arguments (a forged `json:` backing) ask for more.
+    #[tokio::test]
+    async fn the_services_qemu_img_opens_only_the_files_of_its_call() {
+        let base = std::env::temp_dir().join(format!("dombus-qemu-sandbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        std::fs::create_dir_all(&outside).unwrap();
+        let secret = outside.join("secret");
+        std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+        let s = QemuImg::new(root, "qemu-img".into()).unwrap();
+        s.create("a".into(), Size(1 << 20), None, None).await.unwrap();
+        s.create("b".into(), Size(1 << 20), Some(Format::Raw), None).await.unwrap();
+        let a = s.path("a");
+        let forged = serde_json::json!({
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": a },
+            "backing": { "driver": "raw", "file": { "driver": "file", "filename": secret } },
+        });
+        let forged: OsString = format!("json:{forged}").into();
+        let denied = |r: Result<Vec<u8>, StorageError>| match r {
+            Err(StorageError::ToolFailed { message, .. }) => {
+                assert!(message.contains("Permission denied"), "{message}")
+            }
+            r => panic!("expected EACCES, got {r:?}"),
+        };
+        let a_read = [(a.as_path(), Access::Read)];
+        let info = |f: &OsString| vec!["info".into(), "-U".into(), "--backing-chain".into(), f.clone()];
+        // (`info` opens no backing; `convert` reads through it.)
+        let tmp = s.temp_for("x").unwrap();
+        let convert =
+            vec!["convert".into(), "-O".into(), "raw".into(), forged.clone(), tmp.path.clone().into()];
+        denied(
+            s.run("x", convert, None, &[(a.as_path(), Access::Read), (&tmp.path, Access::ReadWrite)]).await,
+        );
+        let secret_raw = || -> OsString {
+            format!(
+                "json:{}",
+                serde_json::json!({"driver": "raw", "file": {"driver": "file", "filename": secret}})
+            )
+            .into()
+        };
+        denied(s.run("a", info(&secret_raw()), None, &a_read).await);
+        let resize = vec!["resize".into(), secret_raw(), "2M".into()];
+        denied(s.run("a", resize, None, &a_read).await);
+        // Another image of the root, not named by the call.
+        denied(s.run("a", info(&s.path("b").into_os_string()), None, &a_read).await);
+        // A write to a file the call only reads.
+        let resize_a =
+            vec!["resize".into(), "-f".into(), "qcow2".into(), a.clone().into_os_string(), "2M".into()];
+        denied(s.run("a", resize_a, None, &a_read).await);
+        // What the call names, it may.
+        s.run("a", info(&a.clone().into_os_string()), None, &a_read).await.unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), vec![0x5a; 1 << 20]);
+        drop(tmp);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
     proptest! {
         #[test]
         fn accepted_names_are_plain(name in "[A-Za-z0-9._/-]{0,70}|\\PC{0,10}") {

@@ -7,6 +7,12 @@
 //! [`Storage::clone_disk`]) write to a temporary name and rename on success, so a call cancelled
 //! by its deadline leaves no partial image; their progress is readable with
 //! [`Storage::progress`] while they run.
+//!
+//! Guests write the content of the images they use, so [`QemuImg`] decides an image's format
+//! and backing image once — when it creates, clones or adopts it — and keeps them in a record
+//! (in memory and in the root); it never reads them from the image again, and runs each
+//! `qemu-img` in a Landlock sandbox that lets it open only the files of its call. See
+//! `docs/services.md` ("Where the trust boundary is").
 
 use serde::{Deserialize, Serialize};
 

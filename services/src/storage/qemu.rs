@@ -794,16 +794,26 @@ impl QemuImg {
             status: "not started".into(),
             message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
         })?;
+        // stderr on a thread of its own (kept up to 64 KiB, the rest drained), so that neither
+        // pipe can fill while the other is read.
+        let stderr = child.stderr.take();
+        let stderr = std::thread::spawn(move || {
+            let mut err = Vec::new();
+            if let Some(mut e) = stderr {
+                let _ = (&mut e).take(64 << 10).read_to_end(&mut err);
+                let _ = io::copy(&mut e, &mut io::sink());
+            }
+            err
+        });
         let mut out = Vec::new();
-        let mut err = Vec::new();
         if let Some(stdout) = child.stdout.take() {
-            let _ = stdout.take(MAX_STDOUT as u64).read_to_end(&mut out);
+            let _ = stdout.take(MAX_STDOUT as u64 + 1).read_to_end(&mut out);
         }
-        if let Some(stderr) = child.stderr.take() {
-            let _ = stderr.take(64 << 10).read_to_end(&mut err);
+        if out.len() > MAX_STDOUT {
+            // Past the bound: killed (its output is not trusted to end), and a failure.
+            let _ = child.kill();
         }
-        // Past the bounds it is killed (the output is not trusted to end).
-        let _ = child.kill();
+        let err = stderr.join().unwrap_or_default();
         let status = child.wait().map_err(|e| StorageError::ToolFailed {
             tool: TOOL.into(),
             status: "unknown".into(),

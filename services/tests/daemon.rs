@@ -53,6 +53,7 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
         .arg(&root)
         .arg("--qemu-img")
         .arg(gate.program())
+        .args(gate.sandbox_args())
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .spawn()

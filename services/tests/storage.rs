@@ -39,7 +39,7 @@ impl TempDir {
 
     /// The service running `gate`'s qemu-img.
     fn storage_with(&self, gate: &QemuImgGate) -> QemuImg {
-        QemuImg::new(self.0.clone(), gate.program()).unwrap()
+        QemuImg::with_config(self.0.clone(), gate.program(), gate.config()).unwrap()
     }
 
     fn temp_files(&self) -> Vec<String> {

@@ -7,7 +7,7 @@ use clap::Args;
 use dombus::rpc::cli::NetArgs;
 use dombus::{Address, Server, ServerConfig};
 
-use super::{QemuImg, Storage};
+use super::{DEFAULT_MAX_IMAGES, QemuImg, Size, Storage, StorageConfig};
 
 /// How the storage daemon runs.
 #[derive(Debug, Clone, Args)]
@@ -21,6 +21,25 @@ pub struct DaemonArgs {
     /// The qemu-img to run.
     #[arg(long, value_name = "PATH", default_value = "qemu-img")]
     pub qemu_img: PathBuf,
+    /// Most images in the root (a create or clone past it is refused).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IMAGES)]
+    pub max_images: usize,
+    /// Most bytes the images' virtual sizes may add up to (`500G`, `2T`, bytes); default: four
+    /// times the size of the root's filesystem.
+    #[arg(long, value_name = "SIZE")]
+    pub max_virtual_bytes: Option<Size>,
+    /// Run qemu-img WITHOUT its Landlock sandbox: it can then read and write every file this
+    /// daemon can, on behalf of images guests write. Only for a kernel without Landlock.
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// A path (and what is beneath it) qemu-img may also read and execute in its sandbox
+    /// (repeatable; for a wrapper script around qemu-img).
+    #[arg(long, value_name = "PATH")]
+    pub sandbox_read: Vec<PathBuf>,
+    /// A path (and what is beneath it) qemu-img may also write in its sandbox (repeatable; for
+    /// a wrapper script's state files).
+    #[arg(long, value_name = "PATH")]
+    pub sandbox_write: Vec<PathBuf>,
     /// How to reach xen: addresses.
     #[command(flatten)]
     pub net: NetArgs,
@@ -29,7 +48,14 @@ pub struct DaemonArgs {
 /// Serves the storage service on every `--listen` address until SIGTERM or SIGINT, then stops
 /// accepting, drops the connections and returns.
 pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
-    let storage = QemuImg::new(args.root.clone(), args.qemu_img.clone())
+    let config = StorageConfig {
+        max_images: args.max_images,
+        max_virtual_bytes: args.max_virtual_bytes.map(Size::bytes),
+        sandbox: !args.no_sandbox,
+        sandbox_read: args.sandbox_read.clone(),
+        sandbox_write: args.sandbox_write.clone(),
+    };
+    let storage = QemuImg::with_config(args.root.clone(), args.qemu_img.clone(), config)
         .with_context(|| format!("storage root {}", args.root.display()))?;
     let net = args.net.net().context("transports")?;
     let server = Server::new(net, ServerConfig::default());

@@ -7,15 +7,23 @@
 //! [`Storage::clone_disk`]) write to a temporary name and rename on success, so a call cancelled
 //! by its deadline leaves no partial image; their progress is readable with
 //! [`Storage::progress`] while they run.
+//!
+//! Guests write the content of the images they use, so [`QemuImg`] decides an image's format
+//! and backing image once — when it creates, clones or adopts it — and keeps them in a record
+//! (in memory and in the root); it never reads them from the image again, and runs each
+//! `qemu-img` in a Landlock sandbox that lets it open only the files of its call. See
+//! `docs/services.md` ("Where the trust boundary is").
 
 use serde::{Deserialize, Serialize};
 
 mod daemon;
+mod index;
 mod qemu;
+mod sandbox;
 mod size;
 
 pub use daemon::{DaemonArgs, run_daemon};
-pub use qemu::QemuImg;
+pub use qemu::{DEFAULT_MAX_IMAGES, QemuImg, StorageConfig};
 pub use size::Size;
 
 /// An image format.
@@ -134,6 +142,23 @@ pub enum StorageError {
         name: String,
         /// What runs on it.
         operation: String,
+    },
+    /// The root holds as many images as it may (`StorageConfig::max_images`).
+    #[error("too many images: the storage root holds at most {limit}")]
+    TooManyImages {
+        /// The bound.
+        limit: u64,
+    },
+    /// The virtual sizes of the images would add up to more than the root may hold
+    /// (`StorageConfig::max_virtual_bytes`).
+    #[error("quota exceeded: {requested} more bytes of virtual size; {used} of {limit} in use")]
+    QuotaExceeded {
+        /// Bytes of virtual size the call would add.
+        requested: u64,
+        /// Bytes of virtual size in use (recorded images and operations running).
+        used: u64,
+        /// The bound.
+        limit: u64,
     },
     /// The tool failed; its message.
     #[error("{tool} failed ({status}): {message}")]

@@ -1,12 +1,22 @@
 //! [`QemuImg`]: the [`Storage`] service on the real `qemu-img`.
 //!
 //! Everything lives in one directory, the root. Callers name images (see [`check_name`]); the
-//! image is `<root>/<name>` and must be a regular file there. The format of an image is decided
-//! here from its first bytes (the qcow2 magic, else raw) and always given to `qemu-img` with
-//! `-f`, so `qemu-img` never probes a guest-written raw image into a vmdk or qcow2 that points
-//! at files outside the root. Backing files must name an image of the root, with their format
-//! recorded; qcow2 external data files are refused. Linked clones record their backing image by
-//! its relative name, so the root can be moved.
+//! image is `<root>/<name>` and must be a regular file there.
+//!
+//! Guests write the content of the images they use, so nothing is decided from an image's
+//! bytes after the service has recorded it. The record (see [`Index`]: format, backing image,
+//! virtual size, snapshot count) is made when the service creates or clones an image, or adopts
+//! one the operator placed in the root (at start, or when a call first names it: its first
+//! bytes give the format, a sandboxed `qemu-img info` the rest; its backing file must be an
+//! image of the root, adopted first). From then on qemu-img opens an image only through a
+//! `json:` spec built from the record: the recorded driver (never probed), and for qcow2 the
+//! recorded backing chain or `"backing": null`, never what the header names now. External data
+//! files are refused at adoption and never recorded; a qcow2 header rewritten later to name one
+//! (only possible if the image was also given to a guest as raw) cannot reach it, because each
+//! qemu-img runs in a Landlock sandbox (see [`Sandbox`]) that lets it open only the files of
+//! its call — the image it changes, the recorded chain it reads, the temporary file it writes —
+//! besides the program and its libraries. Linked clones record their backing image by its
+//! relative name, so the root can be moved.
 //!
 //! New images (create, clones) are written as `<root>/.tmp-<name>-<random>` and renamed into
 //! place without replacing anything; a dropped call (deadline, client gone) kills its
@@ -19,6 +29,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _};
 use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +39,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::{Child, Command};
 
+use super::index::{Index, Record};
+use super::sandbox::{self, Access, Ruleset, Sandbox};
 use super::{DiskInfo, Format, Progress, SnapshotInfo, Storage, StorageError};
 use crate::storage::Size;
 
@@ -48,6 +61,45 @@ const MAX_STDOUT: usize = 16 << 20;
 /// Longest backing chain followed.
 const MAX_CHAIN: usize = 16;
 
+/// How a [`QemuImg`] runs: its bounds and the sandbox of its `qemu-img`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// Most images in the root; a create or clone past it is refused
+    /// ([`StorageError::TooManyImages`]). Default 4,096.
+    pub max_images: usize,
+    /// Most bytes the virtual sizes of the images may add up to; a create, clone or resize past
+    /// it is refused ([`StorageError::QuotaExceeded`]). `None` (the default): four times the
+    /// size of the filesystem holding the root, measured at start (thin provisioning).
+    pub max_virtual_bytes: Option<u64>,
+    /// Run every `qemu-img` in a Landlock sandbox (the default). With `false`, qemu-img runs
+    /// unconfined; only for a kernel without Landlock, and only when asked for explicitly.
+    pub sandbox: bool,
+    /// Paths (and what is beneath them) the sandbox lets `qemu-img` read and execute besides
+    /// the program, the system libraries and the root's files of each call. Empty by default;
+    /// for a wrapper script around qemu-img (the tests'), say.
+    pub sandbox_read: Vec<PathBuf>,
+    /// Paths (and what is beneath them) the sandbox lets `qemu-img` read, write and create
+    /// files in. Empty by default; for the state files of a wrapper script (the tests').
+    pub sandbox_write: Vec<PathBuf>,
+}
+
+/// Default [`StorageConfig::max_images`].
+pub const DEFAULT_MAX_IMAGES: usize = 4096;
+/// Default overcommit of virtual sizes over the filesystem's size.
+const DEFAULT_OVERCOMMIT: u64 = 4;
+
+impl Default for StorageConfig {
+    fn default() -> StorageConfig {
+        StorageConfig {
+            max_images: DEFAULT_MAX_IMAGES,
+            max_virtual_bytes: None,
+            sandbox: true,
+            sandbox_read: Vec::new(),
+            sandbox_write: Vec::new(),
+        }
+    }
+}
+
 /// Disk images in a directory, managed with `qemu-img`. Cheap to clone (shared state).
 #[derive(Debug, Clone)]
 pub struct QemuImg {
@@ -59,6 +111,15 @@ struct Inner {
     root: PathBuf,
     qemu_img: PathBuf,
     running: Mutex<HashMap<String, Running>>,
+    /// The record of the images (format, backing, sizes): the only source of formats and
+    /// backing images after an image is recorded.
+    index: Mutex<Index>,
+    /// The Landlock base of every qemu-img's ruleset; `None` if the sandbox is off.
+    sandbox: Option<Sandbox>,
+    max_images: usize,
+    max_virtual_bytes: u64,
+    /// qemu-img processes started.
+    runs: AtomicU64,
     /// Held (flock) while this storage lives.
     _lock: File,
 }
@@ -70,13 +131,28 @@ struct Running {
     percent: f32,
     /// Images it reads (the source of a clone, a backing image): they must not change meanwhile.
     reads: Vec<String>,
+    /// Whether it adds an image, and the virtual bytes it adds: counted against the bounds
+    /// until it is recorded.
+    reserved: (bool, u64),
 }
+
+/// The pieces of an image's `qemu-img` spec: name and record, top first.
+type Chain = Vec<(String, Record)>;
 
 impl QemuImg {
     /// Storage in `root` (created if missing) using the `qemu-img` at `qemu_img` (a path or a
-    /// name looked up in `PATH`). Fails if `qemu-img --version` does not run, or if another
-    /// process uses `root`. Removes temporary files left by operations of a crashed process.
+    /// name looked up in `PATH`), with the default [`StorageConfig`] (sandboxed, 4,096 images).
     pub fn new(root: PathBuf, qemu_img: PathBuf) -> io::Result<QemuImg> {
+        QemuImg::with_config(root, qemu_img, StorageConfig::default())
+    }
+
+    /// Storage in `root` (created if missing) using the `qemu-img` at `qemu_img`. Fails if
+    /// `qemu-img --version` does not run, if another process uses `root`, if the sandbox is on
+    /// and the kernel has no Landlock, or if the root's record is damaged. Removes temporary
+    /// files left by operations of a crashed process, forgets the records of images no longer
+    /// there, and adopts (records, from what their content says now) the images without a
+    /// record: those the operator placed in the root.
+    pub fn with_config(root: PathBuf, qemu_img: PathBuf, config: StorageConfig) -> io::Result<QemuImg> {
         std::fs::create_dir_all(&root)?;
         let root = root.canonicalize()?;
         if !root.is_dir() {
@@ -108,6 +184,24 @@ impl QemuImg {
             )));
         }
         let version = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or_default().to_owned();
+        let qemu_img = sandbox::resolve(&qemu_img)?;
+
+        let sandbox = if config.sandbox {
+            let s = Sandbox::new(&qemu_img, &config.sandbox_read, &config.sandbox_write).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot sandbox qemu-img with Landlock ({e}); refusing to run it unconfined on \
+                         images guests write: enable Landlock (CONFIG_SECURITY_LANDLOCK, lsm=landlock), \
+                         or start with --no-sandbox to accept the risk"
+                    ),
+                )
+            })?;
+            Some(s)
+        } else {
+            tracing::warn!(root = %root.display(), "the qemu-img sandbox is OFF (--no-sandbox): qemu-img can reach every file this process can");
+            None
+        };
 
         let lock = OpenOptions::new()
             .read(true)
@@ -137,15 +231,70 @@ impl QemuImg {
                 stale += 1;
             }
         }
-        tracing::info!(root = %root.display(), qemu_img = %qemu_img.display(), %version, stale_removed = stale, "storage ready");
-        Ok(QemuImg {
-            inner: Arc::new(Inner { root, qemu_img, running: Mutex::new(HashMap::new()), _lock: lock }),
-        })
+
+        let mut index = Index::load(&root)?.unwrap_or_default();
+        let gone: Vec<String> = index
+            .iter()
+            .filter(|(name, _)| {
+                !std::fs::symlink_metadata(root.join(name)).is_ok_and(|m| m.file_type().is_file())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            tracing::warn!(image = %name, "recorded image no longer in the root: record dropped");
+            index.remove(name);
+        }
+        let max_virtual_bytes = match config.max_virtual_bytes {
+            Some(b) => b,
+            None => {
+                let s = rustix::fs::statvfs(&root)?;
+                s.f_blocks.saturating_mul(s.f_frsize).saturating_mul(DEFAULT_OVERCOMMIT)
+            }
+        };
+        let storage = QemuImg {
+            inner: Arc::new(Inner {
+                root,
+                qemu_img,
+                running: Mutex::new(HashMap::new()),
+                index: Mutex::new(index),
+                sandbox,
+                max_images: config.max_images,
+                max_virtual_bytes,
+                runs: AtomicU64::new(0),
+                _lock: lock,
+            }),
+        };
+        storage.save().map_err(|e| io::Error::other(e.to_string()))?;
+        let (mut adopted, mut refused) = (0, 0);
+        for name in storage.names().map_err(|e| io::Error::other(e.to_string()))? {
+            if storage.index().get(&name).is_some() {
+                continue;
+            }
+            match storage.adopt(&name, 0) {
+                Ok(_) => adopted += 1,
+                Err(e) => {
+                    refused += 1;
+                    tracing::warn!(image = %name, error = %e, "not adopted");
+                }
+            }
+        }
+        let images = storage.index().len();
+        tracing::info!(
+            root = %storage.inner.root.display(), qemu_img = %storage.inner.qemu_img.display(), %version,
+            stale_removed = stale, images, adopted, refused, sandbox = storage.inner.sandbox.is_some(),
+            "storage ready"
+        );
+        Ok(storage)
     }
 
     /// The storage root (canonical).
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// How many `qemu-img` processes this storage has started (for tests and metrics).
+    pub fn qemu_img_runs(&self) -> u64 {
+        self.inner.runs.load(Ordering::Relaxed)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -154,6 +303,23 @@ impl QemuImg {
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.inner.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.inner.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Saves the record.
+    fn save(&self) -> Result<(), StorageError> {
+        self.index().save(&self.inner.root).map_err(|e| io_error("", e))
+    }
+
+    /// Changes the record with `f` and saves it.
+    fn update<R>(&self, f: impl FnOnce(&mut Index) -> R) -> Result<R, StorageError> {
+        let mut index = self.index();
+        let r = f(&mut index);
+        index.save(&self.inner.root).map_err(|e| io_error("", e))?;
+        Ok(r)
     }
 
     /// Registers `operation` on `name` (which it changes) reading `reads`; Busy if `name` or one
@@ -176,9 +342,44 @@ impl QemuImg {
         }
         running.insert(
             name.to_owned(),
-            Running { operation, percent: 0.0, reads: reads.iter().map(|s| (*s).to_owned()).collect() },
+            Running {
+                operation,
+                percent: 0.0,
+                reads: reads.iter().map(|s| (*s).to_owned()).collect(),
+                reserved: (false, 0),
+            },
         );
         Ok(OpGuard { storage: self.clone(), name: name.to_owned() })
+    }
+
+    /// Reserves, for the operation `op`, a new image (`new_image`) and `bytes` more of virtual
+    /// size, against the bounds: TooManyImages or QuotaExceeded past them, counting what the
+    /// other running operations reserved.
+    fn reserve(&self, op: &OpGuard, new_image: bool, bytes: u64) -> Result<(), StorageError> {
+        let mut running = self.running();
+        let (others_images, others_bytes) =
+            running.iter().filter(|(n, _)| **n != op.name).fold((0usize, 0u128), |(i, b), (_, r)| {
+                (i + usize::from(r.reserved.0), b + u128::from(r.reserved.1))
+            });
+        let (images, total) = {
+            let index = self.index();
+            (index.len(), index.total_virtual())
+        };
+        if new_image && images + others_images >= self.inner.max_images {
+            return Err(StorageError::TooManyImages { limit: self.inner.max_images as u64 });
+        }
+        let wanted = total + others_bytes + u128::from(bytes);
+        if bytes > 0 && wanted > u128::from(self.inner.max_virtual_bytes) {
+            return Err(StorageError::QuotaExceeded {
+                requested: bytes,
+                used: u64::try_from(total + others_bytes).unwrap_or(u64::MAX),
+                limit: self.inner.max_virtual_bytes,
+            });
+        }
+        if let Some(r) = running.get_mut(&op.name) {
+            r.reserved = (new_image, bytes);
+        }
+        Ok(())
     }
 
     /// `Ok(true)` if `name` is a regular file in the root, `Ok(false)` if nothing is there;
@@ -200,64 +401,49 @@ impl QemuImg {
         if self.exists(name)? { Ok(()) } else { Err(StorageError::NotFound { name: name.to_owned() }) }
     }
 
-    /// The format of the image `name`, from its first bytes (never qemu-img's probing).
-    fn detect_format(&self, name: &str) -> Result<Format, StorageError> {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-            .open(self.path(name))
-            .map_err(|e| match e.raw_os_error() {
-                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => StorageError::InvalidName {
-                    name: name.to_owned(),
-                    reason: "a symlink in the storage root".into(),
-                },
-                _ => io_error(name, e),
-            })?;
-        let m = f.metadata().map_err(|e| io_error(name, e))?;
-        if !m.file_type().is_file() {
-            return Err(StorageError::InvalidName {
-                name: name.to_owned(),
-                reason: format!("{} in the storage root is not a regular file", kind_of(&m.file_type())),
-            });
-        }
-        let mut head = [0u8; 8];
-        let mut got = 0;
-        while got < head.len() {
-            match f.read(&mut head[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(name, e)),
+    /// The record of the image `name`, which must be a regular file of the root; an image
+    /// without one (the operator placed it there since the start) is adopted first.
+    fn record(&self, name: &str) -> Result<Record, StorageError> {
+        {
+            // Under the record's lock, which publishing a new image holds until it is recorded:
+            // an unrecorded file seen here is not one of ours in the middle of its creation.
+            let index = self.index();
+            self.existing(name)?;
+            if let Some(r) = index.get(name) {
+                return Ok(r.clone());
             }
         }
-        Ok(format_from_header(&head[..got]))
+        self.adopt(name, 0)
     }
 
-    /// What `qemu-img info` says about `name`, checked: a regular file of the root, the format
-    /// detected here, no external data file, a backing file (if any) naming an image of the root.
-    async fn inspect(&self, name: &str) -> Result<Image, StorageError> {
-        self.existing(name)?;
-        let format = self.detect_format(name)?;
-        let path = self.path(name);
-        let out = self
-            .run(
-                name,
-                vec![
-                    "info".into(),
-                    "-U".into(),
-                    "-f".into(),
-                    format.as_str().into(),
-                    "--output=json".into(),
-                    path.into(),
-                ],
-                None,
-            )
-            .await?;
-        let json = parse_info(&out).map_err(|e| StorageError::ToolFailed {
-            tool: TOOL.into(),
-            status: "exit status: 0".into(),
-            message: format!("unexpected `info --output=json` output for {name:?}: {e}"),
-        })?;
+    /// Records the image `name` from what its content says now (its first bytes for the format,
+    /// a sandboxed `qemu-img info` that may read only it for the rest) — for images the service
+    /// did not make: those the operator placed in the root. Its backing file must be an image of
+    /// the root, adopted first if it has no record, with the recorded format; an external data
+    /// file is refused.
+    fn adopt(&self, name: &str, depth: usize) -> Result<Record, StorageError> {
+        if depth >= MAX_CHAIN {
+            return Err(StorageError::Unsupported {
+                reason: format!("image {name:?}: backing chain too long or circular"),
+            });
+        }
+        let head = self.read_header(name)?;
+        let format = format_from_header(&head);
+        let mut spec = serde_json::json!({
+            "driver": format.as_str(),
+            "file": { "driver": "file", "filename": self.path(name) },
+        });
+        if format == Format::Qcow2 {
+            spec["backing"] = serde_json::Value::Null;
+            if qcow2_has_data_file(&head) {
+                // Parsed without opening the file its header names, then refused below.
+                spec["data-file"] = serde_json::json!({ "driver": "null-co" });
+            }
+        }
+        let args: Vec<OsString> =
+            vec!["info".into(), "-U".into(), "--output=json".into(), format!("json:{spec}").into()];
+        let out = self.run_sync(name, &args, &[(&self.path(name), Access::Read)])?;
+        let json = parse_info(&out).map_err(|e| unexpected_info(name, &e))?;
         if json.format != format.as_str() {
             return Err(StorageError::ToolFailed {
                 tool: TOOL.into(),
@@ -286,40 +472,160 @@ impl QemuImg {
                         reason: format!("its backing file {file:?} is not an image of the storage root"),
                     });
                 };
-                let format = match json.backing_format.as_deref() {
-                    Some("qcow2") => Some(Format::Qcow2),
-                    Some("raw") => Some(Format::Raw),
-                    _ => None,
+                let bformat = match json.backing_format.as_deref() {
+                    Some("qcow2") => Format::Qcow2,
+                    Some("raw") => Format::Raw,
+                    other => {
+                        return Err(StorageError::Unsupported {
+                            reason: format!(
+                                "image {name:?}: its backing image {backing:?} has no (or an unsupported) recorded format {other:?}"
+                            ),
+                        });
+                    }
                 };
-                Some((backing, format, json.backing_format.clone()))
+                if backing == name {
+                    return Err(StorageError::Unsupported {
+                        reason: format!("image {name:?}: backing chain too long or circular"),
+                    });
+                }
+                self.existing(&backing)?;
+                let known = self.index().get(&backing).cloned();
+                let brecord = match known {
+                    Some(r) => r,
+                    None => self.adopt(&backing, depth + 1)?,
+                };
+                if brecord.format != bformat {
+                    return Err(StorageError::Unsupported {
+                        reason: format!(
+                            "image {name:?} says its backing image {backing:?} is {}; it is recorded as {}",
+                            bformat.as_str(),
+                            brecord.format.as_str()
+                        ),
+                    });
+                }
+                Some(backing)
             }
         };
-        Ok(Image { name: name.to_owned(), format, json, backing })
+        let record = Record {
+            format,
+            backing,
+            virtual_size: json.virtual_size,
+            snapshots: u32::try_from(json.snapshots.len()).unwrap_or(u32::MAX),
+        };
+        let record = self.update(|index| match index.get(name) {
+            // Recorded meanwhile (adopted by another call): that record stands.
+            Some(r) => r.clone(),
+            None => {
+                index.insert(name, record.clone());
+                record
+            }
+        })?;
+        tracing::info!(image = %name, format = format.as_str(), backing = ?record.backing, virtual_size = record.virtual_size, "adopted");
+        Ok(record)
     }
 
-    /// [`Self::inspect`] of `name` and of every image of its backing chain (top first); each
-    /// backing image must exist and have its format recorded, so `qemu-img` never probes one.
-    async fn chain(&self, name: &str) -> Result<Vec<Image>, StorageError> {
-        let mut chain = vec![self.inspect(name).await?];
-        while let Some(top) = chain.last() {
-            let Some((backing, format, recorded)) = &top.backing else { break };
-            if format.is_none() {
-                return Err(StorageError::Unsupported {
-                    reason: format!(
-                        "image {:?}: its backing image {backing:?} has no (or an unsupported) recorded format {recorded:?}",
-                        top.name
-                    ),
-                });
-            }
-            if chain.len() >= MAX_CHAIN || chain.iter().any(|i| &i.name == backing) {
+    /// The first bytes of the image `name` (for [`Self::adopt`] only).
+    fn read_header(&self, name: &str) -> Result<Vec<u8>, StorageError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+            .open(self.path(name))
+            .map_err(|e| match e.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => StorageError::InvalidName {
+                    name: name.to_owned(),
+                    reason: "a symlink in the storage root".into(),
+                },
+                _ => io_error(name, e),
+            })?;
+        let m = f.metadata().map_err(|e| io_error(name, e))?;
+        if !m.file_type().is_file() {
+            return Err(StorageError::InvalidName {
+                name: name.to_owned(),
+                reason: format!("{} in the storage root is not a regular file", kind_of(&m.file_type())),
+            });
+        }
+        let mut head = Vec::with_capacity(QCOW2_HEADER);
+        f.take(QCOW2_HEADER as u64).read_to_end(&mut head).map_err(|e| io_error(name, e))?;
+        Ok(head)
+    }
+
+    /// The recorded chain of `name`: its record, then its backing image's, and so on. Every
+    /// image of it must be a regular file of the root.
+    fn chain(&self, name: &str) -> Result<Chain, StorageError> {
+        let mut chain = vec![(name.to_owned(), self.record(name)?)];
+        while let Some(backing) = chain.last().and_then(|(_, r)| r.backing.clone()) {
+            if chain.len() >= MAX_CHAIN || chain.iter().any(|(n, _)| *n == backing) {
                 return Err(StorageError::Unsupported {
                     reason: format!("image {name:?}: backing chain too long or circular"),
                 });
             }
-            let next = self.inspect(backing).await?;
-            chain.push(next);
+            let record = self.record(&backing)?;
+            chain.push((backing, record));
         }
         Ok(chain)
+    }
+
+    /// The `json:` spec that opens `chain` as recorded: each image with its recorded driver;
+    /// a qcow2's backing the next of `chain` if `follow`, else none (`null`) — never what its
+    /// header names.
+    fn spec(&self, chain: &[(String, Record)], follow: bool) -> OsString {
+        fn node(storage: &QemuImg, chain: &[(String, Record)], follow: bool) -> serde_json::Value {
+            let Some(((name, record), rest)) = chain.split_first() else { return serde_json::Value::Null };
+            let mut v = serde_json::json!({
+                "driver": record.format.as_str(),
+                "file": { "driver": "file", "filename": storage.path(name) },
+            });
+            if record.format == Format::Qcow2 {
+                v["backing"] = if follow && record.backing.is_some() {
+                    node(storage, rest, follow)
+                } else {
+                    serde_json::Value::Null
+                };
+            }
+            v
+        }
+        format!("json:{}", node(self, chain, follow)).into()
+    }
+
+    /// What `qemu-img info` says about the recorded image `name`, opened as recorded (no
+    /// backing): its DiskInfo (format and backing from the record), its snapshots. Refreshes the
+    /// recorded virtual size and snapshot count.
+    async fn inspect(&self, name: &str) -> Result<(DiskInfo, Vec<SnapshotJson>), StorageError> {
+        let record = self.record(name)?;
+        let chain = [(name.to_owned(), record.clone())];
+        let args = vec!["info".into(), "-U".into(), "--output=json".into(), self.spec(&chain, false)];
+        let out = self.run(name, args, None, &[(&self.path(name), Access::Read)]).await?;
+        let json = parse_info(&out).map_err(|e| unexpected_info(name, &e))?;
+        if json.format != record.format.as_str() {
+            return Err(StorageError::ToolFailed {
+                tool: TOOL.into(),
+                status: "exit status: 0".into(),
+                message: format!(
+                    "asked for {} of {name:?}, it reports format {:?}",
+                    record.format.as_str(),
+                    json.format
+                ),
+            });
+        }
+        let snapshots = u32::try_from(json.snapshots.len()).unwrap_or(u32::MAX);
+        if (json.virtual_size, snapshots) != (record.virtual_size, record.snapshots) {
+            let fresh = Record { virtual_size: json.virtual_size, snapshots, ..record.clone() };
+            self.update(|index| {
+                // Only if still the same image (not deleted or replaced meanwhile).
+                if index.get(name) == Some(&record) {
+                    index.insert(name, fresh);
+                }
+            })?;
+        }
+        let info = DiskInfo {
+            name: name.to_owned(),
+            format: record.format,
+            virtual_size: json.virtual_size,
+            actual_size: json.actual_size.unwrap_or(0),
+            backing: record.backing,
+            snapshots: json.snapshots.len(),
+        };
+        Ok((info, json.snapshots))
     }
 
     /// The images of the root (valid names, regular files), sorted.
@@ -337,27 +643,10 @@ impl QemuImg {
         Ok(names)
     }
 
-    /// The images whose backing image is `name`.
-    async fn users_of(&self, name: &str) -> Result<Vec<String>, StorageError> {
-        let mut users = Vec::new();
-        for other in self.names()? {
-            if other == name || !matches!(self.detect_format(&other), Ok(Format::Qcow2)) {
-                continue;
-            }
-            match self.inspect(&other).await {
-                Ok(img) if img.backing.as_ref().is_some_and(|(b, _, _)| b == name) => users.push(other),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(image = %other, error = %e, "not inspected while looking for users")
-                }
-            }
-        }
-        Ok(users)
-    }
-
-    /// Busy if linked clones use `name` as their backing image (changing it would corrupt them).
-    async fn refuse_if_backing(&self, name: &str, what: &str) -> Result<(), StorageError> {
-        let users = self.users_of(name).await?;
+    /// Busy if linked clones use `name` as their backing image (changing it would corrupt them):
+    /// a lookup in the record.
+    fn refuse_if_backing(&self, name: &str, what: &str) -> Result<(), StorageError> {
+        let users: Vec<String> = self.index().users_of(name).cloned().collect();
         if users.is_empty() {
             Ok(())
         } else {
@@ -368,9 +657,18 @@ impl QemuImg {
         }
     }
 
-    /// A fresh temporary path for a new `name`, removed on drop unless kept.
-    fn temp_for(&self, name: &str) -> TempFile {
-        TempFile { path: self.path(&format!("{TMP_PREFIX}{name}-{}", random_suffix())), keep: false }
+    /// A new empty temporary file for a new `name` (qemu-img writes into it; the sandbox lets
+    /// it write that file only), removed on drop unless kept.
+    fn temp_for(&self, name: &str) -> Result<TempFile, StorageError> {
+        let path = self.path(&format!("{TMP_PREFIX}{name}-{}", random_suffix()));
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|e| io_error(name, e))?;
+        Ok(TempFile { path, keep: false })
     }
 
     /// Moves `tmp` to `<root>/<name>`, never replacing: AlreadyExists if `name` appeared.
@@ -403,29 +701,68 @@ impl QemuImg {
         }
     }
 
-    /// Runs `qemu-img args` (killed if this future is dropped) in the root; its stdout, or the
-    /// error its failure means. With `progress`, `-p` lines of stdout update that operation.
+    /// Publishes `tmp` as `name` and records it, holding the record's lock throughout (see
+    /// [`Self::record`]).
+    fn publish_recorded(&self, tmp: TempFile, name: &str, record: Record) -> Result<(), StorageError> {
+        let mut index = self.index();
+        self.publish(tmp, name)?;
+        index.insert(name, record);
+        index.save(&self.inner.root).map_err(|e| io_error(name, e))
+    }
+
+    /// The command running qemu-img with `args` in the root, confined (if the sandbox is on) to
+    /// the call's `files`; the ruleset must live until the child is spawned.
+    fn command(
+        &self,
+        name: &str,
+        args: &[OsString],
+        files: &[(&Path, Access)],
+    ) -> Result<(std::process::Command, Option<Ruleset>), StorageError> {
+        let mut cmd = std::process::Command::new(&self.inner.qemu_img);
+        cmd.args(args).current_dir(&self.inner.root).env("LC_ALL", "C").stdin(Stdio::null());
+        let Some(sandbox) = &self.inner.sandbox else { return Ok((cmd, None)) };
+        let mut fds = Vec::with_capacity(files.len());
+        for (path, access) in files {
+            fds.push((sandbox::open_file(path).map_err(|e| io_error(name, e))?, *access));
+        }
+        let refs: Vec<_> = fds.iter().map(|(fd, a)| (fd, *a)).collect();
+        let ruleset = sandbox.ruleset(&refs).map_err(|e| StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "not started".into(),
+            message: format!("cannot build its Landlock sandbox: {e}"),
+        })?;
+        let fd = ruleset.raw();
+        // SAFETY: the closure runs in the child between fork and exec; restrict_self makes two
+        // syscalls on a descriptor inherited from the parent (alive: `ruleset` is returned to
+        // the caller, which keeps it until the spawn), and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || sandbox::restrict_self(fd));
+        }
+        Ok((cmd, Some(ruleset)))
+    }
+
+    /// Runs `qemu-img args` (killed if this future is dropped) in the root, in its sandbox
+    /// allowing `files`; its stdout, or the error its failure means. With `progress`, `-p`
+    /// lines of stdout update that operation.
     async fn run(
         &self,
         name: &str,
         args: Vec<OsString>,
         progress: Option<&OpGuard>,
+        files: &[(&Path, Access)],
     ) -> Result<Vec<u8>, StorageError> {
         tracing::debug!(qemu_img = %self.inner.qemu_img.display(), ?args, "running");
-        let mut child = Command::new(&self.inner.qemu_img)
-            .args(&args)
-            .current_dir(&self.inner.root)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| StorageError::ToolFailed {
-                tool: TOOL.into(),
-                status: "not started".into(),
-                message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
-            })?;
+        let (cmd, ruleset) = self.command(name, &args, files)?;
+        let mut cmd = Command::from(cmd);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        self.inner.runs.fetch_add(1, Ordering::Relaxed);
+        let spawned = cmd.spawn();
+        drop(ruleset);
+        let mut child = spawned.map_err(|e| StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "not started".into(),
+            message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
+        })?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let mut child = ChildGuard(Some(child));
@@ -437,6 +774,51 @@ impl QemuImg {
             message: format!("waiting for it: {e}"),
         })?;
         tracing::debug!(%status, "qemu-img ended");
+        if status.success() { Ok(out) } else { Err(failure(name, status, &self.inner.root, &err)) }
+    }
+
+    /// [`Self::run`] blocking, for adoption (at start, or of an image the operator placed since).
+    fn run_sync(
+        &self,
+        name: &str,
+        args: &[OsString],
+        files: &[(&Path, Access)],
+    ) -> Result<Vec<u8>, StorageError> {
+        let (mut cmd, ruleset) = self.command(name, args, files)?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.inner.runs.fetch_add(1, Ordering::Relaxed);
+        let spawned = cmd.spawn();
+        drop(ruleset);
+        let mut child = spawned.map_err(|e| StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "not started".into(),
+            message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
+        })?;
+        // stderr on a thread of its own (kept up to 64 KiB, the rest drained), so that neither
+        // pipe can fill while the other is read.
+        let stderr = child.stderr.take();
+        let stderr = std::thread::spawn(move || {
+            let mut err = Vec::new();
+            if let Some(mut e) = stderr {
+                let _ = (&mut e).take(64 << 10).read_to_end(&mut err);
+                let _ = io::copy(&mut e, &mut io::sink());
+            }
+            err
+        });
+        let mut out = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            let _ = stdout.take(MAX_STDOUT as u64 + 1).read_to_end(&mut out);
+        }
+        if out.len() > MAX_STDOUT {
+            // Past the bound: killed (its output is not trusted to end), and a failure.
+            let _ = child.kill();
+        }
+        let err = stderr.join().unwrap_or_default();
+        let status = child.wait().map_err(|e| StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "unknown".into(),
+            message: format!("waiting for it: {e}"),
+        })?;
         if status.success() { Ok(out) } else { Err(failure(name, status, &self.inner.root, &err)) }
     }
 
@@ -458,30 +840,34 @@ impl QemuImg {
                 reason: "a raw image cannot have a backing image".into(),
             });
         }
-        let _op = self.claim(name, "create".into(), backing.as_slice())?;
+        let op = self.claim(name, "create".into(), backing.as_slice())?;
         if self.exists(name)? {
             return Err(StorageError::AlreadyExists { name: name.to_owned() });
         }
         let mut args: Vec<OsString> = vec!["create".into(), "-q".into(), "-f".into(), format.as_str().into()];
         if let Some(b) = backing {
-            let chain = self.chain(b).await?;
-            let bformat = chain.first().map(|i| i.format).unwrap_or_default();
-            args.extend(["-b".into(), b.into(), "-F".into(), bformat.as_str().into()]);
+            let chain = self.chain(b)?;
+            let bformat = chain.first().map(|(_, r)| r.format).unwrap_or_default();
+            // -u: the backing image is not opened (the size is given); its format is recorded.
+            args.extend(["-u".into(), "-b".into(), b.into(), "-F".into(), bformat.as_str().into()]);
         }
-        let tmp = self.temp_for(name);
+        self.reserve(&op, true, size.bytes())?;
+        let tmp = self.temp_for(name)?;
         args.extend([tmp.path.clone().into(), size.bytes().to_string().into()]);
-        self.run(name, args, None).await?;
-        self.publish(tmp, name)?;
-        self.inspect(name).await.map(Image::into_disk_info)
+        self.run(name, args, None, &[(&tmp.path, Access::ReadWrite)]).await?;
+        let record =
+            Record { format, backing: backing.map(str::to_owned), virtual_size: size.bytes(), snapshots: 0 };
+        self.publish_recorded(tmp, name, record)?;
+        drop(op);
+        self.inspect(name).await.map(|(info, _)| info)
     }
 
     async fn do_resize(&self, name: &str, size: Size, force: bool) -> Result<DiskInfo, StorageError> {
         check_name(name)?;
         check_size(size)?;
-        let _op = self.claim(name, format!("resize to {size}"), &[])?;
-        let chain = self.chain(name).await?;
-        let Some(image) = chain.first() else { return Err(StorageError::NotFound { name: name.to_owned() }) };
-        let current = image.json.virtual_size;
+        let op = self.claim(name, format!("resize to {size}"), &[])?;
+        let record = self.record(name)?;
+        let current = record.virtual_size;
         let shrink = size.bytes() < current;
         if shrink && !force {
             return Err(StorageError::InvalidSize {
@@ -492,68 +878,73 @@ impl QemuImg {
             });
         }
         if size.bytes() != current {
-            self.refuse_if_backing(name, "resize").await?;
-            let mut args: Vec<OsString> =
-                vec!["resize".into(), "-q".into(), "-f".into(), image.format.as_str().into()];
+            self.refuse_if_backing(name, "resize")?;
+            self.reserve(&op, false, size.bytes().saturating_sub(current))?;
+            let mut args: Vec<OsString> = vec!["resize".into(), "-q".into()];
             if shrink {
                 args.push("--shrink".into());
             }
-            args.extend([self.path(name).into(), size.bytes().to_string().into()]);
-            self.run(name, args, None).await?;
+            args.extend([
+                self.spec(&[(name.to_owned(), record.clone())], false),
+                size.bytes().to_string().into(),
+            ]);
+            self.run(name, args, None, &[(&self.path(name), Access::ReadWrite)]).await?;
+            self.update(|index| index.insert(name, Record { virtual_size: size.bytes(), ..record }))?;
         }
-        self.inspect(name).await.map(Image::into_disk_info)
+        drop(op);
+        self.inspect(name).await.map(|(info, _)| info)
     }
 
-    /// Runs `qemu-img snapshot <flag> <snapshot>` on the qcow2 image `name` (opened as qcow2,
-    /// never probed).
-    async fn snapshot_op(&self, name: &str, flag: &str, snapshot: &str) -> Result<(), StorageError> {
-        let spec = serde_json::json!({
-            "driver": "qcow2",
-            "file": { "driver": "file", "filename": self.path(name) },
-        });
-        let args: Vec<OsString> =
-            vec!["snapshot".into(), "-q".into(), flag.into(), snapshot.into(), format!("json:{spec}").into()];
-        self.run(name, args, None).await.map(drop)
+    /// Runs `qemu-img snapshot <flag> <snapshot>` on the qcow2 image `name` (opened as the
+    /// recorded qcow2, without its backing image).
+    async fn snapshot_op(
+        &self,
+        name: &str,
+        record: &Record,
+        flag: &str,
+        snapshot: &str,
+    ) -> Result<(), StorageError> {
+        let spec = self.spec(&[(name.to_owned(), record.clone())], false);
+        let args: Vec<OsString> = vec!["snapshot".into(), "-q".into(), flag.into(), snapshot.into(), spec];
+        self.run(name, args, None, &[(&self.path(name), Access::ReadWrite)]).await.map(drop)
     }
 
-    /// The qcow2 image `name` (its chain checked); Unsupported for raw.
-    async fn qcow2(&self, name: &str) -> Result<Image, StorageError> {
-        let chain = self.chain(name).await?;
-        let Some(image) = chain.into_iter().next() else {
-            return Err(StorageError::NotFound { name: name.to_owned() });
-        };
-        if image.format != Format::Qcow2 {
+    /// The record of the qcow2 image `name`; Unsupported for raw.
+    fn qcow2(&self, name: &str) -> Result<Record, StorageError> {
+        let record = self.record(name)?;
+        if record.format != Format::Qcow2 {
             return Err(StorageError::Unsupported {
                 reason: format!("{name:?} is raw: snapshots need qcow2"),
             });
         }
-        Ok(image)
+        Ok(record)
     }
 
     async fn do_snapshot_create(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo, StorageError> {
         check_name(name)?;
         check_snapshot_name(snapshot)?;
         let _op = self.claim(name, format!("snapshot {snapshot}"), &[])?;
-        let image = self.qcow2(name).await?;
-        if image.json.snapshots.iter().any(|s| s.name == snapshot) {
+        let record = self.qcow2(name)?;
+        let (_, snapshots) = self.inspect(name).await?;
+        if snapshots.iter().any(|s| s.name == snapshot) {
             return Err(StorageError::AlreadyExists { name: format!("{name}@{snapshot}") });
         }
-        self.snapshot_op(name, "-c", snapshot).await?;
-        let image = self.inspect(name).await?;
+        self.snapshot_op(name, &record, "-c", snapshot).await?;
+        let (_, snapshots) = self.inspect(name).await?;
         // The newest of that name (there is one: duplicates are refused above).
-        image.json.snapshots.iter().rev().find(|s| s.name == snapshot).map(SnapshotJson::to_info).ok_or_else(
-            || StorageError::ToolFailed {
+        snapshots.iter().rev().find(|s| s.name == snapshot).map(SnapshotJson::to_info).ok_or_else(|| {
+            StorageError::ToolFailed {
                 tool: TOOL.into(),
                 status: "exit status: 0".into(),
                 message: format!("snapshot {snapshot:?} of {name:?} not listed after its creation"),
-            },
-        )
+            }
+        })
     }
 
     async fn do_snapshot_list(&self, name: &str) -> Result<Vec<SnapshotInfo>, StorageError> {
         check_name(name)?;
-        let image = self.inspect(name).await?;
-        Ok(image.json.snapshots.iter().map(SnapshotJson::to_info).collect())
+        let (_, snapshots) = self.inspect(name).await?;
+        Ok(snapshots.iter().map(SnapshotJson::to_info).collect())
     }
 
     /// Reverts to or deletes (`flag` `-a`, `-d`) the snapshot `snapshot` of `name`.
@@ -562,17 +953,20 @@ impl QemuImg {
         check_snapshot_name(snapshot)?;
         let what = if flag == "-a" { "revert" } else { "delete snapshot" };
         let _op = self.claim(name, format!("{what} {snapshot}"), &[])?;
-        let image = self.qcow2(name).await?;
-        if !image.json.snapshots.iter().any(|s| s.name == snapshot) {
+        let record = self.qcow2(name)?;
+        let (_, snapshots) = self.inspect(name).await?;
+        if !snapshots.iter().any(|s| s.name == snapshot) {
             return Err(StorageError::SnapshotNotFound {
                 disk: name.to_owned(),
                 snapshot: snapshot.to_owned(),
             });
         }
         if flag == "-a" {
-            self.refuse_if_backing(name, "revert").await?;
+            self.refuse_if_backing(name, "revert")?;
         }
-        self.snapshot_op(name, flag, snapshot).await
+        self.snapshot_op(name, &record, flag, snapshot).await?;
+        // The recorded virtual size and snapshot count follow (a revert may change the size).
+        self.inspect(name).await.map(drop)
     }
 
     async fn do_clone(
@@ -591,62 +985,93 @@ impl QemuImg {
         if self.exists(name)? {
             return Err(StorageError::AlreadyExists { name: name.to_owned() });
         }
-        let chain = self.chain(source).await?;
-        let Some(src) = chain.first() else { return Err(StorageError::NotFound { name: source.to_owned() }) };
-        let tmp = self.temp_for(name);
+        let chain = self.chain(source)?;
+        let Some((_, src)) = chain.first() else {
+            return Err(StorageError::NotFound { name: source.to_owned() });
+        };
+        let src = src.clone();
+        if linked && format == Some(Format::Raw) {
+            return Err(StorageError::Unsupported {
+                reason: "a linked clone is qcow2 (raw has no backing image)".into(),
+            });
+        }
+        self.reserve(&op, true, src.virtual_size)?;
         if linked {
-            if format == Some(Format::Raw) {
-                return Err(StorageError::Unsupported {
-                    reason: "a linked clone is qcow2 (raw has no backing image)".into(),
-                });
-            }
+            let tmp = self.temp_for(name)?;
             let args: Vec<OsString> = vec![
                 "create".into(),
                 "-q".into(),
                 "-f".into(),
                 "qcow2".into(),
+                "-u".into(),
                 "-b".into(),
                 source.into(),
                 "-F".into(),
                 src.format.as_str().into(),
                 tmp.path.clone().into(),
+                src.virtual_size.to_string().into(),
             ];
-            self.run(name, args, None).await?;
-        } else {
-            let format = format.unwrap_or(src.format);
-            let needed: u64 = chain.iter().map(|i| i.json.actual_size.unwrap_or(i.json.virtual_size)).sum();
-            let free = free_space(&self.inner.root).map_err(|e| io_error(name, e))?;
-            if needed > free {
-                return Err(StorageError::NoSpace {
-                    message: format!(
-                        "a full copy of {source:?} needs about {} bytes; {free} bytes free in the storage root",
-                        needed
-                    ),
-                });
-            }
-            let args: Vec<OsString> = vec![
-                "convert".into(),
-                "-p".into(),
-                "-f".into(),
-                src.format.as_str().into(),
-                "-O".into(),
-                format.as_str().into(),
-                self.path(source).into(),
-                tmp.path.clone().into(),
-            ];
-            self.run(name, args, Some(&op)).await?;
+            self.run(name, args, None, &[(&tmp.path, Access::ReadWrite)]).await?;
+            let record = Record {
+                format: Format::Qcow2,
+                backing: Some(source.to_owned()),
+                virtual_size: src.virtual_size,
+                snapshots: 0,
+            };
+            self.publish_recorded(tmp, name, record)?;
+            drop(op);
+            return self.inspect(name).await.map(|(info, _)| info);
         }
-        self.publish(tmp, name)?;
+        let record = Record {
+            format: format.unwrap_or(src.format),
+            backing: None,
+            virtual_size: src.virtual_size,
+            snapshots: 0,
+        };
+        let needed: u64 = chain
+            .iter()
+            .map(|(n, r)| {
+                std::fs::symlink_metadata(self.path(n)).map_or(r.virtual_size, |m| {
+                    use std::os::unix::fs::MetadataExt as _;
+                    m.blocks().saturating_mul(512)
+                })
+            })
+            .fold(0u64, u64::saturating_add);
+        let free = free_space(&self.inner.root).map_err(|e| io_error(name, e))?;
+        if needed > free {
+            return Err(StorageError::NoSpace {
+                message: format!(
+                    "a full copy of {source:?} needs about {needed} bytes; {free} bytes free in the storage root"
+                ),
+            });
+        }
+        let tmp = self.temp_for(name)?;
+        let args: Vec<OsString> = vec![
+            "convert".into(),
+            "-p".into(),
+            "-O".into(),
+            record.format.as_str().into(),
+            self.spec(&chain, true),
+            tmp.path.clone().into(),
+        ];
+        let paths: Vec<PathBuf> = chain.iter().map(|(n, _)| self.path(n)).collect();
+        let mut files: Vec<(&Path, Access)> = paths.iter().map(|p| (p.as_path(), Access::Read)).collect();
+        files.push((&tmp.path, Access::ReadWrite));
+        self.run(name, args, Some(&op), &files).await?;
+        self.publish_recorded(tmp, name, record)?;
         drop(op);
-        self.inspect(name).await.map(Image::into_disk_info)
+        self.inspect(name).await.map(|(info, _)| info)
     }
 
     async fn do_delete(&self, name: &str) -> Result<(), StorageError> {
         check_name(name)?;
         let _op = self.claim(name, "delete".into(), &[])?;
         self.existing(name)?;
-        self.refuse_if_backing(name, "delete").await?;
-        std::fs::remove_file(self.path(name)).map_err(|e| io_error(name, e))
+        self.refuse_if_backing(name, "delete")?;
+        // The file first: a record without its file is dropped at the next start, while a file
+        // without its record would be adopted again from its (guest-written) content.
+        std::fs::remove_file(self.path(name)).map_err(|e| io_error(name, e))?;
+        self.update(|index| index.remove(name)).map(drop)
     }
 }
 
@@ -664,19 +1089,30 @@ impl Storage for QemuImg {
 
     async fn info(&self, name: String) -> Result<DiskInfo, StorageError> {
         check_name(&name)?;
-        let r = self.inspect(&name).await.map(Image::into_disk_info);
+        let r = self.inspect(&name).await.map(|(info, _)| info);
         tracing::debug!(%name, ok = r.is_ok(), "info");
         r
     }
 
     async fn list(&self) -> Result<Vec<DiskInfo>, StorageError> {
-        let mut list = Vec::new();
-        for name in self.names()? {
-            match self.inspect(&name).await {
-                Ok(image) => list.push(image.into_disk_info()),
-                Err(StorageError::NotFound { .. }) => {} // deleted meanwhile
-                Err(e) => tracing::warn!(image = %name, error = %e, "not listed"),
+        use std::os::unix::fs::MetadataExt as _;
+        let records: Vec<(String, Record)> =
+            self.index().iter().map(|(n, r)| (n.clone(), r.clone())).collect();
+        let mut list = Vec::with_capacity(records.len());
+        for (name, r) in records {
+            // From the record; the file's allocated bytes from its metadata (no qemu-img).
+            let Ok(m) = std::fs::symlink_metadata(self.path(&name)) else { continue };
+            if !m.file_type().is_file() {
+                continue;
             }
+            list.push(DiskInfo {
+                name,
+                format: r.format,
+                virtual_size: r.virtual_size,
+                actual_size: m.blocks().saturating_mul(512),
+                backing: r.backing,
+                snapshots: r.snapshots as usize,
+            });
         }
         tracing::debug!(images = list.len(), "list");
         Ok(list)
@@ -729,26 +1165,12 @@ impl Storage for QemuImg {
     }
 }
 
-/// An image as inspected.
-#[derive(Debug)]
-struct Image {
-    name: String,
-    format: Format,
-    json: ImageJson,
-    /// Backing image name, its recorded format (if qcow2 or raw), the recorded format string.
-    backing: Option<(String, Option<Format>, Option<String>)>,
-}
-
-impl Image {
-    fn into_disk_info(self) -> DiskInfo {
-        DiskInfo {
-            name: self.name,
-            format: self.format,
-            virtual_size: self.json.virtual_size,
-            actual_size: self.json.actual_size.unwrap_or(0),
-            backing: self.backing.map(|(b, _, _)| b),
-            snapshots: self.json.snapshots.len(),
-        }
+/// The error for `info --output=json` output that does not parse.
+fn unexpected_info(name: &str, e: &serde_json::Error) -> StorageError {
+    StorageError::ToolFailed {
+        tool: TOOL.into(),
+        status: "exit status: 0".into(),
+        message: format!("unexpected `info --output=json` output for {name:?}: {e}"),
     }
 }
 
@@ -852,7 +1274,21 @@ fn check_size(size: Size) -> Result<(), StorageError> {
     Err(StorageError::InvalidSize { reason })
 }
 
-/// qcow2 if the header has the qcow2 magic and version 2 or 3; raw otherwise.
+/// Bytes of a qcow2 header read at adoption (version 3 header up to its incompatible features).
+const QCOW2_HEADER: usize = 104;
+
+/// Whether a qcow2 header (version 3) sets the incompatible feature "external data file".
+fn qcow2_has_data_file(head: &[u8]) -> bool {
+    match head.get(4..8).zip(head.get(72..80)) {
+        Some((version, features)) => {
+            version == [0, 0, 0, 3] && features.get(7).is_some_and(|low| low & 0b100 != 0)
+        }
+        None => false,
+    }
+}
+
+/// qcow2 if the header has the qcow2 magic and version 2 or 3; raw otherwise (adoption only:
+/// after that, the record says).
 fn format_from_header(head: &[u8]) -> Format {
     match head {
         [b'Q', b'F', b'I', 0xfb, v0, v1, v2, v3, ..]
@@ -1339,6 +1775,65 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
+    }
+
+    /// What the service's qemu-img may open: the files its call names, nothing else — even
+    /// when its arguments (a forged `json:` backing) ask for more.
+    #[tokio::test]
+    async fn the_services_qemu_img_opens_only_the_files_of_its_call() {
+        let base = std::env::temp_dir().join(format!("dombus-qemu-sandbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        std::fs::create_dir_all(&outside).unwrap();
+        let secret = outside.join("secret");
+        std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+        let s = QemuImg::new(root, "qemu-img".into()).unwrap();
+        s.create("a".into(), Size(1 << 20), None, None).await.unwrap();
+        s.create("b".into(), Size(1 << 20), Some(Format::Raw), None).await.unwrap();
+        let a = s.path("a");
+        let forged = serde_json::json!({
+            "driver": "qcow2",
+            "file": { "driver": "file", "filename": a },
+            "backing": { "driver": "raw", "file": { "driver": "file", "filename": secret } },
+        });
+        let forged: OsString = format!("json:{forged}").into();
+        let denied = |r: Result<Vec<u8>, StorageError>| match r {
+            Err(StorageError::ToolFailed { message, .. }) => {
+                assert!(message.contains("Permission denied"), "{message}")
+            }
+            r => panic!("expected EACCES, got {r:?}"),
+        };
+        let a_read = [(a.as_path(), Access::Read)];
+        let info = |f: &OsString| vec!["info".into(), "-U".into(), "--backing-chain".into(), f.clone()];
+        // (`info` opens no backing; `convert` reads through it.)
+        let tmp = s.temp_for("x").unwrap();
+        let convert =
+            vec!["convert".into(), "-O".into(), "raw".into(), forged.clone(), tmp.path.clone().into()];
+        denied(
+            s.run("x", convert, None, &[(a.as_path(), Access::Read), (&tmp.path, Access::ReadWrite)]).await,
+        );
+        let secret_raw = || -> OsString {
+            format!(
+                "json:{}",
+                serde_json::json!({"driver": "raw", "file": {"driver": "file", "filename": secret}})
+            )
+            .into()
+        };
+        denied(s.run("a", info(&secret_raw()), None, &a_read).await);
+        let resize = vec!["resize".into(), secret_raw(), "2M".into()];
+        denied(s.run("a", resize, None, &a_read).await);
+        // Another image of the root, not named by the call.
+        denied(s.run("a", info(&s.path("b").into_os_string()), None, &a_read).await);
+        // A write to a file the call only reads.
+        let resize_a =
+            vec!["resize".into(), "-f".into(), "qcow2".into(), a.clone().into_os_string(), "2M".into()];
+        denied(s.run("a", resize_a, None, &a_read).await);
+        // What the call names, it may.
+        s.run("a", info(&a.clone().into_os_string()), None, &a_read).await.unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), vec![0x5a; 1 << 20]);
+        drop(tmp);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     proptest! {

@@ -101,6 +101,33 @@ impl QemuImgGate {
         self.dir.join("qemu-img")
     }
 
+    /// What the service's sandbox must let the wrapper do besides running qemu-img: execute
+    /// bash and the tools it calls (in `/usr/bin`), and read and write its state files (in its
+    /// own directory, outside the root) and `/dev/null`. Given to the service explicitly (the
+    /// default sandbox allows none of it).
+    pub fn sandbox_paths(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        (vec!["/usr/bin".into()], vec![self.dir.clone(), "/dev/null".into()])
+    }
+
+    /// The service configuration running this wrapper: the default, plus [`Self::sandbox_paths`].
+    pub fn config(&self) -> dombus_services::storage::StorageConfig {
+        let (sandbox_read, sandbox_write) = self.sandbox_paths();
+        dombus_services::storage::StorageConfig { sandbox_read, sandbox_write, ..Default::default() }
+    }
+
+    /// The daemon's command-line arguments for [`Self::sandbox_paths`].
+    pub fn sandbox_args(&self) -> Vec<std::ffi::OsString> {
+        let (read, write) = self.sandbox_paths();
+        let mut args = Vec::new();
+        for p in read {
+            args.extend(["--sandbox-read".into(), p.into_os_string()]);
+        }
+        for p in write {
+            args.extend(["--sandbox-write".into(), p.into_os_string()]);
+        }
+        args
+    }
+
     fn set_mode(&self, mode: &str) {
         let _ = std::fs::remove_file(self.dir.join("held"));
         let _ = std::fs::remove_file(self.dir.join("release"));

@@ -271,3 +271,38 @@ fn watch_fd_is_pollable() {
     let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
     assert_eq!(rustix::event::poll(&mut fds, Some(&zero)).unwrap(), 0, "drained watch still readable");
 }
+
+/// A domain that asks for large replies and never reads them is disconnected once the bytes
+/// queued for it pass the daemon's bound, long before the message count would: the daemon never
+/// holds more than `QUEUE_BYTES` (4 MiB) for it, not `QUEUE_LEN` × 64 KiB.
+#[test]
+fn a_domain_that_does_not_read_large_replies_is_cut_off_by_bytes() {
+    use dombus_transport_xen::sim::{QUEUE_BYTES, QUEUE_LEN};
+    let (_hv, sock) = daemon("bytes");
+    let good = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let fd = raw(&sock);
+    hello(&fd, &sock, 2);
+    send(&fd, &msg(2, Op::Write { path: "big".into(), value: vec![7; 4096] })).unwrap();
+    assert!(matches!(recv(&fd, Duration::from_secs(30)), Some(ServerMsg::Reply { id: 2, result: Ok(_) })));
+    // Three times the byte bound in replies, well under the message bound.
+    let asks = 3 * QUEUE_BYTES / 4096;
+    assert!(asks < QUEUE_LEN);
+    for id in 0..asks as u64 {
+        if send(&fd, &msg(10 + id, Op::Read { path: "big".into() })).is_err() {
+            break; // already disconnected
+        }
+    }
+    let mut replies = 0;
+    loop {
+        match recv(&fd, Duration::from_secs(30)) {
+            Some(ServerMsg::Reply { .. }) => replies += 1,
+            Some(ServerMsg::Fatal { .. }) | Some(ServerMsg::Event(_)) => {}
+            None => break,
+        }
+        assert!(replies < asks, "all {asks} large replies were queued: never disconnected");
+    }
+    assert!(replies < asks);
+    // Everyone else goes on.
+    good.store().write("k", b"v").unwrap();
+    assert_eq!(good.store().read("k").unwrap(), b"v");
+}

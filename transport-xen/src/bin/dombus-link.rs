@@ -35,6 +35,10 @@ struct Args {
     /// domain that token names, or domain 0 (the toolstack, with the simulator's key) if none.
     #[arg(long, conflicts_with = "xen")]
     domid: Option<u16>,
+    /// Create domain `--domid` first, as the toolstack (with the simulator's key), then attach
+    /// as it: for scripts that play the toolstack, e.g. the hostile-peer soak.
+    #[arg(long, requires = "domid", conflicts_with = "xen")]
+    boot: bool,
     /// Use real Xen (/dev/xen/* and xenstore) instead of the simulator.
     #[arg(long)]
     xen: bool,
@@ -222,6 +226,7 @@ async fn run(args: Args) -> Result<()> {
             // With a token (from the toolstack that created the domain) it attaches as that domain;
             // without, as domain 0 (the toolstack, reading the simulator's key).
             let backend = match (std::env::var(dombus_transport_xen::sim::TOKEN_ENV), args.domid) {
+                (_, Some(domid)) if args.boot => SimBackend::boot_named(socket, Some(DomId(domid)), "dombus-link"),
                 (Ok(token), None) => SimBackend::attach(socket, &token),
                 (_, domid) => SimBackend::attach_from_env(socket, DomId(domid.unwrap_or(0))),
             }

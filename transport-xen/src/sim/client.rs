@@ -277,7 +277,9 @@ impl SimBackend {
 
     /// Attaches as domain 0, the toolstack, with the key the daemon keeps beside its socket.
     pub fn toolstack(socket: impl AsRef<Path>) -> Result<SimBackend> {
-        SimBackend::attach(socket.as_ref(), &read_key(socket.as_ref())?)
+        let path = socket.as_ref();
+        let conn = Conn::open(path, "0")?;
+        SimBackend::hello(conn, &read_key(path)?)
     }
 
     /// Creates domain `domid` (`None`: the lowest free id >= 1) named `name`, as the toolstack:
@@ -304,8 +306,8 @@ impl SimBackend {
     /// [`SimBackend::boot`] with the given name (stored at `/local/domain/<id>/name`).
     pub fn boot_named(socket: impl AsRef<Path>, domid: Option<DomId>, name: &str) -> Result<SimBackend> {
         let path = socket.as_ref();
-        let key = read_key(path)?;
         let conn = Conn::open(path, &domid.map_or_else(|| "?".to_string(), |d| d.to_string()))?;
+        let key = read_key(path)?;
         if domid == Some(DomId::DOM0) {
             return SimBackend::hello(conn, &key);
         }

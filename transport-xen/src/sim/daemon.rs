@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -26,6 +26,10 @@ use crate::types::{DomId, PAGE_SIZE};
 
 /// Messages queued for one domain before it is considered unresponsive and disconnected.
 pub const QUEUE_LEN: usize = 4096;
+/// Bytes queued for one domain before it is considered unresponsive and disconnected (its
+/// replies can be up to [`proto::MAX_MSG`] each: without this, a domain asking for large
+/// directories and never reading would make the daemon hold `QUEUE_LEN` × 64 KiB = 256 MiB).
+pub const QUEUE_BYTES: usize = 4 << 20;
 /// How long the daemon waits on a domain's full socket before disconnecting it.
 pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest allocation of one `share_pages` call, in pages.
@@ -52,6 +56,8 @@ struct Outbox {
     tx: SyncSender<(Vec<u8>, Fds)>,
     sock: Arc<OwnedFd>,
     kicked: Arc<AtomicBool>,
+    /// Bytes in `tx` not yet written (bounded by [`QUEUE_BYTES`]).
+    queued: Arc<AtomicUsize>,
     domid: u16,
 }
 
@@ -76,18 +82,30 @@ impl Outbox {
     }
 
     fn push_bytes(&self, bytes: Vec<u8>, fds: Fds) {
+        let n = bytes.len();
+        let before = self.queued.fetch_add(n, Ordering::SeqCst);
+        if before + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::SeqCst);
+            return self.kick(format_args!("{before} bytes queued"));
+        }
         match self.tx.try_send((bytes, fds)) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(n, Ordering::SeqCst);
+            }
             Err(TrySendError::Full(_)) => {
-                if !self.kicked.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(
-                        "domain {} does not read its connection ({QUEUE_LEN} messages queued): disconnecting it",
-                        self.domid
-                    );
-                }
-                let _ = rustix::net::shutdown(&*self.sock, Shutdown::Both);
+                self.queued.fetch_sub(n, Ordering::SeqCst);
+                self.kick(format_args!("{QUEUE_LEN} messages queued"));
             }
         }
+    }
+
+    /// Disconnects a domain that does not read what it is sent.
+    fn kick(&self, why: std::fmt::Arguments<'_>) {
+        if !self.kicked.swap(true, Ordering::SeqCst) {
+            tracing::warn!("domain {} does not read its connection ({why}): disconnecting it", self.domid);
+        }
+        let _ = rustix::net::shutdown(&*self.sock, Shutdown::Both);
     }
 }
 
@@ -657,12 +675,18 @@ impl Daemon {
             tracing::warn!("connection {conn}: cannot set send timeout: {e}");
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
-        let out =
-            Outbox { tx, sock: sock.clone(), kicked: Arc::new(AtomicBool::new(false)), domid: u16::MAX };
+        let queued = Arc::new(AtomicUsize::new(0));
+        let out = Outbox {
+            tx,
+            sock: sock.clone(),
+            kicked: Arc::new(AtomicBool::new(false)),
+            queued: queued.clone(),
+            domid: u16::MAX,
+        };
         let writer_sock = sock.clone();
         let writer = std::thread::Builder::new()
             .name(format!("simxen-w{conn}"))
-            .spawn(move || writer_loop(writer_sock, rx));
+            .spawn(move || writer_loop(writer_sock, rx, queued));
         if let Err(e) = writer {
             tracing::warn!("connection {conn}: cannot start writer thread: {e}");
             return;
@@ -754,10 +778,12 @@ fn hung_up(sock: &OwnedFd) -> bool {
         && fds[0].revents().intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::RDHUP)
 }
 
-fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<(Vec<u8>, Fds)>) {
+fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<(Vec<u8>, Fds)>, queued: Arc<AtomicUsize>) {
     while let Ok((bytes, fds)) = rx.recv() {
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-        if let Err(e) = fdpass::send(sock.as_fd(), &bytes, &borrowed) {
+        let sent = fdpass::send(sock.as_fd(), &bytes, &borrowed);
+        queued.fetch_sub(bytes.len(), Ordering::SeqCst);
+        if let Err(e) = sent {
             tracing::debug!("send to domain failed: {e}");
             break;
         }
@@ -1008,7 +1034,13 @@ mod tests {
         for &d in doms {
             let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
             let sock = Arc::new(mem::eventfd().unwrap_or_else(|e| panic!("eventfd: {e}")));
-            let out = Outbox { tx, sock, kicked: Arc::new(AtomicBool::new(false)), domid: d };
+            let out = Outbox {
+                tx,
+                sock,
+                kicked: Arc::new(AtomicBool::new(false)),
+                queued: Arc::new(AtomicUsize::new(0)),
+                domid: d,
+            };
             let credential = if d == 0 {
                 token::key_text(&key)
             } else {

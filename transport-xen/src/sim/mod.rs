@@ -39,4 +39,4 @@ pub mod store;
 mod token;
 
 pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV};
-pub use daemon::{SimHypervisor, SimHypervisorHandle, SimStopper};
+pub use daemon::{QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle, SimStopper};

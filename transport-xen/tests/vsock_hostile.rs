@@ -102,8 +102,10 @@ async fn a_peer_flooding_requests_for_answers_and_never_reading_cannot_grow_the_
     // The good domain's link to the victim, with an echo service on the victim.
     let listener = Link::listen(&victim, "data/good", DomId(3), &cfg).unwrap();
     let (lv, lg) = tokio::join!(listener.accept(), Link::connect(&good, "data/good", DomId(1), &cfg));
-    let (vm_good, gm) =
-        (Mux::spawn(lv.unwrap(), SessionConfig::default()), Mux::spawn(lg.unwrap(), SessionConfig::default()));
+    let (vm_good, gm) = (
+        Mux::spawn(lv.unwrap(), SessionConfig::default()),
+        Mux::spawn(lg.unwrap(), SessionConfig::default()),
+    );
     let echo = vm_good.listen(7).unwrap();
     let echoer = tokio::spawn(async move {
         let mut s = echo.accept().await.unwrap();
@@ -161,9 +163,7 @@ async fn a_peer_flooding_requests_for_answers_and_never_reading_cannot_grow_the_
     assert_eq!(diag::ping(&mut c, 64, 10, 50).await.unwrap().unwrap().count, 50);
     let stats = vm_evil.stats();
     let grown = live_bytes() - live0;
-    eprintln!(
-        "flood of {FLOOD} packets (all written: {written}): victim heap grew {grown} bytes; {stats:?}"
-    );
+    eprintln!("flood of {FLOOD} packets (all written: {written}): victim heap grew {grown} bytes; {stats:?}");
     assert!(
         grown <= MAX_GROWTH,
         "the victim's heap grew by {grown} bytes under the flood (bound {MAX_GROWTH}); {stats:?}"

@@ -234,7 +234,8 @@ async fn connections_past_the_receive_budget_are_refused_and_closing_one_lets_th
     assert_eq!(victim.connections(), fits);
     // The earlier connections keep working.
     for c in [0, fits - 1] {
-        let lat = tokio::time::timeout(T, diag::ping(&mut conns[c], 64, 1, 5)).await.unwrap().unwrap().unwrap();
+        let lat =
+            tokio::time::timeout(T, diag::ping(&mut conns[c], 64, 1, 5)).await.unwrap().unwrap().unwrap();
         assert_eq!(lat.count, 5);
     }
     // Closing one lets the next in, once the victim has let go of it.

@@ -255,7 +255,10 @@ impl Mux {
     /// because the peer does not take the answers it asked for.
     pub fn stats(&self) -> MuxStats {
         let session = self.shared.lock().session.stats();
-        MuxStats { session, reading_paused: self.shared.reading_paused.load(std::sync::atomic::Ordering::Relaxed) }
+        MuxStats {
+            session,
+            reading_paused: self.shared.reading_paused.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Accepts connections to our `port` from the peer.

@@ -1020,7 +1020,9 @@ mod tests {
         deliver(&mut b, &mut a);
         // B's side of the closed one stays until B's local side releases it.
         assert_eq!(b.len(), 3);
-        assert!(events(&mut b).contains(&Event::Closed(ConnId { local: 80, peer: 1000 }, CloseReason::Finished)));
+        assert!(
+            events(&mut b).contains(&Event::Closed(ConnId { local: 80, peer: 1000 }, CloseReason::Finished))
+        );
         b.close(ConnId { local: 80, peer: 1000 });
         assert_eq!(b.len(), 2);
         a.connect(ids[3]).unwrap();
@@ -1030,7 +1032,8 @@ mod tests {
 
     #[test]
     fn data_waits_for_room_in_the_transmit_queue() {
-        let big = SessionConfig { buf_alloc: 1 << 20, rx_budget: u64::MAX, max_transmit_bytes: 1000, ..small() };
+        let big =
+            SessionConfig { buf_alloc: 1 << 20, rx_budget: u64::MAX, max_transmit_bytes: 1000, ..small() };
         let (mut a, mut b) = (Session::new(big.clone()), Session::new(big));
         let ia = ConnId { local: 1, peer: 2 };
         a.connect(ia).unwrap();

@@ -100,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
                 let id = ConnId { local: port(&mut u), peer: port(&mut u) };
                 let len = u.int_in_range(0usize..=buf.len()).unwrap_or(0);
                 // Checked when sent: the peer may change its advertisement before it leaves.
-                if let Ok(n) = s.send(id, &buf[..len]) {
+                if let Ok(n @ 1..) = s.send(id, &buf[..len]) {
                     let (alloc, fwd, sent) = credit.get(&id).copied().unwrap_or((0, 0, 0));
                     let sent = sent.wrapping_add(n as u32);
                     assert!(sent.wrapping_sub(fwd) <= alloc, "sent beyond the peer's credit");

@@ -375,6 +375,12 @@ impl LinkStream {
 pub const VSOCK_ECHO_ROLE: &str = "vsock-echo";
 /// Port of the measured connection in [`VsockPingPong`].
 const VSOCK_ECHO_PORT: u32 = 7;
+/// The sessions of [`VsockPingPong`]: its idle connections are far past the defaults for a link
+/// from a guest (64 connections by receive budget), so both ends raise the limits on purpose.
+fn many_connections() -> SessionConfig {
+    SessionConfig { max_connections: 20_000, rx_budget: u64::MAX, ..SessionConfig::default() }
+}
+
 /// Port the idle connections of [`VsockPingPong`] go to.
 const VSOCK_IDLE_PORT: u32 = 1;
 
@@ -405,7 +411,7 @@ impl VsockPingPong {
         let Parts { link, rt, peer, backend, hv, dir } =
             establish(VSOCK_ECHO_ROLE, idle, &LinkConfig::default())?;
         let (mux, stream, idle) = rt.block_on(async {
-            let mux = Mux::spawn(link, SessionConfig::default());
+            let mux = Mux::spawn(link, many_connections());
             let stream = mux.connect(VSOCK_ECHO_PORT).await?;
             let mut held = Vec::with_capacity(idle);
             for _ in 0..idle {
@@ -462,7 +468,7 @@ impl Drop for VsockPingPong {
 /// measured one until it ends.
 pub(crate) fn vsock_echo_child(arg: &str) -> io::Result<()> {
     peer_session(arg, |link, _idle| async move {
-        let mux = Mux::spawn(link, SessionConfig::default());
+        let mux = Mux::spawn(link, many_connections());
         let idle = mux.listen(VSOCK_IDLE_PORT)?;
         let holder = tokio::spawn(async move {
             let mut held = Vec::new();

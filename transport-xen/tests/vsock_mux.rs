@@ -199,3 +199,77 @@ async fn a_peer_that_overruns_its_credit_is_disconnected_and_others_live_on() {
     tokio::time::timeout(T, s.read_exact(&mut b)).await.unwrap().unwrap();
     assert_eq!(&b, b"fine");
 }
+
+/// The connecting side's own limits out of the way: only the victim's refuse.
+fn roomy() -> SessionConfig {
+    SessionConfig { rx_budget: u64::MAX, max_connections: 4096, ..SessionConfig::default() }
+}
+
+#[tokio::test]
+async fn connections_past_the_receive_budget_are_refused_and_closing_one_lets_the_next_in() {
+    let h = host("mux-budget");
+    let (s, c) = links(&h, "data/budget").await;
+    let cfg = SessionConfig::default();
+    let fits = usize::try_from(cfg.rx_budget / u64::from(cfg.buf_alloc)).unwrap();
+    let victim = Mux::spawn(s, cfg);
+    let client = Mux::spawn(c, roomy());
+    let l = victim.listen(80).unwrap();
+    let _server = tokio::spawn(async move {
+        while let Ok(mut s) = l.accept().await {
+            tokio::spawn(async move { diag::echo(&mut s).await });
+        }
+    });
+    let mut conns = Vec::new();
+    for _ in 0..fits {
+        conns.push(tokio::time::timeout(T, client.connect(80)).await.unwrap().unwrap());
+    }
+    let err = tokio::time::timeout(T, client.connect(80))
+        .await
+        .unwrap()
+        .map(|_| ())
+        .expect_err("a connection past the victim's receive budget was accepted");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let stats = victim.stats().session;
+    assert_eq!((stats.refused_budget, stats.refused_limit), (1, 0), "{stats:?}");
+    assert_eq!(victim.connections(), fits);
+    // The earlier connections keep working.
+    for c in [0, fits - 1] {
+        let lat =
+            tokio::time::timeout(T, diag::ping(&mut conns[c], 64, 1, 5)).await.unwrap().unwrap().unwrap();
+        assert_eq!(lat.count, 5);
+    }
+    // Closing one lets the next in, once the victim has let go of it.
+    drop(conns.remove(0));
+    tokio::time::timeout(LIVENESS, async {
+        while victim.connections() >= fits {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the victim did not let go of a closed connection");
+    let mut again = tokio::time::timeout(T, client.connect(80)).await.unwrap().unwrap();
+    assert_eq!(diag::ping(&mut again, 64, 1, 5).await.unwrap().unwrap().count, 5);
+    assert!(victim.stopped().is_none() && client.stopped().is_none());
+}
+
+#[tokio::test]
+async fn connections_nobody_accepts_are_bounded_by_the_budget() {
+    let h = host("mux-backlog");
+    let (s, c) = links(&h, "data/backlog").await;
+    let cfg = SessionConfig::default();
+    let fits = usize::try_from(cfg.rx_budget / u64::from(cfg.buf_alloc)).unwrap();
+    let victim = Mux::spawn(s, cfg);
+    let client = Mux::spawn(c, roomy());
+    // A listener whose owner never calls accept: its backlog holds what the session accepted.
+    let _never = victim.listen(80).unwrap();
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..3 * fits {
+        match tokio::time::timeout(T, client.connect(80)).await.unwrap() {
+            Ok(s) => held.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (fits, 2 * fits));
+    assert_eq!(victim.connections(), fits);
+}

@@ -107,10 +107,9 @@ async fn ten_thousand_idle_connections_cost_bounded_memory_beside_a_busy_one() {
     let cfg = LinkConfig::default();
     let listener = Link::listen(&a, "data/scale", DomId(2), &cfg).unwrap();
     let (la, lb) = tokio::join!(listener.accept(), Link::connect(&b, "data/scale", DomId(1), &cfg));
-    let (ma, mb) = (
-        Mux::spawn(la.unwrap(), SessionConfig::default()),
-        Mux::spawn(lb.unwrap(), SessionConfig::default()),
-    );
+    // Room for 10,001 connections: the defaults bound a link from a guest to 64.
+    let cfg = SessionConfig { max_connections: IDLE + 1, rx_budget: u64::MAX, ..SessionConfig::default() };
+    let (ma, mb) = (Mux::spawn(la.unwrap(), cfg.clone()), Mux::spawn(lb.unwrap(), cfg));
 
     // The busy connection, used before the idle ones exist (so its buffers and the writers'
     // batches are allocated before the count starts) and beside them.

@@ -5,10 +5,15 @@
 //! (the target stops); an `RST` from the peer is never answered (with anything); every packet
 //! the session emits decodes cleanly to exactly the header it was encoded from (so its flags
 //! suit its op) and its payload matches its length; a connection's emitted data never exceeds
-//! the credit the peer advertised.
+//! the credit the peer advertised. Queue bounds: the peer's packets are fed only while the
+//! session wants input (as the shell reads), and the session is drained only now and then: the
+//! queued control packets never exceed the bound by more than one packet and the local side's
+//! own (at most four per connection), queued data never exceeds
+//! `max_transmit_bytes`, and no two `RST`s for one pair or two `CREDIT_UPDATE`s for one
+//! connection leave in one drain.
 #![no_main]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use arbitrary::Unstructured;
 use dombus_transport_xen::vsock::packet::{Header, Op};
@@ -17,7 +22,15 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let mut s = Session::new(SessionConfig { buf_alloc: 4096, max_connections: 16 });
+    let cfg = SessionConfig {
+        buf_alloc: 4096,
+        max_connections: 16,
+        rx_budget: 12 * 4096,
+        max_transmit_bytes: 8192,
+        max_queued_control: 40,
+    };
+    let bound = cfg.control_bound() + 1 + 4 * cfg.connection_limit();
+    let mut s = Session::new(cfg.clone());
     // What the hostile peer has advertised per connection (buf_alloc, fwd_cnt), and what we sent.
     let mut credit: HashMap<ConnId, (u32, u32, u32)> = HashMap::new();
     let mut buf = [0u8; 300];
@@ -44,14 +57,17 @@ fuzz_target!(|data: &[u8]| {
                 bytes.extend(std::iter::repeat_n(0xA5, n));
                 let id = ConnId { local: h.dst_port, peer: h.src_port };
                 let known = s.connections();
-                // Everything the session had to send went out after the previous step.
-                assert!(!s.has_transmit());
+                if !s.wants_input() {
+                    // The shell does not read the link now.
+                    continue;
+                }
+                let queued = s.stats().queued_bytes;
                 if s.handle(&bytes).is_err() {
                     return;
                 }
                 if let Ok(ok) = Header::decode(&bytes) {
                     if ok.op == Op::Rst {
-                        assert!(!s.has_transmit(), "the session answered an RST: {:?}", s.poll_transmit());
+                        assert_eq!(s.stats().queued_bytes, queued, "the session answered an RST");
                     }
                     match ok.op {
                         // A new incarnation starts from nothing sent (an existing pair is reset
@@ -83,7 +99,13 @@ fuzz_target!(|data: &[u8]| {
             4 => {
                 let id = ConnId { local: port(&mut u), peer: port(&mut u) };
                 let len = u.int_in_range(0usize..=buf.len()).unwrap_or(0);
-                let _ = s.send(id, &buf[..len]);
+                // Checked when sent: the peer may change its advertisement before it leaves.
+                if let Ok(n @ 1..) = s.send(id, &buf[..len]) {
+                    let (alloc, fwd, sent) = credit.get(&id).copied().unwrap_or((0, 0, 0));
+                    let sent = sent.wrapping_add(n as u32);
+                    assert!(sent.wrapping_sub(fwd) <= alloc, "sent beyond the peer's credit");
+                    credit.insert(id, (alloc, fwd, sent));
+                }
             }
             5 => {
                 let id = ConnId { local: port(&mut u), peer: port(&mut u) };
@@ -94,19 +116,27 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => s.close(ConnId { local: port(&mut u), peer: port(&mut u) }),
         }
+        let st = s.stats();
+        assert!(st.queued_control <= bound, "{st:?}");
+        assert!(st.queued_bytes <= cfg.max_transmit_bytes + 24 * (bound + 4 * cfg.max_connections), "{st:?}");
+        assert!(s.len() <= 12, "{} connections past the budget", s.len());
+        // Drain only now and then, so that answers pile up between drains.
+        if !u.arbitrary::<bool>().unwrap_or(true) {
+            continue;
+        }
+        let (mut rsts, mut updates) = (HashSet::new(), HashSet::new());
         while let Some(t) = s.poll_transmit() {
+            let pair = (t.header.src_port, t.header.dst_port);
+            match t.header.op {
+                Op::Rst => assert!(rsts.insert(pair), "two RSTs for {pair:?} in one drain"),
+                Op::CreditUpdate => assert!(updates.insert(pair), "two updates for {pair:?} in one drain"),
+                _ => {}
+            }
             let mut wire = t.header.encode().to_vec();
             wire.extend_from_slice(&t.payload);
             let h = Header::decode(&wire).expect("the session emitted an invalid header");
             assert_eq!(h, t.header, "the emitted header does not decode to itself");
             assert_eq!(h.len as usize, t.payload.len(), "{h:?}");
-            if h.op == Op::Rw {
-                let id = ConnId { local: h.src_port, peer: h.dst_port };
-                let (alloc, fwd, sent) = credit.get(&id).copied().unwrap_or((0, 0, 0));
-                let sent = sent.wrapping_add(h.len);
-                assert!(sent.wrapping_sub(fwd) <= alloc, "sent beyond the peer's credit");
-                credit.insert(id, (alloc, fwd, sent));
-            }
         }
     }
 });

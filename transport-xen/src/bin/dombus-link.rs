@@ -94,6 +94,31 @@ enum Role {
         /// How long to keep mapping.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    /// Hostile virtual-socket peer, for soaks: join the link to domain `--peer` (running
+    /// `vsock-echo`) by hand and write `--count` packets that each ask for an answer, never
+    /// reading one. `--kind credit`: CREDIT_REQUESTs on one connection to `--port`; `--kind rst`:
+    /// packets for connections that do not exist, from a new port each (an RST each). A victim
+    /// that bounds what it queues stops reading the link: after `--stall-s` seconds without
+    /// progress this prints `stalled=yes` (else `stalled=no` once all are written).
+    VsockFlood {
+        /// The victim domain.
+        #[arg(long)]
+        peer: u16,
+        /// What each packet asks for.
+        #[arg(long, value_enum)]
+        kind: FloodKind,
+        /// The victim's listening port (`--kind credit` connects to it).
+        #[arg(long, default_value_t = 5000)]
+        port: u32,
+        /// Packets to write.
+        #[arg(long, default_value_t = 10_000_000)]
+        count: u64,
+        /// Seconds without progress after which the flood counts as held back.
+        #[arg(long, default_value_t = 5)]
+        stall_s: u64,
+        /// Keep the link open after reporting, until killed (to sample the victim meanwhile).
+        #[arg(long)]
+        hold: bool,
     },
     /// Hostile client: connect by hand and scribble on the ring indices.
     Scribble {
@@ -265,6 +290,9 @@ async fn run_on<B: Backend + Clone>(backend: B, role: Role) -> Result<()> {
         Role::Scribble { path, peer } => scribble(&backend, &path, DomId(peer)).await,
         Role::FloodRequests { peer, seconds } => flood_requests(&backend, DomId(peer), seconds),
         Role::FloodMaps { seconds } => flood_maps(&backend, seconds),
+        Role::VsockFlood { peer, kind, port, count, stall_s, hold } => {
+            vsock_flood(backend, DomId(peer), kind, port, count, Duration::from_secs(stall_s), hold).await
+        }
         Role::VsockEcho { port, park } => {
             let vs = VsockDomain::start(backend, VsockConfig::default())?;
             let mut listener = vs.listen(port)?;
@@ -559,5 +587,91 @@ fn flood_maps<B: Backend>(backend: &B, seconds: u64) -> Result<()> {
         }
     }
     println!("maps={} refused={refused}", maps.len());
+/// What `vsock-flood` asks the victim to answer.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FloodKind {
+    /// `CREDIT_REQUEST`s on one real connection (each asks for a `CREDIT_UPDATE`).
+    Credit,
+    /// Packets for connections that do not exist, from a new port each (each asks for an `RST`).
+    Rst,
+}
+
+/// A hostile virtual-socket peer: joins the link to `peer` by hand, as `VsockDomain` would, and
+/// writes `count` packets that each ask for an answer, never reading one. A victim that bounds
+/// what it queues stops reading the link, and the flood stalls: after `stall` without progress
+/// it reports and, with `hold`, keeps the link open until killed.
+async fn vsock_flood<B: Backend + Clone>(
+    backend: B,
+    peer: DomId,
+    kind: FloodKind,
+    port: u32,
+    count: u64,
+    stall: Duration,
+    hold: bool,
+) -> Result<()> {
+    use dombus_transport_xen::backend::{Perm, PermKind, publish};
+    use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
+    let me = backend.domid();
+    let cfg = LinkConfig::default();
+    // The link set-up of `vsock::domain`: the lower domain serves, the higher one asks for it.
+    let mut link = if me < peer {
+        let listener = Link::listen(&backend, &format!("data/dombus/link/{}", peer.0), peer, &cfg)
+            .context("publishing the link")?;
+        tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .context("the victim did not join the link")?
+            .context("accepting the victim")?
+    } else {
+        let want = format!("/local/domain/{}/data/dombus/want/{}", me.0, peer.0);
+        let perms = [Perm { domid: me, kind: PermKind::None }, Perm { domid: peer, kind: PermKind::Read }];
+        publish(backend.store(), &want, b"1", &perms).context("asking for the link")?;
+        let path = format!("/local/domain/{}/data/dombus/link/{}", peer.0, me.0);
+        tokio::time::timeout(Duration::from_secs(30), Link::connect(&backend, &path, peer, &cfg))
+            .await
+            .context("the victim did not publish the link")?
+            .context("joining the link")?
+    };
+    const SRC: u32 = 50_000;
+    if let FloodKind::Credit = kind {
+        link.write_all(&Header::new(Op::Request, SRC, port).encode()).await.context("connecting")?;
+    }
+    let started = std::time::Instant::now();
+    let (mut sent, mut next_port, mut stalled) = (0u64, 0u32, false);
+    let mut batch = Vec::with_capacity(64 << 10);
+    while sent < count {
+        batch.clear();
+        let n = (count - sent).min(((64 << 10) / HEADER_LEN) as u64);
+        for _ in 0..n {
+            let h = match kind {
+                FloodKind::Credit => Header::new(Op::CreditRequest, SRC, port),
+                FloodKind::Rst => {
+                    next_port = next_port.wrapping_add(1);
+                    Header::new(Op::CreditUpdate, next_port, port)
+                }
+            };
+            batch.extend_from_slice(&h.encode());
+        }
+        match tokio::time::timeout(stall, link.write_all(&batch)).await {
+            Ok(r) => r.context("flooding")?,
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+        }
+        sent += n;
+    }
+    println!(
+        "vsock-flood kind={} packets={sent} stalled={} secs={:.3}",
+        match kind {
+            FloodKind::Credit => "credit",
+            FloodKind::Rst => "rst",
+        },
+        if stalled { "yes" } else { "no" },
+        started.elapsed().as_secs_f64()
+    );
+    if hold {
+        println!("holding the link until killed");
+        std::future::pending::<()>().await;
+    }
     Ok(())
 }

@@ -87,6 +87,9 @@ impl<W: StoreWatch> AsyncWatch<W> {
 }
 
 struct Registered {
+    /// Unbounded as a channel, bounded by what it carries: every stream in it is a connection
+    /// its link's session counts against `max_connections` and `rx_budget` until the stream is
+    /// dropped, so a peer fills it no further than its own link's limits.
     sender: mpsc::UnboundedSender<VsockStream>,
     /// One per link: the task moving its accepted connections to `sender`, and what closes its
     /// listener at once (aborting the task frees the port only when the task next runs).

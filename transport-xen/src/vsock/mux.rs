@@ -20,7 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 use super::packet::{HEADER_LEN, Header};
-use super::session::{CloseReason, ConnId, Event, Read, Session, SessionConfig, SessionError, Violation};
+use super::session::{
+    CloseReason, ConnId, Event, Read, Session, SessionConfig, SessionError, SessionStats, Violation,
+};
 use crate::backend::Backend;
 use crate::link::Link;
 
@@ -75,6 +77,11 @@ struct Shared {
     peer: DomId,
     state: Mutex<State>,
     transmit: Notify,
+    /// The writer task put packets on the link: a reader waiting for the session's answers to
+    /// drain ([`Session::wants_input`]) looks again.
+    drained: Notify,
+    /// The reader task waits for the answers it queued to drain before it reads on.
+    reading_paused: std::sync::atomic::AtomicBool,
     /// Tells the reader task to stop (the last handle was dropped).
     closing: Notify,
 }
@@ -219,6 +226,8 @@ impl Mux {
                 next_listener: 0,
             }),
             transmit: Notify::new(),
+            drained: Notify::new(),
+            reading_paused: std::sync::atomic::AtomicBool::new(false),
             closing: Notify::new(),
         });
         let mux = Mux { _owner: Arc::new(Owner(shared.clone())), shared: shared.clone() };
@@ -240,6 +249,16 @@ impl Mux {
     /// Number of connections (any state).
     pub fn connections(&self) -> usize {
         self.shared.lock().session.len()
+    }
+
+    /// What the link's session holds and refused, and whether the reader is holding back
+    /// because the peer does not take the answers it asked for.
+    pub fn stats(&self) -> MuxStats {
+        let session = self.shared.lock().session.stats();
+        MuxStats {
+            session,
+            reading_paused: self.shared.reading_paused.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Accepts connections to our `port` from the peer.
@@ -296,6 +315,15 @@ impl Mux {
         .await?;
         Ok(stream)
     }
+}
+
+/// Counters of one link's multiplexer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MuxStats {
+    /// The session's counters (queued bytes and control packets, refusals, coalesced answers).
+    pub session: SessionStats,
+    /// The reader is not reading the link until the answers already queued for the peer drain.
+    pub reading_paused: bool,
 }
 
 /// Connections accepted on one port. Dropping it stops accepting (pending ones are reset).
@@ -414,7 +442,7 @@ fn session_io(e: SessionError) -> io::Error {
         SessionError::NotFound(_) | SessionError::NotConnected(_) => {
             io::Error::new(io::ErrorKind::NotConnected, e)
         }
-        SessionError::TooManyConnections => io::Error::other(e),
+        SessionError::TooManyConnections | SessionError::OverBudget { .. } => io::Error::other(e),
     }
 }
 
@@ -489,10 +517,43 @@ impl Drop for VsockStream {
     }
 }
 
+/// Waits until the session wants input again (its queued answers drained below the bound).
+/// False if the multiplexer is closing or stopped meanwhile.
+///
+/// Backpressure rather than closing the link: the queue fills only while the peer does not
+/// read the answers it asked for, and a correct peer may be briefly slow to read (a busy guest);
+/// not reading stalls only this link (the peer's own), keeps the session's memory at its bound,
+/// and resumes by itself once the peer reads. A peer that never reads holds nothing but its own
+/// link and the bounded queue.
+async fn wait_for_room(shared: &Shared) -> bool {
+    use std::sync::atomic::Ordering;
+    loop {
+        {
+            let st = shared.lock();
+            if st.stopped.is_some() {
+                return false;
+            }
+            if st.session.wants_input() {
+                shared.reading_paused.store(false, Ordering::Relaxed);
+                return true;
+            }
+        }
+        shared.reading_paused.store(true, Ordering::Relaxed);
+        // The writer's `notify_one` leaves a permit if it ran between the check and this wait.
+        tokio::select! {
+            () = shared.drained.notified() => {}
+            () = shared.closing.notified() => return false,
+        }
+    }
+}
+
 /// Takes packets off the link into the session until the link or the peer fails.
 async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
     let mut packet = vec![0u8; HEADER_LEN];
     let why = loop {
+        if !wait_for_room(&shared).await {
+            break MuxError::Closed;
+        }
         packet.resize(HEADER_LEN, 0);
         let header = tokio::select! {
             r = rd.read_exact(&mut packet) => r,
@@ -559,6 +620,8 @@ async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
                     batch.extend_from_slice(&t.payload);
                     st.session.recycle(t.payload);
                 }
+                // Taking packets may have made room for a sender that waited for it.
+                st.dispatch();
                 st.stopped.is_some()
             };
             if stopped {
@@ -574,8 +637,10 @@ async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
             }
             if let Err(e) = sent {
                 shared.lock().stop(MuxError::LinkLost(e.to_string()));
+                shared.drained.notify_one();
                 return;
             }
+            shared.drained.notify_one();
         }
     }
 }

@@ -20,10 +20,20 @@
 //! after which the connection is gone on both sides. An `RST` ends a connection at once; a
 //! packet for a connection that does not exist is answered with `RST` (never an `RST` for an
 //! `RST`).
+//!
+//! **Bounds.** Everything the peer can make a session hold is bounded by [`SessionConfig`]:
+//! connections (`max_connections`), the receive buffer promised across them (`rx_budget`: a
+//! connection that would take the promise past it is refused, counted in [`SessionStats`]), and
+//! the transmit queue. The answers a peer's packets ask for are coalesced: at most one pending
+//! `CREDIT_UPDATE` per connection (it carries the credit of the moment it is put on the link),
+//! at most one pending `RST` per port pair. What still grows — `RST`s to ever new port pairs —
+//! is the shell's cue to stop reading the link ([`Session::wants_input`]) until the peer takes
+//! the answers; data of ours waits for room in the queue (`max_transmit_bytes`) like it waits
+//! for credit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
-use super::packet::{Header, MAX_PAYLOAD, Op, PacketError, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::packet::{HEADER_LEN, Header, MAX_PAYLOAD, Op, PacketError, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
 /// A connection on a link: (local port, peer port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,20 +44,85 @@ pub struct ConnId {
     pub peer: u32,
 }
 
-/// Tunables of a session.
+/// Tunables of a session. The defaults are safe for a link from an untrusted guest: one link
+/// can make its multiplexer hold under 20 MiB of heap (docs/vsock.md, "Memory").
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Receive buffer per connection, in bytes (advertised as `buf_alloc`).
     pub buf_alloc: u32,
-    /// Most connections (in any state) on the link; further `REQUEST`s are refused.
+    /// Most connections (in any state) on the link; further `REQUEST`s are refused with `RST`
+    /// ([`SessionStats::refused_limit`]) and local connects fail
+    /// ([`SessionError::TooManyConnections`]).
     pub max_connections: usize,
+    /// Most receive buffer, in bytes, promised across the link's connections: each connection
+    /// promises `buf_alloc`, so at most `rx_budget / buf_alloc` connections exist at once.
+    /// Further `REQUEST`s are refused with `RST` ([`SessionStats::refused_budget`]) and local
+    /// connects fail ([`SessionError::OverBudget`]).
+    pub rx_budget: u64,
+    /// Most bytes (headers and payloads) of our own data waiting to be put on the link; a send
+    /// beyond it takes nothing ([`Session::send`] returns `Ok(0)`) and [`Event::Writable`]
+    /// follows when the queue has drained to half of it.
+    pub max_transmit_bytes: usize,
+    /// Most control packets (all but `RW`) waiting to be put on the link before the shell stops
+    /// reading it ([`Session::wants_input`]). At least four per connection the limits allow is
+    /// used ([`SessionConfig::control_bound`]): the local side's own packets (a `REQUEST` or
+    /// `RESPONSE`, two `SHUTDOWN`s, a `CREDIT_UPDATE`) never stop the reader by themselves, and a
+    /// correct peer asks for few answers more, so only a peer that asks for answers and never
+    /// reads them is held back.
+    pub max_queued_control: usize,
 }
 
 impl Default for SessionConfig {
-    /// 256 KiB per connection, 65,536 connections.
+    /// 256 KiB per connection; 256 connections, of which at most 64 at once with the 16 MiB
+    /// receive budget; 1 MiB of queued data; 1,024 queued control packets.
     fn default() -> Self {
-        SessionConfig { buf_alloc: 256 << 10, max_connections: 1 << 16 }
+        SessionConfig {
+            buf_alloc: 256 << 10,
+            max_connections: 256,
+            rx_budget: 16 << 20,
+            max_transmit_bytes: 1 << 20,
+            max_queued_control: 1024,
+        }
     }
+}
+
+impl SessionConfig {
+    /// Most connections that can exist at once: `max_connections`, or fewer if the receive
+    /// budget runs out first.
+    pub fn connection_limit(&self) -> usize {
+        let by_budget = self.rx_budget / u64::from(self.buf_alloc.max(1));
+        self.max_connections.min(usize::try_from(by_budget).unwrap_or(usize::MAX))
+    }
+
+    /// The control-packet bound in force: `max_queued_control`, at least four per connection
+    /// the limits allow.
+    pub fn control_bound(&self) -> usize {
+        self.max_queued_control.max(self.connection_limit().saturating_mul(4))
+    }
+}
+
+/// Counters of a session: what it holds for the link, and what it refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Bytes (headers and payloads) waiting to be put on the link.
+    pub queued_bytes: usize,
+    /// The most `queued_bytes` has been.
+    pub peak_queued_bytes: usize,
+    /// Control packets (all but `RW`) waiting to be put on the link.
+    pub queued_control: usize,
+    /// The most `queued_control` has been.
+    pub peak_queued_control: usize,
+    /// The bound on `queued_control` past which the shell stops reading
+    /// ([`SessionConfig::control_bound`]).
+    pub max_queued_control: usize,
+    /// `REQUEST`s refused because the link had `max_connections` connections.
+    pub refused_limit: u64,
+    /// `REQUEST`s refused because another connection would take the promised receive buffer
+    /// past `rx_budget`.
+    pub refused_budget: u64,
+    /// Answers not queued because the same one was already waiting (a `CREDIT_UPDATE` for the
+    /// connection, an `RST` for the port pair).
+    pub coalesced: u64,
 }
 
 /// What changed, for one connection.
@@ -99,6 +174,12 @@ pub enum SessionError {
     /// The link has as many connections as configured.
     #[error("too many connections on this link")]
     TooManyConnections,
+    /// Another connection would take the receive buffer promised on this link past its budget.
+    #[error("the link's receive budget of {budget} bytes is promised to its connections")]
+    OverBudget {
+        /// [`SessionConfig::rx_budget`].
+        budget: u64,
+    },
 }
 
 /// How the peer broke the protocol. The shell closes the link.
@@ -169,6 +250,11 @@ struct Conn {
     fwd_cnt: u32,
     announced_fwd_cnt: u32,
     peer_shut_send: bool,
+    // Queueing.
+    /// A `CREDIT_UPDATE` for this connection waits in the transmit queue.
+    credit_update_queued: bool,
+    /// A send found the transmit queue full; [`Event::Writable`] follows when it drains.
+    waits_for_room: bool,
 }
 
 impl Conn {
@@ -186,6 +272,8 @@ impl Conn {
             fwd_cnt: 0,
             announced_fwd_cnt: 0,
             peer_shut_send: false,
+            credit_update_queued: false,
+            waits_for_room: false,
         }
     }
 
@@ -220,6 +308,13 @@ pub struct Session {
     config: SessionConfig,
     conns: HashMap<ConnId, Conn>,
     transmit: VecDeque<Transmit>,
+    /// Port pairs with an `RST` in `transmit`: one per pair.
+    rst_queued: HashSet<ConnId>,
+    /// Connections whose send found no room in `transmit` (each once: `Conn::waits_for_room`).
+    room_waiters: Vec<ConnId>,
+    /// Bytes of data packets (header and payload) in `transmit`.
+    queued_data: usize,
+    stats: SessionStats,
     events: VecDeque<Event>,
     /// Payload buffers handed back by [`Session::recycle`], reused by [`Session::send`]: a
     /// stream of 64 KiB packets does not allocate (and fault in) a fresh buffer per packet.
@@ -233,11 +328,15 @@ impl Session {
     /// An empty session.
     pub fn new(config: SessionConfig) -> Session {
         Session {
-            config,
             conns: HashMap::new(),
             transmit: VecDeque::new(),
+            rst_queued: HashSet::new(),
+            room_waiters: Vec::new(),
+            queued_data: 0,
+            stats: SessionStats { max_queued_control: config.control_bound(), ..SessionStats::default() },
             events: VecDeque::new(),
             spare: Vec::new(),
+            config,
         }
     }
 
@@ -271,9 +370,95 @@ impl Session {
         !self.transmit.is_empty()
     }
 
-    /// The next packet to put on the link.
+    /// The next packet to put on the link. A packet of a live connection carries that
+    /// connection's credit as of now, so a coalesced `CREDIT_UPDATE` announces everything read
+    /// until it leaves, and what a connection announces never goes backwards on the link.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmit.pop_front()
+        let mut t = self.transmit.pop_front()?;
+        let len = HEADER_LEN + t.payload.len();
+        self.stats.queued_bytes -= len;
+        let id = ConnId { local: t.header.src_port, peer: t.header.dst_port };
+        match t.header.op {
+            Op::Rw => self.queued_data -= len,
+            op => {
+                if op == Op::Rst {
+                    self.rst_queued.remove(&id);
+                }
+                self.stats.queued_control -= 1;
+            }
+        }
+        if t.header.op != Op::Rst
+            && let Some(c) = self.conns.get_mut(&id)
+        {
+            if t.header.op == Op::CreditUpdate {
+                c.credit_update_queued = false;
+            }
+            t.header.buf_alloc = self.config.buf_alloc;
+            t.header.fwd_cnt = c.fwd_cnt;
+            c.announced_fwd_cnt = c.fwd_cnt;
+        }
+        if !self.room_waiters.is_empty() && self.queued_data <= self.config.max_transmit_bytes / 2 {
+            for id in std::mem::take(&mut self.room_waiters) {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.waits_for_room = false;
+                    self.events.push_back(Event::Writable(id));
+                }
+            }
+        }
+        Some(t)
+    }
+
+    /// False while so many control packets wait for the link that the shell should stop
+    /// reading it until they drain ([`SessionConfig::max_queued_control`]). Every answer to a
+    /// peer's packet (an `RST`, a `CREDIT_UPDATE`, the `RESPONSE` to an accepted `REQUEST`) is
+    /// a control packet, so what a peer that never reads makes the session queue stays at the
+    /// bound; handling one more packet queues at most one more.
+    pub fn wants_input(&self) -> bool {
+        self.stats.queued_control < self.config.control_bound()
+    }
+
+    /// Bytes (headers and payloads) waiting to be put on the link.
+    pub fn queued_bytes(&self) -> usize {
+        self.stats.queued_bytes
+    }
+
+    /// The session's counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    fn push(&mut self, t: Transmit) {
+        let len = HEADER_LEN + t.payload.len();
+        if t.header.op == Op::Rw {
+            self.queued_data += len;
+        } else {
+            self.stats.queued_control += 1;
+            self.stats.peak_queued_control = self.stats.peak_queued_control.max(self.stats.queued_control);
+        }
+        self.stats.queued_bytes += len;
+        self.stats.peak_queued_bytes = self.stats.peak_queued_bytes.max(self.stats.queued_bytes);
+        self.transmit.push_back(t);
+    }
+
+    /// Queues an `RST` for `id`, unless one already waits.
+    fn push_rst(&mut self, id: ConnId) {
+        if self.rst_queued.insert(id) {
+            self.push(Transmit { header: Header::new(Op::Rst, id.local, id.peer), payload: Vec::new() });
+        } else {
+            self.stats.coalesced += 1;
+        }
+    }
+
+    /// Whether one more connection fits the limits.
+    fn admit(&self) -> Result<(), SessionError> {
+        if self.conns.len() >= self.config.max_connections {
+            return Err(SessionError::TooManyConnections);
+        }
+        let promised = (self.conns.len() as u64 + 1).saturating_mul(u64::from(self.config.buf_alloc));
+        if promised > self.config.rx_budget {
+            return Err(SessionError::OverBudget { budget: self.config.rx_budget });
+        }
+        Ok(())
     }
 
     /// The next event for the local side.
@@ -294,9 +479,17 @@ impl Session {
         let mut header = self.header(op, id, self.conns.get(&id));
         header.flags = flags;
         if let Some(c) = self.conns.get_mut(&id) {
+            if op == Op::CreditUpdate {
+                if c.credit_update_queued {
+                    // The one waiting will carry the credit of the moment it leaves.
+                    self.stats.coalesced += 1;
+                    return;
+                }
+                c.credit_update_queued = true;
+            }
             c.announced_fwd_cnt = c.fwd_cnt;
         }
-        self.transmit.push_back(Transmit { header, payload: Vec::new() });
+        self.push(Transmit { header, payload: Vec::new() });
     }
 
     /// Opens a connection from our port `id.local` to the peer's `id.peer`.
@@ -304,9 +497,7 @@ impl Session {
         if self.conns.contains_key(&id) {
             return Err(SessionError::InUse(id));
         }
-        if self.conns.len() >= self.config.max_connections {
-            return Err(SessionError::TooManyConnections);
-        }
+        self.admit()?;
         self.conns.insert(id, Conn::new(State::Connecting));
         self.send_control(Op::Request, id, 0);
         Ok(())
@@ -328,10 +519,7 @@ impl Session {
         match self.conns.get(&id).map(|c| c.state) {
             Some(State::Requested) => {
                 self.conns.remove(&id);
-                self.transmit.push_back(Transmit {
-                    header: Header::new(Op::Rst, id.local, id.peer),
-                    payload: Vec::new(),
-                });
+                self.push_rst(id);
                 Ok(())
             }
             Some(_) => Err(SessionError::NotConnected(id)),
@@ -353,9 +541,19 @@ impl Session {
         if conn.local_shut_send || conn.peer_shut_rcv {
             return Err(SessionError::SendShut(id));
         }
+        let room = self.config.max_transmit_bytes.saturating_sub(self.queued_data + HEADER_LEN);
         let n = (data.len() as u64).min(conn.credit() as u64).min(MAX_PAYLOAD as u64) as u32;
         if n == 0 {
             conn.send_blocked = !data.is_empty();
+            return Ok(0);
+        }
+        // Credit, but the queue to the link is full: wait for it to drain like for credit.
+        let n = n.min(u32::try_from(room).unwrap_or(u32::MAX));
+        if n == 0 {
+            if !conn.waits_for_room {
+                conn.waits_for_room = true;
+                self.room_waiters.push(id);
+            }
             return Ok(0);
         }
         conn.tx_cnt = conn.tx_cnt.wrapping_add(n);
@@ -366,7 +564,7 @@ impl Session {
         header.fwd_cnt = conn.fwd_cnt;
         let mut payload = self.spare.pop().unwrap_or_default();
         payload.extend_from_slice(&data[..n as usize]);
-        self.transmit.push_back(Transmit { header, payload });
+        self.push(Transmit { header, payload });
         Ok(n as usize)
     }
 
@@ -449,6 +647,15 @@ impl Session {
         ids.sort_unstable();
         self.events.extend(ids.into_iter().map(|id| Event::Closed(id, CloseReason::PeerGone)));
         self.transmit.clear();
+        self.rst_queued.clear();
+        self.room_waiters.clear();
+        self.queued_data = 0;
+        self.stats.queued_bytes = 0;
+        self.stats.queued_control = 0;
+        for c in self.conns.values_mut() {
+            c.credit_update_queued = false;
+            c.waits_for_room = false;
+        }
     }
 
     /// Processes one packet from the peer: `bytes` is the header followed by its payload.
@@ -467,10 +674,7 @@ impl Session {
         }
         let Some(conn) = self.conns.get_mut(&id) else {
             if h.op != Op::Rst {
-                self.transmit.push_back(Transmit {
-                    header: Header::new(Op::Rst, id.local, id.peer),
-                    payload: Vec::new(),
-                });
+                self.push_rst(id);
             }
             return Ok(());
         };
@@ -526,10 +730,7 @@ impl Session {
                 if conn.peer_shut_send && conn.peer_shut_rcv {
                     // The peer closed: confirm with RST and end (unread data stays readable).
                     let closing = conn.state == State::Closing;
-                    self.transmit.push_back(Transmit {
-                        header: Header::new(Op::Rst, id.local, id.peer),
-                        payload: Vec::new(),
-                    });
+                    self.push_rst(id);
                     if closing {
                         self.conns.remove(&id);
                     } else {
@@ -544,10 +745,7 @@ impl Session {
             // RESPONSE or RW in a state that does not expect it: the peer is confused about
             // this connection; reset it rather than the whole link.
             _ => {
-                self.transmit.push_back(Transmit {
-                    header: Header::new(Op::Rst, id.local, id.peer),
-                    payload: Vec::new(),
-                });
+                self.push_rst(id);
                 self.end(id, CloseReason::Reset);
             }
         }
@@ -555,17 +753,24 @@ impl Session {
     }
 
     fn on_request(&mut self, id: ConnId, h: &Header) {
-        let refuse = Transmit { header: Header::new(Op::Rst, id.local, id.peer), payload: Vec::new() };
         if self.conns.contains_key(&id) {
             // The peer has forgotten this pair while we still hold it: our connection is stale
             // (reset it); the pair stays taken until the local side releases it.
             self.end(id, CloseReason::Reset);
-            self.transmit.push_back(refuse);
+            self.push_rst(id);
             return;
         }
-        if self.conns.len() >= self.config.max_connections {
-            self.transmit.push_back(refuse);
-            return;
+        match self.admit() {
+            Ok(()) => {}
+            Err(e) => {
+                if e == SessionError::TooManyConnections {
+                    self.stats.refused_limit += 1;
+                } else {
+                    self.stats.refused_budget += 1;
+                }
+                self.push_rst(id);
+                return;
+            }
         }
         let mut conn = Conn::new(State::Requested);
         conn.peer_buf_alloc = h.buf_alloc;
@@ -620,7 +825,13 @@ mod tests {
     }
 
     fn small() -> SessionConfig {
-        SessionConfig { buf_alloc: 64, max_connections: 8 }
+        SessionConfig {
+            buf_alloc: 64,
+            max_connections: 8,
+            rx_budget: 8 * 64,
+            max_transmit_bytes: 1 << 20,
+            max_queued_control: 16,
+        }
     }
 
     /// A connects (port 1000 -> 80) and B accepts.
@@ -726,6 +937,125 @@ mod tests {
         assert_eq!(a.send(ia, b"x"), Err(SessionError::Closed(ia, CloseReason::PeerGone)));
     }
 
+    fn packet(op: Op, src: u32, dst: u32) -> Vec<u8> {
+        Header::new(op, src, dst).encode().to_vec()
+    }
+
+    fn drain(s: &mut Session) -> Vec<Transmit> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn credit_requests_are_answered_by_one_pending_update_carrying_the_latest_credit() {
+        let (mut a, mut b, ia, ib) = connected();
+        assert_eq!(a.send(ia, &[7u8; 60]).unwrap(), 60);
+        deliver(&mut a, &mut b);
+        // A asks 1,000 times and never reads; B reads in between.
+        for i in 0..1000 {
+            b.handle(&packet(Op::CreditRequest, ia.local, ia.peer)).unwrap();
+            if i == 500 {
+                let mut buf = [0u8; 60];
+                assert_eq!(b.recv(ib, &mut buf).unwrap(), Read::Data(60));
+            }
+        }
+        assert_eq!(b.stats().queued_control, 1, "{:?}", b.stats());
+        assert_eq!(b.stats().coalesced, 999 + 1, "999 requests and the read's own update");
+        let out = drain(&mut b);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].header.op, Op::CreditUpdate);
+        assert_eq!(out[0].header.fwd_cnt, 60, "the update announces what was read after it was queued");
+        // The next request gets a new update.
+        b.handle(&packet(Op::CreditRequest, ia.local, ia.peer)).unwrap();
+        assert_eq!(drain(&mut b).len(), 1);
+    }
+
+    #[test]
+    fn rsts_are_one_per_port_pair_and_a_flood_of_new_pairs_stops_the_input() {
+        let mut b = Session::new(small());
+        for _ in 0..1000 {
+            b.handle(&packet(Op::CreditUpdate, 9, 80)).unwrap();
+            b.handle(&packet(Op::CreditRequest, 9, 80)).unwrap();
+        }
+        assert_eq!(b.stats().queued_control, 1);
+        let bound = small().control_bound();
+        let mut port = 100;
+        while b.wants_input() {
+            b.handle(&packet(Op::CreditRequest, port, 80)).unwrap();
+            port += 1;
+            assert!(port < 1000, "still wants input after {port} RSTs");
+        }
+        assert_eq!(b.stats().queued_control, bound);
+        assert_eq!(drain(&mut b).len(), bound);
+        assert!(b.wants_input());
+        // Once sent, an RST to the same pair is sent again.
+        b.handle(&packet(Op::CreditUpdate, 9, 80)).unwrap();
+        assert_eq!(drain(&mut b).len(), 1);
+    }
+
+    #[test]
+    fn connections_past_the_receive_budget_are_refused_until_one_goes() {
+        let cfg = SessionConfig { rx_budget: 3 * 64, ..small() };
+        let (mut a, mut b) = (Session::new(small()), Session::new(cfg));
+        let ids: Vec<ConnId> = (0..4).map(|i| ConnId { local: 1000 + i, peer: 80 }).collect();
+        for id in &ids {
+            a.connect(*id).unwrap();
+        }
+        deliver(&mut a, &mut b);
+        for e in events(&mut b) {
+            if let Event::Requested(id) = e {
+                b.accept(id).unwrap();
+            }
+        }
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.stats().refused_budget, 1);
+        deliver(&mut b, &mut a);
+        let got = events(&mut a);
+        assert_eq!(got.iter().filter(|e| matches!(e, Event::Connected(_))).count(), 3, "{got:?}");
+        assert!(got.contains(&Event::Closed(ids[3], CloseReason::Refused)), "{got:?}");
+        assert_eq!(b.connect(ConnId { local: 5, peer: 5 }), Err(SessionError::OverBudget { budget: 3 * 64 }));
+        // Closing one lets the next in.
+        a.close(ids[0]);
+        a.close(ids[3]);
+        deliver(&mut a, &mut b);
+        deliver(&mut b, &mut a);
+        // B's side of the closed one stays until B's local side releases it.
+        assert_eq!(b.len(), 3);
+        assert!(
+            events(&mut b).contains(&Event::Closed(ConnId { local: 80, peer: 1000 }, CloseReason::Finished))
+        );
+        b.close(ConnId { local: 80, peer: 1000 });
+        assert_eq!(b.len(), 2);
+        a.connect(ids[3]).unwrap();
+        deliver(&mut a, &mut b);
+        assert_eq!(events(&mut b), vec![Event::Requested(ConnId { local: 80, peer: 1003 })]);
+    }
+
+    #[test]
+    fn data_waits_for_room_in_the_transmit_queue() {
+        let big =
+            SessionConfig { buf_alloc: 1 << 20, rx_budget: u64::MAX, max_transmit_bytes: 1000, ..small() };
+        let (mut a, mut b) = (Session::new(big.clone()), Session::new(big));
+        let ia = ConnId { local: 1, peer: 2 };
+        a.connect(ia).unwrap();
+        deliver(&mut a, &mut b);
+        b.accept(ConnId { local: 2, peer: 1 }).unwrap();
+        deliver(&mut b, &mut a);
+        events(&mut a);
+        let mut sent = 0;
+        loop {
+            let n = a.send(ia, &[1u8; 300]).unwrap();
+            if n == 0 {
+                break;
+            }
+            sent += n;
+        }
+        assert!(a.queued_bytes() <= 1000 && sent > 900, "{sent} {}", a.queued_bytes());
+        assert_eq!(events(&mut a), vec![]);
+        drain(&mut a);
+        assert_eq!(events(&mut a), vec![Event::Writable(ia)]);
+        assert!(a.send(ia, &[1u8; 300]).unwrap() > 0);
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Connect(u8),
@@ -745,6 +1075,115 @@ mod tests {
             (any::<bool>(), 0u8..4).prop_map(|(s, c)| Step::Shutdown(s, c)),
             (any::<bool>(), 0u8..4).prop_map(|(s, c)| Step::Close(s, c)),
         ]
+    }
+
+    /// A packet a hostile peer might send: small port ranges so that it hits live
+    /// connections, credit fields that are mostly plausible.
+    fn hostile_packet() -> impl Strategy<Value = Vec<u8>> {
+        (
+            1u8..=7,
+            0u32..3,
+            prop_oneof![0u32..12, 0u32..10_000],
+            any::<u8>(),
+            0u32..80,
+            prop_oneof![Just(0u32), any::<u32>()],
+        )
+            .prop_map(|(op, src, dst, flags, len, fwd_cnt)| {
+                let op = Op::from_byte(op).unwrap_or(Op::Rw);
+                let mut h = Header::new(op, src, dst);
+                h.flags = match op {
+                    Op::Shutdown => u16::from(flags % 3) + 1,
+                    _ => 0,
+                };
+                h.len = if op == Op::Rw { len.max(1) } else { 0 };
+                h.buf_alloc = 1 << 20;
+                h.fwd_cnt = fwd_cnt;
+                let mut b = h.encode().to_vec();
+                b.resize(HEADER_LEN + h.len as usize, 0xA5);
+                b
+            })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Hostile {
+        /// The peer sends a packet (taken only while the session wants input, as the shell does).
+        Packet(Vec<u8>),
+        /// The link takes this many of our packets.
+        Drain(u8),
+        /// Local side: accept what was requested, read, send, close.
+        Accept,
+        Recv(u32, u32),
+        Send(u32, u32),
+        Close(u32, u32),
+    }
+
+    fn hostile_step() -> impl Strategy<Value = Hostile> {
+        prop_oneof![
+            6 => hostile_packet().prop_map(Hostile::Packet),
+            1 => (0u8..4).prop_map(Hostile::Drain),
+            1 => Just(Hostile::Accept),
+            1 => (0u32..12, 0u32..3).prop_map(|(l, p)| Hostile::Recv(l, p)),
+            1 => (0u32..12, 0u32..3).prop_map(|(l, p)| Hostile::Send(l, p)),
+            1 => (0u32..12, 0u32..3).prop_map(|(l, p)| Hostile::Close(l, p)),
+        ]
+    }
+
+    proptest! {
+        /// A hostile peer's arbitrary packets, read as the shell reads (only while the session
+        /// wants input), with local calls and partial draining in between: the queued control
+        /// packets never exceed the bound by more than what one packet and the local side's
+        /// own calls add (at most four per connection), queued
+        /// data never exceeds `max_transmit_bytes`, and at no moment do two `RST`s for one pair
+        /// or two `CREDIT_UPDATE`s for one connection wait together.
+        #[test]
+        fn a_hostile_peer_cannot_grow_the_transmit_queue(steps in proptest::collection::vec(hostile_step(), 1..400)) {
+            let cfg = SessionConfig { max_transmit_bytes: 512, ..small() };
+            let bound = cfg.control_bound();
+            let mut s = Session::new(cfg.clone());
+            for st in steps {
+                match st {
+                    Hostile::Packet(p) => {
+                        if s.wants_input() && s.handle(&p).is_err() {
+                            // A violation closes the link.
+                            return Ok(());
+                        }
+                    }
+                    Hostile::Drain(n) => {
+                        for _ in 0..n {
+                            s.poll_transmit();
+                        }
+                    }
+                    Hostile::Accept => {
+                        while let Some(e) = s.poll_event() {
+                            if let Event::Requested(id) = e {
+                                if id.local % 2 == 0 { let _ = s.accept(id); } else { let _ = s.refuse(id); }
+                            }
+                        }
+                    }
+                    Hostile::Recv(l, p) => { let _ = s.recv(ConnId { local: l, peer: p }, &mut [0u8; 50]); }
+                    Hostile::Send(l, p) => { let _ = s.send(ConnId { local: l, peer: p }, &[3u8; 200]); }
+                    Hostile::Close(l, p) => s.close(ConnId { local: l, peer: p }),
+                }
+                let st = s.stats();
+                prop_assert!(st.queued_control <= bound + 1 + 4 * cfg.connection_limit(), "{:?}", st);
+                prop_assert!(s.queued_data <= cfg.max_transmit_bytes, "{} queued data bytes", s.queued_data);
+                prop_assert!(s.len() <= cfg.max_connections);
+                // The queue's content at this moment: no duplicate answers.
+                let mut rsts = HashSet::new();
+                let mut updates = HashSet::new();
+                for t in &s.transmit {
+                    let id = (t.header.src_port, t.header.dst_port);
+                    match t.header.op {
+                        Op::Rst => prop_assert!(rsts.insert(id), "two RSTs for {:?} wait together", id),
+                        Op::CreditUpdate => prop_assert!(updates.insert(id), "two updates for {:?} wait together", id),
+                        _ => {}
+                    }
+                }
+                let counted = s.transmit.iter().map(|t| HEADER_LEN + t.payload.len()).sum::<usize>();
+                prop_assert_eq!(counted, st.queued_bytes);
+                prop_assert_eq!(s.transmit.iter().filter(|t| t.header.op != Op::Rw).count(), st.queued_control);
+            }
+        }
     }
 
     proptest! {

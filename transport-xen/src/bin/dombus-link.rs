@@ -94,6 +94,7 @@ enum Role {
         /// How long to keep mapping.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
     /// Hostile virtual-socket peer, for soaks: join the link to domain `--peer` (running
     /// `vsock-echo`) by hand and write `--count` packets that each ask for an answer, never
     /// reading one. `--kind credit`: CREDIT_REQUESTs on one connection to `--port`; `--kind rst`:
@@ -251,7 +252,9 @@ async fn run(args: Args) -> Result<()> {
             // With a token (from the toolstack that created the domain) it attaches as that domain;
             // without, as domain 0 (the toolstack, reading the simulator's key).
             let backend = match (std::env::var(dombus_transport_xen::sim::TOKEN_ENV), args.domid) {
-                (_, Some(domid)) if args.boot => SimBackend::boot_named(socket, Some(DomId(domid)), "dombus-link"),
+                (_, Some(domid)) if args.boot => {
+                    SimBackend::boot_named(socket, Some(DomId(domid)), "dombus-link")
+                }
                 (Ok(token), None) => SimBackend::attach(socket, &token),
                 (_, domid) => SimBackend::attach_from_env(socket, DomId(domid.unwrap_or(0))),
             }
@@ -587,6 +590,9 @@ fn flood_maps<B: Backend>(backend: &B, seconds: u64) -> Result<()> {
         }
     }
     println!("maps={} refused={refused}", maps.len());
+    Ok(())
+}
+
 /// What `vsock-flood` asks the victim to answer.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum FloodKind {

@@ -411,6 +411,54 @@ mod watch_events_tests {
         assert!(q.per_child.is_empty());
     }
 
+    /// Takes `p` from the queue's consumer's point of view: an event for a path satisfies itself,
+    /// an event for an ancestor satisfies everything beneath it.
+    fn take(outstanding: &mut std::collections::HashMap<String, usize>, p: &str) {
+        if p.contains("/data/") {
+            if let Some(n) = outstanding.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    outstanding.remove(p);
+                }
+            }
+        } else {
+            let prefix = format!("{p}/");
+            outstanding.retain(|o, _| !o.starts_with(&prefix));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Whatever is written, the queue stays within its bounds, its per-child counts match
+        /// what it holds, and no event is lost: every path pushed is taken, or an event for an
+        /// ancestor of it (or the watched path) is taken after it was pushed.
+        #[test]
+        fn bounded_and_nothing_lost(ops in proptest::collection::vec((0u8..4, 0u16..100, 0u16..50), 0..12_000)) {
+            let mut q = WatchEvents::new("/local/domain");
+            let mut outstanding = std::collections::HashMap::<String, usize>::new();
+            for (op, child, leaf) in ops {
+                if op == 0 {
+                    if let Some(p) = q.pop() {
+                        take(&mut outstanding, &p);
+                    }
+                } else {
+                    let path = format!("/local/domain/{child}/data/{leaf}");
+                    q.push(path.clone());
+                    *outstanding.entry(path).or_default() += 1;
+                }
+                proptest::prop_assert!(q.len() <= MAX_QUEUED_EVENTS);
+                let counted: usize = q.per_child.values().sum();
+                let children = q.paths.iter().filter(|p| q.child_of(p).is_some()).count();
+                proptest::prop_assert_eq!(counted, children);
+                proptest::prop_assert!(q.per_child.values().all(|&n| n > 0 && n <= MAX_QUEUED_PER_CHILD));
+            }
+            while let Some(p) = q.pop() {
+                take(&mut outstanding, &p);
+            }
+            proptest::prop_assert!(outstanding.is_empty(), "{} paths lost", outstanding.len());
+        }
+    }
+
     #[test]
     fn special_names_and_other_paths_queue_as_they_are() {
         let mut q = WatchEvents::new("@releaseDomain");

@@ -1178,6 +1178,64 @@ mod tests {
         assert!(matches!(st.unbind(2, pb), Err(WireError::NotFound(_))));
     }
 
+    /// One step of a domain, for the property test: small numbers so that ids and refs collide.
+    fn arbitrary_op() -> impl proptest::strategy::Strategy<Value = (u16, Op)> {
+        use proptest::prelude::*;
+        let dom = 1u16..5;
+        let op = prop_oneof![
+            (0u16..6, 1u32..4, any::<bool>()).prop_map(|(remote, count, writable)| Op::SharePages {
+                remote,
+                count,
+                writable
+            }),
+            (0u16..6, proptest::collection::vec(0u32..20, 0..4), any::<bool>())
+                .prop_map(|(granter, refs, writable)| Op::MapGrants { granter, refs, writable }),
+            (0u64..40).prop_map(|map| Op::Unmap { map }),
+            (0u64..40, 0u64..20_000, proptest::option::of(0u32..6))
+                .prop_map(|(map, offset, port)| Op::SetMapNotify { map, offset, port }),
+            (0u64..40, 0u64..20_000, proptest::option::of(0u32..6))
+                .prop_map(|(alloc, offset, port)| Op::SetShareNotify { alloc, offset, port }),
+            (0u64..40).prop_map(|alloc| Op::Revoke { alloc }),
+            (0u16..6).prop_map(|remote| Op::BindUnbound { handle: 1, remote }),
+            (0u16..6, 0u32..6).prop_map(|(remote, remote_port)| Op::BindInterdomain {
+                handle: 1,
+                remote,
+                remote_port
+            }),
+            (0u32..6).prop_map(|port| Op::Unbind { port }),
+            "[a-c/]{0,6}".prop_map(|path| Op::Write { path, value: vec![1] }),
+            "[a-c/]{0,6}".prop_map(|path| Op::Rm { path }),
+            ("[a-c/@]{0,6}", 0u64..4).prop_map(|(path, watch)| Op::Watch { watch, path }),
+            (0u64..4).prop_map(|watch| Op::Unwatch { watch }),
+            Just(Op::Hello { token: String::new() }),
+        ];
+        (dom, op)
+    }
+
+    proptest::proptest! {
+        /// Whatever domains ask, in any order, and however they die, the daemon never panics and
+        /// its per-domain accounting matches what it holds.
+        #[test]
+        fn any_requests_keep_the_accounting(steps in proptest::collection::vec((arbitrary_op(), 0u8..40), 0..200)) {
+            let mut h = harness(&[1, 2, 3, 4]);
+            for ((d, op), die) in steps {
+                if die == 0 && h.st.domains.contains_key(&d) {
+                    h.st.death(d);
+                    continue;
+                }
+                if h.st.domains.contains_key(&d) {
+                    let _ = h.st.handle(d, op);
+                }
+                for dom in h.st.domains.values() {
+                    let pages: usize = dom.maps.values().map(|m| m.pages.len()).sum();
+                    proptest::prop_assert_eq!(dom.mapped_pages, pages);
+                    proptest::prop_assert!(dom.maps.values().all(|m| m.writable || m.notify.is_none()));
+                    proptest::prop_assert!(dom.grants.len() <= MAX_GRANTS);
+                }
+            }
+        }
+    }
+
     #[test]
     fn death_runs_unmap_notify_then_closes_channels() {
         let mut h = harness(&[1, 2]);

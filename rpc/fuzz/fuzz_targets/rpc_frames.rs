@@ -55,7 +55,11 @@ impl Peer<'_> {
 }
 
 impl AsyncRead for Peer<'_> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let r = self.next_random();
         if !self.paused && r % 4 == 0 {
             self.paused = true;

@@ -416,6 +416,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn frames_are_read_whole_from_pieces_and_refused_on_an_oversize_header() {
+        let mut frames = Frames::new(8, 8);
+        let mut wire = BytesMut::new();
+        frames.encode(b"abc".to_vec(), &mut wire).unwrap();
+        frames.encode(Vec::new(), &mut wire).unwrap();
+        assert_eq!(&wire[..], b"\0\0\0\x03abc\0\0\0\0");
+        let e = frames.encode(vec![0; 9], &mut wire).unwrap_err();
+        assert!(Frames::is_too_long(&e), "{e}");
+        assert_eq!(wire.len(), 11, "a refused message wrote nothing");
+        // Byte by byte: nothing until a frame is whole, and nothing reserved ahead.
+        let mut src = BytesMut::new();
+        let mut got = Vec::new();
+        for &b in wire.iter() {
+            src.extend_from_slice(&[b]);
+            let before = src.capacity();
+            while let Some(f) = frames.decode(&mut src).unwrap() {
+                got.push(f.to_vec());
+            }
+            assert!(src.capacity() <= before, "the decoder grew the buffer");
+        }
+        assert_eq!(got, [b"abc".to_vec(), Vec::new()]);
+        // A header over the limit is refused on its 4 bytes.
+        let mut src = BytesMut::from(&[0u8, 0, 0, 9][..]);
+        let e = frames.decode(&mut src).unwrap_err();
+        assert_eq!(
+            e.get_ref().and_then(|i| i.downcast_ref::<FrameTooLong>()),
+            Some(&FrameTooLong { len: 9, max: 8 })
+        );
+    }
+
     proptest! {
         #[test]
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {

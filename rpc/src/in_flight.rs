@@ -34,13 +34,14 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    /// At most `max_calls` calls (at least 1), reading stopping once they weigh `max_bytes`.
+    /// At most `max_calls` calls, reading stopping once they weigh `max_bytes` (each at least 1:
+    /// one call can always be read when none is in flight).
     pub(crate) fn new(max_calls: usize, max_bytes: usize, metrics: Metrics) -> Arc<InFlight> {
         Arc::new(InFlight {
             calls: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             max_calls: max_calls.max(1),
-            max_bytes,
+            max_bytes: max_bytes.max(1),
             reader: AtomicWaker::new(),
             peak: AtomicUsize::new(0),
             metrics,
@@ -130,6 +131,17 @@ mod tests {
         drop(b);
         assert_eq!(f.calls(), 0);
         assert_eq!(f.metrics.connections().in_flight_peak, 2);
+    }
+
+    #[test]
+    fn bounds_of_zero_still_let_one_call_in_at_a_time() {
+        let f = InFlight::new(0, 0, Metrics::new("server"));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(f.poll_room(&mut cx).is_ready());
+        let t = f.admit(0);
+        assert!(f.poll_room(&mut cx).is_pending());
+        drop(t);
+        assert!(f.poll_room(&mut cx).is_ready());
     }
 
     #[test]

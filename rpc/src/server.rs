@@ -64,11 +64,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Calls in flight on one connection — read and not yet answered: running, or their reply
     /// not yet written. At the bound the server stops reading that connection until replies
-    /// drain (a client that never reads its replies stalls only itself).
+    /// drain (a client that never reads its replies stalls only itself). At least 1.
     pub max_in_flight: usize,
     /// Bytes the calls in flight on one connection may weigh (their frames, then their
     /// replies) before the server stops reading it, as for `max_in_flight`; one more call is
-    /// read while under it, so the most held is this plus one `max_frame`.
+    /// read while under it, so the most held is this plus one `max_frame`. At least 1.
     pub max_in_flight_bytes: usize,
     /// How long a new connection may take to send its preamble.
     pub preamble_timeout: Duration,

@@ -44,7 +44,8 @@ use crate::{Address, Net, preamble};
 pub struct ClientConfig {
     /// Serialization format (offered in the preamble).
     pub codec: Codec,
-    /// Largest response frame accepted, bytes.
+    /// Largest frame, bytes, each way: a reply announcing more closes the connection, a call
+    /// encoding to more fails.
     pub max_frame: usize,
     /// Calls in flight at once; more wait their turn.
     pub max_in_flight: usize,
@@ -143,7 +144,7 @@ impl Connection {
         preamble::client(&mut stream, self.service, self.config.codec, self.config.preamble_timeout)
             .await
             .map_err(failed)?;
-        let transport = codec::transport::<Response<Reply>, ClientMessage<Arc<Call>>>(
+        let transport = codec::framed::<Response<Reply>, ClientMessage<Arc<Call>>>(
             stream,
             self.config.codec,
             self.config.max_frame,

@@ -1,19 +1,24 @@
 //! Framing and serialization of RPC messages.
 //!
-//! Frames are a 4-byte big-endian length then the message (`tokio_util`'s
-//! `LengthDelimitedCodec`): a length above the configured limit is refused before anything is
-//! allocated for it, and the connection is closed. Messages are serialized with one of two
-//! [`Codec`]s, chosen per connection in the preamble; both are maintained serde formats with no
-//! schema: `bincode` 1.3 (tarpc's own transport format; the crate is unmaintained, pinned) and
-//! `postcard` 1.x. The default is bincode: postcard garbles tarpc's error kinds, and the
-//! measured difference is small (docs/rpc.md).
+//! Frames are a 4-byte big-endian length then the message (the layout of `tokio_util`'s
+//! `LengthDelimitedCodec`, which tarpc uses), read by [`Frames`]: a length above the configured
+//! limit is refused as soon as its 4 bytes arrive, and the connection is closed; below it, the
+//! read buffer grows only with the bytes that actually arrive (`LengthDelimitedCodec` reserves
+//! the announced length at once: 4 bytes announcing 16 MiB made it allocate 16 MiB). Messages
+//! are serialized with one of two [`Codec`]s, chosen per connection in the preamble; both are
+//! maintained serde formats with no schema: `bincode` 1.3 (tarpc's own transport format; the
+//! crate is unmaintained, pinned) and `postcard` 1.x. The default is bincode: postcard garbles
+//! tarpc's error kinds, and the measured difference is small (docs/rpc.md).
 
 use std::io;
+use std::marker::PhantomData;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::{Sink, Stream};
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use crate::transport::BoxStream;
 
@@ -147,29 +152,10 @@ struct RequestStart {
     deadline: std::time::Duration,
 }
 
-/// [`Codec`] for a server's side of tarpc's transport: checks each request's deadline before
-/// tarpc reads it, because tarpc's `Context` deserializer computes `Instant::now() + deadline`
-/// unchecked, and a deadline of 2^63 s panics the connection's task (found by the `rpc_message`
-/// fuzz target). Such a request is refused as an undecodable frame.
-#[derive(Debug, Clone, Copy)]
-pub struct ServerCodec(pub Codec);
-
-impl<T: Serialize> tokio_serde::Serializer<T> for ServerCodec {
-    type Error = io::Error;
-    fn serialize(self: Pin<&mut Self>, item: &T) -> io::Result<Bytes> {
-        self.0.encode(item).map(Bytes::from)
-    }
-}
-
-impl<M: for<'de> Deserialize<'de>> tokio_serde::Deserializer<tarpc::ClientMessage<M>> for ServerCodec {
-    type Error = io::Error;
-    fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> io::Result<tarpc::ClientMessage<M>> {
-        check_deadline(self.0, src)?;
-        self.0.decode(src)
-    }
-}
-
-/// Refuses a request whose deadline lies beyond what an `Instant` can hold.
+/// Refuses a request whose deadline lies beyond what an `Instant` can hold: tarpc's `Context`
+/// deserializer computes `Instant::now() + deadline` unchecked, and a deadline of 2^63 s panics
+/// the connection's task (found by the `rpc_message` fuzz target). The server runs this on every
+/// frame before tarpc reads it; such a request is refused as an undecodable frame.
 pub fn check_deadline(codec: Codec, frame: &[u8]) -> io::Result<()> {
     if let ClientMessageStart::Request(r) = codec.decode_prefix(frame)? {
         if std::time::Instant::now().checked_add(r.deadline).is_none() {
@@ -179,25 +165,182 @@ pub fn check_deadline(codec: Codec, frame: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// A server's tarpc transport over `stream` (see [`ServerCodec`]).
-pub fn server_transport<M>(
-    stream: BoxStream,
-    codec: Codec,
-    max_frame: usize,
-) -> tarpc::serde_transport::Transport<
-    BoxStream,
-    tarpc::ClientMessage<M>,
-    tarpc::Response<crate::wire::Reply>,
-    ServerCodec,
->
-where
-    M: for<'de> Deserialize<'de>,
-{
-    let frames = LengthDelimitedCodec::builder().max_frame_length(max_frame).new_codec();
-    tarpc::serde_transport::new(Framed::new(stream, frames), ServerCodec(codec))
+/// Bytes of a frame's header: the message's length, big-endian.
+pub const FRAME_HEADER: usize = 4;
+
+/// Length-delimited frames: a 4-byte big-endian length, then that many bytes.
+///
+/// Reading, the announced length is checked against the limit as soon as its 4 bytes are in (a
+/// longer one is an error: the connection closes); then nothing is reserved for the frame: the
+/// read buffer (8 KiB to start with, `tokio_util`'s `Framed`) grows only when the bytes that
+/// arrive fill it, doubling. So a peer's partial frame costs at most twice what it sent, plus
+/// the 8 KiB, never what it announced: `LengthDelimitedCodec` reserves the whole announced
+/// length on reading the header, so 4 bytes announcing 16 MiB cost 16 MiB per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frames {
+    max_in: usize,
+    max_out: usize,
 }
 
-/// A tarpc transport over `stream`: frames of at most `max_frame` bytes, `codec` inside.
+/// A frame longer than the limit: read, the connection is closed; written, nothing is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a frame of {len} bytes, over the limit of {max}")]
+pub struct FrameTooLong {
+    /// The frame's length (announced, if read).
+    pub len: usize,
+    /// The limit.
+    pub max: usize,
+}
+
+impl Frames {
+    /// Frames of at most `max_in` bytes read, `max_out` bytes written (each at most 4 GiB - 1,
+    /// what the header can say).
+    pub fn new(max_in: usize, max_out: usize) -> Frames {
+        let header_max = usize::try_from(u32::MAX).unwrap_or(usize::MAX);
+        Frames { max_in: max_in.min(header_max), max_out: max_out.min(header_max) }
+    }
+
+    /// True if `e` is a [`FrameTooLong`].
+    pub fn is_too_long(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<FrameTooLong>())
+    }
+}
+
+impl Decoder for Frames {
+    type Item = BytesMut;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+        let Some(&header) = src.first_chunk::<FRAME_HEADER>() else { return Ok(None) };
+        let len = usize::try_from(u32::from_be_bytes(header)).unwrap_or(usize::MAX);
+        if len > self.max_in {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, FrameTooLong { len, max: self.max_in }));
+        }
+        if src.len() - FRAME_HEADER < len {
+            // Not all here: `Framed` makes room as the bytes come.
+            return Ok(None);
+        }
+        src.advance(FRAME_HEADER);
+        Ok(Some(src.split_to(len)))
+    }
+}
+
+impl Encoder<Vec<u8>> for Frames {
+    type Error = io::Error;
+
+    fn encode(&mut self, message: Vec<u8>, dst: &mut BytesMut) -> io::Result<()> {
+        let too_long = || FrameTooLong { len: message.len(), max: self.max_out };
+        if message.len() > self.max_out {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, too_long()));
+        }
+        let len = u32::try_from(message.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, too_long()))?;
+        dst.reserve(FRAME_HEADER + message.len());
+        dst.put_u32(len);
+        dst.extend_from_slice(&message);
+        Ok(())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A tarpc transport: messages of type `In` read and `Out` written as [`Frames`] over a
+    /// stream, serialized with a [`Codec`]. A frame that is too long or does not decode ends
+    /// the stream with an error (tarpc then closes the connection).
+    pub struct FrameTransport<In, Out> {
+        #[pin]
+        frames: Framed<BoxStream, Frames>,
+        codec: Codec,
+        check: fn(Codec, &[u8]) -> io::Result<()>,
+        _messages: PhantomData<fn(Out) -> In>,
+    }
+}
+
+impl<In, Out> std::fmt::Debug for FrameTransport<In, Out> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameTransport")
+            .field("codec", &self.codec)
+            .field("frames", self.frames.codec())
+            .finish()
+    }
+}
+
+impl<In, Out> FrameTransport<In, Out> {
+    /// Messages over `stream`, in `frames`, serialized with `codec`.
+    pub fn new(stream: BoxStream, codec: Codec, frames: Frames) -> Self {
+        FrameTransport {
+            frames: Framed::new(stream, frames),
+            codec,
+            check: |_, _| Ok(()),
+            _messages: PhantomData,
+        }
+    }
+
+    /// Also runs `check` on every frame before decoding it (an error ends the stream).
+    pub fn checking(mut self, check: fn(Codec, &[u8]) -> io::Result<()>) -> Self {
+        self.check = check;
+        self
+    }
+}
+
+impl<In: for<'de> Deserialize<'de>, Out> FrameTransport<In, Out> {
+    /// The next message and the length of the frame it came in.
+    pub fn poll_next_sized(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<(In, usize)>>> {
+        let this = self.project();
+        let frame = match futures::ready!(this.frames.poll_next(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            Some(Ok(frame)) => frame,
+        };
+        let codec = *this.codec;
+        let message = (this.check)(codec, &frame).and_then(|()| codec.decode::<In>(&frame));
+        Poll::Ready(Some(message.map(|m| (m, frame.len()))))
+    }
+}
+
+impl<In: for<'de> Deserialize<'de>, Out> Stream for FrameTransport<In, Out> {
+    type Item = io::Result<In>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<io::Result<In>>> {
+        self.poll_next_sized(cx).map(|m| m.map(|r| r.map(|(message, _)| message)))
+    }
+}
+
+impl<In, Out: Serialize> Sink<Out> for FrameTransport<In, Out> {
+    type Error = io::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Sink::<Vec<u8>>::poll_ready(self.project().frames, cx)
+    }
+
+    /// Serializes `item` into the write buffer (a [`FrameTooLong`] error writes nothing).
+    fn start_send(self: Pin<&mut Self>, item: Out) -> io::Result<()> {
+        let this = self.project();
+        let bytes = this.codec.encode(&item)?;
+        this.frames.start_send(bytes)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Sink::<Vec<u8>>::poll_flush(self.project().frames, cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Sink::<Vec<u8>>::poll_close(self.project().frames, cx)
+    }
+}
+
+/// A tarpc transport over `stream` in [`Frames`] of at most `max_frame` bytes each way, `codec`
+/// inside: what dombus clients use.
+pub fn framed<In, Out>(stream: BoxStream, codec: Codec, max_frame: usize) -> FrameTransport<In, Out> {
+    FrameTransport::new(stream, codec, Frames::new(max_frame, max_frame))
+}
+
+/// A tarpc transport over `stream` with tarpc's own framing (`LengthDelimitedCodec`, frames of
+/// at most `max_frame` bytes), `codec` inside: for comparisons with plain tarpc. It reserves a
+/// frame's announced length before the bytes arrive; dombus's clients and servers use
+/// [`framed`].
 pub fn transport<Item, SinkItem>(
     stream: BoxStream,
     codec: Codec,
@@ -271,6 +414,37 @@ mod tests {
                 .unwrap();
             check_deadline(codec, &cancel).unwrap();
         }
+    }
+
+    #[test]
+    fn frames_are_read_whole_from_pieces_and_refused_on_an_oversize_header() {
+        let mut frames = Frames::new(8, 8);
+        let mut wire = BytesMut::new();
+        frames.encode(b"abc".to_vec(), &mut wire).unwrap();
+        frames.encode(Vec::new(), &mut wire).unwrap();
+        assert_eq!(&wire[..], b"\0\0\0\x03abc\0\0\0\0");
+        let e = frames.encode(vec![0; 9], &mut wire).unwrap_err();
+        assert!(Frames::is_too_long(&e), "{e}");
+        assert_eq!(wire.len(), 11, "a refused message wrote nothing");
+        // Byte by byte: nothing until a frame is whole, and nothing reserved ahead.
+        let mut src = BytesMut::new();
+        let mut got = Vec::new();
+        for &b in wire.iter() {
+            src.extend_from_slice(&[b]);
+            let before = src.capacity();
+            while let Some(f) = frames.decode(&mut src).unwrap() {
+                got.push(f.to_vec());
+            }
+            assert!(src.capacity() <= before, "the decoder grew the buffer");
+        }
+        assert_eq!(got, [b"abc".to_vec(), Vec::new()]);
+        // A header over the limit is refused on its 4 bytes.
+        let mut src = BytesMut::from(&[0u8, 0, 0, 9][..]);
+        let e = frames.decode(&mut src).unwrap_err();
+        assert_eq!(
+            e.get_ref().and_then(|i| i.downcast_ref::<FrameTooLong>()),
+            Some(&FrameTooLong { len: 9, max: 8 })
+        );
     }
 
     proptest! {

@@ -8,6 +8,7 @@ pub mod addr;
 pub mod cli;
 pub mod client;
 pub mod codec;
+mod in_flight;
 pub mod metrics;
 pub mod preamble;
 pub mod server;
@@ -17,7 +18,8 @@ pub mod wire;
 pub use addr::{Address, AddressError};
 pub use client::{Client, ClientConfig, ConnectionLost, RawClient, connection_lost, describe};
 pub use codec::Codec;
-pub use metrics::Metrics;
+pub use metrics::{ConnectionStats, Metrics};
+pub use preamble::{TooManyConnections, too_many_connections};
 pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
 /// Why a call failed (tarpc's): see [`error_text`] for the whole story of one.
 pub use tarpc::client::RpcError;

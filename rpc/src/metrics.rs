@@ -1,7 +1,9 @@
-//! Per-method call counts, errors and latency histograms, exportable in Prometheus text format.
+//! Per-method call counts, errors and latency histograms, and a server's connections (open,
+//! refused, paused, calls in flight), exportable in Prometheus text format.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +26,33 @@ pub struct Metrics {
     side: &'static str,
     /// service → method → numbers (nested so that recording a known method allocates nothing).
     methods: Arc<Mutex<BTreeMap<String, BTreeMap<String, Method>>>>,
+    connections: Arc<Connections>,
+}
+
+/// A server's connection counts (see [`ConnectionStats`]).
+#[derive(Debug, Default)]
+struct Connections {
+    open: AtomicUsize,
+    refused: AtomicU64,
+    paused: AtomicUsize,
+    in_flight_peak: AtomicUsize,
+}
+
+/// A server's connections, as [`Metrics::connections`] returns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectionStats {
+    /// Connections open now, including those still sending their preamble (at most
+    /// `ServerConfig::max_connections`).
+    pub open: usize,
+    /// Connections refused since the start because `max_connections` were open.
+    pub refused: u64,
+    /// Connections not being read now because their calls in flight reached
+    /// `ServerConfig::max_in_flight` or `max_in_flight_bytes`: their replies are not being read
+    /// (or the service is slow); reading resumes as the replies drain.
+    pub paused: usize,
+    /// The most calls in flight (read and not yet answered) on one connection at once, since
+    /// the start.
+    pub in_flight_peak: usize,
 }
 
 /// One method's numbers, as [`Metrics::snapshot`] returns them.
@@ -44,7 +73,49 @@ pub struct MethodStats {
 impl Metrics {
     /// Metrics named `dombus_rpc_<side>_…` (`side`: "server" or "client").
     pub fn new(side: &'static str) -> Metrics {
-        Metrics { side, methods: Arc::default() }
+        Metrics { side, methods: Arc::default(), connections: Arc::default() }
+    }
+
+    /// Counts a new connection open, unless `max` are open already (then counts nothing and
+    /// answers false).
+    pub(crate) fn try_open(&self, max: usize) -> bool {
+        let open = &self.connections.open;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// Counts a connection [`try_open`](Self::try_open) counted as closed.
+    pub(crate) fn closed(&self) {
+        self.connections.open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Counts a connection refused because too many were open.
+    pub(crate) fn refused(&self) {
+        self.connections.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection paused (`true`) or resumed (`false`).
+    pub(crate) fn paused(&self, paused: bool) {
+        if paused {
+            self.connections.paused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.connections.paused.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Notes `n` calls in flight on one connection.
+    pub(crate) fn in_flight(&self, n: usize) {
+        self.connections.in_flight_peak.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// The server's connections now.
+    pub fn connections(&self) -> ConnectionStats {
+        let c = &*self.connections;
+        ConnectionStats {
+            open: c.open.load(Ordering::Acquire),
+            refused: c.refused.load(Ordering::Relaxed),
+            paused: c.paused.load(Ordering::Relaxed),
+            in_flight_peak: c.in_flight_peak.load(Ordering::Relaxed),
+        }
     }
 
     /// Records one completed call.
@@ -111,6 +182,37 @@ impl Metrics {
             let _ = writeln!(out, "dombus_rpc_{side}_latency_seconds_bucket{{{l},le=\"+Inf\"}} {cumulative}");
             let _ = writeln!(out, "dombus_rpc_{side}_latency_seconds_sum{{{l}}} {}", v.sum);
             let _ = writeln!(out, "dombus_rpc_{side}_latency_seconds_count{{{l}}} {}", v.calls);
+        }
+        if side == "server" {
+            let c = self.connections();
+            let mut put = |name: &str, kind: &str, help: &str, labels: &str, value: u64| {
+                let _ = writeln!(out, "# HELP dombus_rpc_server_{name} {help}");
+                let _ = writeln!(out, "# TYPE dombus_rpc_server_{name} {kind}");
+                let _ = writeln!(out, "dombus_rpc_server_{name}{labels} {value}");
+            };
+            let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+            put("connections", "gauge", "Connections open.", "", n(c.open));
+            put(
+                "connections_refused_total",
+                "counter",
+                "Connections refused, by reason.",
+                "{reason=\"too_many_connections\"}",
+                c.refused,
+            );
+            put(
+                "connections_paused",
+                "gauge",
+                "Connections not read until their replies drain (calls in flight at the bound).",
+                "",
+                n(c.paused),
+            );
+            put(
+                "calls_in_flight_peak",
+                "gauge",
+                "Most calls in flight on one connection at once.",
+                "",
+                n(c.in_flight_peak),
+            );
         }
         out
     }

@@ -7,7 +7,8 @@
 //! server → client   "DB" | status u8 | message length u8 | message (UTF-8, ≤ 255 bytes)
 //! ```
 //! Status: 0 accepted, 1 no such service, 2 unsupported version, 3 unsupported codec,
-//! 4 malformed preamble. Everything read is bounded by the lengths above.
+//! 4 malformed preamble, 5 too many connections (try again later). Everything read is bounded
+//! by the lengths above.
 
 use std::io;
 use std::time::Duration;
@@ -45,6 +46,27 @@ pub enum Refusal {
     Codec = 3,
     /// Not a dombus preamble.
     Malformed = 4,
+    /// The server has as many connections open as it takes (`ServerConfig::max_connections`).
+    TooManyConnections = 5,
+}
+
+/// Start of the message of a connection refused because the server has as many open as it
+/// takes ([`Refusal::TooManyConnections`]).
+pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
+
+/// Why a client's connection was refused: the server had as many open as it takes. Inside the
+/// `io::Error` (kind `ConnectionRefused`) of the connect; see [`too_many_connections`]. Calls
+/// are retried with the client's backoff, so one refusal is not yet a failed call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the server refused the connection: {message}")]
+pub struct TooManyConnections {
+    /// What the server said.
+    pub message: String,
+}
+
+/// The [`TooManyConnections`] inside a connect error, if that is what it is.
+pub fn too_many_connections(e: &io::Error) -> Option<&TooManyConnections> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<TooManyConnections>())
 }
 
 /// Checks a service name: 1 to 64 bytes of `A-Z a-z 0-9 _ . -`.
@@ -96,6 +118,7 @@ pub async fn client<S: AsyncRead + AsyncWrite + Unpin>(
         0 => Ok(()),
         1 => Err(io::Error::new(io::ErrorKind::NotFound, format!("no service {service:?} there: {msg}"))),
         2 | 3 => Err(io::Error::new(io::ErrorKind::Unsupported, format!("incompatible server: {msg}"))),
+        5 => Err(io::Error::new(io::ErrorKind::ConnectionRefused, TooManyConnections { message: msg })),
         _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("server refused the preamble: {msg}"))),
     }
 }

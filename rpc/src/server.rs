@@ -9,6 +9,12 @@
 //! (tarpc's context) and are enforced here: a call past its deadline is abandoned. A connection
 //! that sends an oversize, truncated or undecodable frame is closed with the reason logged; the
 //! others go on.
+//!
+//! What a client can make the server hold is bounded: at most `max_connections` connections
+//! (more are refused in the preamble, [`preamble::TooManyConnections`]); per connection, a
+//! partial frame of at most `max_frame` (memory following the bytes received, [`codec::Frames`])
+//! and at most `max_in_flight` calls read and not yet answered, weighing `max_in_flight_bytes`
+//! (past either, the connection is not read until replies drain). docs/rpc.md has the sums.
 
 use std::io;
 use std::pin::Pin;
@@ -17,14 +23,15 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, future};
-use tarpc::ServerError;
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel, Serve};
+use tarpc::{ClientMessage, RequestName, Response, ServerError};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service as _, ServiceBuilder, ServiceExt};
 use tracing::Instrument;
 
-use crate::codec::{self, Codec};
+use crate::codec::{self, Codec, FrameTransport, Frames};
+use crate::in_flight::{InFlight, Ticket};
 use crate::metrics::Metrics;
 use crate::preamble::{self, Refusal};
 use crate::wire::{self, BUILTIN_SERVICE, Call, Caller, DESCRIBE, PING, Reply, Service, ServiceDescriptor};
@@ -39,13 +46,30 @@ pub fn is_overloaded(e: &tarpc::client::RpcError) -> bool {
         if s.kind == io::ErrorKind::WouldBlock && s.detail.starts_with(OVERLOADED))
 }
 
-/// Server settings.
+/// Server settings. The defaults bound what one client can make the server hold to a few MiB
+/// per connection (docs/rpc.md, "What a client can make a server hold").
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Largest frame accepted, bytes; a longer length prefix closes the connection.
+    /// Largest call frame accepted, bytes; a longer length prefix closes the connection. Calls
+    /// are small (the largest in dombus's services, a registry entry, is under 40 KiB).
     pub max_frame: usize,
+    /// Largest reply frame sent, bytes; a longer reply is answered with an error instead (the
+    /// clients' own limit, `ClientConfig::max_frame`, is 16 MiB by default).
+    pub max_reply_frame: usize,
     /// Calls in progress at once, all connections together; more are shed ([`is_overloaded`]).
     pub max_concurrent: usize,
+    /// Connections open at once (those still in their preamble included); more are refused
+    /// with [`TOO_MANY_CONNECTIONS`](crate::preamble::TOO_MANY_CONNECTIONS), and counted in
+    /// [`Metrics::connections`].
+    pub max_connections: usize,
+    /// Calls in flight on one connection — read and not yet answered: running, or their reply
+    /// not yet written. At the bound the server stops reading that connection until replies
+    /// drain (a client that never reads its replies stalls only itself). At least 1.
+    pub max_in_flight: usize,
+    /// Bytes the calls in flight on one connection may weigh (their frames, then their
+    /// replies) before the server stops reading it, as for `max_in_flight`; one more call is
+    /// read while under it, so the most held is this plus one `max_frame`. At least 1.
+    pub max_in_flight_bytes: usize,
     /// How long a new connection may take to send its preamble.
     pub preamble_timeout: Duration,
     /// Run each call in a task of its own, instead of inside its connection's task. Inline
@@ -56,15 +80,40 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
-    /// 16 MiB frames, 1,024 concurrent calls, 5 s for the preamble, calls inline.
+    /// 1 MiB call frames, 16 MiB reply frames, 1,024 concurrent calls, 256 connections, 128
+    /// calls and 1 MiB in flight per connection, 5 s for the preamble, calls inline.
     fn default() -> Self {
         ServerConfig {
-            max_frame: 16 << 20,
+            max_frame: 1 << 20,
+            max_reply_frame: 16 << 20,
             max_concurrent: 1024,
+            max_connections: 256,
+            max_in_flight: 128,
+            max_in_flight_bytes: 1 << 20,
             preamble_timeout: Duration::from_secs(5),
             spawn_calls: false,
         }
     }
+}
+
+/// A call as the connection's transport hands it to tarpc: with its place among the
+/// connection's calls in flight, which it keeps until its reply is written.
+struct Admitted {
+    call: Call,
+    ticket: Ticket,
+}
+
+impl RequestName for Admitted {
+    fn name(&self) -> &str {
+        &self.call.method
+    }
+}
+
+/// A call's outcome, still holding the call's place in flight (until the transport writes it).
+/// Errors travel here too, so that an error waiting to be written is counted like a reply.
+struct Answer {
+    outcome: Result<Reply, ServerError>,
+    ticket: Ticket,
 }
 
 /// One call as it goes through the server's tower stack.
@@ -104,10 +153,11 @@ impl Stacked {
 }
 
 impl Serve for Stacked {
-    type Req = Call;
-    type Resp = Reply;
+    type Req = Admitted;
+    type Resp = Answer;
 
-    async fn serve(self, ctx: Context, call: Call) -> Result<Reply, ServerError> {
+    async fn serve(self, ctx: Context, admitted: Admitted) -> Result<Answer, ServerError> {
+        let Admitted { call, mut ticket } = admitted;
         let method = self.metric_name(&call.method);
         let service = self.service_name().to_string();
         let span = tracing::info_span!("rpc", service = %service, method = %method, peer = %self.caller.peer);
@@ -121,7 +171,7 @@ impl Serve for Stacked {
         .instrument(span.clone())
         .await;
         self.metrics.record(&service, &method, result.is_ok(), start.elapsed());
-        result.map(Reply).map_err(|e| {
+        let outcome = result.map(Reply).map_err(|e| {
             span.in_scope(|| tracing::debug!(error = %e, "call failed"));
             if e.is::<tower::load_shed::error::Overloaded>() {
                 // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
@@ -135,7 +185,9 @@ impl Serve for Stacked {
                     Err(e) => ServerError::new(io::ErrorKind::Other, e.to_string()),
                 }
             }
-        })
+        });
+        ticket.reweigh(outcome.as_ref().map_or_else(|e| e.detail.len(), |r| r.0.len()));
+        Ok(Answer { outcome, ticket })
     }
 }
 
@@ -236,8 +288,12 @@ impl Server {
             // Owned here, so that stopping the service (aborting this task) drops every open
             // connection too.
             let mut connections = tokio::task::JoinSet::new();
+            let mut refusals = tokio::task::JoinSet::new();
+            // Whether the last connection was refused (logged once per run of refusals).
+            let mut refusing = false;
             loop {
                 while connections.try_join_next().is_some() {}
+                while refusals.try_join_next().is_some() {}
                 let accepted = match listener.accept().await {
                     Ok(a) => a,
                     Err(e) => {
@@ -247,6 +303,23 @@ impl Server {
                         continue;
                     }
                 };
+                let Some(open) = Open::new(&metrics, config.max_connections) else {
+                    metrics.refused();
+                    if !refusing {
+                        tracing::warn!(
+                            peer = %accepted.peer,
+                            limit = config.max_connections,
+                            "refusing connections: too many open (counted in the metrics)"
+                        );
+                    }
+                    refusing = true;
+                    // Answered in the preamble, a few at a time; past that, just closed.
+                    if refusals.len() < MAX_REFUSALS {
+                        refusals.spawn(refuse(accepted.stream, config.max_connections));
+                    }
+                    continue;
+                };
+                refusing = false;
                 let peer: Arc<str> = accepted.peer.into();
                 let hosting = Hosting {
                     services: services.clone(),
@@ -256,7 +329,13 @@ impl Server {
                 };
                 let config = config.clone();
                 let span = tracing::info_span!("conn", peer = %peer);
-                connections.spawn(connection(accepted.stream, hosting, config).instrument(span));
+                connections.spawn(
+                    async move {
+                        let _open = open;
+                        connection(accepted.stream, hosting, config).await;
+                    }
+                    .instrument(span),
+                );
             }
         });
         Ok(ServeHandle { addr: bound, task })
@@ -307,11 +386,22 @@ async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: Serv
         return;
     }
     let codec = Codec::from_id(hello.codec).unwrap_or_default();
-    let stacked =
-        Stacked { target, codec, caller: hosting.caller, stack: hosting.stack, metrics: hosting.metrics };
+    let stacked = Stacked {
+        target,
+        codec,
+        caller: hosting.caller,
+        stack: hosting.stack,
+        metrics: hosting.metrics.clone(),
+    };
     tracing::debug!(service = stacked.service_name(), %codec, "connection accepted");
-    let transport = codec::server_transport::<Call>(stream, codec, config.max_frame);
-    let calls = BaseChannel::with_defaults(Logged { inner: transport }).execute(stacked);
+    let frames = Frames::new(config.max_frame, config.max_reply_frame);
+    let in_flight = InFlight::new(config.max_in_flight, config.max_in_flight_bytes, hosting.metrics.clone());
+    let transport = CallTransport {
+        inner: FrameTransport::new(stream, codec, frames).checking(codec::check_deadline),
+        in_flight,
+        paused: Paused { paused: false, metrics: hosting.metrics },
+    };
+    let calls = BaseChannel::with_defaults(transport).execute(stacked);
     if config.spawn_calls {
         calls
             .for_each(|call| {
@@ -320,45 +410,145 @@ async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: Serv
             })
             .await;
     } else {
+        // Unbounded here, bounded by the transport: every call holds its ticket.
         calls.for_each_concurrent(None, |call| call).await;
     }
     tracing::debug!("connection closed");
 }
 
-pin_project_lite::pin_project! {
-    /// A transport that logs why its incoming side failed (the channel then closes).
-    struct Logged<T> {
-        #[pin]
-        inner: T,
+/// Connections being refused at once (each reads the preamble, up to [`REFUSAL_TIMEOUT`],
+/// then answers why); more are closed unanswered.
+const MAX_REFUSALS: usize = 32;
+
+/// How long a refused connection may take to send its preamble.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection counted open in the server's metrics (against `max_connections`) until dropped.
+struct Open(Metrics);
+
+impl Open {
+    fn new(metrics: &Metrics, max: usize) -> Option<Open> {
+        metrics.try_open(max).then(|| Open(metrics.clone()))
     }
 }
 
-impl<T, E: std::fmt::Display, I> futures::Stream for Logged<T>
-where
-    T: futures::Stream<Item = Result<I, E>>,
-{
-    type Item = Result<I, E>;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let r = self.project().inner.poll_next(cx);
-        if let Poll::Ready(Some(Err(e))) = &r {
-            tracing::warn!(error = %e, "closing the connection: bad frame from the client");
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
+/// Refuses a connection because `limit` are open: reads its preamble first (closing a socket
+/// with unread bytes resets a TCP connection, and the client could lose the answer), then
+/// answers [`Refusal::TooManyConnections`].
+async fn refuse(mut stream: crate::BoxStream, limit: usize) {
+    let _ = preamble::read_hello(&mut stream, REFUSAL_TIMEOUT).await;
+    let msg = format!("{}: {limit} open, the server's limit", preamble::TOO_MANY_CONNECTIONS);
+    let _ = preamble::answer(&mut stream, Some(Refusal::TooManyConnections), &msg).await;
+}
+
+/// Whether a connection's reading is paused, counted in the metrics while it is.
+struct Paused {
+    paused: bool,
+    metrics: Metrics,
+}
+
+impl Paused {
+    fn set(&mut self, paused: bool) {
+        if self.paused != paused {
+            self.paused = paused;
+            self.metrics.paused(paused);
         }
-        r
     }
 }
 
-impl<T: futures::Sink<S>, S> futures::Sink<S> for Logged<T> {
-    type Error = T::Error;
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), T::Error>> {
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A server connection's tarpc transport: reads calls only while the connection's calls in
+    /// flight leave room ([`InFlight`]), gives each its [`Ticket`], and writes answers (giving
+    /// their tickets back). Logs why its incoming side failed (the channel then closes).
+    struct CallTransport {
+        #[pin]
+        inner: FrameTransport<ClientMessage<Call>, Response<Reply>>,
+        in_flight: Arc<InFlight>,
+        paused: Paused,
+    }
+}
+
+impl futures::Stream for CallTransport {
+    type Item = io::Result<ClientMessage<Admitted>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        if this.in_flight.poll_room(cx).is_pending() {
+            this.paused.set(true);
+            return Poll::Pending;
+        }
+        this.paused.set(false);
+        let (message, bytes) = match futures::ready!(this.inner.poll_next_sized(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "closing the connection: bad frame from the client");
+                return Poll::Ready(Some(Err(e)));
+            }
+            Some(Ok(m)) => m,
+        };
+        Poll::Ready(Some(Ok(match message {
+            ClientMessage::Request(r) => ClientMessage::Request(tarpc::Request {
+                context: r.context,
+                id: r.id,
+                message: Admitted { call: r.message, ticket: this.in_flight.admit(bytes) },
+            }),
+            ClientMessage::Cancel { trace_context, request_id } => {
+                ClientMessage::Cancel { trace_context, request_id }
+            }
+            // A message of a later tarpc: this server cannot tell what it holds.
+            _ => {
+                let e = io::Error::new(io::ErrorKind::InvalidData, "a message of unknown kind");
+                tracing::warn!(error = %e, "closing the connection: bad frame from the client");
+                return Poll::Ready(Some(Err(e)));
+            }
+        })))
+    }
+}
+
+impl futures::Sink<Response<Answer>> for CallTransport {
+    type Error = io::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_ready(cx)
     }
-    fn start_send(self: Pin<&mut Self>, item: S) -> Result<(), T::Error> {
-        self.project().inner.start_send(item)
+
+    fn start_send(self: Pin<&mut Self>, response: Response<Answer>) -> io::Result<()> {
+        let mut inner = self.project().inner;
+        let Response { request_id, message } = response;
+        // The ticket goes once the reply is in the write buffer (or is not sent).
+        let (outcome, _ticket) = match message {
+            Ok(Answer { outcome, ticket }) => (outcome, Some(ticket)),
+            Err(e) => (Err(e), None),
+        };
+        let len = outcome.as_ref().map_or(0, |r| r.0.len());
+        match inner.as_mut().start_send(Response { request_id, message: outcome }) {
+            Err(e) if Frames::is_too_long(&e) => {
+                tracing::warn!(error = %e, "reply too long to send; answering an error");
+                let detail = format!("the reply ({len} bytes) is longer than the server sends: {e}");
+                let message = Err(ServerError::new(io::ErrorKind::InvalidData, detail));
+                inner.start_send(Response { request_id, message })
+            }
+            other => other,
+        }
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), T::Error>> {
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_flush(cx)
     }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), T::Error>> {
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_close(cx)
     }
 }

@@ -226,10 +226,16 @@ fn ctx_for(d: Duration) -> context::Context {
 
 const T: Duration = Duration::from_secs(30);
 
+/// The suite's server: the defaults, but calls of up to 2 MiB (its 1 MiB echo is 1 MiB of
+/// arguments plus the call's own bytes, over the default 1 MiB call frame).
+fn suite_config() -> ServerConfig {
+    ServerConfig { max_frame: 2 << 20, ..ServerConfig::default() }
+}
+
 async fn suite(mut f: Fixture) {
     let name = f.name;
     let state = State::default();
-    let (server, handle) = start(&f, &state, ServerConfig::default()).await;
+    let (server, handle) = start(&f, &state, suite_config()).await;
     // The address as bound (tcp:…:0 becomes the chosen port); restarts below reuse it.
     f.addr = handle.addr().clone();
 
@@ -329,7 +335,7 @@ async fn suite(mut f: Fixture) {
     let r = tokio::time::timeout(T, in_flight).await.expect("in-flight call hung").unwrap();
     let e = r.unwrap_err();
     assert!(connection_lost(&e).is_some(), "{name}: {e:?}");
-    let (_server2, handle2) = start(&f, &state, ServerConfig::default()).await;
+    let (_server2, handle2) = start(&f, &state, suite_config()).await;
     assert_eq!(c.echo(ctx_for(T), b"again".to_vec()).await.unwrap(), b"again", "{name}: after restart");
     assert_eq!(state.started(3), 1, "{name}: a call that is not idempotent was sent again");
 
@@ -341,7 +347,7 @@ async fn suite(mut f: Fixture) {
     });
     state.wait_started(4, 1, name).await;
     handle2.stop().await;
-    let (_server3, handle3) = start(&f, &state, ServerConfig::default()).await;
+    let (_server3, handle3) = start(&f, &state, suite_config()).await;
     state.wait_started(4, 2, &format!("{name}: the idempotent call sent again")).await;
     state.release(4);
     let r = tokio::time::timeout(T, in_flight).await.expect("retried call hung").unwrap();
@@ -427,4 +433,20 @@ async fn connecting_to_nothing_fails_with_the_connect_error() {
     let RpcError::Send(inner) = &e else { panic!("expected the connect failure, got {e:?}") };
     let failed = inner.downcast_ref::<dombus_rpc::client::ConnectFailed>().unwrap_or_else(|| panic!("{e:?}"));
     assert_eq!(failed.cause.kind(), std::io::ErrorKind::NotFound, "{failed}");
+}
+
+#[tokio::test]
+async fn a_reply_longer_than_the_server_sends_is_answered_with_an_error() {
+    let f = unix();
+    let state = State::default();
+    let (_s, _h) = start(&f, &state, ServerConfig { max_reply_frame: 1024, ..ServerConfig::default() }).await;
+    let c = client(&f, Codec::default());
+    match c.echo(ctx_for(T), vec![7; 2048]).await {
+        Err(RpcError::Server(e)) => {
+            assert_eq!(e.kind, std::io::ErrorKind::InvalidData, "{e:?}");
+            assert!(e.detail.contains("longer than the server sends"), "{e:?}");
+        }
+        other => panic!("expected the server's error, got {other:?}"),
+    }
+    assert_eq!(c.echo(ctx_for(T), vec![1; 100]).await.unwrap(), vec![1; 100]);
 }

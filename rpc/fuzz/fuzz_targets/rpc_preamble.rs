@@ -12,8 +12,8 @@
 //!   bytes (what follows is the first RPC frame) and write nothing.
 //! * **Client side**: the bytes as the server's answer, into `preamble::client`. It must send
 //!   exactly the hello for its service and codec, and return what the answer says: `Ok` for
-//!   status 0, `NotFound` / `Unsupported` / `InvalidData` for the refusals with the server's
-//!   message in the error, `InvalidData` for a bad magic, `UnexpectedEof` for a short answer;
+//!   status 0, `NotFound` / `Unsupported` / `ConnectionRefused` (5, too many connections) /
+//!   `InvalidData` for the refusals with the server's message in the error, `InvalidData` for a bad magic, `UnexpectedEof` for a short answer;
 //!   and consume exactly the answer's bytes.
 //! * **Round trips**: the bytes (if UTF-8) as a service name: `check_name` accepts exactly the
 //!   names of 1 to 64 `A-Z a-z 0-9 _ . -`; a client with an accepted name sends a hello that
@@ -154,6 +154,7 @@ fn status_kind(status: u8) -> Option<io::ErrorKind> {
         0 => None,
         1 => Some(io::ErrorKind::NotFound),
         2 | 3 => Some(io::ErrorKind::Unsupported),
+        5 => Some(io::ErrorKind::ConnectionRefused),
         _ => Some(io::ErrorKind::InvalidData),
     }
 }
@@ -227,7 +228,7 @@ fn answer_round_trip(bytes: &[u8], control: u8, codec: Codec) {
         0 => None,
         1 => Some(Refusal::NoSuchService),
         2 => Some(Refusal::Version),
-        _ => Some(if bytes.len() % 2 == 0 { Refusal::Codec } else { Refusal::Malformed }),
+        _ => Some([Refusal::Codec, Refusal::Malformed, Refusal::TooManyConnections][bytes.len() % 3]),
     };
     let msg = String::from_utf8_lossy(bytes);
     let mut server = Peer::new(&[], 0);

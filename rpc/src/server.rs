@@ -16,6 +16,7 @@
 //! and at most `max_in_flight` calls read and not yet answered, weighing `max_in_flight_bytes`
 //! (past either, the connection is not read until replies drain). docs/rpc.md has the sums.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -62,6 +63,11 @@ pub struct ServerConfig {
     /// with [`TOO_MANY_CONNECTIONS`](crate::preamble::TOO_MANY_CONNECTIONS), and counted in
     /// [`Metrics::connections`].
     pub max_connections: usize,
+    /// Connections open at once from one domain (over `xen:` and `vsock:`, where the transport
+    /// names the caller's domain), so that one guest cannot take every connection; more are
+    /// refused as for `max_connections`. With the default virtual-socket budget a link carries
+    /// at most 64 connections anyway; this keeps one guest to a sixteenth of the server.
+    pub max_connections_per_domain: usize,
     /// Calls in flight on one connection — read and not yet answered: running, or their reply
     /// not yet written. At the bound the server stops reading that connection until replies
     /// drain (a client that never reads its replies stalls only itself). At least 1.
@@ -80,14 +86,16 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
-    /// 1 MiB call frames, 16 MiB reply frames, 1,024 concurrent calls, 256 connections, 128
-    /// calls and 1 MiB in flight per connection, 5 s for the preamble, calls inline.
+    /// 1 MiB call frames, 16 MiB reply frames, 1,024 concurrent calls, 256 connections (16 from
+    /// one domain), 128 calls and 1 MiB in flight per connection, 5 s for the preamble, calls
+    /// inline.
     fn default() -> Self {
         ServerConfig {
             max_frame: 1 << 20,
             max_reply_frame: 16 << 20,
             max_concurrent: 1024,
             max_connections: 256,
+            max_connections_per_domain: 16,
             max_in_flight: 128,
             max_in_flight_bytes: 1 << 20,
             preamble_timeout: Duration::from_secs(5),
@@ -291,6 +299,7 @@ impl Server {
             let mut refusals = tokio::task::JoinSet::new();
             // Whether the last connection was refused (logged once per run of refusals).
             let mut refusing = false;
+            let per_domain = PerDomain::default();
             loop {
                 while connections.try_join_next().is_some() {}
                 while refusals.try_join_next().is_some() {}
@@ -303,21 +312,38 @@ impl Server {
                         continue;
                     }
                 };
-                let Some(open) = Open::new(&metrics, config.max_connections) else {
-                    metrics.refused();
-                    if !refusing {
-                        tracing::warn!(
-                            peer = %accepted.peer,
-                            limit = config.max_connections,
-                            "refusing connections: too many open (counted in the metrics)"
-                        );
+                let admitted = match accepted.peer_domain {
+                    Some(d) => {
+                        per_domain.admit(d, config.max_connections_per_domain).map(Some).ok_or_else(|| {
+                            format!(
+                                "{} from domain {d}, the server's limit per domain",
+                                config.max_connections_per_domain
+                            )
+                        })
                     }
-                    refusing = true;
-                    // Answered in the preamble, a few at a time; past that, just closed.
-                    if refusals.len() < MAX_REFUSALS {
-                        refusals.spawn(refuse(accepted.stream, config.max_connections));
+                    None => Ok(None),
+                };
+                let open = admitted.and_then(|slot| {
+                    Open::new(&metrics, config.max_connections, slot)
+                        .ok_or_else(|| format!("{} open, the server's limit", config.max_connections))
+                });
+                let open = match open {
+                    Ok(open) => open,
+                    Err(why) => {
+                        metrics.refused();
+                        if !refusing {
+                            tracing::warn!(
+                                peer = %accepted.peer,
+                                "refusing connections: too many connections: {why} (counted in the metrics)"
+                            );
+                        }
+                        refusing = true;
+                        // Answered in the preamble, a few at a time; past that, just closed.
+                        if refusals.len() < MAX_REFUSALS {
+                            refusals.spawn(refuse(accepted.stream, why));
+                        }
+                        continue;
                     }
-                    continue;
                 };
                 refusing = false;
                 let peer: Arc<str> = accepted.peer.into();
@@ -423,27 +449,66 @@ const MAX_REFUSALS: usize = 32;
 /// How long a refused connection may take to send its preamble.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A connection counted open in the server's metrics (against `max_connections`) until dropped.
-struct Open(Metrics);
+/// A connection counted open in the server's metrics (against `max_connections`) and, if it
+/// comes from a domain, against that domain's share (its slot), until dropped.
+struct Open {
+    metrics: Metrics,
+    _slot: Option<DomainSlot>,
+}
 
 impl Open {
-    fn new(metrics: &Metrics, max: usize) -> Option<Open> {
-        metrics.try_open(max).then(|| Open(metrics.clone()))
+    fn new(metrics: &Metrics, max: usize, slot: Option<DomainSlot>) -> Option<Open> {
+        metrics.try_open(max).then(|| Open { metrics: metrics.clone(), _slot: slot })
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.closed();
+        self.metrics.closed();
     }
 }
 
-/// Refuses a connection because `limit` are open: reads its preamble first (closing a socket
-/// with unread bytes resets a TCP connection, and the client could lose the answer), then
-/// answers [`Refusal::TooManyConnections`].
-async fn refuse(mut stream: crate::BoxStream, limit: usize) {
+/// Connections open per caller domain.
+#[derive(Default, Clone)]
+struct PerDomain(Arc<std::sync::Mutex<HashMap<u32, usize>>>);
+
+impl PerDomain {
+    /// A slot for one more connection from `domain`, unless it has `max` open.
+    fn admit(&self, domain: u32, max: usize) -> Option<DomainSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(domain).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(DomainSlot { domain, of: self.clone() })
+    }
+}
+
+/// One connection of a domain, counted in [`PerDomain`] until dropped.
+struct DomainSlot {
+    domain: u32,
+    of: PerDomain,
+}
+
+impl Drop for DomainSlot {
+    fn drop(&mut self) {
+        let mut open = self.of.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.domain) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.domain);
+            }
+        }
+    }
+}
+
+/// Refuses a connection because too many are open (`why`: how many, which limit): reads its
+/// preamble first (closing a socket with unread bytes resets a TCP connection, and the client
+/// could lose the answer), then answers [`Refusal::TooManyConnections`].
+async fn refuse(mut stream: crate::BoxStream, why: String) {
     let _ = preamble::read_hello(&mut stream, REFUSAL_TIMEOUT).await;
-    let msg = format!("{}: {limit} open, the server's limit", preamble::TOO_MANY_CONNECTIONS);
+    let msg = format!("{}: {why}", preamble::TOO_MANY_CONNECTIONS);
     let _ = preamble::answer(&mut stream, Some(Refusal::TooManyConnections), &msg).await;
 }
 

@@ -387,3 +387,48 @@ async fn a_frame_header_alone_costs_nothing_near_the_length_it_announces() {
     assert!(got == message, "the frame read in pieces differs");
     drop((servers, ends));
 }
+
+/// One domain cannot take every connection of a server: past `max_connections_per_domain` its
+/// connections are refused with the reason, while another domain still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_domain_is_held_to_its_share_of_connections() {
+    use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
+    use dombus_transport_xen::types::DomId;
+    use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
+    let _serial = serial().await;
+    let dir = Scratch::new("per-domain");
+    let sock = dir.0.join("simxen.sock");
+    let hv = SimHypervisor::spawn(&sock).unwrap();
+    let domain = |id: u16| {
+        VsockDomain::start(SimBackend::boot(&sock, Some(DomId(id))).unwrap(), VsockConfig::default()).unwrap()
+    };
+    let config = ServerConfig { max_connections_per_domain: 3, ..ServerConfig::default() };
+    let server = Server::new(Net::new().with_xen(domain(1)), config);
+    let addr: Address = "xen:1:5000".parse().unwrap();
+    let handle = server.serve_many(&addr, Vec::new()).await.unwrap();
+    let (greedy, other) = (Net::new().with_xen(domain(2)), Net::new().with_xen(domain(3)));
+    let client =
+        |net: &Net| RawClient::new(net.clone(), addr.clone(), BUILTIN_SERVICE, ClientConfig::default());
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let c = client(&greedy);
+        c.connect_now(T).await.unwrap();
+        open.push(c);
+    }
+    let fourth = client(&greedy);
+    let e = fourth.connect_now(T).await.unwrap_err();
+    assert!(too_many_connections(&e).is_some(), "not the named reason: {e:?}");
+    assert!(e.to_string().contains("3 from domain 2"), "{e}");
+    // Another domain is not affected.
+    let c = client(&other);
+    c.connect_now(T).await.unwrap();
+    c.ping(ctx_for(T)).await.unwrap();
+    assert_eq!(server.metrics().connections().refused, 1);
+    // One of domain 2's closes: its next gets in.
+    drop(open.pop());
+    wait_until(|| server.metrics().connections().open == 3, "the server seeing a connection close").await;
+    fourth.connect_now(T).await.unwrap();
+    fourth.ping(ctx_for(T)).await.unwrap();
+    handle.stop().await;
+    drop(hv);
+}

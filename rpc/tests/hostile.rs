@@ -8,9 +8,8 @@
 //! counts the whole process, so the tests of this binary run one at a time ([`serial`]).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dombus_rpc::codec::{Codec, FrameTransport, Frames};
@@ -18,82 +17,25 @@ use dombus_rpc::wire::{BUILTIN_SERVICE, Call, PING, Reply};
 use dombus_rpc::{
     Address, ClientConfig, Net, RawClient, Server, ServerConfig, preamble, too_many_connections,
 };
+use dombus_transport_xen::diag::CountingAlloc;
 use futures::{FutureExt, StreamExt};
 use tarpc::{ClientMessage, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard};
 
-/// Heap bytes currently allocated by the whole process.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-/// The most heap bytes live at once since [`reset_peak`].
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-/// The system allocator, counting live bytes into [`LIVE`] and their high-water mark into
-/// [`PEAK`].
-struct Counting;
-
-fn grow(n: usize) {
-    let n = isize::try_from(n).unwrap_or(isize::MAX);
-    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-fn shrink(n: usize) {
-    LIVE.fetch_sub(isize::try_from(n).unwrap_or(isize::MAX), Ordering::Relaxed);
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
-// `GlobalAlloc` contract is `System`'s; the counting only touches atomics and never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded under the caller's guarantees (non-zero size layout).
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` (through this allocator) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrink(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded under the caller's guarantees about `ptr`, `layout` and `new_size`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            shrink(layout.size());
-            grow(new_size);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: CountingAlloc = CountingAlloc;
 
 fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
+    CountingAlloc::live()
 }
 
-/// Starts a new high-water mark at the bytes live now.
 fn reset_peak() {
-    PEAK.store(live(), Ordering::Relaxed);
+    CountingAlloc::reset_peak()
 }
 
 fn peak() -> isize {
-    PEAK.load(Ordering::Relaxed)
+    CountingAlloc::peak()
 }
 
 const MIB: isize = 1 << 20;

@@ -388,6 +388,81 @@ pub async fn recv_all<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<(
     }
 }
 
+/// Heap bytes live in the whole process, as [`CountingAlloc`] counts them.
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+/// The most heap bytes live at once since [`CountingAlloc::reset_peak`].
+static PEAK_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+/// The system allocator, counting the bytes live and their high-water mark: for tests and tools
+/// that measure what a peer makes a process hold (install it with `#[global_allocator]`; the
+/// counts are process-wide).
+pub struct CountingAlloc;
+
+impl CountingAlloc {
+    /// Heap bytes live now (0 unless this is the process's global allocator).
+    pub fn live() -> isize {
+        LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most heap bytes live at once since the last [`CountingAlloc::reset_peak`].
+    pub fn peak() -> isize {
+        PEAK_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new high-water mark at the bytes live now.
+    pub fn reset_peak() {
+        PEAK_BYTES.store(CountingAlloc::live(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn grow(n: usize) {
+        let n = isize::try_from(n).unwrap_or(isize::MAX);
+        let now = LIVE_BYTES.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        PEAK_BYTES.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn shrink(n: usize) {
+        LIVE_BYTES.fetch_sub(isize::try_from(n).unwrap_or(isize::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
+// `GlobalAlloc` contract is `System`'s; the counting only touches atomics and never allocates.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded under the caller's guarantees (non-zero size layout).
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            CountingAlloc::grow(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            CountingAlloc::grow(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through this allocator) with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        CountingAlloc::shrink(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded under the caller's guarantees about `ptr`, `layout` and `new_size`.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            CountingAlloc::shrink(layout.size());
+            CountingAlloc::grow(new_size);
+        }
+        p
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

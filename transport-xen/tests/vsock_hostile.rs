@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use common::{LIVENESS, Scratch};
@@ -23,63 +21,11 @@ use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
 use dombus_transport_xen::vsock::session::SessionConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Heap bytes currently allocated by the whole process.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-/// The system allocator, counting live bytes into [`LIVE`].
-struct Counting;
-
-fn grow(n: usize) {
-    LIVE.fetch_add(isize::try_from(n).unwrap_or(isize::MAX), Ordering::Relaxed);
-}
-
-fn shrink(n: usize) {
-    LIVE.fetch_sub(isize::try_from(n).unwrap_or(isize::MAX), Ordering::Relaxed);
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
-// `GlobalAlloc` contract is `System`'s; the counting only touches an atomic and never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded under the caller's guarantees (non-zero size layout).
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` (through this allocator) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrink(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded under the caller's guarantees about `ptr`, `layout` and `new_size`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            shrink(layout.size());
-            grow(new_size);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: dombus_transport_xen::diag::CountingAlloc = dombus_transport_xen::diag::CountingAlloc;
 
 fn live_bytes() -> i64 {
-    i64::try_from(LIVE.load(Ordering::Relaxed)).unwrap_or(i64::MAX)
+    dombus_transport_xen::diag::CountingAlloc::live() as i64
 }
 
 /// Packets the hostile peer writes: 4.8 MB on the wire, each one asking for an answer.

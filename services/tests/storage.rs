@@ -7,32 +7,18 @@
 
 mod common;
 
-use std::fmt::Debug;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{LIVENESS, QemuImgGate, missing_prerequisite, processes_mentioning};
+use common::{LIVENESS, QemuImgGate, TempDir, err, missing_prerequisite, processes_mentioning};
 use dombus_services::storage::{Format, QemuImg, Size, Storage, StorageError};
 
 const MIB: u64 = 1 << 20;
 
 /// A unique temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
 impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("dombus-storage-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir.canonicalize().unwrap())
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     fn storage(&self) -> QemuImg {
         QemuImg::new(self.0.clone(), "qemu-img".into()).unwrap()
     }
@@ -54,19 +40,6 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .filter_map(|e| e.unwrap().file_name().into_string().ok())
         .filter(|n| n.starts_with(".tmp-"))
         .collect()
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn err<T: Debug>(r: Result<T, StorageError>) -> StorageError {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e,
-    }
 }
 
 /// Writes a raw image of `size` bytes of non-zero data derived from `seed`.

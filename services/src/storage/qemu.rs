@@ -758,11 +758,7 @@ impl QemuImg {
         self.inner.runs.fetch_add(1, Ordering::Relaxed);
         let spawned = cmd.spawn();
         drop(ruleset);
-        let mut child = spawned.map_err(|e| StorageError::ToolFailed {
-            tool: TOOL.into(),
-            status: "not started".into(),
-            message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
-        })?;
+        let mut child = spawned.map_err(|e| self.not_started(e))?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let mut child = ChildGuard(Some(child));
@@ -777,6 +773,15 @@ impl QemuImg {
         if status.success() { Ok(out) } else { Err(failure(name, status, &self.inner.root, &err)) }
     }
 
+    /// The error of a qemu-img that could not be started.
+    fn not_started(&self, e: io::Error) -> StorageError {
+        StorageError::ToolFailed {
+            tool: TOOL.into(),
+            status: "not started".into(),
+            message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
+        }
+    }
+
     /// [`Self::run`] blocking, for adoption (at start, or of an image the operator placed since).
     fn run_sync(
         &self,
@@ -789,11 +794,7 @@ impl QemuImg {
         self.inner.runs.fetch_add(1, Ordering::Relaxed);
         let spawned = cmd.spawn();
         drop(ruleset);
-        let mut child = spawned.map_err(|e| StorageError::ToolFailed {
-            tool: TOOL.into(),
-            status: "not started".into(),
-            message: format!("cannot run {}: {e}", self.inner.qemu_img.display()),
-        })?;
+        let mut child = spawned.map_err(|e| self.not_started(e))?;
         // stderr on a thread of its own (kept up to 64 KiB, the rest drained), so that neither
         // pipe can fill while the other is read.
         let stderr = child.stderr.take();

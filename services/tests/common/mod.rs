@@ -181,3 +181,35 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
     }
     pids
 }
+
+/// A unique temporary directory (canonical path), removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new directory named after `tag`, this process and the time.
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("dombus-storage-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir.canonicalize().unwrap())
+    }
+
+    /// `name` inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The error `r` must be.
+pub fn err<T: std::fmt::Debug, E>(r: Result<T, E>) -> E {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e,
+    }
+}

@@ -41,6 +41,11 @@ pub const MAX_GRANTS: usize = 65_536;
 /// mapping record costs the daemon about 24 bytes per page, so this bounds what one domain
 /// makes the daemon hold for its mappings to about 1.5 MiB.
 pub const MAX_MAPPED_PAGES: usize = 65_536;
+/// Descriptors the daemon holds for one domain: one memfd per live allocation, two eventfds per
+/// port. Without it one domain could take every descriptor of the daemon (65,536 one-page
+/// allocations, or 4,096 ports) and so deny every other domain new grants and ports. The
+/// daemon raises its own descriptor limit to the hard limit at start.
+pub const MAX_DOMAIN_FDS: usize = 2048;
 /// Event-channel ports per domain (Xen's 2-level ABI limit on 64-bit).
 pub const MAX_PORTS: u32 = 4096;
 /// Domains created and not attached yet (each holds an id and a token).
@@ -145,6 +150,17 @@ struct Port {
     own: Arc<OwnedFd>,
     slot: Arc<OwnedFd>,
     state: PortState,
+}
+
+/// Fails with `Limit` if `dom` may not hold `more` descriptors more.
+fn fd_room(d: u16, dom: &Domain, more: usize) -> Result<(), WireError> {
+    let held = dom.allocs.len() + 2 * dom.ports.len();
+    if held + more > MAX_DOMAIN_FDS {
+        return Err(WireError::Limit(format!(
+            "domain {d} holds {held} descriptors of the hypervisor (one per allocation, two per port); the limit is {MAX_DOMAIN_FDS}"
+        )));
+    }
+    Ok(())
 }
 
 struct Domain {
@@ -386,6 +402,7 @@ impl State {
             if self.dom(d)?.grants.len() + count as usize > MAX_GRANTS {
                 return Err(WireError::Limit(format!("domain {d} would exceed {MAX_GRANTS} grants")));
             }
+            fd_room(d, self.dom(d)?, 1)?;
             let fd = Arc::new(mem::memfd(count as usize).map_err(|e| io_err("cannot allocate pages", e))?);
             let alloc = self.fresh_id();
             let dom = self.dom(d)?;
@@ -482,6 +499,7 @@ impl State {
             let own = Arc::new(mem::eventfd().map_err(|e| io_err("cannot create eventfd", e))?);
             let slot = Arc::new(mem::eventfd().map_err(|e| io_err("cannot create eventfd", e))?);
             let dom = self.dom(d)?;
+            fd_room(d, dom, 2)?;
             let port = free_port(dom)?;
             dom.ports.insert(
                 port,
@@ -518,6 +536,7 @@ impl State {
             mem::signal(&*rp.slot);
             let (own, slot) = (rp.slot.clone(), rp.own.clone());
             let dom = self.dom(d)?;
+            fd_room(d, dom, 2)?;
             let port = free_port(dom)?;
             dom.ports.insert(
                 port,
@@ -930,6 +949,7 @@ impl SimHypervisor {
     /// domain, waits for their connections to wind down and removes the socket.
     pub fn run(self) -> io::Result<()> {
         tracing::info!("simulated hypervisor listening on {}", self.path.display());
+        raise_fd_limit();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let result = loop {
             let mut fds =
@@ -1001,6 +1021,25 @@ impl Drop for SimHypervisor {
             }
         }
     }
+}
+
+/// Raises this process's descriptor limit to its hard limit: the daemon holds up to
+/// [`MAX_DOMAIN_FDS`] descriptors per domain, and logs how many domains that serves at the most.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+            tracing::warn!("cannot raise the descriptor limit: {e}");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    tracing::info!(
+        "descriptor limit {}: room for {} domains at their {MAX_DOMAIN_FDS} descriptors each",
+        now.map_or_else(|| "unlimited".to_string(), |n| n.to_string()),
+        now.map_or_else(|| "any number of".to_string(), |n| (n / MAX_DOMAIN_FDS as u64).to_string())
+    );
 }
 
 /// Writes `bytes` to `path` readable and writable by the owner only (replacing what was there;
@@ -1123,6 +1162,29 @@ mod tests {
         let first = maps[0];
         assert!(matches!(st.handle(2, Op::Unmap { map: first }).0, Ok(Reply::Done)));
         assert!(matches!(st.map(2, 1, &refs, false).0, Ok(Reply::Mapped { .. })));
+    }
+
+    #[test]
+    fn descriptors_held_for_a_domain_are_bounded() {
+        let mut h = harness(&[1, 2]);
+        let st = &mut h.st;
+        let mut allocs = 0;
+        loop {
+            match st.share(1, 2, 1, true).0 {
+                Ok(_) => allocs += 1,
+                Err(WireError::Limit(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(allocs <= MAX_DOMAIN_FDS, "more than {MAX_DOMAIN_FDS} allocations held");
+        }
+        assert_eq!(allocs, MAX_DOMAIN_FDS);
+        assert!(matches!(st.bind_unbound(1, 0, 2).0, Err(WireError::Limit(_))));
+        // Another domain is not affected; a revoke makes room.
+        assert!(st.share(2, 1, 1, true).0.is_ok());
+        assert!(st.bind_unbound(2, 0, 1).0.is_ok());
+        let alloc = *st.domains.get(&1).and_then(|d| d.allocs.keys().next()).unwrap_or(&0);
+        assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Ok(Reply::Done)));
+        assert!(st.share(1, 2, 1, true).0.is_ok());
     }
 
     #[test]

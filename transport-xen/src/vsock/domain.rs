@@ -10,9 +10,11 @@
 //!
 //! A request costs the lower domain at most one set-up task per peer, whatever the requester
 //! writes: a request that arrives while a set-up for that peer runs (or waits out its back-off
-//! after failures) makes it try once more afterwards, rather than start another. When a watch's
-//! events collapse (a flood, see [`crate::backend::MAX_QUEUED_EVENTS`]) the domain reads every
-//! request and published link for it again, so a flood loses nobody's request.
+//! after failures) makes it try once more afterwards, rather than start another. When one
+//! domain's watch events collapse into one for `/local/domain/<id>` (it wrote faster than we read,
+//! see [`crate::backend::MAX_QUEUED_PER_CHILD`]), this domain reads that domain's request again;
+//! when all of them collapse into one for `/local/domain`, it reads every domain's (which needs
+//! the right to list `/local/domain`: dom0's). So a flood loses nobody's request.
 //!
 //! Listeners announce themselves at `/local/domain/<id>/data/dombus/listen/<port>` (readable by
 //! all), so that [`VsockDomain::connect_wait`] can wait for a service that is not up yet, woken

@@ -26,9 +26,15 @@
 //!   (2) its event channels close: each peer port returns to unbound and gets one final event;
 //!   (3) its watches go; (4) `/local/domain/<id>` is removed and `@releaseDomain` fires;
 //!   (5) its grants are revoked (mappings other domains hold stay valid).
+//! * **Identity.** No process picks its domain id: the toolstack, holding the key the daemon
+//!   writes beside its socket ([`SimHypervisor::key_path`], mode 0600 like the socket), creates a
+//!   domain ([`SimBackend::create_domain`]) and hands the process a one-time token to attach with
+//!   ([`SimBackend::attach`], [`TOKEN_ENV`]); the key itself attaches as domain 0.
 //! * **Robustness.** Every message is capped at [`proto::MAX_MSG`]; bad requests get an error
 //!   reply; undecodable or oversize messages disconnect only that domain. Outbound messages go
-//!   through a bounded queue per domain; a domain that stops reading is disconnected.
+//!   through a queue per domain bounded in messages and bytes; a domain that stops reading is
+//!   disconnected. What one domain may make the daemon hold (mapped pages, descriptors) is
+//!   bounded per domain (docs/bounds.md).
 
 mod client;
 mod daemon;

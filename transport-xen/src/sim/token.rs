@@ -121,6 +121,11 @@ mod tests {
         let mut other = s;
         other.0[31] ^= 1;
         assert!(!s.matches(&other));
+        // Two bytes differing the same way must not cancel out.
+        other.0[0] ^= 1;
+        assert!(!s.matches(&other));
+        // A secret never shows in logs.
+        assert_eq!(format!("{s:?}"), "Secret(..)");
     }
 
     proptest::proptest! {

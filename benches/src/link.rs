@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::link::{Link, LinkConfig, LinkError};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::mux::{Mux, VsockStream};
 use dombus_transport_xen::vsock::session::SessionConfig;

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use dombus_rpc::codec::SerdeCodec;
 use dombus_rpc::{Address, BoxStream, ClientConfig, Codec, Net, Server, ServerConfig};
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::link::LinkConfig;
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};

@@ -59,7 +59,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn hypervisor(socket: PathBuf) -> anyhow::Result<()> {
-    let hv = dombus::transport::sim::SimHypervisor::bind(&socket)
+    let hv = dombus::sim::SimHypervisor::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "simulated hypervisor ready");
     hv.run_until_signalled().context("simulated hypervisor failed")?;

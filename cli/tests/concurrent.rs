@@ -11,7 +11,7 @@ use common::{Down, dombus, guest_net, stderr, stdout};
 
 use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{ClientConfig, RawClient, wire};
-use dombus::transport::sim::SimBackend;
+use dombus::sim::SimBackend;
 use dombus::transport::types::DomId;
 
 #[test]

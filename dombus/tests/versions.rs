@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use dombus::context;
 use dombus::rpc::{ClientConfig, RawClient, error_text, is_unknown_method};
-use dombus::transport::sim::{SimBackend, SimHypervisor};
+use dombus::sim::{SimBackend, SimHypervisor};
 use dombus::transport::types::DomId;
 use dombus::transport::vsock::domain::{VsockConfig, VsockDomain};
 use dombus::{Address, Net, Server, ServerConfig};
@@ -94,7 +94,7 @@ struct Place {
     server: Net,
     client: Net,
     addr: Address,
-    _keep: Option<dombus::transport::sim::SimHypervisorHandle>,
+    _keep: Option<dombus::sim::SimHypervisorHandle>,
 }
 
 fn unix() -> Place {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, TOKEN_ENV};
+use dombus_sim::{SimBackend, SimHypervisor, TOKEN_ENV};
 use dombus_transport_xen::types::DomId;
 
 const GREETER: &str = env!("CARGO_BIN_EXE_greeter");

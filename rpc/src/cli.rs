@@ -71,11 +71,11 @@ impl NetArgs {
         let mut net = if let Some(sock) = &self.sim {
             // Domain 0 is the toolstack (the simulator's key); any other domain attaches with the
             // one-time token its creator handed this process.
-            let backend = dombus_transport_xen::sim::SimBackend::attach_from_env(
-                sock,
-                dombus_transport_xen::types::DomId(self.domid),
-            )
-            .map_err(|e| std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display())))?;
+            let backend =
+                dombus_sim::SimBackend::attach_from_env(sock, dombus_transport_xen::types::DomId(self.domid))
+                    .map_err(|e| {
+                        std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display()))
+                    })?;
             Net::new().with_xen(VsockDomain::start(backend, config())?)
         } else if self.xen {
             let backend = dombus_transport_xen::xen::XenBackend::open().map_err(std::io::Error::other)?;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dombus_rpc::{Address, ClientConfig, Codec, Net, RawClient, Server, ServerConfig, connection_lost};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use tarpc::client::RpcError;

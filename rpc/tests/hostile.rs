@@ -17,7 +17,7 @@ use dombus_rpc::wire::{BUILTIN_SERVICE, Call, PING, Reply};
 use dombus_rpc::{
     Address, ClientConfig, Net, RawClient, Server, ServerConfig, preamble, too_many_connections,
 };
-use dombus_transport_xen::diag::CountingAlloc;
+use dombus_tools::diag::CountingAlloc;
 use futures::{FutureExt, StreamExt};
 use tarpc::{ClientMessage, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,7 +334,7 @@ async fn a_frame_header_alone_costs_nothing_near_the_length_it_announces() {
 /// connections are refused with the reason, while another domain still gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_domain_is_held_to_its_share_of_connections() {
-    use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
+    use dombus_sim::{SimBackend, SimHypervisor};
     use dombus_transport_xen::types::DomId;
     use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
     let _serial = serial().await;

@@ -6,13 +6,15 @@
 //! untrusted: indices are read once, validated, and a violation closes the link with a named
 //! [`PeerMisbehaved`] error.
 //!
-//! The hypervisor sits behind the [`backend::Backend`] trait family. This crate ships the `sim`
-//! backend, a simulated hypervisor (`dombus-simxen`) with Xen's grant, event-channel and store
-//! semantics between real processes and real shared memory.
+//! The hypervisor sits behind the [`backend::Backend`] trait family. This crate ships the `xen`
+//! backend (the grant and event-channel devices and a xenstore client); the `dombus-sim` crate
+//! implements the same traits with a simulated hypervisor, for machines without Xen. Above the
+//! links, [`vsock`] multiplexes virtual sockets on one link per pair of domains.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use dombus_transport_xen::{sim::SimBackend, link::{Link, LinkConfig}, types::DomId};
+//! use dombus_sim::SimBackend;
+//! use dombus_transport_xen::{link::{Link, LinkConfig}, types::DomId};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! // In domain 1 (the server); domain 2 runs `Link::connect` on the same path.
 //! let backend = SimBackend::boot("/run/dombus/simxen.sock", Some(DomId(1)))?;
@@ -25,12 +27,10 @@
 //! ```
 
 pub mod backend;
-pub mod diag;
 pub mod layout;
 pub mod link;
 pub mod ring;
 pub mod shmem;
-pub mod sim;
 pub mod types;
 pub mod vsock;
 pub mod xen;

@@ -197,8 +197,8 @@ impl SharedMem for Region {
 
 /// A live mmap; unmapped on drop.
 pub struct Mapping {
-    pub(crate) ptr: NonNull<u8>,
-    pub(crate) len: usize,
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; it is only unmapped in Drop, and
@@ -218,6 +218,21 @@ impl Drop for Mapping {
 }
 
 impl Mapping {
+    /// Takes ownership of the `len` bytes mapped at `ptr`, which are unmapped on drop (for
+    /// backends that build a mapping themselves, e.g. pages placed into one reservation).
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be one mapping (or reservation) made with mmap that nothing else
+    /// unmaps or uses as anything but shared memory.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize) -> Mapping {
+        Mapping { ptr, len }
+    }
+
+    /// The first byte of the mapping.
+    pub fn as_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
     /// Wraps the whole mapping as a [`Region`] that also keeps `keep` alive (dropped after the
     /// unmap), e.g. the device the pages were mapped from.
     pub fn into_region_with<T: Send + Sync + 'static>(self, keep: T) -> Region {
@@ -240,7 +255,7 @@ impl Mapping {
 }
 
 /// Maps `len` bytes of `fd` from byte `offset`, shared; writable or read-only.
-pub(crate) fn map_shared(
+pub fn map_shared(
     fd: impl std::os::fd::AsFd,
     len: usize,
     writable: bool,

@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{LIVENESS, Scratch, parked_on_watch};
+use dombus_sim::{SimBackend, SimHypervisor};
+use dombus_tools::diag;
 use dombus_transport_xen::backend::{Backend, MAX_QUEUED_EVENTS, Perm, PermKind, Store, publish};
-use dombus_transport_xen::diag;
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};

@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{LIVENESS, Scratch, parked_on_watch};
+use dombus_sim::{SimBackend, SimHypervisor};
+use dombus_tools::diag;
 use dombus_transport_xen::backend::{Backend, BackendError, Store};
-use dombus_transport_xen::diag;
 use dombus_transport_xen::link::{Link, LinkConfig};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
 use dombus_transport_xen::types::DomId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -17,7 +17,7 @@ const T: Duration = Duration::from_secs(20);
 
 struct Host {
     _dir: Scratch,
-    hv: dombus_transport_xen::sim::SimHypervisorHandle,
+    hv: dombus_sim::SimHypervisorHandle,
     srv: SimBackend,
     cli: SimBackend,
 }

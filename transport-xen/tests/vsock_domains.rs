@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{LIVENESS, Scratch, parked_on_watch};
-use dombus_transport_xen::diag;
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_tools::diag;
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};

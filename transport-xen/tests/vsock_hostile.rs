@@ -12,9 +12,9 @@ mod common;
 use std::time::Duration;
 
 use common::{LIVENESS, Scratch};
-use dombus_transport_xen::diag;
+use dombus_sim::{SimBackend, SimHypervisor};
+use dombus_tools::diag;
 use dombus_transport_xen::link::{Link, LinkConfig};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::mux::Mux;
 use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
@@ -22,10 +22,10 @@ use dombus_transport_xen::vsock::session::SessionConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[global_allocator]
-static ALLOCATOR: dombus_transport_xen::diag::CountingAlloc = dombus_transport_xen::diag::CountingAlloc;
+static ALLOCATOR: dombus_tools::diag::CountingAlloc = dombus_tools::diag::CountingAlloc;
 
 fn live_bytes() -> i64 {
-    dombus_transport_xen::diag::CountingAlloc::live() as i64
+    dombus_tools::diag::CountingAlloc::live() as i64
 }
 
 /// Packets the hostile peer writes: 4.8 MB on the wire, each one asking for an answer.

@@ -6,9 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{LIVENESS, Scratch, fill_window};
-use dombus_transport_xen::diag;
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_tools::diag;
 use dombus_transport_xen::link::{Link, LinkConfig};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::mux::{Mux, MuxError};
 use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};

@@ -20,9 +20,9 @@ mod common;
 use std::time::Duration;
 
 use common::Scratch;
-use dombus_transport_xen::diag;
+use dombus_sim::{SimBackend, SimHypervisor};
+use dombus_tools::diag;
 use dombus_transport_xen::link::{Link, LinkConfig};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::mux::Mux;
 use dombus_transport_xen::vsock::session::SessionConfig;
@@ -37,10 +37,10 @@ const IDLE: usize = 10_000;
 const MAX_BYTES_PER_IDLE_CONNECTION: i64 = 1024;
 
 #[global_allocator]
-static ALLOCATOR: dombus_transport_xen::diag::CountingAlloc = dombus_transport_xen::diag::CountingAlloc;
+static ALLOCATOR: dombus_tools::diag::CountingAlloc = dombus_tools::diag::CountingAlloc;
 
 fn live_bytes() -> i64 {
-    dombus_transport_xen::diag::CountingAlloc::live() as i64
+    dombus_tools::diag::CountingAlloc::live() as i64
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ impl Drop for Down {
 /// that runs as it. Must run inside a tokio runtime.
 #[allow(dead_code)]
 pub fn guest_net(sim: &Path, domid: u16) -> dombus::rpc::Net {
-    use dombus::transport::sim::SimBackend;
+    use dombus::sim::SimBackend;
     use dombus::transport::types::DomId;
     use dombus::transport::vsock::domain::{VsockConfig, VsockDomain};
     let backend = SimBackend::boot(sim, Some(DomId(domid))).unwrap();

@@ -13,10 +13,10 @@ use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use dombus_sim::{SimBackend, SimHypervisor, TOKEN_ENV};
+use dombus_tools::diag;
 use dombus_transport_xen::backend::Backend;
-use dombus_transport_xen::diag;
 use dombus_transport_xen::link::{Link, LinkConfig};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, TOKEN_ENV};
 use dombus_transport_xen::types::DomId;
 use tokio::io::AsyncWriteExt;
 

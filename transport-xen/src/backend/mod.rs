@@ -253,7 +253,7 @@ pub const MAX_QUEUED_PER_CHILD: usize = 64;
 /// `<watched>/<child>`, and never drowns another child's. Past [`MAX_QUEUED_EVENTS`] in all, the
 /// whole queue collapses into one event for the watched path.
 #[derive(Debug)]
-pub(crate) struct WatchEvents {
+pub struct WatchEvents {
     root: String,
     paths: std::collections::VecDeque<String>,
     /// Events queued per child of `root` (children with none are absent).
@@ -263,7 +263,7 @@ pub(crate) struct WatchEvents {
 
 impl WatchEvents {
     /// An empty queue for a watch on `root`.
-    pub(crate) fn new(root: &str) -> WatchEvents {
+    pub fn new(root: &str) -> WatchEvents {
         WatchEvents {
             root: root.trim_end_matches('/').to_string(),
             paths: Default::default(),
@@ -281,7 +281,7 @@ impl WatchEvents {
     }
 
     /// Queues `path`, collapsing as the bounds require.
-    pub(crate) fn push(&mut self, path: String) {
+    pub fn push(&mut self, path: String) {
         if self.paths.len() >= MAX_QUEUED_EVENTS {
             self.collapse_all();
             return;
@@ -323,7 +323,7 @@ impl WatchEvents {
     }
 
     /// The oldest event.
-    pub(crate) fn pop(&mut self) -> Option<String> {
+    pub fn pop(&mut self) -> Option<String> {
         let path = self.paths.pop_front()?;
         if let Some(child) = self.child_of(&path) {
             if let Some(n) = self.per_child.get_mut(child) {
@@ -337,17 +337,17 @@ impl WatchEvents {
     }
 
     /// Events queued.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.paths.len()
     }
 
     /// Whether nothing is queued.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.paths.is_empty()
     }
 
     /// How many times events have collapsed.
-    pub(crate) fn collapsed(&self) -> u64 {
+    pub fn collapsed(&self) -> u64 {
         self.collapsed
     }
 }

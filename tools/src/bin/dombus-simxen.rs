@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use dombus_transport_xen::sim::SimHypervisor;
+use dombus_sim::SimHypervisor;
 use tracing_subscriber::EnvFilter;
 
 /// Simulated Xen hypervisor (grants, event channels, xenstore) for dombus.

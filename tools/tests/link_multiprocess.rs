@@ -6,8 +6,8 @@ mod common;
 
 use common::scenarios::{self, Sim};
 use common::{Scratch, simxen};
+use dombus_sim::SimBackend;
 use dombus_transport_xen::backend::{Backend, BackendError, SharedPages};
-use dombus_transport_xen::sim::SimBackend;
 use dombus_transport_xen::types::DomId;
 
 #[test]

@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::backend::{
     Backend, BackendError, EventChannel, MappedPages, Perm, PermKind, SharedPages, Store, StoreWatch,
 };
 use dombus_transport_xen::shmem::SharedMem;
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef, PAGE_SIZE};
 
 fn sock_path(tag: &str) -> PathBuf {

@@ -16,8 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::proto::WireError;
-use crate::backend::{Perm, PermKind};
-use crate::types::DomId;
+use dombus_transport_xen::backend::{Perm, PermKind};
+use dombus_transport_xen::types::DomId;
 
 /// Maximum length of a store path, as in xenstored.
 pub const MAX_PATH: usize = 3072;

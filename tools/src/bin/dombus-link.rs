@@ -12,16 +12,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use dombus_sim::SimBackend;
+use dombus_tools::diag;
 use dombus_transport_xen::backend::{Backend, EventChannel, MappedPages, Store};
+use dombus_transport_xen::layout;
 use dombus_transport_xen::link::{Link, LinkConfig, server_path};
 use dombus_transport_xen::shmem::SharedMem;
-use dombus_transport_xen::sim::SimBackend;
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef};
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use dombus_transport_xen::vsock::mux::Mux;
 use dombus_transport_xen::vsock::session::SessionConfig;
 use dombus_transport_xen::xen::XenBackend;
-use dombus_transport_xen::{diag, layout};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Parser)]
@@ -251,7 +252,7 @@ async fn run(args: Args) -> Result<()> {
         Some(socket) => {
             // With a token (from the toolstack that created the domain) it attaches as that domain;
             // without, as domain 0 (the toolstack, reading the simulator's key).
-            let backend = match (std::env::var(dombus_transport_xen::sim::TOKEN_ENV), args.domid) {
+            let backend = match (std::env::var(dombus_sim::TOKEN_ENV), args.domid) {
                 (_, Some(domid)) if args.boot => {
                     SimBackend::boot_named(socket, Some(DomId(domid)), "dombus-link")
                 }

@@ -4,13 +4,13 @@ use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
-pub use crate::shmem::Mapping;
-use crate::types::PAGE_SIZE;
+pub use dombus_transport_xen::shmem::Mapping;
+use dombus_transport_xen::shmem::SharedMem;
+use dombus_transport_xen::types::PAGE_SIZE;
 
 fn prot(writable: bool) -> ProtFlags {
     if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ }
@@ -37,7 +37,7 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// Maps `len` bytes of `fd` from offset 0, shared.
 pub fn map_fd(fd: impl AsFd, len: usize, writable: bool) -> io::Result<Mapping> {
-    crate::shmem::map_shared(fd, len, writable, 0)
+    dombus_transport_xen::shmem::map_shared(fd, len, writable, 0)
 }
 
 /// Maps single pages of several fds contiguously: page `i` of the result is page `pages[i].1` of
@@ -57,8 +57,9 @@ pub fn map_pages<F: AsFd>(fds: &[F], pages: &[(u32, u32)], writable: bool) -> io
         )?
     };
     let base = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-    // From here the reservation is owned (and unmapped on error) by `area`.
-    let area = Mapping { ptr: base, len };
+    // SAFETY: `base..base+len` is the reservation just made, owned from here (and unmapped on
+    // error) by `area` alone.
+    let area = unsafe { Mapping::from_raw(base, len) };
     for (i, &(fd_idx, page)) in pages.iter().enumerate() {
         let fd = fds
             .get(fd_idx as usize)
@@ -82,20 +83,9 @@ pub fn map_pages<F: AsFd>(fds: &[F], pages: &[(u32, u32)], writable: bool) -> io
 /// Clears the byte at `offset` of `fd` (as an unmap notification does).
 pub fn clear_byte(fd: impl AsFd, offset: u64) -> io::Result<()> {
     let page_off = offset & !(PAGE_SIZE as u64 - 1);
-    // SAFETY: a fresh mapping chosen by the kernel.
-    let ptr = unsafe {
-        rustix::mm::mmap(std::ptr::null_mut(), PAGE_SIZE, prot(true), MapFlags::SHARED, fd, page_off)?
-    };
-    let map = Mapping {
-        ptr: NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?,
-        len: PAGE_SIZE,
-    };
-    let idx = (offset - page_off) as usize;
-    // SAFETY: idx < PAGE_SIZE, inside the mapping just created and kept alive by `map`; any byte is
-    // a valid AtomicU8 and other domains access it atomically too.
-    let byte = unsafe { AtomicU8::from_ptr(map.ptr.as_ptr().add(idx)) };
-    byte.store(0, Ordering::SeqCst);
-    drop(map);
+    let page = dombus_transport_xen::shmem::map_shared(fd, PAGE_SIZE, true, page_off)?.into_region();
+    // SeqCst like the peer's own accesses to the byte (a read-modify-write, as `store` is Release).
+    page.fetch_and_u8((offset - page_off) as usize, 0);
     Ok(())
 }
 

@@ -1,16 +1,15 @@
-//! The simulator against misbehaving clients, and the `dombus-simxen` binary.
+//! The simulator against misbehaving clients.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use dombus_transport_xen::backend::{Backend, BackendError, MappedPages, SharedPages, Store, StoreWatch};
+use dombus_sim::proto::{self, ClientMsg, MAX_MSG, Op, ServerMsg};
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_transport_xen::backend::{Backend, MappedPages, SharedPages, Store, StoreWatch};
 use dombus_transport_xen::shmem::SharedMem;
-use dombus_transport_xen::sim::proto::{self, ClientMsg, MAX_MSG, Op, ServerMsg};
-use dombus_transport_xen::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
@@ -200,64 +199,6 @@ fn a_domain_that_does_not_read_is_disconnected() {
 }
 
 #[test]
-fn the_binary_serves_and_stops_on_sigterm() {
-    let sock = sock_path("bin");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dombus-simxen"))
-        .arg("--socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let a = loop {
-        match SimBackend::boot(&sock, Some(DomId(1))) {
-            Ok(a) => break a,
-            Err(BackendError::Unavailable(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("cannot attach to dombus-simxen: {e}"),
-        }
-    };
-    let b = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
-    let shared = a.share_pages(DomId(2), 1, true).unwrap();
-    let mapped = b.map_grants(DomId(1), shared.refs(), true).unwrap();
-    shared.region().write_bytes(0, b"ping");
-    let mut buf = [0u8; 4];
-    mapped.region().read_bytes(0, &mut buf);
-    assert_eq!(&buf, b"ping");
-    mapped.region().write_bytes(0, b"pong");
-    shared.region().read_bytes(0, &mut buf);
-    assert_eq!(&buf, b"pong");
-
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "dombus-simxen did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut log = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut log);
-    }
-    assert!(status.success(), "exit status {status:?}; log:\n{log}");
-    assert!(!sock.exists(), "socket not removed");
-    assert!(log.contains("attached"), "{log}");
-    // The domains see the loss, and their mappings stay usable.
-    assert!(matches!(a.store().read("domid"), Err(BackendError::Disconnected(_))));
-    mapped.region().read_bytes(0, &mut buf);
-    assert_eq!(&buf, b"pong");
-    let w = b.store().watch("x");
-    assert!(matches!(w, Err(BackendError::Disconnected(_))));
-    assert!(matches!(a.open_evtchn().map(|e| e.as_fd().try_clone_to_owned().is_ok()), Ok(true)));
-}
-
-#[test]
 fn watch_fd_is_pollable() {
     let (_hv, sock) = daemon("watchfd");
     let a = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
@@ -277,7 +218,7 @@ fn watch_fd_is_pollable() {
 /// holds more than `QUEUE_BYTES` (4 MiB) for it, not `QUEUE_LEN` × 64 KiB.
 #[test]
 fn a_domain_that_does_not_read_large_replies_is_cut_off_by_bytes() {
-    use dombus_transport_xen::sim::{QUEUE_BYTES, QUEUE_LEN};
+    use dombus_sim::{QUEUE_BYTES, QUEUE_LEN};
     let (_hv, sock) = daemon("bytes");
     let good = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
     let fd = raw(&sock);

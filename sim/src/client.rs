@@ -19,12 +19,12 @@ use rustix::net::{AddressFamily, Shutdown, SocketAddrUnix, SocketFlags, SocketTy
 use super::fdpass::{self, Received};
 use super::mem;
 use super::proto::{self, ClientMsg, Event, Op, Reply, ServerMsg, WireError};
-use crate::backend::{
+use dombus_transport_xen::backend::{
     Backend, BackendError, EventChannel, MappedPages, Perm, Result, SharedPages, Store, StoreWatch,
     WatchEvents,
 };
-use crate::shmem::{Region, SharedMem};
-use crate::types::{DomId, EvtchnPort, GrantRef, PAGE_SIZE};
+use dombus_transport_xen::shmem::{Region, SharedMem};
+use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef, PAGE_SIZE};
 
 type Fds = Vec<Arc<OwnedFd>>;
 type Answer = (std::result::Result<Reply, WireError>, Fds);
@@ -206,7 +206,7 @@ pub const TOKEN_ENV: &str = "DOMBUS_SIM_TOKEN";
 
 /// The toolstack key of the daemon at `socket`.
 fn read_key(socket: &Path) -> Result<String> {
-    let path = super::SimHypervisor::key_path(socket);
+    let path = crate::SimHypervisor::key_path(socket);
     let key = std::fs::read(&path).map_err(|e| {
         BackendError::PermissionDenied(format!(
             "the toolstack key {} cannot be read ({e}): only the simulator's owner is the toolstack",
@@ -368,7 +368,7 @@ impl SimBackend {
 
     /// How many times the event queues of this domain's live watches have collapsed into one
     /// event for the watched path (a writer outran the reader by
-    /// [`MAX_QUEUED_EVENTS`](crate::backend::MAX_QUEUED_EVENTS) events).
+    /// [`MAX_QUEUED_EVENTS`](dombus_transport_xen::backend::MAX_QUEUED_EVENTS) events).
     pub fn watch_collapses(&self) -> u64 {
         lock(&self.conn.shared.watches).values().map(|q| lock(&q.queue).collapsed()).sum()
     }

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendError, Perm};
+use dombus_transport_xen::backend::{BackendError, Perm};
 
 /// Largest message either side sends or accepts, in bytes.
 pub const MAX_MSG: usize = 64 * 1024;

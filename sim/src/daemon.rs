@@ -22,7 +22,7 @@ use super::mem;
 use super::proto::{self, ClientMsg, Event, MAX_FDS, Op, Reply, ServerMsg, WireError};
 use super::store::{Fire, StoreTree};
 use super::token::{self, Credential, Secret};
-use crate::types::{DomId, PAGE_SIZE};
+use dombus_transport_xen::types::{DomId, PAGE_SIZE};
 
 /// Messages queued for one domain before it is considered unresponsive and disconnected.
 pub const QUEUE_LEN: usize = 4096;
@@ -1060,7 +1060,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shmem::SharedMem;
+    use dombus_transport_xen::shmem::SharedMem;
 
     struct Harness {
         st: State,

@@ -1,7 +1,22 @@
-//! The simulated hypervisor: Xen's grant, event-channel and store semantics between real
-//! processes and real shared memory, for tests, benches and demos on machines without Xen.
+//! dombus-sim: a simulated hypervisor, a transport-xen backend like `xen`: Xen's grant,
+//! event-channel and store semantics between real processes and real shared memory, for tests,
+//! benches and demos on machines without Xen.
 //!
-//! A daemon ([`SimHypervisor`], binary `dombus-simxen`) plays the hypervisor and xenstored.
+//! ```no_run
+//! # fn demo() -> Result<(), dombus_transport_xen::backend::BackendError> {
+//! use dombus_sim::{SimBackend, SimHypervisor};
+//! use dombus_transport_xen::{backend::{Backend, Store}, types::DomId};
+//! // The hypervisor, in a thread of this process (or as the `dombus-simxen` program).
+//! let hv = SimHypervisor::spawn("/tmp/hv.sock".as_ref()).map_err(|e| dombus_transport_xen::backend::BackendError::io("spawn", e))?;
+//! // As the toolstack: create domain 1 and attach as it (a process started for the domain
+//! // would attach with the token instead: `SimBackend::attach`).
+//! let dom1 = SimBackend::boot(hv.socket(), Some(DomId(1)))?;
+//! dom1.store().write("data/hello", b"world")?;
+//! # Ok(()) }
+//! ```
+//!
+//! A daemon ([`SimHypervisor`], program `dombus-simxen` in dombus-tools) plays the hypervisor and
+//! xenstored.
 //! Each domain is a process (or, in tests, a [`SimBackend`] in-process) connected over a Unix
 //! `SOCK_SEQPACKET` socket; see [`proto`] for the messages.
 //!
@@ -10,7 +25,7 @@
 //!   checks every ref (unknown: `NotFound`; granted to another domain, or read-only and asked
 //!   writable: `PermissionDenied`) and passes the memfds (reopened read-only for read-only
 //!   maps); the mapper maps each page `MAP_FIXED` into one reserved area, so the result is one
-//!   contiguous [`Region`](crate::shmem::Region). Data never passes through the daemon.
+//!   contiguous [`Region`](dombus_transport_xen::shmem::Region). Data never passes through the daemon.
 //! * **Event channels.** A handle is an epoll fd; each port is an eventfd made by the daemon.
 //!   The two eventfds of a channel belong to the channel, not to one binding: a port receives on
 //!   its own eventfd and signals by writing the one its peer receives on, which it holds from the

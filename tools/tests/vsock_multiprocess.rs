@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{LIVENESS, Proc, Scratch, field, fill_window, link_cmd, simxen};
-use dombus_transport_xen::diag;
-use dombus_transport_xen::sim::SimBackend;
+use dombus_sim::SimBackend;
+use dombus_tools::diag;
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};

@@ -13,7 +13,8 @@ use std::io::{self, Read as _, Write as _};
 use std::path::Path;
 
 use super::Format;
-use super::qemu::check_name;
+use super::image::MAX_SIZE;
+use super::root::check_name;
 
 /// The record's file name in the root.
 pub(crate) const INDEX_FILE: &str = ".dombus-storage.index";
@@ -23,8 +24,6 @@ const INDEX_NEW: &str = ".dombus-storage.index.new";
 const HEADER: &str = "dombus-storage-index 1";
 /// Largest record file read (a line is at most about 180 bytes: some 370,000 images).
 pub(crate) const MAX_INDEX_BYTES: u64 = 64 << 20;
-/// Largest virtual size recorded (as check_size allows).
-const MAX_SIZE: u64 = 1 << 60;
 
 /// What the service decided about one image.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,8 +17,12 @@
 use serde::{Deserialize, Serialize};
 
 mod daemon;
+mod image;
 mod index;
+mod ops;
+mod process;
 mod qemu;
+mod root;
 mod sandbox;
 mod size;
 

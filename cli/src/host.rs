@@ -25,11 +25,11 @@ use dombus_services::registry::{DomainEntry, RegistryClient, ServiceEntry};
 use serde::{Deserialize, Serialize};
 
 /// The backend domain's id on a simulated host.
-pub const BACKEND: u16 = 1;
+pub const BACKEND: DomId = DomId(1);
 /// The storage domain's id on a simulated host.
-pub const STORAGE: u16 = 2;
+pub const STORAGE: DomId = DomId(2);
 /// The toolstack's domain id (this tool).
-pub const TOOLSTACK: u16 = 0;
+pub const TOOLSTACK: DomId = DomId(0);
 
 /// How long each start-up step may take.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -99,7 +99,7 @@ pub struct Proc {
     /// Its name (`hypervisor`, `backend`, `storage`).
     pub name: String,
     /// Its domain id (none for the hypervisor).
-    pub domid: Option<u16>,
+    pub domid: Option<DomId>,
     /// What it is for.
     pub role: String,
     /// Its process id.
@@ -116,7 +116,7 @@ pub struct Manifest {
     /// The simulated hypervisor's socket.
     pub sim_socket: PathBuf,
     /// The backend domain.
-    pub backend_domid: u16,
+    pub backend_domid: DomId,
     /// Seconds since the epoch when it came up.
     pub started: u64,
     /// Its processes, in start order (the hypervisor first).
@@ -128,9 +128,9 @@ impl Manifest {
     pub fn net_args(&self, timeout: Duration) -> NetArgs {
         NetArgs {
             sim: Some(self.sim_socket.clone()),
-            domid: TOOLSTACK,
+            domid: TOOLSTACK.0,
             xen: false,
-            backend_domain: self.backend_domid,
+            backend_domain: self.backend_domid.0,
             timeout: timeout.as_secs_f64(),
         }
     }
@@ -304,7 +304,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     waited?;
     step(quiet, format_args!("hypervisor       pid {:<7} {}", host.children[0].id(), sim), t);
 
-    let domain_args = |domid: u16| {
+    let domain_args = |domid: DomId| {
         vec![
             "--sim".to_string(),
             sim.to_string(),
@@ -336,7 +336,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     for (domid, name, role, mut args, (service, addr)) in domains {
         args.extend(domain_args(domid));
         // As the toolstack: create the domain, and hand its process the one-time token.
-        let (_, token) = SimBackend::create_domain(&sock, Some(DomId(domid)), name)
+        let (_, token) = SimBackend::create_domain(&sock, Some(domid), name)
             .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
         let (child, log) = spawn_with(&state, name, &args, &[(TOKEN_ENV, &token)])?;
         host.manifest.procs.push(Proc {
@@ -385,7 +385,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
                 "{:<16} pid {:<7} domain {}, {}",
                 format!("{} domain", p.name),
                 p.pid,
-                p.domid.unwrap_or_default(),
+                p.domid.map_or("-".to_string(), |d| d.to_string()),
                 services_text(&p.services)
             ),
             t,
@@ -393,9 +393,10 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     }
     let registry =
         RegistryClient::connect(net.clone(), registry_addr.parse()?).await.context("the host registry")?;
-    for p in host.manifest.procs.iter().filter(|p| p.domid.is_some()) {
+    for p in &host.manifest.procs {
+        let Some(domid) = p.domid else { continue };
         let entry = DomainEntry {
-            domid: p.domid.unwrap_or_default(),
+            domid,
             name: p.name.clone(),
             role: p.role.clone(),
             services: p.services.clone(),
@@ -514,7 +515,7 @@ pub struct Status {
     /// Domains as the backend's registry has them.
     pub domains: Vec<DomainEntry>,
     /// Links between domains, as the store has them: (server domain, client domain).
-    pub links: Vec<(u16, u16)>,
+    pub links: Vec<(DomId, DomId)>,
     /// Each service's answer to pings.
     pub services: Vec<ServiceStatus>,
 }
@@ -525,7 +526,7 @@ pub struct ProcStatus {
     /// Name.
     pub name: String,
     /// Domain id.
-    pub domid: Option<u16>,
+    pub domid: Option<DomId>,
     /// Process id.
     pub pid: u32,
     /// Whether it runs.
@@ -565,7 +566,7 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     let backend = SimBackend::toolstack(&m.sim_socket)
         .map_err(|e| anyhow::anyhow!("attaching to the simulated hypervisor: {e}"))?;
     let mut links = Vec::new();
-    let domids: Vec<u16> = std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
+    let domids: Vec<DomId> = std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
     for &d in &domids {
         let path = format!("/local/domain/{d}/data/dombus/link");
         let peers = match backend.store().directory(&path) {
@@ -575,13 +576,13 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
             Err(e) => bail!("reading the links of domain {d} ({path}): {e}"),
         };
         for peer in peers {
-            if let Ok(peer) = peer.parse::<u16>() {
+            if let Ok(peer) = peer.parse::<DomId>() {
                 links.push((d, peer));
             }
         }
     }
     let config = dombus::transport::vsock::domain::VsockConfig {
-        backend_domain: DomId(m.backend_domid),
+        backend_domain: m.backend_domid,
         ..Default::default()
     };
     let domain = dombus::transport::vsock::domain::VsockDomain::start(backend, config)?;

@@ -6,16 +6,17 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use dombus::transport::types::DomId;
 use serde::{Deserialize, Serialize};
 
 /// The toolstack's domain: may register any domain.
-pub const TOOLSTACK: u16 = 0;
+pub const TOOLSTACK: DomId = DomId::DOM0;
 
 /// A domain of the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainEntry {
     /// Its domain id.
-    pub domid: u16,
+    pub domid: DomId,
     /// Its name (`storage`).
     pub name: String,
     /// What it is for (`backend`, `storage`, …).
@@ -42,7 +43,7 @@ pub enum RegistryError {
         /// Who asked.
         caller: String,
         /// Whom for.
-        domid: u16,
+        domid: DomId,
     },
     /// A field is out of bounds.
     #[error("invalid entry: {0}")]
@@ -59,7 +60,7 @@ pub trait Registry {
 
     /// Forgets domain `domid` (same rule as `register`); whether it was known.
     #[idempotent]
-    async fn unregister(&self, domid: u16) -> Result<bool, RegistryError>;
+    async fn unregister(&self, domid: DomId) -> Result<bool, RegistryError>;
 
     /// Every registered domain, by domain id.
     #[idempotent]
@@ -69,19 +70,19 @@ pub trait Registry {
 /// The registry's state (the backend domain's daemon serves it).
 #[derive(Debug, Default)]
 pub struct HostRegistry {
-    domains: Mutex<BTreeMap<u16, DomainEntry>>,
+    domains: Mutex<BTreeMap<DomId, DomainEntry>>,
 }
 
 /// Most domains one registry keeps.
 const MAX_DOMAINS: usize = 4096;
 
 impl HostRegistry {
-    fn allowed(domid: u16) -> Result<(), RegistryError> {
+    fn allowed(domid: DomId) -> Result<(), RegistryError> {
         // Over Unix or TCP there is no domain: only local tools reach those, as the toolstack.
         let caller = dombus::rpc::current_caller().and_then(|c| c.domain);
         match caller {
             None => Ok(()),
-            Some(c) if c == u32::from(TOOLSTACK) || c == u32::from(domid) => Ok(()),
+            Some(c) if c == u32::from(TOOLSTACK.0) || c == u32::from(domid.0) => Ok(()),
             Some(c) => Err(RegistryError::Denied { caller: c.to_string(), domid }),
         }
     }
@@ -104,12 +105,12 @@ impl Registry for HostRegistry {
         if domains.len() >= MAX_DOMAINS && !domains.contains_key(&domain.domid) {
             return Err(RegistryError::Invalid(format!("at most {MAX_DOMAINS} domains")));
         }
-        tracing::info!(domid = domain.domid, name = %domain.name, "registered");
+        tracing::info!(domid = domain.domid.0, name = %domain.name, "registered");
         domains.insert(domain.domid, domain);
         Ok(())
     }
 
-    async fn unregister(&self, domid: u16) -> Result<bool, RegistryError> {
+    async fn unregister(&self, domid: DomId) -> Result<bool, RegistryError> {
         Self::allowed(domid)?;
         Ok(self.domains.lock().unwrap_or_else(|p| p.into_inner()).remove(&domid).is_some())
     }

@@ -219,8 +219,8 @@ fn read_key(socket: &Path) -> Result<String> {
 }
 
 fn create(conn: &Conn, key: &str, domid: Option<DomId>, name: &str) -> Result<(DomId, String)> {
-    match conn.call(Op::Create { key: key.to_string(), domid: domid.map(|d| d.0), name: name.to_string() })? {
-        (Reply::Created { domid, token }, _) => Ok((DomId(domid), token)),
+    match conn.call(Op::Create { key: key.to_string(), domid, name: name.to_string() })? {
+        (Reply::Created { domid, token }, _) => Ok((domid, token)),
         (other, _) => Err(unexpected(&other)),
     }
 }
@@ -245,7 +245,7 @@ impl Conn {
             .name("simxen-client".into())
             .spawn(move || reader_shared.reader(dup, tag))
             .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
-        Ok(Conn { sock, shared, domid: DomId(u16::MAX), next_id: AtomicU64::new(1) })
+        Ok(Conn { sock, shared, domid: DomId::INVALID, next_id: AtomicU64::new(1) })
     }
 }
 
@@ -339,7 +339,7 @@ impl SimBackend {
 
     fn hello(mut conn: Conn, credential: &str) -> Result<SimBackend> {
         conn.domid = match conn.call(Op::Hello { token: credential.to_string() })? {
-            (Reply::Attached { domid }, _) => DomId(domid),
+            (Reply::Attached { domid }, _) => domid,
             (other, _) => return Err(unexpected(&other)),
         };
         let conn = Arc::new(conn);
@@ -389,7 +389,7 @@ impl Backend for SimBackend {
     fn share_pages(&self, remote: DomId, count: usize, writable: bool) -> Result<SimSharedPages> {
         let pages =
             u32::try_from(count).map_err(|_| BackendError::InvalidArgument(format!("{count} pages")))?;
-        let (reply, fds) = self.conn.call(Op::SharePages { remote: remote.0, count: pages, writable })?;
+        let (reply, fds) = self.conn.call(Op::SharePages { remote, count: pages, writable })?;
         let Reply::Shared { alloc, refs } = reply else {
             return Err(unexpected(&reply));
         };
@@ -414,7 +414,7 @@ impl Backend for SimBackend {
     }
 
     fn map_grants(&self, granter: DomId, refs: &[GrantRef], writable: bool) -> Result<SimMappedPages> {
-        let op = Op::MapGrants { granter: granter.0, refs: refs.iter().map(|r| r.0).collect(), writable };
+        let op = Op::MapGrants { granter, refs: refs.iter().map(|r| r.0).collect(), writable };
         let (reply, fds) = self.conn.call(op)?;
         let Reply::Mapped { map, pages } = reply else {
             return Err(unexpected(&reply));
@@ -578,12 +578,12 @@ impl AsFd for SimEvtchn {
 
 impl EventChannel for SimEvtchn {
     fn bind_unbound(&self, remote: DomId) -> Result<EvtchnPort> {
-        let (reply, _) = self.conn.call(Op::BindUnbound { handle: self.id, remote: remote.0 })?;
+        let (reply, _) = self.conn.call(Op::BindUnbound { handle: self.id, remote })?;
         self.register(reply)
     }
 
     fn bind_interdomain(&self, remote: DomId, remote_port: EvtchnPort) -> Result<EvtchnPort> {
-        let op = Op::BindInterdomain { handle: self.id, remote: remote.0, remote_port: remote_port.0 };
+        let op = Op::BindInterdomain { handle: self.id, remote, remote_port: remote_port.0 };
         let (reply, _) = self.conn.call(op)?;
         self.register(reply)
     }

@@ -63,7 +63,7 @@ struct Outbox {
     kicked: Arc<AtomicBool>,
     /// Bytes in `tx` not yet written (bounded by [`QUEUE_BYTES`]).
     queued: Arc<AtomicUsize>,
-    domid: u16,
+    domid: DomId,
 }
 
 impl Outbox {
@@ -115,7 +115,7 @@ impl Outbox {
 }
 
 struct Grant {
-    remote: u16,
+    remote: DomId,
     writable: bool,
     alloc: u64,
     page: u32,
@@ -136,8 +136,8 @@ struct MapRec {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PortState {
-    Unbound { remote: u16 },
-    Bound { remote: u16, remote_port: u32 },
+    Unbound { remote: DomId },
+    Bound { remote: DomId, remote_port: u32 },
 }
 
 /// An event-channel port. The two eventfds belong to the *channel*, not to a binding: `own` is
@@ -153,7 +153,7 @@ struct Port {
 }
 
 /// Fails with `Limit` if `dom` may not hold `more` descriptors more.
-fn fd_room(d: u16, dom: &Domain, more: usize) -> Result<(), WireError> {
+fn fd_room(d: DomId, dom: &Domain, more: usize) -> Result<(), WireError> {
     let held = dom.allocs.len() + 2 * dom.ports.len();
     if held + more > MAX_DOMAIN_FDS {
         return Err(WireError::Limit(format!(
@@ -176,13 +176,13 @@ struct Domain {
 }
 
 struct State {
-    domains: BTreeMap<u16, Domain>,
+    domains: BTreeMap<DomId, Domain>,
     store: StoreTree,
     next_id: u64,
     /// The toolstack key.
     key: Secret,
     /// Domains created and waiting for their process: name and token.
-    created: BTreeMap<u16, (String, Secret)>,
+    created: BTreeMap<DomId, (String, Secret)>,
 }
 
 type Answer = (Result<Reply, WireError>, Fds);
@@ -211,11 +211,11 @@ impl State {
         self.next_id
     }
 
-    fn dom(&mut self, d: u16) -> Result<&mut Domain, WireError> {
+    fn dom(&mut self, d: DomId) -> Result<&mut Domain, WireError> {
         self.domains.get_mut(&d).ok_or_else(|| not_found(format!("no domain {d}")))
     }
 
-    fn push(&self, d: u16, msg: &ServerMsg, fds: Fds) {
+    fn push(&self, d: DomId, msg: &ServerMsg, fds: Fds) {
         if let Some(dom) = self.domains.get(&d) {
             dom.out.push(msg, fds);
         }
@@ -229,7 +229,7 @@ impl State {
 
     /// The peer port `remote_port` of `remote` goes back to unbound (towards `closer`), receives
     /// one final event, and its domain learns that its cached peer eventfd is stale.
-    fn close_peer(&mut self, remote: u16, remote_port: u32, closer: u16) {
+    fn close_peer(&mut self, remote: DomId, remote_port: u32, closer: DomId) {
         let Some(dom) = self.domains.get_mut(&remote) else {
             return;
         };
@@ -252,7 +252,7 @@ impl State {
     /// Whether domain `id` is attached by a live connection. One whose holder has let go (and
     /// whose connection's thread has not buried it yet) is buried now, so that an id is free
     /// again as soon as its process exits.
-    fn attached(&mut self, id: u16) -> bool {
+    fn attached(&mut self, id: DomId) -> bool {
         match self.domains.get(&id) {
             Some(dom) if !hung_up(&dom.out.sock) => true,
             Some(_) => {
@@ -267,7 +267,7 @@ impl State {
     /// Creates domain `requested` (or the lowest free id >= 1) for a process to attach as:
     /// the toolstack's privilege, checked against its key. Creating an id again replaces the
     /// token it was created with.
-    fn create(&mut self, key: &str, requested: Option<u16>, name: &str) -> Result<Reply, WireError> {
+    fn create(&mut self, key: &str, requested: Option<DomId>, name: &str) -> Result<Reply, WireError> {
         match Credential::parse(key) {
             Some(Credential::Key(k)) if k.matches(&self.key) => {}
             _ => return Err(WireError::PermissionDenied("creating a domain needs the toolstack key".into())),
@@ -276,12 +276,12 @@ impl State {
             return Err(WireError::InvalidArgument("domain name longer than 256 bytes".into()));
         }
         let id = match requested {
-            Some(0) => {
+            Some(DomId::DOM0) => {
                 return Err(WireError::InvalidArgument(
                     "domain 0 is the toolstack's: it attaches with the toolstack key".into(),
                 ));
             }
-            Some(id) if !DomId(id).is_guest_id() => {
+            Some(id) if !id.is_guest_id() => {
                 return Err(WireError::InvalidArgument(format!(
                     "domain id {id} is reserved (guest ids are 0..={})",
                     DomId::MAX_GUEST.0
@@ -293,6 +293,7 @@ impl State {
             Some(id) => id,
             None => {
                 let free = (1..=DomId::MAX_GUEST.0)
+                    .map(DomId)
                     .find(|i| !self.created.contains_key(i) && !self.domains.contains_key(i));
                 match free {
                     Some(id) => id,
@@ -310,9 +311,9 @@ impl State {
 
     /// Attaches the connection `out` as the domain its credential names: domain 0 for the
     /// toolstack key, a created domain for its token (spent by this).
-    fn attach(&mut self, credential: &str, out: Outbox) -> Result<u16, WireError> {
+    fn attach(&mut self, credential: &str, out: Outbox) -> Result<DomId, WireError> {
         let (id, name) = match Credential::parse(credential) {
-            Some(Credential::Key(k)) if k.matches(&self.key) => (0, "Domain-0".to_string()),
+            Some(Credential::Key(k)) if k.matches(&self.key) => (DomId::DOM0, "Domain-0".to_string()),
             Some(Credential::Token(id, t)) if self.created.get(&id).is_some_and(|(_, s)| s.matches(&t)) => {
                 (id, self.created.remove(&id).map(|(name, _)| name).unwrap_or_default())
             }
@@ -348,7 +349,7 @@ impl State {
 
     /// Death of `d`, in Xen's order: unmap notifications, event channels, watches, the store
     /// home and `@releaseDomain`, then the grant table (existing mappings stay valid).
-    fn death(&mut self, d: u16) {
+    fn death(&mut self, d: DomId) {
         let Some(dom) = self.domains.remove(&d) else {
             return;
         };
@@ -387,9 +388,9 @@ impl State {
         );
     }
 
-    fn share(&mut self, d: u16, remote: u16, count: u32, writable: bool) -> Answer {
+    fn share(&mut self, d: DomId, remote: DomId, count: u32, writable: bool) -> Answer {
         let r = (|| {
-            if !DomId(remote).is_guest_id() {
+            if !remote.is_guest_id() {
                 return Err(WireError::InvalidArgument(format!(
                     "cannot grant to reserved domain id {remote}"
                 )));
@@ -422,7 +423,7 @@ impl State {
         split(r)
     }
 
-    fn map(&mut self, d: u16, granter: u16, refs: &[u32], writable: bool) -> Answer {
+    fn map(&mut self, d: DomId, granter: DomId, refs: &[u32], writable: bool) -> Answer {
         let r = (|| {
             if refs.is_empty() || refs.len() > MAX_SHARE_PAGES as usize {
                 return Err(WireError::InvalidArgument(format!(
@@ -490,10 +491,10 @@ impl State {
         split(r)
     }
 
-    fn bind_unbound(&mut self, d: u16, handle: u64, remote: u16) -> Answer {
+    fn bind_unbound(&mut self, d: DomId, handle: u64, remote: DomId) -> Answer {
         let r = (|| {
-            let remote = if remote == DomId::SELF.0 { d } else { remote };
-            if !DomId(remote).is_guest_id() {
+            let remote = if remote == DomId::SELF { d } else { remote };
+            if !remote.is_guest_id() {
                 return Err(WireError::InvalidArgument(format!("invalid remote domain {remote}")));
             }
             let own = Arc::new(mem::eventfd().map_err(|e| io_err("cannot create eventfd", e))?);
@@ -510,9 +511,9 @@ impl State {
         split(r)
     }
 
-    fn bind_interdomain(&mut self, d: u16, handle: u64, remote: u16, remote_port: u32) -> Answer {
+    fn bind_interdomain(&mut self, d: DomId, handle: u64, remote: DomId, remote_port: u32) -> Answer {
         let r = (|| {
-            let remote = if remote == DomId::SELF.0 { d } else { remote };
+            let remote = if remote == DomId::SELF { d } else { remote };
             let rdom = self.domains.get(&remote).ok_or_else(|| not_found(format!("no domain {remote}")))?;
             let rp = rdom
                 .ports
@@ -554,7 +555,7 @@ impl State {
         split(r)
     }
 
-    fn unbind(&mut self, d: u16, port: u32) -> Result<Reply, WireError> {
+    fn unbind(&mut self, d: DomId, port: u32) -> Result<Reply, WireError> {
         let p = self.dom(d)?.ports.remove(&port).ok_or_else(|| not_found(format!("no port {port}")))?;
         if let PortState::Bound { remote, remote_port } = p.state {
             self.close_peer(remote, remote_port, d);
@@ -564,7 +565,7 @@ impl State {
 
     fn set_notify(
         &mut self,
-        d: u16,
+        d: DomId,
         share: Option<u64>,
         map: Option<u64>,
         offset: u64,
@@ -596,7 +597,7 @@ impl State {
 
     /// Handles one request of domain `d`: the reply, its fds, and the watch events it caused
     /// (sent after the reply).
-    fn handle(&mut self, d: u16, op: Op) -> (Result<Reply, WireError>, Fds, Vec<Fire>) {
+    fn handle(&mut self, d: DomId, op: Op) -> (Result<Reply, WireError>, Fds, Vec<Fire>) {
         let store = |r: Result<Vec<Fire>, WireError>| match r {
             Ok(fires) => (Ok(Reply::Done), Vec::new(), fires),
             Err(e) => (Err(e), Vec::new(), Vec::new()),
@@ -700,7 +701,7 @@ impl Daemon {
             sock: sock.clone(),
             kicked: Arc::new(AtomicBool::new(false)),
             queued: queued.clone(),
-            domid: u16::MAX,
+            domid: DomId::INVALID,
         };
         let writer_sock = sock.clone();
         let writer = std::thread::Builder::new()
@@ -710,7 +711,7 @@ impl Daemon {
             tracing::warn!("connection {conn}: cannot start writer thread: {e}");
             return;
         }
-        let mut domid: Option<u16> = None;
+        let mut domid: Option<DomId> = None;
         let mut buf = fdpass::buffer();
         let reason = loop {
             let (len, fds) = match fdpass::recv(&*sock, &mut buf) {
@@ -1070,7 +1071,7 @@ mod tests {
     fn harness(doms: &[u16]) -> Harness {
         let key = Secret::random().unwrap_or_else(|e| panic!("{e}"));
         let mut h = Harness { st: State::new(key), _rx: Vec::new() };
-        for &d in doms {
+        for d in doms.iter().copied().map(DomId) {
             let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
             let sock = Arc::new(mem::eventfd().unwrap_or_else(|e| panic!("eventfd: {e}")));
             let out = Outbox {
@@ -1080,7 +1081,7 @@ mod tests {
                 queued: Arc::new(AtomicUsize::new(0)),
                 domid: d,
             };
-            let credential = if d == 0 {
+            let credential = if d == DomId::DOM0 {
                 token::key_text(&key)
             } else {
                 match h.st.create(&token::key_text(&key), Some(d), "t") {
@@ -1112,56 +1113,56 @@ mod tests {
     fn grant_table_rules() {
         let mut h = harness(&[1, 2, 3]);
         let st = &mut h.st;
-        let (alloc, refs, _) = shared(st.share(1, 2, 2, false));
+        let (alloc, refs, _) = shared(st.share(DomId(1), DomId(2), 2, false));
         assert!(refs.iter().all(|r| *r >= FIRST_REF));
         // Refs are per granting domain: domain 2's first grant gets the same number.
-        let (_, refs2, _) = shared(st.share(2, 1, 1, true));
+        let (_, refs2, _) = shared(st.share(DomId(2), DomId(1), 1, true));
         assert_eq!(refs2[0], refs[0]);
-        assert!(matches!(st.map(2, 1, &refs, false), (Ok(Reply::Mapped { .. }), _)));
-        assert!(matches!(st.map(3, 1, &refs, false).0, Err(WireError::PermissionDenied(_))));
-        assert!(matches!(st.map(2, 1, &refs, true).0, Err(WireError::PermissionDenied(_))));
-        assert!(matches!(st.map(2, 1, &[0], false).0, Err(WireError::NotFound(_))));
-        assert!(matches!(st.map(2, 9, &refs, false).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.map(DomId(2), DomId(1), &refs, false), (Ok(Reply::Mapped { .. }), _)));
+        assert!(matches!(st.map(DomId(3), DomId(1), &refs, false).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(st.map(DomId(2), DomId(1), &refs, true).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(st.map(DomId(2), DomId(1), &[0], false).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.map(DomId(2), DomId(9), &refs, false).0, Err(WireError::NotFound(_))));
         // Read-only maps get an O_RDONLY fd: it cannot be mapped writable.
-        let (_, fds) = match st.map(2, 1, &refs[..1], false) {
+        let (_, fds) = match st.map(DomId(2), DomId(1), &refs[..1], false) {
             (Ok(Reply::Mapped { pages, .. }), fds) => (pages, fds),
             other => panic!("{:?}", other.0),
         };
         assert!(mem::map_fd(&*fds[0], PAGE_SIZE, true).is_err());
         assert!(mem::map_fd(&*fds[0], PAGE_SIZE, false).is_ok());
         // Revocation.
-        assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Ok(Reply::Done)));
-        assert!(matches!(st.map(2, 1, &refs, false).0, Err(WireError::NotFound(_))));
-        assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Err(WireError::NotFound(_))));
-        assert!(matches!(st.share(1, 2, 0, true).0, Err(WireError::InvalidArgument(_))));
-        assert!(matches!(st.share(1, 2, MAX_SHARE_PAGES + 1, true).0, Err(WireError::InvalidArgument(_))));
+        assert!(matches!(st.handle(DomId(1), Op::Revoke { alloc }).0, Ok(Reply::Done)));
+        assert!(matches!(st.map(DomId(2), DomId(1), &refs, false).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.handle(DomId(1), Op::Revoke { alloc }).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.share(DomId(1), DomId(2), 0, true).0, Err(WireError::InvalidArgument(_))));
+        assert!(matches!(st.share(DomId(1), DomId(2), MAX_SHARE_PAGES + 1, true).0, Err(WireError::InvalidArgument(_))));
     }
 
     #[test]
     fn mapped_pages_are_bounded_per_domain() {
         let mut h = harness(&[1, 2, 3]);
         let st = &mut h.st;
-        let (_, refs, _) = shared(st.share(1, 2, 1, true));
-        let (_, refs3, _) = shared(st.share(1, 3, 1, true));
+        let (_, refs, _) = shared(st.share(DomId(1), DomId(2), 1, true));
+        let (_, refs3, _) = shared(st.share(DomId(1), DomId(3), 1, true));
         // Mapping the same grant again and again: each mapping counts.
         let mut maps = Vec::new();
         for i in 0..MAX_MAPPED_PAGES {
-            match st.map(2, 1, &refs, false) {
+            match st.map(DomId(2), DomId(1), &refs, false) {
                 (Ok(Reply::Mapped { map, .. }), _) => maps.push(map),
                 other => panic!("map {i} failed: {:?}", other.0),
             }
         }
         assert!(
-            matches!(st.map(2, 1, &refs, false).0, Err(WireError::Limit(_))),
+            matches!(st.map(DomId(2), DomId(1), &refs, false).0, Err(WireError::Limit(_))),
             "mapping {} pages must fail",
             MAX_MAPPED_PAGES + 1
         );
-        assert_eq!(st.domains.get(&2).map(|d| d.maps.len()), Some(MAX_MAPPED_PAGES));
+        assert_eq!(st.domains.get(&DomId(2)).map(|d| d.maps.len()), Some(MAX_MAPPED_PAGES));
         // Another domain is not affected, and unmapping frees room.
-        assert!(matches!(st.map(3, 1, &refs3, true).0, Ok(Reply::Mapped { .. })));
+        assert!(matches!(st.map(DomId(3), DomId(1), &refs3, true).0, Ok(Reply::Mapped { .. })));
         let first = maps[0];
-        assert!(matches!(st.handle(2, Op::Unmap { map: first }).0, Ok(Reply::Done)));
-        assert!(matches!(st.map(2, 1, &refs, false).0, Ok(Reply::Mapped { .. })));
+        assert!(matches!(st.handle(DomId(2), Op::Unmap { map: first }).0, Ok(Reply::Done)));
+        assert!(matches!(st.map(DomId(2), DomId(1), &refs, false).0, Ok(Reply::Mapped { .. })));
     }
 
     #[test]
@@ -1170,7 +1171,7 @@ mod tests {
         let st = &mut h.st;
         let mut allocs = 0;
         loop {
-            match st.share(1, 2, 1, true).0 {
+            match st.share(DomId(1), DomId(2), 1, true).0 {
                 Ok(_) => allocs += 1,
                 Err(WireError::Limit(_)) => break,
                 Err(e) => panic!("{e}"),
@@ -1178,79 +1179,80 @@ mod tests {
             assert!(allocs <= MAX_DOMAIN_FDS, "more than {MAX_DOMAIN_FDS} allocations held");
         }
         assert_eq!(allocs, MAX_DOMAIN_FDS);
-        assert!(matches!(st.bind_unbound(1, 0, 2).0, Err(WireError::Limit(_))));
+        assert!(matches!(st.bind_unbound(DomId(1), 0, DomId(2)).0, Err(WireError::Limit(_))));
         // Another domain is not affected; a revoke makes room.
-        assert!(st.share(2, 1, 1, true).0.is_ok());
-        assert!(st.bind_unbound(2, 0, 1).0.is_ok());
-        let alloc = *st.domains.get(&1).and_then(|d| d.allocs.keys().next()).unwrap_or(&0);
-        assert!(matches!(st.handle(1, Op::Revoke { alloc }).0, Ok(Reply::Done)));
-        assert!(st.share(1, 2, 1, true).0.is_ok());
+        assert!(st.share(DomId(2), DomId(1), 1, true).0.is_ok());
+        assert!(st.bind_unbound(DomId(2), 0, DomId(1)).0.is_ok());
+        let alloc = *st.domains.get(&DomId(1)).and_then(|d| d.allocs.keys().next()).unwrap_or(&0);
+        assert!(matches!(st.handle(DomId(1), Op::Revoke { alloc }).0, Ok(Reply::Done)));
+        assert!(st.share(DomId(1), DomId(2), 1, true).0.is_ok());
     }
 
     #[test]
     fn a_read_only_mapping_cannot_clear_a_byte() {
         let mut h = harness(&[1, 2]);
         let st = &mut h.st;
-        let (_, refs, fds) = shared(st.share(1, 2, 1, false));
+        let (_, refs, fds) = shared(st.share(DomId(1), DomId(2), 1, false));
         let region = mem::map_fd(&*fds[0], PAGE_SIZE, true).unwrap_or_else(|e| panic!("{e}")).into_region();
         region.store_u8(5, 0xaa);
-        let map = match st.map(2, 1, &refs, false) {
+        let map = match st.map(DomId(2), DomId(1), &refs, false) {
             (Ok(Reply::Mapped { map, .. }), _) => map,
             other => panic!("{:?}", other.0),
         };
-        assert!(matches!(st.set_notify(2, None, Some(map), 5, None), Err(WireError::PermissionDenied(_))));
-        st.death(2);
+        assert!(matches!(st.set_notify(DomId(2), None, Some(map), 5, None), Err(WireError::PermissionDenied(_))));
+        st.death(DomId(2));
         assert_eq!(region.load_u8(5), 0xaa, "the granter's byte must survive a read-only mapper's death");
         // A writable mapping may register one.
         let mut h = harness(&[1, 2]);
         let st = &mut h.st;
-        let (_, refs, _) = shared(st.share(1, 2, 1, true));
-        let map = match st.map(2, 1, &refs, true) {
+        let (_, refs, _) = shared(st.share(DomId(1), DomId(2), 1, true));
+        let map = match st.map(DomId(2), DomId(1), &refs, true) {
             (Ok(Reply::Mapped { map, .. }), _) => map,
             other => panic!("{:?}", other.0),
         };
-        assert!(matches!(st.set_notify(2, None, Some(map), 5, None), Ok(Reply::Done)));
+        assert!(matches!(st.set_notify(DomId(2), None, Some(map), 5, None), Ok(Reply::Done)));
     }
 
     #[test]
     fn event_channel_rules() {
         let mut h = harness(&[1, 2, 3]);
         let st = &mut h.st;
-        let (pa, fa) = port(st.bind_unbound(1, 0, 2));
+        let (pa, fa) = port(st.bind_unbound(DomId(1), 0, DomId(2)));
         assert_eq!(pa, 1, "ports start at 1");
-        assert!(matches!(st.bind_interdomain(3, 0, 1, pa).0, Err(WireError::PermissionDenied(_))));
-        assert!(matches!(st.bind_interdomain(2, 0, 1, 99).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.bind_interdomain(DomId(3), 0, DomId(1), pa).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(st.bind_interdomain(DomId(2), 0, DomId(1), 99).0, Err(WireError::NotFound(_))));
         // As on Xen, the newly bound local port starts out pending, whatever was sent before.
-        let (pb, fb) = port(st.bind_interdomain(2, 0, 1, pa));
+        let (pb, fb) = port(st.bind_interdomain(DomId(2), 0, DomId(1), pa));
         assert!(mem::drain(&*fb[0]), "a freshly bound port must start out pending");
         assert!(!mem::drain(&*fa[0]), "the unbound end gets nothing from the bind");
-        assert!(matches!(st.bind_interdomain(2, 0, 1, pa).0, Err(WireError::InvalidArgument(_))));
+        assert!(matches!(st.bind_interdomain(DomId(2), 0, DomId(1), pa).0, Err(WireError::InvalidArgument(_))));
         // The channel's eventfds are crossed.
         mem::signal(&*fa[1]);
         assert!(mem::drain(&*fb[0]));
         mem::signal(&*fb[1]);
         assert!(mem::drain(&*fa[0]));
         // Close: the peer returns to unbound and gets one event.
-        assert!(matches!(st.unbind(2, pb), Ok(Reply::Unbound { .. })));
+        assert!(matches!(st.unbind(DomId(2), pb), Ok(Reply::Unbound { .. })));
         assert!(mem::drain(&*fa[0]));
         assert_eq!(
-            st.domains.get(&1).and_then(|d| d.ports.get(&pa)).map(|p| p.state),
-            Some(PortState::Unbound { remote: 2 })
+            st.domains.get(&DomId(1)).and_then(|d| d.ports.get(&pa)).map(|p| p.state),
+            Some(PortState::Unbound { remote: DomId(2) })
         );
-        assert!(matches!(st.unbind(2, pb), Err(WireError::NotFound(_))));
+        assert!(matches!(st.unbind(DomId(2), pb), Err(WireError::NotFound(_))));
     }
 
     /// One step of a domain, for the property test: small numbers so that ids and refs collide.
-    fn arbitrary_op() -> impl proptest::strategy::Strategy<Value = (u16, Op)> {
+    fn arbitrary_op() -> impl proptest::strategy::Strategy<Value = (DomId, Op)> {
         use proptest::prelude::*;
-        let dom = 1u16..5;
+        let dom = (1u16..5).prop_map(DomId);
+        let id = || (0u16..6).prop_map(DomId);
         let op = prop_oneof![
-            (0u16..6, 1u32..4, any::<bool>()).prop_map(|(remote, count, writable)| Op::SharePages {
+            (id(), 1u32..4, any::<bool>()).prop_map(|(remote, count, writable)| Op::SharePages {
                 remote,
                 count,
                 writable
             }),
-            (0u16..6, proptest::collection::vec(0u32..20, 0..4), any::<bool>())
+            (id(), proptest::collection::vec(0u32..20, 0..4), any::<bool>())
                 .prop_map(|(granter, refs, writable)| Op::MapGrants { granter, refs, writable }),
             (0u64..40).prop_map(|map| Op::Unmap { map }),
             (0u64..40, 0u64..20_000, proptest::option::of(0u32..6))
@@ -1258,8 +1260,8 @@ mod tests {
             (0u64..40, 0u64..20_000, proptest::option::of(0u32..6))
                 .prop_map(|(alloc, offset, port)| Op::SetShareNotify { alloc, offset, port }),
             (0u64..40).prop_map(|alloc| Op::Revoke { alloc }),
-            (0u16..6).prop_map(|remote| Op::BindUnbound { handle: 1, remote }),
-            (0u16..6, 0u32..6).prop_map(|(remote, remote_port)| Op::BindInterdomain {
+            id().prop_map(|remote| Op::BindUnbound { handle: 1, remote }),
+            (id(), 0u32..6).prop_map(|(remote, remote_port)| Op::BindInterdomain {
                 handle: 1,
                 remote,
                 remote_port
@@ -1302,29 +1304,29 @@ mod tests {
     fn death_runs_unmap_notify_then_closes_channels() {
         let mut h = harness(&[1, 2]);
         let st = &mut h.st;
-        let (p2, f2) = port(st.bind_unbound(2, 0, 1));
-        let (p1, f1) = port(st.bind_interdomain(1, 0, 2, p2));
-        let (alloc, refs, fds) = shared(st.share(2, 1, 1, true));
+        let (p2, f2) = port(st.bind_unbound(DomId(2), 0, DomId(1)));
+        let (p1, f1) = port(st.bind_interdomain(DomId(1), 0, DomId(2), p2));
+        let (alloc, refs, fds) = shared(st.share(DomId(2), DomId(1), 1, true));
         let region = mem::map_fd(&*fds[0], PAGE_SIZE, true).unwrap_or_else(|e| panic!("{e}")).into_region();
         region.store_u8(21, 0xaa);
-        assert!(matches!(st.set_notify(2, Some(alloc), None, 21, Some(p2)), Ok(Reply::Done)));
-        assert!(st.set_notify(2, Some(alloc), None, PAGE_SIZE as u64, None).is_err());
-        let mapped = match st.map(1, 2, &refs, true) {
+        assert!(matches!(st.set_notify(DomId(2), Some(alloc), None, 21, Some(p2)), Ok(Reply::Done)));
+        assert!(st.set_notify(DomId(2), Some(alloc), None, PAGE_SIZE as u64, None).is_err());
+        let mapped = match st.map(DomId(1), DomId(2), &refs, true) {
             (Ok(Reply::Mapped { pages, .. }), fds) => mem::map_pages(&fds, &pages, true),
             other => panic!("{:?}", other.0),
         };
         let mapped = mapped.unwrap_or_else(|e| panic!("{e}")).into_region();
-        st.death(2);
+        st.death(DomId(2));
         assert_eq!(mapped.load_u8(21), 0);
         assert!(mem::drain(&*f1[0]), "peer of the notify port signalled");
         assert_eq!(
-            st.domains.get(&1).and_then(|d| d.ports.get(&p1)).map(|p| p.state),
-            Some(PortState::Unbound { remote: 2 })
+            st.domains.get(&DomId(1)).and_then(|d| d.ports.get(&p1)).map(|p| p.state),
+            Some(PortState::Unbound { remote: DomId(2) })
         );
-        assert!(matches!(st.map(1, 2, &refs, true).0, Err(WireError::NotFound(_))));
+        assert!(matches!(st.map(DomId(1), DomId(2), &refs, true).0, Err(WireError::NotFound(_))));
         mapped.store_u8(0, 1);
         assert_eq!(region.load_u8(0), 1, "mappings survive the granter's death");
-        assert!(st.store.read(0, "/local/domain/2").is_err());
+        assert!(st.store.read(DomId(0), "/local/domain/2").is_err());
         drop(f2);
     }
 }

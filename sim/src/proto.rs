@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use dombus_transport_xen::backend::{BackendError, Perm};
+use dombus_transport_xen::types::DomId;
 
 /// Largest message either side sends or accepts, in bytes.
 pub const MAX_MSG: usize = 64 * 1024;
@@ -40,14 +41,14 @@ pub enum Op {
         /// The toolstack key (the daemon's key file, see `SimHypervisor::key_path`).
         key: String,
         /// Requested id (`None`: the lowest free id >= 1).
-        domid: Option<u16>,
+        domid: Option<DomId>,
         /// Its name, stored at `/local/domain/<id>/name` when it attaches.
         name: String,
     },
     /// Allocate and grant pages. Reply: [`Reply::Shared`] + the memfd.
     SharePages {
         /// Domain allowed to map them.
-        remote: u16,
+        remote: DomId,
         /// Number of pages.
         count: u32,
         /// Whether the remote may map them writable.
@@ -70,7 +71,7 @@ pub enum Op {
     /// Map another domain's grants. Reply: [`Reply::Mapped`] + deduplicated memfds.
     MapGrants {
         /// Granting domain.
-        granter: u16,
+        granter: DomId,
         /// Grant refs, in mapping order.
         refs: Vec<u32>,
         /// Map writable.
@@ -95,14 +96,14 @@ pub enum Op {
         /// Client-side event-channel handle the port belongs to.
         handle: u64,
         /// Domain that may bind to it.
-        remote: u16,
+        remote: DomId,
     },
     /// Bind to `remote`'s unbound port. Reply: [`Reply::Port`] + two eventfds.
     BindInterdomain {
         /// Client-side event-channel handle the port belongs to.
         handle: u64,
         /// Remote domain.
-        remote: u16,
+        remote: DomId,
         /// Its unbound port.
         remote_port: u32,
     },
@@ -172,14 +173,14 @@ pub enum Reply {
     /// A domain was created: the process that will run as it attaches with `token`, once.
     Created {
         /// Its id.
-        domid: u16,
+        domid: DomId,
         /// The one-time token for [`Op::Hello`].
         token: String,
     },
     /// The domain id assigned by [`Op::Hello`].
     Attached {
         /// Assigned id.
-        domid: u16,
+        domid: DomId,
     },
     /// Pages allocated; the memfd is attached.
     Shared {

@@ -36,7 +36,7 @@ pub const RELEASE: &str = "@releaseDomain";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fire {
     /// Watching domain.
-    pub dom: u16,
+    pub dom: DomId,
     /// Its watch id.
     pub watch: u64,
     /// The path to report.
@@ -50,7 +50,7 @@ struct Node {
 }
 
 struct WatchReg {
-    dom: u16,
+    dom: DomId,
     id: u64,
     /// Absolute path or a special name.
     path: String,
@@ -61,7 +61,7 @@ struct WatchReg {
 /// The store tree.
 pub struct StoreTree {
     nodes: BTreeMap<String, Node>,
-    owned: HashMap<u16, usize>,
+    owned: HashMap<DomId, usize>,
     watches: Vec<WatchReg>,
     quota: usize,
 }
@@ -73,21 +73,21 @@ impl Default for StoreTree {
 }
 
 /// The home directory of a domain.
-pub fn home(dom: u16) -> String {
+pub fn home(dom: DomId) -> String {
     format!("/local/domain/{dom}")
 }
 
-fn access(dom: u16, perms: &[Perm]) -> PermKind {
-    if dom == 0 {
+fn access(dom: DomId, perms: &[Perm]) -> PermKind {
+    if dom == DomId::DOM0 {
         return PermKind::Both;
     }
     let Some(owner) = perms.first() else {
         return PermKind::None;
     };
-    if owner.domid.0 == dom {
+    if owner.domid == dom {
         return PermKind::Both;
     }
-    perms[1..].iter().find(|p| p.domid.0 == dom).map_or(owner.kind, |p| p.kind)
+    perms[1..].iter().find(|p| p.domid == dom).map_or(owner.kind, |p| p.kind)
 }
 
 fn parent_of(path: &str) -> &str {
@@ -111,7 +111,7 @@ fn invalid(msg: impl Into<String>) -> WireError {
 
 /// Validates `path` and makes it absolute (relative paths live under the caller's home).
 /// Returns the absolute path and whether `path` was relative.
-pub fn resolve(dom: u16, path: &str) -> Result<(String, bool), WireError> {
+pub fn resolve(dom: DomId, path: &str) -> Result<(String, bool), WireError> {
     if path.is_empty() {
         return Err(invalid("empty store path"));
     }
@@ -178,7 +178,7 @@ impl StoreTree {
         self.nodes.get(abs).ok_or_else(|| WireError::NotFound(format!("no store node {abs}")))
     }
 
-    fn readable(&self, dom: u16, abs: &str) -> Result<&Node, WireError> {
+    fn readable(&self, dom: DomId, abs: &str) -> Result<&Node, WireError> {
         let n = self.node(abs)?;
         if !access(dom, &n.perms).can_read() {
             return Err(WireError::PermissionDenied(format!("domain {dom} may not read {abs}")));
@@ -205,7 +205,7 @@ impl StoreTree {
     }
 
     /// Creates `abs` and missing ancestors on behalf of `dom`.
-    fn create(&mut self, dom: u16, abs: &str) -> Result<(), WireError> {
+    fn create(&mut self, dom: DomId, abs: &str) -> Result<(), WireError> {
         let mut missing = vec![abs.to_string()];
         let mut anc = parent_of(abs).to_string();
         while !self.nodes.contains_key(&anc) {
@@ -219,14 +219,14 @@ impl StoreTree {
             )));
         }
         let mut perms = ancestor.perms.clone();
-        if dom != 0 {
+        if dom != DomId::DOM0 {
             if let Some(first) = perms.first_mut() {
-                first.domid = DomId(dom);
+                first.domid = dom;
             }
         }
-        let owner = perms.first().map_or(0, |p| p.domid.0);
+        let owner = perms.first().map_or(DomId::DOM0, |p| p.domid);
         let used = self.owned.get(&owner).copied().unwrap_or(0);
-        if owner != 0 && dom != 0 && used + missing.len() > self.quota {
+        if owner != DomId::DOM0 && dom != DomId::DOM0 && used + missing.len() > self.quota {
             return Err(WireError::Limit(format!(
                 "domain {owner} would exceed its quota of {} store nodes",
                 self.quota
@@ -247,13 +247,13 @@ impl StoreTree {
     }
 
     /// The value of `path`.
-    pub fn read(&self, dom: u16, path: &str) -> Result<Vec<u8>, WireError> {
+    pub fn read(&self, dom: DomId, path: &str) -> Result<Vec<u8>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         Ok(self.readable(dom, &abs)?.value.clone())
     }
 
     /// Creates or replaces the value of `path`.
-    pub fn write(&mut self, dom: u16, path: &str, value: &[u8]) -> Result<Vec<Fire>, WireError> {
+    pub fn write(&mut self, dom: DomId, path: &str, value: &[u8]) -> Result<Vec<Fire>, WireError> {
         if value.len() > MAX_VALUE {
             return Err(invalid(format!("store value of {} bytes exceeds {MAX_VALUE}", value.len())));
         }
@@ -272,7 +272,7 @@ impl StoreTree {
     }
 
     /// Creates `path` with an empty value if missing.
-    pub fn mkdir(&mut self, dom: u16, path: &str) -> Result<Vec<Fire>, WireError> {
+    pub fn mkdir(&mut self, dom: DomId, path: &str) -> Result<Vec<Fire>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         if let Some(n) = self.nodes.get(&abs) {
             if !access(dom, &n.perms).can_write() {
@@ -286,7 +286,7 @@ impl StoreTree {
     }
 
     /// Removes `path` and its subtree.
-    pub fn rm(&mut self, dom: u16, path: &str) -> Result<Vec<Fire>, WireError> {
+    pub fn rm(&mut self, dom: DomId, path: &str) -> Result<Vec<Fire>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         if abs == "/" {
             return Err(invalid("cannot remove the root node"));
@@ -330,7 +330,7 @@ impl StoreTree {
             )
             .collect();
         for k in doomed {
-            let owner = self.nodes.remove(&k).and_then(|n| n.perms.first().map(|p| p.domid.0));
+            let owner = self.nodes.remove(&k).and_then(|n| n.perms.first().map(|p| p.domid));
             if let Some(c) = owner.and_then(|o| self.owned.get_mut(&o)) {
                 *c = c.saturating_sub(1);
             }
@@ -343,38 +343,38 @@ impl StoreTree {
     }
 
     /// Child names of `path`.
-    pub fn directory(&self, dom: u16, path: &str) -> Result<Vec<String>, WireError> {
+    pub fn directory(&self, dom: DomId, path: &str) -> Result<Vec<String>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         Ok(self.readable(dom, &abs)?.children.iter().cloned().collect())
     }
 
     /// Permissions of `path`.
-    pub fn get_perms(&self, dom: u16, path: &str) -> Result<Vec<Perm>, WireError> {
+    pub fn get_perms(&self, dom: DomId, path: &str) -> Result<Vec<Perm>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         Ok(self.readable(dom, &abs)?.perms.clone())
     }
 
     /// Replaces the permissions of `path`.
-    pub fn set_perms(&mut self, dom: u16, path: &str, perms: &[Perm]) -> Result<Vec<Fire>, WireError> {
+    pub fn set_perms(&mut self, dom: DomId, path: &str, perms: &[Perm]) -> Result<Vec<Fire>, WireError> {
         let (abs, _) = resolve(dom, path)?;
         check_perms(perms)?;
         let node = self.node(&abs)?;
         let old = node.perms.clone();
-        let old_owner = old.first().map_or(0, |p| p.domid.0);
-        if dom != 0 {
+        let old_owner = old.first().map_or(DomId::DOM0, |p| p.domid);
+        if dom != DomId::DOM0 {
             if old_owner != dom {
                 return Err(WireError::PermissionDenied(format!(
                     "only the owner (domain {old_owner}) or dom0 may change the permissions of {abs}"
                 )));
             }
-            if perms[0].domid.0 != dom {
+            if perms[0].domid != dom {
                 return Err(WireError::PermissionDenied(format!(
                     "domain {dom} may not give {abs} away to domain {}",
                     perms[0].domid
                 )));
             }
         }
-        let new_owner = perms[0].domid.0;
+        let new_owner = perms[0].domid;
         if new_owner != old_owner {
             if let Some(c) = self.owned.get_mut(&old_owner) {
                 *c = c.saturating_sub(1);
@@ -390,7 +390,7 @@ impl StoreTree {
     }
 
     /// Registers watch `id` of `dom` on `path`; returns the immediate event.
-    pub fn watch(&mut self, dom: u16, id: u64, path: &str) -> Result<Vec<Fire>, WireError> {
+    pub fn watch(&mut self, dom: DomId, id: u64, path: &str) -> Result<Vec<Fire>, WireError> {
         let (abs, relative) = if path == INTRODUCE || path == RELEASE {
             (path.to_string(), false)
         } else {
@@ -407,7 +407,7 @@ impl StoreTree {
     }
 
     /// Removes watch `id` of `dom`.
-    pub fn unwatch(&mut self, dom: u16, id: u64) -> Result<(), WireError> {
+    pub fn unwatch(&mut self, dom: DomId, id: u64) -> Result<(), WireError> {
         let before = self.watches.len();
         self.watches.retain(|w| !(w.dom == dom && w.id == id));
         if self.watches.len() == before {
@@ -417,33 +417,33 @@ impl StoreTree {
     }
 
     /// Removes every watch of `dom`.
-    pub fn remove_watches(&mut self, dom: u16) {
+    pub fn remove_watches(&mut self, dom: DomId) {
         self.watches.retain(|w| w.dom != dom);
     }
 
     /// Creates the home of a new domain (owned by it, no access for others) with its `domid`
     /// and `name`, and fires `@introduceDomain`.
-    pub fn introduce(&mut self, dom: u16, name: &str) -> Result<Vec<Fire>, WireError> {
+    pub fn introduce(&mut self, dom: DomId, name: &str) -> Result<Vec<Fire>, WireError> {
         let h = home(dom);
-        let mut fires = if self.nodes.contains_key(&h) { Vec::new() } else { self.mkdir(0, &h)? };
-        let perms = vec![Perm { domid: DomId(dom), kind: PermKind::None }];
-        fires.extend(self.set_perms(0, &h, &perms)?);
-        fires.extend(self.write(0, &format!("{h}/domid"), dom.to_string().as_bytes())?);
-        fires.extend(self.write(0, &format!("{h}/name"), name.as_bytes())?);
+        let mut fires = if self.nodes.contains_key(&h) { Vec::new() } else { self.mkdir(DomId::DOM0, &h)? };
+        let perms = vec![Perm { domid: dom, kind: PermKind::None }];
+        fires.extend(self.set_perms(DomId::DOM0, &h, &perms)?);
+        fires.extend(self.write(DomId::DOM0, &format!("{h}/domid"), dom.to_string().as_bytes())?);
+        fires.extend(self.write(DomId::DOM0, &format!("{h}/name"), name.as_bytes())?);
         fires.extend(self.special_fires(INTRODUCE));
         Ok(fires)
     }
 
     /// Removes the home of a dead domain and fires `@releaseDomain` (its watches must already
     /// be gone, see [`StoreTree::remove_watches`]).
-    pub fn release(&mut self, dom: u16) -> Vec<Fire> {
+    pub fn release(&mut self, dom: DomId) -> Vec<Fire> {
         let mut fires = self.remove_subtree(&home(dom));
         fires.extend(self.special_fires(RELEASE));
         fires
     }
 
     /// Number of nodes `dom` owns.
-    pub fn owned_by(&self, dom: u16) -> usize {
+    pub fn owned_by(&self, dom: DomId) -> usize {
         self.owned.get(&dom).copied().unwrap_or(0)
     }
 }
@@ -462,153 +462,153 @@ fn report(w: &WatchReg, abs: &str) -> String {
 mod tests {
     use super::*;
 
-    fn perm(d: u16, kind: PermKind) -> Perm {
-        Perm { domid: DomId(d), kind }
+    fn perm(d: DomId, kind: PermKind) -> Perm {
+        Perm { domid: d, kind }
     }
 
     fn tree() -> StoreTree {
         let mut t = StoreTree::new();
-        assert!(t.introduce(1, "a").is_ok());
-        assert!(t.introduce(2, "b").is_ok());
+        assert!(t.introduce(DomId(1), "a").is_ok());
+        assert!(t.introduce(DomId(2), "b").is_ok());
         t
     }
 
     #[test]
     fn path_validation() {
-        assert!(resolve(1, "data/x").is_ok_and(|(p, rel)| p == "/local/domain/1/data/x" && rel));
-        assert!(resolve(1, "/a/b-c_d.e@f").is_ok_and(|(p, rel)| p == "/a/b-c_d.e@f" && !rel));
-        assert!(resolve(1, "/").is_ok());
+        assert!(resolve(DomId(1), "data/x").is_ok_and(|(p, rel)| p == "/local/domain/1/data/x" && rel));
+        assert!(resolve(DomId(1), "/a/b-c_d.e@f").is_ok_and(|(p, rel)| p == "/a/b-c_d.e@f" && !rel));
+        assert!(resolve(DomId(1), "/").is_ok());
         for bad in ["", "a//b", "/a/", "a b", "a/ü", "@releaseDomain", "//", "a\0b"] {
-            assert!(matches!(resolve(1, bad), Err(WireError::InvalidArgument(_))), "{bad:?}");
+            assert!(matches!(resolve(DomId(1), bad), Err(WireError::InvalidArgument(_))), "{bad:?}");
         }
-        assert!(matches!(resolve(1, &"a".repeat(MAX_PATH + 1)), Err(WireError::InvalidArgument(_))));
-        assert!(matches!(resolve(1, &"a".repeat(MAX_PATH - 5)), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(resolve(DomId(1), &"a".repeat(MAX_PATH + 1)), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(resolve(DomId(1), &"a".repeat(MAX_PATH - 5)), Err(WireError::InvalidArgument(_))));
         let mut t = tree();
-        assert!(matches!(t.write(1, "x", &vec![0; MAX_VALUE + 1]), Err(WireError::InvalidArgument(_))));
-        assert!(t.write(1, "x", &vec![0; MAX_VALUE]).is_ok());
-        assert!(matches!(t.rm(0, "/"), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(t.write(DomId(1), "x", &vec![0; MAX_VALUE + 1]), Err(WireError::InvalidArgument(_))));
+        assert!(t.write(DomId(1), "x", &vec![0; MAX_VALUE]).is_ok());
+        assert!(matches!(t.rm(DomId(0), "/"), Err(WireError::InvalidArgument(_))));
     }
 
     #[test]
     fn homes_are_private_and_relative_paths_resolve() {
         let mut t = tree();
-        assert_eq!(t.read(1, "domid").ok(), Some(b"1".to_vec()));
-        assert_eq!(t.read(2, "name").ok(), Some(b"b".to_vec()));
-        assert!(matches!(t.read(2, "/local/domain/1/name"), Err(WireError::PermissionDenied(_))));
-        assert!(matches!(t.write(2, "/local/domain/1/x", b"v"), Err(WireError::PermissionDenied(_))));
-        assert!(matches!(t.directory(1, "/local/domain"), Err(WireError::PermissionDenied(_))));
-        assert!(matches!(t.write(1, "/tool/x", b"v"), Err(WireError::PermissionDenied(_))));
-        assert!(t.read(0, "/local/domain/1/name").is_ok());
-        assert!(matches!(t.read(1, "nothing"), Err(WireError::NotFound(_))));
-        assert!(t.rm(1, "nothing").is_ok(), "a missing node under an existing parent");
-        assert!(matches!(t.rm(1, "no/such/parent"), Err(WireError::NotFound(_))));
+        assert_eq!(t.read(DomId(1), "domid").ok(), Some(b"1".to_vec()));
+        assert_eq!(t.read(DomId(2), "name").ok(), Some(b"b".to_vec()));
+        assert!(matches!(t.read(DomId(2), "/local/domain/1/name"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.write(DomId(2), "/local/domain/1/x", b"v"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.directory(DomId(1), "/local/domain"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.write(DomId(1), "/tool/x", b"v"), Err(WireError::PermissionDenied(_))));
+        assert!(t.read(DomId(0), "/local/domain/1/name").is_ok());
+        assert!(matches!(t.read(DomId(1), "nothing"), Err(WireError::NotFound(_))));
+        assert!(t.rm(DomId(1), "nothing").is_ok(), "a missing node under an existing parent");
+        assert!(matches!(t.rm(DomId(1), "no/such/parent"), Err(WireError::NotFound(_))));
     }
 
     #[test]
     fn created_nodes_inherit_perms_with_creator_as_owner() {
         let mut t = tree();
         // dom0 opens a directory to domain 2 for writing.
-        assert!(t.mkdir(0, "/shared").is_ok());
-        assert!(t.set_perms(0, "/shared", &[perm(0, PermKind::None), perm(2, PermKind::Both)]).is_ok());
-        assert!(t.write(2, "/shared/a/b", b"x").is_ok());
-        let p = t.get_perms(2, "/shared/a/b").unwrap_or_default();
-        assert_eq!(p, vec![perm(2, PermKind::None), perm(2, PermKind::Both)]);
-        assert!(matches!(t.read(1, "/shared/a/b"), Err(WireError::PermissionDenied(_))));
-        assert!(matches!(t.write(1, "/shared/c", b"x"), Err(WireError::PermissionDenied(_))));
-        assert_eq!(t.directory(2, "/shared/a").unwrap_or_default(), vec!["b".to_string()]);
+        assert!(t.mkdir(DomId(0), "/shared").is_ok());
+        assert!(t.set_perms(DomId(0), "/shared", &[perm(DomId(0), PermKind::None), perm(DomId(2), PermKind::Both)]).is_ok());
+        assert!(t.write(DomId(2), "/shared/a/b", b"x").is_ok());
+        let p = t.get_perms(DomId(2), "/shared/a/b").unwrap_or_default();
+        assert_eq!(p, vec![perm(DomId(2), PermKind::None), perm(DomId(2), PermKind::Both)]);
+        assert!(matches!(t.read(DomId(1), "/shared/a/b"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.write(DomId(1), "/shared/c", b"x"), Err(WireError::PermissionDenied(_))));
+        assert_eq!(t.directory(DomId(2), "/shared/a").unwrap_or_default(), vec!["b".to_string()]);
     }
 
     #[test]
     fn grant_read_and_ownership_rules() {
         let mut t = tree();
-        assert!(t.write(1, "data/x", b"hello").is_ok());
-        assert!(matches!(t.read(2, "/local/domain/1/data/x"), Err(WireError::PermissionDenied(_))));
-        let ok = [perm(1, PermKind::None), perm(2, PermKind::Read)];
-        assert!(t.set_perms(1, "data/x", &ok).is_ok());
-        assert_eq!(t.read(2, "/local/domain/1/data/x").ok(), Some(b"hello".to_vec()));
-        assert!(matches!(t.write(2, "/local/domain/1/data/x", b"no"), Err(WireError::PermissionDenied(_))));
+        assert!(t.write(DomId(1), "data/x", b"hello").is_ok());
+        assert!(matches!(t.read(DomId(2), "/local/domain/1/data/x"), Err(WireError::PermissionDenied(_))));
+        let ok = [perm(DomId(1), PermKind::None), perm(DomId(2), PermKind::Read)];
+        assert!(t.set_perms(DomId(1), "data/x", &ok).is_ok());
+        assert_eq!(t.read(DomId(2), "/local/domain/1/data/x").ok(), Some(b"hello".to_vec()));
+        assert!(matches!(t.write(DomId(2), "/local/domain/1/data/x", b"no"), Err(WireError::PermissionDenied(_))));
         // Domain 2 is not the owner: no set_perms.
-        assert!(matches!(t.set_perms(2, "/local/domain/1/data/x", &ok), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(t.set_perms(DomId(2), "/local/domain/1/data/x", &ok), Err(WireError::PermissionDenied(_))));
         // Owner may not give it away; dom0 may.
-        let away = [perm(2, PermKind::None)];
-        assert!(matches!(t.set_perms(1, "data/x", &away), Err(WireError::PermissionDenied(_))));
-        assert!(t.set_perms(0, "/local/domain/1/data/x", &away).is_ok());
-        assert!(t.read(2, "/local/domain/1/data/x").is_ok());
-        assert!(matches!(t.set_perms(1, "data/x", &[]), Err(WireError::InvalidArgument(_))));
-        assert!(matches!(t.set_perms(0, "/x", &ok), Err(WireError::NotFound(_))));
+        let away = [perm(DomId(2), PermKind::None)];
+        assert!(matches!(t.set_perms(DomId(1), "data/x", &away), Err(WireError::PermissionDenied(_))));
+        assert!(t.set_perms(DomId(0), "/local/domain/1/data/x", &away).is_ok());
+        assert!(t.read(DomId(2), "/local/domain/1/data/x").is_ok());
+        assert!(matches!(t.set_perms(DomId(1), "data/x", &[]), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(t.set_perms(DomId(0), "/x", &ok), Err(WireError::NotFound(_))));
         // rm needs write and removes the subtree.
-        assert!(t.write(1, "data/y/z", b"1").is_ok());
-        assert!(matches!(t.rm(2, "/local/domain/1/data"), Err(WireError::PermissionDenied(_))));
-        assert!(t.rm(1, "data").is_ok());
-        assert!(matches!(t.read(1, "data/y/z"), Err(WireError::NotFound(_))));
-        assert_eq!(t.directory(1, "").ok(), None);
-        let names = t.directory(1, "/local/domain/1").unwrap_or_default();
+        assert!(t.write(DomId(1), "data/y/z", b"1").is_ok());
+        assert!(matches!(t.rm(DomId(2), "/local/domain/1/data"), Err(WireError::PermissionDenied(_))));
+        assert!(t.rm(DomId(1), "data").is_ok());
+        assert!(matches!(t.read(DomId(1), "data/y/z"), Err(WireError::NotFound(_))));
+        assert_eq!(t.directory(DomId(1), "").ok(), None);
+        let names = t.directory(DomId(1), "/local/domain/1").unwrap_or_default();
         assert_eq!(names, vec!["domid".to_string(), "name".to_string()]);
     }
 
     #[test]
     fn quota_limits_nodes() {
         let mut t = StoreTree::with_quota(5);
-        assert!(t.introduce(1, "a").is_ok());
-        assert_eq!(t.owned_by(1), 3);
-        assert!(t.write(1, "a", b"").is_ok());
-        assert!(t.write(1, "b", b"").is_ok());
-        assert!(matches!(t.write(1, "c", b""), Err(WireError::Limit(_))));
-        assert!(t.rm(1, "a").is_ok());
-        assert!(t.write(1, "c", b"").is_ok());
+        assert!(t.introduce(DomId(1), "a").is_ok());
+        assert_eq!(t.owned_by(DomId(1)), 3);
+        assert!(t.write(DomId(1), "a", b"").is_ok());
+        assert!(t.write(DomId(1), "b", b"").is_ok());
+        assert!(matches!(t.write(DomId(1), "c", b""), Err(WireError::Limit(_))));
+        assert!(t.rm(DomId(1), "a").is_ok());
+        assert!(t.write(DomId(1), "c", b"").is_ok());
     }
 
     #[test]
     fn watches_fire_on_readable_changes_only() {
         let mut t = tree();
-        let f = t.watch(2, 10, "/local/domain/1").unwrap_or_default();
-        assert_eq!(f, vec![Fire { dom: 2, watch: 10, path: "/local/domain/1".into() }]);
-        assert!(t.watch(1, 11, "data").is_ok());
+        let f = t.watch(DomId(2), 10, "/local/domain/1").unwrap_or_default();
+        assert_eq!(f, vec![Fire { dom: DomId(2), watch: 10, path: "/local/domain/1".into() }]);
+        assert!(t.watch(DomId(1), 11, "data").is_ok());
         // Not readable by 2: only domain 1's watch fires (relative path).
-        let f = t.write(1, "data/x", b"1").unwrap_or_default();
-        assert_eq!(f, vec![Fire { dom: 1, watch: 11, path: "data/x".into() }]);
+        let f = t.write(DomId(1), "data/x", b"1").unwrap_or_default();
+        assert_eq!(f, vec![Fire { dom: DomId(1), watch: 11, path: "data/x".into() }]);
         // Readable only after set_perms: as on xenstored, the newly allowed watcher is not told of
         // the permission change itself, only of later changes.
         let f =
-            t.set_perms(1, "data/x", &[perm(1, PermKind::None), perm(2, PermKind::Read)]).unwrap_or_default();
-        assert_eq!(f, vec![Fire { dom: 1, watch: 11, path: "data/x".into() }]);
-        let mut f = t.write(1, "data/x", b"2").unwrap_or_default();
+            t.set_perms(DomId(1), "data/x", &[perm(DomId(1), PermKind::None), perm(DomId(2), PermKind::Read)]).unwrap_or_default();
+        assert_eq!(f, vec![Fire { dom: DomId(1), watch: 11, path: "data/x".into() }]);
+        let mut f = t.write(DomId(1), "data/x", b"2").unwrap_or_default();
         f.sort_by_key(|f| f.dom);
         assert_eq!(
             f,
             vec![
-                Fire { dom: 1, watch: 11, path: "data/x".into() },
-                Fire { dom: 2, watch: 10, path: "/local/domain/1/data/x".into() },
+                Fire { dom: DomId(1), watch: 11, path: "data/x".into() },
+                Fire { dom: DomId(2), watch: 10, path: "/local/domain/1/data/x".into() },
             ]
         );
         // Outside the watched path: nothing.
-        assert!(t.write(1, "other", b"1").is_ok_and(|f| f.is_empty()));
+        assert!(t.write(DomId(1), "other", b"1").is_ok_and(|f| f.is_empty()));
         // rm judged by perms before removal; a watch inside the subtree fires too.
-        assert!(t.watch(1, 12, "data/x/deeper").is_ok());
-        let f = t.rm(1, "data").unwrap_or_default();
+        assert!(t.watch(DomId(1), 12, "data/x/deeper").is_ok());
+        let f = t.rm(DomId(1), "data").unwrap_or_default();
         let mut paths: Vec<_> = f.iter().map(|f| (f.dom, f.path.clone())).collect();
         paths.sort();
-        assert_eq!(paths, vec![(1, "data".to_string()), (1, "data/x/deeper".to_string())]);
-        assert!(t.unwatch(1, 11).is_ok());
+        assert_eq!(paths, vec![(DomId(1), "data".to_string()), (DomId(1), "data/x/deeper".to_string())]);
+        assert!(t.unwatch(DomId(1), 11).is_ok());
         // An unwatched watch no longer fires (and domain 2 may not read the new node).
-        assert_eq!(t.write(1, "data/z", b"1").ok(), Some(Vec::new()));
-        assert!(matches!(t.unwatch(1, 11), Err(WireError::NotFound(_))));
-        assert!(matches!(t.watch(1, 12, "x"), Err(WireError::AlreadyExists(_))));
-        assert!(matches!(t.watch(1, 13, "a//b"), Err(WireError::InvalidArgument(_))));
+        assert_eq!(t.write(DomId(1), "data/z", b"1").ok(), Some(Vec::new()));
+        assert!(matches!(t.unwatch(DomId(1), 11), Err(WireError::NotFound(_))));
+        assert!(matches!(t.watch(DomId(1), 12, "x"), Err(WireError::AlreadyExists(_))));
+        assert!(matches!(t.watch(DomId(1), 13, "a//b"), Err(WireError::InvalidArgument(_))));
     }
 
     #[test]
     fn special_watches_and_release() {
         let mut t = tree();
-        assert!(t.watch(1, 1, INTRODUCE).is_ok());
-        assert!(t.watch(1, 2, RELEASE).is_ok());
-        assert!(t.watch(3, 3, RELEASE).is_ok());
-        let f = t.introduce(5, "e").unwrap_or_default();
-        assert_eq!(f, vec![Fire { dom: 1, watch: 1, path: INTRODUCE.into() }]);
-        t.remove_watches(3);
-        let f = t.release(5);
-        assert_eq!(f, vec![Fire { dom: 1, watch: 2, path: RELEASE.into() }]);
-        assert!(matches!(t.read(0, "/local/domain/5"), Err(WireError::NotFound(_))));
-        assert_eq!(t.owned_by(5), 0);
+        assert!(t.watch(DomId(1), 1, INTRODUCE).is_ok());
+        assert!(t.watch(DomId(1), 2, RELEASE).is_ok());
+        assert!(t.watch(DomId(3), 3, RELEASE).is_ok());
+        let f = t.introduce(DomId(5), "e").unwrap_or_default();
+        assert_eq!(f, vec![Fire { dom: DomId(1), watch: 1, path: INTRODUCE.into() }]);
+        t.remove_watches(DomId(3));
+        let f = t.release(DomId(5));
+        assert_eq!(f, vec![Fire { dom: DomId(1), watch: 2, path: RELEASE.into() }]);
+        assert!(matches!(t.read(DomId(0), "/local/domain/5"), Err(WireError::NotFound(_))));
+        assert_eq!(t.owned_by(DomId(5)), 0);
     }
 }

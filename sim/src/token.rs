@@ -9,6 +9,8 @@
 
 use std::io;
 
+use dombus_transport_xen::types::DomId;
+
 /// Bytes of randomness in a key or token.
 const SECRET_LEN: usize = 32;
 
@@ -64,7 +66,7 @@ pub(crate) enum Credential {
     /// The toolstack key.
     Key(Secret),
     /// A token for domain `.0`.
-    Token(u16, Secret),
+    Token(DomId, Secret),
 }
 
 impl Credential {
@@ -88,7 +90,7 @@ pub(crate) fn key_text(key: &Secret) -> String {
 }
 
 /// The text form of domain `domid`'s token.
-pub(crate) fn token_text(domid: u16, secret: &Secret) -> String {
+pub(crate) fn token_text(domid: DomId, secret: &Secret) -> String {
     format!("{domid}-{}", secret.hex())
 }
 
@@ -101,7 +103,7 @@ mod tests {
         let s = Secret::random().unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(s, Secret::random().unwrap_or_else(|e| panic!("{e}")));
         assert_eq!(Credential::parse(&key_text(&s)), Some(Credential::Key(s)));
-        assert_eq!(Credential::parse(&token_text(7, &s)), Some(Credential::Token(7, s)));
+        assert_eq!(Credential::parse(&token_text(DomId(7), &s)), Some(Credential::Token(DomId(7), s)));
         let hex = s.hex();
         for bad in [
             String::new(),

@@ -76,7 +76,7 @@ fn hello(fd: &OwnedFd, sock: &Path, domid: u16) {
     send(fd, &msg(1, Op::Hello { token })).unwrap();
     match recv(fd, Duration::from_secs(5)) {
         Some(ServerMsg::Reply { id: 1, result: Ok(proto::Reply::Attached { domid: d }) }) => {
-            assert_eq!(d, domid)
+            assert_eq!(d, DomId(domid))
         }
         other => panic!("bad hello reply {other:?}"),
     }
@@ -120,13 +120,13 @@ fn garbage_truncated_and_oversize_messages() {
     hello(&fd, &sock, 4);
     for (id, op) in [
         (10, Op::Read { path: "a//b".into() }),
-        (11, Op::MapGrants { granter: 1, refs: vec![12345], writable: true }),
+        (11, Op::MapGrants { granter: DomId(1), refs: vec![12345], writable: true }),
         (12, Op::Unmap { map: 77 }),
         (13, Op::Unbind { port: 0 }),
         (14, Op::Revoke { alloc: 999 }),
         (15, Op::Hello { token: "toolstack-00".into() }),
-        (16, Op::SharePages { remote: 1, count: 1_000_000, writable: true }),
-        (17, Op::BindUnbound { handle: 1, remote: 0x7FF5 }),
+        (16, Op::SharePages { remote: DomId(1), count: 1_000_000, writable: true }),
+        (17, Op::BindUnbound { handle: 1, remote: DomId(0x7FF5) }),
         (18, Op::Write { path: "x".into(), value: vec![0; 5000] }),
         (19, Op::SetPerms { path: "domid".into(), perms: vec![] }),
     ] {

@@ -11,6 +11,8 @@ impl DomId {
     pub const DOM0: DomId = DomId(0);
     /// `DOMID_SELF`: "the calling domain" (also the vsock CID of the local domain).
     pub const SELF: DomId = DomId(0x7FF0);
+    /// `DOMID_INVALID`: no domain (e.g. a connection not yet attached as one).
+    pub const INVALID: DomId = DomId(0x7FF4);
     /// Largest id a real (guest) domain can have; ids above are reserved by Xen.
     pub const MAX_GUEST: DomId = DomId(0x7FEF);
 
@@ -23,6 +25,15 @@ impl DomId {
 impl fmt::Debug for DomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "dom{}", self.0)
+    }
+}
+
+impl std::str::FromStr for DomId {
+    type Err = std::num::ParseIntError;
+
+    /// A domain id in decimal (`0` to `65535`; whether it names a guest is [`DomId::is_guest_id`]).
+    fn from_str(s: &str) -> Result<DomId, Self::Err> {
+        s.parse().map(DomId)
     }
 }
 

@@ -56,6 +56,7 @@ use std::time::Duration;
 pub use dombus_transport_xen::diag::percentile;
 
 pub mod baseline;
+pub mod harness;
 pub mod link;
 pub mod rpc;
 

@@ -335,24 +335,11 @@ impl Bench for VsockStreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn plan(args: &[&str]) -> Plan<LinkOptions> {
-        Plan::parse::<LinkSuite>(args.iter().map(|a| a.to_string())).unwrap()
-    }
-
-    fn no_latency_verdict(p: &Plan<LinkOptions>) -> Option<String> {
-        p.no_latency_verdict(LinkSuite::SAMPLES)
-    }
+    use crate::harness::tests::plan;
 
     #[test]
     fn only_full_runs_give_verdicts() {
-        assert_eq!(no_latency_verdict(&plan(&[])), None);
-        assert_eq!(LinkSuite::no_throughput_verdict(&plan(&[])), None);
-        assert_eq!(no_latency_verdict(&plan(&["--quick"])).as_deref(), Some("quick run"));
-        assert_eq!(LinkSuite::no_throughput_verdict(&plan(&["--quick"])).as_deref(), Some("quick run"));
-        assert!(no_latency_verdict(&plan(&["--iters", "300"])).is_some());
-        assert!(no_latency_verdict(&plan(&["--rounds", "2"])).is_some());
-        assert!(LinkSuite::no_throughput_verdict(&plan(&["--rounds", "2"])).is_some());
+        crate::harness::tests::only_full_runs_give_verdicts::<LinkSuite>(&["--rounds", "2"]);
     }
 
     #[test]
@@ -360,7 +347,7 @@ mod tests {
         assert_eq!(spread(9, 5), [2, 2, 2, 2, 1]);
         assert_eq!(spread(3, 2), [2, 1]);
         assert_eq!(spread(10, 5), [2; 5]);
-        assert_eq!(throughput_rounds(&plan(&["--quick"])), 2);
-        assert_eq!(spread(3, 2).iter().sum::<u64>(), plan(&["--quick"]).suite.batches);
+        assert_eq!(throughput_rounds(&plan::<LinkSuite>(&["--quick"])), 2);
+        assert_eq!(spread(3, 2).iter().sum::<u64>(), plan::<LinkSuite>(&["--quick"]).suite.batches);
     }
 }

@@ -622,8 +622,26 @@ pub fn ratio_cell(ratio: f64, rounds: &[f64]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The plan of `args` for suite `S`.
+    pub(crate) fn plan<S: Suite>(args: &[&str]) -> Plan<S::Options> {
+        Plan::parse::<S>(args.iter().map(|a| a.to_string())).unwrap()
+    }
+
+    /// Suite `S` gives verdicts only in full runs; `thin` are arguments that leave too little
+    /// throughput for one.
+    pub(crate) fn only_full_runs_give_verdicts<S: Suite>(thin: &[&str]) {
+        let no_latency_verdict = |p: &Plan<S::Options>| p.no_latency_verdict(S::SAMPLES);
+        assert_eq!(no_latency_verdict(&plan::<S>(&[])), None);
+        assert_eq!(S::no_throughput_verdict(&plan::<S>(&[])), None);
+        assert_eq!(no_latency_verdict(&plan::<S>(&["--quick"])).as_deref(), Some("quick run"));
+        assert_eq!(S::no_throughput_verdict(&plan::<S>(&["--quick"])).as_deref(), Some("quick run"));
+        assert!(no_latency_verdict(&plan::<S>(&["--iters", "300"])).is_some());
+        assert!(no_latency_verdict(&plan::<S>(&["--rounds", "2"])).is_some());
+        assert!(S::no_throughput_verdict(&plan::<S>(thin)).is_some());
+    }
 
     fn interleaved(ratio: f64, rounds: &[f64]) -> Option<Compared> {
         Some(Compared { ratio, rounds: Some(rounds.to_vec()) })

@@ -382,23 +382,9 @@ impl Bench for Rpc {
 mod tests {
     use super::*;
 
-    fn plan(args: &[&str]) -> Plan<RpcOptions> {
-        Plan::parse::<RpcSuite>(args.iter().map(|a| a.to_string())).unwrap()
-    }
-
-    fn no_latency_verdict(p: &Plan<RpcOptions>) -> Option<String> {
-        p.no_latency_verdict(RpcSuite::SAMPLES)
-    }
-
     #[test]
     fn only_full_runs_give_verdicts() {
-        assert_eq!(no_latency_verdict(&plan(&[])), None);
-        assert_eq!(RpcSuite::no_throughput_verdict(&plan(&[])), None);
-        assert_eq!(no_latency_verdict(&plan(&["--quick"])).as_deref(), Some("quick run"));
-        assert_eq!(RpcSuite::no_throughput_verdict(&plan(&["--quick"])).as_deref(), Some("quick run"));
-        assert!(no_latency_verdict(&plan(&["--iters", "300"])).is_some());
-        assert!(no_latency_verdict(&plan(&["--rounds", "2"])).is_some());
-        assert!(RpcSuite::no_throughput_verdict(&plan(&["--calls", "400"])).is_some());
+        crate::harness::tests::only_full_runs_give_verdicts::<RpcSuite>(&["--calls", "400"]);
     }
 
     #[test]

@@ -5,13 +5,11 @@
 use std::hint::spin_loop;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use dombus_transport_xen::shmem::{Region, SharedMem, map_shared};
 use rustix::event::{EventfdFlags, eventfd};
 use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
-use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
 
 use crate::{PeerProcess, PingPong, os, timed_loop};
 
@@ -86,58 +84,23 @@ pub(crate) fn eventfd_child(fds: Vec<OwnedFd>) -> io::Result<()> {
     }
 }
 
-/// A shared mapping of a memfd; unmapped on drop.
-#[derive(Debug)]
-struct SharedMap {
-    ptr: NonNull<u8>,
-    len: usize,
+/// Maps all `len` bytes of the memfd `fd`, shared and writable, as a [`Region`]: the same
+/// bounds-checked atomic words and copies the link's rings use, so the baselines hold no
+/// `unsafe` of their own. The region unmaps when its last clone drops.
+fn map_memfd(fd: &OwnedFd, len: usize) -> io::Result<Region> {
+    Ok(map_shared(fd, len, true, 0)?.into_region())
 }
 
-impl SharedMap {
-    fn new(fd: &OwnedFd, len: usize) -> io::Result<SharedMap> {
-        // SAFETY: a fresh shared mapping chosen by the kernel aliases no Rust object.
-        let ptr = unsafe {
-            mmap(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, fd, 0)
-        }
-        .map_err(os)?;
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(SharedMap { ptr, len })
-    }
-
-    /// The atomic word at `off` (8-aligned, in bounds).
-    fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(off & 7 == 0 && off + 8 <= self.len);
-        // SAFETY: in bounds and aligned (the mapping is page-aligned); the memory stays mapped
-        // while `self` lives, and is only ever accessed atomically at this offset by both
-        // processes, so a shared `&AtomicU64` is sound.
-        unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU64>() }
-    }
-
-    /// Copies `src` into the mapping at `off`.
-    fn write(&self, off: usize, src: &[u8]) {
-        assert!(off + src.len() <= self.len);
-        // SAFETY: in bounds; the protocol (Release/Acquire on the sequence words) guarantees the
-        // peer is not accessing this area while we write it.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) }
-    }
-
-    /// Copies `dst.len()` bytes out of the mapping at `off`.
-    fn read(&self, off: usize, dst: &mut [u8]) {
-        assert!(off + dst.len() <= self.len);
-        // SAFETY: in bounds; as for `write`, the peer is not writing this area meanwhile.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+/// The sequence number after `seq`, skipping [`STOP`] (which tells the peer to exit).
+fn next_seq(seq: u32) -> u32 {
+    match seq.wrapping_add(1) {
+        STOP => 0,
+        next => next,
     }
 }
 
-impl Drop for SharedMap {
-    fn drop(&mut self) {
-        // SAFETY: we mapped exactly this range and hand out no references that outlive `self`.
-        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-// Layout of the spin page: the two sequence words on separate cache-line pairs, then one page of
-// data per direction.
+// Layout of the spin page: the two sequence words (`u32`) on separate cache-line pairs, then one
+// page of data per direction.
 const PING_SEQ: usize = 0;
 const PONG_SEQ: usize = 128;
 const PING_DATA: usize = 4096;
@@ -145,7 +108,9 @@ const PONG_DATA: usize = 8192;
 const SHM_LEN: usize = 12288;
 /// Largest payload of [`ShmSpinPingPong`].
 pub const SHM_MAX_PAYLOAD: usize = 4096;
-const STOP: u64 = u64::MAX;
+/// Written to the word the peer watches to make it exit: never a valid sequence number (see
+/// [`next_seq`]) nor a stream position (a multiple of [`CHUNK`]).
+const STOP: u32 = u32::MAX;
 
 /// Ping-pong through a shared memfd mapping, both processes spinning
 /// ([`core::hint::spin_loop`]) on the peer's sequence word. Each round trip copies the payload
@@ -153,8 +118,8 @@ const STOP: u64 = u64::MAX;
 /// area, parent out of that.
 #[derive(Debug)]
 pub struct ShmSpinPingPong {
-    map: SharedMap,
-    seq: u64,
+    map: Region,
+    seq: u32,
     out: Vec<u8>,
     back: Vec<u8>,
     peer: PeerProcess,
@@ -169,7 +134,7 @@ impl ShmSpinPingPong {
         }
         let fd = memfd_create("dombus-bench-spin", MemfdFlags::CLOEXEC).map_err(os)?;
         ftruncate(&fd, SHM_LEN as u64).map_err(os)?;
-        let map = SharedMap::new(&fd, SHM_LEN)?;
+        let map = map_memfd(&fd, SHM_LEN)?;
         let peer = PeerProcess::spawn(SHM_SPIN_ROLE, &payload.to_string(), &[fd.as_fd()])?;
         let out = (0..payload).map(|i| i as u8).collect();
         let mut me = ShmSpinPingPong { map, seq: 0, out, back: vec![0; payload], peer };
@@ -184,15 +149,14 @@ impl ShmSpinPingPong {
 impl PingPong for ShmSpinPingPong {
     fn run(&mut self, n: u64, samples: Option<&mut Vec<Duration>>) -> io::Result<Duration> {
         let ShmSpinPingPong { map, seq, out, back, .. } = self;
-        let (ping, pong) = (map.word(PING_SEQ), map.word(PONG_SEQ));
         timed_loop(n, samples, || {
-            *seq += 1;
-            map.write(PING_DATA, out);
-            ping.store(*seq, Ordering::Release);
-            while pong.load(Ordering::Acquire) != *seq {
+            *seq = next_seq(*seq);
+            map.write_bytes(PING_DATA, out);
+            map.store_u32(PING_SEQ, *seq);
+            while map.load_u32(PONG_SEQ) != *seq {
                 spin_loop();
             }
-            map.read(PONG_DATA, back);
+            map.read_bytes(PONG_DATA, back);
             Ok(())
         })
     }
@@ -204,7 +168,7 @@ impl PingPong for ShmSpinPingPong {
 
 impl Drop for ShmSpinPingPong {
     fn drop(&mut self) {
-        self.map.word(PING_SEQ).store(STOP, Ordering::Release);
+        self.map.store_u32(PING_SEQ, STOP);
     }
 }
 
@@ -214,12 +178,11 @@ pub(crate) fn shm_spin_child(fds: Vec<OwnedFd>, arg: &str) -> io::Result<()> {
         fds.try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "need 1 fd"))?;
     let payload: usize =
         arg.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad payload size"))?;
-    let map = SharedMap::new(&fd, SHM_LEN)?;
-    let (ping, pong) = (map.word(PING_SEQ), map.word(PONG_SEQ));
+    let map = map_memfd(&fd, SHM_LEN)?;
     let mut buf = vec![0u8; payload.min(SHM_MAX_PAYLOAD)];
     let mut last = 0;
     loop {
-        let seq = ping.load(Ordering::Acquire);
+        let seq = map.load_u32(PING_SEQ);
         if seq == last {
             spin_loop();
             continue;
@@ -227,9 +190,9 @@ pub(crate) fn shm_spin_child(fds: Vec<OwnedFd>, arg: &str) -> io::Result<()> {
         if seq == STOP {
             return Ok(());
         }
-        map.read(PING_DATA, &mut buf);
-        map.write(PONG_DATA, &buf);
-        pong.store(seq, Ordering::Release);
+        map.read_bytes(PING_DATA, &mut buf);
+        map.write_bytes(PONG_DATA, &buf);
+        map.store_u32(PONG_SEQ, seq);
         last = seq;
     }
 }
@@ -306,6 +269,16 @@ const STREAM_PROD: usize = 0;
 const STREAM_CONS: usize = 128;
 const STREAM_DATA: usize = 4096;
 const STREAM_LEN: usize = STREAM_DATA + MEMCPY_DST;
+/// [`CHUNK`] as a stream position step.
+const CHUNK_U32: u32 = CHUNK as u32;
+/// How far the writer may run ahead of the reader: the ring less one chunk.
+const RING_ROOM: u32 = (MEMCPY_DST - CHUNK) as u32;
+
+/// Where stream position `pos` (bytes, modulo 2^32) lies in the ring.
+fn ring_offset(pos: u32) -> usize {
+    // MEMCPY_DST divides 2^32, so the position wrapping keeps the offset continuous.
+    pos as usize % MEMCPY_DST
+}
 
 /// The cross-process bandwidth ceiling: 64 KiB chunks one way through a 1 MiB ring in shared
 /// memory between two processes that spin (no wake-ups, no protocol beyond two counters on
@@ -313,9 +286,10 @@ const STREAM_LEN: usize = STREAM_DATA + MEMCPY_DST;
 /// the same run; the difference to [`Memcpy`] is the cost of moving the bytes between cores.
 #[derive(Debug)]
 pub struct ShmStream {
-    map: SharedMap,
+    map: Region,
     chunk: Vec<u8>,
-    prod: u64,
+    /// Bytes written so far, modulo 2^32 (the ring size divides 2^32).
+    prod: u32,
     peer: PeerProcess,
 }
 
@@ -324,7 +298,7 @@ impl ShmStream {
     pub fn new() -> io::Result<ShmStream> {
         let fd = memfd_create("dombus-bench-stream", MemfdFlags::CLOEXEC).map_err(os)?;
         ftruncate(&fd, STREAM_LEN as u64).map_err(os)?;
-        let map = SharedMap::new(&fd, STREAM_LEN)?;
+        let map = map_memfd(&fd, STREAM_LEN)?;
         let peer = PeerProcess::spawn(SHM_STREAM_ROLE, "", &[fd.as_fd()])?;
         Ok(ShmStream { map, chunk: (0..CHUNK).map(|i| i as u8).collect(), prod: 0, peer })
     }
@@ -332,18 +306,17 @@ impl ShmStream {
     /// Streams `chunks` chunks and waits until the reader has consumed them all.
     pub fn run(&mut self, chunks: u64) -> Duration {
         let ShmStream { map, chunk, prod, .. } = self;
-        let (p, c) = (map.word(STREAM_PROD), map.word(STREAM_CONS));
         let start = Instant::now();
         for _ in 0..chunks {
-            while *prod - c.load(Ordering::Acquire) > (MEMCPY_DST - CHUNK) as u64 {
+            while prod.wrapping_sub(map.load_u32(STREAM_CONS)) > RING_ROOM {
                 spin_loop();
             }
             // CHUNK divides the ring size, so a chunk never wraps.
-            map.write(STREAM_DATA + (*prod as usize % MEMCPY_DST), chunk);
-            *prod += CHUNK as u64;
-            p.store(*prod, Ordering::Release);
+            map.write_bytes(STREAM_DATA + ring_offset(*prod), chunk);
+            *prod = prod.wrapping_add(CHUNK_U32);
+            map.store_u32(STREAM_PROD, *prod);
         }
-        while c.load(Ordering::Acquire) != *prod {
+        while map.load_u32(STREAM_CONS) != *prod {
             spin_loop();
         }
         start.elapsed()
@@ -357,7 +330,7 @@ impl ShmStream {
 
 impl Drop for ShmStream {
     fn drop(&mut self) {
-        self.map.word(STREAM_PROD).store(STOP, Ordering::Release);
+        self.map.store_u32(STREAM_PROD, STOP);
     }
 }
 
@@ -365,12 +338,11 @@ impl Drop for ShmStream {
 pub(crate) fn shm_stream_child(fds: Vec<OwnedFd>) -> io::Result<()> {
     let [fd]: [OwnedFd; 1] =
         fds.try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "need 1 fd"))?;
-    let map = SharedMap::new(&fd, STREAM_LEN)?;
-    let (p, c) = (map.word(STREAM_PROD), map.word(STREAM_CONS));
+    let map = map_memfd(&fd, STREAM_LEN)?;
     let mut buf = vec![0u8; CHUNK];
-    let mut cons = 0u64;
+    let mut cons = 0u32;
     loop {
-        let prod = p.load(Ordering::Acquire);
+        let prod = map.load_u32(STREAM_PROD);
         if prod == STOP {
             return Ok(());
         }
@@ -378,10 +350,34 @@ pub(crate) fn shm_stream_child(fds: Vec<OwnedFd>) -> io::Result<()> {
             spin_loop();
             continue;
         }
-        map.read(STREAM_DATA + (cons as usize % MEMCPY_DST), &mut buf);
+        map.read_bytes(STREAM_DATA + ring_offset(cons), &mut buf);
         // Keep the copy: nothing else reads `buf`, and the compiler may drop a dead copy.
         std::hint::black_box(&mut buf);
-        cons += CHUNK as u64;
-        c.store(cons, Ordering::Release);
+        cons = cons.wrapping_add(CHUNK_U32);
+        map.store_u32(STREAM_CONS, cons);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_wrap_around_stop() {
+        assert_eq!(next_seq(0), 1);
+        assert_eq!(next_seq(STOP - 1), 0);
+        assert_eq!(next_seq(next_seq(STOP - 2)), 0);
+    }
+
+    #[test]
+    fn stream_positions_wrap_with_the_ring() {
+        assert_ne!(STOP % CHUNK_U32, 0, "STOP must never be a stream position");
+        let last = 0u32.wrapping_sub(CHUNK_U32);
+        assert_eq!(ring_offset(last), MEMCPY_DST - CHUNK);
+        assert_eq!(ring_offset(last.wrapping_add(CHUNK_U32)), 0);
+        // The writer's room check across the wrap: a full ring less one chunk ahead.
+        let cons = last;
+        let prod = cons.wrapping_add(RING_ROOM);
+        assert_eq!(prod.wrapping_sub(cons), RING_ROOM);
     }
 }

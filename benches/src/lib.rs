@@ -52,7 +52,11 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The project's one percentile definition (nearest rank), which every figure here uses.
+pub use dombus_tools::diag::percentile;
+
 pub mod baseline;
+pub mod harness;
 pub mod link;
 pub mod rpc;
 
@@ -440,15 +444,6 @@ pub fn median(v: &mut [f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-}
-
-/// Percentile `p` (0..=100) of sorted `samples` (nearest rank).
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Accumulates the measurements of one benchmark over one or more rounds, each possibly on a

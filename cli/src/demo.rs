@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
+use dombus_tools::diag::percentile;
 use dombus_services::ports;
 use dombus_services::registry::RegistryClient;
 use dombus_services::storage::{DiskInfo, Format, Size, SnapshotInfo, StorageClient, StorageError};
@@ -27,14 +28,12 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Of `laps` (sorted in place).
+    /// Of `laps` (sorted in place), by the project's one percentile definition (nearest rank,
+    /// [`percentile`]); all zero for no laps.
     pub fn of(laps: &mut [Duration]) -> Summary {
-        laps.sort();
-        let at = |q: f64| {
-            let i = ((laps.len().saturating_sub(1)) as f64 * q).round() as usize;
-            laps.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
-        };
-        Summary { p50_us: at(0.5), p99_us: at(0.99), max_us: at(1.0) }
+        laps.sort_unstable();
+        let at = |p: f64| percentile(laps, p).as_secs_f64() * 1e6;
+        Summary { p50_us: at(50.0), p99_us: at(99.0), max_us: at(100.0) }
     }
 }
 

@@ -28,15 +28,32 @@ impl Latency {
             return None;
         }
         samples.sort_unstable();
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
         Some(Latency {
             count: samples.len(),
-            p50: at(0.50),
-            p99: at(0.99),
-            min: samples[0],
-            max: samples[samples.len() - 1],
+            p50: percentile(samples, 50.0),
+            p99: percentile(samples, 99.0),
+            min: percentile(samples, 0.0),
+            max: percentile(samples, 100.0),
         })
     }
+}
+
+/// Percentile `p` (0 to 100) of `sorted` (ascending), by the nearest-rank definition: the
+/// smallest sample that at least `p` percent of the samples are less than or equal to, that is
+/// the sample of rank ⌈p/100 · n⌉ (1-based, at least 1). No interpolation: the result is always
+/// one of the samples. `p` = 0 gives the smallest, 100 the largest; p outside 0..=100 is
+/// clamped. [`Duration::ZERO`] for no samples.
+///
+/// The one definition every latency figure of the project uses (`dombus-link`, the demo, the
+/// benches), so that their figures can be compared.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let n = sorted.len();
+    if n == 0 {
+        return Duration::ZERO;
+    }
+    // Float to integer casts saturate (NaN gives 0), so any `p` lands on a valid rank.
+    let rank = ((p.clamp(0.0, 100.0) / 100.0) * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
 }
 
 impl std::fmt::Display for Latency {
@@ -471,10 +488,31 @@ mod tests {
     fn percentiles() {
         let mut s: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
         let l = Latency::from_samples(&mut s).unwrap();
-        assert_eq!(l.p50, Duration::from_micros(51));
+        // Nearest rank: the 50th of 100 samples (see `percentile`).
+        assert_eq!(l.p50, Duration::from_micros(50));
         assert_eq!(l.p99, Duration::from_micros(99));
         assert_eq!(l.min, Duration::from_micros(1));
         assert!(Latency::from_samples(&mut []).is_none());
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let us = Duration::from_micros;
+        let ten: Vec<Duration> = (1..=10).map(us).collect();
+        // Rank ⌈p/100 · 10⌉: p50 is the 5th sample, p90 the 9th, p91 the 10th.
+        assert_eq!(percentile(&ten, 50.0), us(5));
+        assert_eq!(percentile(&ten, 90.0), us(9));
+        assert_eq!(percentile(&ten, 91.0), us(10));
+        assert_eq!(percentile(&ten, 99.0), us(10));
+        assert_eq!(percentile(&ten, 0.0), us(1));
+        assert_eq!(percentile(&ten, 100.0), us(10));
+        // Of four samples the median is the lower middle one, never an interpolated value.
+        assert_eq!(percentile(&[us(1), us(2), us(4), us(8)], 50.0), us(2));
+        assert_eq!(percentile(&[us(7)], 99.0), us(7));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+        assert_eq!(percentile(&ten, 250.0), us(10));
+        assert_eq!(percentile(&ten, -5.0), us(1));
+        assert_eq!(percentile(&ten, f64::NAN), us(1));
     }
 
     #[test]

@@ -255,6 +255,14 @@ impl Mapping {
 }
 
 /// Maps `len` bytes of `fd` from byte `offset`, shared; writable or read-only.
+///
+/// The mapping is page-aligned; [`Mapping::into_region`] turns it into a [`Region`]. Besides the
+/// grant and event-channel devices, it serves any shared file: the benches map a `memfd` in two
+/// processes this way for their raw shared-memory baselines.
+///
+/// # Errors
+/// What `mmap` reports (a bad descriptor, a length of zero, a read-only descriptor mapped
+/// writable, ...).
 pub fn map_shared(
     fd: impl std::os::fd::AsFd,
     len: usize,

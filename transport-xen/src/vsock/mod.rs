@@ -1,6 +1,6 @@
-//! Virtual sockets on a link (issue 3, in progress).
+//! Virtual sockets: many connections between two domains over one link.
 //!
-//! Many connections between two domains share one link; each packet names its source and
+//! Each packet names its source and
 //! destination port. Here: [`VsockAddr`], the wire header ([`packet`]), the sans-IO [`session`]
 //! of all connections on a link with credit flow control, and its tokio shell over one link
 //! ([`mux`]), and [`domain::VsockDomain`]: connections between any two domains, one link per

@@ -7,7 +7,7 @@
 //! connections they name.
 //!
 //! Which ports a domain may listen on, and how links between domains are set up and shared, is
-//! the business of the layer above (issue 3, in progress).
+//! the business of the layer above ([`VsockDomain`](super::domain::VsockDomain)).
 
 use crate::types::DomId;
 use std::collections::{HashMap, VecDeque};

@@ -1,7 +1,6 @@
 //! Virtual sockets: many connections between two domains over one link.
 //!
-//! Each packet names its source and
-//! destination port. Here: [`VsockAddr`], the wire header ([`packet`]), the sans-IO [`session`]
+//! Each packet names its source and destination port. Here: [`VsockAddr`], the wire header ([`packet`]), the sans-IO [`session`]
 //! of all connections on a link with credit flow control, and its tokio shell over one link
 //! ([`mux`]), and [`domain::VsockDomain`]: connections between any two domains, one link per
 //! pair set up on demand through the store.

@@ -3,6 +3,23 @@
 //!
 //! * [`storage`]: disk images on `qemu-img` (`dombus-storaged`).
 //! * [`registry`]: who runs what on the host, kept by the backend domain.
+//!
+//! A storage domain serves its images, and the toolstack calls it through the generated client:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use dombus::{Net, Server, ServerConfig, context::current};
+//! use dombus_services::storage::{QemuImg, Size, Storage, StorageClient};
+//! // In the storage domain (here over Unix; `xen:self:5100` in a domain).
+//! let images = QemuImg::new("/var/lib/images".into(), "/usr/bin/qemu-img".into())?;
+//! let addr: dombus::Address = "unix:/run/dombus/storage.sock".parse()?;
+//! Server::new(Net::new(), ServerConfig::default()).serve(&addr, images.into_service()).await?;
+//! // In the toolstack.
+//! let storage = StorageClient::connect(Net::new(), addr).await?;
+//! let disk = storage.create(current(), "disk0".into(), Size(10 << 30), None, None).await??;
+//! println!("{} {:?}", disk.name, disk.format);
+//! # Ok(()) }
+//! ```
 
 pub mod registry;
 pub mod storage;

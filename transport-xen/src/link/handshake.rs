@@ -120,10 +120,8 @@ pub(super) fn listen<B: Backend>(
     // `publish` makes sure the client's watch hears of each node.
     let store = backend.store();
     let path = server_path(backend.domid(), path);
-    let perms = [
-        Perm { domid: backend.domid(), kind: PermKind::None },
-        Perm { domid: client, kind: PermKind::Read },
-    ];
+    let perms =
+        [Perm { domid: backend.domid(), kind: PermKind::None }, Perm { domid: client, kind: PermKind::Read }];
     let ring_ref = ctl.refs().first().copied().ok_or_else(|| {
         LinkError::Backend(BackendError::InvalidArgument("share_pages returned no grant ref".into()))
     })?;

@@ -229,13 +229,11 @@ impl<B: Backend + Clone> Link<B> {
     /// task's waker is registered.
     fn wait(&mut self, cx: &Context<'_>, dir: Direction) -> Poll<io::Result<()>> {
         let spun = match dir {
-            Direction::Read => {
-                self.spin.spin_until(
+            Direction::Read => self.spin.spin_until(
                 &mut self.endpoint,
                 |ep| ep.readable().map_or(true, |n| n > 0),
                 |ep| ep.peer_done(),
-            )
-            }
+            ),
             Direction::Write => self.spin.spin_until(
                 &mut self.endpoint,
                 |ep| ep.writable().map_or(true, |n| n > 0),
@@ -301,19 +299,21 @@ impl<B: Backend + Clone> LinkListener<B> {
 
 impl<B: Backend + Clone> AsyncRead for Link<B> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_until(cx, Direction::Read, |this| match this.endpoint.recv(buf.initialize_unfilled()) {
-            Ok(RecvStatus::Data(t)) => {
-                buf.advance(t.bytes);
-                Some(if t.notify { this.kick() } else { Ok(()) })
-            }
-            Ok(RecvStatus::Eof) => Some(Ok(())),
-            Ok(RecvStatus::Empty { notify }) => {
-                if notify && let Err(e) = this.kick() {
-                    return Some(Err(e));
+        self.get_mut().poll_until(cx, Direction::Read, |this| {
+            match this.endpoint.recv(buf.initialize_unfilled()) {
+                Ok(RecvStatus::Data(t)) => {
+                    buf.advance(t.bytes);
+                    Some(if t.notify { this.kick() } else { Ok(()) })
                 }
-                (buf.remaining() == 0).then_some(Ok(()))
+                Ok(RecvStatus::Eof) => Some(Ok(())),
+                Ok(RecvStatus::Empty { notify }) => {
+                    if notify && let Err(e) = this.kick() {
+                        return Some(Err(e));
+                    }
+                    (buf.remaining() == 0).then_some(Ok(()))
+                }
+                Err(e) => Some(Err(this.fail(e, false))),
             }
-            Err(e) => Some(Err(this.fail(e, false))),
         })
     }
 }

@@ -4,11 +4,13 @@
 //! `LengthDelimitedCodec`, which tarpc uses), read by [`Frames`]: a length above the configured
 //! limit is refused as soon as its 4 bytes arrive, and the connection is closed; below it, the
 //! read buffer grows only with the bytes that actually arrive (`LengthDelimitedCodec` reserves
-//! the announced length at once: 4 bytes announcing 16 MiB made it allocate 16 MiB). Messages
+//! the announced length at once: 4 bytes announcing 16 MiB make it allocate 16 MiB). Messages
 //! are serialized with one of two [`Codec`]s, chosen per connection in the preamble; both are
-//! maintained serde formats with no schema: `bincode` 1.3 (tarpc's own transport format; the
-//! crate is unmaintained, pinned) and `postcard` 1.x. The default is bincode: postcard garbles
-//! tarpc's error kinds, and the measured difference is small (docs/rpc.md).
+//! serde formats with no schema: `bincode` 1.3 (tarpc's own transport format; the crate is
+//! unmaintained, pinned) and `postcard` 1.x. The default is bincode: postcard garbles tarpc's
+//! error kinds, and the measured difference is small (docs/rpc.md). The two differ only in
+//! [`Codec::encode`] and one private deserializer; naming, ids, trailing bytes and framing are
+//! shared.
 
 use std::io;
 use std::marker::PhantomData;
@@ -33,7 +35,19 @@ pub enum Codec {
     Bincode,
 }
 
+/// Whether bytes may follow the message in what is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trailing {
+    /// Only the start is the message (a peek at a frame).
+    Allowed,
+    /// The whole input is the message.
+    Refused,
+}
+
 impl Codec {
+    /// Every codec.
+    const ALL: [Codec; 2] = [Codec::Postcard, Codec::Bincode];
+
     /// The codec's byte in the connection preamble.
     pub fn id(self) -> u8 {
         match self {
@@ -42,13 +56,17 @@ impl Codec {
         }
     }
 
+    /// The codec's name (its `Display` and `FromStr` form).
+    fn name(self) -> &'static str {
+        match self {
+            Codec::Postcard => "postcard",
+            Codec::Bincode => "bincode",
+        }
+    }
+
     /// The codec with preamble byte `id`.
     pub fn from_id(id: u8) -> Option<Codec> {
-        match id {
-            1 => Some(Codec::Postcard),
-            2 => Some(Codec::Bincode),
-            _ => None,
-        }
+        Codec::ALL.into_iter().find(|c| c.id() == id)
     }
 
     /// Serializes `item`.
@@ -61,26 +79,33 @@ impl Codec {
 
     /// Deserializes the start of `bytes` as `T`, ignoring what follows.
     pub fn decode_prefix<T: for<'de> Deserialize<'de>>(self, bytes: &[u8]) -> io::Result<T> {
-        match self {
-            Codec::Postcard => postcard::take_from_bytes(bytes).map(|(v, _)| v).map_err(invalid),
-            Codec::Bincode => {
-                use bincode::Options;
-                bincode_options(bytes).allow_trailing_bytes().deserialize(bytes).map_err(invalid)
-            }
-        }
+        self.deserialize(bytes, Trailing::Allowed)
     }
 
     /// Deserializes a whole message (trailing bytes are an error).
     pub fn decode<T: for<'de> Deserialize<'de>>(self, bytes: &[u8]) -> io::Result<T> {
+        self.deserialize(bytes, Trailing::Refused)
+    }
+
+    /// Deserializes `bytes` as `T`, with or without bytes after it. No length inside the message
+    /// may claim more than `bytes` holds.
+    fn deserialize<T: for<'de> Deserialize<'de>>(self, bytes: &[u8], trailing: Trailing) -> io::Result<T> {
         match self {
-            Codec::Postcard => match postcard::take_from_bytes(bytes) {
-                Ok((v, [])) => Ok(v),
-                Ok((_, rest)) => Err(invalid(format!("{} bytes after the message", rest.len()))),
-                Err(e) => Err(invalid(e)),
-            },
+            Codec::Postcard => {
+                let (value, rest) = postcard::take_from_bytes(bytes).map_err(invalid)?;
+                if trailing == Trailing::Refused && !rest.is_empty() {
+                    return Err(invalid(format!("{} bytes after the message", rest.len())));
+                }
+                Ok(value)
+            }
             Codec::Bincode => {
                 use bincode::Options;
-                bincode_options(bytes).reject_trailing_bytes().deserialize(bytes).map_err(invalid)
+                let options = bincode_options(bytes);
+                match trailing {
+                    Trailing::Allowed => options.allow_trailing_bytes().deserialize(bytes),
+                    Trailing::Refused => options.reject_trailing_bytes().deserialize(bytes),
+                }
+                .map_err(invalid)
             }
         }
     }
@@ -88,21 +113,17 @@ impl Codec {
 
 impl std::fmt::Display for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Codec::Postcard => "postcard",
-            Codec::Bincode => "bincode",
-        })
+        f.write_str(self.name())
     }
 }
 
 impl std::str::FromStr for Codec {
     type Err = String;
     fn from_str(s: &str) -> Result<Codec, String> {
-        match s {
-            "postcard" => Ok(Codec::Postcard),
-            "bincode" => Ok(Codec::Bincode),
-            _ => Err(format!("{s:?}: unknown codec (postcard or bincode)")),
-        }
+        Codec::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("{s:?}: unknown codec (postcard or bincode)"))
     }
 }
 
@@ -154,7 +175,7 @@ struct RequestStart {
 
 /// Refuses a request whose deadline lies beyond what an `Instant` can hold: tarpc's `Context`
 /// deserializer computes `Instant::now() + deadline` unchecked, and a deadline of 2^63 s panics
-/// the connection's task (found by the `rpc_message` fuzz target). The server runs this on every
+/// the connection's task (the `rpc_message` fuzz target covers it). The server runs this on every
 /// frame before tarpc reads it; such a request is refused as an undecodable frame.
 pub fn check_deadline(codec: Codec, frame: &[u8]) -> io::Result<()> {
     if let ClientMessageStart::Request(r) = codec.decode_prefix(frame)? {
@@ -380,6 +401,45 @@ mod tests {
         }
     }
 
+    /// The exact bytes of one frame each codec puts on the wire: a tarpc reply (request 7,
+    /// `Ok(Reply([1, 2, 3]))`) in a 4-byte big-endian length. bincode (tarpc's format): u64
+    /// request id, u32 variant index, u64 byte count, bytes, little-endian fixed width; postcard:
+    /// the same fields as varints.
+    #[test]
+    fn the_wire_bytes_of_a_frame_are_pinned_for_each_codec() {
+        let reply = tarpc::Response { request_id: 7, message: Ok(crate::wire::Reply(vec![1, 2, 3])) };
+        let frame = |codec: Codec| {
+            let mut wire = BytesMut::new();
+            Frames::new(64, 64).encode(codec.encode(&reply).unwrap(), &mut wire).unwrap();
+            wire.to_vec()
+        };
+        #[rustfmt::skip]
+        let bincode = [
+            0, 0, 0, 23,                // frame length
+            7, 0, 0, 0, 0, 0, 0, 0,     // request_id: u64
+            0, 0, 0, 0,                 // Ok: variant 0, u32
+            3, 0, 0, 0, 0, 0, 0, 0,     // 3 bytes: u64
+            1, 2, 3,
+        ];
+        assert_eq!(frame(Codec::Bincode), bincode);
+        assert_eq!(frame(Codec::Postcard), [0, 0, 0, 6, 7, 0, 3, 1, 2, 3]);
+        for codec in Codec::ALL {
+            let message = &frame(codec)[FRAME_HEADER..];
+            let back: tarpc::Response<crate::wire::Reply> = codec.decode(message).unwrap();
+            assert_eq!((back.request_id, back.message.unwrap()), (7, crate::wire::Reply(vec![1, 2, 3])));
+        }
+    }
+
+    #[test]
+    fn unknown_codec_ids_and_names_are_refused() {
+        for id in [0, 3, 255] {
+            assert_eq!(Codec::from_id(id), None);
+        }
+        for name in ["", "json", "Bincode", "postcard "] {
+            assert!(name.parse::<Codec>().is_err(), "{name:?}");
+        }
+    }
+
     #[test]
     fn a_claimed_length_beyond_the_frame_is_refused_without_allocating() {
         // A vector claiming 2^60 elements in a few bytes.
@@ -393,7 +453,7 @@ mod tests {
 
     #[test]
     fn a_deadline_beyond_any_instant_is_refused_not_a_panic() {
-        // The frame the rpc_message fuzz target found: a request whose deadline is 2^63 s away.
+        // A bincode request whose deadline is 2^63 s away.
         let frame = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0, 0];
         let e = check_deadline(Codec::Bincode, &frame).unwrap_err();
         assert!(e.to_string().contains("deadline"), "{e}");

@@ -7,14 +7,25 @@
 //! `AsyncWrite` byte stream that sleeps on the event channel only after asking the peer to wake it,
 //! and optionally spins briefly first ([`LinkConfig::spin`]).
 //!
-//! The protocol logic is in [`endpoint`] (sans-IO); this module only moves it through the
-//! hypervisor [`Backend`](crate::backend::Backend) and tokio.
+//! The modules, from pure state to I/O:
+//!
+//! * [`endpoint`]: one side's protocol over the shared pages, a state machine with no I/O;
+//! * `spin`: the adaptive spin policy (when and how long to watch a ring before sleeping);
+//! * `wake`: the waker fan-out that lets both stream halves wait on the one event channel;
+//! * `handshake`: the store handshake that grants or maps the pages and places the rings;
+//! * `reactor`: registering backend handles with tokio;
+//! * `stream`: the `AsyncRead`/`AsyncWrite` shell that runs the endpoint through the hypervisor
+//!   [`Backend`](crate::backend::Backend) and tokio.
 
 pub mod endpoint;
+mod handshake;
+mod reactor;
+mod spin;
 mod stream;
+mod wake;
 
+pub(crate) use reactor::{Pollable, register};
 pub use stream::{Link, LinkListener};
-pub(crate) use stream::{Pollable, register};
 
 use std::io;
 use std::time::Duration;

@@ -21,7 +21,7 @@
 //!
 //! A receiver that gets a version it does not speak closes the link as a protocol violation
 //! ([`PacketError::UnsupportedVersion`]). The `RST` flag `UNSUPPORTED_VERSION` is reserved for
-//! telling the sender which version to speak instead; nothing sends it yet.
+//! telling the sender which version to speak instead; this implementation never sends it.
 //!
 //! Every field comes from the peer: [`Header::decode`] checks the version, the op, the flags
 //! allowed for that op and the payload length before anything else looks at the packet.
@@ -143,6 +143,25 @@ impl Header {
         Header { op, flags: 0, src_port, dst_port, len: 0, buf_alloc: 0, fwd_cnt: 0 }
     }
 
+    /// An `RST` from `src_port` to `dst_port`: no flags, no credit (it ends the connection, so
+    /// there is none to announce).
+    pub fn rst(src_port: u32, dst_port: u32) -> Header {
+        Header::new(Op::Rst, src_port, dst_port)
+    }
+
+    /// An `RW` header announcing `len` payload bytes (credit still to fill in).
+    pub fn rw(src_port: u32, dst_port: u32, len: u32) -> Header {
+        Header { len, ..Header::new(Op::Rw, src_port, dst_port) }
+    }
+
+    /// The packet as it goes on the link: this header followed by `payload` (`len` bytes).
+    pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+        bytes.extend_from_slice(&self.encode());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
     /// Encodes the header (version [`VERSION`]).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
@@ -229,11 +248,11 @@ mod tests {
         assert_eq!(with(2, 0), Err(PacketError::BadFlags { op: Op::Shutdown, flags: 0 }));
         assert_eq!(with(2, 4), Err(PacketError::BadFlags { op: Op::Shutdown, flags: 4 }));
         assert_eq!(with(12, 1), Err(PacketError::UnexpectedPayload { op: Op::Shutdown, len: 1 }));
-        let rw = |len: u32| Header::decode(&Header { len, ..Header::new(Op::Rw, 1, 2) }.encode());
+        let rw = |len: u32| Header::decode(&Header::rw(1, 2, len).encode());
         assert_eq!(rw(0), Err(PacketError::BadPayloadLength(0)));
         assert_eq!(rw(MAX_PAYLOAD + 1), Err(PacketError::BadPayloadLength(MAX_PAYLOAD + 1)));
         assert!(rw(MAX_PAYLOAD).is_ok());
-        let rst = Header { flags: RST_UNSUPPORTED_VERSION, ..Header::new(Op::Rst, 1, 2) };
+        let rst = Header { flags: RST_UNSUPPORTED_VERSION, ..Header::rst(1, 2) };
         assert_eq!(Header::decode(&rst.encode()), Ok(rst));
     }
 

@@ -280,6 +280,14 @@ impl Conn {
     fn credit(&self) -> u32 {
         self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
     }
+
+    /// Puts this connection's receive credit as of now (`buf_alloc`, our `fwd_cnt`) on a packet
+    /// of it, and remembers it as announced.
+    fn announce_credit(&mut self, header: &mut Header, buf_alloc: u32) {
+        header.buf_alloc = buf_alloc;
+        header.fwd_cnt = self.fwd_cnt;
+        self.announced_fwd_cnt = self.fwd_cnt;
+    }
 }
 
 /// A packet to put on the link: a header and, for `RW`, its payload.
@@ -289,6 +297,13 @@ pub struct Transmit {
     pub header: Header,
     /// `header.len` bytes for `RW`, empty otherwise.
     pub payload: Vec<u8>,
+}
+
+impl Transmit {
+    /// A packet without payload (every op but `RW`).
+    fn control(header: Header) -> Transmit {
+        Transmit { header, payload: Vec::new() }
+    }
 }
 
 /// What a read found.
@@ -393,9 +408,7 @@ impl Session {
             if t.header.op == Op::CreditUpdate {
                 c.credit_update_queued = false;
             }
-            t.header.buf_alloc = self.config.buf_alloc;
-            t.header.fwd_cnt = c.fwd_cnt;
-            c.announced_fwd_cnt = c.fwd_cnt;
+            c.announce_credit(&mut t.header, self.config.buf_alloc);
         }
         if !self.room_waiters.is_empty() && self.queued_data <= self.config.max_transmit_bytes / 2 {
             for id in std::mem::take(&mut self.room_waiters) {
@@ -443,7 +456,7 @@ impl Session {
     /// Queues an `RST` for `id`, unless one already waits.
     fn push_rst(&mut self, id: ConnId) {
         if self.rst_queued.insert(id) {
-            self.push(Transmit { header: Header::new(Op::Rst, id.local, id.peer), payload: Vec::new() });
+            self.push(Transmit::control(Header::rst(id.local, id.peer)));
         } else {
             self.stats.coalesced += 1;
         }
@@ -466,18 +479,10 @@ impl Session {
         self.events.pop_front()
     }
 
-    fn header(&self, op: Op, id: ConnId, conn: Option<&Conn>) -> Header {
-        let mut h = Header::new(op, id.local, id.peer);
-        if let Some(c) = conn {
-            h.buf_alloc = self.config.buf_alloc;
-            h.fwd_cnt = c.fwd_cnt;
-        }
-        h
-    }
-
+    /// Queues a control packet for `id` carrying its credit (a `CREDIT_UPDATE` only if none
+    /// waits already).
     fn send_control(&mut self, op: Op, id: ConnId, flags: u16) {
-        let mut header = self.header(op, id, self.conns.get(&id));
-        header.flags = flags;
+        let mut header = Header { flags, ..Header::new(op, id.local, id.peer) };
         if let Some(c) = self.conns.get_mut(&id) {
             if op == Op::CreditUpdate {
                 if c.credit_update_queued {
@@ -487,9 +492,9 @@ impl Session {
                 }
                 c.credit_update_queued = true;
             }
-            c.announced_fwd_cnt = c.fwd_cnt;
+            c.announce_credit(&mut header, self.config.buf_alloc);
         }
-        self.push(Transmit { header, payload: Vec::new() });
+        self.push(Transmit::control(header));
     }
 
     /// Opens a connection from our port `id.local` to the peer's `id.peer`.
@@ -557,11 +562,8 @@ impl Session {
             return Ok(0);
         }
         conn.tx_cnt = conn.tx_cnt.wrapping_add(n);
-        conn.announced_fwd_cnt = conn.fwd_cnt;
-        let mut header = Header::new(Op::Rw, id.local, id.peer);
-        header.len = n;
-        header.buf_alloc = buf_alloc;
-        header.fwd_cnt = conn.fwd_cnt;
+        let mut header = Header::rw(id.local, id.peer, n);
+        conn.announce_credit(&mut header, buf_alloc);
         let mut payload = self.spare.pop().unwrap_or_default();
         payload.extend_from_slice(&data[..n as usize]);
         self.push(Transmit { header, payload });
@@ -662,7 +664,7 @@ impl Session {
     /// An error is a protocol violation: the caller closes the link.
     pub fn handle(&mut self, bytes: &[u8]) -> Result<(), Violation> {
         let h = Header::decode(bytes)?;
-        let payload = &bytes[super::packet::HEADER_LEN..];
+        let payload = &bytes[HEADER_LEN..];
         if payload.len() != h.len as usize {
             return Err(Violation::PayloadMismatch { announced: h.len, got: payload.len() });
         }
@@ -805,9 +807,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn wire(t: &Transmit) -> Vec<u8> {
-        let mut b = t.header.encode().to_vec();
-        b.extend_from_slice(&t.payload);
-        b
+        t.header.packet(&t.payload)
     }
 
     /// Moves every queued packet from `from` to `to`; panics on a violation.
@@ -880,15 +880,10 @@ mod tests {
     #[test]
     fn a_peer_that_overruns_its_credit_is_a_violation() {
         let (_a, mut b, _ia, ib) = connected();
-        let mut h = Header::new(Op::Rw, ib.peer, ib.local);
-        h.len = 65;
-        let mut bytes = h.encode().to_vec();
-        bytes.extend_from_slice(&[0u8; 65]);
+        let bytes = Header::rw(ib.peer, ib.local, 65).packet(&[0u8; 65]);
         assert!(matches!(b.handle(&bytes), Err(Violation::CreditOverrun { len: 65, credit: 64, .. })));
         // And a lying length is caught before anything else.
-        h.len = 10;
-        let mut short = h.encode().to_vec();
-        short.extend_from_slice(&[0u8; 3]);
+        let short = Header::rw(ib.peer, ib.local, 10).packet(&[0u8; 3]);
         assert_eq!(b.handle(&short), Err(Violation::PayloadMismatch { announced: 10, got: 3 }));
     }
 
@@ -919,13 +914,9 @@ mod tests {
     #[test]
     fn packets_for_unknown_connections_get_rst_and_rst_never_gets_rst() {
         let mut b = Session::new(small());
-        let mut h = Header::new(Op::Rw, 9, 80);
-        h.len = 1;
-        let mut bytes = h.encode().to_vec();
-        bytes.push(0);
-        b.handle(&bytes).unwrap();
+        b.handle(&Header::rw(9, 80, 1).packet(&[0])).unwrap();
         assert_eq!(b.poll_transmit().map(|t| t.header.op), Some(Op::Rst));
-        b.handle(&Header::new(Op::Rst, 9, 80).encode()).unwrap();
+        b.handle(&Header::rst(9, 80).encode()).unwrap();
         assert_eq!(b.poll_transmit(), None);
     }
 
@@ -1098,9 +1089,7 @@ mod tests {
                 h.len = if op == Op::Rw { len.max(1) } else { 0 };
                 h.buf_alloc = 1 << 20;
                 h.fwd_cnt = fwd_cnt;
-                let mut b = h.encode().to_vec();
-                b.resize(HEADER_LEN + h.len as usize, 0xA5);
-                b
+                h.packet(&vec![0xA5; h.len as usize])
             })
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::{DOMBUS, Down, dombus, guest_net, json, stdout};
 
 use dombus::rpc::cli::NetArgs;
+use dombus::transport::types::DomId;
 use dombus_services::registry::{DomainEntry, RegistryClient, RegistryError};
 use dombus_services::storage::StorageClient;
 
@@ -168,15 +169,15 @@ fn registry_checks_the_caller(sim: &Path) {
         let registry =
             RegistryClient::connect(guest_net(sim, 7), "xen:backend:1".parse().unwrap()).await.unwrap();
         let entry =
-            |domid| DomainEntry { domid, name: "intruder".into(), role: "test".into(), services: vec![] };
+            |domid| DomainEntry { domid: DomId(domid), name: "intruder".into(), role: "test".into(), services: vec![] };
         let r = registry.register(args.context(), entry(2)).await.unwrap();
-        assert_eq!(r, Err(RegistryError::Denied { caller: "7".into(), domid: 2 }));
+        assert_eq!(r, Err(RegistryError::Denied { caller: "7".into(), domid: DomId(2) }));
         assert_eq!(
-            registry.unregister(args.context(), 2).await.unwrap(),
-            Err(RegistryError::Denied { caller: "7".into(), domid: 2 })
+            registry.unregister(args.context(), DomId(2)).await.unwrap(),
+            Err(RegistryError::Denied { caller: "7".into(), domid: DomId(2) })
         );
         assert_eq!(registry.register(args.context(), entry(7)).await.unwrap(), Ok(()));
-        assert_eq!(registry.unregister(args.context(), 7).await.unwrap(), Ok(true));
+        assert_eq!(registry.unregister(args.context(), DomId(7)).await.unwrap(), Ok(true));
     });
 }
 

@@ -16,7 +16,7 @@
 
 pub use dombus_codegen::service;
 pub use dombus_rpc as rpc;
-pub use dombus_rpc::{Address, Client, ClientConfig, Net, RpcError, Server, ServerConfig};
+pub use dombus_rpc::{Address, Client, ClientConfig, Net, RpcError, Server, ServerConfig, Size};
 pub use dombus_transport_xen as transport;
 
 /// tarpc's call context (deadline, trace): every generated client method takes one.

@@ -12,6 +12,7 @@ mod in_flight;
 pub mod metrics;
 pub mod preamble;
 pub mod server;
+pub mod size;
 pub mod transport;
 pub mod wire;
 
@@ -21,6 +22,7 @@ pub use codec::Codec;
 pub use metrics::{ConnectionStats, Metrics};
 pub use preamble::{TooManyConnections, too_many_connections};
 pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
+pub use size::Size;
 /// Why a call failed (tarpc's): see [`error_text`] for the whole story of one.
 pub use tarpc::client::RpcError;
 pub use transport::{Accepted, BoxStream, Listener, Net};

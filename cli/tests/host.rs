@@ -55,15 +55,15 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let o = dombus(&state, &["storage", "list"]);
     assert!(stdout(&o).starts_with("NAME"), "a table: {o:?}");
     assert!(stdout(&o).contains("c0") && stdout(&o).contains("d0"), "{o:?}");
-    // Service errors: exit 1, named.
+    // Service errors: exit 1, the service's sentence.
     let o = dombus(&state, &["storage", "info", "nope"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("NotFound"), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(r#"no image "nope""#), "{o:?}");
     let o = dombus(&state, &["storage", "delete", "d0"]);
     assert_eq!(o.status.code(), Some(1), "d0 backs c0: {o:?}");
     let o = dombus(&state, &["storage", "create", "../escape", "--size", "1M"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("InvalidName"), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(r#"invalid name "../escape""#), "{o:?}");
     // Usage errors: exit 2.
     let o = dombus(&state, &["storage", "create", "x", "--size", "ten"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");

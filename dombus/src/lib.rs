@@ -28,8 +28,10 @@ pub mod context {
 /// What generated code refers to, so that a service crate needs only `dombus` as a dependency.
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(feature = "cli")]
     pub use clap;
     pub use serde;
+    #[cfg(feature = "cli")]
     pub use serde_json;
     pub use tarpc;
 }

@@ -2,9 +2,10 @@
 //! sockets (`xen:`), AF_VSOCK (`vsock:`), Unix and TCP — with a connection preamble, a
 //! swappable codec, frame limits, tower client and server stacks (deadlines, retries of
 //! idempotent calls, concurrency limits, load shedding), tracing spans and Prometheus metrics.
-//! See `docs/rpc.md`.
+//! See `docs/rpc.md`. The command-line glue ([`cli`]) is built with the `cli` feature.
 
 pub mod addr;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
-use dombus_tools::diag::percentile;
 use dombus_services::ports;
 use dombus_services::registry::RegistryClient;
 use dombus_services::storage::{DiskInfo, Format, Size, SnapshotInfo, StorageClient, StorageError};
+use dombus_tools::diag::percentile;
 
 use crate::host::{self, Host, StateDir, context};
 

@@ -128,9 +128,9 @@ impl Manifest {
     pub fn net_args(&self, timeout: Duration) -> NetArgs {
         NetArgs {
             sim: Some(self.sim_socket.clone()),
-            domid: TOOLSTACK.0,
+            domid: TOOLSTACK,
             xen: false,
-            backend_domain: self.backend_domid.0,
+            backend_domain: self.backend_domid,
             timeout: timeout.as_secs_f64(),
         }
     }
@@ -395,12 +395,8 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
         RegistryClient::connect(net.clone(), registry_addr.parse()?).await.context("the host registry")?;
     for p in &host.manifest.procs {
         let Some(domid) = p.domid else { continue };
-        let entry = DomainEntry {
-            domid,
-            name: p.name.clone(),
-            role: p.role.clone(),
-            services: p.services.clone(),
-        };
+        let entry =
+            DomainEntry { domid, name: p.name.clone(), role: p.role.clone(), services: p.services.clone() };
         registry
             .register(context(START_TIMEOUT), entry)
             .await
@@ -566,7 +562,8 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     let backend = SimBackend::toolstack(&m.sim_socket)
         .map_err(|e| anyhow::anyhow!("attaching to the simulated hypervisor: {e}"))?;
     let mut links = Vec::new();
-    let domids: Vec<DomId> = std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
+    let domids: Vec<DomId> =
+        std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
     for &d in &domids {
         let path = format!("/local/domain/{d}/data/dombus/link");
         let peers = match backend.store().directory(&path) {

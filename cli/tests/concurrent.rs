@@ -13,6 +13,7 @@ use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{ClientConfig, RawClient, wire};
 use dombus::sim::SimBackend;
 use dombus::transport::types::DomId;
+use dombus::transport::types::DomId;
 
 #[test]
 fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {
@@ -29,7 +30,13 @@ fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {
     // lower domain, 2) and `host status` lists it, in JSON and in text.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let guest = rt.block_on(async {
-        let args = NetArgs { sim: Some(sim.clone()), domid: 7, xen: false, backend_domain: 1, timeout: 10.0 };
+        let args = NetArgs {
+            sim: Some(sim.clone()),
+            domid: DomId(7),
+            xen: false,
+            backend_domain: DomId(1),
+            timeout: 10.0,
+        };
         let net = guest_net(&sim, 7);
         let addr = "xen:2:5100".parse().unwrap();
         let client = RawClient::new(net, addr, wire::BUILTIN_SERVICE, ClientConfig::default());

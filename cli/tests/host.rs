@@ -56,15 +56,15 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let o = dombus(&state, &["storage", "list"]);
     assert!(stdout(&o).starts_with("NAME"), "a table: {o:?}");
     assert!(stdout(&o).contains("c0") && stdout(&o).contains("d0"), "{o:?}");
-    // Service errors: exit 1, named.
+    // Service errors: exit 1, the service's sentence.
     let o = dombus(&state, &["storage", "info", "nope"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("NotFound"), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(r#"no image "nope""#), "{o:?}");
     let o = dombus(&state, &["storage", "delete", "d0"]);
     assert_eq!(o.status.code(), Some(1), "d0 backs c0: {o:?}");
     let o = dombus(&state, &["storage", "create", "../escape", "--size", "1M"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("InvalidName"), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(r#"invalid name "../escape""#), "{o:?}");
     // Usage errors: exit 2.
     let o = dombus(&state, &["storage", "create", "x", "--size", "ten"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
@@ -144,7 +144,13 @@ impl LinkHolder {
     fn open(sim: &Path, domid: u16, addr: &str) -> LinkHolder {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let client = rt.block_on(async {
-            let args = NetArgs { sim: Some(sim.into()), domid, xen: false, backend_domain: 1, timeout: 10.0 };
+            let args = NetArgs {
+                sim: Some(sim.into()),
+                domid: DomId(domid),
+                xen: false,
+                backend_domain: DomId(1),
+                timeout: 10.0,
+            };
             let c = StorageClient::connect(guest_net(sim, domid), addr.parse().unwrap()).await.unwrap();
             c.list(args.context()).await.unwrap().unwrap();
             c
@@ -165,11 +171,21 @@ impl Drop for LinkHolder {
 fn registry_checks_the_caller(sim: &Path) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let args = NetArgs { sim: Some(sim.into()), domid: 7, xen: false, backend_domain: 1, timeout: 10.0 };
+        let args = NetArgs {
+            sim: Some(sim.into()),
+            domid: DomId(7),
+            xen: false,
+            backend_domain: DomId(1),
+            timeout: 10.0,
+        };
         let registry =
             RegistryClient::connect(guest_net(sim, 7), "xen:backend:1".parse().unwrap()).await.unwrap();
-        let entry =
-            |domid| DomainEntry { domid: DomId(domid), name: "intruder".into(), role: "test".into(), services: vec![] };
+        let entry = |domid| DomainEntry {
+            domid: DomId(domid),
+            name: "intruder".into(),
+            role: "test".into(),
+            services: vec![],
+        };
         let r = registry.register(args.context(), entry(2)).await.unwrap();
         assert_eq!(r, Err(RegistryError::Denied { caller: "7".into(), domid: DomId(2) }));
         assert_eq!(

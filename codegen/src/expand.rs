@@ -9,7 +9,8 @@
 //!   taking a tarpc `Context` first;
 //! * in an anonymous `const _` block (so that it sees the trait's scope even inside a function,
 //!   and adds no names to it): the argument structs, the server's dispatch, the wire encoding,
-//!   the descriptor and the CLI glue (`dombus::rpc::cli::ServiceCli`).
+//!   the descriptor and, with the `cli` feature (which the `dombus` crate's `cli` feature turns
+//!   on), the CLI glue (`dombus::rpc::cli::ServiceCli`).
 //!
 //! Generated code names everything by absolute path through `::dombus`, and its own locals
 //! start with `__` (argument names may not), so user names cannot capture them.
@@ -22,6 +23,11 @@ use syn::spanned::Spanned;
 use crate::model::{CliKind, Options, Service};
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    expand_with(attr, item, cfg!(feature = "cli"))
+}
+
+/// The expansion, with the CLI glue or without.
+fn expand_with(attr: TokenStream, item: TokenStream, cli: bool) -> syn::Result<TokenStream> {
     let item: ItemTrait = syn::parse2(item)
         .map_err(|e| syn::Error::new(e.span(), format!("#[dombus::service] goes on a trait: {e}")))?;
     // Report a bad option together with the trait's own errors.
@@ -30,7 +36,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         Err(e) => (Options::default(), Some(e)),
     };
     match (Service::new(item, options), bad_options) {
-        (Ok(service), None) => Ok(generate(&service)),
+        (Ok(service), None) => Ok(generate(&service, cli)),
         (Ok(_), Some(e)) | (Err(e), None) => Err(e),
         (Err(mut e), Some(o)) => {
             e.combine(o);
@@ -39,7 +45,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     }
 }
 
-fn generate(s: &Service) -> TokenStream {
+fn generate(s: &Service, cli: bool) -> TokenStream {
     let rpc = quote!(::dombus::rpc);
     let private = quote!(::dombus::__private);
     let tarpc = quote!(#private::tarpc);
@@ -87,7 +93,6 @@ fn generate(s: &Service) -> TokenStream {
         .map(|m| quote_spanned!(m.ident.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __args)))
         .collect();
 
-    let trait_doc_line = doc.lines().next().unwrap_or_default().to_string();
     let request_doc = format!("A call of [`{ident}`]: one variant per method, with its arguments.");
     let response_doc = format!("What a method of [`{ident}`] returned: one variant per method.");
     let client_doc = format!(
@@ -154,17 +159,52 @@ fn generate(s: &Service) -> TokenStream {
         let body = if m.returns_result {
             quote! {
                 match __result {
-                    ::core::result::Result::Ok(__v) => #rpc::cli::Outcome::Ok(#rpc::cli::to_json(&__v)?),
+                    ::core::result::Result::Ok(__v) => #rpc::cli::Outcome::ok(&__v)?,
                     ::core::result::Result::Err(__e) => {
-                        #rpc::cli::Outcome::Failed(#rpc::cli::to_json(&__e)?)
+                        // The error's `Display` if it has one, else its serde form.
+                        use #rpc::cli::{ViaDisplay as _, ViaSerde as _};
+                        #rpc::cli::Outcome::failed(&__e, (&#rpc::cli::ErrorText(&__e)).text())?
                     }
                 }
             }
         } else {
-            quote_spanned!(span=> ::dombus::rpc::cli::Outcome::Ok(::dombus::rpc::cli::to_json(&__result)?))
+            quote_spanned!(span=> ::dombus::rpc::cli::Outcome::ok(&__result)?)
         };
         quote!(#response::#variant(__result) => ::core::result::Result::Ok(#body))
     });
+
+    let cli_impl = if cli {
+        quote! {
+            impl #rpc::cli::ServiceCli for #request {
+                fn command() -> #private::clap::Command {
+                    #private::clap::Command::new(__SERVICE)
+                        .about(#rpc::cli::summary(#doc))
+                        .subcommand_required(true)
+                        #(#cli_subcommands)*
+                }
+
+                fn request(
+                    __method: &str,
+                    __matches: &#private::clap::ArgMatches,
+                ) -> ::core::result::Result<Self, #rpc::cli::CliError> {
+                    match __method {
+                        #(#cli_requests)*
+                        _ => ::core::result::Result::Err(#rpc::cli::CliError::Usage(
+                            ::std::format!("{:?} is not a method of {}", __method, __SERVICE),
+                        )),
+                    }
+                }
+
+                fn outcome(__response: #response) -> ::core::result::Result<#rpc::cli::Outcome, #rpc::cli::CliError> {
+                    match __response {
+                        #(#cli_outcomes,)*
+                    }
+                }
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
 
     quote! {
         #(#attrs)*
@@ -347,32 +387,7 @@ fn generate(s: &Service) -> TokenStream {
             }
         }
 
-        impl #rpc::cli::ServiceCli for #request {
-            fn command() -> #private::clap::Command {
-                #private::clap::Command::new(__SERVICE)
-                    .about(#trait_doc_line)
-                    .subcommand_required(true)
-                    #(#cli_subcommands)*
-            }
-
-            fn request(
-                __method: &str,
-                __matches: &#private::clap::ArgMatches,
-            ) -> ::core::result::Result<Self, #rpc::cli::CliError> {
-                match __method {
-                    #(#cli_requests)*
-                    _ => ::core::result::Result::Err(#rpc::cli::CliError::Usage(
-                        ::std::format!("{:?} is not a method of {}", __method, __SERVICE),
-                    )),
-                }
-            }
-
-            fn outcome(__response: #response) -> ::core::result::Result<#rpc::cli::Outcome, #rpc::cli::CliError> {
-                match __response {
-                    #(#cli_outcomes,)*
-                }
-            }
-        }
+        #cli_impl
 
         };
 
@@ -387,7 +402,11 @@ mod tests {
     use super::*;
 
     fn pretty(attr: TokenStream, item: TokenStream) -> String {
-        let tokens = expand(attr, item).unwrap_or_else(|e| panic!("{e}"));
+        pretty_with(attr, item, true)
+    }
+
+    fn pretty_with(attr: TokenStream, item: TokenStream, cli: bool) -> String {
+        let tokens = expand_with(attr, item, cli).unwrap_or_else(|e| panic!("{e}"));
         let file: syn::File =
             syn::parse2(tokens).unwrap_or_else(|e| panic!("generated code does not parse: {e}"));
         prettyplease::unparse(&file)
@@ -413,6 +432,24 @@ mod tests {
                 }
             },
         ));
+    }
+
+    #[test]
+    fn without_the_cli_feature_no_cli_glue() {
+        let service = || {
+            quote! {
+                /// Greets.
+                pub trait Hello {
+                    /// Says hello.
+                    async fn hello(&self, name: String) -> Result<String, Refused>;
+                }
+            }
+        };
+        let with = pretty_with(quote!(), service(), true);
+        let without = pretty_with(quote!(), service(), false);
+        assert!(with.contains("ServiceCli") && with.contains("clap"), "{with}");
+        assert!(!without.contains("rpc::cli::") && !without.contains("clap"), "{without}");
+        assert!(without.contains("impl ::dombus::rpc::Request for HelloRequest"), "{without}");
     }
 
     #[test]

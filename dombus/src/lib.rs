@@ -16,7 +16,7 @@
 
 pub use dombus_codegen::service;
 pub use dombus_rpc as rpc;
-pub use dombus_rpc::{Address, Client, ClientConfig, Net, RpcError, Server, ServerConfig};
+pub use dombus_rpc::{Address, Client, ClientConfig, Net, RpcError, Server, ServerConfig, Size};
 pub use dombus_sim as sim;
 pub use dombus_transport_xen as transport;
 
@@ -29,8 +29,10 @@ pub mod context {
 /// What generated code refers to, so that a service crate needs only `dombus` as a dependency.
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(feature = "cli")]
     pub use clap;
     pub use serde;
+    #[cfg(feature = "cli")]
     pub use serde_json;
     pub use tarpc;
 }

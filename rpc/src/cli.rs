@@ -1,6 +1,7 @@
 //! Command-line glue: `#[dombus::service]` implements [`ServiceCli`] (a clap subcommand per
 //! method, the request built from its arguments); this module holds the shared part — argument
 //! parsing, arguments as JSON from stdin, and printing results as JSON or readable text.
+//! Built with the `cli` feature.
 //!
 //! On the command line, the first argument of a method is positional (unless it is a `bool` or
 //! an `Option`), the others are `--kebab-case` flags; `bool` arguments are switches, `Option`
@@ -8,7 +9,13 @@
 //! (`42`, `true`, `[1,2]`, `{"a":1}`) and otherwise as a string, so `--name disk0` and
 //! `--size 10` both work. `--stdin` reads all the arguments as one JSON object instead, for
 //! types that are awkward to type.
+//!
+//! Text output is for people: byte counts ([`crate::size`]) as `10G`, a service's error as its
+//! `Display` sentence, a method's help as the first sentence of its doc comment. `--json` output
+//! is for scripts: serde's form, exactly (integers, error variants and fields).
 
+use dombus_transport_xen::types::DomId;
+use std::fmt::Display;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +30,8 @@ use tarpc::client::stub::Stub;
 use crate::client::{Client, ClientConfig};
 use crate::wire::{Request, ServiceDescriptor};
 use crate::{Address, Net};
+
+mod people;
 
 /// Exit statuses of command-line calls, so that scripts can tell failures apart.
 pub mod exit {
@@ -47,14 +56,14 @@ pub struct NetArgs {
     #[arg(long, value_name = "SOCKET", global = true, env = "DOMBUS_SIM")]
     pub sim: Option<PathBuf>,
     /// Our domain id on the simulated hypervisor (0: the toolstack's domain).
-    #[arg(long, value_name = "DOMID", default_value_t = 0, global = true)]
-    pub domid: u16,
+    #[arg(long, value_name = "DOMID", default_value_t = DomId::DOM0, global = true)]
+    pub domid: DomId,
     /// Reach xen: addresses through real Xen (/dev/xen/*, xenstored).
     #[arg(long, global = true, conflicts_with = "sim")]
     pub xen: bool,
     /// The backend domain (what xen:backend:PORT names).
-    #[arg(long, value_name = "DOMID", default_value_t = 0, global = true)]
-    pub backend_domain: u16,
+    #[arg(long, value_name = "DOMID", default_value_t = DomId::DOM0, global = true)]
+    pub backend_domain: DomId,
     /// How long a call (including connecting) may take, seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0, global = true)]
     pub timeout: f64,
@@ -64,18 +73,13 @@ impl NetArgs {
     /// The transports these options give.
     pub fn net(&self) -> std::io::Result<Net> {
         use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
-        let config = || VsockConfig {
-            backend_domain: dombus_transport_xen::types::DomId(self.backend_domain),
-            ..VsockConfig::default()
-        };
+        let config = || VsockConfig { backend_domain: self.backend_domain, ..VsockConfig::default() };
         let mut net = if let Some(sock) = &self.sim {
             // Domain 0 is the toolstack (the simulator's key); any other domain attaches with the
             // one-time token its creator handed this process.
-            let backend =
-                dombus_sim::SimBackend::attach_from_env(sock, dombus_transport_xen::types::DomId(self.domid))
-                    .map_err(|e| {
-                        std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display()))
-                    })?;
+            let backend = dombus_sim::SimBackend::attach_from_env(sock, self.domid).map_err(|e| {
+                std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display()))
+            })?;
             Net::new().with_xen(VsockDomain::start(backend, config())?)
         } else if self.xen {
             let backend = dombus_transport_xen::xen::XenBackend::open().map_err(std::io::Error::other)?;
@@ -109,17 +113,73 @@ pub trait ServiceCli: Request {
     fn command() -> Command;
     /// The request described by a method subcommand (`name` and its matches).
     fn request(method: &str, matches: &ArgMatches) -> Result<Self, CliError>;
-    /// The response as JSON: what the method returned, or its error.
+    /// The response for scripts and for people: what the method returned, or its error.
     fn outcome(response: Self::Response) -> Result<Outcome, CliError>;
 }
 
-/// What a call answered, as JSON.
+/// What a call answered.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The method's result (for a `Result`, its `Ok` value).
-    Ok(Value),
+    Ok(Shown),
     /// The `Err` of a method returning a `Result`: the service refused or failed.
-    Failed(Value),
+    Failed(Shown),
+}
+
+/// One answer, for scripts and for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shown {
+    /// As serde gives it (`--json`): every variant, field and integer exactly.
+    pub json: Value,
+    /// For people: [`render`]ed with byte counts as sizes, an error as its sentence.
+    pub text: String,
+}
+
+impl Outcome {
+    /// A method's result.
+    pub fn ok<T: serde::Serialize + ?Sized>(value: &T) -> Result<Outcome, CliError> {
+        let people = people::to_value(value).map_err(|e| CliError::Output(e.to_string()))?;
+        Ok(Outcome::Ok(Shown { json: to_json(value)?, text: render(&people) }))
+    }
+
+    /// A service's error, and its text (from [`ErrorText`]).
+    pub fn failed<E: serde::Serialize + ?Sized>(error: &E, text: String) -> Result<Outcome, CliError> {
+        Ok(Outcome::Failed(Shown { json: to_json(error)?, text }))
+    }
+}
+
+/// A service's error for people: its `Display` (the sentence the service wrote) if it has one,
+/// else its serde form on one line ([`render_error`]). Generated code calls
+/// `(&ErrorText(&e)).text()` with [`ViaDisplay`] and [`ViaSerde`] in scope; for a concrete
+/// type, method lookup finds [`ViaDisplay`] first (on `ErrorText`, no reference added) and
+/// falls back to [`ViaSerde`] (on `&ErrorText`) only when the error is not `Display`.
+pub struct ErrorText<'a, E: ?Sized>(pub &'a E);
+
+/// [`ErrorText`] of an error that is `Display`.
+pub trait ViaDisplay {
+    /// The error's sentence.
+    fn text(&self) -> String;
+}
+
+impl<E: Display + ?Sized> ViaDisplay for ErrorText<'_, E> {
+    fn text(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+/// [`ErrorText`] of an error that is only `Serialize`.
+pub trait ViaSerde {
+    /// The error's variant and fields on one line.
+    fn text(&self) -> String;
+}
+
+impl<E: serde::Serialize + ?Sized> ViaSerde for &ErrorText<'_, E> {
+    fn text(&self) -> String {
+        match people::to_value(self.0) {
+            Ok(v) => render_error(&v),
+            Err(e) => format!("(cannot show the error: {e})"),
+        }
+    }
 }
 
 /// Why a command-line call did not produce an [`Outcome`].
@@ -160,8 +220,7 @@ pub struct ArgSpec {
 
 /// The subcommand of one method (named in kebab case: `snapshot_create` → `snapshot-create`).
 pub fn method_command(name: &'static str, doc: &'static str, args: &[ArgSpec]) -> Command {
-    let about = doc.lines().next().unwrap_or_default().trim().to_string();
-    let mut cmd = Command::new(kebab(name)).about(about).long_about(doc.trim().to_string());
+    let mut cmd = Command::new(kebab(name)).about(summary(doc)).long_about(doc.trim().to_string());
     let mut ids = Vec::new();
     for (i, a) in args.iter().enumerate() {
         let mut arg = Arg::new(a.name).value_name(a.name.to_uppercase()).help(a.ty.to_string());
@@ -185,6 +244,18 @@ pub fn method_command(name: &'static str, doc: &'static str, args: &[ArgSpec]) -
 
 fn kebab(name: &str) -> String {
     name.replace('_', "-")
+}
+
+/// The one-line summary of a doc comment: its first sentence, whole — the first paragraph's
+/// lines joined, up to the first `. ` (or the paragraph's end).
+pub fn summary(doc: &str) -> String {
+    let paragraph: Vec<&str> =
+        doc.trim().lines().map(str::trim).take_while(|line| !line.is_empty()).collect();
+    let joined = paragraph.join(" ");
+    match joined.find(". ") {
+        Some(end) => joined[..=end].to_string(),
+        None => joined,
+    }
 }
 
 /// Parses one command-line value as `T`: as JSON if that fits `T`, else as a JSON string.
@@ -234,7 +305,7 @@ pub fn from_stdin<T: DeserializeOwned>(m: &ArgMatches) -> Result<Option<T>, CliE
 }
 
 /// Serializes a result for [`Outcome`].
-pub fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, CliError> {
+pub fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<Value, CliError> {
     serde_json::to_value(v).map_err(|e| CliError::Output(e.to_string()))
 }
 
@@ -261,14 +332,14 @@ pub fn call_error_status(e: &CliError) -> u8 {
     }
 }
 
-/// Prints what a call answered (JSON with `json`, else [`render`]ed; a service error on
+/// Prints what a call answered (its JSON with `json`, else its text; a service error's text on
 /// stderr) and gives the exit status.
 pub fn print_outcome(outcome: &Outcome, json: bool) -> u8 {
     match outcome {
-        Outcome::Ok(v) if json => println!("{v}"),
-        Outcome::Ok(v) => println!("{}", render(v)),
-        Outcome::Failed(e) if json => println!("{}", serde_json::json!({ "error": e })),
-        Outcome::Failed(e) => eprintln!("error: {}", render_error(e)),
+        Outcome::Ok(v) if json => println!("{}", v.json),
+        Outcome::Ok(v) => println!("{}", v.text),
+        Outcome::Failed(e) if json => println!("{}", serde_json::json!({ "error": e.json })),
+        Outcome::Failed(e) => eprintln!("error: {}", e.text),
     }
     match outcome {
         Outcome::Ok(_) => exit::OK,
@@ -276,7 +347,8 @@ pub fn print_outcome(outcome: &Outcome, json: bool) -> u8 {
     }
 }
 
-/// A service's error (an enum, as serde puts it in JSON) on one line: `NotFound: name=disk0`.
+/// A service's error (an enum, as serde puts it in JSON) on one line, for an error type without
+/// `Display`: `NotFound: name=disk0`.
 pub fn render_error(e: &Value) -> String {
     match e {
         Value::Object(map) if map.len() == 1 => {
@@ -297,7 +369,7 @@ pub fn render_error(e: &Value) -> String {
 pub fn render_descriptors(services: &[ServiceDescriptor]) -> String {
     let mut out = Vec::new();
     for s in services {
-        let doc = s.doc.lines().next().unwrap_or_default();
+        let doc = summary(&s.doc);
         out.push(format!(
             "{} (version {}){}",
             s.name,
@@ -308,8 +380,9 @@ pub fn render_descriptors(services: &[ServiceDescriptor]) -> String {
             let args: Vec<String> = m.args.iter().map(|a| format!("{}: {}", a.name, a.ty)).collect();
             let idem = if m.idempotent { "  [idempotent]" } else { "" };
             out.push(format!("  {}({}) -> {}{idem}", m.name, args.join(", "), m.result));
-            if let Some(line) = m.doc.lines().next().filter(|l| !l.is_empty()) {
-                out.push(format!("      {line}"));
+            let doc = summary(&m.doc);
+            if !doc.is_empty() {
+                out.push(format!("      {doc}"));
             }
         }
     }
@@ -320,7 +393,7 @@ pub fn render_descriptors(services: &[ServiceDescriptor]) -> String {
 /// --xen] ADDR METHOD [ARGS]`, printing the result and exiting with an [`exit`] status. The
 /// glue a service author's own tool needs (see `docs/codegen.md`).
 pub async fn main_for<Req: ServiceCli>(prog: &'static str, argv: Vec<String>) -> ExitCode {
-    let about = Req::descriptor().doc.lines().next().unwrap_or_default().to_string();
+    let about = summary(&Req::descriptor().doc);
     let cmd = NetArgs::augment_args(Req::command().name(prog))
         .about(about)
         .arg(
@@ -450,6 +523,69 @@ mod tests {
         );
         assert_eq!(render(&json!([1, "x"])), "1\nx");
         assert_eq!(render(&json!([])), "(none)");
+    }
+
+    #[test]
+    fn summaries_are_whole_first_sentences() {
+        assert_eq!(summary("Creates a disk.\n\nMore words."), "Creates a disk.");
+        assert_eq!(
+            summary("Creates an image (qcow2 unless `format` says otherwise),\noptionally a clone. More."),
+            "Creates an image (qcow2 unless `format` says otherwise), optionally a clone."
+        );
+        assert_eq!(summary("Ends the line.\nNext sentence."), "Ends the line.");
+        assert_eq!(summary("  No full stop\n  at all\n\nSecond paragraph."), "No full stop at all");
+        assert_eq!(summary("Version 1.2 of it."), "Version 1.2 of it.");
+        assert_eq!(summary(""), "");
+    }
+
+    #[derive(serde::Serialize)]
+    enum Sentence {
+        Exists { name: String },
+    }
+
+    impl std::fmt::Display for Sentence {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let Sentence::Exists { name } = self;
+            write!(f, "an image named {name} already exists")
+        }
+    }
+
+    #[derive(serde::Serialize)]
+    enum Bare {
+        TooBig { limit: crate::size::Size },
+    }
+
+    #[test]
+    // The borrow is what generated code writes: without `Display`, `ViaSerde` (on `&ErrorText`)
+    // is the one found.
+    #[allow(clippy::needless_borrow)]
+    fn errors_show_their_display_else_their_serde_form() {
+        let e = Sentence::Exists { name: "disk0".into() };
+        assert_eq!((&ErrorText(&e)).text(), "an image named disk0 already exists");
+        let e = Bare::TooBig { limit: crate::size::Size(1 << 30) };
+        assert_eq!((&ErrorText(&e)).text(), "TooBig: limit=1G");
+
+        let e = Sentence::Exists { name: "disk0".into() };
+        let Outcome::Failed(shown) = Outcome::failed(&e, (&ErrorText(&e)).text()).unwrap() else {
+            panic!("not a failure")
+        };
+        assert_eq!(shown.json, json!({"Exists": {"name": "disk0"}}));
+        assert_eq!(shown.text, "an image named disk0 already exists");
+    }
+
+    #[test]
+    fn results_show_sizes_for_people_and_exact_json() {
+        #[derive(serde::Serialize)]
+        struct Disk {
+            name: &'static str,
+            #[serde(with = "crate::size")]
+            size: u64,
+        }
+        let Outcome::Ok(shown) = Outcome::ok(&[Disk { name: "disk0", size: 10 << 30 }]).unwrap() else {
+            panic!("not a result")
+        };
+        assert_eq!(shown.json, json!([{"name": "disk0", "size": 10737418240u64}]));
+        assert_eq!(shown.text, "NAME   SIZE\ndisk0  10G");
     }
 
     #[test]

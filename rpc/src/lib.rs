@@ -2,9 +2,10 @@
 //! sockets (`xen:`), AF_VSOCK (`vsock:`), Unix and TCP — with a connection preamble, a
 //! swappable codec, frame limits, tower client and server stacks (deadlines, retries of
 //! idempotent calls, concurrency limits, load shedding), tracing spans and Prometheus metrics.
-//! See `docs/rpc.md`.
+//! See `docs/rpc.md`. The command-line glue ([`cli`]) is built with the `cli` feature.
 
 pub mod addr;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
 pub mod codec;
@@ -12,6 +13,7 @@ mod in_flight;
 pub mod metrics;
 pub mod preamble;
 pub mod server;
+pub mod size;
 pub mod transport;
 pub mod wire;
 
@@ -21,6 +23,7 @@ pub use codec::Codec;
 pub use metrics::{ConnectionStats, Metrics};
 pub use preamble::{TooManyConnections, too_many_connections};
 pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
+pub use size::Size;
 /// Why a call failed (tarpc's): see [`error_text`] for the whole story of one.
 pub use tarpc::client::RpcError;
 pub use transport::{Accepted, BoxStream, Listener, Net};

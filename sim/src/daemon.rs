@@ -1135,7 +1135,10 @@ mod tests {
         assert!(matches!(st.map(DomId(2), DomId(1), &refs, false).0, Err(WireError::NotFound(_))));
         assert!(matches!(st.handle(DomId(1), Op::Revoke { alloc }).0, Err(WireError::NotFound(_))));
         assert!(matches!(st.share(DomId(1), DomId(2), 0, true).0, Err(WireError::InvalidArgument(_))));
-        assert!(matches!(st.share(DomId(1), DomId(2), MAX_SHARE_PAGES + 1, true).0, Err(WireError::InvalidArgument(_))));
+        assert!(matches!(
+            st.share(DomId(1), DomId(2), MAX_SHARE_PAGES + 1, true).0,
+            Err(WireError::InvalidArgument(_))
+        ));
     }
 
     #[test]
@@ -1199,7 +1202,10 @@ mod tests {
             (Ok(Reply::Mapped { map, .. }), _) => map,
             other => panic!("{:?}", other.0),
         };
-        assert!(matches!(st.set_notify(DomId(2), None, Some(map), 5, None), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(
+            st.set_notify(DomId(2), None, Some(map), 5, None),
+            Err(WireError::PermissionDenied(_))
+        ));
         st.death(DomId(2));
         assert_eq!(region.load_u8(5), 0xaa, "the granter's byte must survive a read-only mapper's death");
         // A writable mapping may register one.
@@ -1219,13 +1225,19 @@ mod tests {
         let st = &mut h.st;
         let (pa, fa) = port(st.bind_unbound(DomId(1), 0, DomId(2)));
         assert_eq!(pa, 1, "ports start at 1");
-        assert!(matches!(st.bind_interdomain(DomId(3), 0, DomId(1), pa).0, Err(WireError::PermissionDenied(_))));
+        assert!(matches!(
+            st.bind_interdomain(DomId(3), 0, DomId(1), pa).0,
+            Err(WireError::PermissionDenied(_))
+        ));
         assert!(matches!(st.bind_interdomain(DomId(2), 0, DomId(1), 99).0, Err(WireError::NotFound(_))));
         // As on Xen, the newly bound local port starts out pending, whatever was sent before.
         let (pb, fb) = port(st.bind_interdomain(DomId(2), 0, DomId(1), pa));
         assert!(mem::drain(&*fb[0]), "a freshly bound port must start out pending");
         assert!(!mem::drain(&*fa[0]), "the unbound end gets nothing from the bind");
-        assert!(matches!(st.bind_interdomain(DomId(2), 0, DomId(1), pa).0, Err(WireError::InvalidArgument(_))));
+        assert!(matches!(
+            st.bind_interdomain(DomId(2), 0, DomId(1), pa).0,
+            Err(WireError::InvalidArgument(_))
+        ));
         // The channel's eventfds are crossed.
         mem::signal(&*fa[1]);
         assert!(mem::drain(&*fb[0]));

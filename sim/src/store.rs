@@ -484,7 +484,10 @@ mod tests {
         assert!(matches!(resolve(DomId(1), &"a".repeat(MAX_PATH + 1)), Err(WireError::InvalidArgument(_))));
         assert!(matches!(resolve(DomId(1), &"a".repeat(MAX_PATH - 5)), Err(WireError::InvalidArgument(_))));
         let mut t = tree();
-        assert!(matches!(t.write(DomId(1), "x", &vec![0; MAX_VALUE + 1]), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(
+            t.write(DomId(1), "x", &vec![0; MAX_VALUE + 1]),
+            Err(WireError::InvalidArgument(_))
+        ));
         assert!(t.write(DomId(1), "x", &vec![0; MAX_VALUE]).is_ok());
         assert!(matches!(t.rm(DomId(0), "/"), Err(WireError::InvalidArgument(_))));
     }
@@ -509,7 +512,14 @@ mod tests {
         let mut t = tree();
         // dom0 opens a directory to domain 2 for writing.
         assert!(t.mkdir(DomId(0), "/shared").is_ok());
-        assert!(t.set_perms(DomId(0), "/shared", &[perm(DomId(0), PermKind::None), perm(DomId(2), PermKind::Both)]).is_ok());
+        assert!(
+            t.set_perms(
+                DomId(0),
+                "/shared",
+                &[perm(DomId(0), PermKind::None), perm(DomId(2), PermKind::Both)]
+            )
+            .is_ok()
+        );
         assert!(t.write(DomId(2), "/shared/a/b", b"x").is_ok());
         let p = t.get_perms(DomId(2), "/shared/a/b").unwrap_or_default();
         assert_eq!(p, vec![perm(DomId(2), PermKind::None), perm(DomId(2), PermKind::Both)]);
@@ -526,9 +536,15 @@ mod tests {
         let ok = [perm(DomId(1), PermKind::None), perm(DomId(2), PermKind::Read)];
         assert!(t.set_perms(DomId(1), "data/x", &ok).is_ok());
         assert_eq!(t.read(DomId(2), "/local/domain/1/data/x").ok(), Some(b"hello".to_vec()));
-        assert!(matches!(t.write(DomId(2), "/local/domain/1/data/x", b"no"), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(
+            t.write(DomId(2), "/local/domain/1/data/x", b"no"),
+            Err(WireError::PermissionDenied(_))
+        ));
         // Domain 2 is not the owner: no set_perms.
-        assert!(matches!(t.set_perms(DomId(2), "/local/domain/1/data/x", &ok), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(
+            t.set_perms(DomId(2), "/local/domain/1/data/x", &ok),
+            Err(WireError::PermissionDenied(_))
+        ));
         // Owner may not give it away; dom0 may.
         let away = [perm(DomId(2), PermKind::None)];
         assert!(matches!(t.set_perms(DomId(1), "data/x", &away), Err(WireError::PermissionDenied(_))));
@@ -569,8 +585,9 @@ mod tests {
         assert_eq!(f, vec![Fire { dom: DomId(1), watch: 11, path: "data/x".into() }]);
         // Readable only after set_perms: as on xenstored, the newly allowed watcher is not told of
         // the permission change itself, only of later changes.
-        let f =
-            t.set_perms(DomId(1), "data/x", &[perm(DomId(1), PermKind::None), perm(DomId(2), PermKind::Read)]).unwrap_or_default();
+        let f = t
+            .set_perms(DomId(1), "data/x", &[perm(DomId(1), PermKind::None), perm(DomId(2), PermKind::Read)])
+            .unwrap_or_default();
         assert_eq!(f, vec![Fire { dom: DomId(1), watch: 11, path: "data/x".into() }]);
         let mut f = t.write(DomId(1), "data/x", b"2").unwrap_or_default();
         f.sort_by_key(|f| f.dom);

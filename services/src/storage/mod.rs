@@ -24,11 +24,12 @@ mod process;
 mod qemu;
 mod root;
 mod sandbox;
-mod size;
 
 pub use daemon::{DaemonArgs, run_daemon};
+/// Sizes: `10G`, `512M` or bytes on the command line, a `u64` on the wire (see
+/// [`dombus::rpc::size`]).
+pub use dombus::Size;
 pub use qemu::{DEFAULT_MAX_IMAGES, QemuImg, StorageConfig};
-pub use size::Size;
 
 /// An image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -58,9 +59,11 @@ pub struct DiskInfo {
     pub name: String,
     /// Its format.
     pub format: Format,
-    /// The size the guest sees, bytes.
+    /// The size the guest sees, bytes (shown as a size: `10G`).
+    #[serde(with = "dombus::rpc::size")]
     pub virtual_size: u64,
-    /// Bytes it takes on disk.
+    /// Bytes it takes on disk (shown as a size).
+    #[serde(with = "dombus::rpc::size")]
     pub actual_size: u64,
     /// The image it is a linked clone of (by name), if any.
     pub backing: Option<String>,
@@ -77,7 +80,8 @@ pub struct SnapshotInfo {
     pub id: String,
     /// When it was taken, seconds since the Unix epoch.
     pub date: u64,
-    /// Saved VM state, bytes (0 for a disk-only snapshot).
+    /// Saved VM state, bytes (0 for a disk-only snapshot; shown as a size).
+    #[serde(with = "dombus::rpc::size")]
     pub vm_state_size: u64,
 }
 

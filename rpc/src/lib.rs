@@ -15,7 +15,7 @@ pub mod server;
 pub mod transport;
 pub mod wire;
 
-pub use addr::{Address, AddressError};
+pub use addr::{Address, AddressError, XenAddrError};
 pub use client::{Client, ClientConfig, ConnectionLost, RawClient, connection_lost, describe};
 pub use codec::Codec;
 pub use metrics::{ConnectionStats, Metrics};

@@ -154,7 +154,7 @@ struct RequestStart {
 
 /// Refuses a request whose deadline lies beyond what an `Instant` can hold: tarpc's `Context`
 /// deserializer computes `Instant::now() + deadline` unchecked, and a deadline of 2^63 s panics
-/// the connection's task (found by the `rpc_message` fuzz target). The server runs this on every
+/// the connection's task (the `rpc_message` fuzz target sends such deadlines). The server runs this on every
 /// frame before tarpc reads it; such a request is refused as an undecodable frame.
 pub fn check_deadline(codec: Codec, frame: &[u8]) -> io::Result<()> {
     if let ClientMessageStart::Request(r) = codec.decode_prefix(frame)? {

@@ -1,10 +1,12 @@
 //! The processes of a simulated host, run by `dombus host up` as `dombus daemon …` (one binary:
 //! `cargo run --bin dombus` builds everything the host needs).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use dombus::rpc::ScrapeEndpoint;
 use dombus::rpc::cli::NetArgs;
 use dombus::{Address, Server, ServerConfig};
 use dombus_services::ports;
@@ -29,6 +31,10 @@ pub enum Daemon {
 /// The backend domain's options.
 #[derive(Debug, Args)]
 pub struct BackendArgs {
+    /// Also serve the registry's metrics for a Prometheus scrape, as `GET /metrics` over HTTP
+    /// on this TCP address (e.g. 127.0.0.1:9465; keep it loopback or host-local).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// How to reach xen: addresses.
     #[command(flatten)]
     net: NetArgs,
@@ -74,12 +80,16 @@ async fn backend(args: BackendArgs) -> anyhow::Result<()> {
     let handle =
         server.serve(&addr, HostRegistry::default().into_service()).await.context("serving the registry")?;
     tracing::info!(addr = %handle.addr(), "host registry ready");
+    let scrape = ScrapeEndpoint::bind_if(args.metrics_listen, server.metrics()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
     }
     handle.stop().await;
+    if let Some(scrape) = scrape {
+        scrape.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

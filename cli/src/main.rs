@@ -7,6 +7,7 @@
 //! dombus storage list | info NAME | snapshot-create NAME SNAP | clone-disk SRC NAME [--linked] | …
 //! dombus describe ADDR                          what a server hosts
 //! dombus ping ADDR [--count N]                  round-trip latency, p50/p99
+//! dombus metrics ADDR                           a server's metrics (Prometheus text)
 //! ```
 //! Options for every command: `--json` (output for scripts), `--state DIR` (where the host
 //! lives), `--sim SOCKET --domid N` or `--xen` (how to reach `xen:` addresses; by default those
@@ -66,6 +67,12 @@ enum Top {
         /// How many round trips.
         #[arg(long, short = 'c', default_value_t = 100)]
         count: u32,
+    },
+    /// The metrics of the server at ADDR (the built-in call every server answers), in the
+    /// Prometheus text format.
+    Metrics {
+        /// Where.
+        addr: Address,
     },
     /// Run one of the host's processes (used by `host up`).
     #[command(hide = true)]
@@ -195,7 +202,9 @@ fn watch_progress(
 }
 
 async fn run_builtin(cli: &Cli, state: &StateDir) -> Result<u8, Failure> {
-    let (Top::Describe { addr } | Top::Ping { addr, .. }) = &cli.command else { return Ok(exit::USAGE) };
+    let (Top::Describe { addr } | Top::Ping { addr, .. } | Top::Metrics { addr }) = &cli.command else {
+        return Ok(exit::USAGE);
+    };
     let (net, _) = net_for(&cli.net, state)?;
     let client = RawClient::new(net, addr.clone(), wire::BUILTIN_SERVICE, ClientConfig::default());
     client.connect_now(cli.net.timeout()).await.map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
@@ -223,6 +232,14 @@ async fn run_builtin(cli: &Cli, state: &StateDir) -> Result<u8, Failure> {
                 println!("{v}");
             } else {
                 println!("{}: {} round trips, {s}", client.addr(), laps.len());
+            }
+        }
+        Top::Metrics { .. } => {
+            let text = client.metrics(cli.net.context()).await.map_err(failed)?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "addr": client.addr(), "prometheus": text }));
+            } else {
+                print!("{text}");
             }
         }
         _ => {}
@@ -279,7 +296,7 @@ async fn run(matches: ArgMatches) -> Result<u8, Failure> {
             .map(|()| exit::OK)
             .map_err(|e| Failure(exit::CALL, format!("{e:#}"))),
         Top::Host { command } => run_host(&cli, state, command).await,
-        Top::Describe { .. } | Top::Ping { .. } => run_builtin(&cli, &state).await,
+        Top::Describe { .. } | Top::Ping { .. } | Top::Metrics { .. } => run_builtin(&cli, &state).await,
         Top::Daemon { .. } => Ok(exit::USAGE),
     }
 }

@@ -1,5 +1,5 @@
-//! The `dombus` tool against a live server: describe (text and JSON), ping, and the exit status
-//! when nothing listens.
+//! The `dombus` tool against a live server: describe (text and JSON), ping, metrics, and the
+//! exit status when nothing listens.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::process::Command;
@@ -26,6 +26,42 @@ impl Library for Impl {
 fn dombus(args: &[&str]) -> std::process::Output {
     // Run on a blocking thread: the server runs on this test's runtime.
     Command::new(DOMBUS).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_a_live_server() {
+    let dir = std::env::temp_dir().join(format!("dombus-cli-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = Address::Unix(dir.join("library.sock"));
+    let server = Server::new(Net::new(), ServerConfig::default());
+    let handle = server.serve(&addr, Impl.into_service()).await.unwrap();
+    let client = LibraryClient::connect(Net::new(), addr.clone()).await.unwrap();
+    for n in 0..3 {
+        client.shelf(dombus::context::current(), n).await.unwrap();
+    }
+    let a = addr.to_string();
+
+    let out = tokio::task::spawn_blocking({
+        let a = a.clone();
+        move || dombus(&["metrics", &a])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l == "dombus_rpc_server_calls_total{service=\"library\",method=\"shelf\"} 3"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE dombus_rpc_server_latency_seconds histogram"), "{text}");
+
+    let out = tokio::task::spawn_blocking(move || dombus(&["--json", "metrics", &a])).await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["prometheus"].as_str().unwrap().contains("method=\"shelf\"} 3"), "{v}");
+    handle.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

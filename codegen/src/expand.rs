@@ -3,14 +3,16 @@
 //! * the trait itself, each `async fn` turned into `fn … -> impl Future<Output = …> + Send` (so
 //!   that a server can run calls on any thread; implementors still write `async fn`), with
 //!   `Send + Sync + 'static` and a provided `into_service()`;
-//! * `StorageRequest` / `StorageResponse`: one variant per method (tarpc's shape, so that
-//!   tarpc's stubs apply), which the rpc layer puts on the wire **by method name**;
-//! * `StorageClient<Stub = dombus::rpc::Client<StorageRequest>>`: a method per trait method,
-//!   taking a tarpc `Context` first;
+//! * `StorageRequest` / `StorageResponse`: one variant per method (tarpc's shape), which the
+//!   CLI glue builds from a command line and tarpc's `Stub` of `dombus::rpc::Client` carries
+//!   **by method name**;
+//! * `StorageClient(dombus::rpc::Client<StorageRequest>)`: a method per trait method, taking a
+//!   tarpc `Context` first, that encodes its arguments, calls the `RawClient` by the method's
+//!   name and decodes its own result type (no request or response enum on the way);
 //! * in an anonymous `const _` block (so that it sees the trait's scope even inside a function,
-//!   and adds no names to it): the argument structs, the server's dispatch, the wire encoding,
-//!   the descriptor and, with the `cli` feature (which the `dombus` crate's `cli` feature turns
-//!   on), the CLI glue (`dombus::rpc::cli::ServiceCli`).
+//!   and adds no names to it): the argument structs, the client's methods, the server's
+//!   dispatch, the wire encoding, the descriptor and, with the `cli` feature (which the `dombus`
+//!   crate's `cli` feature turns on), the CLI glue (`dombus::rpc::cli::ServiceCli`).
 //!
 //! Generated code names everything by absolute path through `::dombus`, and its own locals
 //! start with `__` (argument names may not), so user names cannot capture them.
@@ -238,7 +240,7 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
 
         #[doc = #client_doc]
         #[derive(Clone, Debug)]
-        #vis struct #client<Stub = #rpc::Client<#request>>(pub Stub);
+        #vis struct #client(pub #rpc::Client<#request>);
 
         impl #client {
             /// A client of the service at `addr`, connecting on the first call (and again after a
@@ -260,35 +262,10 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
             }
         }
 
-        impl<Stub> ::core::convert::From<Stub> for #client<Stub>
-        where
-            Stub: #tarpc::client::stub::Stub<Req = #request, Resp = #response>,
-        {
-            fn from(stub: Stub) -> Self {
-                #client(stub)
+        impl ::core::convert::From<#rpc::Client<#request>> for #client {
+            fn from(client: #rpc::Client<#request>) -> Self {
+                #client(client)
             }
-        }
-
-        impl<Stub> #client<Stub>
-        where
-            Stub: #tarpc::client::stub::Stub<Req = #request, Resp = #response>,
-        {
-            #(
-                #(#method_attrs)*
-                #[allow(clippy::too_many_arguments)] // the trait's arguments, plus the context
-                pub async fn #idents(
-                    &self,
-                    ctx: #tarpc::context::Context,
-                    #(#arg_idents: #arg_types),*
-                ) -> ::core::result::Result<#outputs, #tarpc::client::RpcError> {
-                    let __request = #request::#variants { #(#arg_idents),* };
-                    match #tarpc::client::stub::Stub::call(&self.0, ctx, __request).await? {
-                        #response::#variants(__result) => ::core::result::Result::Ok(__result),
-                        #[allow(unreachable_patterns)]
-                        _ => ::core::result::Result::Err(#rpc::wire::mismatched_response(<#request as #rpc::Request>::SERVICE, #wires)),
-                    }
-                }
-            )*
         }
 
         #[allow(non_camel_case_types, non_upper_case_globals, missing_docs, private_interfaces, private_bounds)]
@@ -307,6 +284,29 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
             }
 
             #(#args_struct_defs)*
+
+            impl #client {
+                #(
+                    #(#method_attrs)*
+                    #[allow(clippy::too_many_arguments)] // the trait's arguments, plus the context
+                    pub async fn #idents(
+                        &self,
+                        ctx: #tarpc::context::Context,
+                        #(#arg_idents: #arg_types),*
+                    ) -> ::core::result::Result<#outputs, #tarpc::client::RpcError> {
+                        let __raw = self.0.raw();
+                        let __codec = __raw.codec();
+                        let __args = __codec
+                            .encode(&#args_structs { #(#arg_idents),* })
+                            .map_err(#rpc::wire::unencodable_arguments)?;
+                        let __reply = __raw
+                            .call(ctx, ::std::borrow::Cow::Borrowed(#wires), __args, #idempotent)
+                            .await?;
+                        let __bytes: &[u8] = &__reply;
+                        #decode_results.map_err(|e| #rpc::wire::undecodable_reply(#wires, e))
+                    }
+                )*
+            }
 
             /// Runs calls on an implementation.
             struct __Dispatcher<T>(pub ::std::sync::Arc<T>);

@@ -2,7 +2,7 @@
 //!
 //! | address | transport |
 //! |---|---|
-//! | `xen:<cid>:<port>` | transport-xen virtual sockets (CID = domain id, `self`, `backend`) |
+//! | `xen:<cid>:<port>` | transport-xen virtual sockets (CID = domain id, `self`, `backend`; shown by `VsockAddr`'s `Display`) |
 //! | `vsock:<cid>:<port>` | AF_VSOCK through `tokio-vsock` (KVM/Firecracker guests, vsock loopback) |
 //! | `unix:<path>` | a Unix stream socket (development, tests) |
 //! | `tcp:<host>:<port>` | TCP (development, tests); IPv6 hosts in brackets: `tcp:[::1]:80` |
@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use dombus_transport_xen::vsock::VsockAddr;
+use dombus_transport_xen::vsock::{CID_BACKEND, CID_SELF, VsockAddr};
 
 /// Where to connect or listen.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,7 +46,7 @@ pub enum AddressError {
     Scheme(String),
     /// A bad `xen:` address.
     #[error(transparent)]
-    Xen(#[from] dombus_transport_xen::vsock::AddrParseError),
+    Xen(#[from] XenAddrError),
     /// A bad `vsock:` address.
     #[error("{0:?}: expected vsock:<cid>:<port> with decimal cid and port (cid `any` when listening)")]
     Vsock(String),
@@ -58,13 +58,42 @@ pub enum AddressError {
     Tcp(String),
 }
 
+/// Why a `xen:` address is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XenAddrError {
+    /// The CID part is not a number, `self` or `backend`.
+    #[error("{0:?} is not a CID: expected a domain id, `self` or `backend`")]
+    Cid(String),
+    /// The port part is not a 32-bit number.
+    #[error("{0:?} is not a port: expected a number from 0 to 4294967295")]
+    Port(String),
+    /// Wrong number of `:`-separated parts.
+    #[error("{0:?}: expected xen:<cid>:<port>")]
+    Shape(String),
+}
+
+/// The `<cid>:<port>` after `xen:` in `s`.
+fn xen(s: &str, rest: &str) -> Result<VsockAddr, XenAddrError> {
+    let (cid, port) = rest.split_once(':').ok_or_else(|| XenAddrError::Shape(s.to_string()))?;
+    if port.contains(':') {
+        return Err(XenAddrError::Shape(s.to_string()));
+    }
+    let cid = match cid {
+        "self" => CID_SELF,
+        "backend" => CID_BACKEND,
+        n => decimal(n).ok_or_else(|| XenAddrError::Cid(n.to_string()))?,
+    };
+    let port = decimal(port).ok_or_else(|| XenAddrError::Port(port.to_string()))?;
+    Ok(VsockAddr::new(cid, port))
+}
+
 impl FromStr for Address {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Address, AddressError> {
         let (scheme, rest) = s.split_once(':').ok_or_else(|| AddressError::Scheme(s.to_string()))?;
         match scheme {
-            "xen" => Ok(Address::Xen(s.parse()?)),
+            "xen" => Ok(Address::Xen(xen(s, rest)?)),
             "vsock" => {
                 let bad = || AddressError::Vsock(s.to_string());
                 let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
@@ -84,8 +113,8 @@ impl FromStr for Address {
                     None if host.contains(':') => return Err(bad()),
                     None => host,
                 };
-                // Brackets only around the whole host (so that every address displays as one that
-                // parses back; found by the rpc_address fuzz target: `tcp:[[1]:80`).
+                // Brackets only around the whole host, so that every address displays as one that
+                // parses back (not so for `tcp:[[1]:80`; the rpc_address fuzz target checks it).
                 if host.is_empty() || host.contains(['[', ']']) {
                     return Err(bad());
                 }
@@ -126,6 +155,8 @@ mod tests {
     #[test]
     fn parses_every_transport() {
         assert_eq!("xen:3:5000".parse(), Ok(Address::Xen(VsockAddr::new(3, 5000))));
+        assert_eq!("xen:self:80".parse(), Ok(Address::Xen(VsockAddr::new(CID_SELF, 80))));
+        assert_eq!("xen:backend:1".parse(), Ok(Address::Xen(VsockAddr::new(CID_BACKEND, 1))));
         assert_eq!("vsock:1:5000".parse(), Ok(Address::Vsock { cid: 1, port: 5000 }));
         assert_eq!("vsock:any:5000".parse(), Ok(Address::Vsock { cid: u32::MAX, port: 5000 }));
         assert_eq!("unix:/run/x.sock".parse(), Ok(Address::Unix("/run/x.sock".into())));
@@ -153,6 +184,28 @@ mod tests {
         assert!(e("ftp:x").to_string().contains("tcp:<host>:<port>"));
     }
 
+    #[test]
+    fn bad_xen_addresses_say_what_is_wrong() {
+        let e = |s: &str| match s.parse::<Address>() {
+            Err(AddressError::Xen(e)) => e,
+            other => panic!("{s}: {other:?}"),
+        };
+        assert!(matches!(e("xen:1"), XenAddrError::Shape(_)));
+        assert!(matches!(e("xen:1:2:3"), XenAddrError::Shape(_)));
+        assert!(matches!(e("xen:dom0:2"), XenAddrError::Cid(_)));
+        assert!(matches!(e("xen:-1:2"), XenAddrError::Cid(_)));
+        assert!(matches!(e("xen:4294967296:2"), XenAddrError::Cid(_)));
+        assert!(matches!(e("xen:1:"), XenAddrError::Port(_)));
+        assert!(matches!(e("xen:1:+5"), XenAddrError::Port(_)));
+        assert!(matches!(e("xen:1:99999999999"), XenAddrError::Port(_)));
+        assert!(e("xen:x:1").to_string().contains("`self` or `backend`"));
+        assert_eq!(e("xen:1:x").to_string(), "\"x\" is not a port: expected a number from 0 to 4294967295");
+        assert_eq!(
+            "xen:1".parse::<Address>().unwrap_err().to_string(),
+            "\"xen:1\": expected xen:<cid>:<port>"
+        );
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(s in "\\PC{0,60}") {
@@ -163,6 +216,8 @@ mod tests {
         fn display_round_trips(cid in any::<u32>(), port in any::<u32>(), tport in any::<u16>(), path in "/[a-z/]{1,20}") {
             for a in [
                 Address::Xen(VsockAddr::new(cid, port)),
+                Address::Xen(VsockAddr::new(CID_SELF, port)),
+                Address::Xen(VsockAddr::new(CID_BACKEND, port)),
                 Address::Vsock { cid, port },
                 Address::Unix(path.clone().into()),
                 Address::Tcp { host: "::1".into(), port: tport },

@@ -2,7 +2,9 @@
 //!
 //! [`Client`] is the stub of the typed clients `#[dombus::service]` generates
 //! (`StorageClient::connect(net, addr)`), [`RawClient`] its untyped core (calls by method name,
-//! the built-in `describe` and `ping`). Every call goes through a tower stack — `ConcurrencyLimit(Retry(Reconnecting))`:
+//! the built-in `describe`, `ping` and `metrics`). Every call goes through a tower stack —
+//! `Trace(Metrics(ConnectionLost(ConcurrencyLimit(Retry(Attempt)))))`, the policies of
+//! [`layer`](crate::layer):
 //!
 //! * **Deadlines** travel with each call in tarpc's context (the server abandons a call past its
 //!   deadline, the client returns `DeadlineExceeded`); connecting and retrying are bounded by the
@@ -17,6 +19,8 @@
 //!   non-idempotent call on a connection that died while idle also gets `ConnectionLost`: the
 //!   conservative answer.)
 //! * **Concurrency limit**: at most `max_in_flight` calls at once from this client.
+//! * **Metrics and tracing**: each call is counted in [`RawClient::stats`] (latency including
+//!   the wait for its turn) and runs in a `call` span (service, method, address).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -35,8 +39,9 @@ use tower::retry::Policy;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::codec::{self, Codec};
+use crate::layer::{CallName, ConnectionLostLayer, MayRetry, MetricsLayer, TraceLayer};
 use crate::metrics::Metrics;
-use crate::wire::{BUILTIN_SERVICE, Call, DESCRIBE, PING, Reply, Request, ServiceDescriptor};
+use crate::wire::{self, BUILTIN_SERVICE, Call, DESCRIBE, METRICS, PING, Reply, Request, ServiceDescriptor};
 use crate::{Address, Net, preamble};
 
 /// Client settings.
@@ -94,7 +99,7 @@ pub fn connection_lost(e: &RpcError) -> Option<&ConnectionLost> {
 }
 
 /// Errors that mean the connection (not the call) failed: the call may be retried elsewhere.
-fn is_transport_error(e: &RpcError) -> bool {
+pub(crate) fn is_transport_error(e: &RpcError) -> bool {
     matches!(e, RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_)) && connection_lost(e).is_none()
 }
 
@@ -175,6 +180,28 @@ struct Outgoing {
     ctx: Context,
     call: Arc<Call>,
     idempotent: bool,
+}
+
+impl MayRetry for Outgoing {
+    fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+}
+
+/// What a call is counted under in the client's metrics.
+struct Counted {
+    service: &'static str,
+    call: Arc<Call>,
+}
+
+impl CallName for Counted {
+    fn service(&self) -> &str {
+        self.service
+    }
+
+    fn method(&self) -> &str {
+        &self.call.method
+    }
 }
 
 /// The innermost tower service: one attempt over the current connection.
@@ -276,17 +303,22 @@ impl RawClient {
             connecting: tokio::sync::Mutex::new(()),
             generation: Mutex::new(0),
         });
+        let addr: Arc<str> = addr.to_string().into();
+        let metrics = Metrics::new("client");
+        let span_addr = addr.clone();
         let stack = ServiceBuilder::new()
+            .layer(TraceLayer::new(move |out: &Outgoing| {
+                tracing::debug_span!("call", service, method = %out.call.method, addr = %span_addr)
+            }))
+            .layer(MetricsLayer::new(metrics.clone(), move |out: &Outgoing| Counted {
+                service,
+                call: out.call.clone(),
+            }))
+            .layer(ConnectionLostLayer::new(addr.clone()))
             .concurrency_limit(max_in_flight)
             .layer(tower::retry::RetryLayer::new(retry))
             .service(Attempt(conn.clone()));
-        RawClient {
-            conn,
-            addr: addr.to_string().into(),
-            service,
-            stack: tower::util::BoxCloneSyncService::new(stack),
-            metrics: Metrics::new("client"),
-        }
+        RawClient { conn, addr, service, stack: tower::util::BoxCloneSyncService::new(stack), metrics }
     }
 
     /// Connects now (within `timeout`; the connection is kept for the calls), so that a wrong
@@ -316,7 +348,7 @@ impl RawClient {
     }
 
     /// Call statistics of this client (and its clones).
-    pub fn metrics(&self) -> &Metrics {
+    pub fn stats(&self) -> &Metrics {
         &self.metrics
     }
 
@@ -329,42 +361,30 @@ impl RawClient {
         args: Vec<u8>,
         idempotent: bool,
     ) -> Result<Vec<u8>, RpcError> {
-        let span = tracing::debug_span!("call", service = self.service, method = %method, addr = %self.addr);
-        let start = Instant::now();
-        let call = Arc::new(Call { method, args });
+        let out = Outgoing { ctx, call: Arc::new(Call { method, args }), idempotent };
         let mut stack = self.stack.clone();
-        let out = Outgoing { ctx, call: call.clone(), idempotent };
-        let result =
-            tracing::Instrument::instrument(async move { stack.ready().await?.call(out).await }, span).await;
-        let result = match result {
-            Err(e) if is_transport_error(&e) && !matches!(e, RpcError::Send(_)) && !idempotent => {
-                let lost = ConnectionLost { addr: self.addr.to_string(), cause: e.to_string() };
-                Err(RpcError::Channel(ChannelError::Read(Arc::new(lost))))
-            }
-            other => other,
-        };
-        self.metrics.record(self.service, &call.method, result.is_ok(), start.elapsed());
-        result.map(|Reply(bytes)| bytes)
+        let Reply(bytes) = stack.ready().await?.call(out).await?;
+        Ok(bytes)
     }
 
     /// The descriptors of the services hosted where this client calls (the built-in
     /// [`DESCRIBE`] method; any server answers it).
     pub async fn describe(&self, ctx: Context) -> Result<Vec<ServiceDescriptor>, RpcError> {
         let bytes = self.call(ctx, Cow::Borrowed(DESCRIBE), Vec::new(), true).await?;
-        self.codec().decode(&bytes).map_err(|e| undecodable(DESCRIBE, e))
+        self.codec().decode(&bytes).map_err(|e| wire::undecodable_reply(DESCRIBE, e))
     }
 
     /// One round trip through the built-in [`PING`] method.
     pub async fn ping(&self, ctx: Context) -> Result<(), RpcError> {
         self.call(ctx, Cow::Borrowed(PING), Vec::new(), true).await.map(drop)
     }
-}
 
-fn undecodable(method: &str, e: io::Error) -> RpcError {
-    RpcError::Server(tarpc::ServerError::new(
-        io::ErrorKind::InvalidData,
-        format!("the reply of {method} does not decode: {e}"),
-    ))
+    /// The metrics of the server this client calls, in the Prometheus text format (the
+    /// built-in [`METRICS`] method; any server answers it).
+    pub async fn metrics(&self, ctx: Context) -> Result<String, RpcError> {
+        let bytes = self.call(ctx, Cow::Borrowed(METRICS), Vec::new(), true).await?;
+        self.codec().decode(&bytes).map_err(|e| wire::undecodable_reply(METRICS, e))
+    }
 }
 
 /// A typed client of a `#[dombus::service]` at one address: the stub of the generated
@@ -406,14 +426,14 @@ impl<Req: Request> Client<Req> {
         Ok(client)
     }
 
-    /// The untyped client underneath (built-in methods, metrics).
+    /// The untyped client underneath (built-in methods, the server's metrics).
     pub fn raw(&self) -> &RawClient {
         &self.raw
     }
 
     /// Call statistics of this client (and its clones).
-    pub fn metrics(&self) -> &Metrics {
-        self.raw.metrics()
+    pub fn stats(&self) -> &Metrics {
+        self.raw.stats()
     }
 }
 
@@ -425,9 +445,9 @@ impl<Req: Request> Stub for Client<Req> {
         let method = request.method();
         let idempotent = request.idempotent();
         let codec = self.raw.codec();
-        let args = request.encode_args(codec).map_err(|e| RpcError::Send(Box::new(e)))?;
+        let args = request.encode_args(codec).map_err(wire::unencodable_arguments)?;
         let bytes = self.raw.call(ctx, Cow::Borrowed(method), args, idempotent).await?;
-        Req::decode_response(method, &bytes, codec).map_err(|e| undecodable(method, e))
+        Req::decode_response(method, &bytes, codec).map_err(|e| wire::undecodable_reply(method, e))
     }
 }
 

@@ -1,7 +1,8 @@
 //! dombus RPC: typed calls ([tarpc]) over any byte-stream transport — transport-xen virtual
 //! sockets (`xen:`), AF_VSOCK (`vsock:`), Unix and TCP — with a connection preamble, a
 //! swappable codec, frame limits, tower client and server stacks (deadlines, retries of
-//! idempotent calls, concurrency limits, load shedding), tracing spans and Prometheus metrics.
+//! idempotent calls, concurrency limits, load shedding, tracing spans and metrics as tower
+//! layers), Prometheus metrics (a built-in call, and a scrape endpoint for daemons).
 //! See `docs/rpc.md`. The command-line glue ([`cli`]) is built with the `cli` feature.
 
 pub mod addr;
@@ -10,18 +11,21 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 mod in_flight;
+pub mod layer;
 pub mod metrics;
 pub mod preamble;
+pub mod scrape;
 pub mod server;
 pub mod size;
 pub mod transport;
 pub mod wire;
 
-pub use addr::{Address, AddressError};
+pub use addr::{Address, AddressError, XenAddrError};
 pub use client::{Client, ClientConfig, ConnectionLost, RawClient, connection_lost, describe};
 pub use codec::Codec;
 pub use metrics::{ConnectionStats, Metrics};
 pub use preamble::{TooManyConnections, too_many_connections};
+pub use scrape::ScrapeEndpoint;
 pub use server::{ServeHandle, Server, ServerConfig, is_overloaded};
 pub use size::Size;
 /// Why a call failed (tarpc's): see [`error_text`] for the whole story of one.

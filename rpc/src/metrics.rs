@@ -7,6 +7,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Most bytes of the Prometheus text a server answers to the built-in metrics call or a
+/// scrape ([`Metrics::prometheus_within`]): far more than the few services a server hosts
+/// render to (about 2 KiB per method).
+pub const MAX_METRICS_TEXT: usize = 1 << 20;
+
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0];
 
@@ -218,6 +223,24 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// [`prometheus`](Self::prometheus), cut after the last whole line that fits in `max`
+    /// bytes, with a comment line saying so.
+    pub fn prometheus_within(&self, max: usize) -> String {
+        let mut text = self.prometheus();
+        if text.len() > max {
+            const CUT: &str = "# truncated: longer than the server answers\n";
+            let room = max.saturating_sub(CUT.len());
+            let end = text.as_bytes()[..room].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            text.truncate(end);
+            if text.len() + CUT.len() <= max {
+                text.push_str(CUT);
+            }
+        }
+        text
+    }
+}
+
 /// Escapes a Prometheus label value.
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -243,5 +266,25 @@ mod tests {
         assert!(text.contains("le=\"0.005\"} 2"));
         assert!(text.contains("method=\"Sl\\\"ow\",le=\"+Inf\"} 1"), "{text}");
         assert!(text.contains("dombus_rpc_server_latency_seconds_count{service=\"echo\",method=\"Echo\"} 2"));
+    }
+
+    #[test]
+    fn text_is_cut_at_a_whole_line_within_the_bound() {
+        let m = Metrics::new("server");
+        for i in 0..50 {
+            m.record("svc", &format!("method{i}"), true, Duration::from_micros(30));
+        }
+        let whole = m.prometheus();
+        assert_eq!(m.prometheus_within(whole.len()), whole);
+        for max in [0, 10, 60, 1000, 4096, whole.len() - 1] {
+            let cut = m.prometheus_within(max);
+            assert!(cut.len() <= max, "{max}: {} bytes", cut.len());
+            assert!(
+                cut.is_empty() || cut.ends_with("# truncated: longer than the server answers\n"),
+                "{cut}"
+            );
+            let kept = cut.trim_end_matches("# truncated: longer than the server answers\n");
+            assert!(whole.starts_with(kept) && (kept.is_empty() || kept.ends_with('\n')), "{max}");
+        }
     }
 }

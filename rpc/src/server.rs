@@ -2,10 +2,11 @@
 //!
 //! Each connection: the preamble (service name, version, codec), then tarpc's channel over
 //! length-delimited frames, carrying [`Call`]s (method by name) and [`Reply`]s. Every server
-//! also answers the built-in [`DESCRIBE`] and [`PING`]. Every request goes through the server's tower stack —
-//! `LoadShed(ConcurrencyLimit(handler))`: beyond `max_concurrent` calls in progress across all
-//! connections, new calls fail at once ([`is_overloaded`]) instead of queueing — inside a tracing
-//! span (service, method, peer), and is counted in [`Metrics`]. Deadlines come with each request
+//! also answers the built-in [`DESCRIBE`], [`PING`] and [`METRICS`]. Every request goes through
+//! the server's tower stack — `Trace(Metrics(LoadShed(ConcurrencyLimit(handler))))`, the
+//! policies of [`layer`](crate::layer): it runs in a tracing span (service, method, peer), is
+//! counted in [`Metrics`], and beyond `max_concurrent` calls in progress across all
+//! connections, new calls fail at once ([`is_overloaded`]) instead of queueing. Deadlines come with each request
 //! (tarpc's context) and are enforced here: a call past its deadline is abandoned. A connection
 //! that sends an oversize, truncated or undecodable frame is closed with the reason logged; the
 //! others go on.
@@ -21,7 +22,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{StreamExt, future};
 use tarpc::context::Context;
@@ -33,9 +34,12 @@ use tracing::Instrument;
 
 use crate::codec::{self, Codec, FrameTransport, Frames};
 use crate::in_flight::{InFlight, Ticket};
-use crate::metrics::Metrics;
+use crate::layer::{CallName, MetricsLayer, TraceLayer};
+use crate::metrics::{MAX_METRICS_TEXT, Metrics};
 use crate::preamble::{self, Refusal};
-use crate::wire::{self, BUILTIN_SERVICE, Call, Caller, DESCRIBE, PING, Reply, Service, ServiceDescriptor};
+use crate::wire::{
+    self, BUILTIN_SERVICE, Call, Caller, DESCRIBE, METRICS, PING, Reply, Service, ServiceDescriptor,
+};
 use crate::{Address, Net};
 
 /// Start of the detail of a shed call's `ServerError` (kind `WouldBlock`).
@@ -130,34 +134,66 @@ struct Incoming {
     call: Call,
     /// The service the connection chose (`None`: the built-in methods only).
     target: Option<Service>,
+    /// What the call is counted and traced under.
+    name: Counted,
     codec: Codec,
     caller: Caller,
 }
 
 type Stack = BoxCloneSyncService<Incoming, Vec<u8>, BoxError>;
 
-/// The tarpc [`Serve`] that runs each call through the tower stack, a span and the metrics.
+/// A call's method as named in the metrics and spans: only names the service has (or the
+/// built-ins), so that a client inventing names cannot grow the metrics without bound.
+#[derive(Clone, Copy)]
+enum MethodName {
+    Builtin(&'static str),
+    /// The index of the method in its service's descriptor.
+    Service(usize),
+    Unknown,
+}
+
+/// What a call is counted under in the server's metrics: its service and [`MethodName`],
+/// without copying either name.
+#[derive(Clone)]
+struct Counted {
+    target: Option<Service>,
+    method: MethodName,
+}
+
+impl Counted {
+    fn new(target: &Option<Service>, method: &str) -> Counted {
+        let known = |s: &Service| s.descriptor().methods.iter().position(|m| m.name == method);
+        let method = match wire::BUILTIN_METHODS.into_iter().find(|&b| b == method) {
+            Some(builtin) => MethodName::Builtin(builtin),
+            None => target.as_ref().and_then(known).map_or(MethodName::Unknown, MethodName::Service),
+        };
+        Counted { target: target.clone(), method }
+    }
+}
+
+impl CallName for Counted {
+    fn service(&self) -> &str {
+        self.target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name())
+    }
+
+    fn method(&self) -> &str {
+        match (self.method, &self.target) {
+            (MethodName::Builtin(name), _) => name,
+            (MethodName::Service(i), Some(s)) => {
+                s.descriptor().methods.get(i).map_or("<unknown>", |m| &m.name)
+            }
+            _ => "<unknown>",
+        }
+    }
+}
+
+/// The tarpc [`Serve`] that runs each call through the tower stack.
 #[derive(Clone)]
 struct Stacked {
     target: Option<Service>,
     codec: Codec,
     caller: Caller,
     stack: Stack,
-    metrics: Metrics,
-}
-
-impl Stacked {
-    fn service_name(&self) -> &str {
-        self.target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name())
-    }
-
-    /// The method's name for metrics: only names the service has (or the built-ins), so that
-    /// a client inventing names cannot grow the metrics without bound.
-    fn metric_name(&self, method: &str) -> String {
-        let known = [DESCRIBE, PING].contains(&method)
-            || self.target.as_ref().is_some_and(|s| s.descriptor().methods.iter().any(|m| m.name == method));
-        if known { method.to_string() } else { "<unknown>".to_string() }
-    }
 }
 
 impl Serve for Stacked {
@@ -166,21 +202,16 @@ impl Serve for Stacked {
 
     async fn serve(self, ctx: Context, admitted: Admitted) -> Result<Answer, ServerError> {
         let Admitted { call, mut ticket } = admitted;
-        let method = self.metric_name(&call.method);
-        let service = self.service_name().to_string();
-        let span = tracing::info_span!("rpc", service = %service, method = %method, peer = %self.caller.peer);
-        let start = Instant::now();
+        let name = Counted::new(&self.target, &call.method);
         let mut stack = self.stack;
-        let incoming = Incoming { ctx, call, target: self.target, codec: self.codec, caller: self.caller };
+        let incoming =
+            Incoming { ctx, call, target: self.target, name, codec: self.codec, caller: self.caller };
         let result = async {
             let svc = stack.ready().await?;
             svc.call(incoming).await
         }
-        .instrument(span.clone())
         .await;
-        self.metrics.record(&service, &method, result.is_ok(), start.elapsed());
         let outcome = result.map(Reply).map_err(|e| {
-            span.in_scope(|| tracing::debug!(error = %e, "call failed"));
             if e.is::<tower::load_shed::error::Overloaded>() {
                 // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
                 ServerError::new(
@@ -200,13 +231,20 @@ impl Serve for Stacked {
 }
 
 /// Answers one call: a built-in method, or the chosen service's.
-async fn answer(hosted: Arc<Vec<ServiceDescriptor>>, incoming: Incoming) -> Result<Vec<u8>, ServerError> {
-    let Incoming { ctx, call, target, codec, caller } = incoming;
+async fn answer(
+    hosted: Arc<Vec<ServiceDescriptor>>,
+    metrics: Metrics,
+    incoming: Incoming,
+) -> Result<Vec<u8>, ServerError> {
+    let Incoming { ctx, call, target, codec, caller, .. } = incoming;
     match &*call.method {
         DESCRIBE => {
             codec.encode(&*hosted).map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, DESCRIBE, e))
         }
         PING => Ok(Vec::new()),
+        METRICS => codec
+            .encode(&metrics.prometheus_within(MAX_METRICS_TEXT))
+            .map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, METRICS, e)),
         method => match target {
             None => Err(wire::unknown_method(BUILTIN_SERVICE, method)),
             Some(service) => {
@@ -263,7 +301,8 @@ impl Server {
     }
 
     /// Serves several services on one address; each connection names the one it calls in its
-    /// preamble. Every connection may also call the built-in methods ([`DESCRIBE`], [`PING`]).
+    /// preamble. Every connection may also call the built-in methods ([`DESCRIBE`], [`PING`],
+    /// [`METRICS`]).
     pub async fn serve_many(&self, addr: &Address, services: Vec<Service>) -> io::Result<ServeHandle> {
         let mut names = std::collections::HashSet::new();
         for s in &services {
@@ -280,13 +319,23 @@ impl Server {
         let services: Arc<[Service]> = services.into();
         let mut listener = self.net.listen(addr).await?;
         let bound = listener.local_addr()?;
+        let answered = self.metrics.clone();
         let stack: Stack = BoxCloneSyncService::new(
-            ServiceBuilder::new().load_shed().concurrency_limit(self.config.max_concurrent).service(
-                tower::service_fn(move |incoming: Incoming| {
-                    let hosted = hosted.clone();
-                    async move { answer(hosted, incoming).await.map_err(BoxError::from) }
-                }),
-            ),
+            ServiceBuilder::new()
+                .layer(
+                    TraceLayer::new(|incoming: &Incoming| {
+                        let (service, method) = (incoming.name.service(), incoming.name.method());
+                        tracing::info_span!("rpc", service = %service, method = %method, peer = %incoming.caller.peer)
+                    })
+                    .log_failures(),
+                )
+                .layer(MetricsLayer::new(self.metrics.clone(), |incoming: &Incoming| incoming.name.clone()))
+                .load_shed()
+                .concurrency_limit(self.config.max_concurrent)
+                .service(tower::service_fn(move |incoming: Incoming| {
+                    let (hosted, metrics) = (hosted.clone(), answered.clone());
+                    async move { answer(hosted, metrics, incoming).await.map_err(BoxError::from) }
+                })),
         );
         let config = self.config.clone();
         let metrics = self.metrics.clone();
@@ -412,14 +461,9 @@ async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: Serv
         return;
     }
     let codec = Codec::from_id(hello.codec).unwrap_or_default();
-    let stacked = Stacked {
-        target,
-        codec,
-        caller: hosting.caller,
-        stack: hosting.stack,
-        metrics: hosting.metrics.clone(),
-    };
-    tracing::debug!(service = stacked.service_name(), %codec, "connection accepted");
+    let service = target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name());
+    tracing::debug!(service, %codec, "connection accepted");
+    let stacked = Stacked { target, codec, caller: hosting.caller, stack: hosting.stack };
     let frames = Frames::new(config.max_frame, config.max_reply_frame);
     let in_flight = InFlight::new(config.max_in_flight, config.max_in_flight_bytes, hosting.metrics.clone());
     let transport = CallTransport {

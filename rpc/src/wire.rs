@@ -8,7 +8,7 @@
 //! method the server no longer has is answered with a clear [`unknown method`](is_unknown_method)
 //! error rather than a decode failure of the whole connection.
 //!
-//! Every server also answers the built-in methods [`DESCRIBE`] and [`PING`] on any connection,
+//! Every server also answers the built-in methods [`DESCRIBE`], [`PING`] and [`METRICS`] on any connection,
 //! including one opened for the reserved service name [`BUILTIN_SERVICE`].
 
 use std::borrow::Cow;
@@ -26,6 +26,11 @@ use crate::codec::Codec;
 pub const DESCRIBE: &str = "dombus.describe";
 /// The built-in method answering an empty reply at once (round-trip measurements).
 pub const PING: &str = "dombus.ping";
+/// The built-in method answering the server's metrics in the Prometheus text format (a
+/// `String`, at most [`MAX_METRICS_TEXT`](crate::metrics::MAX_METRICS_TEXT) bytes).
+pub const METRICS: &str = "dombus.metrics";
+/// The built-in methods, which every server answers whatever the service.
+pub const BUILTIN_METHODS: [&str; 3] = [DESCRIBE, PING, METRICS];
 /// The service name a client gives to reach only the built-in methods of any server.
 pub const BUILTIN_SERVICE: &str = "dombus";
 
@@ -202,12 +207,16 @@ pub fn error_text(e: &tarpc::client::RpcError) -> String {
     }
 }
 
-/// The error a generated client returns if its stub answers with the response of another method
-/// (only a broken custom stub can).
-pub fn mismatched_response(service: &str, method: &str) -> tarpc::client::RpcError {
+/// The error of a call whose arguments could not be encoded (nothing was sent).
+pub fn unencodable_arguments(e: io::Error) -> tarpc::client::RpcError {
+    tarpc::client::RpcError::Send(Box::new(e))
+}
+
+/// The error of a call whose reply does not decode as `method`'s result.
+pub fn undecodable_reply(method: &str, e: io::Error) -> tarpc::client::RpcError {
     tarpc::client::RpcError::Server(ServerError::new(
         io::ErrorKind::InvalidData,
-        format!("{service}.{method}: the stub answered with another method's response"),
+        format!("the reply of {method} does not decode: {e}"),
     ))
 }
 

@@ -322,6 +322,19 @@ async fn suite(mut f: Fixture) {
         text.contains("dombus_rpc_server_calls_total{service=\"echo\",method=\"record\"} 1000"),
         "{text}"
     );
+    // The same counts from outside the process: the built-in metrics call, on a connection to
+    // the built-in methods only.
+    let builtin = RawClient::new(
+        f.client_net.clone(),
+        f.addr.clone(),
+        dombus_rpc::wire::BUILTIN_SERVICE,
+        ClientConfig::default(),
+    );
+    let remote = builtin.metrics(ctx_for(T)).await.unwrap();
+    assert!(
+        remote.contains("dombus_rpc_server_calls_total{service=\"echo\",method=\"record\"} 1000\n"),
+        "{name}: {remote}"
+    );
 
     // Reconnect: a call in flight when the server goes fails with ConnectionLost if it is not
     // idempotent, and is not sent again; after a restart on the same address, calls work again

@@ -95,7 +95,7 @@ async fn the_backend_domain_may_use_low_ports_and_is_reachable_as_backend() {
     let (_dir, _hv, sock) = hv("vsock-backend");
     let (d0, d4) = (domain(&sock, 0), domain(&sock, 4));
     let _svc = echo_service(&d0, 1).await;
-    roundtrip(&d4, "xen:backend:1".parse().unwrap(), b"to the backend").await;
+    roundtrip(&d4, VsockAddr::new(dombus_transport_xen::vsock::CID_BACKEND, 1), b"to the backend").await;
 }
 
 #[tokio::test]

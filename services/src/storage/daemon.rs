@@ -1,9 +1,12 @@
-//! `dombus-storaged`: hosts the storage service of a storage domain.
+//! `dombus-storaged`: hosts the storage service of a storage domain (and, when asked, its
+//! metrics for a Prometheus scrape).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
+use dombus::rpc::ScrapeEndpoint;
 use dombus::rpc::cli::NetArgs;
 use dombus::{Address, Server, ServerConfig};
 
@@ -40,6 +43,10 @@ pub struct DaemonArgs {
     /// a wrapper script's state files).
     #[arg(long, value_name = "PATH")]
     pub sandbox_write: Vec<PathBuf>,
+    /// Also serve the service's metrics for a Prometheus scrape, as `GET /metrics` over HTTP on
+    /// this TCP address (e.g. 127.0.0.1:9464; keep it loopback or host-local).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How to reach xen: addresses.
     #[command(flatten)]
     pub net: NetArgs,
@@ -67,6 +74,7 @@ pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %handle.addr(), root = %args.root.display(), "storage service ready");
         handles.push(handle);
     }
+    let scrape = ScrapeEndpoint::bind_if(args.metrics_listen, server.metrics()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
@@ -74,6 +82,9 @@ pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     for h in handles {
         h.stop().await;
+    }
+    if let Some(scrape) = scrape {
+        scrape.stop().await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -47,6 +47,18 @@ struct Args {
     role: Role,
 }
 
+/// `--to`'s `xen:<domid>:<port>`: the form this tool needs. dombus-rpc's `Address` parses every
+/// address scheme (`self`, `backend`, other transports), but this crate is below it.
+fn domain_port(s: &str) -> Result<dombus_transport_xen::vsock::VsockAddr, String> {
+    let bad = || format!("{s:?}: expected xen:<domid>:<port> with a decimal domain id and port");
+    let (domid, port) = s.strip_prefix("xen:").and_then(|r| r.split_once(':')).ok_or_else(bad)?;
+    let number = |n: &str| n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse().ok()).flatten();
+    Ok(dombus_transport_xen::vsock::VsockAddr::new(
+        number(domid).ok_or_else(bad)?,
+        number(port).ok_or_else(bad)?,
+    ))
+}
+
 #[derive(Subcommand)]
 enum Role {
     /// Publish a link for a client domain and wait for it.
@@ -66,8 +78,8 @@ enum Role {
     /// Virtual sockets: `--conns` concurrent connections to `--to`, each doing `--count` round
     /// trips of 64 bytes; prints the percentiles.
     VsockPing {
-        /// Where to connect, e.g. xen:1:5000.
-        #[arg(long)]
+        /// Where to connect: xen:<domid>:<port>, e.g. xen:1:5000.
+        #[arg(long, value_parser = domain_port)]
         to: dombus_transport_xen::vsock::VsockAddr,
         /// Concurrent connections.
         #[arg(long, default_value_t = 1)]

@@ -11,4 +11,4 @@ pub mod mux;
 pub mod packet;
 pub mod session;
 
-pub use addr::{AddrParseError, CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
+pub use addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};

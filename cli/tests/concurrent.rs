@@ -13,7 +13,6 @@ use dombus::rpc::cli::NetArgs;
 use dombus::rpc::{ClientConfig, RawClient, wire};
 use dombus::sim::SimBackend;
 use dombus::transport::types::DomId;
-use dombus::transport::types::DomId;
 
 #[test]
 fn one_toolstack_command_at_a_time_and_status_lists_a_guests_link() {

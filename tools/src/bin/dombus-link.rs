@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use dombus_sim::SimBackend;
 use dombus_tools::diag;
 use dombus_transport_xen::backend::{Backend, EventChannel, MappedPages, Store};
+use dombus_rpc::{Address, Size};
 use dombus_transport_xen::layout;
+use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::link::{Link, LinkConfig, server_path};
 use dombus_transport_xen::shmem::SharedMem;
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef};
@@ -47,16 +49,12 @@ struct Args {
     role: Role,
 }
 
-/// `--to`'s `xen:<domid>:<port>`: the form this tool needs. dombus-rpc's `Address` parses every
-/// address scheme (`self`, `backend`, other transports), but this crate is below it.
-fn domain_port(s: &str) -> Result<dombus_transport_xen::vsock::VsockAddr, String> {
-    let bad = || format!("{s:?}: expected xen:<domid>:<port> with a decimal domain id and port");
-    let (domid, port) = s.strip_prefix("xen:").and_then(|r| r.split_once(':')).ok_or_else(bad)?;
-    let number = |n: &str| n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse().ok()).flatten();
-    Ok(dombus_transport_xen::vsock::VsockAddr::new(
-        number(domid).ok_or_else(bad)?,
-        number(port).ok_or_else(bad)?,
-    ))
+/// `--to`: a `xen:` address in dombus-rpc's grammar (the one definition of every scheme).
+fn domain_port(s: &str) -> Result<VsockAddr, String> {
+    match s.parse::<Address>().map_err(|e| e.to_string())? {
+        Address::Xen(addr) => Ok(addr),
+        other => Err(format!("{other}: this tool speaks only xen: addresses")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -222,17 +220,9 @@ enum Action {
     },
 }
 
+/// A byte count as every dombus tool reads one (`4096`, `64K`, `1G`: dombus-rpc's [`Size`]).
 fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("not a size: {s:?} (use e.g. 4096, 64K, 1G)"))
+    s.parse::<Size>().map(|size| size.0)
 }
 
 fn main() -> ExitCode {

@@ -58,6 +58,7 @@ mod mem;
 pub mod proto;
 pub mod store;
 mod token;
+pub mod xenstored;
 
 pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV};
 pub use daemon::{QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle, SimStopper};

@@ -141,7 +141,8 @@ impl From<WireError> for Errno {
     }
 }
 
-fn einval(_: impl std::fmt::Display) -> Errno {
+/// A malformed request: `EINVAL`, whatever the detail.
+fn einval<E>(_: E) -> Errno {
     Errno("EINVAL")
 }
 

@@ -1,7 +1,8 @@
 //! The real xenstore client: [`XenStore`] speaks the xenstore wire protocol ([`wire`]) to
 //! xenstored's Unix socket or to the `/dev/xen/xenbus` device.
 //!
-//! * **One connection, one reader thread.** Every request of every handle goes out on the same
+//! * **One connection, one reader thread** (the waiters and watch queues are a [`ClientCore`],
+//!   as in the simulator's client). Every request of every handle goes out on the same
 //!   connection (one `write(2)` per whole message, as the xenbus device requires). A reader
 //!   thread takes every incoming message and matches replies to their callers by `req_id`: each
 //!   call registers a one-shot channel under a fresh id, sends, and blocks on the channel. A

@@ -234,3 +234,25 @@ fn a_transaction_commits_its_watch_events_and_open_transactions_are_capped() {
     eventually(|| server.xsd.transactions() == 0);
     xs.transaction().unwrap().abort().unwrap();
 }
+
+#[test]
+fn garbage_from_a_client_ends_only_its_connection() {
+    use std::io::{Read, Write};
+    let server = Server::new();
+    let xs = server.open();
+    xs.write("/g", b"1").unwrap();
+    for garbage in [
+        // An undefined message type, then a payload length above the codec's bound.
+        [99u32, 1, 0, 0].iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>(),
+        [2u32, 1, 0, 5000].iter().flat_map(|w| w.to_le_bytes()).collect(),
+    ] {
+        let mut raw = std::os::unix::net::UnixStream::connect(&server.sock).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        raw.write_all(&garbage).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(raw.read_to_end(&mut rest).unwrap(), 0, "the server closes without replying");
+    }
+    // A well-formed request with malformed arguments gets an error reply, not a disconnect.
+    assert!(matches!(xs.read("/g/bad path"), Err(BackendError::InvalidArgument(_))));
+    assert_eq!(xs.read("/g").unwrap(), b"1");
+}

@@ -873,8 +873,14 @@ mod tests {
             path in "[a-z/@]{1,20}", token in "[a-z0-9-]{0,12}",
         ) {
             prop_assert_eq!(parse_perms(&encode_perms(&perms)).unwrap(), perms);
-            prop_assert_eq!(parse_directory(&strings(&names).unwrap()).unwrap(), names);
+            let listed = strings(&names).unwrap();
+            prop_assert_eq!(parse_strings(&listed).unwrap(), names.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert_eq!(parse_directory(&listed).unwrap(), names);
             let event = strings(&[&path, &token]).unwrap();
+            prop_assert_eq!(parse_strings(&event).unwrap(), [path.as_str(), token.as_str()]);
+            let value = token.as_bytes();
+            let written = write_payload(&path, value).unwrap();
+            prop_assert_eq!(parse_write(&written).unwrap(), (path.as_str(), value));
             prop_assert_eq!(parse_watch_event(&event).unwrap(), (path, token));
         }
 
@@ -883,6 +889,7 @@ mod tests {
             let _ = decode_message(&bytes);
             let _ = (parse_error(&bytes), parse_directory(&bytes), parse_perms(&bytes));
             let _ = (parse_watch_event(&bytes), parse_tx_id(&bytes), parse_domid(&bytes));
+            let _ = (parse_strings(&bytes), parse_write(&bytes));
         }
     }
 }

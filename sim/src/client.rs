@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use rustix::event::epoll;
 use rustix::net::{AddressFamily, Shutdown, SocketAddrUnix, SocketFlags, SocketType};
@@ -19,19 +19,15 @@ use rustix::net::{AddressFamily, Shutdown, SocketAddrUnix, SocketFlags, SocketTy
 use super::fdpass::{self, Received};
 use super::mem;
 use super::proto::{self, ClientMsg, Event, Op, Reply, ServerMsg, WireError};
+use dombus_transport_xen::backend::client::{ClientCore, WatchQueue, drain, lock, signal};
 use dombus_transport_xen::backend::{
     Backend, BackendError, EventChannel, MappedPages, Perm, Result, SharedPages, Store, StoreWatch,
-    WatchEvents,
 };
 use dombus_transport_xen::shmem::{Region, SharedMem};
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef, PAGE_SIZE};
 
 type Fds = Vec<Arc<OwnedFd>>;
 type Answer = (std::result::Result<Reply, WireError>, Fds);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 struct PortEntry {
     handle: u64,
@@ -41,31 +37,14 @@ struct PortEntry {
     slot: Arc<OwnedFd>,
 }
 
-struct WatchQueue {
-    /// The watched path, as given (for [`SimBackend::watches`]).
-    path: String,
-    queue: Mutex<WatchEvents>,
-    efd: OwnedFd,
-}
-
-#[derive(Default)]
-struct Pending {
-    dead: Option<String>,
-    waiters: HashMap<u64, SyncSender<Answer>>,
-}
-
 #[derive(Default)]
 struct Shared {
-    pending: Mutex<Pending>,
+    /// Waiters by request id, watch queues by watch id.
+    core: ClientCore<u64, SyncSender<Answer>, u64>,
     ports: Mutex<HashMap<u32, PortEntry>>,
-    watches: Mutex<HashMap<u64, Arc<WatchQueue>>>,
 }
 
 impl Shared {
-    fn dead_reason(&self) -> Option<String> {
-        lock(&self.pending).dead.clone()
-    }
-
     /// Applies one message from the daemon. Returns `Err` on a protocol violation.
     fn dispatch(&self, msg: ServerMsg, fds: Vec<OwnedFd>) -> std::result::Result<(), String> {
         let mut fds: Fds = fds.into_iter().map(Arc::new).collect();
@@ -87,17 +66,12 @@ impl Shared {
                     }
                     _ => {}
                 }
-                let waiter = lock(&self.pending).waiters.remove(&id);
-                if let Some(w) = waiter {
+                if let Some(w) = self.core.complete(id) {
                     let _ = w.try_send((result, std::mem::take(&mut fds)));
                 }
             }
             ServerMsg::Event(Event::Watch { watch, path }) => {
-                let q = lock(&self.watches).get(&watch).cloned();
-                if let Some(q) = q {
-                    lock(&q.queue).push(path);
-                    mem::signal(&q.efd);
-                }
+                self.core.deliver(&watch, path);
             }
             ServerMsg::Fatal { reason } => {
                 return Err(format!("disconnected by the simulator: {reason}"));
@@ -125,14 +99,7 @@ impl Shared {
         };
         tracing::debug!("domain {domid}: connection closed: {reason}");
         let _ = rustix::net::shutdown(&sock, Shutdown::Both);
-        {
-            let mut p = lock(&self.pending);
-            p.dead = Some(reason);
-            p.waiters.clear();
-        }
-        for q in lock(&self.watches).values() {
-            mem::signal(&q.efd);
-        }
+        self.core.fail(reason);
     }
 }
 
@@ -140,7 +107,6 @@ struct Conn {
     sock: OwnedFd,
     shared: Arc<Shared>,
     domid: DomId,
-    next_id: AtomicU64,
 }
 
 impl Drop for Conn {
@@ -153,28 +119,21 @@ impl Drop for Conn {
 
 impl Conn {
     fn call(&self, op: Op) -> Result<(Reply, Fds)> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        {
-            let mut p = lock(&self.shared.pending);
-            if let Some(reason) = &p.dead {
-                return Err(BackendError::Disconnected(reason.clone()));
-            }
-            p.waiters.insert(id, tx);
-        }
+        let id = self.shared.core.register(tx).map_err(BackendError::Disconnected)?;
         let sent = proto::encode(&ClientMsg { id, op }).map_err(BackendError::from).and_then(|bytes| {
             fdpass::send(self.sock.as_fd(), &bytes, &[])
                 .map_err(|e| BackendError::Disconnected(format!("send to the simulator failed: {e}")))
         });
         if let Err(e) = sent {
-            lock(&self.shared.pending).waiters.remove(&id);
+            self.shared.core.complete(id);
             return Err(e);
         }
         match rx.recv() {
             Ok((Ok(reply), fds)) => Ok((reply, fds)),
             Ok((Err(e), _)) => Err(e.into()),
             Err(_) => Err(BackendError::Disconnected(
-                self.shared.dead_reason().unwrap_or_else(|| "connection to the simulator lost".into()),
+                self.shared.core.dead().unwrap_or_else(|| "connection to the simulator lost".into()),
             )),
         }
     }
@@ -193,7 +152,7 @@ impl Conn {
         let ports = lock(&self.shared.ports);
         match ports.get(&port.0) {
             Some(e) if handle.is_none_or(|h| h == e.handle) => {
-                mem::signal(&*e.slot);
+                signal(&*e.slot);
                 Ok(())
             }
             _ => Err(BackendError::NotFound(format!("port {port} is not bound to this handle"))),
@@ -245,7 +204,7 @@ impl Conn {
             .name("simxen-client".into())
             .spawn(move || reader_shared.reader(dup, tag))
             .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
-        Ok(Conn { sock, shared, domid: DomId::INVALID, next_id: AtomicU64::new(1) })
+        Ok(Conn { sock, shared, domid: DomId::INVALID })
     }
 }
 
@@ -351,7 +310,7 @@ impl SimBackend {
     /// that a waiting side makes no requests while it waits (it is woken by a watch, it does not
     /// poll). Costs nothing: it reads the counter that numbers the requests.
     pub fn requests(&self) -> u64 {
-        self.conn.next_id.load(Ordering::Relaxed) - 1
+        self.conn.shared.core.issued()
     }
 
     /// The store watches this domain holds: each watched path (as given to
@@ -359,18 +318,14 @@ impl SimBackend {
     /// ([`StoreWatch::try_next`]). For tests, which observe with it that a waiting side has set
     /// up its watch and taken every event so far, i.e. is parked on the watch, before they act.
     pub fn watches(&self) -> Vec<(String, usize)> {
-        let watches = lock(&self.conn.shared.watches);
-        let mut v: Vec<(String, usize)> =
-            watches.values().map(|q| (q.path.clone(), lock(&q.queue).len())).collect();
-        v.sort();
-        v
+        self.conn.shared.core.watches()
     }
 
     /// How many times the event queues of this domain's live watches have collapsed into one
     /// event for the watched path (a writer outran the reader by
     /// [`MAX_QUEUED_EVENTS`](dombus_transport_xen::backend::MAX_QUEUED_EVENTS) events).
     pub fn watch_collapses(&self) -> u64 {
-        lock(&self.conn.shared.watches).values().map(|q| lock(&q.queue).collapsed()).sum()
+        self.conn.shared.core.watch_collapses()
     }
 }
 
@@ -607,7 +562,7 @@ impl EventChannel for SimEvtchn {
             let data = ev.data;
             let port = EvtchnPort(u32::try_from(data.u64()).unwrap_or(0));
             let Ok(own) = self.own_fd(port) else { continue };
-            if mem::drain(&*own) {
+            if drain(&*own) {
                 return Ok(Some(port));
             }
         }
@@ -694,13 +649,10 @@ impl Store for SimStore {
 
     fn watch(&self, path: &str) -> Result<SimWatch> {
         let id = NEXT_WATCH.fetch_add(1, Ordering::Relaxed);
-        let efd = mem::eventfd().map_err(|e| BackendError::io("eventfd", e))?;
-        let queue =
-            Arc::new(WatchQueue { path: path.into(), queue: Mutex::new(WatchEvents::new(path)), efd });
-        // Registered before the request so that the immediate event finds its queue.
-        lock(&self.conn.shared.watches).insert(id, queue.clone());
+        let core = &self.conn.shared.core;
+        let queue = core.add_watch(id, path).map_err(|e| BackendError::io("eventfd", e))?;
         if let Err(e) = self.conn.call_done(Op::Watch { watch: id, path: path.into() }) {
-            lock(&self.conn.shared.watches).remove(&id);
+            core.remove_watch(&id);
             return Err(e);
         }
         Ok(SimWatch { conn: self.conn.clone(), id, queue })
@@ -716,29 +668,19 @@ pub struct SimWatch {
 
 impl AsFd for SimWatch {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.queue.efd.as_fd()
+        self.queue.as_fd()
     }
 }
 
 impl StoreWatch for SimWatch {
     fn try_next(&self) -> Result<Option<String>> {
-        let mut q = lock(&self.queue.queue);
-        let next = q.pop();
-        if q.is_empty() {
-            mem::drain(&self.queue.efd);
-        }
-        if next.is_none() {
-            if let Some(reason) = self.conn.shared.dead_reason() {
-                return Err(BackendError::Disconnected(reason));
-            }
-        }
-        Ok(next)
+        self.conn.shared.core.try_next(&self.queue).map_err(BackendError::Disconnected)
     }
 }
 
 impl Drop for SimWatch {
     fn drop(&mut self) {
-        lock(&self.conn.shared.watches).remove(&self.id);
+        self.conn.shared.core.remove_watch(&self.id);
         if let Err(e) = self.conn.call_done(Op::Unwatch { watch: self.id }) {
             tracing::debug!("removing watch {}: {e}", self.id);
         }

@@ -35,6 +35,8 @@
 //!   events sent while the port was unbound are dropped, as on Xen). `pending` clears the
 //!   port's eventfd; `unmask` is a no-op: events are never lost, only coalesced.
 //! * **Store.** xenstored's permission, quota and watch rules ([`store`]).
+//!   [`xenstored`] serves the same model over the xenstore wire protocol, for testing the real
+//!   xenstore client.
 //! * **Death** (the connection closes: process exit, or every `SimBackend` clone and object
 //!   dropped), in this order: (1) the unmap notifications the domain registered are performed
 //!   (the daemon clears the byte through its own memfd and signals the peer of the port);
@@ -58,6 +60,7 @@ mod mem;
 pub mod proto;
 pub mod store;
 mod token;
+pub mod xenstored;
 
 pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV};
 pub use daemon::{QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle, SimStopper};

@@ -89,24 +89,8 @@ pub fn clear_byte(fd: impl AsFd, offset: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends one event on an eventfd (a full counter means an event is already pending).
-pub fn signal(fd: impl AsFd) {
-    match rustix::io::write(fd, &1u64.to_ne_bytes()) {
-        Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
-        Err(e) => tracing::debug!("eventfd write failed: {e}"),
-    }
-}
-
-/// Clears an eventfd; true if an event was pending.
-pub fn drain(fd: impl AsFd) -> bool {
-    let mut buf = [0u8; 8];
-    matches!(rustix::io::read(fd, &mut buf), Ok(8))
-}
-
-/// A new non-blocking, close-on-exec eventfd.
-pub fn eventfd() -> io::Result<OwnedFd> {
-    Ok(rustix::event::eventfd(
-        0,
-        rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
-    )?)
-}
+/// Clears an eventfd (the daemon's tests observe ports with it).
+#[cfg(test)]
+pub use dombus_transport_xen::backend::client::drain;
+/// The eventfd helpers the daemon and the clients share.
+pub use dombus_transport_xen::backend::client::{eventfd, signal};

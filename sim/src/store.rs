@@ -43,12 +43,14 @@ pub struct Fire {
     pub path: String,
 }
 
+#[derive(Clone)]
 struct Node {
     value: Vec<u8>,
     perms: Vec<Perm>,
     children: BTreeSet<String>,
 }
 
+#[derive(Clone)]
 struct WatchReg {
     dom: DomId,
     id: u64,
@@ -59,6 +61,7 @@ struct WatchReg {
 }
 
 /// The store tree.
+#[derive(Clone)]
 pub struct StoreTree {
     nodes: BTreeMap<String, Node>,
     owned: HashMap<DomId, usize>,

@@ -12,15 +12,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use dombus_rpc::{Address, Size};
 use dombus_sim::SimBackend;
 use dombus_tools::diag;
 use dombus_transport_xen::backend::{Backend, EventChannel, MappedPages, Store};
-use dombus_rpc::{Address, Size};
 use dombus_transport_xen::layout;
-use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::link::{Link, LinkConfig, server_path};
 use dombus_transport_xen::shmem::SharedMem;
 use dombus_transport_xen::types::{DomId, EvtchnPort, GrantRef};
+use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use dombus_transport_xen::vsock::mux::Mux;
 use dombus_transport_xen::vsock::session::SessionConfig;

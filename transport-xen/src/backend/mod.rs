@@ -24,6 +24,8 @@
 //! back to unbound and receives one final event), unmap notifications it registered fire (the
 //! byte is cleared and the event sent), and the store fires the `@releaseDomain` watch.
 
+pub mod client;
+
 use std::os::fd::AsFd;
 
 use crate::shmem::Region;

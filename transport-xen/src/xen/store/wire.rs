@@ -197,6 +197,20 @@ fn decimal(field: &[u8]) -> Option<u64> {
     field.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
+/// The string arguments of a request (`path\0token\0`): NUL-separated UTF-8 fields, one
+/// trailing NUL allowed (the server side of [`strings`]).
+pub fn parse_strings(payload: &[u8]) -> Result<Vec<&str>, WireError> {
+    fields(payload).map(text).collect()
+}
+
+/// The `(path, value)` of an `XS_WRITE` payload (the server side of [`write_payload`]).
+pub fn parse_write(payload: &[u8]) -> Result<(&str, &[u8]), WireError> {
+    let Some(nul) = payload.iter().position(|b| *b == 0) else {
+        return bad("write payload without a NUL after the path");
+    };
+    Ok((text(payload.get(..nul).unwrap_or_default())?, payload.get(nul + 1..).unwrap_or_default()))
+}
+
 /// The errno name of an `XS_ERROR` payload (`ENOENT\0`): 1 to 32 ASCII letters and digits.
 pub fn parse_error(payload: &[u8]) -> Result<&str, WireError> {
     let name = payload.strip_suffix(&[0]).unwrap_or(payload);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use dombus::rpc::cli::{self, NetArgs, ServiceCli, exit};
 use dombus::rpc::{Address, Client, ClientConfig, Net, RawClient, error_text, wire};
+use dombus::transport::types::DomId;
 use dombus_services::storage::{StorageClient, StorageRequest};
 
 mod daemons;
@@ -110,7 +111,7 @@ fn storage_command() -> clap::Command {
                 .long("domain")
                 .value_name("DOMID")
                 .global(true)
-                .value_parser(clap::value_parser!(u16))
+                .value_parser(clap::value_parser!(DomId))
                 .help("The storage domain [default: the host's]"),
         )
         .arg(
@@ -142,7 +143,7 @@ fn net_for(net: &NetArgs, state: &StateDir) -> Result<(Net, Option<host::Manifes
 
 async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
     let (net, manifest) = net_for(global, state)?;
-    let addr: Address = match (m.get_one::<String>("addr"), m.get_one::<u16>("domain"), &manifest) {
+    let addr: Address = match (m.get_one::<String>("addr"), m.get_one::<DomId>("domain"), &manifest) {
         (Some(a), _, _) => a.parse().map_err(|e| Failure(exit::USAGE, format!("--addr: {e}")))?,
         (None, Some(d), _) => {
             format!("xen:{d}:{}", dombus_services::ports::STORAGE).parse().map_err(Failure::refused)?

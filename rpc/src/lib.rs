@@ -3,7 +3,24 @@
 //! swappable codec, frame limits, tower client and server stacks (deadlines, retries of
 //! idempotent calls, concurrency limits, load shedding, tracing spans and metrics as tower
 //! layers), Prometheus metrics (a built-in call, and a scrape endpoint for daemons).
-//! See `docs/rpc.md`. The command-line glue ([`cli`]) is built with the `cli` feature.
+//! See `docs/rpc.md`. The command-line glue (module `cli`) is built with the `cli` feature.
+//!
+//! Typed clients and services come from `#[dombus::service]`; underneath, any server answers
+//! the built-in calls through a [`RawClient`]:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use dombus_rpc::{Address, ClientConfig, Net, RawClient};
+//! let addr: Address = "xen:2:5100".parse()?; // or vsock:, unix:, tcp:
+//! let client = RawClient::new(Net::new(), addr, "storage", ClientConfig::default());
+//! let ctx = tarpc::context::current();
+//! client.ping(ctx).await?;
+//! for service in client.describe(ctx).await? {
+//!     println!("{} v{}", service.name, service.version);
+//! }
+//! print!("{}", client.metrics(ctx).await?); // Prometheus text
+//! # Ok(()) }
+//! ```
 
 pub mod addr;
 #[cfg(feature = "cli")]

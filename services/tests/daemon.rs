@@ -157,3 +157,70 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the socket outlived the daemon");
 }
+
+/// `--metrics-listen`: the daemon serves its calls' metrics for a Prometheus scrape over HTTP on
+/// the address it was given (here port 0 on loopback: the daemon logs the port it got).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_its_metrics_for_a_scrape_when_asked() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = std::env::temp_dir().join(format!("dombus-storaged-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("images");
+    std::fs::create_dir_all(&root).unwrap();
+    let sock = dir.join("storage.sock");
+    let gate = QemuImgGate::new("metrics");
+    let mut child = Command::new(STORAGED)
+        .arg("--root")
+        .arg(&root)
+        .arg("--qemu-img")
+        .arg(gate.program())
+        .args(gate.sandbox_args())
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _daemon = Daemon(child, dir.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(LIVENESS).expect("the daemon never said where it serves its metrics");
+    let scrape_addr = url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+
+    let t = Instant::now();
+    let storage = loop {
+        match StorageClient::connect(Net::new(), Address::Unix(sock.clone())).await {
+            Ok(c) => break c,
+            Err(_) if t.elapsed() < LIVENESS => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("dombus-storaged did not come up: {e}"),
+        }
+    };
+    for _ in 0..3 {
+        assert!(storage.list(ctx(Duration::from_secs(30))).await.unwrap().unwrap().is_empty());
+    }
+
+    let scrape = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&scrape_addr).unwrap();
+        s.set_read_timeout(Some(LIVENESS)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    let calls = scrape
+        .lines()
+        .find(|l| l.starts_with("dombus_rpc_server_calls_total{") && l.contains("method=\"list\""))
+        .unwrap_or_else(|| panic!("no count of list calls in the scrape:\n{scrape}"));
+    assert!(calls.ends_with(" 3"), "{calls}");
+}

@@ -60,7 +60,6 @@ impl ScrapeEndpoint {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "serving metrics on a non-loopback address: whoever reaches it reads them");
         }
-        tracing::info!("metrics served for a scrape at http://{addr}/metrics");
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
         let task = tokio::spawn(async move {
             let mut scrapes = tokio::task::JoinSet::new();

@@ -159,7 +159,7 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
 }
 
 /// `--metrics-listen`: the daemon serves its calls' metrics for a Prometheus scrape over HTTP on
-/// the address it was given (here port 0 on loopback: the daemon logs the port it got).
+/// the address it was given (here port 0 on loopback: the daemon logs the address it got).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_its_metrics_for_a_scrape_when_asked() {
     use std::io::{BufRead, BufReader, Read};

@@ -40,34 +40,48 @@ fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
-    let dir = std::env::temp_dir().join(format!("dombus-storaged-test-{}", std::process::id()));
+/// A fresh scratch directory for one test: (the directory, the image root in it, the daemon's
+/// socket path in it).
+fn scratch(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("dombus-storaged-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let root = dir.join("images");
     std::fs::create_dir_all(&root).unwrap();
     let sock = dir.join("storage.sock");
-    let gate = QemuImgGate::new("daemon");
-    let child = Command::new(STORAGED)
-        .arg("--root")
-        .arg(&root)
+    (dir, root, sock)
+}
+
+/// `dombus-storaged` on `root`, serving on the Unix socket `sock`, running `gate`'s qemu-img.
+fn storaged(root: &Path, sock: &Path, gate: &QemuImgGate) -> Command {
+    let mut cmd = Command::new(STORAGED);
+    cmd.arg("--root")
+        .arg(root)
         .arg("--qemu-img")
         .arg(gate.program())
         .args(gate.sandbox_args())
         .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child, dir.clone());
-    let addr = Address::Unix(sock.clone());
+        .arg(format!("unix:{}", sock.display()));
+    cmd
+}
+
+/// A client of the daemon serving on `sock`, once it is up.
+async fn connect(sock: &Path) -> StorageClient {
     let t = Instant::now();
-    let storage = loop {
-        match StorageClient::connect(Net::new(), addr.clone()).await {
-            Ok(c) => break c,
+    loop {
+        match StorageClient::connect(Net::new(), Address::Unix(sock.to_path_buf())).await {
+            Ok(c) => return c,
             Err(_) if t.elapsed() < LIVENESS => tokio::time::sleep(Duration::from_millis(20)).await,
             Err(e) => panic!("dombus-storaged did not come up: {e}"),
         }
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
+    let (dir, root, sock) = scratch("test");
+    let gate = QemuImgGate::new("daemon");
+    let mut daemon = Daemon(storaged(&root, &sock, &gate).spawn().unwrap(), dir);
+    let storage = connect(&sock).await;
     let d = Duration::from_secs(30);
 
     let info = storage
@@ -163,27 +177,16 @@ async fn the_daemon_serves_cancels_by_deadline_and_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_its_metrics_for_a_scrape_when_asked() {
     use std::io::{BufRead, BufReader, Read};
-    let dir = std::env::temp_dir().join(format!("dombus-storaged-metrics-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let root = dir.join("images");
-    std::fs::create_dir_all(&root).unwrap();
-    let sock = dir.join("storage.sock");
+    let (dir, root, sock) = scratch("metrics");
     let gate = QemuImgGate::new("metrics");
-    let mut child = Command::new(STORAGED)
-        .arg("--root")
-        .arg(&root)
-        .arg("--qemu-img")
-        .arg(gate.program())
-        .args(gate.sandbox_args())
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
+    let mut child = storaged(&root, &sock, &gate)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let _daemon = Daemon(child, dir.clone());
+    let _daemon = Daemon(child, dir);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -195,14 +198,7 @@ async fn the_daemon_serves_its_metrics_for_a_scrape_when_asked() {
     let url = rx.recv_timeout(LIVENESS).expect("the daemon never said where it serves its metrics");
     let scrape_addr = url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
 
-    let t = Instant::now();
-    let storage = loop {
-        match StorageClient::connect(Net::new(), Address::Unix(sock.clone())).await {
-            Ok(c) => break c,
-            Err(_) if t.elapsed() < LIVENESS => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("dombus-storaged did not come up: {e}"),
-        }
-    };
+    let storage = connect(&sock).await;
     for _ in 0..3 {
         assert!(storage.list(ctx(Duration::from_secs(30))).await.unwrap().unwrap().is_empty());
     }

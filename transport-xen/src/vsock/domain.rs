@@ -298,6 +298,20 @@ impl<B: Backend + Clone> VsockDomain<B> {
         self.connect(addr).await
     }
 
+    /// This domain's links that are up: the peer and the connections open on the link.
+    pub fn links(&self) -> Vec<(DomId, usize)> {
+        let l = self.inner.listening.lock().unwrap_or_else(|p| p.into_inner());
+        let mut links: Vec<(DomId, usize)> =
+            l.links.iter().filter(|(_, m)| m.stopped().is_none()).map(|(&d, m)| (d, m.connections())).collect();
+        links.sort_unstable();
+        links
+    }
+
+    /// The hypervisor backend this domain is attached with.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
     fn resolve(&self, cid: u32) -> io::Result<DomId> {
         let dom = match cid {
             CID_BACKEND => self.inner.cfg.backend_domain,

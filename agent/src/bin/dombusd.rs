@@ -1,0 +1,34 @@
+//! `dombusd`: a domain's agent. Every process of the domain reaches the domain's virtual sockets
+//! through it (see `dombus_agent`).
+
+use clap::Parser;
+
+/// A domain's agent: owns the domain's links and serves its processes' virtual sockets on a
+/// Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "dombusd", version)]
+struct Cli {
+    #[command(flatten)]
+    args: dombus_agent::daemon::AgentArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dombusd: tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dombus_agent::daemon::run(cli.args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dombusd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

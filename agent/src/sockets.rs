@@ -1,0 +1,104 @@
+//! A domain's virtual sockets as one object-safe interface: what an agent serves to the
+//! processes of its domain, and what a process that is its own agent calls directly.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use dombus_transport_xen::DomId;
+use dombus_transport_xen::backend::{Backend, BackendError, Store};
+use dombus_transport_xen::vsock::VsockAddr;
+use dombus_transport_xen::vsock::domain::{VsockDomain, VsockListener};
+use dombus_transport_xen::vsock::mux::VsockStream;
+
+/// A boxed future, as the object-safe traits here return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A domain's virtual sockets, whatever its hypervisor backend.
+pub trait DomainSockets: Send + Sync + 'static {
+    /// This domain's id.
+    fn domid(&self) -> DomId;
+    /// Connects to `addr`, first waiting up to `wait` for its listener to be announced.
+    fn connect(&self, addr: VsockAddr, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>>;
+    /// Listens on `port` of this domain.
+    fn listen(&self, port: u32) -> io::Result<Box<dyn PortListener>>;
+    /// The domain named `name` in the store (`/local/domain/<id>/name`).
+    fn resolve(&self, name: &str) -> io::Result<DomId>;
+    /// The links that are up: peer domain and connections open on each.
+    fn links(&self) -> Vec<(DomId, usize)>;
+}
+
+/// A listening port of a domain.
+pub trait PortListener: Send + 'static {
+    /// The next connection.
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<VsockStream>>;
+}
+
+impl<B: Backend + Clone> DomainSockets for VsockDomain<B> {
+    fn domid(&self) -> DomId {
+        VsockDomain::domid(self)
+    }
+
+    fn connect(&self, addr: VsockAddr, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+        Box::pin(async move {
+            match wait {
+                Some(w) => self.connect_wait(addr, w).await,
+                None => VsockDomain::connect(self, addr).await,
+            }
+        })
+    }
+
+    fn listen(&self, port: u32) -> io::Result<Box<dyn PortListener>> {
+        Ok(Box::new(VsockDomain::listen(self, port)?))
+    }
+
+    fn resolve(&self, name: &str) -> io::Result<DomId> {
+        resolve(self.backend().store(), name)
+    }
+
+    fn links(&self) -> Vec<(DomId, usize)> {
+        VsockDomain::links(self)
+    }
+}
+
+impl<B: Backend + Clone> PortListener for VsockListener<B> {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<VsockStream>> {
+        Box::pin(VsockListener::accept(self))
+    }
+}
+
+/// Most domains [`resolve`] reads the names of.
+const MAX_DOMAINS: usize = 4096;
+
+/// The one domain named `name`, read from the store: every `/local/domain/<id>/name` this
+/// domain may read (the toolstack's domain reads them all; a guest, only those the toolstack let
+/// it read).
+pub fn resolve(store: &impl Store, name: &str) -> io::Result<DomId> {
+    let ids = store.directory("/local/domain").map_err(|e| store_error(e, name))?;
+    let mut found = Vec::new();
+    for id in ids.iter().take(MAX_DOMAINS).filter_map(|d| d.parse::<DomId>().ok()) {
+        if let Ok(n) = store.read(&format!("/local/domain/{id}/name")) {
+            if n == name.as_bytes() {
+                found.push(id);
+            }
+        }
+    }
+    match found[..] {
+        [id] => Ok(id),
+        [] => Err(io::Error::new(io::ErrorKind::NotFound, format!("no domain is named {name:?}"))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} domains are named {name:?} ({found:?}): use a domain id", found.len()),
+        )),
+    }
+}
+
+fn store_error(e: BackendError, name: &str) -> io::Error {
+    let kind = match e {
+        BackendError::PermissionDenied(_) => io::ErrorKind::PermissionDenied,
+        BackendError::NotFound(_) => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("looking up the domain named {name:?}: {e}"))
+}

@@ -26,6 +26,8 @@ pub enum Daemon {
     Backend(BackendArgs),
     /// A storage domain (what `dombus-storaged` runs).
     Storage(DaemonArgs),
+    /// A domain's agent (what `dombusd` runs).
+    Agent(dombus_agent::daemon::AgentArgs),
 }
 
 /// The backend domain's options.
@@ -53,6 +55,7 @@ pub fn run(daemon: Daemon) -> anyhow::Result<()> {
         Daemon::Hypervisor { socket } => hypervisor(socket),
         Daemon::Backend(args) => runtime()?.block_on(backend(args)),
         Daemon::Storage(args) => runtime()?.block_on(run_daemon(args)),
+        Daemon::Agent(args) => runtime()?.block_on(dombus_agent::daemon::run(args)),
     }
 }
 

@@ -1,12 +1,18 @@
 //! `dombus host up | down | status`: a whole dombus host on one machine without Xen — the
-//! simulated hypervisor, the backend domain (the host registry), and the service domains (the
-//! storage domain) — each a separate process with its own domain id, all state in one directory.
+//! simulated hypervisor, the toolstack's domain (its agent, `dombusd`), the backend domain (the
+//! host registry) and the service domains (the storage domain) — each a separate process with
+//! its own domain id, all state in one directory. Every domain has an agent: the toolstack's is
+//! a `dombusd` of its own, through which every `dombus` command reaches the host (any number at
+//! once); each service daemon is its domain's agent in-process and serves the domain's other
+//! processes on its domain's socket.
 //!
 //! ```text
-//! <state>/host.json      what runs: processes, domain ids, services and addresses
-//! <state>/simxen.sock    the simulated hypervisor's socket
-//! <state>/logs/*.log     one log per process
-//! <state>/images/        the storage domain's disk images
+//! <state>/host.json               what runs: processes, domain ids, services and addresses
+//! <state>/simxen.sock             the simulated hypervisor's socket
+//! <state>/agent.sock              the toolstack domain's agent (domain 0)
+//! <state>/domains/<name>/agent.sock  each service domain's agent
+//! <state>/logs/*.log              one log per process
+//! <state>/images/                 the storage domain's disk images
 //! ```
 
 use std::fs::File;
@@ -16,9 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use dombus::rpc::cli::NetArgs;
+use dombus::rpc::transport::AgentClient;
 use dombus::rpc::{Address, ClientConfig, Net, RawClient, wire};
 use dombus::sim::{SimBackend, TOKEN_ENV};
-use dombus::transport::backend::{Backend, BackendError, Store};
 use dombus::transport::types::DomId;
 use dombus_services::ports;
 use dombus_services::registry::{DomainEntry, RegistryClient, ServiceEntry};
@@ -62,6 +68,14 @@ impl StateDir {
     /// The simulated hypervisor's socket.
     pub fn socket(&self) -> PathBuf {
         self.0.join("simxen.sock")
+    }
+    /// The toolstack domain's agent: what the tool reaches the host through.
+    pub fn agent(&self) -> PathBuf {
+        self.0.join("agent.sock")
+    }
+    /// The agent of the service domain `name`.
+    fn domain_agent(&self, name: &str) -> PathBuf {
+        self.0.join("domains").join(name).join("agent.sock")
     }
     fn logs(&self) -> PathBuf {
         self.0.join("logs")
@@ -108,6 +122,9 @@ pub struct Proc {
     pub log: PathBuf,
     /// What it serves.
     pub services: Vec<ServiceEntry>,
+    /// Its domain's agent, if it is one.
+    #[serde(default)]
+    pub agent: Option<PathBuf>,
 }
 
 /// What runs on a host (`host.json`).
@@ -115,6 +132,8 @@ pub struct Proc {
 pub struct Manifest {
     /// The simulated hypervisor's socket.
     pub sim_socket: PathBuf,
+    /// The toolstack domain's agent.
+    pub agent_socket: PathBuf,
     /// The backend domain.
     pub backend_domid: DomId,
     /// Seconds since the epoch when it came up.
@@ -124,15 +143,9 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// How this tool reaches the host's domains, as the toolstack.
+    /// How this tool reaches the host's domains: through the toolstack domain's agent.
     pub fn net_args(&self, timeout: Duration) -> NetArgs {
-        NetArgs {
-            sim: Some(self.sim_socket.clone()),
-            domid: TOOLSTACK,
-            xen: false,
-            backend_domain: self.backend_domid,
-            timeout: timeout.as_secs_f64(),
-        }
+        NetArgs::through_agent(Some(self.agent_socket.clone()), timeout)
     }
 
     /// The address of `service` on this host.
@@ -270,7 +283,13 @@ pub async fn up(state: StateDir, quiet: bool) -> anyhow::Result<Host> {
     let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut host = Host {
         state: state.clone(),
-        manifest: Manifest { sim_socket: sock.clone(), backend_domid: BACKEND, started, procs: vec![] },
+        manifest: Manifest {
+            sim_socket: sock.clone(),
+            agent_socket: state.agent(),
+            backend_domid: BACKEND,
+            started,
+            procs: vec![],
+        },
         net: None,
         children: vec![],
     };
@@ -297,12 +316,52 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
         pid: child.id(),
         log: log.clone(),
         services: vec![],
+        agent: None,
     });
     state.save(&host.manifest)?;
     let waited = wait_ready("hypervisor", &mut child, &log, || sock.exists()).await;
     host.children.push(child);
     waited?;
     step(quiet, format_args!("hypervisor       pid {:<7} {}", host.children[0].id(), sim), t);
+
+    // The toolstack's domain: its agent, which this tool and every later command go through.
+    let t = Instant::now();
+    let agent = state.agent();
+    let args = [
+        "agent".to_string(),
+        "--sim".into(),
+        sim.into(),
+        "--domid".into(),
+        TOOLSTACK.to_string(),
+        "--backend-domain".into(),
+        BACKEND.to_string(),
+        "--socket".into(),
+        agent.display().to_string(),
+    ];
+    let (mut child, log) = spawn(&state, "toolstack", &args)?;
+    host.manifest.procs.push(Proc {
+        name: "toolstack".into(),
+        domid: Some(TOOLSTACK),
+        role: "toolstack domain: its agent (dombusd), which every dombus command goes through".into(),
+        pid: child.id(),
+        log: log.clone(),
+        services: vec![],
+        agent: Some(agent.clone()),
+    });
+    state.save(&host.manifest)?;
+    let client = AgentClient::new(&agent);
+    let waited = wait_ready("toolstack agent", &mut child, &log, || client.is_up()).await;
+    host.children.push(child);
+    waited?;
+    step(
+        quiet,
+        format_args!(
+            "toolstack agent  pid {:<7} domain {TOOLSTACK}, {}",
+            host.children[1].id(),
+            agent.display()
+        ),
+        t,
+    );
 
     let domain_args = |domid: DomId| {
         vec![
@@ -335,6 +394,9 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     ];
     for (domid, name, role, mut args, (service, addr)) in domains {
         args.extend(domain_args(domid));
+        // Its daemon is the domain's agent: the domain's other processes reach it here.
+        let agent = state.domain_agent(name);
+        args.extend(["--serve-agent".to_string(), agent.display().to_string()]);
         // As the toolstack: create the domain, and hand its process the one-time token.
         let (_, token) = SimBackend::create_domain(&sock, Some(domid), name)
             .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
@@ -346,6 +408,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
             pid: child.id(),
             log,
             services: vec![ServiceEntry { name: service.into(), addr }],
+            agent: Some(agent),
         });
         host.children.push(child);
         state.save(&host.manifest)?;
@@ -353,13 +416,12 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
 
     // As the toolstack: wait for every service (connecting waits for its listener), then
     // register the domains with the backend's registry.
-    let net = host
-        .manifest
-        .net_args(START_TIMEOUT)
-        .net()
-        .context("attaching to the simulated hypervisor as the toolstack")?;
+    let net = host.manifest.net_args(START_TIMEOUT).net().context("the toolstack domain's agent")?;
     for i in 1..host.manifest.procs.len() {
         let p = host.manifest.procs[i].clone();
+        if p.services.is_empty() {
+            continue;
+        }
         let t = Instant::now();
         for s in &p.services {
             let addr: Address = s.addr.parse()?;
@@ -394,7 +456,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     let registry =
         RegistryClient::connect(net.clone(), registry_addr.parse()?).await.context("the host registry")?;
     for p in &host.manifest.procs {
-        let Some(domid) = p.domid else { continue };
+        let Some(domid) = p.domid.filter(|d| *d != TOOLSTACK) else { continue };
         let entry =
             DomainEntry { domid, name: p.name.clone(), role: p.role.clone(), services: p.services.clone() };
         registry
@@ -405,7 +467,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     }
     step(
         quiet,
-        format_args!("registered {} domains with the backend's registry", host.manifest.procs.len() - 1),
+        format_args!("registered {} domains with the backend's registry", host.manifest.procs.len() - 2),
         t,
     );
     host.net = Some(net);
@@ -510,7 +572,7 @@ pub struct Status {
     pub processes: Vec<ProcStatus>,
     /// Domains as the backend's registry has them.
     pub domains: Vec<DomainEntry>,
-    /// Links between domains, as the store has them: (server domain, client domain).
+    /// Links between domains, as their agents hold them: (lower domain, higher domain).
     pub links: Vec<(DomId, DomId)>,
     /// Each service's answer to pings.
     pub services: Vec<ServiceStatus>,
@@ -557,33 +619,20 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     if !processes.first().is_some_and(|p| p.running) {
         return Ok(Status { state: state.0, processes, domains: vec![], links: vec![], services: vec![] });
     }
-    // As the toolstack: read the links from the store first (before this tool makes its own),
-    // then ask the registry and ping every service.
-    let backend = SimBackend::toolstack(&m.sim_socket)
-        .map_err(|e| anyhow::anyhow!("attaching to the simulated hypervisor: {e}"))?;
+    // Each domain's links, as its agent holds them (asked before this command makes any).
     let mut links = Vec::new();
-    let domids: Vec<DomId> =
-        std::iter::once(TOOLSTACK).chain(m.procs.iter().filter_map(|p| p.domid)).collect();
-    for &d in &domids {
-        let path = format!("/local/domain/{d}/data/dombus/link");
-        let peers = match backend.store().directory(&path) {
-            Ok(peers) => peers,
-            // No link was ever set up by this domain.
-            Err(BackendError::NotFound(_)) => Vec::new(),
-            Err(e) => bail!("reading the links of domain {d} ({path}): {e}"),
-        };
-        for peer in peers {
-            if let Ok(peer) = peer.parse::<DomId>() {
-                links.push((d, peer));
+    for p in &m.procs {
+        let (Some(agent), Some(_)) = (&p.agent, p.domid) else { continue };
+        let Ok(st) = AgentClient::new(agent).status().await else { continue };
+        for (peer, _) in st.links {
+            let pair = (st.domain.min(peer), st.domain.max(peer));
+            if !links.contains(&pair) {
+                links.push(pair);
             }
         }
     }
-    let config = dombus::transport::vsock::domain::VsockConfig {
-        backend_domain: m.backend_domid,
-        ..Default::default()
-    };
-    let domain = dombus::transport::vsock::domain::VsockDomain::start(backend, config)?;
-    let mut net = Net::new().with_xen(domain);
+    links.sort_unstable();
+    let mut net = m.net_args(Duration::from_secs(5)).net()?;
     net.xen_connect_wait = Some(Duration::from_secs(5));
     let registry_addr: Address = format!("xen:backend:{}", ports::REGISTRY).parse()?;
     let domains = match RegistryClient::connect(net.clone(), registry_addr).await {

@@ -79,7 +79,7 @@ enum Top {
     #[command(hide = true)]
     Daemon {
         #[command(subcommand)]
-        daemon: daemons::Daemon,
+        daemon: Box<daemons::Daemon>,
     },
 }
 
@@ -123,21 +123,16 @@ fn storage_command() -> clap::Command {
         )
 }
 
-/// How to reach `xen:` addresses: the options if given, else the host that is up, else none.
+/// How to reach `xen:` addresses: as the options say if they name a way (`--agent`, `--sim`,
+/// `--xen`), else through the toolstack agent of the host that is up, else through the domain's
+/// agent at its default socket.
 fn net_for(net: &NetArgs, state: &StateDir) -> Result<(Net, Option<host::Manifest>), Failure> {
     let manifest = state.load().map_err(Failure::refused)?;
-    let args = match (&manifest, net.sim.is_some() || net.xen) {
+    let args = match (&manifest, net.sim.is_some() || net.xen || net.agent.is_some()) {
         (Some(m), false) => m.net_args(net.timeout()),
         _ => net.clone(),
     };
-    let net = args.net().map_err(|e| {
-        let hint = if e.to_string().contains("already attached") {
-            " (another dombus command is running as the toolstack, domain 0)"
-        } else {
-            ""
-        };
-        Failure::refused(format!("{e}{hint}"))
-    })?;
+    let net = args.net().map_err(Failure::refused)?;
     Ok((net, manifest))
 }
 
@@ -322,7 +317,7 @@ fn main() -> ExitCode {
         let Ok(Cli { command: Top::Daemon { daemon }, .. }) = Cli::from_arg_matches(&matches) else {
             return ExitCode::from(exit::USAGE);
         };
-        return match daemons::run(daemon) {
+        return match daemons::run(*daemon) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("dombus daemon: {e:#}");

@@ -35,7 +35,7 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         serde_json::from_slice(&std::fs::read(state.join("host.json")).unwrap()).unwrap();
     let pids: Vec<u64> =
         manifest["procs"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
-    assert_eq!(pids.len(), 3, "hypervisor, backend, storage: {manifest}");
+    assert_eq!(pids.len(), 4, "hypervisor, toolstack agent, backend, storage: {manifest}");
     assert!(pids.iter().all(|&p| alive(p)));
     // A second host in the same state directory is refused.
     let again = dombus(&state, &["host", "up"]);
@@ -89,7 +89,11 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .iter()
         .map(|p| (p["name"].as_str().unwrap(), p["running"].as_bool().unwrap()))
         .collect();
-    assert_eq!(procs, [("hypervisor", true), ("backend", true), ("storage", true)], "{v}");
+    assert_eq!(
+        procs,
+        [("hypervisor", true), ("toolstack", true), ("backend", true), ("storage", true)],
+        "{v}"
+    );
     let names: Vec<&str> =
         v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["backend", "storage"], "{v}");
@@ -100,20 +104,30 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .map(|s| (s["name"].as_str().unwrap(), s["ping_p50_us"].as_f64().is_some_and(|us| us > 0.0)))
         .collect();
     assert_eq!(services, [("registry", true), ("storage", true)], "{v}");
-    assert_eq!(v["links"], serde_json::json!([[2, 7]]), "the link domain 7 holds to the storage domain: {v}");
+    // The toolstack's agent keeps its links to the domains it called (the registry's and the
+    // storage domain's) for every later command.
+    assert_eq!(
+        v["links"],
+        serde_json::json!([[0, 1], [0, 2], [2, 7]]),
+        "the toolstack's links, and the one domain 7 holds to the storage domain: {v}"
+    );
     let text = stdout(&dombus(&state, &["host", "status"]));
     assert!(text.contains("storage") && text.contains("xen:2:5100") && text.contains("running"), "{text}");
-    assert!(text.contains("links: 2 ↔ 7"), "{text}");
+    assert!(text.contains("links: 0 ↔ 1, 0 ↔ 2, 2 ↔ 7"), "{text}");
     drop(held);
     let v = json(&dombus(&state, &["--json", "host", "status"]));
-    assert_eq!(v["links"], serde_json::json!([]), "domain 7 is gone, and its link with it: {v}");
+    assert_eq!(
+        v["links"],
+        serde_json::json!([[0, 1], [0, 2]]),
+        "domain 7 is gone, and its link with it: {v}"
+    );
 
     // The registry knows who calls: a domain may register itself, not another.
     registry_checks_the_caller(&state.join("simxen.sock"));
 
     let down = dombus(&state, &["host", "down"]);
     assert!(down.status.success(), "{down:?}");
-    assert!(stdout(&down).contains("3 processes stopped"), "{down:?}");
+    assert!(stdout(&down).contains("4 processes stopped"), "{down:?}");
     // `down` waited for each process; init may take a moment to reap them (a liveness limit).
     let t = std::time::Instant::now();
     loop {
@@ -144,13 +158,7 @@ impl LinkHolder {
     fn open(sim: &Path, domid: u16, addr: &str) -> LinkHolder {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let client = rt.block_on(async {
-            let args = NetArgs {
-                sim: Some(sim.into()),
-                domid: DomId(domid),
-                xen: false,
-                backend_domain: DomId(1),
-                timeout: 10.0,
-            };
+            let args = NetArgs::through_agent(None, Duration::from_secs(10));
             let c = StorageClient::connect(guest_net(sim, domid), addr.parse().unwrap()).await.unwrap();
             c.list(args.context()).await.unwrap().unwrap();
             c
@@ -171,13 +179,7 @@ impl Drop for LinkHolder {
 fn registry_checks_the_caller(sim: &Path) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let args = NetArgs {
-            sim: Some(sim.into()),
-            domid: DomId(7),
-            xen: false,
-            backend_domain: DomId(1),
-            timeout: 10.0,
-        };
+        let args = NetArgs::through_agent(None, Duration::from_secs(10));
         let registry =
             RegistryClient::connect(guest_net(sim, 7), "xen:backend:1".parse().unwrap()).await.unwrap();
         let entry = |domid| DomainEntry {

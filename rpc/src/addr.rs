@@ -3,6 +3,7 @@
 //! | address | transport |
 //! |---|---|
 //! | `xen:<cid>:<port>` | transport-xen virtual sockets (CID = domain id, `self`, `backend`; shown by `VsockAddr`'s `Display`) |
+//! | `xen:<name>:<port>` | the same, to the domain of that name in the store, looked up at each connect (so a reconnect finds a domain that came back under a new id) |
 //! | `vsock:<cid>:<port>` | AF_VSOCK through `tokio-vsock` (KVM/Firecracker guests, vsock loopback) |
 //! | `unix:<path>` | a Unix stream socket (development, tests) |
 //! | `tcp:<host>:<port>` | TCP (development, tests); IPv6 hosts in brackets: `tcp:[::1]:80` |
@@ -18,6 +19,13 @@ use dombus_transport_xen::vsock::{CID_BACKEND, CID_SELF, VsockAddr};
 pub enum Address {
     /// A transport-xen virtual socket.
     Xen(VsockAddr),
+    /// A transport-xen virtual socket of the domain named `name` (looked up at each connect).
+    XenName {
+        /// The domain's name: a letter, then letters, digits, `_`, `.` or `-`; at most 64 bytes.
+        name: String,
+        /// The port.
+        port: u32,
+    },
     /// An AF_VSOCK socket.
     Vsock {
         /// Context id (1 = local, 2 = host, 3+ guests; `u32::MAX` = any when listening).
@@ -61,8 +69,10 @@ pub enum AddressError {
 /// Why a `xen:` address is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum XenAddrError {
-    /// The CID part is not a number, `self` or `backend`.
-    #[error("{0:?} is not a CID: expected a domain id, `self` or `backend`")]
+    /// The CID part is not a number, `self`, `backend` or a domain name.
+    #[error(
+        "{0:?} is not a CID: expected a domain id, `self`, `backend` or a domain name (a letter, then letters, digits, `_`, `.`, `-`; at most 64)"
+    )]
     Cid(String),
     /// The port part is not a 32-bit number.
     #[error("{0:?} is not a port: expected a number from 0 to 4294967295")]
@@ -72,19 +82,27 @@ pub enum XenAddrError {
     Shape(String),
 }
 
+/// Whether `n` is a domain name an address may carry.
+fn is_domain_name(n: &str) -> bool {
+    n.len() <= 64
+        && n.starts_with(|c: char| c.is_ascii_alphabetic())
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 /// The `<cid>:<port>` after `xen:` in `s`.
-fn xen(s: &str, rest: &str) -> Result<VsockAddr, XenAddrError> {
+fn xen(s: &str, rest: &str) -> Result<Address, XenAddrError> {
     let (cid, port) = rest.split_once(':').ok_or_else(|| XenAddrError::Shape(s.to_string()))?;
     if port.contains(':') {
         return Err(XenAddrError::Shape(s.to_string()));
     }
+    let port = || decimal(port).ok_or_else(|| XenAddrError::Port(port.to_string()));
     let cid = match cid {
         "self" => CID_SELF,
         "backend" => CID_BACKEND,
+        n if is_domain_name(n) => return Ok(Address::XenName { name: n.to_string(), port: port()? }),
         n => decimal(n).ok_or_else(|| XenAddrError::Cid(n.to_string()))?,
     };
-    let port = decimal(port).ok_or_else(|| XenAddrError::Port(port.to_string()))?;
-    Ok(VsockAddr::new(cid, port))
+    Ok(Address::Xen(VsockAddr::new(cid, port()?)))
 }
 
 impl FromStr for Address {
@@ -93,7 +111,7 @@ impl FromStr for Address {
     fn from_str(s: &str) -> Result<Address, AddressError> {
         let (scheme, rest) = s.split_once(':').ok_or_else(|| AddressError::Scheme(s.to_string()))?;
         match scheme {
-            "xen" => Ok(Address::Xen(xen(s, rest)?)),
+            "xen" => Ok(xen(s, rest)?),
             "vsock" => {
                 let bad = || AddressError::Vsock(s.to_string());
                 let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
@@ -138,6 +156,7 @@ impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Address::Xen(a) => write!(f, "{a}"),
+            Address::XenName { name, port } => write!(f, "xen:{name}:{port}"),
             Address::Vsock { cid: u32::MAX, port } => write!(f, "vsock:any:{port}"),
             Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
@@ -157,6 +176,8 @@ mod tests {
         assert_eq!("xen:3:5000".parse(), Ok(Address::Xen(VsockAddr::new(3, 5000))));
         assert_eq!("xen:self:80".parse(), Ok(Address::Xen(VsockAddr::new(CID_SELF, 80))));
         assert_eq!("xen:backend:1".parse(), Ok(Address::Xen(VsockAddr::new(CID_BACKEND, 1))));
+        assert_eq!("xen:storage-1:7".parse(), Ok(Address::XenName { name: "storage-1".into(), port: 7 }));
+        assert_eq!("xen:Domain-0:7".parse(), Ok(Address::XenName { name: "Domain-0".into(), port: 7 }));
         assert_eq!("vsock:1:5000".parse(), Ok(Address::Vsock { cid: 1, port: 5000 }));
         assert_eq!("vsock:any:5000".parse(), Ok(Address::Vsock { cid: u32::MAX, port: 5000 }));
         assert_eq!("unix:/run/x.sock".parse(), Ok(Address::Unix("/run/x.sock".into())));
@@ -192,7 +213,10 @@ mod tests {
         };
         assert!(matches!(e("xen:1"), XenAddrError::Shape(_)));
         assert!(matches!(e("xen:1:2:3"), XenAddrError::Shape(_)));
-        assert!(matches!(e("xen:dom0:2"), XenAddrError::Cid(_)));
+        assert!(matches!(e("xen:0dom:2"), XenAddrError::Cid(_)));
+        assert!(matches!(e("xen:a/b:2"), XenAddrError::Cid(_)));
+        assert!(matches!(e(&format!("xen:{}:2", "a".repeat(65))), XenAddrError::Cid(_)));
+        assert!(matches!(e("xen:storage:x"), XenAddrError::Port(_)));
         assert!(matches!(e("xen:-1:2"), XenAddrError::Cid(_)));
         assert!(matches!(e("xen:4294967296:2"), XenAddrError::Cid(_)));
         assert!(matches!(e("xen:1:"), XenAddrError::Port(_)));
@@ -213,11 +237,13 @@ mod tests {
         }
 
         #[test]
-        fn display_round_trips(cid in any::<u32>(), port in any::<u32>(), tport in any::<u16>(), path in "/[a-z/]{1,20}") {
+        fn display_round_trips(cid in any::<u32>(), port in any::<u32>(), tport in any::<u16>(), path in "/[a-z/]{1,20}", name in "[a-zA-Z][a-zA-Z0-9_.-]{0,63}") {
+            prop_assume!(name != "self" && name != "backend");
             for a in [
                 Address::Xen(VsockAddr::new(cid, port)),
                 Address::Xen(VsockAddr::new(CID_SELF, port)),
                 Address::Xen(VsockAddr::new(CID_BACKEND, port)),
+                Address::XenName { name: name.clone(), port },
                 Address::Vsock { cid, port },
                 Address::Unix(path.clone().into()),
                 Address::Tcp { host: "::1".into(), port: tport },

@@ -52,40 +52,78 @@ pub mod exit {
 #[derive(Debug, Clone, Args)]
 #[command(about = None, long_about = None)]
 pub struct NetArgs {
-    /// Reach xen: addresses through the simulated hypervisor listening on SOCKET.
+    /// Attach this process to the simulated hypervisor listening on SOCKET, as its domain's
+    /// agent (instead of going through the domain's agent).
     #[arg(long, value_name = "SOCKET", global = true, env = "DOMBUS_SIM")]
     pub sim: Option<PathBuf>,
     /// Our domain id on the simulated hypervisor (0: the toolstack's domain).
     #[arg(long, value_name = "DOMID", default_value_t = DomId::DOM0, global = true)]
     pub domid: DomId,
-    /// Reach xen: addresses through real Xen (/dev/xen/*, xenstored).
+    /// Attach this process to real Xen (/dev/xen/*, xenstored) as its domain's agent.
     #[arg(long, global = true, conflicts_with = "sim")]
     pub xen: bool,
-    /// The backend domain (what xen:backend:PORT names).
+    /// The backend domain (what xen:backend:PORT names), with --sim or --xen.
     #[arg(long, value_name = "DOMID", default_value_t = DomId::DOM0, global = true)]
     pub backend_domain: DomId,
+    /// The domain's agent, which xen: addresses go through [default: $DOMBUS_AGENT, else
+    /// /run/dombus/agent.sock for root, else $XDG_RUNTIME_DIR/dombus/agent.sock].
+    #[arg(long, value_name = "PATH", global = true, env = "DOMBUS_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// With --sim or --xen: also be the agent of the domain's other processes, on this socket.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub serve_agent: Option<PathBuf>,
     /// How long a call (including connecting) may take, seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0, global = true)]
     pub timeout: f64,
 }
 
 impl NetArgs {
-    /// The transports these options give.
+    /// Through the domain's agent at `agent` (`None`: the default socket), with `timeout`.
+    pub fn through_agent(agent: Option<PathBuf>, timeout: Duration) -> NetArgs {
+        NetArgs {
+            sim: None,
+            domid: DomId::DOM0,
+            xen: false,
+            backend_domain: DomId::DOM0,
+            agent,
+            serve_agent: None,
+            timeout: timeout.as_secs_f64(),
+        }
+    }
+
+    /// The transports these options give: `xen:` through the domain's agent, or, with `--sim` or
+    /// `--xen`, through this process attached as its domain (serving the domain's other
+    /// processes too with `--serve-agent`).
     pub fn net(&self) -> std::io::Result<Net> {
-        use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
-        let config = || VsockConfig { backend_domain: self.backend_domain, ..VsockConfig::default() };
-        let mut net = if let Some(sock) = &self.sim {
-            // Domain 0 is the toolstack (the simulator's key); any other domain attaches with the
-            // one-time token its creator handed this process.
-            let backend = dombus_sim::SimBackend::attach_from_env(sock, self.domid).map_err(|e| {
-                std::io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display()))
-            })?;
-            Net::new().with_xen(VsockDomain::start(backend, config())?)
-        } else if self.xen {
-            let backend = dombus_transport_xen::xen::XenBackend::open().map_err(std::io::Error::other)?;
-            Net::new().with_xen(VsockDomain::start(backend, config())?)
-        } else {
-            Net::new()
+        use dombus_agent::attach::{Attach, Hypervisor};
+        let hypervisor = match (&self.sim, self.xen) {
+            (Some(sock), _) => Some(Hypervisor::Sim(sock.clone())),
+            (None, true) => Some(Hypervisor::Xen),
+            (None, false) => None,
+        };
+        let mut net = match hypervisor {
+            Some(hypervisor) => {
+                let attach = Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain };
+                let sockets = attach.start()?;
+                let serving = match &self.serve_agent {
+                    Some(path) => Some(dombus_agent::Agent::serve(
+                        sockets.clone(),
+                        dombus_agent::AgentConfig::new(path.clone()),
+                    )?),
+                    None => None,
+                };
+                Net::new().with_domain(sockets, serving)
+            }
+            None => {
+                if self.serve_agent.is_some() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "--serve-agent needs --sim or --xen (this process attaches as its domain)",
+                    ));
+                }
+                let agent = self.agent.clone().unwrap_or_else(dombus_agent::default_socket);
+                Net::new().with_agent(dombus_agent::AgentClient::new(agent))
+            }
         };
         net.xen_connect_wait = Some(self.timeout());
         Ok(net)

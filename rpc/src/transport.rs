@@ -1,15 +1,12 @@
 //! Byte streams for every [`Address`]: one `connect` and one `listen` over all transports.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dombus_transport_xen::backend::Backend;
+use dombus_agent::proto::Target;
+pub use dombus_agent::{Agent, AgentClient, AgentListener, DomainSockets, PortListener};
 use dombus_transport_xen::vsock::VsockAddr;
-use dombus_transport_xen::vsock::domain::{VsockDomain, VsockListener};
-use dombus_transport_xen::vsock::mux::VsockStream;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Address;
@@ -21,61 +18,35 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 /// A boxed [`Stream`].
 pub type BoxStream = Box<dyn Stream>;
 
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// A domain's transport-xen virtual sockets, whatever its hypervisor backend.
-pub trait XenSockets: Send + Sync + 'static {
-    /// Connects to `addr`, first waiting up to `wait` for its listener to be announced.
-    fn connect(&self, addr: VsockAddr, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>>;
-    /// Listens on `port` of this domain.
-    fn listen(&self, port: u32) -> io::Result<Box<dyn XenListener>>;
-    /// This domain's id.
-    fn domid(&self) -> u32;
+/// How this process reaches its domain's virtual sockets.
+#[derive(Clone)]
+enum Xen {
+    /// This process is the domain's agent: its own connections go straight to the links. The
+    /// agent it serves to the domain's other processes, if any, is held here (never read) so
+    /// that it lives as long as the `Net`.
+    Local(Arc<dyn DomainSockets>, #[allow(dead_code)] Option<Arc<Agent>>),
+    /// Through the domain's agent.
+    Agent(AgentClient),
 }
 
-/// A listening transport-xen port.
-pub trait XenListener: Send + 'static {
-    /// The next connection.
-    fn accept(&mut self) -> BoxFuture<'_, io::Result<VsockStream>>;
-}
-
-impl<B: Backend + Clone> XenSockets for VsockDomain<B> {
-    fn connect(&self, addr: VsockAddr, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
-        Box::pin(async move {
-            match wait {
-                Some(w) => self.connect_wait(addr, w).await,
-                None => VsockDomain::connect(self, addr).await,
-            }
-        })
-    }
-
-    fn listen(&self, port: u32) -> io::Result<Box<dyn XenListener>> {
-        Ok(Box::new(VsockDomain::listen(self, port)?))
-    }
-
-    fn domid(&self) -> u32 {
-        u32::from(VsockDomain::domid(self).0)
-    }
-}
-
-impl<B: Backend + Clone> XenListener for VsockListener<B> {
-    fn accept(&mut self) -> BoxFuture<'_, io::Result<VsockStream>> {
-        Box::pin(VsockListener::accept(self))
-    }
-}
-
-/// The transports this process can use: Unix, TCP and AF_VSOCK always; `xen:` once a domain's
-/// virtual sockets are attached with [`Net::with_xen`].
+/// The transports this process can use: Unix, TCP and AF_VSOCK always; `xen:` through the
+/// domain's agent ([`Net::new`] finds it at [`dombus_agent::default_socket`]), or through
+/// virtual sockets this process attached itself ([`Net::with_xen`]).
 #[derive(Clone, Default)]
 pub struct Net {
-    xen: Option<Arc<dyn XenSockets>>,
+    xen: Option<Xen>,
     /// How long `xen:` connects wait for the listener to appear (default: not at all).
     pub xen_connect_wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Net").field("xen", &self.xen.as_ref().map(|x| x.domid())).finish()
+        let xen = match &self.xen {
+            Some(Xen::Local(d, _)) => format!("domain {} in this process", d.domid()),
+            Some(Xen::Agent(a)) => format!("agent at {}", a.socket().display()),
+            None => format!("agent at {}", dombus_agent::default_socket().display()),
+        };
+        f.debug_struct("Net").field("xen", &xen).finish()
     }
 }
 
@@ -92,8 +63,10 @@ pub struct Accepted {
 
 /// A listening socket of any transport.
 pub enum Listener {
-    /// transport-xen virtual sockets.
-    Xen(Box<dyn XenListener>, VsockAddr),
+    /// transport-xen virtual sockets of this process's own domain.
+    Xen(Box<dyn PortListener>, VsockAddr),
+    /// transport-xen virtual sockets through the domain's agent.
+    Agent(AgentListener, VsockAddr),
     /// AF_VSOCK.
     Vsock(tokio_vsock::VsockListener),
     /// Unix; the socket file is removed on drop.
@@ -122,10 +95,13 @@ impl Listener {
         Ok(match self {
             Listener::Xen(l, _) => {
                 let s = l.accept().await?;
-                let (local, remote) = s.ports();
-                let domain = s.peer_domain();
-                let peer = format!("xen:{domain}:{remote} (to our port {local})");
-                Accepted { stream: Box::new(s), peer, peer_domain: Some(u32::from(domain.0)) }
+                let (domain, ports) = (s.peer_domain(), s.ports());
+                xen_accepted(Box::new(s), domain, ports)
+            }
+            Listener::Agent(l, _) => {
+                let s = l.accept().await?;
+                let (domain, ports) = (s.peer_domain(), s.ports());
+                xen_accepted(Box::new(s), domain, ports)
             }
             Listener::Vsock(l) => {
                 let (s, a) = l.accept().await?;
@@ -150,7 +126,7 @@ impl Listener {
     /// The address actually bound (for `tcp:…:0`, with the port the system chose).
     pub fn local_addr(&self) -> io::Result<Address> {
         Ok(match self {
-            Listener::Xen(_, a) => Address::Xen(*a),
+            Listener::Xen(_, a) | Listener::Agent(_, a) => Address::Xen(*a),
             Listener::Vsock(l) => {
                 let a = l.local_addr()?;
                 Address::Vsock { cid: a.cid(), port: a.port() }
@@ -164,24 +140,55 @@ impl Listener {
     }
 }
 
+/// An accepted `xen:` connection from `domain`, with (local, remote) `ports`.
+fn xen_accepted(stream: BoxStream, domain: dombus_transport_xen::DomId, ports: (u32, u32)) -> Accepted {
+    let peer = format!("xen:{domain}:{} (to our port {})", ports.1, ports.0);
+    Accepted { stream, peer, peer_domain: Some(u32::from(domain.0)) }
+}
+
 impl Net {
-    /// Unix, TCP and AF_VSOCK only.
+    /// Unix, TCP and AF_VSOCK; `xen:` through the domain's agent at
+    /// [`dombus_agent::default_socket`] (`$DOMBUS_AGENT`, or the runtime directory's).
     pub fn new() -> Net {
         Net::default()
     }
 
-    /// Also `xen:` addresses, through this domain's virtual sockets.
-    pub fn with_xen(mut self, sockets: impl XenSockets) -> Net {
-        self.xen = Some(Arc::new(sockets));
+    /// `xen:` through the domain's agent reached by `agent`.
+    pub fn with_agent(mut self, agent: AgentClient) -> Net {
+        self.xen = Some(Xen::Agent(agent));
         self
     }
 
-    fn xen(&self, addr: &Address) -> io::Result<&Arc<dyn XenSockets>> {
-        self.xen.as_ref().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{addr}: this process has no Xen domain attached (Net::with_xen)"),
-            )
+    /// `xen:` through virtual sockets this process attached itself: it is its domain's agent,
+    /// and its own connections skip the local hop.
+    pub fn with_xen(mut self, sockets: impl DomainSockets) -> Net {
+        self.xen = Some(Xen::Local(Arc::new(sockets), None));
+        self
+    }
+
+    /// Like [`Net::with_xen`] with shared sockets; with `serving`, this process is also the
+    /// agent of the domain's other processes for as long as this `Net` (or a clone) lives.
+    pub fn with_domain(mut self, sockets: Arc<dyn DomainSockets>, serving: Option<Agent>) -> Net {
+        self.xen = Some(Xen::Local(sockets, serving.map(Arc::new)));
+        self
+    }
+
+    fn xen(&self) -> Xen {
+        self.xen.clone().unwrap_or_else(|| Xen::Agent(AgentClient::from_env()))
+    }
+
+    /// A `xen:` connection to `port` of `target`.
+    async fn connect_xen(&self, target: Target, port: u32) -> io::Result<BoxStream> {
+        let wait = self.xen_connect_wait;
+        Ok(match self.xen() {
+            Xen::Local(d, _) => {
+                let cid = match target {
+                    Target::Cid(c) => c,
+                    Target::Name(n) => u32::from(d.resolve(&n)?.0),
+                };
+                Box::new(d.connect(VsockAddr::new(cid, port), wait).await?)
+            }
+            Xen::Agent(a) => Box::new(a.connect(target, port, wait).await?),
         })
     }
 
@@ -189,8 +196,9 @@ impl Net {
     pub async fn connect(&self, addr: &Address) -> io::Result<BoxStream> {
         let context = |e: io::Error| io::Error::new(e.kind(), format!("connecting to {addr}: {e}"));
         Ok(match addr {
-            Address::Xen(a) => {
-                Box::new(self.xen(addr)?.connect(*a, self.xen_connect_wait).await.map_err(context)?)
+            Address::Xen(a) => self.connect_xen(Target::Cid(a.cid), a.port).await.map_err(context)?,
+            Address::XenName { name, port } => {
+                self.connect_xen(Target::Name(name.clone()), *port).await.map_err(context)?
             }
             Address::Vsock { cid, port } => Box::new(
                 tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port))
@@ -210,7 +218,16 @@ impl Net {
     pub async fn listen(&self, addr: &Address) -> io::Result<Listener> {
         let context = |e: io::Error| io::Error::new(e.kind(), format!("listening on {addr}: {e}"));
         Ok(match addr {
-            Address::Xen(a) => Listener::Xen(self.xen(addr)?.listen(a.port).map_err(context)?, *a),
+            Address::Xen(a) => match self.xen() {
+                Xen::Local(d, _) => Listener::Xen(d.listen(a.port).map_err(context)?, *a),
+                Xen::Agent(agent) => Listener::Agent(agent.listen(a.port).await.map_err(context)?, *a),
+            },
+            Address::XenName { .. } => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("listening on {addr}: a domain listens on its own ports (xen:self:PORT)"),
+                ));
+            }
             Address::Vsock { cid, port } => Listener::Vsock(
                 tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
                     .map_err(context)?,

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dombus_rpc::client::ConnectFailed;
-use dombus_rpc::transport::{XenListener, XenSockets};
+use dombus_rpc::transport::{DomainSockets, PortListener};
 use dombus_rpc::{Address, ClientConfig, Net, RpcError, ServeHandle, Server, ServerConfig, connection_lost};
+use dombus_transport_xen::DomId;
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::mux::VsockStream;
 use tarpc::context;
@@ -68,7 +69,7 @@ struct Nowhere {
 
 type ConnectFuture<'a> = Pin<Box<dyn Future<Output = io::Result<VsockStream>> + Send + 'a>>;
 
-impl XenSockets for Nowhere {
+impl DomainSockets for Nowhere {
     fn connect(&self, addr: VsockAddr, _wait: Option<Duration>) -> ConnectFuture<'_> {
         self.attempts.lock().unwrap().push(Instant::now());
         let hang = self.hang;
@@ -79,11 +80,17 @@ impl XenSockets for Nowhere {
             Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens on {addr}")))
         })
     }
-    fn listen(&self, _port: u32) -> io::Result<Box<dyn XenListener>> {
+    fn listen(&self, _port: u32) -> io::Result<Box<dyn PortListener>> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
-    fn domid(&self) -> u32 {
-        2
+    fn domid(&self) -> DomId {
+        DomId(2)
+    }
+    fn resolve(&self, name: &str) -> io::Result<DomId> {
+        Err(io::Error::new(io::ErrorKind::NotFound, format!("no domain is named {name:?}")))
+    }
+    fn links(&self) -> Vec<(DomId, usize)> {
+        Vec::new()
     }
 }
 

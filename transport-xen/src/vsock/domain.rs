@@ -301,8 +301,12 @@ impl<B: Backend + Clone> VsockDomain<B> {
     /// This domain's links that are up: the peer and the connections open on the link.
     pub fn links(&self) -> Vec<(DomId, usize)> {
         let l = self.inner.listening.lock().unwrap_or_else(|p| p.into_inner());
-        let mut links: Vec<(DomId, usize)> =
-            l.links.iter().filter(|(_, m)| m.stopped().is_none()).map(|(&d, m)| (d, m.connections())).collect();
+        let mut links: Vec<(DomId, usize)> = l
+            .links
+            .iter()
+            .filter(|(_, m)| m.stopped().is_none())
+            .map(|(&d, m)| (d, m.connections()))
+            .collect();
         links.sort_unstable();
         links
     }

@@ -1,9 +1,10 @@
-//! A link one domain cannot set up: the waiting peer fails at once with the reason, and a later
-//! attempt is not failed by the stale reason.
+//! A link one domain cannot set up: the waiting peer fails at once with the reason, a later
+//! attempt is not failed by the stale reason, and a peer's orderly exit is no warning.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{LIVENESS, Scratch};
@@ -176,4 +177,67 @@ async fn a_full_map_table_fails_a_link_at_once_with_the_reason() {
     drop(held);
     echo_once(&server, VsockAddr::new(2, 5000)).await;
     echo_once(&full, VsockAddr::new(1, 5000)).await;
+}
+
+/// Levels and messages of the events logged on this thread.
+#[derive(Clone, Default)]
+struct Recorded(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Recorded {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        self.0.lock().unwrap().push((*event.metadata().level(), message.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A peer that closes its links and goes away is logged below warning level, on both sides (both
+/// domains run on this test's one thread, so the recorder sees them both).
+#[tokio::test]
+async fn a_peers_orderly_exit_is_not_a_warning() {
+    let recorded = Recorded::default();
+    let _log = tracing::subscriber::set_default(recorded.clone());
+    let (_dir, _hv, sock) = hv("setup-exit");
+    let (leaving, _) = domain(&sock, 1);
+    let (staying, _) = domain(&sock, 2);
+    let mut listener = leaving.listen(5000).unwrap();
+    let (s, accepted) = tokio::join!(
+        tokio::time::timeout(LIVENESS, staying.connect(VsockAddr::new(1, 5000))),
+        tokio::time::timeout(LIVENESS, listener.accept()),
+    );
+    let (mut s, mut accepted) = (s.unwrap().unwrap(), accepted.unwrap().unwrap());
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(LIVENESS, accepted.read_exact(&mut got)).await.unwrap().unwrap();
+
+    // Domain 1 goes: its connection, its listener, its links and its store connection.
+    drop((accepted, listener, leaving));
+    // The staying side's connection ends when its link stops, which is logged first.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIVENESS, s.read_to_end(&mut rest)).await.expect("the link never stopped");
+    let events = recorded.0.lock().unwrap().clone();
+    let stops: Vec<_> = events.iter().filter(|(_, m)| m.contains("virtual-socket link stopped")).collect();
+    assert!(!stops.is_empty(), "no link stop was logged: {events:?}");
+    let warnings: Vec<_> = events.iter().filter(|(l, _)| *l <= tracing::Level::WARN).collect();
+    assert!(warnings.is_empty(), "an orderly exit logged warnings: {warnings:?}");
 }

@@ -16,25 +16,37 @@
 //! when all of them collapse into one for `/local/domain`, it reads every domain's (which needs
 //! the right to list `/local/domain`: dom0's). So a flood loses nobody's request.
 //!
+//! A domain that cannot set up its half of a link a peer waits for (a full grant table, a refused
+//! map, a store error) tells that peer why at once, in a node only the two of them may read (see
+//! [`super::setup_failure`]); the waiting peer, woken by the same watch, fails its set-up with
+//! [`PeerSetupFailed`] instead of waiting out [`VsockConfig::link_timeout`]. Each attempt of the
+//! waiting side carries a fresh number (its request's value, or the published link's `attempt`
+//! node) and only an account naming it counts, so an account left from an earlier attempt never
+//! fails a fresh one; a domain removes its account once the link to that peer is up.
+//!
 //! Listeners announce themselves at `/local/domain/<id>/data/dombus/listen/<port>` (readable by
 //! all), so that [`VsockDomain::connect_wait`] can wait for a service that is not up yet, woken
 //! by a store watch rather than by timed retries.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
 use super::mux::{ListenerCloser, Mux, MuxListener, VsockStream};
 use super::session::SessionConfig;
+use super::setup_failure::{
+    ATTEMPT_KEY, PeerSetupFailed, decode_failure, encode_failure, failure_path, failure_writer, parse_attempt,
+};
 use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch, publish};
-use crate::link::{Link, LinkConfig, Pollable, register};
+use crate::link::{Link, LinkConfig, LinkError, Pollable, register};
 use crate::types::DomId;
 
 /// How a domain's virtual sockets behave.
@@ -111,6 +123,12 @@ struct Inner<B: Backend + Clone> {
     setups: StdMutex<HashMap<DomId, Setup>>,
     /// Set-up attempts made on request, ever (an observable for tests and status).
     setup_attempts: AtomicU64,
+    /// The number of this domain's next set-up attempt (random start, so that a restarted
+    /// domain does not reuse the numbers its peers' old accounts name).
+    next_attempt: AtomicU64,
+    /// Set-ups waiting for a peer's half, by peer (at most one each: set-up for a peer is
+    /// serialised), woken when that peer's failure account may have changed.
+    awaiting: StdMutex<HashMap<DomId, Arc<Notify>>>,
 }
 
 /// The set-up on request of the link to one peer.
@@ -172,13 +190,17 @@ fn listen_path(dom: DomId, port: u32) -> String {
     format!("/local/domain/{}/data/dombus/listen/{}", dom.0, port)
 }
 
-fn store_io(e: BackendError) -> io::Error {
-    let kind = match &e {
+/// The kind of I/O error a hypervisor or store error is.
+fn backend_kind(e: &BackendError) -> io::ErrorKind {
+    match e {
         BackendError::NotFound(_) => io::ErrorKind::NotFound,
         BackendError::PermissionDenied(_) => io::ErrorKind::PermissionDenied,
         _ => io::ErrorKind::Other,
-    };
-    io::Error::new(kind, e)
+    }
+}
+
+fn store_io(e: BackendError) -> io::Error {
+    io::Error::new(backend_kind(&e), e)
 }
 
 impl<B: Backend + Clone> VsockDomain<B> {
@@ -194,12 +216,15 @@ impl<B: Backend + Clone> VsockDomain<B> {
             listening: StdMutex::new(Listening::default()),
             setups: StdMutex::new(HashMap::new()),
             setup_attempts: AtomicU64::new(0),
+            next_attempt: AtomicU64::new(RandomState::new().hash_one(me)),
+            awaiting: StdMutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         let watcher = tokio::spawn(async move {
             while let Ok(paths) = watch.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 for p in paths {
+                    inner.failure_changed(&p);
                     let peers = match p.strip_prefix("/local/domain").map(|r| r.trim_start_matches('/')) {
                         // The watch's first event, or its events collapsed: read them all again.
                         Some("") => inner.all_wanted(),
@@ -432,30 +457,10 @@ impl<B: Backend + Clone> Inner<B> {
         if let Some(mux) = guard.as_ref().filter(|m| m.stopped().is_none()) {
             return Ok(mux.clone());
         }
-        let store = self.backend.store();
-        let link = if self.me < peer {
-            let rel = format!("data/dombus/link/{}", peer.0);
-            let listener =
-                Link::listen(&self.backend, &rel, peer, &self.cfg.link).map_err(io::Error::from)?;
-            tokio::time::timeout(self.cfg.link_timeout, listener.accept()).await
-        } else {
-            // Ask the lower domain to publish, then join.
-            let want = want_path(self.me, peer);
-            let perms =
-                [Perm { domid: self.me, kind: PermKind::None }, Perm { domid: peer, kind: PermKind::Read }];
-            publish(store, &want, b"1", &perms).map_err(store_io)?;
-            let path = link_path(peer, self.me);
-            tokio::time::timeout(
-                self.cfg.link_timeout,
-                Link::connect(&self.backend, &path, peer, &self.cfg.link),
-            )
-            .await
-        };
-        let link = link
-            .map_err(|_| {
-                io::Error::new(io::ErrorKind::TimedOut, format!("domain {peer} did not join the link"))
-            })?
-            .map_err(io::Error::from)?;
+        let link = self.set_up(peer).await?;
+        // Up: an account this domain gave of an earlier failure no longer holds. It goes before
+        // the link carries anything, so once the peer's first connection is answered it is gone.
+        self.clear_failure(peer);
         let mux = {
             // Every listener of this domain also listens on the new link, from its first packet.
             let mut l = self.listening.lock().unwrap_or_else(|p| p.into_inner());
@@ -472,6 +477,163 @@ impl<B: Backend + Clone> Inner<B> {
         tracing::debug!(me = %self.me, %peer, "virtual-socket link up");
         *guard = Some(mux.clone());
         Ok(mux)
+    }
+
+    /// Sets up this domain's half of the link to `peer`, then waits up to the link timeout for
+    /// the peer's half, or for the peer's account of why it cannot set up its own.
+    async fn set_up(&self, peer: DomId) -> io::Result<Link<B>> {
+        let attempt = self.next_attempt.fetch_add(1, Ordering::Relaxed);
+        // Registered before the attempt is published: no change to the peer's account is missed.
+        let awaiting = Awaiting::register(self, peer);
+        let store = self.backend.store();
+        let perms = self.perms_for(peer);
+        let joined = if self.me < peer {
+            let rel = format!("data/dombus/link/{}", peer.0);
+            // The attempt's number before the link: a client that sees the link also finds it.
+            let attempt_path = format!("{}/{ATTEMPT_KEY}", link_path(self.me, peer));
+            let listener = publish(store, &attempt_path, attempt.to_string().as_bytes(), &perms)
+                .map_err(LinkError::from)
+                .and_then(|()| Link::listen(&self.backend, &rel, peer, &self.cfg.link))
+                .map_err(|e| {
+                    let _ = store.rm(&link_path(self.me, peer));
+                    self.own_failure(peer, e)
+                })?;
+            tokio::time::timeout(self.cfg.link_timeout, async {
+                tokio::select! {
+                    accepted = listener.accept() => accepted.map_err(io::Error::from),
+                    failed = awaiting.peer_failure(attempt) => Err(failed),
+                }
+            })
+            .await
+        } else {
+            // Ask the lower domain to publish, then join.
+            let want = want_path(self.me, peer);
+            publish(store, &want, attempt.to_string().as_bytes(), &perms)
+                .map_err(|e| self.own_failure(peer, e.into()))?;
+            let path = link_path(peer, self.me);
+            tokio::time::timeout(self.cfg.link_timeout, async {
+                tokio::select! {
+                    joined = Link::connect(&self.backend, &path, peer, &self.cfg.link) => {
+                        joined.map_err(|e| self.own_failure(peer, e))
+                    }
+                    failed = awaiting.peer_failure(attempt) => Err(failed),
+                }
+            })
+            .await
+        };
+        joined.map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, format!("domain {peer} did not join the link"))
+        })?
+    }
+
+    /// Store permissions of a node this domain keeps for `peer` alone: the owner's, and `peer`'s
+    /// to read.
+    fn perms_for(&self, peer: DomId) -> [Perm; 2] {
+        [Perm { domid: self.me, kind: PermKind::None }, Perm { domid: peer, kind: PermKind::Read }]
+    }
+
+    /// This domain's half of the link to `peer` failed with `why`: tells the peer (if it waits)
+    /// and gives the caller the error, naming the link.
+    fn own_failure(&self, peer: DomId, why: LinkError) -> io::Error {
+        tracing::debug!(me = %self.me, %peer, error = %why, "could not set up our half of the link");
+        self.report_failure(peer, &why);
+        let msg = format!("could not set up the link to domain {peer}: {why}");
+        let kind = match &why {
+            LinkError::Backend(e) => backend_kind(e),
+            _ => io::Error::from(why).kind(),
+        };
+        io::Error::new(kind, msg)
+    }
+
+    /// Writes why this domain could not set up its half of the link to `peer`, for the peer's
+    /// current attempt (read from its request, or from the link it published). A peer that has
+    /// no attempt to name waits for nothing and is told nothing.
+    fn report_failure(&self, peer: DomId, why: &LinkError) {
+        let store = self.backend.store();
+        let attempt_path = if peer > self.me {
+            want_path(peer, self.me)
+        } else {
+            format!("{}/{ATTEMPT_KEY}", link_path(peer, self.me))
+        };
+        let Some(attempt) = store.read(&attempt_path).ok().and_then(|raw| parse_attempt(&raw)) else {
+            return;
+        };
+        let account = encode_failure(attempt, &why.to_string());
+        let path = failure_path(self.me, peer);
+        if let Err(e) = publish(store, &path, account.as_bytes(), &self.perms_for(peer)) {
+            tracing::debug!(%path, error = %e, "cannot tell the peer why the link could not be set up");
+        }
+    }
+
+    /// Removes this domain's account of a failure to set up the link to `peer`, if any.
+    fn clear_failure(&self, peer: DomId) {
+        let path = failure_path(self.me, peer);
+        match self.backend.store().rm(&path) {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => tracing::debug!(%path, error = %e, "cannot remove a stale link set-up failure"),
+        }
+    }
+
+    /// Wakes the set-up waiting for the domain whose failure account `path` may have changed:
+    /// the account itself, or a collapsed event for that domain (or for all of them).
+    fn failure_changed(&self, path: &str) {
+        let awaiting = self.awaiting.lock().unwrap_or_else(|p| p.into_inner());
+        if awaiting.is_empty() {
+            return;
+        }
+        match path.strip_prefix("/local/domain").map(|r| r.trim_start_matches('/')) {
+            Some("") => awaiting.values().for_each(|n| n.notify_one()),
+            Some(d) if !d.contains('/') => {
+                if let Some(n) = d.parse().ok().and_then(|d| awaiting.get(&DomId(d))) {
+                    n.notify_one();
+                }
+            }
+            _ => {
+                if let Some(n) = failure_writer(path, self.me).and_then(|d| awaiting.get(&d)) {
+                    n.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// A set-up waiting for a peer's half of the link: while it lives, the domain's watch wakes it
+/// whenever that peer's failure account may have changed.
+struct Awaiting<'a, B: Backend + Clone> {
+    inner: &'a Inner<B>,
+    peer: DomId,
+    changed: Arc<Notify>,
+}
+
+impl<'a, B: Backend + Clone> Awaiting<'a, B> {
+    fn register(inner: &'a Inner<B>, peer: DomId) -> Self {
+        let changed = Arc::new(Notify::new());
+        inner.awaiting.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, changed.clone());
+        Awaiting { inner, peer, changed }
+    }
+
+    /// Resolves once the peer's account names `attempt`, with the error to fail the set-up with.
+    async fn peer_failure(&self, attempt: u64) -> io::Error {
+        let path = failure_path(self.peer, self.inner.me);
+        loop {
+            // A change after this read leaves a permit in `changed`: none is missed.
+            if let Ok(raw) = self.inner.backend.store().read(&path)
+                && let Some(reason) = decode_failure(&raw, attempt)
+            {
+                tracing::debug!(me = %self.inner.me, peer = %self.peer, %reason, "the peer could not set up the link");
+                return io::Error::other(PeerSetupFailed { peer: self.peer, reason });
+            }
+            self.changed.notified().await;
+        }
+    }
+}
+
+impl<B: Backend + Clone> Drop for Awaiting<'_, B> {
+    fn drop(&mut self) {
+        let mut awaiting = self.inner.awaiting.lock().unwrap_or_else(|p| p.into_inner());
+        if awaiting.get(&self.peer).is_some_and(|n| Arc::ptr_eq(n, &self.changed)) {
+            awaiting.remove(&self.peer);
+        }
     }
 }
 

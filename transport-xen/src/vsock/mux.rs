@@ -164,7 +164,11 @@ impl State {
 
     fn stop(&mut self, why: MuxError) {
         if self.stopped.is_none() {
-            tracing::warn!(error = %why, "virtual-socket link stopped");
+            match &why {
+                MuxError::Violation(_) => tracing::warn!(error = %why, "virtual-socket link stopped"),
+                MuxError::LinkLost(_) => tracing::info!(error = %why, "virtual-socket link stopped"),
+                MuxError::Closed => tracing::debug!(error = %why, "virtual-socket link stopped"),
+            }
             self.stopped = Some(why);
         }
         self.session.peer_gone();

@@ -222,7 +222,7 @@ mod tests {
         assert!(matches!(e("xen:1:"), XenAddrError::Port(_)));
         assert!(matches!(e("xen:1:+5"), XenAddrError::Port(_)));
         assert!(matches!(e("xen:1:99999999999"), XenAddrError::Port(_)));
-        assert!(e("xen:x:1").to_string().contains("`self` or `backend`"));
+        assert!(e("xen:1x:1").to_string().contains("`self`, `backend` or a domain name"));
         assert_eq!(e("xen:1:x").to_string(), "\"x\" is not a port: expected a number from 0 to 4294967295");
         assert_eq!(
             "xen:1".parse::<Address>().unwrap_err().to_string(),

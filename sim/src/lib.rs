@@ -62,5 +62,7 @@ pub mod store;
 mod token;
 pub mod xenstored;
 
-pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV};
+pub use client::{
+    Ended, SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV,
+};
 pub use daemon::{QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle, SimStopper};

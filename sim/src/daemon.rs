@@ -186,6 +186,9 @@ struct State {
     key: Secret,
     /// Domains created and waiting for their process: name and token.
     created: BTreeMap<DomId, (String, Secret)>,
+    /// Those of `created` that a migration made: their token is the migrated process's alone,
+    /// so creating them again (which would hand out a new token) is refused.
+    migrated: std::collections::BTreeSet<DomId>,
 }
 
 type Answer = (Result<Reply, WireError>, Fds);
@@ -206,6 +209,7 @@ impl State {
             next_id: 0,
             key,
             created: BTreeMap::new(),
+            migrated: std::collections::BTreeSet::new(),
         }
     }
 
@@ -290,6 +294,11 @@ impl State {
             Some(id) if self.attached(id) => {
                 return Err(WireError::AlreadyExists(format!("domain {id} is already attached")));
             }
+            Some(id) if self.migrated.contains(&id) => {
+                return Err(WireError::AlreadyExists(format!(
+                    "domain {id} is a migrated domain waiting for its process to attach"
+                )));
+            }
             Some(id) => id,
             None => {
                 let free = (1..=DomId::MAX_GUEST.0)
@@ -354,6 +363,7 @@ impl State {
             Err(e) => tracing::warn!("migrating domain {d} to {to}: cannot introduce its name: {e}"),
         }
         self.created.insert(to, (name.clone(), secret));
+        self.migrated.insert(to);
         out.push(&ServerMsg::Migrated { to, token: token::token_text(to, &secret) }, Vec::new());
         // No more requests: the connection's thread reads what is queued, then the end.
         let _ = rustix::net::shutdown(&*out.sock, Shutdown::Read);
@@ -367,6 +377,7 @@ impl State {
         let (id, name) = match Credential::parse(credential) {
             Some(Credential::Key(k)) if k.matches(&self.key) => (DomId::DOM0, "Domain-0".to_string()),
             Some(Credential::Token(id, t)) if self.created.get(&id).is_some_and(|(_, s)| s.matches(&t)) => {
+                self.migrated.remove(&id);
                 (id, self.created.remove(&id).map(|(name, _)| name).unwrap_or_default())
             }
             _ => {

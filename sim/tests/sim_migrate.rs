@@ -138,6 +138,12 @@ fn migrating_needs_the_toolstack_and_an_attached_guest() {
     let to = SimBackend::migrate(&path, DomId(1)).unwrap();
     let guess = format!("{}-{}", to.0, "ab".repeat(32));
     assert!(matches!(SimBackend::attach(&path, &guess), Err(BackendError::PermissionDenied(_))));
+    // Not even the toolstack can hand out another token for it.
+    assert!(matches!(
+        SimBackend::create_domain(&path, Some(to), "thief"),
+        Err(BackendError::AlreadyExists(_))
+    ));
+    assert_ne!(SimBackend::create_domain(&path, None, "other").unwrap().0, to);
     assert_eq!(dom1.resume().unwrap().domid(), to);
 }
 

@@ -3,12 +3,15 @@
 //! Each packet names its source and destination port. Here: [`VsockAddr`], the wire header ([`packet`]), the sans-IO [`session`]
 //! of all connections on a link with credit flow control, and its tokio shell over one link
 //! ([`mux`]), and [`domain::VsockDomain`]: connections between any two domains, one link per
-//! pair set up on demand through the store.
+//! pair set up on demand through the store. A connection whose link is gone fails with a
+//! [`TransportReset`].
 
 mod addr;
 pub mod domain;
 pub mod mux;
 pub mod packet;
+mod reset;
 pub mod session;
 
 pub use addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
+pub use reset::{TransportReset, is_transport_reset, transport_reset};

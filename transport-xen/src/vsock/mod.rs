@@ -10,7 +10,7 @@ mod addr;
 pub mod domain;
 pub mod mux;
 pub mod packet;
-mod reset;
+pub mod reset;
 pub mod session;
 
 pub use addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};

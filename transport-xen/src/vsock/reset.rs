@@ -72,9 +72,14 @@ mod tests {
         assert!(is_transport_reset(&e));
         assert_eq!(transport_reset(&e), Some(&reset));
         assert!(e.to_string().contains("domain 3"), "{e}");
-        // Wrapped by a layer above, it is still one.
-        let wrapped = io::Error::other(e);
+        // Wrapped by a layer above, as an io::Error's payload or as another error's source,
+        // it is still one.
+        #[derive(Debug, thiserror::Error)]
+        #[error("call failed")]
+        struct CallFailed(#[source] io::Error);
+        let wrapped = io::Error::other(CallFailed(io::Error::other(e)));
         assert!(is_transport_reset(&wrapped));
+        assert_eq!(transport_reset(&wrapped), Some(&reset));
         // A live peer's RST, or any plain error, is not.
         assert!(!is_transport_reset(&io::Error::new(
             io::ErrorKind::ConnectionReset,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
@@ -37,14 +37,68 @@ struct PortEntry {
     slot: Arc<OwnedFd>,
 }
 
+/// How an attachment ended (see [`SimBackend::ended`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The toolstack migrated the domain: the old id is dead, and [`SimBackend::resume`]
+    /// attaches as `to` (once).
+    Migrated {
+        /// The domain's new id.
+        to: DomId,
+    },
+    /// The connection to the simulator was lost (the simulator stopped, disconnected this
+    /// domain, or every handle was dropped).
+    Lost {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the reader learned about the end of the attachment.
 #[derive(Default)]
+struct End {
+    ended: Option<Ended>,
+    /// The one-time token to attach as the new id, until [`SimBackend::resume`] spends it.
+    token: Option<String>,
+}
+
 struct Shared {
     /// Waiters by request id, watch queues by watch id.
     core: ClientCore<u64, SyncSender<Answer>, u64>,
     ports: Mutex<HashMap<u32, PortEntry>>,
+    end: Mutex<End>,
+    /// An eventfd made readable (and never drained) once `end.ended` is set.
+    ended_fd: OwnedFd,
 }
 
 impl Shared {
+    /// The new id, if the domain was migrated.
+    fn migrated(&self) -> Option<DomId> {
+        match lock(&self.end).ended {
+            Some(Ended::Migrated { to }) => Some(to),
+            _ => None,
+        }
+    }
+
+    /// Records how the attachment ended (the first word wins) and wakes whoever waits for it.
+    fn set_ended(&self, how: Ended, token: Option<String>) {
+        let mut end = lock(&self.end);
+        if end.ended.is_none() {
+            end.ended = Some(how);
+            end.token = token;
+            signal(&self.ended_fd);
+        }
+    }
+
+    /// The error an operation fails with once the connection is dead: `Migrated` if the domain
+    /// was migrated, else `Disconnected` with the reason.
+    fn gone(&self, fallback: impl FnOnce() -> String) -> BackendError {
+        match self.migrated() {
+            Some(to) => BackendError::Migrated { to },
+            None => BackendError::Disconnected(self.core.dead().unwrap_or_else(fallback)),
+        }
+    }
+
     /// Applies one message from the daemon. Returns `Err` on a protocol violation.
     fn dispatch(&self, msg: ServerMsg, fds: Vec<OwnedFd>) -> std::result::Result<(), String> {
         let mut fds: Fds = fds.into_iter().map(Arc::new).collect();
@@ -73,6 +127,16 @@ impl Shared {
             ServerMsg::Event(Event::Watch { watch, path }) => {
                 self.core.deliver(&watch, path);
             }
+            ServerMsg::Migrated { to, token } => {
+                if token.len() > proto::MAX_TOKEN {
+                    return Err(format!("migration token of {} bytes from the simulator", token.len()));
+                }
+                if lock(&self.end).ended.is_some() {
+                    return Err("a second migration notice from the simulator".into());
+                }
+                tracing::info!("this domain was migrated: it is domain {to} now");
+                self.set_ended(Ended::Migrated { to }, Some(token));
+            }
             ServerMsg::Fatal { reason } => {
                 return Err(format!("disconnected by the simulator: {reason}"));
             }
@@ -99,6 +163,7 @@ impl Shared {
         };
         tracing::debug!("domain {domid}: connection closed: {reason}");
         let _ = rustix::net::shutdown(&sock, Shutdown::Both);
+        self.set_ended(Ended::Lost { reason: reason.clone() }, None);
         self.core.fail(reason);
     }
 }
@@ -107,6 +172,8 @@ struct Conn {
     sock: OwnedFd,
     shared: Arc<Shared>,
     domid: DomId,
+    /// The simulator's socket (to attach again after a migration).
+    path: PathBuf,
 }
 
 impl Drop for Conn {
@@ -119,11 +186,14 @@ impl Drop for Conn {
 
 impl Conn {
     fn call(&self, op: Op) -> Result<(Reply, Fds)> {
+        if let Some(to) = self.shared.migrated() {
+            return Err(BackendError::Migrated { to });
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let id = self.shared.core.register(tx).map_err(BackendError::Disconnected)?;
+        let id = self.shared.core.register(tx).map_err(|e| self.shared.gone(|| e))?;
         let sent = proto::encode(&ClientMsg { id, op }).map_err(BackendError::from).and_then(|bytes| {
             fdpass::send(self.sock.as_fd(), &bytes, &[])
-                .map_err(|e| BackendError::Disconnected(format!("send to the simulator failed: {e}")))
+                .map_err(|e| self.shared.gone(|| format!("send to the simulator failed: {e}")))
         });
         if let Err(e) = sent {
             self.shared.core.complete(id);
@@ -132,9 +202,7 @@ impl Conn {
         match rx.recv() {
             Ok((Ok(reply), fds)) => Ok((reply, fds)),
             Ok((Err(e), _)) => Err(e.into()),
-            Err(_) => Err(BackendError::Disconnected(
-                self.shared.core.dead().unwrap_or_else(|| "connection to the simulator lost".into()),
-            )),
+            Err(_) => Err(self.shared.gone(|| "connection to the simulator lost".into())),
         }
     }
 
@@ -197,14 +265,24 @@ impl Conn {
                 .map_err(|e| BackendError::io("socket", e.into()))?;
         rustix::net::connect(&sock, &addr).map_err(unavailable)?;
         let dup = rustix::io::fcntl_dupfd_cloexec(&sock, 0).map_err(|e| BackendError::io("dup", e.into()))?;
-        let shared = Arc::new(Shared::default());
+        let ended_fd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| BackendError::io("eventfd", e.into()))?;
+        let shared = Arc::new(Shared {
+            core: ClientCore::default(),
+            ports: Mutex::default(),
+            end: Mutex::default(),
+            ended_fd,
+        });
         let reader_shared = shared.clone();
         let tag = tag.to_string();
         std::thread::Builder::new()
             .name("simxen-client".into())
             .spawn(move || reader_shared.reader(dup, tag))
             .map_err(|e| BackendError::io("spawning the simulator reader thread", e))?;
-        Ok(Conn { sock, shared, domid: DomId::INVALID })
+        Ok(Conn { sock, shared, domid: DomId::INVALID, path: path.to_path_buf() })
     }
 }
 
@@ -272,6 +350,84 @@ impl SimBackend {
         }
         let (_, token) = create(&conn, &key, domid, name)?;
         SimBackend::hello(conn, &token)
+    }
+
+    /// Migrates domain `domid`, as the toolstack: the new id it runs on. The old id ends exactly
+    /// as a death does (its grants are revoked, its event channels closed and their peers
+    /// signalled, its store home removed and `@releaseDomain` fired); its name is introduced
+    /// under the new id. The process attached as `domid` learns of it at once
+    /// ([`SimBackend::ended`], [`SimBackend::wait_ended`]), every later operation of it fails
+    /// with [`BackendError::Migrated`], and [`SimBackend::resume`] attaches it as the new id
+    /// with a one-time token the simulator handed that process alone.
+    pub fn migrate(socket: impl AsRef<Path>, domid: DomId) -> Result<DomId> {
+        let path = socket.as_ref();
+        let conn = Conn::open(path, "toolstack")?;
+        match conn.call(Op::Migrate { key: read_key(path)?, domid })? {
+            (Reply::Migrated { to }, _) => Ok(to),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    /// How this attachment ended, once it has: migrated (to which id) or lost.
+    pub fn ended(&self) -> Option<Ended> {
+        lock(&self.conn.shared.end).ended.clone()
+    }
+
+    /// A descriptor that becomes readable once this attachment has ended
+    /// ([`SimBackend::ended`] says how) and stays readable: poll it (epoll, tokio's `AsyncFd`)
+    /// to learn of a migration without polling the simulator. Do not read it.
+    pub fn ended_fd(&self) -> BorrowedFd<'_> {
+        self.conn.shared.ended_fd.as_fd()
+    }
+
+    /// Waits (on the tokio runtime it is polled on) until this attachment has ended: the moment
+    /// the simulator's migration notice arrives, or the connection is lost.
+    pub async fn wait_ended(&self) -> std::io::Result<Ended> {
+        if let Some(e) = self.ended() {
+            return Ok(e);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(std::io::Error::other("wait_ended must be polled inside a tokio runtime"));
+        }
+        let dup = rustix::io::fcntl_dupfd_cloexec(self.ended_fd(), 0)?;
+        // SAFETY: `dup` is an open descriptor owned by the AsyncFd for exactly as long as it is
+        // registered (it is moved in and closed when the AsyncFd is dropped).
+        let fd =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE) }?;
+        loop {
+            let mut guard = fd.readable().await?;
+            if let Some(e) = self.ended() {
+                return Ok(e);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// After a migration ([`Ended::Migrated`]): attaches as the domain's new id with the
+    /// one-time token the simulator sent this attachment, which this spends. Fails with
+    /// `InvalidArgument` if the domain was not migrated, `PermissionDenied` if the token was
+    /// spent already.
+    pub fn resume(&self) -> Result<SimBackend> {
+        let shared = &self.conn.shared;
+        let (to, token) = {
+            let end = lock(&shared.end);
+            match (&end.ended, &end.token) {
+                (Some(Ended::Migrated { to }), Some(token)) => (*to, token.clone()),
+                (Some(Ended::Migrated { to }), None) => {
+                    return Err(BackendError::PermissionDenied(format!(
+                        "this attachment already resumed as domain {to}: its token is spent"
+                    )));
+                }
+                _ => {
+                    return Err(BackendError::InvalidArgument(
+                        "this domain was not migrated: there is nothing to resume".into(),
+                    ));
+                }
+            }
+        };
+        let resumed = SimBackend::hello(Conn::open(&self.conn.path, &to.to_string())?, &token)?;
+        lock(&shared.end).token = None;
+        Ok(resumed)
     }
 
     /// How a process started for a domain attaches as domain `domid`: with the token in
@@ -674,7 +830,7 @@ impl AsFd for SimWatch {
 
 impl StoreWatch for SimWatch {
     fn try_next(&self) -> Result<Option<String>> {
-        self.conn.shared.core.try_next(&self.queue).map_err(BackendError::Disconnected)
+        self.conn.shared.core.try_next(&self.queue).map_err(|e| self.conn.shared.gone(|| e))
     }
 }
 

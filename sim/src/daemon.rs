@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use rustix::event::{PollFd, PollFlags};
@@ -63,6 +63,9 @@ struct Outbox {
     kicked: Arc<AtomicBool>,
     /// Bytes in `tx` not yet written (bounded by [`QUEUE_BYTES`]).
     queued: Arc<AtomicUsize>,
+    /// Set when this connection's domain is migrated (to its new id): the connection is frozen,
+    /// none of its requests acts any more.
+    migrated: Arc<OnceLock<DomId>>,
     domid: DomId,
 }
 
@@ -183,6 +186,9 @@ struct State {
     key: Secret,
     /// Domains created and waiting for their process: name and token.
     created: BTreeMap<DomId, (String, Secret)>,
+    /// Those of `created` that a migration made: their token is the migrated process's alone,
+    /// so creating them again (which would hand out a new token) is refused.
+    migrated: std::collections::BTreeSet<DomId>,
 }
 
 type Answer = (Result<Reply, WireError>, Fds);
@@ -203,6 +209,7 @@ impl State {
             next_id: 0,
             key,
             created: BTreeMap::new(),
+            migrated: std::collections::BTreeSet::new(),
         }
     }
 
@@ -268,10 +275,7 @@ impl State {
     /// the toolstack's privilege, checked against its key. Creating an id again replaces the
     /// token it was created with.
     fn create(&mut self, key: &str, requested: Option<DomId>, name: &str) -> Result<Reply, WireError> {
-        match Credential::parse(key) {
-            Some(Credential::Key(k)) if k.matches(&self.key) => {}
-            _ => return Err(WireError::PermissionDenied("creating a domain needs the toolstack key".into())),
-        }
+        self.check_key(key, "creating a domain")?;
         if name.len() > 256 {
             return Err(WireError::InvalidArgument("domain name longer than 256 bytes".into()));
         }
@@ -289,6 +293,11 @@ impl State {
             }
             Some(id) if self.attached(id) => {
                 return Err(WireError::AlreadyExists(format!("domain {id} is already attached")));
+            }
+            Some(id) if self.migrated.contains(&id) => {
+                return Err(WireError::AlreadyExists(format!(
+                    "domain {id} is a migrated domain waiting for its process to attach"
+                )));
             }
             Some(id) => id,
             None => {
@@ -309,12 +318,66 @@ impl State {
         Ok(Reply::Created { domid: id, token: token::token_text(id, &secret) })
     }
 
+    /// Fails with `PermissionDenied` unless `key` is the toolstack key (`what` needs it).
+    fn check_key(&self, key: &str, what: &str) -> Result<(), WireError> {
+        match Credential::parse(key) {
+            Some(Credential::Key(k)) if k.matches(&self.key) => Ok(()),
+            _ => Err(WireError::PermissionDenied(format!("{what} needs the toolstack key"))),
+        }
+    }
+
+    /// Migrates domain `d`, as the toolstack: Xen moves no grants and the domain id changes.
+    ///
+    /// Freeze: from this call on, no request of `d`'s attachment acts (the connection answers
+    /// each with `Migrated`); then `d` ends exactly as a death does ([`State::death`]); its name
+    /// is introduced under a new id (the lowest free one other than `d`), which waits, like a
+    /// created domain, for its process to attach with a one-time token. That token goes to the
+    /// old attachment alone, as its connection's last message, and the connection is closed.
+    fn migrate(&mut self, key: &str, d: DomId) -> Result<Reply, WireError> {
+        self.check_key(key, "migrating a domain")?;
+        if d == DomId::DOM0 {
+            return Err(WireError::InvalidArgument(
+                "domain 0 is the toolstack's: it does not migrate".into(),
+            ));
+        }
+        if !self.attached(d) {
+            return Err(not_found(format!("domain {d} is not attached")));
+        }
+        if self.created.len() >= MAX_CREATED {
+            return Err(WireError::Limit(format!("{MAX_CREATED} domains created and not attached yet")));
+        }
+        let to = (1..=DomId::MAX_GUEST.0)
+            .map(DomId)
+            .find(|&i| i != d && !self.created.contains_key(&i) && !self.domains.contains_key(&i))
+            .ok_or_else(|| WireError::Limit("no free domain id to migrate to".into()))?;
+        let secret = Secret::random().map_err(|e| io_err("cannot make a token", e))?;
+        let (name, out) = match self.domains.get(&d) {
+            Some(dom) => (dom.name.clone(), dom.out.clone()),
+            None => return Err(not_found(format!("domain {d} is not attached"))),
+        };
+        // Freeze first: the connection's thread checks this under the state lock we hold.
+        let _ = out.migrated.set(to);
+        self.death(d);
+        match self.store.introduce(to, &name) {
+            Ok(fires) => self.deliver(fires),
+            Err(e) => tracing::warn!("migrating domain {d} to {to}: cannot introduce its name: {e}"),
+        }
+        self.created.insert(to, (name.clone(), secret));
+        self.migrated.insert(to);
+        out.push(&ServerMsg::Migrated { to, token: token::token_text(to, &secret) }, Vec::new());
+        // No more requests: the connection's thread reads what is queued, then the end.
+        let _ = rustix::net::shutdown(&*out.sock, Shutdown::Read);
+        tracing::info!("domain {d} ({name}) migrated: it is domain {to} once its process attaches again");
+        Ok(Reply::Migrated { to })
+    }
+
     /// Attaches the connection `out` as the domain its credential names: domain 0 for the
     /// toolstack key, a created domain for its token (spent by this).
     fn attach(&mut self, credential: &str, out: Outbox) -> Result<DomId, WireError> {
         let (id, name) = match Credential::parse(credential) {
             Some(Credential::Key(k)) if k.matches(&self.key) => (DomId::DOM0, "Domain-0".to_string()),
             Some(Credential::Token(id, t)) if self.created.get(&id).is_some_and(|(_, s)| s.matches(&t)) => {
+                self.migrated.remove(&id);
                 (id, self.created.remove(&id).map(|(name, _)| name).unwrap_or_default())
             }
             _ => {
@@ -608,6 +671,7 @@ impl State {
                 plain((Err(WireError::InvalidArgument("already attached".into())), Vec::new()))
             }
             Op::Create { key, domid, name } => plain((self.create(&key, domid, &name), Vec::new())),
+            Op::Migrate { key, domid } => plain((self.migrate(&key, domid), Vec::new())),
             Op::SharePages { remote, count, writable } => plain(self.share(d, remote, count, writable)),
             Op::Revoke { alloc } => {
                 let r = self.dom(d).and_then(|dom| {
@@ -701,6 +765,7 @@ impl Daemon {
             sock: sock.clone(),
             kicked: Arc::new(AtomicBool::new(false)),
             queued: queued.clone(),
+            migrated: Arc::new(OnceLock::new()),
             domid: DomId::INVALID,
         };
         let writer_sock = sock.clone();
@@ -729,7 +794,13 @@ impl Daemon {
             };
             let id = msg.id;
             let mut st = self.lock();
+            // Migrated: nothing it asks acts any more.
+            let frozen = out.migrated.get().copied().filter(|_| domid.is_some());
             let (result, fds, fires) = match (domid, msg.op) {
+                (Some(_), _) if frozen.is_some() => {
+                    let to = frozen.unwrap_or(DomId::INVALID);
+                    (Err(WireError::Migrated { to }), Vec::new(), Vec::new())
+                }
                 (None, Op::Hello { token }) => match st.attach(&token, out.clone()) {
                     Ok(d) => {
                         domid = Some(d);
@@ -745,6 +816,7 @@ impl Daemon {
                 (None, Op::Create { key, domid: requested, name }) => {
                     (st.create(&key, requested, &name), Vec::new(), Vec::new())
                 }
+                (None, Op::Migrate { key, domid: d }) => (st.migrate(&key, d), Vec::new(), Vec::new()),
                 (None, _) => {
                     drop(st);
                     break Some("request before Hello".to_string());
@@ -764,7 +836,7 @@ impl Daemon {
                 }
             };
             let reply = ServerMsg::Reply { id, result };
-            match domid.and_then(|d| st.domains.get(&d)) {
+            match domid.and_then(|d| st.domains.get(&d)).filter(|dom| Arc::ptr_eq(&dom.out.sock, &sock)) {
                 Some(dom) => dom.out.push(&reply, fds),
                 None => out.push(&reply, fds),
             }
@@ -1079,6 +1151,7 @@ mod tests {
                 sock,
                 kicked: Arc::new(AtomicBool::new(false)),
                 queued: Arc::new(AtomicUsize::new(0)),
+                migrated: Arc::new(OnceLock::new()),
                 domid: d,
             };
             let credential = if d == DomId::DOM0 {
@@ -1310,6 +1383,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn migration_hands_the_old_attachment_alone_a_one_time_token() {
+        let mut h = harness(&[0, 1, 2]);
+        let key = token::key_text(&h.st.key);
+        let to = match h.st.migrate(&key, DomId(1)) {
+            Ok(Reply::Migrated { to }) => to,
+            other => panic!("{other:?}"),
+        };
+        assert!(!h.st.domains.contains_key(&DomId(1)), "the old id ended");
+        // The notice is the old attachment's, and no one else's.
+        let notices = |rx: &Receiver<(Vec<u8>, Fds)>| -> Vec<(DomId, String)> {
+            rx.try_iter()
+                .filter_map(|(bytes, _)| match proto::decode::<ServerMsg>(&bytes) {
+                    Ok(ServerMsg::Migrated { to, token }) => Some((to, token)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(notices(&h._rx[0]).is_empty() && notices(&h._rx[2]).is_empty());
+        let got = notices(&h._rx[1]);
+        assert_eq!(got.len(), 1, "one notice to the old attachment");
+        let (notice_to, token) = got[0].clone();
+        assert_eq!(notice_to, to);
+        assert!(token.len() <= proto::MAX_TOKEN);
+        let out = |d: DomId| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
+            let out = Outbox {
+                tx,
+                sock: Arc::new(mem::eventfd().unwrap_or_else(|e| panic!("eventfd: {e}"))),
+                kicked: Arc::new(AtomicBool::new(false)),
+                queued: Arc::new(AtomicUsize::new(0)),
+                migrated: Arc::new(OnceLock::new()),
+                domid: d,
+            };
+            (out, rx)
+        };
+        let (o1, _r1) = out(to);
+        assert_eq!(h.st.attach(&token, o1).ok(), Some(to));
+        assert_eq!(
+            h.st.store.read(DomId(0), &format!("/local/domain/{}/name", to.0)).ok(),
+            Some(b"t".to_vec())
+        );
+        h.st.death(to);
+        let (o2, _r2) = out(to);
+        assert!(matches!(h.st.attach(&token, o2), Err(WireError::PermissionDenied(_))), "the token is spent");
+        // Only the toolstack migrates, and only an attached guest.
+        assert!(matches!(h.st.migrate("toolstack-00", DomId(2)), Err(WireError::PermissionDenied(_))));
+        assert!(matches!(h.st.migrate(&key, DomId(0)), Err(WireError::InvalidArgument(_))));
+        assert!(matches!(h.st.migrate(&key, DomId(1)), Err(WireError::NotFound(_))));
     }
 
     #[test]

@@ -47,6 +47,13 @@
 //!   writes beside its socket ([`SimHypervisor::key_path`], mode 0600 like the socket), creates a
 //!   domain ([`SimBackend::create_domain`]) and hands the process a one-time token to attach with
 //!   ([`SimBackend::attach`], [`TOKEN_ENV`]); the key itself attaches as domain 0.
+//! * **Migration.** The toolstack migrates a domain ([`SimBackend::migrate`]): the daemon stops
+//!   acting on the attachment's requests (the freeze), ends the old id exactly as a death, and
+//!   introduces the name under a new id; the old attachment alone gets the new id and a
+//!   one-time token as its connection's last message. Its process learns it without polling
+//!   ([`SimBackend::ended_fd`], [`SimBackend::wait_ended`]), every later operation of the old
+//!   attachment fails with [`BackendError::Migrated`](dombus_transport_xen::backend::BackendError::Migrated),
+//!   and [`SimBackend::resume`] attaches as the new id.
 //! * **Robustness.** Every message is capped at [`proto::MAX_MSG`]; bad requests get an error
 //!   reply; undecodable or oversize messages disconnect only that domain. Outbound messages go
 //!   through a queue per domain bounded in messages and bytes; a domain that stops reading is
@@ -62,5 +69,7 @@ pub mod store;
 mod token;
 pub mod xenstored;
 
-pub use client::{SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV};
+pub use client::{
+    Ended, SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV,
+};
 pub use daemon::{QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle, SimStopper};

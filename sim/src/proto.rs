@@ -16,6 +16,9 @@ use dombus_transport_xen::types::DomId;
 pub const MAX_MSG: usize = 64 * 1024;
 /// Largest number of file descriptors carried by one message.
 pub const MAX_FDS: usize = 250;
+/// Longest token a client accepts in [`ServerMsg::Migrated`], in bytes (a token is
+/// `<domid>-<64 hex digits>`).
+pub const MAX_TOKEN: usize = 128;
 
 /// A request from a domain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +47,16 @@ pub enum Op {
         domid: Option<DomId>,
         /// Its name, stored at `/local/domain/<id>/name` when it attaches.
         name: String,
+    },
+    /// Migrate a domain, as the toolstack (any connection that presents the key): its old id
+    /// ends as a death does, the same name is introduced under a new id, and the attachment of
+    /// the old id alone is told the new id and a one-time token to attach as it with
+    /// ([`ServerMsg::Migrated`]). Reply: [`Reply::Migrated`].
+    Migrate {
+        /// The toolstack key.
+        key: String,
+        /// The attached guest domain to migrate.
+        domid: DomId,
     },
     /// Allocate and grant pages. Reply: [`Reply::Shared`] + the memfd.
     SharePages {
@@ -177,6 +190,11 @@ pub enum Reply {
         /// The one-time token for [`Op::Hello`].
         token: String,
     },
+    /// A domain was migrated (the token went to its old attachment only).
+    Migrated {
+        /// Its new id.
+        to: DomId,
+    },
     /// The domain id assigned by [`Op::Hello`].
     Attached {
         /// Assigned id.
@@ -242,6 +260,16 @@ pub enum ServerMsg {
     },
     /// An asynchronous event.
     Event(Event),
+    /// This attachment's domain was migrated: its old id has ended, the daemon answers every
+    /// later request with [`WireError::Migrated`] and closes the connection. The last message
+    /// of the connection, sent to this attachment only, at most once.
+    Migrated {
+        /// The domain's new id.
+        to: DomId,
+        /// A one-time token to attach as `to` with ([`Op::Hello`]), at most
+        /// [`MAX_TOKEN`] bytes.
+        token: String,
+    },
     /// The daemon is about to disconnect this domain (protocol violation).
     Fatal {
         /// Why.
@@ -270,6 +298,12 @@ pub enum WireError {
     /// See [`BackendError::Unavailable`].
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// See [`BackendError::Migrated`].
+    #[error("migrated to domain {to}")]
+    Migrated {
+        /// The domain's new id.
+        to: DomId,
+    },
 }
 
 impl From<WireError> for BackendError {
@@ -281,6 +315,7 @@ impl From<WireError> for BackendError {
             WireError::AlreadyExists(s) => BackendError::AlreadyExists(s),
             WireError::Limit(s) => BackendError::Limit(s),
             WireError::Unavailable(s) => BackendError::Unavailable(s),
+            WireError::Migrated { to } => BackendError::Migrated { to },
         }
     }
 }

@@ -136,7 +136,7 @@ impl From<WireError> for Errno {
             WireError::InvalidArgument(_) => "EINVAL",
             WireError::AlreadyExists(_) => "EEXIST",
             WireError::Limit(_) => "E2BIG",
-            WireError::Unavailable(_) => "EIO",
+            WireError::Unavailable(_) | WireError::Migrated { .. } => "EIO",
         })
     }
 }

@@ -237,7 +237,7 @@ fn a_domain_that_does_not_read_large_replies_is_cut_off_by_bytes() {
     loop {
         match recv(&fd, Duration::from_secs(30)) {
             Some(ServerMsg::Reply { .. }) => replies += 1,
-            Some(ServerMsg::Fatal { .. }) | Some(ServerMsg::Event(_)) => {}
+            Some(ServerMsg::Fatal { .. }) | Some(ServerMsg::Event(_)) | Some(ServerMsg::Migrated { .. }) => {}
             None => break,
         }
         assert!(replies < asks, "all {asks} large replies were queued: never disconnected");
@@ -246,4 +246,29 @@ fn a_domain_that_does_not_read_large_replies_is_cut_off_by_bytes() {
     // Everyone else goes on.
     good.store().write("k", b"v").unwrap();
     assert_eq!(good.store().read("k").unwrap(), b"v");
+}
+
+#[test]
+fn a_migrated_connection_gets_one_notice_then_the_end() {
+    let (_hv, sock) = daemon("migrated");
+    let fd = raw(&sock);
+    hello(&fd, &sock, 4);
+    let to = SimBackend::migrate(&sock, DomId(4)).unwrap();
+    // Frozen: nothing more is taken from the old attachment.
+    assert!(send(&fd, &msg(2, Op::Write { path: "after".into(), value: vec![1] })).is_err());
+    let mut got = Vec::new();
+    while let Some(m) = recv(&fd, Duration::from_secs(30)) {
+        got.push(m);
+        assert!(got.len() < 10, "the daemon keeps talking to a migrated attachment: {got:?}");
+    }
+    let token = match got.as_slice() {
+        [ServerMsg::Migrated { to: t, token }] if *t == to => token.clone(),
+        other => panic!("expected one Migrated notice, then the end; got {other:?}"),
+    };
+    assert!(token.len() <= proto::MAX_TOKEN);
+    let dom0 = SimBackend::toolstack(&sock).unwrap();
+    assert!(dom0.store().read(&format!("/local/domain/{}/after", to.0)).is_err());
+    // The token attaches as the new id, once.
+    assert_eq!(SimBackend::attach(&sock, &token).unwrap().domid(), to);
+    assert!(SimBackend::attach(&sock, &token).is_err(), "a migration token is spent once used");
 }

@@ -55,6 +55,15 @@ pub enum BackendError {
     /// The connection to the hypervisor (or simulator) broke.
     #[error("hypervisor connection lost: {0}")]
     Disconnected(String),
+    /// This domain was migrated: its old id ended as a death does (grants revoked, event
+    /// channels closed, store home removed) and it runs on as domain `to`. Nothing done through
+    /// the old attachment acts any more; attach again as `to` (the simulator's
+    /// `SimBackend::resume`).
+    #[error("this domain was migrated; it is domain {to} now: attach again as it")]
+    Migrated {
+        /// The domain's new id.
+        to: DomId,
+    },
     /// An OS error while talking to the device or simulator.
     #[error("{context}: {source}")]
     Io {

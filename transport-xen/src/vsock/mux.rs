@@ -6,6 +6,11 @@
 //! [`VsockStream`] (`AsyncRead` + `AsyncWrite`). Session events wake exactly the tasks of the
 //! connections they name.
 //!
+//! When the link is gone — the peer's domain (or ours) died or was migrated, or the peer let the
+//! link go — every connection, listener and pending connect of the multiplexer fails with a
+//! [`TransportReset`] (see [`super::reset`]); the link's owner ends a link whose pages it knows
+//! are dead (its own domain migrated) with [`Mux::reset`].
+//!
 //! Which ports a domain may listen on, and how links between domains are set up and shared, is
 //! the business of the layer above ([`VsockDomain`](super::domain::VsockDomain)).
 
@@ -20,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 use super::packet::{HEADER_LEN, Header};
+use super::reset::TransportReset;
 use super::session::{
     CloseReason, ConnId, Event, Read, Session, SessionConfig, SessionError, SessionStats, Violation,
 };
@@ -40,7 +46,11 @@ pub enum MuxError {
     /// The peer broke the session protocol; the link was closed.
     #[error("peer broke the virtual-socket protocol: {0}")]
     Violation(Violation),
-    /// The link failed or the peer closed it.
+    /// The peer broke the link's (ring) protocol; the link was closed.
+    #[error("peer broke the link protocol: {0}")]
+    LinkViolation(String),
+    /// The link is gone: the peer's domain or ours died or was migrated, the peer closed the
+    /// link, or [`Mux::reset`] ended it. Connections fail with a [`TransportReset`].
     #[error("link to the peer lost: {0}")]
     LinkLost(String),
     /// Every handle to the multiplexer was dropped.
@@ -250,6 +260,22 @@ impl Mux {
         self.shared.lock().stopped.clone()
     }
 
+    /// Ends the link now as lost ([`MuxError::LinkLost`] with `why`): every connection,
+    /// listener and pending connect fails with a [`TransportReset`], and the tasks let the link
+    /// go. For the link's owner when it knows the link is dead though the rings do not say so
+    /// yet: its own domain was migrated or died (Xen moves no grants, so the pages and event
+    /// channel of every link are gone). No effect on a multiplexer that stopped already.
+    pub fn reset(&self, why: impl Into<String>) {
+        self.shared.lock().stop(MuxError::LinkLost(why.into()));
+        self.shared.closing.notify_one();
+        self.shared.transmit.notify_one();
+    }
+
+    /// The domain at the other end of the link.
+    pub fn peer(&self) -> DomId {
+        self.shared.peer
+    }
+
     /// Number of connections (any state).
     pub fn connections(&self) -> usize {
         self.shared.lock().session.len()
@@ -283,7 +309,7 @@ impl Mux {
         let id = {
             let mut st = self.shared.lock();
             if let Some(e) = &st.stopped {
-                return Err(io::Error::new(io::ErrorKind::NotConnected, e.clone()));
+                return Err(stopped_io(self.shared.peer, e));
             }
             let id = loop {
                 let candidate = ConnId { local: st.next_port, peer: port };
@@ -309,7 +335,7 @@ impl Mux {
                     io::ErrorKind::ConnectionRefused,
                     format!("nothing listens on port {port} of the peer"),
                 ))),
-                Some(Err(r)) => Poll::Ready(Err(closed_io(r))),
+                Some(Err(r)) => Poll::Ready(Err(st.closed_io(self.shared.peer, r))),
                 None => {
                     w.write = Some(cx.waker().clone());
                     Poll::Pending
@@ -368,7 +394,7 @@ impl MuxListener {
         let id = std::future::poll_fn(|cx| {
             let mut st = self.mux.shared.lock();
             if let Some(e) = &st.stopped {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, e.clone())));
+                return Poll::Ready(Err(stopped_io(self.mux.shared.peer, e)));
             }
             let Some(l) = st.listeners.get_mut(&self.port).filter(|l| l.id == self.id) else {
                 return Poll::Ready(Err(io::Error::other("listener removed")));
@@ -428,6 +454,38 @@ impl VsockStream {
     }
 }
 
+/// The error of an operation on a stopped multiplexer: a [`TransportReset`] if the link is
+/// gone, the [`MuxError`] itself otherwise (a violation, or closed locally).
+fn stopped_io(peer: DomId, why: &MuxError) -> io::Error {
+    match why {
+        MuxError::LinkLost(why) => TransportReset { peer, why: why.clone() }.into(),
+        MuxError::Violation(_) | MuxError::LinkViolation(_) => {
+            io::Error::new(io::ErrorKind::ConnectionAborted, why.clone())
+        }
+        MuxError::Closed => io::Error::new(io::ErrorKind::NotConnected, why.clone()),
+    }
+}
+
+impl State {
+    /// The error of a connection that closed for `reason`: a link that went away reports why
+    /// it went ([`stopped_io`]), anything else as [`closed_io`].
+    fn closed_io(&self, peer: DomId, reason: CloseReason) -> io::Error {
+        match (reason, &self.stopped) {
+            (CloseReason::PeerGone, Some(why)) => stopped_io(peer, why),
+            (reason, _) => closed_io(reason),
+        }
+    }
+
+    /// [`session_io`], with a connection closed by the link's loss reported as
+    /// [`State::closed_io`] does.
+    fn session_io(&self, peer: DomId, e: SessionError) -> io::Error {
+        match e {
+            SessionError::Closed(_, reason) => self.closed_io(peer, reason),
+            e => session_io(e),
+        }
+    }
+}
+
 fn closed_io(reason: CloseReason) -> io::Error {
     let kind = match reason {
         CloseReason::Refused => io::ErrorKind::ConnectionRefused,
@@ -462,7 +520,7 @@ impl AsyncRead for VsockStream {
             }
             Ok(Read::Eof) => Poll::Ready(Ok(())),
             Ok(Read::WouldBlock) => match &st.stopped {
-                Some(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, e.clone()))),
+                Some(e) => Poll::Ready(Err(stopped_io(this.mux.shared.peer, e))),
                 None => {
                     if let Some(w) = st.waiters.get_mut(&this.id) {
                         w.read = Some(cx.waker().clone());
@@ -470,7 +528,7 @@ impl AsyncRead for VsockStream {
                     Poll::Pending
                 }
             },
-            Err(e) => Poll::Ready(Err(session_io(e))),
+            Err(e) => Poll::Ready(Err(st.session_io(this.mux.shared.peer, e))),
         };
         drop(st);
         // Reading may have queued a credit update.
@@ -495,7 +553,7 @@ impl AsyncWrite for VsockStream {
                 this.mux.shared.transmit.notify_one();
                 Poll::Ready(Ok(n))
             }
-            Err(e) => Poll::Ready(Err(session_io(e))),
+            Err(e) => Poll::Ready(Err(st.session_io(this.mux.shared.peer, e))),
         }
     }
 
@@ -505,7 +563,8 @@ impl AsyncWrite for VsockStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let r = this.mux.shared.lock().session.shutdown_send(this.id).map_err(session_io);
+        let st = &mut *this.mux.shared.lock();
+        let r = st.session.shutdown_send(this.id).map_err(|e| st.session_io(this.mux.shared.peer, e));
         this.mux.shared.transmit.notify_one();
         Poll::Ready(r)
     }
@@ -551,6 +610,17 @@ async fn wait_for_room(shared: &Shared) -> bool {
     }
 }
 
+/// Why the link failed, from its read or write error: the peer broke the ring protocol
+/// (`InvalidData`), or the link is gone (anything else: the peer's domain died, was migrated or
+/// closed the link; end of stream).
+fn link_failed(e: &io::Error) -> MuxError {
+    match e.kind() {
+        io::ErrorKind::InvalidData => MuxError::LinkViolation(e.to_string()),
+        io::ErrorKind::UnexpectedEof => MuxError::LinkLost("the peer closed the link".into()),
+        _ => MuxError::LinkLost(e.to_string()),
+    }
+}
+
 /// Takes packets off the link into the session until the link or the peer fails.
 async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
     let mut packet = vec![0u8; HEADER_LEN];
@@ -564,7 +634,7 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
             () = shared.closing.notified() => break MuxError::Closed,
         };
         if let Err(e) = header {
-            break MuxError::LinkLost(e.to_string());
+            break link_failed(&e);
         }
         // Validate before trusting the length for the payload read.
         let len = match Header::decode(&packet) {
@@ -573,7 +643,7 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
         };
         packet.resize(HEADER_LEN + len, 0);
         if let Err(e) = rd.read_exact(&mut packet[HEADER_LEN..]).await {
-            break MuxError::LinkLost(e.to_string());
+            break link_failed(&e);
         }
         let handled = {
             let mut st = shared.lock();
@@ -640,11 +710,67 @@ async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
                 sent = wr.write_all(&big).await;
             }
             if let Err(e) = sent {
-                shared.lock().stop(MuxError::LinkLost(e.to_string()));
+                shared.lock().stop(link_failed(&e));
                 shared.drained.notify_one();
                 return;
             }
             shared.drained.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vsock::is_transport_reset;
+
+    fn state(stopped: Option<MuxError>) -> State {
+        State {
+            session: Session::new(SessionConfig::default()),
+            waiters: HashMap::new(),
+            listeners: HashMap::new(),
+            stopped,
+            next_port: FIRST_EPHEMERAL_PORT,
+            next_listener: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_lost_link_is_a_transport_reset() {
+        let peer = DomId(4);
+        let lost = state(Some(MuxError::LinkLost("domain 4 was migrated".into())));
+        let e = lost.closed_io(peer, CloseReason::PeerGone);
+        assert!(is_transport_reset(&e), "{e:?}");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        let id = ConnId { local: 1, peer: 2 };
+        assert!(is_transport_reset(&lost.session_io(peer, SessionError::Closed(id, CloseReason::PeerGone))));
+        assert!(is_transport_reset(&stopped_io(peer, &MuxError::LinkLost("eof".into()))));
+        // A live peer's RST, a refusal, an orderly end: what they always were, and no reset.
+        for (reason, kind) in [
+            (CloseReason::Reset, io::ErrorKind::ConnectionReset),
+            (CloseReason::Refused, io::ErrorKind::ConnectionRefused),
+            (CloseReason::Finished, io::ErrorKind::BrokenPipe),
+        ] {
+            let e = lost.closed_io(peer, reason);
+            assert_eq!(e.kind(), kind);
+            assert!(!is_transport_reset(&e), "{reason:?}: {e:?}");
+        }
+        // A peer that broke the protocol, or a multiplexer closed here, is not a reset either.
+        let violation = MuxError::Violation(Violation::DataAfterShutdown(id));
+        for why in [violation, MuxError::LinkViolation("bad ring index".into()), MuxError::Closed] {
+            let e = state(Some(why.clone())).closed_io(peer, CloseReason::PeerGone);
+            assert!(!is_transport_reset(&e), "{why:?}: {e:?}");
+            assert!(!is_transport_reset(&stopped_io(peer, &why)), "{why:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_link_is_lost_unless_the_peer_broke_it() {
+        let lost =
+            link_failed(&io::Error::new(io::ErrorKind::ConnectionReset, "domain 2 closed the link or died"));
+        assert!(matches!(lost, MuxError::LinkLost(_)));
+        assert!(matches!(link_failed(&io::ErrorKind::UnexpectedEof.into()), MuxError::LinkLost(_)));
+        let broken = link_failed(&io::Error::new(io::ErrorKind::InvalidData, "bad index"));
+        assert!(matches!(broken, MuxError::LinkViolation(_)));
     }
 }

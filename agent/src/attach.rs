@@ -1,15 +1,22 @@
 //! Attaching this process to its domain's hypervisor: the simulated one (a socket) or real Xen
 //! (`/dev/xen/*` and xenstored). What the agent does at start, and what a process that is its
 //! own agent does (`--sim`/`--xen` in the tools).
+//!
+//! On the simulated hypervisor the attachment follows the domain across migrations: when the
+//! simulator says the domain was migrated, every link of the old incarnation is reset (Xen moves
+//! no grants), the process attaches again as the new id, and the sockets ([`Following`]) move
+//! there, listeners and their announcements with them.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use dombus_sim::{Ended, SimBackend};
 use dombus_transport_xen::DomId;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
+use tokio::sync::watch;
 
-use crate::sockets::DomainSockets;
+use crate::sockets::{DomainSockets, Following};
 
 /// Which hypervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,21 +41,71 @@ pub struct Attach {
 }
 
 impl Attach {
+    fn config(&self) -> VsockConfig {
+        VsockConfig { backend_domain: self.backend_domain, ..VsockConfig::default() }
+    }
+
     /// Attaches and starts the domain's virtual sockets (inside a tokio runtime).
     pub fn start(&self) -> io::Result<Arc<dyn DomainSockets>> {
-        let config = VsockConfig { backend_domain: self.backend_domain, ..VsockConfig::default() };
         Ok(match &self.hypervisor {
             Hypervisor::Sim(sock) => {
-                let backend = dombus_sim::SimBackend::attach_from_env(sock, self.domid).map_err(|e| {
+                let backend = SimBackend::attach_from_env(sock, self.domid).map_err(|e| {
                     io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display()))
                 })?;
-                Arc::new(VsockDomain::start(backend, config)?)
+                Arc::new(follow(backend, self.config())?)
             }
             Hypervisor::Xen => {
                 let backend = dombus_transport_xen::xen::XenBackend::open()
                     .map_err(|e| io::Error::other(format!("real Xen: {e}")))?;
-                Arc::new(VsockDomain::start(backend, config)?)
+                Arc::new(VsockDomain::start(backend, self.config())?)
             }
         })
     }
+}
+
+/// The virtual sockets of the domain `backend` is attached as, following it across migrations
+/// (inside a tokio runtime): a task waits for the simulator's word that the attachment ended.
+pub fn follow(backend: SimBackend, config: VsockConfig) -> io::Result<Following> {
+    let domain = VsockDomain::start(backend.clone(), config.clone())?;
+    let (tx, rx) = watch::channel(Arc::new(domain.clone()) as Arc<dyn DomainSockets>);
+    tokio::spawn(async move {
+        let (mut backend, mut domain) = (backend, domain);
+        loop {
+            let ended = tokio::select! {
+                e = backend.wait_ended() => e,
+                // Nobody uses the sockets any more: let the attachment go.
+                () = tx.closed() => return,
+            };
+            let to = match ended {
+                Ok(Ended::Migrated { to }) => to,
+                Ok(Ended::Lost { reason }) => {
+                    tracing::warn!(domain = %domain.domid(), %reason, "the hypervisor attachment was lost");
+                    domain.reset_links(&format!("this domain's hypervisor attachment was lost: {reason}"));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(domain = %domain.domid(), error = %e, "cannot watch the hypervisor attachment");
+                    return;
+                }
+            };
+            let from = domain.domid();
+            tracing::info!(%from, %to, "this domain was migrated: resetting its links and attaching as the new id");
+            domain.reset_links(&format!("domain {from} was migrated (now domain {to})"));
+            let resumed = backend
+                .resume()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|b| Ok((VsockDomain::start(b.clone(), config.clone())?, b)));
+            match resumed {
+                Ok((d, b)) => {
+                    tx.send_replace(Arc::new(d.clone()));
+                    (backend, domain) = (b, d);
+                }
+                Err(e) => {
+                    tracing::error!(%from, %to, error = %e, "cannot attach as the domain's new id");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Following::new(rx))
 }

@@ -150,7 +150,7 @@ impl AgentListener {
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 format!(
-                    "domain agent at {} closed the listener on port {} (the agent stopped)",
+                    "domain agent at {} closed the listener on port {} (the agent stopped, or the domain is gone)",
                     self.agent.display(),
                     self.port
                 ),

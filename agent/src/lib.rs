@@ -37,12 +37,10 @@ pub use server::{Agent, AgentConfig};
 pub use sockets::{DomainSockets, PortListener};
 
 use dombus_transport_xen::DomId;
+use dombus_transport_xen::vsock::TransportReset;
 
 /// The error a connection ends with when its link was lost: the peer's domain, or ours, died or
-/// migrated (a transport reset).
+/// migrated (a transport reset, recognised by `is_transport_reset` like one in-process).
 pub(crate) fn transport_reset(peer: DomId, reason: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionAborted,
-        format!("transport reset: the link to domain {peer} was lost: {reason}"),
-    )
+    TransportReset { peer, why: reason.to_string() }.into()
 }

@@ -67,12 +67,13 @@ impl AgentConfig {
 
 struct Shared {
     cfg: AgentConfig,
-    domain: watch::Sender<Arc<dyn DomainSockets>>,
+    /// The domain's sockets ([`crate::sockets::Following`] ones follow it across migrations).
+    domain: Arc<dyn DomainSockets>,
     /// Set when the agent stops: every task ends, connections with an `AgentStopping` frame.
     stop: watch::Sender<bool>,
     local: AtomicUsize,
-    /// Ports listened on through the agent, and by how many listeners (one, or a moment two
-    /// while a listener re-listens after a migration).
+    /// Ports listened on through the agent, and by how many listeners (one, or for a moment
+    /// two: a port is free again in the domain before its old listener's task has ended).
     listening: Mutex<BTreeMap<u32, usize>>,
 }
 
@@ -86,7 +87,7 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("socket", &self.shared.cfg.socket)
-            .field("domain", &self.shared.domain.borrow().domid())
+            .field("domain", &self.shared.domain.domid())
             .finish()
     }
 }
@@ -108,7 +109,7 @@ impl Agent {
         let (stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             cfg,
-            domain: watch::Sender::new(domain),
+            domain,
             stop,
             local: AtomicUsize::new(0),
             listening: Mutex::new(BTreeMap::new()),
@@ -128,20 +129,13 @@ impl Agent {
                 }
             }
         });
-        tracing::info!(socket = %shared.cfg.socket.display(), domain = %shared.domain.borrow().domid(), "domain agent ready");
+        tracing::info!(socket = %shared.cfg.socket.display(), domain = %shared.domain.domid(), "domain agent ready");
         Ok(Agent { shared, accept })
     }
 
     /// The socket it serves at.
     pub fn socket(&self) -> &Path {
         &self.shared.cfg.socket
-    }
-
-    /// Serves `domain` from now on (after this domain came back under a new id): listeners
-    /// listen again on the new domain; connections through the old one end with the old
-    /// links.
-    pub fn set_domain(&self, domain: Arc<dyn DomainSockets>) {
-        self.shared.domain.send_replace(domain);
     }
 
     /// What the agent holds.
@@ -190,7 +184,7 @@ fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
 
 impl Shared {
     fn status(&self) -> AgentStatus {
-        let domain = self.domain.borrow().clone();
+        let domain = &self.domain;
         AgentStatus {
             domain: domain.domid(),
             links: domain
@@ -235,7 +229,7 @@ impl Shared {
     }
 
     async fn connect(self: Arc<Self>, mut sock: UnixStream, r: Request, slot: LocalSlot) {
-        let domain = self.domain.borrow().clone();
+        let domain = &self.domain;
         let opened = async {
             let cid = match &r.target {
                 Target::Cid(c) => *c,
@@ -279,9 +273,7 @@ impl Shared {
                 return;
             }
         }
-        let mut domains = self.domain.subscribe();
-        let domain = domains.borrow_and_update().clone();
-        let mut listener = match domain.listen(r.port) {
+        let mut listener = match self.domain.listen(r.port) {
             Ok(l) => l,
             Err(e) => {
                 let _ = sock.write_all(&Reply::error(&e).encode()).await;
@@ -289,8 +281,8 @@ impl Shared {
             }
         };
         let _held = self.hold_port(r.port);
-        if sock.write_all(&Reply::ok(u32::from(domain.domid().0), r.port, Vec::new()).encode()).await.is_err()
-        {
+        let reply = Reply::ok(u32::from(self.domain.domid().0), r.port, Vec::new());
+        if sock.write_all(&reply.encode()).await.is_err() {
             return;
         }
         let mut stop = self.stop.subscribe();
@@ -304,50 +296,14 @@ impl Shared {
                         }
                     }
                     Err(e) => {
-                        // The domain's listener ended (its domain went away): wait for the
-                        // next domain, or for the process to leave.
-                        tracing::debug!(port = r.port, error = %e, "listener ended");
-                        tokio::select! {
-                            _ = domains.changed() => {}
-                            _ = gone(&sock) => return,
-                            _ = stop.changed() => return,
-                        }
-                        listener = match self.relisten(&mut domains, r.port) {
-                            Some(l) => l,
-                            None => return,
-                        };
-                    }
-                },
-                changed = domains.changed() => {
-                    if changed.is_err() {
+                        // The domain's listener ended for good (its domain is gone): closing the
+                        // socket tells the process.
+                        tracing::info!(port = r.port, error = %e, "listener ended");
                         return;
                     }
-                    listener = match self.relisten(&mut domains, r.port) {
-                        Some(l) => l,
-                        None => return,
-                    };
-                }
+                },
                 _ = gone(&sock) => return,
                 _ = stop.changed() => return,
-            }
-        }
-    }
-
-    /// Listens on `port` of the domain just announced.
-    fn relisten(
-        &self,
-        domains: &mut watch::Receiver<Arc<dyn DomainSockets>>,
-        port: u32,
-    ) -> Option<Box<dyn crate::sockets::PortListener>> {
-        let domain = domains.borrow_and_update().clone();
-        match domain.listen(port) {
-            Ok(l) => {
-                tracing::info!(port, domain = %domain.domid(), "listening again under the domain's new id");
-                Some(l)
-            }
-            Err(e) => {
-                tracing::warn!(port, domain = %domain.domid(), error = %e, "cannot listen again after the domain changed");
-                None
             }
         }
     }
@@ -429,13 +385,16 @@ fn hung_up(sock: &UnixStream) -> bool {
         && fds[0].revents().contains(PollFlags::HUP)
 }
 
-/// How a connection's end reads to the process.
-fn end_of(e: &io::Error) -> End {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset => End::Reset,
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::NotConnected => End::TransportReset,
-        _ => End::Failed,
+/// How a connection's end reads to the process, and the reason it carries.
+fn end_of(e: &io::Error) -> (End, String) {
+    if let Some(reset) = dombus_transport_xen::vsock::transport_reset(e) {
+        return (End::TransportReset, reset.why.clone());
     }
+    let kind = match e.kind() {
+        io::ErrorKind::ConnectionReset => End::Reset,
+        _ => End::Failed,
+    };
+    (kind, e.to_string())
 }
 
 /// Moves one connection's bytes between the process's socket and the virtual socket until both
@@ -474,7 +433,8 @@ async fn proxy(sock: UnixStream, stream: VsockStream, mut stop: watch::Receiver<
                     to_proc.write_all(&buf[..DATA_HEADER + n]).await?;
                 }
                 Err(e) => {
-                    to_proc.write_all(&proto::end_frame(end_of(&e), &e.to_string())).await?;
+                    let (kind, reason) = end_of(&e);
+                    to_proc.write_all(&proto::end_frame(kind, &reason)).await?;
                     return Ok(true);
                 }
             }

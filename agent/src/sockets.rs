@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dombus_transport_xen::DomId;
@@ -11,6 +12,7 @@ use dombus_transport_xen::backend::{Backend, BackendError, Store};
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockDomain, VsockListener};
 use dombus_transport_xen::vsock::mux::VsockStream;
+use tokio::sync::watch;
 
 /// A boxed future, as the object-safe traits here return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -101,4 +103,104 @@ fn store_error(e: BackendError, name: &str) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, format!("looking up the domain named {name:?}: {e}"))
+}
+
+/// A domain's virtual sockets that follow the domain across migrations: each call goes to the
+/// domain's current incarnation, and listeners listen again under the domain's new id (their
+/// announcement moves with them), so a listening process never notices. Whoever owns the
+/// attachment sends each new incarnation on the channel; when it drops the sender (the domain
+/// ended for good), listeners end with their last error.
+pub struct Following {
+    current: watch::Receiver<Arc<dyn DomainSockets>>,
+}
+
+impl Following {
+    /// Sockets that follow what `current` says.
+    pub fn new(current: watch::Receiver<Arc<dyn DomainSockets>>) -> Following {
+        Following { current }
+    }
+
+    fn now(&self) -> Arc<dyn DomainSockets> {
+        self.current.borrow().clone()
+    }
+}
+
+impl DomainSockets for Following {
+    fn domid(&self) -> DomId {
+        self.now().domid()
+    }
+
+    fn connect(&self, addr: VsockAddr, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+        let now = self.now();
+        Box::pin(async move { now.connect(addr, wait).await })
+    }
+
+    fn listen(&self, port: u32) -> io::Result<Box<dyn PortListener>> {
+        let mut current = self.current.clone();
+        let inner = current.borrow_and_update().listen(port)?;
+        Ok(Box::new(FollowingListener { current, port, inner, ended: false }))
+    }
+
+    fn resolve(&self, name: &str) -> io::Result<DomId> {
+        self.now().resolve(name)
+    }
+
+    fn links(&self) -> Vec<(DomId, usize)> {
+        self.now().links()
+    }
+}
+
+/// A listener of [`Following`] sockets.
+struct FollowingListener {
+    current: watch::Receiver<Arc<dyn DomainSockets>>,
+    port: u32,
+    inner: Box<dyn PortListener>,
+    /// The owner dropped the sender: no new incarnation will come.
+    ended: bool,
+}
+
+/// What a [`FollowingListener`] waited for.
+enum Next {
+    Accepted(io::Result<VsockStream>),
+    Incarnation(bool),
+}
+
+impl FollowingListener {
+    /// Listens on the domain's newest incarnation.
+    fn relisten(&mut self) -> io::Result<()> {
+        let domain = self.current.borrow_and_update().clone();
+        self.inner = domain.listen(self.port)?;
+        tracing::info!(port = self.port, domain = %domain.domid(), "listening again under the domain's new id");
+        Ok(())
+    }
+}
+
+impl PortListener for FollowingListener {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<VsockStream>> {
+        Box::pin(async move {
+            loop {
+                let next = if self.ended {
+                    Next::Accepted(self.inner.accept().await)
+                } else {
+                    tokio::select! {
+                        r = self.inner.accept() => Next::Accepted(r),
+                        changed = self.current.changed() => Next::Incarnation(changed.is_ok()),
+                    }
+                };
+                match next {
+                    Next::Accepted(Ok(s)) => return Ok(s),
+                    Next::Accepted(Err(e)) => {
+                        // The incarnation's listener ended (its domain is gone): wait for the
+                        // next incarnation, if one is coming.
+                        if self.ended || self.current.changed().await.is_err() {
+                            return Err(e);
+                        }
+                        self.relisten()?;
+                    }
+                    Next::Incarnation(true) => self.relisten()?,
+                    Next::Incarnation(false) => self.ended = true,
+                }
+            }
+        })
+    }
 }

@@ -82,7 +82,9 @@ impl Default for ClientConfig {
 /// A call that was in flight when the connection was lost and is not idempotent, so it was not
 /// sent again: it may or may not have run on the server.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("connection to {addr} lost with the call in flight: its outcome is unknown (it may or may not have run; not idempotent, so not sent again): {cause}")]
+#[error(
+    "connection to {addr} lost with the call in flight: its outcome is unknown (it may or may not have run; not idempotent, so not sent again): {cause}"
+)]
 pub struct ConnectionLost {
     /// Where the call went.
     pub addr: String,

@@ -336,6 +336,17 @@ impl<B: Backend + Clone> VsockDomain<B> {
         links
     }
 
+    /// Ends every link of this domain now as lost (each of their connections, listeners and
+    /// pending connects fails with a transport reset): for the owner of the domain's attachment
+    /// once it knows the links are dead though their rings do not say so yet — its domain was
+    /// migrated or died, and Xen moves no grants.
+    pub fn reset_links(&self, why: &str) {
+        let l = self.inner.listening.lock().unwrap_or_else(|p| p.into_inner());
+        for mux in l.links.values() {
+            mux.reset(why);
+        }
+    }
+
     /// The hypervisor backend this domain is attached with.
     pub fn backend(&self) -> &B {
         &self.inner.backend

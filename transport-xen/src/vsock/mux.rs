@@ -175,7 +175,9 @@ impl State {
     fn stop(&mut self, why: MuxError) {
         if self.stopped.is_none() {
             match &why {
-                MuxError::Violation(_) => tracing::warn!(error = %why, "virtual-socket link stopped"),
+                MuxError::Violation(_) | MuxError::LinkViolation(_) => {
+                    tracing::warn!(error = %why, "virtual-socket link stopped")
+                }
                 MuxError::LinkLost(_) => tracing::info!(error = %why, "virtual-socket link stopped"),
                 MuxError::Closed => tracing::debug!(error = %why, "virtual-socket link stopped"),
             }

@@ -45,6 +45,12 @@
 //!
 //! The parent runs the simulated hypervisor in-process, is domain 1 (server) and listens; the
 //! peer attaches as domain 2 (client), connects and echoes.
+//!
+//! # The domain agent ([`agent`])
+//!
+//! A third process can be its domain's agent ([`agent::AgentProcess`], on the parent's CPU:
+//! processes of one domain share its CPUs); the parent then reaches the virtual sockets through
+//! it, and [`PingPong::peer_cpu_time`] counts its CPU time with the peer's.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -55,6 +61,7 @@ use std::time::Duration;
 /// The project's one percentile definition (nearest rank), which every figure here uses.
 pub use dombus_tools::diag::percentile;
 
+pub mod agent;
 pub mod baseline;
 pub mod harness;
 pub mod link;
@@ -92,6 +99,8 @@ pub fn run_child_if_requested() {
         link::VSOCK_ECHO_ROLE => link::vsock_echo_child(&arg),
         link::VSOCK_SINK_ROLE => link::vsock_sink_child(&arg),
         rpc::SERVER_ROLE => rpc::server_child(&arg),
+        agent::AGENT_ROLE => agent::agent_child(&arg),
+        agent::DOMAINS_ROLE => agent::domains_child(&arg),
         other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown role {other}"))),
     };
     match res {
@@ -278,13 +287,29 @@ impl PeerProcess {
     /// Re-executes the current binary as peer `role` with argument `arg`, passing `fds` by
     /// inheritance (they keep their numbers; close-on-exec is cleared in the child only).
     pub fn spawn(role: &str, arg: &str, fds: &[BorrowedFd<'_>]) -> io::Result<PeerProcess> {
+        PeerProcess::spawn_placed(role, arg, fds, pinned_cpus().map(|(_, peer)| peer))
+    }
+
+    /// Like [`PeerProcess::spawn`] for a peer that belongs to the parent's domain (a domain
+    /// agent): pinned, if the parent is, to the parent's CPU, as processes of one domain share
+    /// its virtual CPUs.
+    pub fn spawn_beside_parent(role: &str, arg: &str, fds: &[BorrowedFd<'_>]) -> io::Result<PeerProcess> {
+        PeerProcess::spawn_placed(role, arg, fds, pinned_cpus().map(|(parent, _)| parent))
+    }
+
+    fn spawn_placed(
+        role: &str,
+        arg: &str,
+        fds: &[BorrowedFd<'_>],
+        cpu: Option<usize>,
+    ) -> io::Result<PeerProcess> {
         let exe = std::env::current_exe()?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let list = raw.iter().map(|fd| fd.to_string()).collect::<Vec<_>>().join(",");
         let mut cmd = Command::new(exe);
         cmd.env_remove(PIN_CPU_ENV);
-        if let Some((_, peer_cpu)) = pinned_cpus() {
-            cmd.env(PIN_CPU_ENV, peer_cpu.to_string());
+        if let Some(cpu) = cpu {
+            cmd.env(PIN_CPU_ENV, cpu.to_string());
         }
         cmd.env(ROLE_ENV, role)
             .env(ARG_ENV, arg)
@@ -397,6 +422,12 @@ pub trait PingPong {
 
     /// The peer process, for CPU accounting.
     fn peer(&self) -> &PeerProcess;
+
+    /// CPU time (user + system, all threads) of every peer process so far: the peer's, plus
+    /// that of any other process the benchmark runs besides the parent (a domain agent).
+    fn peer_cpu_time(&self) -> io::Result<Duration> {
+        self.peer().cpu_time()
+    }
 }
 
 /// Runs `n` round trips of `f`, timing each if `samples` is given; returns the total wall time.
@@ -487,12 +518,12 @@ impl Sampler {
 
         let batch = (n / 20).max(100);
         let (mut done, mut elapsed) = (0u64, Duration::ZERO);
-        let cpu0 = own_cpu_time()? + bench.peer().cpu_time()?;
+        let cpu0 = own_cpu_time()? + bench.peer_cpu_time()?;
         while elapsed < cpu_window || done == 0 {
             elapsed += bench.run(batch, None)?;
             done += batch;
         }
-        self.cpu += (own_cpu_time()? + bench.peer().cpu_time()?).saturating_sub(cpu0);
+        self.cpu += (own_cpu_time()? + bench.peer_cpu_time()?).saturating_sub(cpu0);
         self.cpu_ops += done;
         self.cpu_wall += elapsed;
         Ok(())

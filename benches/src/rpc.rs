@@ -16,7 +16,9 @@
 //! The parent connects the one stack a benchmark measures. Over `xen:` the parent runs the
 //! simulated hypervisor in-process and is domain [`CLIENT_DOM`]; the peer is domain
 //! [`SERVER_DOM`]; each starts its own [`VsockDomain`] (the link between them is set up by the
-//! first connection). Plain tarpc over Unix and TCP uses tarpc's own transports
+//! first connection). Over [`Transport::Agent`] a third process, the agent of domain
+//! [`CLIENT_DOM`] ([`crate::agent`]), holds that domain's virtual sockets and the parent reaches
+//! them through its Unix socket. Plain tarpc over Unix and TCP uses tarpc's own transports
 //! (`tarpc::serde_transport::{unix, tcp}` with `tokio_serde`'s `Bincode`); over `xen:` it runs on
 //! a `VsockStream` with tarpc's default length-delimited framing.
 //!
@@ -50,6 +52,7 @@ use tarpc::{ClientMessage, Request, Response, context};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
+use crate::agent::AgentProcess;
 use crate::{PeerProcess, PingPong};
 
 /// The service every RPC benchmark calls (generated items: `EchoClient`, `EchoRequest`,
@@ -102,15 +105,15 @@ pub const SERVER_ROLE: &str = "rpc-server";
 /// Bytes of the echoed argument.
 pub const PAYLOAD: usize = 64;
 /// The peer's (RPC server's) domain id.
-pub const SERVER_DOM: DomId = DomId(1);
-/// The parent's (client's) domain id.
-pub const CLIENT_DOM: DomId = DomId(2);
+pub const SERVER_DOM: DomId = DomId(2);
+/// The parent's (client's) domain id: the parent's own, or its agent's (a second peer).
+pub const CLIENT_DOM: DomId = DomId(1);
 /// The service name in the dombus-rpc preamble.
 pub const SERVICE: &str = "echo";
 /// `xen:` ports of the four stacks (in [`Stack::index`] order).
-const XEN_PORTS: [u32; 4] = [5000, 5001, 5002, 5003];
+pub(crate) const XEN_PORTS: [u32; 4] = [5000, 5001, 5002, 5003];
 /// How long setting up a benchmark may take before it gives up.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Calls done before a constructor returns (checked: the echo must come back unchanged).
 const HANDSHAKE_CALLS: u64 = 16;
 /// Largest frame of the framed stack (dombus-rpc's default).
@@ -122,6 +125,13 @@ pub enum Transport {
     /// transport-xen virtual sockets between two domains over the simulated hypervisor, with
     /// this adaptive-polling budget on both sides' links (`None`: wake-ups only).
     Xen {
+        /// [`LinkConfig::spin`] of both domains.
+        spin: Option<Duration>,
+    },
+    /// The same virtual sockets, reached through this domain's agent: a second peer process
+    /// attached as domain [`CLIENT_DOM`] runs [`dombus_agent::Agent::serve`] and the parent is a
+    /// process of that domain (see [`crate::agent`]).
+    Agent {
         /// [`LinkConfig::spin`] of both domains.
         spin: Option<Duration>,
     },
@@ -197,7 +207,7 @@ impl std::fmt::Display for Flavor {
     }
 }
 
-fn runtime(flavor: Flavor) -> io::Result<Runtime> {
+pub(crate) fn runtime(flavor: Flavor) -> io::Result<Runtime> {
     match flavor {
         Flavor::Current => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Flavor::Multi(n) => {
@@ -269,10 +279,10 @@ impl ServerArgs {
 
 /// A private directory under the system temp dir, removed on drop.
 #[derive(Debug)]
-struct ScratchDir(PathBuf);
+pub(crate) struct ScratchDir(PathBuf);
 
 impl ScratchDir {
-    fn new() -> io::Result<ScratchDir> {
+    pub(crate) fn new() -> io::Result<ScratchDir> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("dombus-rpc-bench-{}-{n}", std::process::id()));
@@ -281,7 +291,7 @@ impl ScratchDir {
         Ok(ScratchDir(dir))
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -297,7 +307,7 @@ fn unix_path(dir: &Path, i: usize) -> PathBuf {
     dir.join(["rpc.sock", "tarpc.sock", "framed.sock", "raw.sock"][i])
 }
 
-fn xen_config(spin: Option<Duration>) -> VsockConfig {
+pub(crate) fn xen_config(spin: Option<Duration>) -> VsockConfig {
     VsockConfig { link: LinkConfig { spin, ..LinkConfig::default() }, ..VsockConfig::default() }
 }
 
@@ -448,7 +458,7 @@ async fn serve_framed(s: BoxStream) -> io::Result<()> {
 }
 
 /// The bare stream: [`PAYLOAD`] bytes back for [`PAYLOAD`] bytes in.
-async fn serve_raw<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()> {
+pub(crate) async fn serve_raw<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()> {
     let mut buf = [0u8; PAYLOAD];
     loop {
         match s.read_exact(&mut buf).await {
@@ -545,20 +555,30 @@ impl Detached {
     }
 }
 
+/// How the parent reaches its domain's virtual sockets in a `xen:` benchmark.
+enum ParentDomain {
+    /// It attached itself: its own [`VsockDomain`].
+    InProcess(VsockDomain<SimBackend>),
+    /// Through its domain's agent, a peer process of its own.
+    Agent(AgentProcess),
+}
+
 /// The parent's half of a `xen:` benchmark: the hypervisor, our domain's virtual sockets.
 struct XenParent {
-    domain: VsockDomain<SimBackend>,
+    domain: ParentDomain,
     _hv: SimHypervisorHandle,
 }
 
 /// Calls of one [`Stack`] over one [`Transport`] to an echoing peer process.
 ///
 /// Field order is drop order: the client goes first, then the runtime (and the parent's
-/// virtual-socket tasks with it), then the peer is killed, then the hypervisor stops and the
-/// scratch directory goes.
+/// virtual-socket tasks with it), then the peer is killed, then the agent (if any) is killed,
+/// the hypervisor stops and the scratch directory goes.
 pub struct RpcPingPong {
     /// Taken by the task that runs the calls, and put back.
     caller: Option<Caller>,
+    /// How the parent reaches the raw echo stack, for [`RpcPingPong::connects`] (`xen:` only).
+    raw: Option<(Net, Address)>,
     rt: Runtime,
     peer: PeerProcess,
     data: Vec<u8>,
@@ -610,7 +630,7 @@ impl RpcPingPong {
         let rt = runtime(flavor)?;
         let i = stack.index();
         let (place, hv) = match transport {
-            Transport::Xen { spin } => {
+            Transport::Xen { spin } | Transport::Agent { spin } => {
                 let socket = dir.path().join("simxen.sock");
                 let hv = SimHypervisor::spawn(&socket)?;
                 (Place::Xen { socket, spin }, Some(hv))
@@ -622,18 +642,32 @@ impl RpcPingPong {
         let mut peer = PeerProcess::spawn(SERVER_ROLE, &args.encode(), &[])?;
         let xen = match (&place, hv) {
             (Place::Xen { socket, spin }, Some(hv)) => {
-                let backend = SimBackend::boot(socket, Some(CLIENT_DOM)).map_err(io::Error::other)?;
-                let domain = rt.block_on(async { VsockDomain::start(backend, xen_config(*spin)) })?;
+                let domain = if let Transport::Agent { .. } = transport {
+                    let limits = crate::agent::Limits::Default;
+                    ParentDomain::Agent(AgentProcess::spawn(socket, CLIENT_DOM, *spin, limits, flavor)?)
+                } else {
+                    let backend = SimBackend::boot(socket, Some(CLIENT_DOM)).map_err(io::Error::other)?;
+                    ParentDomain::InProcess(
+                        rt.block_on(async { VsockDomain::start(backend, xen_config(*spin)) })?,
+                    )
+                };
                 Some(XenParent { domain, _hv: hv })
             }
             _ => None,
         };
+        let mut raw = None;
         let caller = rt.block_on(async {
             let setup = async {
                 // Where stack `i` listens, and a way to reach it.
                 let (net, addr) = match (&place, &xen) {
                     (Place::Xen { .. }, Some(x)) => {
-                        let mut net = Net::new().with_xen(x.domain.clone());
+                        let mut net = match &x.domain {
+                            ParentDomain::InProcess(d) => Net::new().with_xen(d.clone()),
+                            ParentDomain::Agent(a) => Net::new().with_agent(a.client().clone()),
+                        };
+                        // Connects of the timed loops find the listener up: no waiting.
+                        let raw_addr = VsockAddr::new(u32::from(SERVER_DOM.0), XEN_PORTS[Stack::Raw.index()]);
+                        raw = Some((net.clone(), Address::Xen(raw_addr)));
                         net.xen_connect_wait = Some(SETUP_TIMEOUT);
                         let addr = VsockAddr::new(u32::from(SERVER_DOM.0), XEN_PORTS[i]);
                         (net, Address::Xen(addr))
@@ -694,7 +728,7 @@ impl RpcPingPong {
             }
         })?;
         let data = (0..PAYLOAD).map(|i| i as u8).collect();
-        let mut me = RpcPingPong { caller: Some(caller), rt, peer, data, _xen: xen, _dir: dir };
+        let mut me = RpcPingPong { caller: Some(caller), raw, rt, peer, data, _xen: xen, _dir: dir };
         me.run(HANDSHAKE_CALLS, None)?;
         if me.caller.as_ref().and_then(Caller::detached).is_some() {
             me.pipelined(HANDSHAKE_CALLS * 4, 32)?;
@@ -728,6 +762,44 @@ impl RpcPingPong {
             }
             Ok(start.elapsed())
         })
+    }
+
+    /// Opens `n` connections to the peer's raw echo stack one after another, each with one
+    /// [`PAYLOAD`]-byte round trip, and closes each before the next (`xen:` only); returns the
+    /// wall time. The peer's side of a connection may still be closing when the next opens.
+    pub fn connects(&mut self, n: u64) -> io::Result<Duration> {
+        let (net, addr) = self.raw.clone().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "connects are measured over xen: only")
+        })?;
+        let data = self.data.clone();
+        self.rt.block_on(async move {
+            let mut back = vec![0u8; data.len()];
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut s = net.connect(&addr).await?;
+                s.write_all(&data).await?;
+                s.read_exact(&mut back).await?;
+                check_echo(&data, &back)?;
+            }
+            Ok(start.elapsed())
+        })
+    }
+
+    /// The domain agent the parent reaches its virtual sockets through ([`Transport::Agent`]).
+    pub fn agent(&self) -> Option<&AgentProcess> {
+        match self._xen.as_ref().map(|x| &x.domain) {
+            Some(ParentDomain::Agent(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// CPU time (user + system, all threads) of the peer and, through an agent, of the agent.
+    pub fn peers_cpu_time(&self) -> io::Result<Duration> {
+        let agent = match self.agent() {
+            Some(a) => a.process().cpu_time()?,
+            None => Duration::ZERO,
+        };
+        Ok(self.peer.cpu_time()? + agent)
     }
 }
 
@@ -764,6 +836,10 @@ impl PingPong for RpcPingPong {
 
     fn peer(&self) -> &PeerProcess {
         &self.peer
+    }
+
+    fn peer_cpu_time(&self) -> io::Result<Duration> {
+        self.peers_cpu_time()
     }
 }
 

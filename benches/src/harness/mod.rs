@@ -267,7 +267,7 @@ impl<B: PingPong> Bench for Latency<B> {
         Some(&mut self.0)
     }
     fn cpu_time(&self) -> io::Result<Duration> {
-        Ok(crate::own_cpu_time()? + self.0.peer().cpu_time()?)
+        Ok(crate::own_cpu_time()? + self.0.peer_cpu_time()?)
     }
 }
 
@@ -388,6 +388,36 @@ impl RateRow {
     }
 }
 
+/// A process's memory before and after a step that opened `count` things (connections,
+/// links) through it.
+#[derive(Debug, Clone)]
+pub struct MemoryRow {
+    /// The row's name.
+    pub name: String,
+    /// What the step opened.
+    pub what: String,
+    /// How many things it opened.
+    pub count: u64,
+    /// The process's memory before the step ...
+    pub before: crate::agent::Memory,
+    /// ... and after it.
+    pub after: crate::agent::Memory,
+}
+
+impl MemoryRow {
+    /// Growth per thing opened, in bytes, of the resident set, its anonymous part and its
+    /// shared-memory part (negative if it shrank).
+    pub fn per_unit(&self) -> (f64, f64, f64) {
+        let n = self.count.max(1) as f64;
+        let d = |a: u64, b: u64| (a as f64 - b as f64) / n;
+        (
+            d(self.after.rss, self.before.rss),
+            d(self.after.anon, self.before.anon),
+            d(self.after.shmem, self.before.shmem),
+        )
+    }
+}
+
 /// Everything measured in a run.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -395,6 +425,8 @@ pub struct Results {
     pub latency: Vec<LatencyRow>,
     /// Throughput rows, in the order measured.
     pub throughput: Vec<RateRow>,
+    /// Memory rows, in the order measured.
+    pub memory: Vec<MemoryRow>,
     /// Groups measured so far: each is one phase of interleaved rounds.
     phases: usize,
 }
@@ -746,6 +778,19 @@ pub(crate) mod tests {
         let r = fixed_group(&["row"]);
         assert!(r.throughput_row("base").is_none());
         assert_eq!(r.throughput_cells(&r.throughput[0], None).1, "n/a");
+    }
+
+    #[test]
+    fn memory_rows_divide_the_growth_by_the_count() {
+        use crate::agent::Memory;
+        let row = MemoryRow {
+            name: "m".into(),
+            what: "4 things".into(),
+            count: 4,
+            before: Memory { rss: 8192, anon: 4096, shmem: 4096 },
+            after: Memory { rss: 20480, anon: 20480, shmem: 0 },
+        };
+        assert_eq!(row.per_unit(), (3072.0, 4096.0, -1024.0));
     }
 
     #[test]

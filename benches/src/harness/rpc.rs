@@ -3,8 +3,14 @@
 //! its baseline in the same rounds; tables of call latency, pipelined calls/s, the cost of each
 //! layer of the `xen:` path, and the targets.
 //!
-//! Every row is a fresh pair of processes per round (server: the peer, client: this process),
-//! see [`crate::rpc`].
+//! The domain agent's local path (`agent_*` rows, see [`crate::agent`]): the raw 64 B round trip
+//! and the dombus-rpc call through the agent with wake-ups against the same through virtual
+//! sockets of the parent's own (`xen_wakeup_vsock_64`, `xen_wakeup_64`; target ≤ 1.5x);
+//! connections opened per second (connect, one 64 B round trip, close) through the agent and
+//! in-process, in a phase of their own; and the agent's memory per connection and per link.
+//!
+//! Every row is a fresh pair of processes per round (server: the peer, client: this process;
+//! for `agent_*` rows a third, the agent), see [`crate::rpc`].
 
 use std::io;
 use std::time::Duration;
@@ -23,6 +29,9 @@ use crate::{PingPong, fmt_us, own_cpu_time};
 const VERDICT_BATCHES: u64 = 5;
 /// ... at least this many calls.
 const VERDICT_BATCH_CALLS: u64 = 1_000;
+/// The local path's target: a round trip through the domain's agent at most this many times
+/// the same round trip in-process, with wake-ups.
+const AGENT_TARGET: f64 = 1.5;
 /// The absolute latency target of `xen:` with adaptive polling: reported beside the measured
 /// p50, never judged (absolute times move between hosts and between runs).
 const ABSOLUTE_TARGET: Duration = Duration::from_micros(10);
@@ -44,12 +53,19 @@ pub struct RpcOptions {
     pub spin: Duration,
     /// Runtime of both processes.
     pub flavor: Flavor,
+    /// Connections per timed batch of the `*_connect` rows.
+    pub conns: u64,
+    /// Connections held open through the agent to measure its memory per connection ...
+    pub mem_conns: u64,
+    /// ... and links (other domains, one connection each) for its memory per link.
+    pub mem_links: u16,
 }
 
 impl Suite for RpcSuite {
     const NAME: &'static str = "rpc-compare";
     const USAGE: &'static str = "usage: rpc-compare [--quick] [--iters N] [--rounds N] [--calls N] [--depth N] \
-                                 [--spin US] [--runtime current|multi|multiN] [--pin split|same|none] [--only NAME[,NAME...]]";
+                                 [--spin US] [--runtime current|multi|multiN] [--pin split|same|none] [--only NAME[,NAME...]] \
+                                 [--conns N] [--mem-conns N] [--mem-links N]";
     const SAMPLES: &'static str = "calls";
     const SMOKE: &'static str = "row";
     type Options = RpcOptions;
@@ -61,12 +77,18 @@ impl Suite for RpcSuite {
             depth: 32,
             spin: Duration::from_micros(50),
             flavor: Flavor::Current,
+            conns: 500,
+            mem_conns: 1_000,
+            mem_links: 16,
         }
     }
 
     fn quick(plan: &mut Plan<RpcOptions>) {
         plan.suite.batches = 1;
         plan.suite.calls = 400;
+        plan.suite.conns = 50;
+        plan.suite.mem_conns = 50;
+        plan.suite.mem_links = 2;
         plan.cpu_window = Duration::from_millis(40);
     }
 
@@ -81,6 +103,11 @@ impl Suite for RpcSuite {
             "--depth" => o.depth = usize::try_from(number(flag, value()?)?).map_err(|e| e.to_string())?,
             "--spin" => o.spin = Duration::from_micros(number(flag, value()?)?),
             "--runtime" => o.flavor = value()?.parse()?,
+            "--conns" => o.conns = number(flag, value()?)?,
+            "--mem-conns" => o.mem_conns = number(flag, value()?)?,
+            "--mem-links" => {
+                o.mem_links = u16::try_from(number(flag, value()?)?).map_err(|e| format!("{flag}: {e}"))?;
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -125,6 +152,24 @@ impl Suite for RpcSuite {
         };
         let mut r = Results::default();
         r.group(plan, specs, plan.rounds, Some(&shape))?;
+
+        // Connections opened per second: a phase of its own (its batches count connections).
+        let connects: Vec<Spec<'_>> = connect_specs(o).into_iter().filter(|s| plan.wants(&s.name)).collect();
+        if !connects.is_empty() {
+            eprintln!("connections opened per second: {} x {} connections", o.batches * plan.rounds, o.conns);
+            let shape = Batches {
+                per_round: vec![o.batches; usize::try_from(plan.rounds).unwrap_or(usize::MAX)],
+                units: o.conns,
+                warmup_units: o.conns.div_ceil(4),
+                unit_size: 1.0,
+            };
+            r.group(plan, connects, plan.rounds, Some(&shape))?;
+        }
+
+        if plan.wants(MEMORY_ROW) {
+            eprintln!("the agent's memory: {} connections, {} links", o.mem_conns, o.mem_links);
+            r.memory = crate::agent::agent_memory(o.mem_conns, o.mem_links, o.flavor)?;
+        }
         Ok(r)
     }
 
@@ -133,7 +178,7 @@ impl Suite for RpcSuite {
         println!(
             "{} calls per row, one at a time, in {} interleaved rounds (each row on a fresh pair of processes per round, \
              after {} warm-up calls); pipelined: median of {} batches of {} calls with {} in flight. \
-             CPU = user+sys of both processes (all threads). Runtime: {} on both sides. Pinning: {:?}. \
+             CPU = user+sys of both processes, and of the agent in agent_* rows (all threads). Runtime: {} in every process. Pinning: {:?}. \
              Load average at start: {}, at end: {}. Took {:.0} s.",
             plan.iters,
             plan.rounds,
@@ -179,7 +224,7 @@ impl Suite for RpcSuite {
         );
         println!("|---|---:|---:|---:|---:|---|---:|---|");
         let no_verdict = Self::no_throughput_verdict(plan);
-        for t in &results.throughput {
+        for t in results.throughput.iter().filter(|t| !is_connect_row(&t.name)) {
             let (vs, ratio, target) = results.throughput_cells(t, no_verdict.as_deref());
             println!(
                 "| {} | {} | {} | {} | {} | {vs} | {ratio} | {target} |",
@@ -190,6 +235,8 @@ impl Suite for RpcSuite {
                 t.cpu_per_unit().map_or_else(String::new, fmt_us)
             );
         }
+
+        print_agent(plan, results, no_verdict.as_deref());
 
         let spin_us = plan.suite.spin.as_micros();
         let p50 = |name: &str| results.latency_row(name).map(|r| r.stats.p50);
@@ -214,6 +261,30 @@ fn rpc_row(
     let make = bench(move || Ok(Rpc { calls: RpcPingPong::with_runtime(transport, stack, flavor)?, depth }));
     let spec = Spec::latency(name, versus.and_then(|(b, t)| vs(b, t)), make);
     if stack.pipelines() { spec.and_throughput(pipe_versus.and_then(|(b, t)| vs(b, t))) } else { spec }
+}
+
+/// The name of the agent's memory measurement, for `--only`.
+const MEMORY_ROW: &str = "agent_memory";
+
+/// True for the rows of connections opened per second.
+fn is_connect_row(name: &str) -> bool {
+    name.ends_with("_connect")
+}
+
+/// Connections opened per second, in-process and through the agent.
+fn connect_specs(o: &RpcOptions) -> Vec<Spec<'static>> {
+    let flavor = o.flavor;
+    let row = move |transport| {
+        bench(move || Ok(Connects(RpcPingPong::with_runtime(transport, Stack::Raw, flavor)?)))
+    };
+    vec![
+        Spec::throughput("xen_wakeup_connect", None, row(Transport::Xen { spin: None })),
+        Spec::throughput(
+            "agent_wakeup_connect",
+            vs("xen_wakeup_connect", None),
+            row(Transport::Agent { spin: None }),
+        ),
+    ]
 }
 
 /// Every row of the suite, in the order measured.
@@ -273,6 +344,25 @@ fn specs(o: &RpcOptions) -> Vec<Spec<'static>> {
             Some(("tarpc_unix_64", pipe_target)),
         ));
     }
+    // The local path through the domain's agent against the same calls in-process.
+    let agent = Transport::Agent { spin: None };
+    let local = Some(Target::AtMost(AGENT_TARGET));
+    out.push(rpc_row(
+        "agent_wakeup_vsock_64",
+        agent,
+        Stack::Raw,
+        o,
+        Some(("xen_wakeup_vsock_64", local)),
+        None,
+    ));
+    out.push(rpc_row(
+        "agent_wakeup_64",
+        agent,
+        bincode,
+        o,
+        Some(("xen_wakeup_64", local)),
+        Some(("xen_wakeup_64", None)),
+    ));
     out
 }
 
@@ -374,17 +464,129 @@ impl Bench for Rpc {
         Some(self.calls.pipelined(calls, self.depth))
     }
     fn cpu_time(&self) -> io::Result<Duration> {
-        Ok(own_cpu_time()? + self.calls.peer().cpu_time()?)
+        Ok(own_cpu_time()? + self.calls.peers_cpu_time()?)
     }
+}
+
+/// Connections opened per second (connect, one 64 B round trip, close), one after another.
+struct Connects(RpcPingPong);
+
+impl Bench for Connects {
+    fn batch(&mut self, conns: u64) -> Option<io::Result<Duration>> {
+        Some(self.0.connects(conns))
+    }
+    fn cpu_time(&self) -> io::Result<Duration> {
+        Ok(own_cpu_time()? + self.0.peers_cpu_time()?)
+    }
+}
+
+/// The domain agent's tables: connections opened per second, and the agent's memory.
+fn print_agent(plan: &Plan<RpcOptions>, results: &Results, no_verdict: Option<&str>) {
+    let connects: Vec<_> = results.throughput.iter().filter(|t| is_connect_row(&t.name)).collect();
+    if !connects.is_empty() {
+        println!();
+        println!(
+            "| connections (connect + 64 B round trip + close) | median | min | max | CPU / connection | vs | ratio | target |"
+        );
+        println!("|---|---:|---:|---:|---:|---|---:|---|");
+        for t in connects {
+            let (vs, ratio, target) = results.throughput_cells(t, no_verdict);
+            println!(
+                "| {} | {} | {} | {} | {} | {vs} | {ratio} | {target} |",
+                t.name,
+                fmt_rate(t.median),
+                fmt_rate(t.min()),
+                fmt_rate(t.max()),
+                t.cpu_per_unit().map_or_else(String::new, fmt_us)
+            );
+        }
+    }
+    if !results.memory.is_empty() {
+        println!();
+        println!(
+            "| the agent's memory | opened | VmRSS before | after | per unit | of which anon | of which shmem |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|");
+        for m in &results.memory {
+            let (rss, anon, shmem) = m.per_unit();
+            let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20));
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                m.name,
+                m.what,
+                mib(m.before.rss),
+                mib(m.after.rss),
+                fmt_kib(rss),
+                fmt_kib(anon),
+                fmt_kib(shmem)
+            );
+        }
+        println!(
+            "\nThe agent's resident memory (/proc/<pid>/status) with its runtime ({}): heap and stacks \
+             (anon: each connection's task, buffers and session state) and the simulated grant pages \
+             it maps (shmem: each link's rings); not kernel memory (socket buffers, the Unix sockets \
+             to the processes). The link row includes each link's one connection.",
+            plan.suite.flavor
+        );
+    }
+}
+
+/// Bytes in KiB, signed.
+fn fmt_kib(b: f64) -> String {
+    format!("{:.1} KiB", b / 1024.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::harness::Versus;
 
     #[test]
     fn only_full_runs_give_verdicts() {
         crate::harness::tests::only_full_runs_give_verdicts::<RpcSuite>(&["--calls", "400"]);
+    }
+
+    /// The rows of `specs` by name: (latency baseline and target, throughput baseline).
+    fn versus(specs: &[Spec<'_>], name: &str) -> (Option<Versus>, Option<Versus>) {
+        let s = specs.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no row {name}"));
+        (s.latency.clone().flatten(), s.throughput.clone().flatten())
+    }
+
+    #[test]
+    fn the_agent_rows_are_compared_with_in_process_rows_of_their_own_phase() {
+        let o = RpcSuite::options();
+        let all = specs(&o);
+        let local = Some(Target::AtMost(1.5));
+        let (lat, _) = versus(&all, "agent_wakeup_vsock_64");
+        assert_eq!(lat, vs("xen_wakeup_vsock_64", local));
+        let (lat, pipe) = versus(&all, "agent_wakeup_64");
+        assert_eq!(lat, vs("xen_wakeup_64", local));
+        assert_eq!(pipe, vs("xen_wakeup_64", None));
+        // Their baselines are rows of the same group: measured in the same rounds.
+        for base in ["xen_wakeup_vsock_64", "xen_wakeup_64"] {
+            assert!(all.iter().any(|s| s.name == base), "{base}");
+        }
+        let connects = connect_specs(&o);
+        assert_eq!(versus(&connects, "agent_wakeup_connect").1, vs("xen_wakeup_connect", None));
+        assert!(connects.iter().all(|s| is_connect_row(&s.name) && s.latency.is_none()));
+        assert!(all.iter().all(|s| !is_connect_row(&s.name)));
+        assert!(!is_connect_row("agent_wakeup_64"));
+    }
+
+    #[test]
+    fn the_agent_options_parse_and_quick_runs_are_small() {
+        let p = crate::harness::tests::plan::<RpcSuite>(&[
+            "--conns",
+            "7",
+            "--mem-conns",
+            "9",
+            "--mem-links",
+            "3",
+        ]);
+        assert_eq!((p.suite.conns, p.suite.mem_conns, p.suite.mem_links), (7, 9, 3));
+        assert!(Plan::parse::<RpcSuite>(["--mem-links".to_string(), "70000".to_string()]).is_err());
+        let q = crate::harness::tests::plan::<RpcSuite>(&["--quick"]);
+        assert!(q.suite.conns <= 50 && q.suite.mem_conns <= 50 && q.suite.mem_links <= 2);
     }
 
     #[test]

@@ -179,7 +179,8 @@ impl AgentListener {
 ///
 /// Reads take the agent's frames apart; writes go to the agent as they are. A connection that
 /// ends says how: `Ok(0)` after the peer finished sending; an error of kind `ConnectionReset`
-/// when the peer reset it; `ConnectionAborted` with [`TransportReset`](crate::TransportReset)
+/// when the peer reset it; `ConnectionAborted` with a
+/// [`TransportReset`](dombus_transport_xen::vsock::TransportReset)
 /// inside when the link was lost (its domain or ours died or migrated), or when the agent
 /// stopped or went away.
 pub struct AgentStream {

@@ -97,7 +97,7 @@ pub enum ProtoError {
     #[error("reserved bytes must be zero")]
     Reserved,
     /// A name longer than [`MAX_NAME`] or not UTF-8.
-    #[error("a domain name must be 1 to {MAX_NAME} bytes of UTF-8 without '/'")]
+    #[error("a domain name must be 1 to {MAX_NAME} bytes of UTF-8 without '/' or control characters")]
     Name,
     /// A length past its bound.
     #[error("{what} of {len} bytes exceeds the {max}-byte limit")]
@@ -112,6 +112,9 @@ pub enum ProtoError {
     /// An end frame of an unknown kind.
     #[error("unknown end kind {0}")]
     EndKind(u8),
+    /// A record or body whose length or contents do not match its format.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
 }
 
 impl From<ProtoError> for io::Error {
@@ -168,7 +171,7 @@ impl Request {
             Target::Cid(u32_at(head, 8))
         } else {
             let name = std::str::from_utf8(name).map_err(|_| ProtoError::Name)?;
-            if name.contains('/') {
+            if name.contains(|c: char| c == '/' || c.is_control()) {
                 return Err(ProtoError::Name);
             }
             Target::Name(name.to_string())
@@ -267,7 +270,7 @@ impl Reply {
     /// Parses the fixed part and the body after it.
     pub fn decode(head: &[u8; REPLY_LEN], body: Vec<u8>) -> Result<Reply, ProtoError> {
         if Reply::body_len(head)? != body.len() {
-            return Err(ProtoError::TooLong { what: "a reply body", len: body.len(), max: MAX_BODY });
+            return Err(ProtoError::Malformed("reply: the body's length differs from its header's"));
         }
         if head[1..4] != [0, 0, 0] {
             return Err(ProtoError::Reserved);
@@ -294,12 +297,17 @@ pub fn text(s: &str) -> Vec<u8> {
 }
 
 /// Text from a peer for an error message: UTF-8 (lossy), control characters replaced, at most
-/// [`MAX_TEXT`] bytes.
+/// [`MAX_TEXT`] bytes (cut on a character boundary).
 pub fn printable(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(MAX_TEXT)])
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    let mut out = String::new();
+    for c in String::from_utf8_lossy(&b[..b.len().min(MAX_TEXT)]).chars() {
+        let c = if c.is_control() { '?' } else { c };
+        if out.len() + c.len_utf8() > MAX_TEXT {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// How a connection ended, as its end frame says.
@@ -425,7 +433,8 @@ impl Accepted {
         if b[1..4] != [0, 0, 0] {
             return Err(ProtoError::Reserved);
         }
-        let dom = u16::try_from(u32_at(b, 4)).map_err(|_| ProtoError::Reserved)?;
+        let dom =
+            u16::try_from(u32_at(b, 4)).map_err(|_| ProtoError::Malformed("accepted record: domain id"))?;
         Ok(Accepted { peer_domain: DomId(dom), local_port: u32_at(b, 8), peer_port: u32_at(b, 12) })
     }
 }
@@ -473,15 +482,21 @@ impl AgentStatus {
 
     /// Parses a body (the reply's domain is the agent's).
     pub fn decode(domain: u32, b: &[u8]) -> Result<AgentStatus, ProtoError> {
-        let short = || ProtoError::TooLong { what: "a status body", len: b.len(), max: MAX_BODY };
+        let short = || ProtoError::Malformed("status body");
         let mut r = Reader(b);
-        let domain = DomId(u16::try_from(domain).map_err(|_| ProtoError::Reserved)?);
+        let domain = DomId(u16::try_from(domain).map_err(|_| ProtoError::Malformed("status: domain id"))?);
         let n = usize::from(r.u16().ok_or_else(short)?);
+        if n > MAX_STATUS_ITEMS {
+            return Err(short());
+        }
         let mut links = Vec::with_capacity(n.min(MAX_STATUS_ITEMS));
         for _ in 0..n {
             links.push((DomId(r.u16().ok_or_else(short)?), r.u32().ok_or_else(short)?));
         }
         let n = usize::from(r.u16().ok_or_else(short)?);
+        if n > MAX_STATUS_ITEMS {
+            return Err(short());
+        }
         let mut listening = Vec::with_capacity(n.min(MAX_STATUS_ITEMS));
         for _ in 0..n {
             listening.push(r.u32().ok_or_else(short)?);
@@ -553,6 +568,7 @@ mod tests {
         assert_eq!(Request::name_len(&head), Err(ProtoError::Name));
         head[6] = 2;
         assert_eq!(Request::decode(&head, b"a/"), Err(ProtoError::Name));
+        assert_eq!(Request::decode(&head, b"a\n"), Err(ProtoError::Name));
         assert_eq!(Request::decode(&head, &[0xff, 0xfe]), Err(ProtoError::Name));
         assert_eq!(Request::decode(&head, b"a"), Err(ProtoError::Name));
     }
@@ -592,6 +608,13 @@ mod tests {
         assert!(parse_frame(&(MAX_FRAME as u32 + 1).to_le_bytes()).is_err());
         assert_eq!(parse_frame(&[0, 0, 0, 0, 9, 0, 0]), Err(ProtoError::EndKind(9)));
         assert!(parse_frame(&[0, 0, 0, 0, 0, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn printable_text_is_bounded_in_bytes() {
+        let t = printable(&[0xff; MAX_TEXT]);
+        assert!(t.len() <= MAX_TEXT, "{} bytes", t.len());
+        assert_eq!(printable(b"a\x07b"), "a?b");
     }
 
     #[test]

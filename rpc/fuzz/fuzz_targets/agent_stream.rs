@@ -223,9 +223,13 @@ fuzz_target!(|data: &[u8]| {
             };
             assert_eq!(e.kind(), expected, "{e} for end kind {k}");
             let text = e.to_string();
-            assert!(text.ends_with(reason.as_str()), "{text:?} does not end with the reason {reason:?}");
             if *k == 2 {
+                // A TransportReset: "transport reset: the link to domain N is gone (<reason>)".
                 assert!(text.starts_with("transport reset"), "{text:?}");
+                assert!(text.contains(reason.as_str()), "{text:?} does not hold the reason {reason:?}");
+                assert!(dombus_facade::transport::vsock::is_transport_reset(e), "{e:?} is not a TransportReset");
+            } else {
+                assert!(text.ends_with(reason.as_str()), "{text:?} does not end with the reason {reason:?}");
             }
         }
         Want::Invalid => assert_eq!(kind(&seen.end), Some(io::ErrorKind::InvalidData), "{:?}", seen.end),

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use dombus::rpc::transport::AgentClient;
 use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
 use dombus_services::ports;
 use dombus_services::registry::RegistryClient;
@@ -249,7 +250,53 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
             .collect::<Vec<_>>()
             .join("; ")
     );
-    Ok(serde_json::json!({ "ping": ping, "storage_list": list, "registry_domains": reg }))
+    let together = together(host, &storage_addr).await?;
+    Ok(serde_json::json!({
+        "ping": ping,
+        "storage_list": list,
+        "registry_domains": reg,
+        "commands_at_once": together,
+    }))
+}
+
+/// Step 4: three `dombus` commands at once — three more processes of the toolstack's domain —
+/// each pinging the storage domain through the domain's agent, then what the agent holds.
+async fn together(host: &Host, storage: &Address) -> anyhow::Result<serde_json::Value> {
+    const COMMANDS: usize = 3;
+    println!(
+        "\n4. {COMMANDS} more processes of the toolstack's domain at once, through its agent ({})",
+        host.manifest.agent_socket.display()
+    );
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let children = (0..COMMANDS)
+        .map(|_| {
+            tokio::process::Command::new(&exe)
+                .arg("--state")
+                .arg(&host.state.0)
+                .args(["ping", &storage.to_string(), "--count", "300"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a dombus command")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut lines = Vec::new();
+    for child in children {
+        let pid = child.id().unwrap_or(0);
+        let out = child.wait_with_output().await?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() {
+            bail!("a dombus command failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        println!("  dombus ping (pid {pid:<7}) {text}");
+        lines.push(text);
+    }
+    let status = AgentClient::new(&host.manifest.agent_socket).status().await.context("the toolstack's agent")?;
+    let links: Vec<String> =
+        status.links.iter().map(|(d, n)| format!("domain {d} ({n} connection(s) open)")).collect();
+    println!("  the toolstack's agent holds one link per domain it reached: {}", links.join(", "));
+    Ok(serde_json::json!({ "commands": lines, "links": status.links.iter().map(|(d, n)| (d.0, *n)).collect::<Vec<_>>() }))
 }
 
 /// `dombus demo`.
@@ -274,7 +321,7 @@ pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
         r = drive(&host) => r,
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
     };
-    println!("\n4. Host down");
+    println!("\n5. Host down");
     let stopped = host.down(false).await;
     let stray: Vec<u32> =
         pids.iter().copied().filter(|&p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();

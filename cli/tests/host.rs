@@ -209,6 +209,9 @@ fn the_demo_runs_to_completion() {
         "create(\"demo\", 1G, qcow2)",
         "refused, as it must be",
         "ping, storage domain",
+        "more processes of the toolstack's domain at once, through its agent",
+        "300 round trips",
+        "the toolstack's agent holds one link per domain it reached: domain 1",
         "none left running",
         "demo complete",
     ] {

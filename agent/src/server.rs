@@ -30,6 +30,8 @@ use crate::sockets::DomainSockets;
 
 /// Bytes a connection's task reads at once, in each direction.
 const CHUNK: usize = 16 << 10;
+/// How often a half-closed process's socket is checked for a whole close.
+const HANG_UP_CHECK: Duration = Duration::from_secs(1);
 
 /// How an agent serves.
 #[derive(Debug, Clone)]
@@ -377,9 +379,9 @@ async fn gone(sock: &UnixStream) {
 
 /// Whether the process closed its whole socket (not just its sending side): the kernel reports
 /// both directions shut.
-fn hung_up(sock: &UnixStream) -> bool {
+fn hung_up(sock: impl AsFd) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(sock, PollFlags::IN)];
+    let mut fds = [PollFd::new(&sock, PollFlags::IN)];
     let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
     matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
         && fds[0].revents().contains(PollFlags::HUP)
@@ -400,6 +402,9 @@ fn end_of(e: &io::Error) -> (End, String) {
 /// Moves one connection's bytes between the process's socket and the virtual socket until both
 /// directions end, the process leaves, or the agent stops.
 async fn proxy(sock: UnixStream, stream: VsockStream, mut stop: watch::Receiver<bool>, _slot: LocalSlot) {
+    // The same socket, to see whether a process that half-closed has since gone: its reading
+    // half is taken by `up` by then.
+    let Ok(watched) = sock.as_fd().try_clone_to_owned() else { return };
     let (mut from_proc, mut to_proc) = sock.into_split();
     let (mut from_peer, mut to_peer) = tokio::io::split(stream);
     // Process → peer. Ends when the process stops sending: with `Ok(true)` if it closed its
@@ -444,6 +449,10 @@ async fn proxy(sock: UnixStream, stream: VsockStream, mut stop: watch::Receiver<
     let stopping = async {
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
+        // After a half close nothing reads the process's socket; once a second it is checked
+        // for a whole close, so that the connection of a process that half-closed and then
+        // exited ends even if the peer never closes.
+        let mut check = tokio::time::interval(HANG_UP_CHECK);
         while !(up_done && down_done) {
             tokio::select! {
                 r = &mut up, if !up_done => match r {
@@ -457,6 +466,11 @@ async fn proxy(sock: UnixStream, stream: VsockStream, mut stop: watch::Receiver<
                     Ok(true) | Err(_) => return false,
                     Ok(false) => down_done = true,
                 },
+                _ = check.tick(), if up_done && !down_done => {
+                    if hung_up(&watched) {
+                        return false;
+                    }
+                }
                 _ = stop.changed() => return true,
             }
         }

@@ -338,3 +338,26 @@ async fn a_killed_agent_fails_its_connections_and_a_restarted_one_serves() {
 async fn wait_up(client: &AgentClient) {
     eventually("the agent coming up", async || client.status().await.ok()).await;
 }
+
+#[tokio::test]
+async fn a_process_that_half_closes_and_then_exits_ends_its_connection() {
+    let host = Host::new("halfclose");
+    let server = host.domain(2, "server");
+    echo(&server, 5000);
+    let agent = Agent::serve(host.domain(1, "client"), host.agent_config(1)).unwrap();
+    let client = AgentClient::new(agent.socket());
+    let mut s = client.connect(Target::Cid(2), 5000, Some(LIVENESS)).await.unwrap();
+    round_trip(&mut s, b"one").await;
+    // It finishes sending (the peer reads an end but never closes), then exits.
+    s.shutdown().await.unwrap();
+    eventually("the agent passing the half close on", async || {
+        client.status().await.ok().filter(|st| st.links == vec![(DomId(2), 1)]).map(|_| ())
+    })
+    .await;
+    drop(s);
+    eventually("the exited process's connection ending", async || {
+        let st = client.status().await.unwrap();
+        (st.links == vec![(DomId(2), 0)]).then_some(())
+    })
+    .await;
+}

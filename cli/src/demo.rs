@@ -292,11 +292,14 @@ async fn together(host: &Host, storage: &Address) -> anyhow::Result<serde_json::
         println!("  dombus ping (pid {pid:<7}) {text}");
         lines.push(text);
     }
-    let status = AgentClient::new(&host.manifest.agent_socket).status().await.context("the toolstack's agent")?;
+    let status =
+        AgentClient::new(&host.manifest.agent_socket).status().await.context("the toolstack's agent")?;
     let links: Vec<String> =
         status.links.iter().map(|(d, n)| format!("domain {d} ({n} connection(s) open)")).collect();
     println!("  the toolstack's agent holds one link per domain it reached: {}", links.join(", "));
-    Ok(serde_json::json!({ "commands": lines, "links": status.links.iter().map(|(d, n)| (d.0, *n)).collect::<Vec<_>>() }))
+    Ok(
+        serde_json::json!({ "commands": lines, "links": status.links.iter().map(|(d, n)| (d.0, *n)).collect::<Vec<_>>() }),
+    )
 }
 
 /// `dombus demo`.

@@ -13,6 +13,7 @@ use dombus_tools::diag;
 use dombus_transport_xen::backend::{Backend, BackendError, Store};
 use dombus_transport_xen::link::{Link, LinkConfig, LinkError};
 use dombus_transport_xen::types::{DomId, GrantRef};
+use dombus_transport_xen::vsock::domain::OwnSetupFailed;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain, VsockListener};
 use dombus_transport_xen::vsock::mux::{Mux, VsockStream};
 use dombus_transport_xen::vsock::session::SessionConfig;
@@ -252,7 +253,7 @@ async fn a_migration_during_link_set_up_fails_the_connect_at_once() {
     let to = SimBackend::migrate(&sock, DomId(2)).unwrap();
     let e = fails_promptly("the connect in set-up", since, connecting).await;
     // The set-up failed because this domain's hypervisor attachment is gone: it says so.
-    let cause = e.get_ref().and_then(|i| i.downcast_ref::<LinkError>());
+    let cause = e.get_ref().and_then(|i| i.downcast_ref::<OwnSetupFailed>()).map(|f| &f.source);
     assert!(matches!(cause, Some(LinkError::Backend(BackendError::Migrated { to: t })) if *t == to), "{e:?}");
 
     // Once resumed, the link comes up with the new id.

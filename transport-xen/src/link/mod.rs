@@ -81,17 +81,23 @@ pub enum LinkError {
     Io(#[from] io::Error),
 }
 
-impl From<LinkError> for io::Error {
-    fn from(e: LinkError) -> io::Error {
-        let kind = match &e {
+impl LinkError {
+    /// The `io::ErrorKind` this error reads as (a hypervisor error: `Other`).
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
             LinkError::PeerMisbehaved { .. } => io::ErrorKind::InvalidData,
             LinkError::PeerGone(_) => io::ErrorKind::ConnectionReset,
             LinkError::Closed => io::ErrorKind::NotConnected,
             LinkError::Config(_) => io::ErrorKind::InvalidInput,
             LinkError::Io(e) => e.kind(),
             LinkError::Backend(_) => io::ErrorKind::Other,
-        };
-        io::Error::new(kind, e)
+        }
+    }
+}
+
+impl From<LinkError> for io::Error {
+    fn from(e: LinkError) -> io::Error {
+        io::Error::new(e.kind(), e)
     }
 }
 

@@ -49,6 +49,18 @@ use crate::backend::{Backend, BackendError, Perm, PermKind, Store, StoreWatch, p
 use crate::link::{Link, LinkConfig, LinkError, Pollable, register};
 use crate::types::DomId;
 
+/// This domain could not set up its half of the link to `peer` (carried in the `io::Error` a
+/// connect fails with; the hypervisor's or the link's error is its `source`).
+#[derive(Debug, thiserror::Error)]
+#[error("could not set up the link to domain {peer}: {source}")]
+pub struct OwnSetupFailed {
+    /// The peer the link was for.
+    pub peer: DomId,
+    /// What failed.
+    #[source]
+    pub source: LinkError,
+}
+
 /// How a domain's virtual sockets behave.
 #[derive(Debug, Clone)]
 pub struct VsockConfig {
@@ -548,12 +560,11 @@ impl<B: Backend + Clone> Inner<B> {
     fn own_failure(&self, peer: DomId, why: LinkError) -> io::Error {
         tracing::debug!(me = %self.me, %peer, error = %why, "could not set up our half of the link");
         self.report_failure(peer, &why);
-        let msg = format!("could not set up the link to domain {peer}: {why}");
         let kind = match &why {
             LinkError::Backend(e) => backend_kind(e),
-            _ => io::Error::from(why).kind(),
+            other => other.kind(),
         };
-        io::Error::new(kind, msg)
+        io::Error::new(kind, OwnSetupFailed { peer, source: why })
     }
 
     /// Writes why this domain could not set up its half of the link to `peer`, for the peer's

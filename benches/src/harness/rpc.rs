@@ -18,8 +18,8 @@ use std::time::Duration;
 use dombus_rpc::Codec;
 
 use super::{
-    Batches, Bench, Plan, Results, RunInfo, Spec, Suite, Target, VERDICT_ROUNDS, VERDICT_SAMPLES, bench,
-    latency, number, vs,
+    Batches, Bench, Plan, RateRow, Results, RunInfo, Spec, Suite, Target, VERDICT_ROUNDS, VERDICT_SAMPLES,
+    bench, latency, number, vs,
 };
 use crate::link::LinkPingPong;
 use crate::rpc::{Flavor, RpcPingPong, Stack, Transport};
@@ -225,15 +225,7 @@ impl Suite for RpcSuite {
         println!("|---|---:|---:|---:|---:|---|---:|---|");
         let no_verdict = Self::no_throughput_verdict(plan);
         for t in results.throughput.iter().filter(|t| !is_connect_row(&t.name)) {
-            let (vs, ratio, target) = results.throughput_cells(t, no_verdict.as_deref());
-            println!(
-                "| {} | {} | {} | {} | {} | {vs} | {ratio} | {target} |",
-                t.name,
-                fmt_rate(t.median),
-                fmt_rate(t.min()),
-                fmt_rate(t.max()),
-                t.cpu_per_unit().map_or_else(String::new, fmt_us)
-            );
+            print_rate_row(results, t, no_verdict.as_deref());
         }
 
         print_agent(plan, results, no_verdict.as_deref());
@@ -480,6 +472,19 @@ impl Bench for Connects {
     }
 }
 
+/// One row of a rate table: name, median, min, max, CPU per unit, and its comparison.
+fn print_rate_row(results: &Results, t: &RateRow, no_verdict: Option<&str>) {
+    let (vs, ratio, target) = results.throughput_cells(t, no_verdict);
+    println!(
+        "| {} | {} | {} | {} | {} | {vs} | {ratio} | {target} |",
+        t.name,
+        fmt_rate(t.median),
+        fmt_rate(t.min()),
+        fmt_rate(t.max()),
+        t.cpu_per_unit().map_or_else(String::new, fmt_us)
+    );
+}
+
 /// The domain agent's tables: connections opened per second, and the agent's memory.
 fn print_agent(plan: &Plan<RpcOptions>, results: &Results, no_verdict: Option<&str>) {
     let connects: Vec<_> = results.throughput.iter().filter(|t| is_connect_row(&t.name)).collect();
@@ -490,15 +495,7 @@ fn print_agent(plan: &Plan<RpcOptions>, results: &Results, no_verdict: Option<&s
         );
         println!("|---|---:|---:|---:|---:|---|---:|---|");
         for t in connects {
-            let (vs, ratio, target) = results.throughput_cells(t, no_verdict);
-            println!(
-                "| {} | {} | {} | {} | {} | {vs} | {ratio} | {target} |",
-                t.name,
-                fmt_rate(t.median),
-                fmt_rate(t.min()),
-                fmt_rate(t.max()),
-                t.cpu_per_unit().map_or_else(String::new, fmt_us)
-            );
+            print_rate_row(results, t, no_verdict);
         }
     }
     if !results.memory.is_empty() {

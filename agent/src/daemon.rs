@@ -75,7 +75,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
     }
-    agent.stop();
+    agent.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

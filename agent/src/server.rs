@@ -146,9 +146,16 @@ impl Agent {
     }
 
     /// Stops serving: the socket file is removed, every connection ends with an
-    /// `AgentStopping` end frame and every listener closes.
-    pub fn stop(self) {
+    /// `AgentStopping` end frame and every listener closes. Waits (at most a second) until
+    /// every local socket is closed, so that a process exiting right after still sent the end
+    /// frames. Dropping an `Agent` stops it the same way without waiting.
+    pub async fn stop(self) {
+        let shared = self.shared.clone();
         drop(self);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while shared.local.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 }
 
@@ -240,10 +247,13 @@ impl Shared {
             let wait = (r.wait_ms > 0).then(|| Duration::from_millis(u64::from(r.wait_ms)));
             domain.connect(VsockAddr::new(cid, r.port), wait).await
         };
-        // The process may give up (close its socket) while the connect waits.
+        // The process may give up (close its socket) while the connect waits, and the agent
+        // may stop.
+        let mut stop = self.stop.subscribe();
         let stream = tokio::select! {
             s = opened => s,
             _ = gone(&sock) => return,
+            _ = stop.changed() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the domain agent is stopping")),
         };
         let stream = match stream {
             Ok(s) => s,

@@ -213,7 +213,7 @@ async fn a_stopping_agent_fails_its_connections_at_once() {
     let mut s = client.connect(Target::Cid(2), 5000, Some(LIVENESS)).await.unwrap();
     let mut listener = client.listen(9000).await.unwrap();
     round_trip(&mut s, b"ping").await;
-    agent.stop();
+    agent.stop().await;
     let mut b = [0u8; 1];
     let e = tokio::time::timeout(LIVENESS, s.read(&mut b)).await.expect("read hung").unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);

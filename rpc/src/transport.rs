@@ -21,10 +21,14 @@ pub type BoxStream = Box<dyn Stream>;
 /// How this process reaches its domain's virtual sockets.
 #[derive(Clone)]
 enum Xen {
-    /// This process is the domain's agent: its own connections go straight to the links. The
-    /// agent it serves to the domain's other processes, if any, is held here (never read) so
-    /// that it lives as long as the `Net`.
-    Local(Arc<dyn DomainSockets>, #[allow(dead_code)] Option<Arc<Agent>>),
+    /// This process is the domain's agent: its own connections go straight to the links.
+    Local {
+        /// The domain's virtual sockets.
+        sockets: Arc<dyn DomainSockets>,
+        /// The agent this process serves to the domain's other processes, if any: held (never
+        /// read) so that it lives as long as the `Net`.
+        _serving: Option<Arc<Agent>>,
+    },
     /// Through the domain's agent.
     Agent(AgentClient),
 }
@@ -42,7 +46,7 @@ pub struct Net {
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let xen = match &self.xen {
-            Some(Xen::Local(d, _)) => format!("domain {} in this process", d.domid()),
+            Some(Xen::Local { sockets, .. }) => format!("domain {} in this process", sockets.domid()),
             Some(Xen::Agent(a)) => format!("agent at {}", a.socket().display()),
             None => format!("agent at {}", dombus_agent::default_socket().display()),
         };
@@ -162,14 +166,14 @@ impl Net {
     /// `xen:` through virtual sockets this process attached itself: it is its domain's agent,
     /// and its own connections skip the local hop.
     pub fn with_xen(mut self, sockets: impl DomainSockets) -> Net {
-        self.xen = Some(Xen::Local(Arc::new(sockets), None));
+        self.xen = Some(Xen::Local { sockets: Arc::new(sockets), _serving: None });
         self
     }
 
     /// Like [`Net::with_xen`] with shared sockets; with `serving`, this process is also the
     /// agent of the domain's other processes for as long as this `Net` (or a clone) lives.
     pub fn with_domain(mut self, sockets: Arc<dyn DomainSockets>, serving: Option<Agent>) -> Net {
-        self.xen = Some(Xen::Local(sockets, serving.map(Arc::new)));
+        self.xen = Some(Xen::Local { sockets, _serving: serving.map(Arc::new) });
         self
     }
 
@@ -181,7 +185,7 @@ impl Net {
     async fn connect_xen(&self, target: Target, port: u32) -> io::Result<BoxStream> {
         let wait = self.xen_connect_wait;
         Ok(match self.xen() {
-            Xen::Local(d, _) => {
+            Xen::Local { sockets: d, .. } => {
                 let cid = match target {
                     Target::Cid(c) => c,
                     Target::Name(n) => u32::from(d.resolve(&n)?.0),
@@ -219,7 +223,7 @@ impl Net {
         let context = |e: io::Error| io::Error::new(e.kind(), format!("listening on {addr}: {e}"));
         Ok(match addr {
             Address::Xen(a) => match self.xen() {
-                Xen::Local(d, _) => Listener::Xen(d.listen(a.port).map_err(context)?, *a),
+                Xen::Local { sockets, .. } => Listener::Xen(sockets.listen(a.port).map_err(context)?, *a),
                 Xen::Agent(agent) => Listener::Agent(agent.listen(a.port).await.map_err(context)?, *a),
             },
             Address::XenName { .. } => {

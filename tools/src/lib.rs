@@ -7,6 +7,8 @@
 //!   the simulator or real Xen (`dombus-link --help`).
 //! * [`diag`] — echo, ping with latency percentiles, checksummed patterns and a counting
 //!   allocator, for any byte stream.
+//! * [`reconnect`] — round trips that go on across lost connections, reconnecting with bounded
+//!   back-off (`dombus-link vsock-ping --reconnect-s`).
 //!
 //! ```no_run
 //! # async fn demo(mut stream: tokio::net::UnixStream) -> std::io::Result<()> {
@@ -19,3 +21,4 @@
 //! ```
 
 pub mod diag;
+pub mod reconnect;

@@ -4,17 +4,26 @@
 //! dombus-link --socket /tmp/simxen.sock --domid 1 serve   --path data/t --peer 2 recv
 //! dombus-link --socket /tmp/simxen.sock --domid 2 connect --path data/t --peer 1 send --bytes 1G
 //! dombus-link --xen serve --path data/t --peer 0 echo      # on real Xen (e.g. two dom0 processes)
+//! dombus-link --agent /run/dombus/agent.sock vsock-ping --to xen:1:5000 --reconnect-s 60
 //! ```
+//! With `--agent`, the virtual-socket roles go through the domain's agent (`dombusd`) instead of
+//! attaching to the hypervisor: any number of them run at once in one domain, over its one link
+//! to each peer.
 //! Results are printed as `key=value` lines on stdout; errors on stderr with exit status 1.
 
+use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use dombus_agent::AgentClient;
+use dombus_agent::proto::Target;
 use dombus_rpc::{Address, Size};
 use dombus_sim::SimBackend;
 use dombus_tools::diag;
+use dombus_tools::reconnect::{self, Reconnect};
 use dombus_transport_xen::backend::{Backend, EventChannel, MappedPages, Store};
 use dombus_transport_xen::layout;
 use dombus_transport_xen::link::{Link, LinkConfig, server_path};
@@ -25,14 +34,14 @@ use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use dombus_transport_xen::vsock::mux::Mux;
 use dombus_transport_xen::vsock::session::SessionConfig;
 use dombus_transport_xen::xen::XenBackend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 #[derive(Parser)]
 #[command(about = "One end of a dombus link, over the simulated hypervisor or real Xen")]
 struct Args {
     /// The simulated hypervisor's socket.
-    #[arg(long, required_unless_present = "xen", conflicts_with = "xen")]
-    socket: Option<std::path::PathBuf>,
+    #[arg(long, required_unless_present_any = ["xen", "agent"], conflicts_with = "xen")]
+    socket: Option<PathBuf>,
     /// Domain id to attach as (simulator only): any id but 0 needs the one-time token the
     /// toolstack got when it created the domain, in $DOMBUS_SIM_TOKEN; without this option, the
     /// domain that token names, or domain 0 (the toolstack, with the simulator's key) if none.
@@ -45,6 +54,11 @@ struct Args {
     /// Use real Xen (/dev/xen/* and xenstore) instead of the simulator.
     #[arg(long)]
     xen: bool,
+    /// Go through this domain's agent (`dombusd`), listening at PATH, instead of attaching to
+    /// the hypervisor: for the virtual-socket roles `vsock-echo`, `vsock-ping` and
+    /// `agent-status`.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["socket", "xen", "domid", "boot"])]
+    agent: Option<PathBuf>,
     #[command(subcommand)]
     role: Role,
 }
@@ -74,7 +88,9 @@ enum Role {
         park: Option<u32>,
     },
     /// Virtual sockets: `--conns` concurrent connections to `--to`, each doing `--count` round
-    /// trips of 64 bytes; prints the percentiles.
+    /// trips of 64 bytes; prints the percentiles. With `--reconnect-s`, a connection that fails
+    /// is replaced and its round trips go on; the last line also counts the failed round trips,
+    /// the reconnects and the round trips after the last reconnect of each connection.
     VsockPing {
         /// Where to connect: xen:<domid>:<port>, e.g. xen:1:5000.
         #[arg(long, value_parser = domain_port)]
@@ -88,7 +104,18 @@ enum Role {
         /// Wait this many seconds for the listener to appear.
         #[arg(long, default_value_t = 10)]
         wait_s: u64,
+        /// When a round trip fails, reconnect (with back-off) instead of failing, as long as a
+        /// connection has had no successful round trip for less than this many seconds. Without
+        /// it, the first failure ends the run.
+        #[arg(long, value_name = "SECONDS")]
+        reconnect_s: Option<u64>,
+        /// Pause between two round trips of a connection, in milliseconds (with `--reconnect-s`).
+        #[arg(long, default_value_t = 0, requires = "reconnect_s")]
+        interval_ms: u64,
     },
+    /// What the domain's agent holds (needs `--agent`): prints `agent domain=D local=N
+    /// listening=PORT,... links=DOMAIN:CONNECTIONS,...`, one entry per link that is up.
+    AgentStatus,
     /// Hostile domain: rewrite this domain's request for a link to `--peer` (a lower domain) in
     /// a loop for `--seconds`, never joining; prints `requests=N`.
     FloodRequests {
@@ -250,6 +277,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if let Some(agent) = &args.agent {
+        return through_agent(AgentClient::new(agent), args.role).await;
+    }
     match &args.socket {
         Some(socket) => {
             // With a token (from the toolstack that created the domain) it attaches as that domain;
@@ -319,32 +349,154 @@ async fn run_on<B: Backend + Clone>(backend: B, role: Role) -> Result<()> {
                 });
             }
         }
-        Role::VsockPing { to, conns, count, wait_s } => {
+        Role::VsockPing { to, conns, count, wait_s, reconnect_s, interval_ms } => {
             let vs = VsockDomain::start(backend, VsockConfig::default())?;
-            let mut tasks = Vec::new();
-            for _ in 0..conns {
+            let wait = Duration::from_secs(wait_s);
+            let connect = move || {
                 let vs = vs.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut s = vs.connect_wait(to, Duration::from_secs(wait_s)).await?;
-                    let lat = diag::ping(&mut s, 64, 10, count).await?;
-                    tokio::io::AsyncWriteExt::shutdown(&mut s).await?;
-                    std::io::Result::Ok(lat)
-                }));
+                async move { vs.connect_wait(to, wait).await }
+            };
+            vsock_ping(connect, to, conns, count, reconnect_s.map(|r| (r, interval_ms))).await
+        }
+        Role::AgentStatus => bail!("agent-status asks a domain's agent: give --agent PATH"),
+    }
+}
+
+/// The virtual-socket roles, through the domain's agent at `agent`.
+async fn through_agent(agent: AgentClient, role: Role) -> Result<()> {
+    let at = agent.socket().display().to_string();
+    match role {
+        Role::VsockEcho { port, park } => {
+            let mut listener = agent
+                .listen(port)
+                .await
+                .with_context(|| format!("listening on port {port} through the agent at {at}"))?;
+            if let Some(park) = park {
+                let mut parking = agent
+                    .listen(park)
+                    .await
+                    .with_context(|| format!("listening on port {park} through the agent at {at}"))?;
+                tokio::spawn(async move {
+                    let mut parked = Vec::new();
+                    while let Ok(s) = parking.accept().await {
+                        parked.push(s);
+                    }
+                });
             }
-            let mut samples = 0;
-            let mut worst = None;
-            for t in tasks {
-                let lat = t.await??.context("no samples")?;
-                samples += lat.count;
-                worst = Some(worst.map_or(lat.p50, |w: Duration| w.max(lat.p50)));
+            println!("domid={}", listener.domain());
+            println!("vsock listening port={port}");
+            loop {
+                let mut s = listener.accept().await.context("accepting")?;
+                tokio::spawn(async move {
+                    let _ = diag::echo(&mut s).await;
+                });
             }
+        }
+        Role::VsockPing { to, conns, count, wait_s, reconnect_s, interval_ms } => {
+            let wait = Some(Duration::from_secs(wait_s));
+            let connect = move || {
+                let agent = agent.clone();
+                async move { agent.connect(Target::Cid(to.cid), to.port, wait).await }
+            };
+            vsock_ping(connect, to, conns, count, reconnect_s.map(|r| (r, interval_ms))).await
+        }
+        Role::AgentStatus => {
+            let st = agent.status().await.with_context(|| format!("asking the agent at {at}"))?;
+            let listening: Vec<String> = st.listening.iter().map(u32::to_string).collect();
+            let links: Vec<String> = st.links.iter().map(|(d, n)| format!("{d}:{n}")).collect();
             println!(
-                "vsock-ping to={to} conns={conns} round_trips={samples} worst_p50_us={:.2}",
-                worst.map_or(0.0, diag::us)
+                "agent domain={} local={} listening={} links={}",
+                st.domain,
+                st.local,
+                listening.join(","),
+                links.join(",")
             );
             Ok(())
         }
+        _ => bail!(
+            "--agent serves the virtual-socket roles only (vsock-echo, vsock-ping, agent-status); \
+             the others attach to the hypervisor themselves (--socket or --xen)"
+        ),
     }
+}
+
+/// `vsock-ping` over connections from `connect`: `conns` at once, `count` round trips each.
+/// With `reconnect` (seconds, and the pause between round trips in milliseconds), failed
+/// connections are replaced (see [`reconnect::ping`]).
+async fn vsock_ping<S, C, F>(
+    connect: C,
+    to: VsockAddr,
+    conns: usize,
+    count: usize,
+    reconnect: Option<(u64, u64)>,
+) -> Result<()>
+where
+    C: Fn() -> F + Clone + Send + 'static,
+    F: Future<Output = std::io::Result<S>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some((budget_s, interval_ms)) = reconnect else {
+        let mut tasks = Vec::new();
+        for _ in 0..conns {
+            let connect = connect.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = connect().await?;
+                let lat = diag::ping(&mut s, 64, 10, count).await?;
+                tokio::io::AsyncWriteExt::shutdown(&mut s).await?;
+                std::io::Result::Ok(lat)
+            }));
+        }
+        let mut samples = 0;
+        let mut worst = None;
+        for t in tasks {
+            let lat = t.await??.context("no samples")?;
+            samples += lat.count;
+            worst = Some(worst.map_or(lat.p50, |w: Duration| w.max(lat.p50)));
+        }
+        println!(
+            "vsock-ping to={to} conns={conns} round_trips={samples} worst_p50_us={:.2}",
+            worst.map_or(0.0, diag::us)
+        );
+        return Ok(());
+    };
+    let policy = Reconnect::within(Duration::from_secs(budget_s));
+    let interval = Duration::from_millis(interval_ms);
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let (connect, policy) = (connect.clone(), policy.clone());
+        tasks.push(tokio::spawn(async move {
+            reconnect::ping(connect, 64, count, interval, &policy, |event| match event {
+                reconnect::Event::Connected { reconnects } => {
+                    println!("connected conn={i} reconnects={reconnects}")
+                }
+                reconnect::Event::Lost { error } => eprintln!(
+                    "conn {i}: a round trip failed ({error}); reconnecting, for up to {budget_s} s without a round trip"
+                ),
+                reconnect::Event::AttemptFailed { error, retry_in } => {
+                    eprintln!("conn {i}: reconnect failed ({error}); next attempt in {retry_in:?}")
+                }
+            })
+            .await
+            .with_context(|| format!("connection {i}"))
+        }));
+    }
+    let (mut round_trips, mut failed, mut reconnects, mut after) = (0, 0, 0, 0);
+    let mut worst: Option<Duration> = None;
+    for t in tasks {
+        let calls = t.await??;
+        round_trips += calls.round_trips;
+        failed += calls.failed;
+        reconnects += calls.reconnects;
+        after += calls.after_reconnect;
+        if let Some(lat) = calls.latency {
+            worst = Some(worst.map_or(lat.p50, |w| w.max(lat.p50)));
+        }
+    }
+    println!(
+        "vsock-ping to={to} conns={conns} round_trips={round_trips} failed={failed} reconnects={reconnects} after_reconnect={after} worst_p50_us={:.2}",
+        worst.map_or(0.0, diag::us)
+    );
+    Ok(())
 }
 
 fn config(l: &LinkArgs) -> LinkConfig {

@@ -5,7 +5,7 @@
 # names in expected-pass (next to this script), so a check that is skipped or runs nothing fails
 # the run too: keep that list in step with this script and domu/domu.sh.
 cd /payload || exit 1
-export DOMBUS_LINK_BIN=/payload/dombus-link RUST_BACKTRACE=1
+export DOMBUS_LINK_BIN=/payload/dombus-link RUST_BACKTRACE=1 NO_COLOR=1
 failed=0
 pass() { echo "DOMBUS-PASS $1"; }
 fail() { echo "DOMBUS-FAIL $1 $2"; failed=1; }
@@ -68,6 +68,95 @@ wait_pid() {
     rc=$?
     kill "$watchdog" 2>/dev/null
     return "$rc"
+}
+
+# dombus-link agent-status --agent $1 answers within $2 seconds (the agent is up).
+agent_up() {
+    i=0
+    while [ "$i" -lt "$(($2 * 5))" ]; do
+        ./dombus-link --agent "$1" agent-status >/dev/null 2>&1 && return 0
+        sleep 0.2
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# "NAME used C s of CPU in W s": what process $2 (started at $3, date +%s) has used so far.
+cpu_used() {
+    awk -v name="$1" -v since="$3" -v now="$(date +%s)" \
+        '{ printf "%s used %.2f s of CPU in %d s\n", name, ($14 + $15) / 100, now - since }' "/proc/$2/stat"
+}
+
+# The value of key=value field $1 in line $2 (empty if none).
+field() {
+    echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
+}
+
+# dom0's half of the domain-agent checks, beside the domU's (domu/domu.sh, which serves
+# xen:<domU>:5100 through its own agent). $1 is the domU's id. Two dom0 processes call that
+# service through dom0's agent at once, and that agent must carry both on its one link to the
+# domU; then one process keeps calling (--reconnect-s) while the domU kills and restarts its
+# agent and the service, which it does when the store node data/agent-test-restart appears in
+# its home; data/agent-test-done tells it the calls are over. Every wait is bounded, the first
+# generously: the domU runs its other checks before it starts its agent.
+agent_calls() {
+    d=$1 failed=0
+    to=xen:$d:5100
+    ./dombus-link --agent "$AGENT" vsock-ping --to "$to" --count 1000 --interval-ms 5 \
+        --reconnect-s 30 --wait-s 400 >/tmp/agent-ping1.log 2>&1 &
+    p1=$!
+    ./dombus-link --agent "$AGENT" vsock-ping --to "$to" --count 1000 --interval-ms 5 \
+        --reconnect-s 30 --wait-s 400 >/tmp/agent-ping2.log 2>&1 &
+    p2=$!
+    # Both connected: while both call, dom0's agent shows the domU once, with 2 connections (a
+    # process that attached to Xen itself would not show; a second link could not show as one).
+    shared=""
+    if wait_for "^connected conn=0" 420 /tmp/agent-ping1.log && wait_for "^connected conn=0" 60 /tmp/agent-ping2.log; then
+        i=0
+        while [ "$i" -lt 150 ] && [ -z "$shared" ]; do
+            st=$(./dombus-link --agent "$AGENT" agent-status 2>&1)
+            mine=$(field links "$st" | tr ',' '\n' | grep "^$d:")
+            [ "$mine" = "$d:2" ] && shared=$st
+            i=$((i + 1))
+        done
+    fi
+    # Both finish (1000 round trips each, paced 5 ms: a few seconds under emulation).
+    wait_pid "$p1" 120
+    wait_pid "$p2" 60
+    l1=$(grep "^vsock-ping" /tmp/agent-ping1.log)
+    l2=$(grep "^vsock-ping" /tmp/agent-ping2.log)
+    if [ "$(field round_trips "$l1")" = 1000 ] && [ "$(field failed "$l1")" = 0 ] && [ "$(field reconnects "$l1")" = 0 ] &&
+        [ "$(field round_trips "$l2")" = 1000 ] && [ "$(field failed "$l2")" = 0 ] && [ "$(field reconnects "$l2")" = 0 ]; then
+        pass "agent-two-callers-at-once: $l1 | $l2"
+    else
+        fail agent-two-callers-at-once "want 1000 round trips each, none failed: '$l1' '$l2'"
+    fi
+    if [ -n "$shared" ]; then
+        pass "agent-one-link: $shared"
+    else
+        fail agent-one-link "dom0's agent never showed one link to domain $d with both connections; last: '$st'"
+    fi
+    # The domU restarts its agent and the service while this caller keeps calling.
+    ./dombus-link --agent "$AGENT" vsock-ping --to "$to" --count 1000 --interval-ms 10 \
+        --reconnect-s 60 --wait-s 60 >/tmp/agent-ping3.log 2>&1 &
+    p3=$!
+    if wait_for "^connected conn=0" 60 /tmp/agent-ping3.log; then
+        xenstore-write "/local/domain/$d/data/agent-test-restart" 1 &&
+            xenstore-chmod "/local/domain/$d/data/agent-test-restart" "n$d"
+    fi
+    wait_pid "$p3" 240
+    rc=$?
+    l3=$(grep "^vsock-ping" /tmp/agent-ping3.log)
+    if [ "$rc" = 0 ] && [ "$(field round_trips "$l3")" = 1000 ] && [ "$(field failed "$l3")" -ge 1 ] 2>/dev/null &&
+        [ "$(field reconnects "$l3")" -ge 1 ] 2>/dev/null && [ "$(field after_reconnect "$l3")" -ge 1 ] 2>/dev/null; then
+        pass "agent-calls-across-domu-agent-restart: $l3"
+    else
+        fail agent-calls-across-domu-agent-restart "want 1000 round trips, at least one failed, a reconnect and round trips after it; rc=$rc: '$l3'"
+    fi
+    xenstore-write "/local/domain/$d/data/agent-test-done" 1 &&
+        xenstore-chmod "/local/domain/$d/data/agent-test-done" "n$d"
+    for n in 1 2 3; do sed "s/^/[dom0 agent-ping$n] /" /tmp/agent-ping$n.log; done
+    [ "$failed" = 0 ]
 }
 
 # A plain file copied and compared every two seconds while the tests run (canary.sh).
@@ -147,6 +236,13 @@ else
     # naming a domain that did not exist when they were set — XSA-322) and before it runs.
     # (Processes that died in ld.so while a domU booted were the emulated XSAVE corrupting
     # registers, now turned off in tests/vm/run-xen.)
+    # dom0's domain agent, before the domU exists: from here on every dom0 process that uses
+    # virtual sockets goes through it (two processes attached to Xen as domain 0 would both
+    # answer a domU's request for a link).
+    AGENT=/run/dombus/agent.sock
+    RUST_LOG=info,dombus_transport_xen::vsock::domain=debug ./dombusd --xen --socket "$AGENT" >/tmp/agent0.log 2>&1 &
+    agent0=$! agent0_start=$(date +%s)
+    agent_up "$AGENT" 30 || fail dom0-agent "dombusd did not come up: $(cat /tmp/agent0.log)"
     # 256 MiB: the domU's initramfs holds our binaries; quiet kernel so the console stays readable.
     domid=$(DOMBUS_DOMU_MEMORY=256 DOMBUS_DOMU_EXTRA=loglevel=4 dombus-start-domu -p dombus-u1 | tail -n 1)
     case "$domid" in
@@ -161,15 +257,25 @@ else
         # Its idle limit counts from its start, before the domU has even booted: as long as the
         # other dom0 servers' (a loaded host once took over 60 s to get the domU there).
         VCHAN_PEER_IDLE_TIMEOUT=600 vchan-peer server "$domid" /local/domain/0/data/u-vchan echo >/tmp/u-vchan.log 2>&1 &
-        ./dombus-link --xen vsock-echo --port 5000 >/tmp/u-vsock.log 2>&1 &
+        ./dombus-link --agent "$AGENT" vsock-echo --port 5000 >/tmp/u-vsock.log 2>&1 &
+        vsock0=$!
         if ! { wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
             wait_for listening 60 /tmp/u-vsock.log; }; then
             fail domu-servers "a dom0 server did not start"
         fi
         xl unpause dombus-u1
-        # 300 s (the domU's part takes under a minute): a hung domU is reported, with its
+        agent_calls "$domid" &
+        calls=$!
+        # 420 s (the domU's part takes one to two minutes): a hung domU is reported, with its
         # console, well before run-xen's 900 s limit stops the whole machine.
-        if dombus-wait-domu dombus-u1 300; then pass domu; else fail domu "see the domU log above"; fi
+        if dombus-wait-domu dombus-u1 420; then pass domu; else fail domu "see the domU log above"; fi
+        # agent_calls printed its own verdicts; a non-zero status is one of them, or its bound.
+        wait_pid "$calls" 60 || { failed=1; echo "agent_calls ended with status $? (143: still running after the domU ended)"; }
+        cpu_used "dom0's agent" "$agent0" "$agent0_start"
+        cpu_used "dom0's xen:0:5000 service" "$vsock0" "$agent0_start"
+        kill "$vsock0" 2>/dev/null
+        kill "$agent0" 2>/dev/null
+        sed "s/^/[dom0 agent] /" /tmp/agent0.log
         # The stream's two ends, compared: what the domU says it sent (its console) and what
         # dom0 received, each as "bytes crc", against the pattern's known CRC; and the
         # receiver's own verdict (its exit status and pattern=ok).

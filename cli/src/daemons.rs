@@ -45,7 +45,11 @@ pub struct BackendArgs {
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// Runs a daemon until SIGTERM or SIGINT.
@@ -55,7 +59,7 @@ pub fn run(daemon: Daemon) -> anyhow::Result<()> {
         Daemon::Hypervisor { socket } => hypervisor(socket),
         Daemon::Backend(args) => runtime()?.block_on(backend(args)),
         Daemon::Storage(args) => runtime()?.block_on(run_daemon(args)),
-        Daemon::Agent(args) => runtime()?.block_on(dombus_agent::daemon::run(args)),
+        Daemon::Agent(args) => dombus_agent::daemon::runtime()?.block_on(dombus_agent::daemon::run(args)),
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{LIVENESS, Scratch, parked_on_watch};
 use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_tools::diag;
+use dombus_transport_xen::backend::{Backend, Store};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::VsockAddr;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
@@ -226,4 +227,38 @@ async fn closing_a_domain_ends_its_connections_and_others_live_on() {
     assert_eq!(&back, b"still here");
     roundtrip(&a, VsockAddr::new(3, 5000), b"and a new one").await;
     drop(at_a_listener);
+}
+
+/// A guest whose virtual sockets start after the toolstack's domain published a link for it (its
+/// agent was restarted while a caller kept trying) joins that link at once: a guest may not list
+/// the domains, so it reads the known ones' (the backend's and the privileged) at start rather
+/// than wait for an event that came before it watched.
+#[tokio::test]
+async fn a_guest_starting_late_joins_a_link_the_toolstack_published_already() {
+    let (_dir, _hv, sock) = hv("late-guest");
+    let dom0 = domain(&sock, 0);
+    let guest = SimBackend::boot(&sock, Some(DomId(5))).unwrap();
+    let connecting = {
+        let dom0 = dom0.clone();
+        tokio::spawn(async move { dom0.connect_wait(VsockAddr::new(5, 7000), Duration::from_secs(30)).await })
+    };
+    // The guest's listener is announced by hand (as a previous run of its agent left it), so
+    // that dom0 goes on to publish the link while nothing of the guest's runs yet.
+    guest.store().write("/local/domain/5/data/dombus/listen/7000", b"1").unwrap();
+    let published = "/local/domain/0/data/dombus/link/5/ring-ref";
+    let t = Instant::now();
+    while dom0.backend().store().read(published).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "dom0 never published the link");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let since = Instant::now();
+    let d5 = VsockDomain::start(guest, VsockConfig::default()).unwrap();
+    let _svc = echo_service(&d5, 7000).await;
+    let s = tokio::time::timeout(Duration::from_secs(30), connecting).await.expect("connect hung").unwrap();
+    assert!(s.is_ok(), "{s:?}");
+    assert!(
+        since.elapsed() < Duration::from_secs(5),
+        "joined only after {:?} (the set-up timed out)",
+        since.elapsed()
+    );
 }

@@ -403,15 +403,25 @@ impl<B: Backend + Clone> Inner<B> {
     /// store (what the watch's events would have said, had none been collapsed).
     ///
     /// Only a domain that may list `/local/domain` (dom0, the backend, which serves every guest's
-    /// link) can do this; a guest relies on the per-domain collapse, which names the domain.
+    /// link) can do this for every domain; a guest reads the backend's and the privileged
+    /// domains' (and relies on the per-domain collapse, which names the domain, for the rest).
     fn all_wanted(&self) -> Vec<DomId> {
         match self.backend.store().directory("/local/domain") {
             Ok(doms) => {
                 doms.iter().filter_map(|d| d.parse().ok().map(DomId)).filter(|&d| self.wants(d)).collect()
             }
             Err(e) => {
-                tracing::debug!(me = %self.me, error = %e, "cannot list the domains to read their link requests again");
-                Vec::new()
+                // A guest may not list the domains; the ones it knows are the backend domain
+                // and the privileged ones (the toolstack's): a link one of them published while
+                // this domain's agent was away (restarted) is found here, not after the
+                // publisher's set-up timed out.
+                tracing::debug!(me = %self.me, error = %e, "cannot list the domains; reading the known ones' link requests");
+                let mut known: Vec<DomId> = std::iter::once(self.cfg.backend_domain)
+                    .chain(self.cfg.privileged.iter().copied())
+                    .collect();
+                known.sort_unstable();
+                known.dedup();
+                known.into_iter().filter(|&d| d != self.me && self.wants(d)).collect()
             }
         }
     }

@@ -612,9 +612,46 @@ mod tests {
 
     #[test]
     fn printable_text_is_bounded_in_bytes() {
+        // Each invalid byte becomes U+FFFD (3 bytes): as many whole ones as fit.
         let t = printable(&[0xff; MAX_TEXT]);
-        assert!(t.len() <= MAX_TEXT, "{} bytes", t.len());
+        assert_eq!(t.len(), MAX_TEXT / 3 * 3);
+        assert_eq!(printable(&[b'a'; MAX_TEXT + 5]).len(), MAX_TEXT);
         assert_eq!(printable(b"a\x07b"), "a?b");
+        // Our own text is cut on a character boundary.
+        let s = format!("{}é", "a".repeat(MAX_TEXT - 1));
+        assert_eq!(text(&s).len(), MAX_TEXT - 1);
+        assert_eq!(text(&"a".repeat(MAX_TEXT)).len(), MAX_TEXT);
+    }
+
+    #[test]
+    fn every_bound_is_inclusive() {
+        let mut head = [0u8; REPLY_LEN];
+        head[12..16].copy_from_slice(&(MAX_BODY as u32).to_le_bytes());
+        assert_eq!(Reply::body_len(&head), Ok(MAX_BODY));
+        let mut frame = data_header(MAX_FRAME).to_vec();
+        frame.resize(4 + MAX_FRAME, 7);
+        assert!(matches!(parse_frame(&frame), Ok(Some((Frame::Data(d), _))) if d.len() == MAX_FRAME));
+        let end = end_frame(End::Failed, &"r".repeat(MAX_TEXT));
+        assert!(
+            matches!(parse_frame(&end), Ok(Some((Frame::End(End::Failed, r), _))) if r.len() == MAX_TEXT)
+        );
+        let most = AgentStatus {
+            domain: DomId(1),
+            links: vec![(DomId(2), 1); MAX_STATUS_ITEMS],
+            listening: vec![5; MAX_STATUS_ITEMS],
+            local: 0,
+        };
+        assert_eq!(AgentStatus::decode(1, &most.encode()), Ok(most.clone()));
+        // One more than the encoder ever writes is refused, in either list.
+        let mut links = (MAX_STATUS_ITEMS as u16 + 1).to_le_bytes().to_vec();
+        links.extend(std::iter::repeat_n([2u8, 0, 1, 0, 0, 0], MAX_STATUS_ITEMS + 1).flatten());
+        links.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        assert!(AgentStatus::decode(1, &links).is_err());
+        let mut ports = vec![0u8, 0];
+        ports.extend_from_slice(&(MAX_STATUS_ITEMS as u16 + 1).to_le_bytes());
+        ports.extend(std::iter::repeat_n([5u8, 0, 0, 0], MAX_STATUS_ITEMS + 1).flatten());
+        ports.extend_from_slice(&[0, 0, 0, 0]);
+        assert!(AgentStatus::decode(1, &ports).is_err());
     }
 
     #[test]

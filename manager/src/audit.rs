@@ -1,0 +1,1 @@
+//! The audit trail: one JSON record per decision, in a size-bounded, rotated file.

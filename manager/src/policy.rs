@@ -1,0 +1,1 @@
+//! The policy: rules `SERVICE SOURCE TARGET ACTION`, their files and their evaluation.

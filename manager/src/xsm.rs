@@ -1,0 +1,1 @@
+//! The XSM/FLASK fragment that lets exactly the allowed pairs of domain types share grants and event channels.

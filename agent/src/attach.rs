@@ -13,9 +13,12 @@ use std::sync::Arc;
 
 use dombus_sim::{Ended, SimBackend};
 use dombus_transport_xen::DomId;
+use dombus_transport_xen::backend::Backend;
+use dombus_transport_xen::vsock::LinkSetUp;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
 use tokio::sync::watch;
 
+use crate::managed::{Managed, ManagerOps};
 use crate::sockets::{DomainSockets, Following};
 
 /// Which hypervisor.
@@ -38,11 +41,54 @@ pub struct Attach {
     pub domid: DomId,
     /// The backend domain (what `xen:backend:PORT` names).
     pub backend_domain: DomId,
+    /// How links come about: under the backend domain's connection manager
+    /// ([`LinkSetUp::Introduced`], what a host runs), or open (a host without one).
+    pub links: LinkSetUp,
 }
 
 impl Attach {
+    /// Attaching as `domid` under the connection manager of `backend_domain`.
+    pub fn managed(hypervisor: Hypervisor, domid: DomId, backend_domain: DomId) -> Attach {
+        Attach { hypervisor, domid, backend_domain, links: LinkSetUp::Introduced }
+    }
+
     fn config(&self) -> VsockConfig {
-        VsockConfig { backend_domain: self.backend_domain, ..VsockConfig::default() }
+        VsockConfig { backend_domain: self.backend_domain, set_up: self.links, ..VsockConfig::default() }
+    }
+
+    /// Attaches as the backend domain, whose connection manager introduces the others: its
+    /// sockets, and what the manager needs of them (inside a tokio runtime). Its links are set
+    /// up on request, and its gate is the manager's to set.
+    pub fn start_backend(&self) -> io::Result<(Arc<dyn DomainSockets>, Arc<dyn ManagerOps>)> {
+        if self.domid != self.backend_domain && self.hypervisor != Hypervisor::Xen {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("domain {} is not the backend domain ({})", self.domid, self.backend_domain),
+            ));
+        }
+        fn both<B: Backend + Clone>(d: VsockDomain<B>) -> (Arc<dyn DomainSockets>, Arc<dyn ManagerOps>) {
+            (Arc::new(d.clone()), Arc::new(d))
+        }
+        let cfg = VsockConfig { set_up: LinkSetUp::Introduced, ..self.config() };
+        Ok(match &self.hypervisor {
+            Hypervisor::Sim(sock) => {
+                let backend = SimBackend::attach_from_env(sock, self.domid).map_err(|e| {
+                    io::Error::other(format!("simulated hypervisor at {}: {e}", sock.display()))
+                })?;
+                both(VsockDomain::start(backend, cfg)?)
+            }
+            Hypervisor::Xen => {
+                let backend = dombus_transport_xen::xen::XenBackend::open()
+                    .map_err(|e| io::Error::other(format!("real Xen: {e}")))?;
+                if backend.domid() != self.backend_domain {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("this is domain {}, not the backend domain ({})", backend.domid(), self.backend_domain),
+                    ));
+                }
+                both(VsockDomain::start(backend, cfg)?)
+            }
+        })
     }
 
     /// Attaches and starts the domain's virtual sockets (inside a tokio runtime).
@@ -57,9 +103,20 @@ impl Attach {
             Hypervisor::Xen => {
                 let backend = dombus_transport_xen::xen::XenBackend::open()
                     .map_err(|e| io::Error::other(format!("real Xen: {e}")))?;
-                Arc::new(VsockDomain::start(backend, self.config())?)
+                let config = self.config();
+                sockets_of(VsockDomain::start(backend, config.clone())?, &config)
             }
         })
+    }
+}
+
+/// The sockets a process uses of `domain`: under the connection manager when links are
+/// introduced (except in the backend domain, the manager's own).
+fn sockets_of<B: Backend + Clone>(domain: VsockDomain<B>, config: &VsockConfig) -> Arc<dyn DomainSockets> {
+    if config.set_up == LinkSetUp::Introduced && domain.domid() != config.backend_domain {
+        Arc::new(Managed::start(domain, config.backend_domain))
+    } else {
+        Arc::new(domain)
     }
 }
 
@@ -67,7 +124,7 @@ impl Attach {
 /// (inside a tokio runtime): a task waits for the simulator's word that the attachment ended.
 pub fn follow(backend: SimBackend, config: VsockConfig) -> io::Result<Following> {
     let domain = VsockDomain::start(backend.clone(), config.clone())?;
-    let (tx, rx) = watch::channel(Arc::new(domain.clone()) as Arc<dyn DomainSockets>);
+    let (tx, rx) = watch::channel(sockets_of(domain.clone(), &config));
     tokio::spawn(async move {
         let (mut backend, mut domain) = (backend, domain);
         loop {
@@ -97,7 +154,7 @@ pub fn follow(backend: SimBackend, config: VsockConfig) -> io::Result<Following>
                 .and_then(|b| Ok((VsockDomain::start(b.clone(), config.clone())?, b)));
             match resumed {
                 Ok((d, b)) => {
-                    tx.send_replace(Arc::new(d.clone()));
+                    tx.send_replace(sockets_of(d.clone(), &config));
                     (backend, domain) = (b, d);
                 }
                 Err(e) => {

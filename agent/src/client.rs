@@ -107,8 +107,14 @@ impl AgentClient {
 
     /// Listens on `port` of this domain through the agent, until the listener is dropped.
     pub async fn listen(&self, port: u32) -> io::Result<AgentListener> {
-        let (sock, reply) =
-            self.request(&Request { op: Op::Listen, target: Target::Cid(0), port, wait_ms: 0 }).await?;
+        self.listen_as(port, None).await
+    }
+
+    /// Like [`AgentClient::listen`], saying that the port serves the service `name` while the
+    /// listener lives (rules of the host's connection manager may name it).
+    pub async fn listen_as(&self, port: u32, name: Option<&str>) -> io::Result<AgentListener> {
+        let target = name.map_or(Target::Cid(0), |n| Target::Name(n.to_string()));
+        let (sock, reply) = self.request(&Request { op: Op::Listen, target, port, wait_ms: 0 }).await?;
         let domain = u16::try_from(reply.domain).map(DomId).unwrap_or(DomId::INVALID);
         Ok(AgentListener { sock, port, domain, agent: self.socket.clone() })
     }

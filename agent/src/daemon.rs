@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use dombus_transport_xen::DomId;
+use dombus_transport_xen::vsock::LinkSetUp;
 
 use crate::attach::{Attach, Hypervisor};
 use crate::server::{Agent, AgentConfig};
@@ -21,9 +22,14 @@ pub struct AgentArgs {
     /// Attach to real Xen (/dev/xen/*, xenstored).
     #[arg(long)]
     pub xen: bool,
-    /// The backend domain (what xen:backend:PORT names).
+    /// The backend domain (what xen:backend:PORT names), whose connection manager introduces
+    /// this domain to others.
     #[arg(long, value_name = "DOMID", default_value_t = DomId::DOM0)]
     pub backend_domain: DomId,
+    /// No connection manager on this host: any domain may ask any other for a link (two
+    /// domains of a test, a host without a backend domain's manager).
+    #[arg(long)]
+    pub open_links: bool,
     /// Where the domain's processes reach the agent [default: $DOMBUS_AGENT, else
     /// /run/dombus/agent.sock for root, else $XDG_RUNTIME_DIR/dombus/agent.sock]
     #[arg(long, value_name = "PATH")]
@@ -52,7 +58,8 @@ impl AgentArgs {
             (None, true) => Hypervisor::Xen,
             (None, false) => anyhow::bail!("which hypervisor? give --sim SOCKET or --xen"),
         };
-        Ok(Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain })
+        let links = if self.open_links { LinkSetUp::Open } else { LinkSetUp::Introduced };
+        Ok(Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain, links })
     }
 
     /// How to serve.

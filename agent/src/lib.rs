@@ -8,6 +8,8 @@
 //!   is its domain's agent (its own connections then skip the local hop).
 //! - [`client`]: a process's side ([`AgentClient`]).
 //! - [`sockets`]: a domain's virtual sockets as one object-safe interface ([`DomainSockets`]).
+//! - [`manager`]: the protocol between an agent and the host's connection manager;
+//!   [`managed`]: a domain's sockets under the manager ([`Managed`]).
 //! - `attach` (feature `attach`): attaching a process to the simulated hypervisor or real Xen.
 //!
 //! ```
@@ -28,12 +30,15 @@ pub mod client;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 mod fdpass;
+pub mod managed;
+pub mod manager;
 pub mod proto;
 pub mod server;
 pub mod sockets;
 
 pub use client::{AGENT_ENV, AgentClient, AgentListener, AgentStream, default_socket};
 pub use server::{Agent, AgentConfig};
+pub use managed::{Denied, Managed, ManagerOps, denied};
 pub use sockets::{DomainSockets, PortListener};
 
 use dombus_transport_xen::DomId;

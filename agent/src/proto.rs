@@ -199,6 +199,8 @@ const KINDS: [(u8, io::ErrorKind); 10] = [
     (9, io::ErrorKind::ConnectionReset),
     (10, io::ErrorKind::InvalidData),
 ];
+/// Refused by the connection manager: the body is the decision's id (`u64`) and the text.
+pub const DENIED: u8 = 11;
 /// Any other failure.
 const OTHER: u8 = 255;
 
@@ -241,8 +243,13 @@ impl Reply {
         Reply { status: 0, domain, local_port, body }
     }
 
-    /// A failure saying `e`.
+    /// A failure saying `e` (a connection manager's refusal keeps its decision).
     pub fn error(e: &io::Error) -> Reply {
+        if let Some(decision) = crate::managed::denied(e) {
+            let mut body = decision.to_le_bytes().to_vec();
+            body.extend_from_slice(&text(&e.to_string()));
+            return Reply { status: DENIED, domain: 0, local_port: 0, body };
+        }
         Reply { status: status_of(e.kind()), domain: 0, local_port: 0, body: text(&e.to_string()) }
     }
 
@@ -282,6 +289,12 @@ impl Reply {
     pub fn into_result(self) -> io::Result<Reply> {
         if self.status == 0 {
             return Ok(self);
+        }
+        if self.status == DENIED {
+            let Some(id) = self.body.first_chunk::<8>() else {
+                return Err(ProtoError::Malformed("denial without its decision").into());
+            };
+            return Err(crate::managed::Denied { decision: u64::from_le_bytes(*id) }.into());
         }
         Err(io::Error::new(kind_of(self.status), printable(&self.body)))
     }

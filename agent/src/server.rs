@@ -240,12 +240,11 @@ impl Shared {
     async fn connect(self: Arc<Self>, mut sock: UnixStream, r: Request, slot: LocalSlot) {
         let domain = &self.domain;
         let opened = async {
-            let cid = match &r.target {
-                Target::Cid(c) => *c,
-                Target::Name(n) => u32::from(domain.resolve(n)?.0),
-            };
             let wait = (r.wait_ms > 0).then(|| Duration::from_millis(u64::from(r.wait_ms)));
-            domain.connect(VsockAddr::new(cid, r.port), wait).await
+            match &r.target {
+                Target::Cid(c) => domain.connect(VsockAddr::new(*c, r.port), wait).await,
+                Target::Name(n) => domain.connect_name(n, r.port, wait).await,
+            }
         };
         // The process may give up (close its socket) while the connect waits, and the agent
         // may stop.
@@ -293,6 +292,10 @@ impl Shared {
             }
         };
         let _held = self.hold_port(r.port);
+        let _named = match &r.target {
+            Target::Name(n) => Some(PortName::new(self.domain.clone(), r.port, n)),
+            Target::Cid(_) => None,
+        };
         let reply = Reply::ok(u32::from(self.domain.domid().0), r.port, Vec::new());
         if sock.write_all(&reply.encode()).await.is_err() {
             return;
@@ -490,5 +493,21 @@ async fn proxy(sock: UnixStream, stream: VsockStream, mut stop: watch::Receiver<
     if stopping {
         let _ =
             to_proc.write_all(&proto::end_frame(End::AgentStopping, "the domain agent is stopping")).await;
+    }
+}
+
+/// The service name a listening process gave its port, for as long as it listens.
+struct PortName(Arc<dyn DomainSockets>, u32);
+
+impl PortName {
+    fn new(domain: Arc<dyn DomainSockets>, port: u32, name: &str) -> PortName {
+        domain.name_port(port, Some(name));
+        PortName(domain, port)
+    }
+}
+
+impl Drop for PortName {
+    fn drop(&mut self) {
+        self.0.name_port(self.1, None);
     }
 }

@@ -27,6 +27,20 @@ pub trait DomainSockets: Send + Sync + 'static {
     fn listen(&self, port: u32) -> io::Result<Box<dyn PortListener>>;
     /// The domain named `name` in the store (`/local/domain/<id>/name`).
     fn resolve(&self, name: &str) -> io::Result<DomId>;
+    /// Connects to `port` of the domain named `name` (under a connection manager, the manager
+    /// resolves the name, and an unknown name is refused like a denied connection).
+    fn connect_name(&self, name: &str, port: u32, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+        let name = name.to_string();
+        Box::pin(async move {
+            let dom = self.resolve(&name)?;
+            self.connect(VsockAddr::new(u32::from(dom.0), port), wait).await
+        })
+    }
+    /// Says that `port` of this domain serves the service `name` (`None`: no longer), for a
+    /// connection manager's rules that name services. Nothing without one.
+    fn name_port(&self, port: u32, name: Option<&str>) {
+        let _ = (port, name);
+    }
     /// The links that are up: peer domain and connections open on each.
     fn links(&self) -> Vec<(DomId, usize)>;
 }
@@ -143,6 +157,16 @@ impl DomainSockets for Following {
 
     fn resolve(&self, name: &str) -> io::Result<DomId> {
         self.now().resolve(name)
+    }
+
+    fn connect_name(&self, name: &str, port: u32, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+        let now = self.now();
+        let name = name.to_string();
+        Box::pin(async move { now.connect_name(&name, port, wait).await })
+    }
+
+    fn name_port(&self, port: u32, name: Option<&str>) {
+        self.now().name_port(port, name)
     }
 
     fn links(&self) -> Vec<(DomId, usize)> {

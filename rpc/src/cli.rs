@@ -65,6 +65,10 @@ pub struct NetArgs {
     /// The backend domain (what xen:backend:PORT names), with --sim or --xen.
     #[arg(long, value_name = "DOMID", default_value_t = DomId::DOM0, global = true)]
     pub backend_domain: DomId,
+    /// With --sim or --xen: no connection manager on this host, any domain may ask any other
+    /// for a link (two domains of a test, a host without a backend domain's manager).
+    #[arg(long, global = true)]
+    pub open_links: bool,
     /// The domain's agent, which xen: addresses go through [default: $DOMBUS_AGENT, else
     /// /run/dombus/agent.sock for root, else $XDG_RUNTIME_DIR/dombus/agent.sock].
     #[arg(long, value_name = "PATH", global = true, env = "DOMBUS_AGENT")]
@@ -85,6 +89,7 @@ impl NetArgs {
             domid: DomId::DOM0,
             xen: false,
             backend_domain: DomId::DOM0,
+            open_links: false,
             agent,
             serve_agent: None,
             timeout: timeout.as_secs_f64(),
@@ -103,7 +108,12 @@ impl NetArgs {
         };
         let mut net = match hypervisor {
             Some(hypervisor) => {
-                let attach = Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain };
+                let links = if self.open_links {
+                    dombus_transport_xen::vsock::LinkSetUp::Open
+                } else {
+                    dombus_transport_xen::vsock::LinkSetUp::Introduced
+                };
+                let attach = Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain, links };
                 let sockets = attach.start()?;
                 let serving = match &self.serve_agent {
                     Some(path) => Some(dombus_agent::Agent::serve(

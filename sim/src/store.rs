@@ -431,8 +431,14 @@ impl StoreTree {
         let mut fires = if self.nodes.contains_key(&h) { Vec::new() } else { self.mkdir(DomId::DOM0, &h)? };
         let perms = vec![Perm { domid: dom, kind: PermKind::None }];
         fires.extend(self.set_perms(DomId::DOM0, &h, &perms)?);
-        fires.extend(self.write(DomId::DOM0, &format!("{h}/domid"), dom.to_string().as_bytes())?);
-        fires.extend(self.write(DomId::DOM0, &format!("{h}/name"), name.as_bytes())?);
+        // As libxl does: the domain reads its id and name but cannot change them (the
+        // connection manager's policy is keyed on names).
+        let fixed = vec![Perm { domid: DomId::DOM0, kind: PermKind::None }, Perm { domid: dom, kind: PermKind::Read }];
+        for (key, value) in [("domid", dom.to_string()), ("name", name.to_string())] {
+            let path = format!("{h}/{key}");
+            fires.extend(self.write(DomId::DOM0, &path, value.as_bytes())?);
+            fires.extend(self.set_perms(DomId::DOM0, &path, &fixed)?);
+        }
         fires.extend(self.special_fires(INTRODUCE));
         Ok(fires)
     }
@@ -566,12 +572,26 @@ mod tests {
     }
 
     #[test]
+    fn a_domain_reads_but_cannot_change_its_name() {
+        let mut t = tree();
+        t.introduce(DomId(5), "guest5").unwrap();
+        assert_eq!(t.read(DomId(5), "/local/domain/5/name").unwrap(), b"guest5");
+        assert!(t.write(DomId(5), "/local/domain/5/name", b"storage").is_err());
+        assert!(t.rm(DomId(5), "/local/domain/5/name").is_err());
+        assert!(t.read(DomId(6), "/local/domain/5/name").is_err());
+        // Its home stays its own to write in.
+        t.write(DomId(5), "/local/domain/5/data/x", b"1").unwrap();
+    }
+
+    #[test]
     fn quota_limits_nodes() {
         let mut t = StoreTree::with_quota(5);
         assert!(t.introduce(DomId(1), "a").is_ok());
-        assert_eq!(t.owned_by(DomId(1)), 3);
-        assert!(t.write(DomId(1), "a", b"").is_ok());
-        assert!(t.write(DomId(1), "b", b"").is_ok());
+        // Its home; its id and name are dom0's.
+        assert_eq!(t.owned_by(DomId(1)), 1);
+        for n in ["a", "b", "x", "y"] {
+            assert!(t.write(DomId(1), n, b"").is_ok());
+        }
         assert!(matches!(t.write(DomId(1), "c", b""), Err(WireError::Limit(_))));
         assert!(t.rm(DomId(1), "a").is_ok());
         assert!(t.write(DomId(1), "c", b"").is_ok());

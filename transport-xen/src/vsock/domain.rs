@@ -24,6 +24,12 @@
 //! node) and only an account naming it counts, so an account left from an earlier attempt never
 //! fails a fresh one; a domain removes its account once the link to that peer is up.
 //!
+//! With [`LinkSetUp::Introduced`] (what agents run under a connection manager) a domain keeps
+//! the request above only for its link with the backend domain, which serves every domain's
+//! link whatever the ids; only the backend domain watches `/local/domain`, and every other link
+//! is built in the rendezvous the manager made for the pair ([`VsockDomain::introduce`], see
+//! [`super::introduce`]). Every incoming connection then passes this domain's [`Gate`].
+//!
 //! Listeners announce themselves at `/local/domain/<id>/data/dombus/listen/<port>` (readable by
 //! all), so that [`VsockDomain::connect_wait`] can wait for a service that is not up yet, woken
 //! by a store watch rather than by timed retries.
@@ -39,6 +45,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use super::introduce::{Gate, LinkSetUp, check_rendezvous, rendezvous_path, rendezvous_perms};
 use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
 use super::mux::{ListenerCloser, Mux, MuxListener, VsockStream};
 use super::session::SessionConfig;
@@ -74,6 +81,8 @@ pub struct VsockConfig {
     pub privileged: Vec<DomId>,
     /// How long a domain waits for its peer to join a link it published or asked for.
     pub link_timeout: Duration,
+    /// How links with other domains come about.
+    pub set_up: LinkSetUp,
 }
 
 impl Default for VsockConfig {
@@ -85,6 +94,7 @@ impl Default for VsockConfig {
             backend_domain: DomId::DOM0,
             privileged: vec![DomId::DOM0],
             link_timeout: Duration::from_secs(10),
+            set_up: LinkSetUp::Open,
         }
     }
 }
@@ -141,7 +151,16 @@ struct Inner<B: Backend + Clone> {
     /// Set-ups waiting for a peer's half, by peer (at most one each: set-up for a peer is
     /// serialised), woken when that peer's failure account may have changed.
     awaiting: StdMutex<HashMap<DomId, Arc<Notify>>>,
+    /// The rendezvous the connection manager introduced this domain to, by peer.
+    introductions: StdMutex<HashMap<DomId, String>>,
+    /// What every incoming connection passes.
+    gate: Arc<GateSlot>,
+    /// Whether this domain watches `/local/domain` (else a set-up waiting for a peer watches
+    /// that peer's failure account itself).
+    watches_all: bool,
 }
+
+type GateSlot = StdMutex<Option<Arc<dyn Gate>>>;
 
 /// The set-up on request of the link to one peer.
 #[derive(Default)]
@@ -219,7 +238,14 @@ impl<B: Backend + Clone> VsockDomain<B> {
     /// Starts this domain's virtual sockets (must run inside a tokio runtime).
     pub fn start(backend: B, cfg: VsockConfig) -> io::Result<VsockDomain<B>> {
         let me = backend.domid();
-        let watch = AsyncWatch::new(backend.store().watch("/local/domain").map_err(store_io)?)?;
+        // Under introductions only the backend domain, which serves every domain's link, reads
+        // requests; no other domain acts on what it sees in `/local/domain`.
+        let watches_all = cfg.set_up == LinkSetUp::Open || me == cfg.backend_domain;
+        let watch = if watches_all {
+            Some(AsyncWatch::new(backend.store().watch("/local/domain").map_err(store_io)?)?)
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
             backend,
             me,
@@ -230,9 +256,13 @@ impl<B: Backend + Clone> VsockDomain<B> {
             setup_attempts: AtomicU64::new(0),
             next_attempt: AtomicU64::new(RandomState::new().hash_one(me)),
             awaiting: StdMutex::new(HashMap::new()),
+            introductions: StdMutex::new(HashMap::new()),
+            gate: Arc::new(StdMutex::new(None)),
+            watches_all,
         });
         let weak = Arc::downgrade(&inner);
         let watcher = tokio::spawn(async move {
+            let Some(watch) = watch else { return };
             while let Ok(paths) = watch.next().await {
                 let Some(inner) = weak.upgrade() else { return };
                 for p in paths {
@@ -292,8 +322,8 @@ impl<B: Backend + Clone> VsockDomain<B> {
                 ));
             }
             let mut forwarders = Vec::new();
-            for mux in l.links.values().filter(|m| m.stopped().is_none()) {
-                forwarders.push(forward(mux.listen(port)?, sender.clone()));
+            for (&peer, mux) in l.links.iter().filter(|(_, m)| m.stopped().is_none()) {
+                forwarders.push(forward(mux.listen(port)?, sender.clone(), peer, port, inner.gate.clone()));
             }
             l.ports.insert(port, Registered { sender, forwarders });
         }
@@ -359,6 +389,96 @@ impl<B: Backend + Clone> VsockDomain<B> {
         }
     }
 
+    /// Records that the connection manager introduced this domain to `peer` at the rendezvous
+    /// `path`, once the store shows it to be the manager's for exactly the two domains (else
+    /// `PermissionDenied`, and nothing is recorded), and starts this domain's half of the link.
+    /// A link with `peer` at another rendezvous is ended: the manager introduces a pair again
+    /// only when one of them lost the link.
+    pub fn introduce(&self, peer: DomId, path: &str) -> io::Result<()> {
+        let inner = &self.inner;
+        if inner.on_request(peer) || peer == inner.me {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the link with domain {peer} is not set up by introduction"),
+            ));
+        }
+        inner.check_rendezvous(path, peer)?;
+        let old = inner.introductions.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, path.to_string());
+        if old.as_deref().is_some_and(|o| o != path) {
+            self.end_link(peer, "the connection manager introduced the pair again");
+        }
+        inner.set_up_on_request(peer);
+        Ok(())
+    }
+
+    /// Forgets the introduction to `peer` and ends the link with it (its connections fail with a
+    /// transport reset saying `why`). Whether there was a link.
+    pub fn forget(&self, peer: DomId, why: &str) -> bool {
+        self.inner.introductions.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer);
+        self.end_link(peer, why)
+    }
+
+    fn end_link(&self, peer: DomId, why: &str) -> bool {
+        let l = self.inner.listening.lock().unwrap_or_else(|p| p.into_inner());
+        match l.links.get(&peer).filter(|m| m.stopped().is_none()) {
+            Some(mux) => {
+                mux.reset(why);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Resets the connections with `peer` that involve `port`: this domain's port when `ours`
+    /// (connections `peer` made to us), else the peer's (connections we made to it). How many.
+    pub fn reset_port(&self, peer: DomId, port: u32, ours: bool) -> usize {
+        let l = self.inner.listening.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mux) = l.links.get(&peer) else { return 0 };
+        mux.reset_connections(|id| if ours { id.local == port } else { id.peer == port })
+    }
+
+    /// Sets what every incoming connection passes from now on (see [`Gate`]).
+    pub fn set_gate(&self, gate: Arc<dyn Gate>) {
+        *self.inner.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// Whether a link with `peer` is up.
+    pub fn has_link(&self, peer: DomId) -> bool {
+        let l = self.inner.listening.lock().unwrap_or_else(|p| p.into_inner());
+        l.links.get(&peer).is_some_and(|m| m.stopped().is_none())
+    }
+
+    /// Makes rendezvous `id` for domains `a` and `b` (the backend domain's connection manager
+    /// does): a directory under this domain's home, owned by it, usable by exactly the two.
+    /// Its path.
+    pub fn create_rendezvous(&self, a: DomId, b: DomId, id: u64) -> io::Result<String> {
+        let store = self.inner.backend.store();
+        let path = rendezvous_path(self.inner.me, id);
+        // A left-over directory of that id (a restarted manager) goes first, with its contents.
+        match store.rm(&path) {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => return Err(store_io(e)),
+        }
+        store.mkdir(&path).map_err(store_io)?;
+        store.set_perms(&path, &rendezvous_perms(self.inner.me, a, b)).map_err(store_io)?;
+        Ok(path)
+    }
+
+    /// Removes a rendezvous this domain made (and what the two domains wrote in it).
+    pub fn remove_rendezvous(&self, path: &str) -> io::Result<()> {
+        match self.inner.backend.store().rm(path) {
+            Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+            Err(e) => Err(store_io(e)),
+        }
+    }
+
+    /// The name the toolstack gave domain `dom` (`/local/domain/<id>/name`), if this domain may
+    /// read it and there is one.
+    pub fn domain_name(&self, dom: DomId) -> Option<String> {
+        let raw = self.inner.backend.store().read(&format!("/local/domain/{}/name", dom.0)).ok()?;
+        String::from_utf8(raw).ok()
+    }
+
     /// The hypervisor backend this domain is attached with.
     pub fn backend(&self) -> &B {
         &self.inner.backend
@@ -383,6 +503,50 @@ impl<B: Backend + Clone> VsockDomain<B> {
 }
 
 impl<B: Backend + Clone> Inner<B> {
+    /// Whether this domain serves (publishes) its link with `peer`: the backend domain serves
+    /// every link under introductions, otherwise the lower id.
+    fn serves(&self, peer: DomId) -> bool {
+        match self.cfg.set_up {
+            LinkSetUp::Introduced if self.me == self.cfg.backend_domain => true,
+            LinkSetUp::Introduced if peer == self.cfg.backend_domain => false,
+            _ => self.me < peer,
+        }
+    }
+
+    /// Whether the link with `peer` is set up on request through the store (every link when
+    /// open; only the backend domain's under introductions).
+    fn on_request(&self, peer: DomId) -> bool {
+        self.cfg.set_up == LinkSetUp::Open
+            || self.me == self.cfg.backend_domain
+            || peer == self.cfg.backend_domain
+    }
+
+    /// The rendezvous for the link with `peer`: `None` for a link on request, else the one the
+    /// connection manager introduced (an error if there is none).
+    fn rendezvous(&self, peer: DomId) -> io::Result<Option<String>> {
+        if self.on_request(peer) {
+            return Ok(None);
+        }
+        let intro = self.introductions.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
+        intro.map(Some).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("domain {peer} was not introduced to this domain by the connection manager"),
+            )
+        })
+    }
+
+    /// Checks that `path` is the connection manager's rendezvous for this domain and `peer`.
+    fn check_rendezvous(&self, path: &str, peer: DomId) -> io::Result<()> {
+        let perms = self.backend.store().get_perms(path).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("refusing the link with domain {peer}: cannot read the rendezvous {path}: {e}"),
+            )
+        })?;
+        check_rendezvous(path, &perms, self.cfg.backend_domain, self.me, peer)
+    }
+
     /// If `path` is a link request from a higher domain or a link published by a lower one for
     /// us, the peer to set up a link with.
     fn link_wanted(&self, path: &str) -> Option<DomId> {
@@ -390,10 +554,11 @@ impl<B: Backend + Clone> Inner<B> {
         let (dom, rest) = rest.split_once('/')?;
         let dom = DomId(dom.parse().ok()?);
         if let Some(target) = rest.strip_prefix("data/dombus/want/") {
-            (target.parse::<u16>().ok()? == self.me.0 && dom > self.me).then_some(dom)
+            (target.parse::<u16>().ok()? == self.me.0 && dom != self.me && self.serves(dom)).then_some(dom)
         } else if let Some(rest) = rest.strip_prefix("data/dombus/link/") {
             let (client, key) = rest.split_once('/')?;
-            (key == "ring-ref" && client.parse::<u16>().ok()? == self.me.0 && dom < self.me).then_some(dom)
+            (key == "ring-ref" && client.parse::<u16>().ok()? == self.me.0 && dom != self.me && !self.serves(dom))
+                .then_some(dom)
         } else {
             None
         }
@@ -428,12 +593,12 @@ impl<B: Backend + Clone> Inner<B> {
 
     /// Whether `peer` has asked for a link (a higher domain) or published one for us (a lower).
     fn wants(&self, peer: DomId) -> bool {
-        let path = if peer > self.me {
-            want_path(peer, self.me)
-        } else if peer < self.me {
-            format!("{}/ring-ref", link_path(peer, self.me))
-        } else {
+        let path = if peer == self.me || !self.on_request(peer) {
             return false;
+        } else if self.serves(peer) {
+            want_path(peer, self.me)
+        } else {
+            format!("{}/ring-ref", link_path(peer, self.me))
         };
         self.backend.store().read(&path).is_ok()
     }
@@ -499,9 +664,9 @@ impl<B: Backend + Clone> Inner<B> {
             let mut l = self.listening.lock().unwrap_or_else(|p| p.into_inner());
             let ports: Vec<u32> = l.ports.keys().copied().collect();
             let (mux, listeners) = Mux::spawn_listening(link, self.cfg.session.clone(), &ports);
-            for (port, listener) in ports.iter().zip(listeners) {
-                if let Some(reg) = l.ports.get_mut(port) {
-                    reg.forwarders.push(forward(listener, reg.sender.clone()));
+            for (&port, listener) in ports.iter().zip(listeners) {
+                if let Some(reg) = l.ports.get_mut(&port) {
+                    reg.forwarders.push(forward(listener, reg.sender.clone(), peer, port, self.gate.clone()));
                 }
             }
             l.links.insert(peer, mux.clone());
@@ -515,12 +680,15 @@ impl<B: Backend + Clone> Inner<B> {
     /// Sets up this domain's half of the link to `peer`, then waits up to the link timeout for
     /// the peer's half, or for the peer's account of why it cannot set up its own.
     async fn set_up(&self, peer: DomId) -> io::Result<Link<B>> {
+        if let Some(rdv) = self.rendezvous(peer)? {
+            return self.set_up_introduced(peer, &rdv).await;
+        }
         let attempt = self.next_attempt.fetch_add(1, Ordering::Relaxed);
         // Registered before the attempt is published: no change to the peer's account is missed.
-        let awaiting = Awaiting::register(self, peer);
+        let awaiting = Awaiting::register(self, peer)?;
         let store = self.backend.store();
         let perms = self.perms_for(peer);
-        let joined = if self.me < peer {
+        let joined = if self.serves(peer) {
             let rel = format!("data/dombus/link/{}", peer.0);
             // The attempt's number before the link: a client that sees the link also finds it.
             let attempt_path = format!("{}/{ATTEMPT_KEY}", link_path(self.me, peer));
@@ -559,6 +727,24 @@ impl<B: Backend + Clone> Inner<B> {
         })?
     }
 
+    /// Sets up this domain's half of the link to `peer` in the rendezvous `rdv` the connection
+    /// manager made, once it proved to be one, then waits up to the link timeout for the peer.
+    /// The lower id serves.
+    async fn set_up_introduced(&self, peer: DomId, rdv: &str) -> io::Result<Link<B>> {
+        self.check_rendezvous(rdv, peer)?;
+        let joined = if self.me < peer {
+            let listener = Link::listen(&self.backend, rdv, peer, &self.cfg.link)?;
+            tokio::time::timeout(self.cfg.link_timeout, listener.accept()).await.map(|r| r.map_err(io::Error::from))
+        } else {
+            tokio::time::timeout(self.cfg.link_timeout, Link::connect(&self.backend, rdv, peer, &self.cfg.link))
+                .await
+                .map(|r| r.map_err(io::Error::from))
+        };
+        joined.map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, format!("domain {peer} did not join the introduced link"))
+        })?
+    }
+
     /// Store permissions of a node this domain keeps for `peer` alone: the owner's, and `peer`'s
     /// to read.
     fn perms_for(&self, peer: DomId) -> [Perm; 2] {
@@ -582,7 +768,7 @@ impl<B: Backend + Clone> Inner<B> {
     /// no attempt to name waits for nothing and is told nothing.
     fn report_failure(&self, peer: DomId, why: &LinkError) {
         let store = self.backend.store();
-        let attempt_path = if peer > self.me {
+        let attempt_path = if self.serves(peer) {
             want_path(peer, self.me)
         } else {
             format!("{}/{ATTEMPT_KEY}", link_path(peer, self.me))
@@ -635,13 +821,21 @@ struct Awaiting<'a, B: Backend + Clone> {
     inner: &'a Inner<B>,
     peer: DomId,
     changed: Arc<Notify>,
+    /// A watch on the peer's account, for a domain that does not watch `/local/domain`.
+    own: Option<AsyncWatch<<B::Store as Store>::Watch>>,
 }
 
 impl<'a, B: Backend + Clone> Awaiting<'a, B> {
-    fn register(inner: &'a Inner<B>, peer: DomId) -> Self {
+    fn register(inner: &'a Inner<B>, peer: DomId) -> io::Result<Self> {
         let changed = Arc::new(Notify::new());
         inner.awaiting.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, changed.clone());
-        Awaiting { inner, peer, changed }
+        let own = if inner.watches_all {
+            None
+        } else {
+            let path = failure_path(peer, inner.me);
+            Some(AsyncWatch::new(inner.backend.store().watch(&path).map_err(store_io)?)?)
+        };
+        Ok(Awaiting { inner, peer, changed, own })
     }
 
     /// Resolves once the peer's account names `attempt`, with the error to fail the set-up with.
@@ -655,7 +849,15 @@ impl<'a, B: Backend + Clone> Awaiting<'a, B> {
                 tracing::debug!(me = %self.inner.me, peer = %self.peer, %reason, "the peer could not set up the link");
                 return io::Error::other(PeerSetupFailed { peer: self.peer, reason });
             }
-            self.changed.notified().await;
+            match &self.own {
+                Some(own) => {
+                    tokio::select! {
+                        () = self.changed.notified() => {}
+                        changed = own.next() => if changed.is_err() { std::future::pending::<()>().await },
+                    }
+                }
+                None => self.changed.notified().await,
+            }
         }
     }
 }
@@ -669,14 +871,25 @@ impl<B: Backend + Clone> Drop for Awaiting<'_, B> {
     }
 }
 
-/// Moves connections accepted on one link to the domain-wide listener.
+/// Moves connections accepted on one link to the domain-wide listener, each once the gate (if
+/// any) admitted it; a refused one is closed at once.
 fn forward(
     listener: MuxListener,
     to: mpsc::UnboundedSender<VsockStream>,
+    peer: DomId,
+    port: u32,
+    gate: Arc<GateSlot>,
 ) -> (JoinHandle<()>, ListenerCloser) {
     let closer = listener.closer();
     let task = tokio::spawn(async move {
         while let Ok(stream) = listener.accept().await {
+            let gate = gate.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(gate) = gate
+                && !gate.admit(peer, port).await
+            {
+                tracing::info!(%peer, port, "connection refused by the gate");
+                continue;
+            }
             if to.send(stream).is_err() {
                 return;
             }

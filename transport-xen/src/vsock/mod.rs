@@ -9,6 +9,7 @@
 
 mod addr;
 pub mod domain;
+pub mod introduce;
 pub mod mux;
 pub mod packet;
 pub mod reset;
@@ -17,4 +18,5 @@ pub mod setup_failure;
 
 pub use addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
 pub use reset::{TransportReset, is_transport_reset, transport_reset};
+pub use introduce::{Gate, LinkSetUp};
 pub use setup_failure::PeerSetupFailed;

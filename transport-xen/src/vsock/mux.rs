@@ -273,6 +273,20 @@ impl Mux {
         self.shared.transmit.notify_one();
     }
 
+    /// Resets every connection whose ports `which` selects (our port, the peer's port): each
+    /// fails with `ConnectionReset` on our side and is reset at the peer. How many there were.
+    pub fn reset_connections(&self, which: impl Fn(ConnId) -> bool) -> usize {
+        let mut st = self.shared.lock();
+        let ids: Vec<ConnId> = st.session.connections().into_iter().filter(|&id| which(id)).collect();
+        for &id in &ids {
+            st.session.reset(id);
+        }
+        st.dispatch();
+        drop(st);
+        self.shared.transmit.notify_one();
+        ids.len()
+    }
+
     /// The domain at the other end of the link.
     pub fn peer(&self) -> DomId {
         self.shared.peer

@@ -635,6 +635,23 @@ impl Session {
         }
     }
 
+    /// Resets the connection from our side: the peer is sent a `RST`, and our end ends as if
+    /// the peer had reset it ([`Event::Closed`] with [`CloseReason::Reset`], unread data dropped).
+    /// What a domain does to connections a changed policy no longer allows.
+    pub fn reset(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(&id) else { return };
+        match conn.state {
+            State::Closed(_) => {}
+            State::Requested => {
+                let _ = self.refuse(id);
+            }
+            _ => {
+                self.push_rst(id);
+                self.end(id, CloseReason::Reset);
+            }
+        }
+    }
+
     /// The link went away: every connection ends with [`CloseReason::PeerGone`]. Data that
     /// arrived before stays readable until the connection is released.
     pub fn peer_gone(&mut self) {

@@ -660,7 +660,7 @@ mod tests {
         let good = |d| String::from_utf8(record(d, 3).to_line().expect("line")).expect("utf-8");
         let mut text = good(1);
         text.push_str("{\"time\": \"truncated\n");
-        text.push_str("\n");
+        text.push('\n');
         text.push_str(&"x".repeat(MAX_LINE + 10));
         text.push('\n');
         text.push_str(&good(2));

@@ -731,6 +731,83 @@ mod tests {
         }
     }
 
+    /// A subscriber that keeps the target, level and fields of every event.
+    #[derive(Clone, Default)]
+    #[allow(clippy::type_complexity)]
+    struct Capture(Arc<Mutex<Vec<(String, tracing::Level, Vec<(String, String)>)>>>);
+
+    struct Fields<'a>(&'a mut Vec<(String, String)>);
+
+    impl tracing::field::Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+            self.0.push((field.name().to_owned(), format!("{value:?}")));
+        }
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            self.0.push((field.name().to_owned(), value.to_owned()));
+        }
+    }
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut fields = Vec::new();
+            event.record(&mut Fields(&mut fields));
+            let meta = event.metadata();
+            self.0.lock().expect("capture").push((meta.target().to_owned(), *meta.level(), fields));
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn record_logs_one_info_line_with_the_fields_and_appends() {
+        let dir = TempDir::new();
+        let log = AuditLog::open(dir.file(), AuditLimits::default()).expect("open");
+        let capture = Capture::default();
+        let mut r = record(77, 2);
+        r.result = Verdict::Deny;
+        r.target.name = None;
+        r.target.domid = None;
+        r.target.requested = "12".into();
+        r.rule = None;
+        r.reason = "no such domain".into();
+        tracing::subscriber::with_default(capture.clone(), || {
+            log.record(&r).expect("record");
+        });
+        let events = capture.0.lock().expect("capture");
+        assert_eq!(events.len(), 1);
+        let (target, level, fields) = &events[0];
+        assert_eq!(target, "dombus::audit");
+        assert_eq!(*level, tracing::Level::INFO);
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_else(|| panic!("no field {name} in {fields:?}"))
+        };
+        assert_eq!(get("decision"), "77");
+        assert_eq!(get("time"), r.time);
+        assert_eq!(get("source_name"), "guest-a");
+        assert_eq!(get("source_domid"), "7");
+        assert_eq!(get("target_name"), "-");
+        assert_eq!(get("target_domid"), "None");
+        assert_eq!(get("requested"), "12");
+        assert_eq!(get("service"), "storage");
+        assert_eq!(get("port"), "5000");
+        assert_eq!(get("rule"), "-");
+        assert_eq!(get("result"), "deny");
+        assert_eq!(get("reason"), "no such domain");
+        assert_eq!(log.find(77).expect("find"), Some(r));
+    }
+
     #[test]
     fn keep_above_the_cap_is_refused() {
         let dir = TempDir::new();

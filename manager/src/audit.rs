@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -306,10 +307,12 @@ impl AuditLog {
                 _ => {}
             }
         }
-        if keep == 0 {
-            fs::remove_file(&self.path)?;
-        } else {
-            fs::rename(&self.path, self.rotated(1))?;
+        // The current file may be gone already if an earlier rotation failed after moving it.
+        let moved =
+            if keep == 0 { fs::remove_file(&self.path) } else { fs::rename(&self.path, self.rotated(1)) };
+        match moved {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
         *current = Current::open(&self.path)?;
         Ok(())
@@ -400,8 +403,10 @@ impl AuditLog {
 }
 
 impl Current {
+    /// Opens `path` for appending, creating it readable and writable by its owner only: the
+    /// trail names domains and what they asked for.
     fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         let len = file.metadata()?.len();
         Ok(Self { file, len })
     }
@@ -806,6 +811,32 @@ mod tests {
         assert_eq!(get("result"), "deny");
         assert_eq!(get("reason"), "no such domain");
         assert_eq!(log.find(77).expect("find"), Some(r));
+    }
+
+    #[test]
+    fn files_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new();
+        let per_line = line_len(&record(1, 0));
+        let log = AuditLog::open(dir.file(), AuditLimits { max_bytes: per_line, keep: 1 }).expect("open");
+        log.append(&record(1, 0)).expect("append");
+        log.append(&record(2, 0)).expect("append");
+        for i in 0..=1 {
+            let mode = fs::metadata(log.rotated(i)).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "file {i} has mode {mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_rotation_that_failed_after_moving_the_file_recovers() {
+        let dir = TempDir::new();
+        let per_line = line_len(&record(1, 0));
+        let log = AuditLog::open(dir.file(), AuditLimits { max_bytes: per_line, keep: 2 }).expect("open");
+        log.append(&record(1, 0)).expect("append");
+        // As if a rotation had moved the file and then failed to create the new one.
+        fs::rename(dir.file(), log.rotated(1)).expect("rename");
+        log.append(&record(2, 0)).expect("append after the failed rotation");
+        assert_eq!(decisions(&log.tail(10).expect("tail").records), vec![1, 2]);
     }
 
     #[test]

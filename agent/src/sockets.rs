@@ -84,6 +84,33 @@ impl<B: Backend + Clone> PortListener for VsockListener<B> {
     }
 }
 
+/// Listens on `port` of `sockets`, saying that it serves the service `name` while the returned
+/// listener lives (see [`DomainSockets::name_port`]).
+pub fn listen_as(sockets: Arc<dyn DomainSockets>, port: u32, name: &str) -> io::Result<Box<dyn PortListener>> {
+    let inner = sockets.listen(port)?;
+    sockets.name_port(port, Some(name));
+    Ok(Box::new(Named { inner, sockets, port }))
+}
+
+/// A listener whose port has a service name, given up with the listener.
+struct Named {
+    inner: Box<dyn PortListener>,
+    sockets: Arc<dyn DomainSockets>,
+    port: u32,
+}
+
+impl PortListener for Named {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<VsockStream>> {
+        self.inner.accept()
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        self.sockets.name_port(self.port, None);
+    }
+}
+
 /// Most domains [`resolve`] reads the names of.
 const MAX_DOMAINS: usize = 4096;
 

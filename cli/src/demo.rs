@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use dombus::rpc::transport::AgentClient;
 use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
-use dombus_services::ports;
-use dombus_services::registry::RegistryClient;
 use dombus_services::storage::{DiskInfo, Format, Size, SnapshotInfo, StorageClient, StorageError};
 use dombus_tools::diag::percentile;
 
@@ -148,7 +146,7 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     let storage_addr: Address = host.manifest.service_addr("storage").context("no storage domain")?;
     println!(
         "\n2. The toolstack (domain {}) calls the storage domain (domain {}) at {storage_addr}",
-        host::TOOLSTACK,
+        host::BACKEND,
         host::STORAGE
     );
     let storage = StorageClient::connect(net.clone(), storage_addr.clone())
@@ -238,25 +236,79 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
         RawClient::new(net.clone(), storage_addr.clone(), wire::BUILTIN_SERVICE, ClientConfig::default());
     let ping = timed("ping, storage domain (1000 round trips)", 1000, || raw.ping(context(d))).await?;
     let list = timed("storage.list(), typed call (200)", 200, || storage.list(context(d))).await?;
-    let registry_addr: Address = format!("xen:backend:{}", ports::REGISTRY).parse()?;
-    let registry = RegistryClient::connect(net, registry_addr).await.context("the host registry")?;
-    let reg = timed("registry.domains(), backend domain (200)", 200, || registry.domains(context(d))).await?;
-    let domains = registry.domains(context(d)).await.map_err(|e| anyhow::anyhow!(error_text(&e)))?;
-    println!(
-        "  the registry knows: {}",
-        domains
-            .iter()
-            .map(|d| format!("domain {} {} ({})", d.domid, d.name, d.role))
-            .collect::<Vec<_>>()
-            .join("; ")
-    );
     let together = together(host, &storage_addr).await?;
+    let policy = policy(host).await?;
     Ok(serde_json::json!({
         "ping": ping,
         "storage_list": list,
-        "registry_domains": reg,
         "commands_at_once": together,
+        "policy": policy,
     }))
+}
+
+/// Step 5: the connection manager. The guest's call to the storage domain is denied (default
+/// deny), the toolstack adds a rule, the same call succeeds; the audit trail's lines.
+async fn policy(host: &Host) -> anyhow::Result<serde_json::Value> {
+    let guest_agent = host.state.domain_agent(host::GUEST_NAME);
+    println!(
+        "\n5. The connection manager: a process of the guest ({}, domain {}) calls the storage domain",
+        host::GUEST_NAME,
+        host::GUEST
+    );
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let guest_call = || {
+        tokio::process::Command::new(&exe)
+            .arg("--state")
+            .arg(&host.state.0)
+            .arg("--agent")
+            .arg(&guest_agent)
+            .args(["--timeout", "10", "storage", "list"])
+            .kill_on_drop(true)
+            .output()
+    };
+    let first = guest_call().await.context("running the guest's command")?;
+    let denied = String::from_utf8_lossy(&first.stderr).trim().to_string();
+    if first.status.success() {
+        bail!("the guest reached the storage domain without a rule allowing it");
+    }
+    println!("  dombus storage list (as {})   refused: {denied}", host::GUEST_NAME);
+    let manager = host.manifest.admin().await?;
+    let d = Duration::from_secs(10);
+    let rule = format!("storage {} @tag:storage allow", host::GUEST_NAME);
+    let added = manager
+        .add(context(d), rule.clone(), None, None)
+        .await
+        .map_err(|e| anyhow::anyhow!(error_text(&e)))?
+        .map_err(|e| anyhow::anyhow!("adding {rule:?}: {e}"))?;
+    println!("  the toolstack adds a rule: dombus policy add {rule:?}   → {}", added.at);
+    let second = guest_call().await.context("running the guest's command")?;
+    let listed = String::from_utf8_lossy(&second.stdout).trim().to_string();
+    if !second.status.success() {
+        bail!("the guest's call failed after the rule allowed it: {}", String::from_utf8_lossy(&second.stderr));
+    }
+    println!("  dombus storage list (as {})   ok: {}", host::GUEST_NAME, if listed.is_empty() { "no images" } else { &listed });
+    let audit = manager
+        .audit(context(d), Some(4))
+        .await
+        .map_err(|e| anyhow::anyhow!(error_text(&e)))?
+        .map_err(|e| anyhow::anyhow!("reading the audit trail: {e}"))?;
+    println!("  the audit trail's newest decisions (dombus policy audit):");
+    for r in &audit {
+        println!(
+            "    {} decision {} {} {}({}) → {}({}) {} port {} rule {}",
+            r.time,
+            r.decision,
+            if r.result == dombus_manager::audit::Verdict::Allow { "allow" } else { "deny " },
+            r.source.name,
+            r.source.domid,
+            r.target.name.as_deref().unwrap_or(&r.target.requested),
+            r.target.domid.map_or("-".to_string(), |d| d.to_string()),
+            r.service,
+            r.port,
+            r.rule.as_deref().unwrap_or("(none: default deny)")
+        );
+    }
+    Ok(serde_json::json!({ "denied": denied, "rule": added.at, "audit": audit }))
 }
 
 /// Step 4: three `dombus` commands at once — three more processes of the toolstack's domain —
@@ -296,7 +348,7 @@ async fn together(host: &Host, storage: &Address) -> anyhow::Result<serde_json::
         AgentClient::new(&host.manifest.agent_socket).status().await.context("the toolstack's agent")?;
     let links: Vec<String> =
         status.links.iter().map(|(d, n)| format!("domain {d} ({n} connection(s) open)")).collect();
-    println!("  the toolstack's agent holds one link per domain it reached: {}", links.join(", "));
+    println!("  dom0's agent holds one link per domain (every domain links to the backend): {}", links.join(", "));
     Ok(
         serde_json::json!({ "commands": lines, "links": status.links.iter().map(|(d, n)| (d.0, *n)).collect::<Vec<_>>() }),
     )
@@ -324,7 +376,7 @@ pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
         r = drive(&host) => r,
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
     };
-    println!("\n5. Host down");
+    println!("\n6. Host down");
     let stopped = host.down(false).await;
     let stray: Vec<u32> =
         pids.iter().copied().filter(|&p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();

@@ -1,16 +1,19 @@
 //! `dombus host up | down | status`: a whole dombus host on one machine without Xen — the
-//! simulated hypervisor, the toolstack's domain (its agent, `dombusd`), the backend domain (the
-//! host registry) and the service domains (the storage domain) — each a separate process with
-//! its own domain id, all state in one directory. Every domain has an agent: the toolstack's is
-//! a `dombusd` of its own, through which every `dombus` command reaches the host (any number at
-//! once); each service daemon is its domain's agent in-process and serves the domain's other
-//! processes on its domain's socket.
+//! simulated hypervisor; dom0, the backend domain with the connection manager, which is also the
+//! toolstack's domain as on Xen; the service domains (the storage domain); and a guest — each a
+//! separate process with its own domain id, all state in one directory. Every domain has an
+//! agent: dom0's runs in the backend daemon, and every `dombus` command reaches the host through
+//! it (any number at once); each service daemon is its domain's agent in-process and serves the
+//! domain's other processes on its domain's socket; the guest's is a `dombusd` of its own.
 //!
 //! ```text
 //! <state>/host.json               what runs: processes, domain ids, services and addresses
 //! <state>/simxen.sock             the simulated hypervisor's socket
-//! <state>/agent.sock              the toolstack domain's agent (domain 0)
-//! <state>/domains/<name>/agent.sock  each service domain's agent
+//! <state>/agent.sock              dom0's agent (the toolstack's processes)
+//! <state>/manager.sock            the connection manager's admin service, for dom0's processes
+//! <state>/policy/*.policy         the connection manager's policy
+//! <state>/manager/                its labels and audit trail (audit.jsonl)
+//! <state>/domains/<name>/agent.sock  each other domain's agent
 //! <state>/logs/*.log              one log per process
 //! <state>/images/                 the storage domain's disk images
 //! ```
@@ -26,16 +29,38 @@ use dombus::rpc::transport::AgentClient;
 use dombus::rpc::{Address, ClientConfig, Net, RawClient, wire};
 use dombus::sim::{SimBackend, TOKEN_ENV};
 use dombus::transport::types::DomId;
+use dombus_manager::admin::DomainInfo;
+use dombus_manager::{PolicyAdminClient};
 use dombus_services::ports;
-use dombus_services::registry::{DomainEntry, RegistryClient, ServiceEntry};
 use serde::{Deserialize, Serialize};
 
-/// The backend domain's id on a simulated host.
-pub const BACKEND: DomId = DomId(1);
+/// The backend domain's id on a simulated host: dom0, also the toolstack's (this tool's).
+pub const BACKEND: DomId = DomId(0);
 /// The storage domain's id on a simulated host.
 pub const STORAGE: DomId = DomId(2);
-/// The toolstack's domain id (this tool).
-pub const TOOLSTACK: DomId = DomId(0);
+/// The guest's id on a simulated host.
+pub const GUEST: DomId = DomId(3);
+/// The guest's name.
+pub const GUEST_NAME: &str = "guest1";
+
+/// The policy a new host starts with: the toolstack may call every domain; nothing else.
+pub const DEFAULT_POLICY: &str = "\
+# The policy a dombus host starts with (dombus host up). Rules: SERVICE SOURCE TARGET ACTION,
+# first match wins, no match denies; see docs/manager.md. Add rules with `dombus policy add`
+# (into 50-admin.policy, read before this file) or in a file of your own.
+
+# The toolstack may call every service of every domain.
+*    @toolstack    *    allow
+";
+
+/// A service a process of the host serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    /// The service's name (`storage`).
+    pub name: String,
+    /// Its address (`xen:2:5100`).
+    pub addr: String,
+}
 
 /// How long each start-up step may take.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -73,9 +98,21 @@ impl StateDir {
     pub fn agent(&self) -> PathBuf {
         self.0.join("agent.sock")
     }
-    /// The agent of the service domain `name`.
-    fn domain_agent(&self, name: &str) -> PathBuf {
+    /// The agent of the domain `name` (other than dom0).
+    pub fn domain_agent(&self, name: &str) -> PathBuf {
         self.0.join("domains").join(name).join("agent.sock")
+    }
+    /// The connection manager's admin service, for dom0's processes.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.0.join("manager.sock")
+    }
+    /// The connection manager's policy directory.
+    pub fn policy(&self) -> PathBuf {
+        self.0.join("policy")
+    }
+    /// The connection manager's labels and audit trail.
+    pub fn manager(&self) -> PathBuf {
+        self.0.join("manager")
     }
     fn logs(&self) -> PathBuf {
         self.0.join("logs")
@@ -132,8 +169,11 @@ pub struct Proc {
 pub struct Manifest {
     /// The simulated hypervisor's socket.
     pub sim_socket: PathBuf,
-    /// The toolstack domain's agent.
+    /// dom0's agent (the toolstack's processes).
     pub agent_socket: PathBuf,
+    /// The connection manager's admin service.
+    #[serde(default)]
+    pub admin_socket: PathBuf,
     /// The backend domain.
     pub backend_domid: DomId,
     /// Seconds since the epoch when it came up.
@@ -146,6 +186,12 @@ impl Manifest {
     /// How this tool reaches the host's domains: through the toolstack domain's agent.
     pub fn net_args(&self, timeout: Duration) -> NetArgs {
         NetArgs::through_agent(Some(self.agent_socket.clone()), timeout)
+    }
+
+    /// The connection manager's admin service, as this tool (a process of dom0) reaches it.
+    pub async fn admin(&self) -> anyhow::Result<PolicyAdminClient> {
+        let addr: Address = format!("unix:{}", self.admin_socket.display()).parse()?;
+        PolicyAdminClient::connect(Net::new(), addr).await.context("the connection manager's admin service")
     }
 
     /// The address of `service` on this host.
@@ -286,6 +332,7 @@ pub async fn up(state: StateDir, quiet: bool) -> anyhow::Result<Host> {
         manifest: Manifest {
             sim_socket: sock.clone(),
             agent_socket: state.agent(),
+            admin_socket: state.admin_socket(),
             backend_domid: BACKEND,
             started,
             procs: vec![],
@@ -324,44 +371,66 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     waited?;
     step(quiet, format_args!("hypervisor       pid {:<7} {}", host.children[0].id(), sim), t);
 
-    // The toolstack's domain: its agent, which this tool and every later command go through.
+    // dom0: the backend domain, with the connection manager and the agent of dom0's processes
+    // (this tool's and every later command's, as the toolstack).
     let t = Instant::now();
+    let policy = state.policy();
+    if !policy.exists() {
+        std::fs::create_dir_all(&policy)?;
+        std::fs::write(policy.join("90-default.policy"), DEFAULT_POLICY)?;
+    }
     let agent = state.agent();
-    let args = [
-        "agent".to_string(),
+    let admin = state.admin_socket();
+    let _ = std::fs::remove_file(&admin);
+    let args: Vec<String> = vec![
+        "backend".into(),
         "--sim".into(),
         sim.into(),
         "--domid".into(),
-        TOOLSTACK.to_string(),
-        "--backend-domain".into(),
         BACKEND.to_string(),
-        "--socket".into(),
+        "--serve-agent".into(),
         agent.display().to_string(),
+        "--policy-dir".into(),
+        policy.display().to_string(),
+        "--state-dir".into(),
+        state.manager().display().to_string(),
+        "--admin-socket".into(),
+        admin.display().to_string(),
     ];
-    let (mut child, log) = spawn(&state, "toolstack", &args)?;
+    let (mut child, log) = spawn(&state, "backend", &args)?;
     host.manifest.procs.push(Proc {
-        name: "toolstack".into(),
-        domid: Some(TOOLSTACK),
-        role: "toolstack domain: its agent (dombusd), which every dombus command goes through".into(),
+        name: "backend".into(),
+        domid: Some(BACKEND),
+        role: "backend domain (dom0, also the toolstack's): the connection manager, dom0's agent".into(),
         pid: child.id(),
         log: log.clone(),
-        services: vec![],
+        services: vec![ServiceEntry { name: "policy".into(), addr: format!("unix:{}", admin.display()) }],
         agent: Some(agent.clone()),
     });
     state.save(&host.manifest)?;
     let client = AgentClient::new(&agent);
-    let waited = wait_ready("toolstack agent", &mut child, &log, || client.is_up()).await;
+    let waited = wait_ready("backend", &mut child, &log, || client.is_up() && admin.exists()).await;
     host.children.push(child);
     waited?;
     step(
         quiet,
         format_args!(
-            "toolstack agent  pid {:<7} domain {TOOLSTACK}, {}",
+            "backend domain   pid {:<7} domain {BACKEND}: connection manager, dom0's agent {}",
             host.children[1].id(),
             agent.display()
         ),
         t,
     );
+
+    // The toolstack labels the domains it is about to start (labels go by name).
+    let manager = host.manifest.admin().await?;
+    for (name, type_, tags) in [("storage", "service-domain", vec!["storage".to_string()]), (GUEST_NAME, "guest", vec![])] {
+        manager
+            .label(context(START_TIMEOUT), name.into(), Some(type_.into()), tags)
+            .await
+            .map_err(|e| anyhow::anyhow!(dombus::rpc::error_text(&e)))?
+            .map_err(|e| anyhow::anyhow!("labelling {name}: {e}"))?;
+    }
 
     let domain_args = |domid: DomId| {
         vec![
@@ -373,30 +442,37 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
             BACKEND.to_string(),
         ]
     };
-    let registry_addr = format!("xen:backend:{}", ports::REGISTRY);
     let storage_addr = format!("xen:{STORAGE}:{}", ports::STORAGE);
     let images = state.images().display().to_string();
+    let guest_agent = state.domain_agent(GUEST_NAME);
     let domains = [
-        (
-            BACKEND,
-            "backend",
-            "backend domain: the host registry",
-            vec!["backend".to_string()],
-            ("registry", registry_addr.clone()),
-        ),
         (
             STORAGE,
             "storage",
             "storage domain: disk images on qemu-img",
-            vec!["storage".into(), "--root".into(), images, "--listen".into(), storage_addr.clone()],
-            ("storage", storage_addr.clone()),
+            vec![
+                "storage".to_string(),
+                "--root".into(),
+                images,
+                "--listen".into(),
+                storage_addr.clone(),
+                "--serve-agent".into(),
+                state.domain_agent("storage").display().to_string(),
+            ],
+            vec![ServiceEntry { name: "storage".into(), addr: storage_addr.clone() }],
+        ),
+        (
+            GUEST,
+            GUEST_NAME,
+            "a guest: its agent (dombusd), nothing served",
+            vec!["agent".to_string(), "--socket".into(), guest_agent.display().to_string()],
+            vec![],
         ),
     ];
-    for (domid, name, role, mut args, (service, addr)) in domains {
+    for (domid, name, role, mut args, services) in domains {
         args.extend(domain_args(domid));
-        // Its daemon is the domain's agent: the domain's other processes reach it here.
         let agent = state.domain_agent(name);
-        args.extend(["--serve-agent".to_string(), agent.display().to_string()]);
+        std::fs::create_dir_all(agent.parent().unwrap_or(&state.0))?;
         // As the toolstack: create the domain, and hand its process the one-time token.
         let (_, token) = SimBackend::create_domain(&sock, Some(domid), name)
             .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
@@ -407,22 +483,39 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
             role: role.into(),
             pid: child.id(),
             log,
-            services: vec![ServiceEntry { name: service.into(), addr }],
+            services,
             agent: Some(agent),
         });
         host.children.push(child);
         state.save(&host.manifest)?;
     }
 
-    // As the toolstack: wait for every service (connecting waits for its listener), then
-    // register the domains with the backend's registry.
-    let net = host.manifest.net_args(START_TIMEOUT).net().context("the toolstack domain's agent")?;
-    for i in 1..host.manifest.procs.len() {
+    // As the toolstack: wait until every domain registered with the manager and every service
+    // answers (connecting waits for its listener).
+    let net = host.manifest.net_args(START_TIMEOUT).net().context("dom0's agent")?;
+    for i in 2..host.manifest.procs.len() {
         let p = host.manifest.procs[i].clone();
-        if p.services.is_empty() {
-            continue;
-        }
         let t = Instant::now();
+        let registered = async {
+            loop {
+                let domains = manager.domains(context(START_TIMEOUT)).await.ok().and_then(Result::ok).unwrap_or_default();
+                if domains.iter().any(|d| d.domid == p.domid.map(|d| d.0) && d.name.as_deref() == Some(&p.name)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            () = registered => {}
+            died = wait_exit(&mut host.children[i]) => bail!(
+                "the {} domain's process exited ({died}) while starting; its log ({}):\n{}",
+                p.name, p.log.display(), tail(&p.log)
+            ),
+            () = tokio::time::sleep(START_TIMEOUT) => bail!(
+                "the {} domain did not register with the connection manager within {START_TIMEOUT:?}; its log ({}):\n{}",
+                p.name, p.log.display(), tail(&p.log)
+            ),
+        }
         for s in &p.services {
             let addr: Address = s.addr.parse()?;
             let client = RawClient::new(net.clone(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
@@ -441,6 +534,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
                 );
             }
         }
+        let what = if p.services.is_empty() { format!("agent {}", p.agent.as_ref().map_or(String::new(), |a| a.display().to_string())) } else { services_text(&p.services) };
         step(
             quiet,
             format_args!(
@@ -448,28 +542,11 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
                 format!("{} domain", p.name),
                 p.pid,
                 p.domid.map_or("-".to_string(), |d| d.to_string()),
-                services_text(&p.services)
+                what
             ),
             t,
         );
     }
-    let registry =
-        RegistryClient::connect(net.clone(), registry_addr.parse()?).await.context("the host registry")?;
-    for p in &host.manifest.procs {
-        let Some(domid) = p.domid.filter(|d| *d != TOOLSTACK) else { continue };
-        let entry =
-            DomainEntry { domid, name: p.name.clone(), role: p.role.clone(), services: p.services.clone() };
-        registry
-            .register(context(START_TIMEOUT), entry)
-            .await
-            .map_err(|e| anyhow::anyhow!(dombus::rpc::error_text(&e)))?
-            .map_err(|e| anyhow::anyhow!("registering {}: {e}", p.name))?;
-    }
-    step(
-        quiet,
-        format_args!("registered {} domains with the backend's registry", host.manifest.procs.len() - 2),
-        t,
-    );
     host.net = Some(net);
     Ok(())
 }
@@ -570,8 +647,8 @@ pub struct Status {
     pub state: PathBuf,
     /// Processes and whether they run.
     pub processes: Vec<ProcStatus>,
-    /// Domains as the backend's registry has them.
-    pub domains: Vec<DomainEntry>,
+    /// Domains as the connection manager knows them.
+    pub domains: Vec<DomainInfo>,
     /// Links between domains, as their agents hold them: (lower domain, higher domain).
     pub links: Vec<(DomId, DomId)>,
     /// Each service's answer to pings.
@@ -634,9 +711,8 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     links.sort_unstable();
     let mut net = m.net_args(Duration::from_secs(5)).net()?;
     net.xen_connect_wait = Some(Duration::from_secs(5));
-    let registry_addr: Address = format!("xen:backend:{}", ports::REGISTRY).parse()?;
-    let domains = match RegistryClient::connect(net.clone(), registry_addr).await {
-        Ok(r) => r.domains(context(Duration::from_secs(5))).await.unwrap_or_default(),
+    let domains = match m.admin().await {
+        Ok(a) => a.domains(context(Duration::from_secs(5))).await.ok().and_then(Result::ok).unwrap_or_default(),
         Err(_) => Vec::new(),
     };
     let mut services = Vec::new();
@@ -700,9 +776,17 @@ pub fn render_status(s: &Status) -> String {
     }
     if !s.domains.is_empty() {
         out.push(String::new());
-        out.push(format!("{:<6} {:<10} ROLE", "DOMAIN", "NAME"));
+        out.push(format!("{:<6} {:<10} {:<16} LABELS", "DOMAIN", "NAME", "ROLES"));
         for d in &s.domains {
-            out.push(format!("{:<6} {:<10} {}", d.domid, d.name, d.role));
+            let mut labels: Vec<String> = d.type_.iter().map(|t| format!("@type:{t}")).collect();
+            labels.extend(d.tags.iter().map(|t| format!("@tag:{t}")));
+            out.push(format!(
+                "{:<6} {:<10} {:<16} {}",
+                d.domid.map_or("-".to_string(), |d| d.to_string()),
+                d.name.as_deref().unwrap_or("-"),
+                d.roles.join(","),
+                labels.join(" ")
+            ));
         }
     }
     if !s.services.is_empty() {

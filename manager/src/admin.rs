@@ -421,7 +421,11 @@ impl PolicyAdmin for Admin {
 
     async fn audit(&self, count: Option<u32>) -> Result<Vec<AuditRecord>, AdminError> {
         self.allowed()?;
-        Ok(self.core.audit.tail(count.unwrap_or(20).min(MAX_AUDIT) as usize))
+        let tail = self.core.audit.tail(count.unwrap_or(20).min(MAX_AUDIT) as usize).map_err(|e| AdminError::Failed(format!("reading the audit trail: {e}")))?;
+        if tail.skipped > 0 {
+            tracing::warn!(skipped = tail.skipped, "damaged lines in the audit trail were skipped");
+        }
+        Ok(tail.records)
     }
 
     async fn status(&self) -> Result<ManagerStatus, AdminError> {

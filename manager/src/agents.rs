@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use dombus::transport::types::DomId;
 use dombus::transport::vsock::mux::VsockStream;
@@ -86,7 +86,6 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
                 tx: tx.clone(),
                 services: BTreeMap::new(),
                 links: Vec::new(),
-                since: SystemTime::now(),
             },
         );
         Some(st.generation)

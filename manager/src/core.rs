@@ -15,7 +15,7 @@ use dombus_agent::{DomainSockets, ManagerOps};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::audit::{AuditLimits, AuditLog, AuditRecord, Party, Verdict};
+use crate::audit::{AuditLimits, AuditLog, AuditRecord, Party, Target, Verdict};
 use crate::policy::{Action, DomainView, Policy, Rule, ServiceRef};
 
 /// How the manager is set up.
@@ -64,7 +64,6 @@ pub(crate) struct AgentRec {
     pub tx: mpsc::Sender<FromManager>,
     pub services: BTreeMap<u32, String>,
     pub links: Vec<(u16, u32)>,
-    pub since: SystemTime,
 }
 
 /// An introduction the manager made.
@@ -75,10 +74,9 @@ pub(crate) struct Intro {
     pub since: SystemTime,
 }
 
-/// A connection the manager allowed: (source, target, port) → the rule and decision.
+/// A connection the manager allowed: (source, target, port) → the decision.
 #[derive(Debug, Clone)]
 pub(crate) struct Allowed {
-    pub rule: Option<String>,
     pub decision: u64,
 }
 
@@ -129,7 +127,6 @@ pub(crate) struct Decided {
     pub id: u64,
     pub allowed: bool,
     pub target: Option<DomId>,
-    pub rule: Option<String>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -152,12 +149,9 @@ impl Core {
     ) -> std::io::Result<Arc<Core>> {
         std::fs::create_dir_all(&cfg.state_dir)?;
         let audit = AuditLog::open(cfg.state_dir.join("audit.jsonl"), cfg.audit)?;
-        // Decision ids go on from the last one audited, so that an id names one decision across
-        // restarts; with no trail, from the time (no earlier run's ids are around to collide).
-        let first = match audit.tail(1).last() {
-            Some(r) => r.decision + 1,
-            None => SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_secs() << 16),
-        };
+        // Decision ids go on from the last one audited (the current file always holds it), so
+        // that an id names one decision across restarts.
+        let first = audit.tail(1)?.records.last().map_or(1, |r| r.decision + 1);
         let labels = load_labels(&cfg.state_dir.join("labels.json"))?;
         let core = Arc::new(Core {
             me: sockets.domid(),
@@ -256,14 +250,13 @@ impl Core {
             }
         };
         if allowed && let Some(t) = target_dom {
-            st.allowed.insert((source, t, port), Allowed { rule: rule.clone(), decision: id });
+            st.allowed.insert((source, t, port), Allowed { decision: id });
         }
         let record = AuditRecord {
-            time: crate::audit::now_rfc3339(),
+            time: crate::audit::rfc3339_utc(SystemTime::now()),
             decision: id,
-            source: Party { name: source_name, domid: Some(u32::from(source.0)) },
-            target: Party { name: target_name, domid: target_dom.map(|t| u32::from(t.0)) },
-            requested,
+            source: Party { name: source_name.unwrap_or_default(), domid: u32::from(source.0) },
+            target: Target { name: target_name, domid: target_dom.map(|t| u32::from(t.0)), requested },
             service: service_name.unwrap_or_else(|| port.to_string()),
             port,
             rule: rule.clone(),
@@ -276,25 +269,11 @@ impl Core {
         st.recent.push_back(record.clone());
         drop(st);
         self.audit_record(&record);
-        Decided { id, allowed, target: target_dom, rule }
+        Decided { id, allowed, target: target_dom }
     }
 
     fn audit_record(&self, r: &AuditRecord) {
-        tracing::info!(
-            target: "dombus::audit",
-            decision = r.decision,
-            source = r.source.name.as_deref().unwrap_or("?"),
-            source_domid = r.source.domid,
-            target = r.target.name.as_deref().unwrap_or(&r.requested),
-            target_domid = r.target.domid,
-            service = %r.service,
-            port = r.port,
-            rule = r.rule.as_deref().unwrap_or("-"),
-            result = ?r.result,
-            reason = %r.reason,
-            "decision"
-        );
-        if let Err(e) = self.audit.append(r) {
+        if let Err(e) = self.audit.record(r) {
             tracing::error!(error = %e, "cannot write the audit trail");
         }
     }
@@ -398,7 +377,8 @@ impl Core {
             }
         }
         for &(s, t, port) in &revoked {
-            st.allowed.remove(&(s, t, port));
+            let was = st.allowed.remove(&(s, t, port)).map(|a| a.decision);
+            tracing::info!(source = %s, target = %t, port, allowed_by = ?was, "no longer allowed");
             self.revoke_port(&st, s, t, port);
         }
         let dead: Vec<(DomId, DomId)> = st
@@ -477,7 +457,7 @@ impl Core {
     /// A decision by its id: from memory, else from the audit trail.
     pub(crate) fn find_decision(&self, id: u64) -> Option<AuditRecord> {
         let recent = self.state().recent.iter().find(|r| r.decision == id).cloned();
-        recent.or_else(|| self.audit.find(id))
+        recent.or_else(|| self.audit.find(id).ok().flatten())
     }
 }
 

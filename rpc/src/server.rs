@@ -317,7 +317,12 @@ impl Server {
         let hosted: Arc<Vec<ServiceDescriptor>> =
             Arc::new(services.iter().map(|s| s.descriptor().clone()).collect());
         let services: Arc<[Service]> = services.into();
-        let mut listener = self.net.listen(addr).await?;
+        // A port serving one service goes by its name (the connection manager's rules may name it).
+        let name = match &services[..] {
+            [one] => Some(one.name()),
+            _ => None,
+        };
+        let mut listener = self.net.listen_as(addr, name).await?;
         let bound = listener.local_addr()?;
         let answered = self.metrics.clone();
         let stack: Stack = BoxCloneSyncService::new(

@@ -220,11 +220,23 @@ impl Net {
 
     /// Listens on `addr`. A stale Unix socket file (nobody accepting on it) is replaced.
     pub async fn listen(&self, addr: &Address) -> io::Result<Listener> {
+        self.listen_as(addr, None).await
+    }
+
+    /// Like [`Net::listen`]; on a `xen:` address, says that the port serves the service `name`
+    /// (rules of the host's connection manager may name it) while the listener lives.
+    pub async fn listen_as(&self, addr: &Address, name: Option<&str>) -> io::Result<Listener> {
         let context = |e: io::Error| io::Error::new(e.kind(), format!("listening on {addr}: {e}"));
         Ok(match addr {
             Address::Xen(a) => match self.xen() {
-                Xen::Local { sockets, .. } => Listener::Xen(sockets.listen(a.port).map_err(context)?, *a),
-                Xen::Agent(agent) => Listener::Agent(agent.listen(a.port).await.map_err(context)?, *a),
+                Xen::Local { sockets, .. } => {
+                    let l = match name {
+                        Some(n) => dombus_agent::sockets::listen_as(sockets.clone(), a.port, n),
+                        None => sockets.listen(a.port),
+                    };
+                    Listener::Xen(l.map_err(context)?, *a)
+                }
+                Xen::Agent(agent) => Listener::Agent(agent.listen_as(a.port, name).await.map_err(context)?, *a),
             },
             Address::XenName { .. } => {
                 return Err(io::Error::new(

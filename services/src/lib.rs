@@ -2,7 +2,6 @@
 //! real tools, and the daemons hosting them.
 //!
 //! * [`storage`]: disk images on `qemu-img` (`dombus-storaged`).
-//! * [`registry`]: who runs what on the host, kept by the backend domain.
 //!
 //! A storage domain serves its images, and the toolstack calls it through the generated client:
 //!
@@ -21,13 +20,13 @@
 //! # Ok(()) }
 //! ```
 
-pub mod registry;
 pub mod storage;
 
 /// Well-known virtual-socket ports of the services in a service domain (`xen:<domid>:<port>`).
 pub mod ports {
     /// The storage service.
     pub const STORAGE: u32 = 5100;
-    /// The host registry, in the backend domain (`xen:backend:1`; a privileged port).
-    pub const REGISTRY: u32 = 1;
+    /// The connection manager's admin service `policy`, in the backend domain
+    /// (`xen:backend:1`; a privileged port). The agents reach the manager on port 2.
+    pub const POLICY: u32 = 1;
 }

@@ -16,6 +16,7 @@ mod agents;
 pub mod audit;
 mod backend;
 mod core;
+pub mod daemon;
 pub mod policy;
 pub mod xsm;
 

@@ -50,7 +50,9 @@ async fn serve(core: Arc<Core>, stream: VsockStream) {
 }
 
 async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Result<()> {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut stopping = core.stopping.subscribe();
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = Counting { inner: rd, core: core.clone() };
     let hello = tokio::time::timeout(HELLO_WAIT, read_message::<_, ToManager>(&mut rd))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no hello"))??;
@@ -131,6 +133,7 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
         tokio::select! {
             r = writer => r,
             r = reader => r,
+            _ = stopping.wait_for(|s| *s) => Ok(()),
         }
     }
     .await;
@@ -198,5 +201,25 @@ async fn handle(core: &Arc<Core>, dom: DomId, call: Call) -> Answer {
             let _ = a.tx.try_send(FromManager::PolicyChanged { generation });
             Answer::Done
         }
+    }
+}
+
+/// A session's reading half, counting what it carries into [`Core::received`].
+struct Counting<R> {
+    inner: R,
+    core: Arc<Core>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.core.received.fetch_add(n as u64, Ordering::Relaxed);
+        poll
     }
 }

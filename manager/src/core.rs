@@ -119,6 +119,11 @@ pub struct Core {
     pub(crate) next_session: AtomicU64,
     /// Decisions made, ever.
     pub(crate) decisions: AtomicU64,
+    /// Bytes the agents' sessions carried to the manager, ever: what the manager receives is
+    /// its protocol, never a connection's data.
+    pub(crate) received: AtomicU64,
+    /// Set when the manager stops: every session ends.
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// A decision, as the manager made it.
@@ -173,6 +178,8 @@ impl Core {
             next_decision: AtomicU64::new(first),
             next_session: AtomicU64::new(1),
             decisions: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            stopping: tokio::sync::watch::channel(false).0,
             cfg,
         });
         core.reload(false);

@@ -44,6 +44,7 @@ pub struct Manager {
 
 impl Drop for Manager {
     fn drop(&mut self) {
+        self.core.stopping.send_replace(true);
         for t in &self.tasks {
             t.abort();
         }
@@ -85,6 +86,19 @@ impl Manager {
     /// The admin service.
     pub fn admin(&self) -> Admin {
         Admin { core: self.core.clone() }
+    }
+
+    /// Bytes the agents' sessions carried to the manager since it started: its protocol only,
+    /// never a connection's data (the manager carries none).
+    pub fn bytes_received(&self) -> u64 {
+        self.core.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Domains registered now.
+    pub fn registered(&self) -> Vec<DomId> {
+        let mut v: Vec<DomId> = self.core.state().agents.keys().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Loads the policy directory again now (if it changed); whether the policy changed.

@@ -1,0 +1,370 @@
+//! The connection manager on the simulated hypervisor, end to end: a backend domain (dom0, the
+//! toolstack too) running the manager, and guests whose sockets are managed, each attached in
+//! this process as its own domain, with real links between them.
+//!
+//! Default deny and the decision ids; introductions and direct links (the manager carries no
+//! data); a port the policy denies on a linked pair; a guest bypassing its own agent; forged
+//! links and rendezvous; the admin service refusing guests; revocation; a bad policy file; the
+//! manager restarting.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dombus_agent::{DomainSockets, Managed, PortListener as _, denied};
+use dombus_manager::admin::AdminError;
+use dombus_manager::{Manager, ManagerConfig, PolicyAdmin};
+use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
+use dombus_transport_xen::DomId;
+use dombus_transport_xen::backend::{Backend, Perm, PermKind, Store};
+use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
+use dombus_transport_xen::vsock::{LinkSetUp, VsockAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIVENESS: Duration = Duration::from_secs(30);
+const ALPHA: DomId = DomId(3);
+const BETA: DomId = DomId(4);
+
+struct Host {
+    dir: PathBuf,
+    _hv: SimHypervisorHandle,
+    backend: VsockDomain<SimBackend>,
+}
+
+impl Host {
+    /// A simulated host whose backend domain (dom0) has `policy` in its policy directory.
+    fn new(tag: &str, policy: &str) -> Host {
+        let dir = std::env::temp_dir().join(format!("dombus-manager-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policy")).unwrap();
+        std::fs::write(dir.join("policy/90-test.policy"), policy).unwrap();
+        let hv = SimHypervisor::spawn(&dir.join("simxen.sock")).unwrap();
+        let b = SimBackend::toolstack(dir.join("simxen.sock")).unwrap();
+        let backend = VsockDomain::start(b, config(LinkSetUp::Introduced)).unwrap();
+        Host { dir, _hv: hv, backend }
+    }
+
+    fn sim(&self) -> PathBuf {
+        self.dir.join("simxen.sock")
+    }
+
+    fn policy(&self) -> PathBuf {
+        self.dir.join("policy")
+    }
+
+    /// Starts the manager (again, after a stop: the port frees once the old listener's task
+    /// has gone).
+    async fn manager(&self) -> Manager {
+        let deadline = Instant::now() + LIVENESS;
+        loop {
+            let cfg = ManagerConfig::new(self.policy(), self.dir.join("state"));
+            match Manager::start(Arc::new(self.backend.clone()), Arc::new(self.backend.clone()), cfg) {
+                Ok(m) => return m,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("starting the manager: {e}"),
+            }
+        }
+    }
+
+    /// Guest `id` named `name`, its sockets managed.
+    fn guest(&self, id: DomId, name: &str) -> Arc<Managed<SimBackend>> {
+        let b = SimBackend::boot_named(self.sim(), Some(id), name).unwrap();
+        let d = VsockDomain::start(b, config(LinkSetUp::Introduced)).unwrap();
+        Arc::new(Managed::start(d, DomId::DOM0))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config(set_up: LinkSetUp) -> VsockConfig {
+    VsockConfig { set_up, link_timeout: Duration::from_secs(5), ..VsockConfig::default() }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LIVENESS;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {LIVENESS:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn registered(m: &Manager, doms: &[DomId]) {
+    until("registration", || m.registered() == doms).await;
+}
+
+/// Echoes every connection on `port` of `d`.
+fn echo(d: &Arc<Managed<SimBackend>>, port: u32) -> tokio::task::JoinHandle<()> {
+    let mut l = d.listen(port).unwrap();
+    tokio::spawn(async move {
+        while let Ok(mut s) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+async fn round_trip(s: &mut dombus_transport_xen::vsock::mux::VsockStream, len: usize) -> io::Result<()> {
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = async { w.write_all(&data).await };
+    let mut got = vec![0u8; len];
+    let reader = async { r.read_exact(&mut got).await.map(|_| ()) };
+    let (a, b) = tokio::join!(writer, reader);
+    a?;
+    b?;
+    assert!(got == data, "echo differs");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_are_denied_by_default_then_introduced_and_linked_directly() {
+    let host = Host::new("intro", "* @toolstack * allow\n");
+    let m = host.manager().await;
+    let admin = m.admin();
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let _echo = echo(&b, 5000);
+
+    // Default deny, with a decision the toolstack looks up.
+    let e = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(2))).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    let id = denied(&e).unwrap_or_else(|| panic!("not a denial: {e}"));
+    let r = admin.decision(id).await.unwrap();
+    assert_eq!((r.source.name.as_str(), r.source.domid, r.target.domid), ("alpha", 3, Some(4)));
+    assert_eq!((r.result, r.rule, r.port), (dombus_manager::audit::Verdict::Deny, None, 5000));
+    // A domain that does not exist, by id or by name: the same error, another decision.
+    for e in [
+        a.connect(VsockAddr::new(9, 5000), Some(Duration::from_secs(2))).await.unwrap_err(),
+        a.connect_name("nosuch", 5000, Some(Duration::from_secs(2))).await.unwrap_err(),
+        a.connect_name("beta", 5000, Some(Duration::from_secs(2))).await.unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        let other = denied(&e).unwrap_or_else(|| panic!("not a denial: {e}"));
+        assert!(other > id);
+        assert_eq!(e.to_string().replace(&other.to_string(), "N"), e.to_string().replace(&other.to_string(), "N"));
+    }
+    assert!(!a.links().iter().any(|(d, _)| *d == BETA), "a link before any introduction");
+
+    // The toolstack allows it; the link is direct and the manager carries none of its data.
+    admin.add("5000 alpha beta allow".into(), None, None).await.unwrap();
+    let before = m.bytes_received();
+    let mut s = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    assert_eq!(s.peer_domain(), BETA);
+    round_trip(&mut s, 1 << 20).await.unwrap();
+    let carried = m.bytes_received() - before;
+    assert!(carried < 4096, "the manager received {carried} bytes while 1 MiB moved");
+    assert!(a.links().contains(&(BETA, 1)), "{:?}", a.links());
+    assert!(b.links().contains(&(ALPHA, 1)), "{:?}", b.links());
+    // By name too, on the same link.
+    let mut by_name = a.connect_name("beta", 5000, Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut by_name, 10).await.unwrap();
+    assert!(a.links().contains(&(BETA, 2)), "{:?}", a.links());
+
+    // A port the policy does not allow, on the linked pair: denied.
+    let e = a.connect(VsockAddr::new(4, 5001), None).await.unwrap_err();
+    assert!(denied(&e).is_some(), "{e}");
+    // Allowed but nobody listens: refused (not denied); waiting for a listener: timed out.
+    admin.add("5001 alpha beta allow".into(), None, None).await.unwrap();
+    let e = a.connect(VsockAddr::new(4, 5001), None).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(denied(&e).is_none());
+    let e = a.connect(VsockAddr::new(4, 5001), Some(Duration::from_millis(300))).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+
+    // The audit trail holds every decision, with the deciding rule.
+    let trail = admin.audit(Some(100)).await.unwrap();
+    let allowed = trail.iter().find(|r| r.result == dombus_manager::audit::Verdict::Allow && r.port == 5000).unwrap();
+    assert_eq!(allowed.rule.as_deref(), Some("50-admin.policy:1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_bypassing_its_agent_is_refused_by_the_target() {
+    let host = Host::new("bypass", "5000 alpha beta allow\n");
+    let m = host.manager().await;
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let _echo = echo(&b, 5000);
+    let mut l = b.listen(5002).unwrap();
+    let mut s = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut s, 10).await.unwrap();
+    // Straight on the link, past the manager: the target's gate refuses it.
+    let mut rogue = a.domain().connect(VsockAddr::new(4, 5002)).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(LIVENESS, rogue.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let accepted = tokio::time::timeout(Duration::from_millis(500), l.accept()).await;
+    assert!(accepted.is_err(), "the listener got a connection the policy denies");
+    // The allowed connection goes on.
+    round_trip(&mut s, 10).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_links_and_rendezvous_are_refused() {
+    let host = Host::new("forged", "* @toolstack * allow\n");
+    let m = host.manager().await;
+    let a = host.guest(ALPHA, "alpha");
+    registered(&m, &[ALPHA]).await;
+    let _echo = echo(&a, 5000);
+    // A hostile domain that sets up links the old way, on its own.
+    let hb = SimBackend::boot_named(host.sim(), Some(DomId(5)), "hostile").unwrap();
+    let h = VsockDomain::start(hb.clone(), config(LinkSetUp::Open)).unwrap();
+    let e = h.connect(VsockAddr::new(3, 5000)).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    assert!(!a.links().iter().any(|(d, _)| *d == DomId(5)), "{:?}", a.links());
+    // It cannot make a rendezvous where the manager makes them.
+    let store = hb.store();
+    let under_backend = "/local/domain/0/data/dombus/rendezvous/77";
+    assert!(store.mkdir(under_backend).is_err(), "a guest wrote under the backend's home");
+    // One of its own, given to the victim as if introduced: refused.
+    let own = "/local/domain/5/data/dombus/rendezvous/77";
+    store.mkdir(own).unwrap();
+    let perms = [
+        Perm { domid: DomId(5), kind: PermKind::None },
+        Perm { domid: ALPHA, kind: PermKind::Both },
+        Perm { domid: DomId(5), kind: PermKind::Both },
+    ];
+    store.set_perms(own, &perms).unwrap();
+    let e = a.domain().introduce(DomId(5), own).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    // Even at the right place, a directory the backend did not make is refused.
+    let e = a.domain().introduce(DomId(5), under_backend).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    assert!(!a.links().iter().any(|(d, _)| *d == DomId(5)), "{:?}", a.links());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_service_refuses_guests() {
+    use dombus_manager::PolicyAdminClient;
+    let host = Host::new("admin", "* @toolstack * allow\n");
+    let m = host.manager().await;
+    let server = dombus::Server::new(dombus::Net::new().with_domain(m.sockets(), None), dombus::ServerConfig::default());
+    let addr: dombus::Address = "xen:backend:1".parse().unwrap();
+    let _h = server.serve(&addr, m.admin().into_service()).await.unwrap();
+    let a = host.guest(ALPHA, "alpha");
+    registered(&m, &[ALPHA]).await;
+    let net = dombus::Net::new().with_domain(a.clone(), None);
+    // The policy does not let the guest reach the port.
+    let e = PolicyAdminClient::connect(net.clone(), addr.clone()).await.err().expect("connected");
+    assert!(e.to_string().contains("refused by the host's connection manager"), "{e}");
+    // Where it does, the service itself refuses a caller that is not the toolstack.
+    m.admin().add("1 alpha @backend allow".into(), None, None).await.unwrap();
+    let client = PolicyAdminClient::connect(net, addr).await.unwrap();
+    let r = client.rules(tarpc::context::current()).await.unwrap();
+    assert_eq!(r, Err(AdminError::NotToolstack { caller: 3 }));
+    let r = client.add(tarpc::context::current(), "* alpha * allow".into(), None, None).await.unwrap();
+    assert_eq!(r, Err(AdminError::NotToolstack { caller: 3 }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_rule_with_teardown_revokes_its_connections_and_links() {
+    let host = Host::new("revoke", "* @toolstack * allow\n");
+    let m = host.manager().await;
+    let admin = m.admin();
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let _echo = echo(&b, 5000);
+    let rule = admin.add("5000 alpha beta allow".into(), None, None).await.unwrap();
+    let mut s = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut s, 10).await.unwrap();
+    // Without teardown, what was allowed goes on.
+    let (file, line) = rule.at.rsplit_once(':').unwrap();
+    let r = admin.remove(file.into(), line.parse().unwrap(), false).await.unwrap();
+    assert_eq!((r.connections_revoked, r.links_ended), (0, 0));
+    round_trip(&mut s, 10).await.unwrap();
+    // Allowed again, then removed with teardown: the connection and the link end.
+    let rule = admin.add("5000 alpha beta allow".into(), None, None).await.unwrap();
+    let (file, line) = rule.at.rsplit_once(':').unwrap();
+    let r = admin.remove(file.into(), line.parse().unwrap(), true).await.unwrap();
+    assert_eq!((r.connections_revoked, r.links_ended), (1, 1));
+    let broke = tokio::time::timeout(LIVENESS, async {
+        loop {
+            if round_trip(&mut s, 10).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(broke.is_ok(), "the revoked connection still works");
+    until("the link to end", || !a.links().iter().any(|(d, _)| *d == BETA)).await;
+    until("the link to end at the peer", || !b.links().iter().any(|(d, _)| *d == ALPHA)).await;
+    let e = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(2))).await.unwrap_err();
+    assert!(denied(&e).is_some(), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_policy_file_keeps_the_last_good_policy() {
+    let host = Host::new("bad", "5000 alpha beta allow\n");
+    let m = host.manager().await;
+    let admin = m.admin();
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let _echo = echo(&b, 5000);
+    std::fs::write(host.policy().join("10-bad.policy"), "* * * allow\n5000 alpha beta maybe\n").unwrap();
+    assert!(!m.reload());
+    let st = admin.status().await.unwrap();
+    let error = st.policy_error.unwrap_or_default();
+    assert!(error.contains("10-bad.policy:2:"), "{error}");
+    assert_eq!(st.rules, 1, "the last good policy stays in force");
+    // Still what the good policy says: allowed, and nothing more.
+    let mut s = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut s, 10).await.unwrap();
+    assert!(denied(&a.connect(VsockAddr::new(4, 6000), None).await.unwrap_err()).is_some());
+    // An edit through the service that would leave the directory invalid is refused.
+    assert!(matches!(admin.add("6000 alpha beta".into(), None, None).await, Err(AdminError::Invalid(_))));
+    std::fs::remove_file(host.policy().join("10-bad.policy")).unwrap();
+    assert!(m.reload());
+    assert_eq!(admin.status().await.unwrap().policy_error, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_restarting() {
+    let host = Host::new("restart", "5000 alpha @tag:svc allow\n5001 alpha @tag:svc allow\n");
+    let m = host.manager().await;
+    m.admin().label("beta".into(), Some("service-domain".into()), vec!["svc".into()]).await.unwrap();
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let _echo = echo(&b, 5000);
+    let _echo1 = echo(&b, 5001);
+    let mut s = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut s, 10).await.unwrap();
+
+    drop(m);
+    until("the agents to notice", || !a.registered() && !b.registered()).await;
+    // Existing links and connections keep working.
+    round_trip(&mut s, 64 << 10).await.unwrap();
+    // A connection that needs a decision waits up to its deadline, then fails clearly.
+    let t = Instant::now();
+    let e = a.connect(VsockAddr::new(4, 5001), Some(Duration::from_millis(500))).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    assert!(e.to_string().contains("connection manager"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // Back: the agents register again; rules and labels survived.
+    let m = host.manager().await;
+    registered(&m, &[ALPHA, BETA]).await;
+    let domains = m.admin().domains().await.unwrap();
+    let beta = domains.iter().find(|d| d.name.as_deref() == Some("beta")).unwrap();
+    assert_eq!((beta.type_.as_deref(), &beta.tags[..]), (Some("service-domain"), &["svc".to_string()][..]));
+    let mut s1 = a.connect(VsockAddr::new(4, 5001), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut s1, 10).await.unwrap();
+    round_trip(&mut s, 10).await.unwrap();
+}

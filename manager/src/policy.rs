@@ -73,6 +73,9 @@ pub const MAX_RULES: usize = 65_536;
 /// The most errors reported for one file; the rest are counted in one last error.
 pub const MAX_ERRORS_PER_FILE: usize = 100;
 
+/// The longest file name an edit accepts, bytes: its temporary file's name (`.NAME.tmp-PID`)
+/// must stay under the 255 bytes of a file name.
+const MAX_EDIT_NAME_LEN: usize = 200;
 /// The suffix of the files a policy directory's rules are read from.
 const POLICY_SUFFIX: &str = ".policy";
 /// A token shown in an error message is cut to this many characters.
@@ -807,8 +810,10 @@ pub enum EditError {
     #[error("the policy would be invalid after this edit:\n{}", ErrorList(.0))]
     Invalid(Vec<PolicyError>),
     /// A file name that edits do not accept: names are `[A-Za-z0-9_.-]+.policy`, not starting
-    /// with `.`.
-    #[error("bad policy file name {0:?}: expected `[A-Za-z0-9_.-]+.policy`, not starting with `.`")]
+    /// with `.`, at most 200 bytes.
+    #[error(
+        "bad policy file name {0:?}: expected `[A-Za-z0-9_.-]+.policy`, not starting with `.`, at most 200 bytes"
+    )]
     BadFileName(String),
     /// The rule text given is not one rule.
     #[error("{0}")]
@@ -957,6 +962,10 @@ impl PolicyDir {
 
     /// Removes every rule that says the same as `rule_text` (see [`Rule::same_rule`]), in every
     /// file; returns them with their origins before the edit (none when none matched).
+    ///
+    /// Each changed file is written atomically, one after the other. Removing rules keeps a
+    /// valid file valid, so the directory is a valid policy at every step, though a failure
+    /// half-way leaves the rule in the files not yet written (the error says which file failed).
     pub fn remove_matching(&self, rule_text: &str) -> Result<Vec<Rule>, EditError> {
         let wanted = Rule::from_text(rule_text, Origin { file: "<rule>".to_string(), line: 1 })
             .map_err(EditError::BadRule)?;
@@ -1032,9 +1041,9 @@ fn is_rule_line(line: &str) -> bool {
 }
 
 /// Checks a file name given to an edit: `[A-Za-z0-9_.-]+.policy`, not starting with `.`, at
-/// most 255 bytes.
+/// most [`MAX_EDIT_NAME_LEN`] bytes.
 fn check_file_name(name: &str) -> Result<(), EditError> {
-    let ok = name.len() <= 255
+    let ok = name.len() <= MAX_EDIT_NAME_LEN
         && !name.starts_with('.')
         && name.strip_suffix(POLICY_SUFFIX).is_some_and(|stem| {
             !stem.is_empty()
@@ -1526,9 +1535,19 @@ mod tests {
         dir.write("a.policy", "5 a b allow\n");
         let edit = PolicyDir::new(&dir.0);
         let before = dir.snapshot();
-        for name in
-            [".a.policy", "a.policy~", "a", ".policy", "x/a.policy", "../a.policy", "a b.policy", "é.policy"]
-        {
+        let long = format!("{}.policy", "a".repeat(194));
+        assert!(check_file_name(&long[1..]).is_ok());
+        for name in [
+            ".a.policy",
+            "a.policy~",
+            "a",
+            ".policy",
+            "x/a.policy",
+            "../a.policy",
+            "a b.policy",
+            "é.policy",
+            &long,
+        ] {
             assert!(
                 matches!(edit.add("* * * deny", name, None), Err(EditError::BadFileName(n)) if n == name),
                 "{name}"

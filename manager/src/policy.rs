@@ -1743,13 +1743,13 @@ mod tests {
 
     #[test]
     fn lint_is_linear_in_the_rules() {
-        let half = MAX_RULES / 2;
-        let a: String = (0..half).map(|i| format!("{i} d{i} * allow\n")).collect();
-        let b: String = (half..MAX_RULES).map(|i| format!("{i} d{i} * allow\n")).collect();
+        // Rules that no other rule covers, so every rule is checked in full: at the bound, about
+        // 0.15 s on the 2-core dev machine (a check of every pair of rules takes 14 s).
+        let rules: Vec<Rule> = (0..MAX_RULES).map(|i| rule(&format!("{i} d{i} * allow"))).collect();
         let start = std::time::Instant::now();
-        let report = lint_of(&[("a.policy", &a), ("b.policy", &b)]);
-        assert_eq!(report, LintReport::default());
-        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{:?}", start.elapsed());
+        assert_eq!(shadowed(&rules), []);
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_secs(3), "{took:?} for {} rules", rules.len());
     }
 
     #[test]

@@ -330,7 +330,7 @@ impl Rule {
                 Ok(Rule { service, source, target, action, origin })
             }
             Ok(None) => Err(error("no rule (the text is blank or a comment)".to_string())),
-            Err(mut messages) => Err(error(std::mem::take(&mut messages[0]))),
+            Err(messages) => Err(error(messages.into_iter().next().unwrap_or_default())),
         }
     }
 
@@ -889,8 +889,7 @@ impl PolicyDir {
     /// Returns the rule as added, with its origin.
     pub fn add(&self, rule_text: &str, file_name: &str, position: Option<usize>) -> Result<Rule, EditError> {
         check_file_name(file_name)?;
-        let rule = Rule::from_text(rule_text, Origin { file: file_name.to_string(), line: 0 })
-            .map_err(EditError::BadRule)?;
+        let rule = Rule::from_text(rule_text, given_rule()).map_err(EditError::BadRule)?;
         let _guard = self.edit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut contents = self.read()?;
         if contents.file_mut(file_name).is_none() {
@@ -967,8 +966,7 @@ impl PolicyDir {
     /// valid file valid, so the directory is a valid policy at every step, though a failure
     /// half-way leaves the rule in the files not yet written (the error says which file failed).
     pub fn remove_matching(&self, rule_text: &str) -> Result<Vec<Rule>, EditError> {
-        let wanted = Rule::from_text(rule_text, Origin { file: "<rule>".to_string(), line: 1 })
-            .map_err(EditError::BadRule)?;
+        let wanted = Rule::from_text(rule_text, given_rule()).map_err(EditError::BadRule)?;
         let _guard = self.edit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut contents = self.read()?;
         let mut removed = Vec::new();
@@ -1032,6 +1030,11 @@ fn file_text(file: &PolicyFile) -> Result<String, EditError> {
         |message: String| EditError::Invalid(vec![PolicyError { file: file.name.clone(), line: 0, message }]);
     let bytes = file.bytes.as_ref().map_err(|why| invalid(why.clone()))?;
     String::from_utf8(bytes.clone()).map_err(|_| invalid("not UTF-8 text".to_string()))
+}
+
+/// The origin of a rule given as text to an edit, before it has a place in a file.
+fn given_rule() -> Origin {
+    Origin { file: "<rule>".to_string(), line: 1 }
 }
 
 /// Whether a line holds something other than blanks and a comment.
@@ -1560,7 +1563,7 @@ mod tests {
         );
         assert!(matches!(edit.add("* * * deny", "a.policy", Some(0)), Err(EditError::BadPosition { .. })));
         let e = edit.add("* * 5 deny", "a.policy", None).unwrap_err();
-        assert!(matches!(&e, EditError::BadRule(pe) if pe.message.starts_with("invalid target `5`")), "{e}");
+        assert!(e.to_string().starts_with("<rule>:1: invalid target `5`: a bare number"), "{e}");
         assert!(matches!(edit.add("* * * deny\n", "a.policy", None), Err(EditError::BadRule(_))));
         assert!(matches!(edit.add("# nothing", "a.policy", None), Err(EditError::BadRule(_))));
         assert_eq!(dir.snapshot(), before);

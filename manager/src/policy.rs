@@ -37,8 +37,9 @@
 //!   with tag `T`; `@type:T` a domain of type `T`; a name the domain with that name.
 //!
 //! The first matching rule decides; no matching rule denies. [`Policy::decide`] looks at the two
-//! domains it is given only, so its cost does not depend on how many domains exist; it is linear
-//! in the number of rules.
+//! domains it is given only, so its cost does not depend on how many domains exist; it tries the
+//! rules for any service, for the connection's port and for its name (indexed by SERVICE), in
+//! rule order, and is linear in those.
 //!
 //! # Files
 //!
@@ -433,12 +434,66 @@ pub struct Decision<'p> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     rules: Vec<Rule>,
+    by_service: ServiceIndex,
+}
+
+/// The positions of a policy's rules by SERVICE field, each list in rule order: a decision tries
+/// only the rules for any service, for its port and for its name, merged back into rule order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ServiceIndex {
+    any: Vec<usize>,
+    ports: HashMap<u32, Vec<usize>>,
+    names: HashMap<String, Vec<usize>>,
+}
+
+impl ServiceIndex {
+    fn new(rules: &[Rule]) -> ServiceIndex {
+        let mut index = ServiceIndex::default();
+        for (i, rule) in rules.iter().enumerate() {
+            match &rule.service {
+                Service::Any => index.any.push(i),
+                Service::Port(p) => index.ports.entry(*p).or_default().push(i),
+                Service::Name(n) => index.names.entry(n.as_str().to_string()).or_default().push(i),
+            }
+        }
+        index
+    }
+
+    /// The positions of the rules whose SERVICE matches `service`, in rule order.
+    fn candidates(&self, service: ServiceRef<'_>) -> Merge<'_> {
+        let by_port = self.ports.get(&service.port).map_or(&[][..], Vec::as_slice);
+        let by_name = service.name.and_then(|n| self.names.get(n)).map_or(&[][..], Vec::as_slice);
+        Merge { lists: [self.any.as_slice(), by_port, by_name] }
+    }
+}
+
+/// The merge, in increasing order, of sorted lists that share no element.
+struct Merge<'a> {
+    lists: [&'a [usize]; 3],
+}
+
+impl Iterator for Merge<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let mut next: Option<(usize, usize)> = None;
+        for (l, list) in self.lists.iter().enumerate() {
+            match list.first() {
+                Some(&first) if next.is_none_or(|(_, n)| first < n) => next = Some((l, first)),
+                _ => {}
+            }
+        }
+        let (l, first) = next?;
+        self.lists[l] = self.lists[l].get(1..).unwrap_or_default();
+        Some(first)
+    }
 }
 
 impl Policy {
     /// A policy of these rules, in this order.
     pub fn from_rules(rules: Vec<Rule>) -> Policy {
-        Policy { rules }
+        let by_service = ServiceIndex::new(&rules);
+        Policy { rules, by_service }
     }
 
     /// The rules, in the order they are tried.
@@ -460,18 +515,24 @@ impl Policy {
     pub fn load_dir(dir: impl AsRef<Path>) -> Result<Policy, LoadError> {
         let contents = DirContents::read(dir.as_ref());
         let (rules, errors) = contents.validate();
-        if errors.is_empty() { Ok(Policy { rules }) } else { Err(LoadError { errors }) }
+        if errors.is_empty() { Ok(Policy::from_rules(rules)) } else { Err(LoadError { errors }) }
     }
 
     /// Decides a connection to `service` from `source` to `target`: the first rule that matches,
-    /// or deny when none does. Looks at these two domains only; linear in the rules.
+    /// or deny when none does. Looks at these two domains only, and at the rules for any
+    /// service, this port or this name (linear in those).
     pub fn decide(
         &self,
         service: ServiceRef<'_>,
         source: &DomainView<'_>,
         target: &DomainView<'_>,
     ) -> Decision<'_> {
-        match self.rules.iter().find(|r| r.matches(service, source, target)) {
+        let first = self
+            .by_service
+            .candidates(service)
+            .filter_map(|i| self.rules.get(i))
+            .find(|r| r.matches(service, source, target));
+        match first {
             Some(rule) => Decision { action: rule.action, rule: Some(rule) },
             None => Decision { action: Action::Deny, rule: None },
         }
@@ -1374,6 +1435,25 @@ mod tests {
         let d = policy.decide(port(7), &a, &c);
         assert_eq!(d, Decision { action: Action::Deny, rule: None });
         assert_eq!(Policy::default().decide(port(5), &a, &b), Decision { action: Action::Deny, rule: None });
+    }
+
+    #[test]
+    fn decide_tries_rules_for_any_service_port_and_name_in_rule_order() {
+        let text = "9 a b deny\n* a c deny\ns1 a b deny\n5 a b allow\n* a b allow\ns1 a b allow\n";
+        let policy = Policy::from_rules(Policy::parse_file("a.policy", text).unwrap());
+        let (a, b, c) = (domain("a"), domain("b"), domain("c"));
+        let line = |service: ServiceRef<'_>, target: &DomainView<'_>| {
+            let d = policy.decide(service, &a, target);
+            (d.action, d.rule.map(|r| r.origin.line))
+        };
+        let s1 = |port| ServiceRef { port, name: Some("s1") };
+        assert_eq!(line(s1(5), &b), (Action::Deny, Some(3)));
+        assert_eq!(line(port(5), &b), (Action::Allow, Some(4)));
+        assert_eq!(line(s1(6), &b), (Action::Deny, Some(3)));
+        assert_eq!(line(ServiceRef { port: 6, name: Some("s2") }, &b), (Action::Allow, Some(5)));
+        assert_eq!(line(s1(9), &b), (Action::Deny, Some(1)));
+        assert_eq!(line(s1(5), &c), (Action::Deny, Some(2)));
+        assert_eq!(policy.decide(s1(5), &c, &b), Decision { action: Action::Deny, rule: None });
     }
 
     #[test]

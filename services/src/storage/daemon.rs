@@ -10,7 +10,7 @@ use dombus::rpc::ScrapeEndpoint;
 use dombus::rpc::cli::NetArgs;
 use dombus::{Address, Server, ServerConfig};
 
-use super::{DEFAULT_MAX_IMAGES, QemuImg, Size, Storage, StorageConfig};
+use super::{DEFAULT_MAX_IMAGES, DEFAULT_QUOTA_IMAGES, QemuImg, Size, Storage, StorageConfig};
 
 /// How the storage daemon runs.
 #[derive(Debug, Clone, Args)]
@@ -31,6 +31,16 @@ pub struct DaemonArgs {
     /// times the size of the root's filesystem.
     #[arg(long, value_name = "SIZE")]
     pub max_virtual_bytes: Option<Size>,
+    /// A domain that is the toolstack (repeatable; default 0): it sees and acts on every image,
+    /// and has no quota. Callers over Unix or TCP are the toolstack too.
+    #[arg(long = "toolstack-domain", value_name = "N", default_values_t = [0u32])]
+    pub toolstack_domain: Vec<u32>,
+    /// Most images one domain may own (a create or clone past it is refused).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUOTA_IMAGES)]
+    pub quota_images: usize,
+    /// Most bytes the virtual sizes of one domain's images may add up to (`100G`, `1T`, bytes).
+    #[arg(long, value_name = "SIZE", default_value = "1T")]
+    pub quota_bytes: Size,
     /// Run qemu-img WITHOUT its Landlock sandbox: it can then read and write every file this
     /// daemon can, on behalf of images guests write. Only for a kernel without Landlock.
     #[arg(long)]
@@ -61,6 +71,9 @@ pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         sandbox: !args.no_sandbox,
         sandbox_read: args.sandbox_read.clone(),
         sandbox_write: args.sandbox_write.clone(),
+        toolstack_domains: args.toolstack_domain.clone(),
+        quota_images: args.quota_images,
+        quota_bytes: args.quota_bytes.bytes(),
     };
     let storage = QemuImg::with_config(args.root.clone(), args.qemu_img.clone(), config)
         .with_context(|| format!("storage root {}", args.root.display()))?;

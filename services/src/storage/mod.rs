@@ -226,9 +226,10 @@ pub enum StorageError {
         /// What it printed on stderr.
         message: String,
     },
-    /// The calling domain's images would exceed its quota (`StorageConfig::quota_images`,
-    /// `quota_bytes`). Last of the variants, so the others keep their position on the wire.
-    #[error("quota of the calling domain exceeded: {used} of {limit} {what} in use")]
+    /// The images of the domain that owns (or would own) the image would exceed its quota
+    /// (`StorageConfig::quota_images`, `quota_bytes`). Last of the variants, so the others keep
+    /// their position on the wire.
+    #[error("quota of the owning domain exceeded: {used} of {limit} {what} in use")]
     OwnerQuotaExceeded {
         /// Which quota.
         what: Quota,
@@ -243,7 +244,7 @@ pub enum StorageError {
 #[dombus::service(name = "storage", version = 1)]
 pub trait Storage {
     /// Creates an empty image `name` of `size` bytes (qcow2 unless `format` says otherwise),
-    /// optionally a linked clone of the image `backing` (qcow2 only).
+    /// optionally a linked clone of the image `backing` (qcow2 only), owned by the caller.
     async fn create(
         &self,
         name: String,
@@ -252,7 +253,7 @@ pub trait Storage {
         backing: Option<String>,
     ) -> Result<DiskInfo, StorageError>;
 
-    /// What `name` is: format, sizes, backing image, snapshots.
+    /// What `name` is: format, sizes, backing image, snapshots, owner.
     #[idempotent]
     async fn info(&self, name: String) -> Result<DiskInfo, StorageError>;
 

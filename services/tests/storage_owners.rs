@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{LIVENESS, TempDir};
+use common::{LIVENESS, QemuImgGate, TempDir};
 use dombus::rpc::ServeHandle;
 use dombus::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus::transport::types::DomId;
@@ -38,6 +38,8 @@ struct Host {
     sock: PathBuf,
     server: Server,
     handle: Option<ServeHandle>,
+    /// The qemu-img the service runs.
+    program: PathBuf,
     /// Each domain's network (a simulated domain boots once).
     nets: Mutex<HashMap<u16, Net>>,
     _hv: SimHypervisorHandle,
@@ -46,11 +48,16 @@ struct Host {
 impl Host {
     /// A host whose storage domain serves a root of its own, with `config`.
     async fn start(tag: &str, config: StorageConfig) -> Host {
+        Host::start_with(tag, "qemu-img".into(), config).await
+    }
+
+    /// The same, running the qemu-img `program`.
+    async fn start_with(tag: &str, program: PathBuf, config: StorageConfig) -> Host {
         let dir = TempDir::new(tag);
         let sock = dir.path("simxen.sock");
         let hv = SimHypervisor::spawn(&sock).unwrap();
         let server = Server::new(net(&sock, SERVER), ServerConfig::default());
-        let mut host = Host { dir, sock, server, handle: None, nets: Mutex::default(), _hv: hv };
+        let mut host = Host { dir, sock, server, handle: None, program, nets: Mutex::default(), _hv: hv };
         std::fs::create_dir_all(host.root()).unwrap();
         host.serve(config).await;
         host
@@ -68,7 +75,7 @@ impl Host {
     async fn serve(&mut self, config: StorageConfig) {
         let t = Instant::now();
         let storage = loop {
-            match QemuImg::with_config(self.root(), "qemu-img".into(), config.clone()) {
+            match QemuImg::with_config(self.root(), self.program.clone(), config.clone()) {
                 Ok(s) => break s,
                 Err(e) if e.to_string().contains("in use") && t.elapsed() < LIVENESS => {
                     tokio::time::sleep(Duration::from_millis(20)).await
@@ -215,6 +222,50 @@ async fn a_domain_acts_only_on_its_own_images_the_toolstack_on_all() {
     let once_gone = everything_on(&b, "a-disk").await;
     assert_eq!(while_there, once_gone);
     assert_eq!(host.files(), ["t-disk"]);
+}
+
+/// While domain A's full clone runs, domain B is told neither its progress nor what it is: the
+/// target name is Busy with "another owner's operation", the source not found; A and the
+/// toolstack see the progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_owners_running_operation_stays_hidden() {
+    let gate = QemuImgGate::new("owners-progress");
+    let host = Host::start_with("progress", gate.program(), gate.config()).await;
+    let (a, b, ts) = (host.client(A).await, host.client(B).await, host.client(TOOLSTACK).await);
+    a.create(ctx(), "src".into(), Size(64 * MIB), Some(Format::Raw), None).await.unwrap().unwrap();
+    // Content (as the guest using it would write): a copy long enough to report progress.
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new().write(true).open(host.root().join("src")).unwrap();
+        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251 + 1) as u8).collect();
+        for _ in 0..64 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    gate.hold_converts();
+    let cloning = {
+        let a = a.clone();
+        tokio::spawn(async move { a.clone_disk(ctx(), "src".into(), "dst".into(), false, None).await })
+    };
+    let t = Instant::now();
+    while !gate.held() {
+        assert!(t.elapsed() < LIVENESS, "the clone did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = a.progress(ctx(), "dst".into()).await.unwrap().unwrap();
+    assert_eq!(seen.operation, "clone from src");
+    assert_eq!(ts.progress(ctx(), "dst".into()).await.unwrap().unwrap().operation, "clone from src");
+    assert_eq!(b.progress(ctx(), "dst".into()).await.unwrap(), None);
+    let busy = StorageError::Busy { name: "dst".into(), operation: "another owner's operation".into() };
+    assert_eq!(b.create(ctx(), "dst".into(), Size(MIB), None, None).await.unwrap().unwrap_err(), busy);
+    // The source is A's: B is told it does not exist, not that it is being read.
+    assert_eq!(
+        b.delete(ctx(), "src".into()).await.unwrap().unwrap_err(),
+        StorageError::NotFound { name: "src".into() }
+    );
+    gate.release();
+    let copy = cloning.await.unwrap().unwrap().unwrap();
+    assert_eq!((copy.owner, copy.virtual_size), (Owner::Domain(A.into()), 64 * MIB));
 }
 
 /// Quotas of images and bytes per owning domain: each refused call gets the typed error and

@@ -10,7 +10,7 @@ use dombus::rpc::ScrapeEndpoint;
 use dombus::rpc::cli::NetArgs;
 use dombus::{Address, Server, ServerConfig};
 
-use super::{DEFAULT_MAX_IMAGES, QemuImg, Size, Storage, StorageConfig};
+use super::{DEFAULT_MAX_IMAGES, DEFAULT_QUOTA_IMAGES, QemuImg, Size, Storage, StorageConfig};
 
 /// How the storage daemon runs.
 #[derive(Debug, Clone, Args)]
@@ -31,6 +31,16 @@ pub struct DaemonArgs {
     /// times the size of the root's filesystem.
     #[arg(long, value_name = "SIZE")]
     pub max_virtual_bytes: Option<Size>,
+    /// A domain that is the toolstack (repeatable; default 0): it sees and acts on every image,
+    /// and the images it makes have no quota. Callers over Unix or TCP are the toolstack too.
+    #[arg(long = "toolstack-domain", value_name = "N", default_values_t = [0u32])]
+    pub toolstack_domain: Vec<u32>,
+    /// Most images one domain may own (a create or clone past it is refused).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUOTA_IMAGES)]
+    pub quota_images: usize,
+    /// Most bytes the virtual sizes of one domain's images may add up to (`100G`, `1T`, bytes).
+    #[arg(long, value_name = "SIZE", default_value = "1T")]
+    pub quota_bytes: Size,
     /// Run qemu-img WITHOUT its Landlock sandbox: it can then read and write every file this
     /// daemon can, on behalf of images guests write. Only for a kernel without Landlock.
     #[arg(long)]
@@ -52,16 +62,26 @@ pub struct DaemonArgs {
     pub net: NetArgs,
 }
 
+impl DaemonArgs {
+    /// The service's configuration these arguments ask for.
+    pub fn config(&self) -> StorageConfig {
+        StorageConfig {
+            max_images: self.max_images,
+            max_virtual_bytes: self.max_virtual_bytes.map(Size::bytes),
+            sandbox: !self.no_sandbox,
+            sandbox_read: self.sandbox_read.clone(),
+            sandbox_write: self.sandbox_write.clone(),
+            toolstack_domains: self.toolstack_domain.clone(),
+            quota_images: self.quota_images,
+            quota_bytes: self.quota_bytes.bytes(),
+        }
+    }
+}
+
 /// Serves the storage service on every `--listen` address until SIGTERM or SIGINT, then stops
 /// accepting, drops the connections and returns.
 pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
-    let config = StorageConfig {
-        max_images: args.max_images,
-        max_virtual_bytes: args.max_virtual_bytes.map(Size::bytes),
-        sandbox: !args.no_sandbox,
-        sandbox_read: args.sandbox_read.clone(),
-        sandbox_write: args.sandbox_write.clone(),
-    };
+    let config = args.config();
     let storage = QemuImg::with_config(args.root.clone(), args.qemu_img.clone(), config)
         .with_context(|| format!("storage root {}", args.root.display()))?;
     let net = args.net.net().context("transports")?;
@@ -88,4 +108,42 @@ pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DaemonArgs,
+    }
+
+    fn config(args: &[&str]) -> StorageConfig {
+        let base = ["dombus-storaged", "--root", "/srv/images", "--listen", "unix:/run/s.sock"];
+        Cli::try_parse_from(base.iter().chain(args)).unwrap().args.config()
+    }
+
+    /// The defaults are `StorageConfig`'s; the owner options reach the configuration.
+    #[test]
+    fn owner_options_reach_the_configuration() {
+        assert_eq!(config(&[]), StorageConfig::default());
+        let c = config(&[
+            "--toolstack-domain",
+            "0",
+            "--toolstack-domain",
+            "3",
+            "--quota-images",
+            "5",
+            "--quota-bytes",
+            "10G",
+        ]);
+        assert_eq!((c.toolstack_domains, c.quota_images, c.quota_bytes), (vec![0, 3], 5, 10 << 30));
+        assert_eq!(config(&["--toolstack-domain", "4"]).toolstack_domains, [4]);
+    }
 }

@@ -402,7 +402,13 @@ mod tests {
     }
 
     fn rec(format: Format, backing: Option<&str>) -> Record {
-        Record { format, backing: backing.map(str::to_owned), virtual_size: 1 << 20, snapshots: 0 }
+        Record {
+            format,
+            backing: backing.map(str::to_owned),
+            virtual_size: 1 << 20,
+            snapshots: 0,
+            owner: super::super::Owner::Toolstack,
+        }
     }
 
     fn json_of(spec: &OsString) -> serde_json::Value {

@@ -13,6 +13,12 @@
 //! (in memory and in the root); it never reads them from the image again, and runs each
 //! `qemu-img` in a Landlock sandbox that lets it open only the files of its call. See
 //! `docs/services.md` ("Where the trust boundary is").
+//!
+//! Every image has an [`Owner`]: the domain whose call made it, or the toolstack (the domains
+//! [`StorageConfig::toolstack_domains`] names, and callers over Unix or TCP). A domain sees and
+//! acts on its own images only — another's image is `NotFound`, exactly as a missing one — and
+//! is held to a quota of images and bytes ([`StorageError::OwnerQuotaExceeded`]); the toolstack
+//! sees and acts on every image, unbounded by quotas.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +35,7 @@ pub use daemon::{DaemonArgs, run_daemon};
 /// Sizes: `10G`, `512M` or bytes on the command line, a `u64` on the wire (see
 /// [`dombus::rpc::size`]).
 pub use dombus::Size;
-pub use qemu::{DEFAULT_MAX_IMAGES, QemuImg, StorageConfig};
+pub use qemu::{DEFAULT_MAX_IMAGES, DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_IMAGES, QemuImg, StorageConfig};
 
 /// An image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -52,6 +58,45 @@ impl Format {
     }
 }
 
+/// Who owns an image: the domain whose call made it, or the toolstack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// The toolstack: its calls made the image, or the operator placed it in the root.
+    #[default]
+    Toolstack,
+    /// The domain of that id.
+    Domain(u32),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Toolstack => f.write_str("toolstack"),
+            Owner::Domain(d) => write!(f, "domain {d}"),
+        }
+    }
+}
+
+/// Which per-owner quota a call would exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quota {
+    /// The number of images an owner has (`StorageConfig::quota_images`).
+    Images,
+    /// The sum of the virtual sizes of its images, bytes (`StorageConfig::quota_bytes`).
+    Bytes,
+}
+
+impl std::fmt::Display for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quota::Images => "images",
+            Quota::Bytes => "bytes of virtual size",
+        })
+    }
+}
+
 /// What `info` and `list` say about an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
@@ -69,6 +114,9 @@ pub struct DiskInfo {
     pub backing: Option<String>,
     /// Its internal snapshots.
     pub snapshots: usize,
+    /// Who owns it (absent from an older service's answer in JSON: the toolstack).
+    #[serde(default)]
+    pub owner: Owner,
 }
 
 /// An internal snapshot of an image.
@@ -178,13 +226,25 @@ pub enum StorageError {
         /// What it printed on stderr.
         message: String,
     },
+    /// The images of the domain that owns (or would own) the image would exceed its quota
+    /// (`StorageConfig::quota_images`, `quota_bytes`). Last of the variants, so the others keep
+    /// their position on the wire.
+    #[error("quota of the owning domain exceeded: {used} of {limit} {what} in use")]
+    OwnerQuotaExceeded {
+        /// Which quota.
+        what: Quota,
+        /// What the domain's images hold (recorded, and reserved by its running calls).
+        used: u64,
+        /// The quota.
+        limit: u64,
+    },
 }
 
 /// Disk images in the storage domain.
 #[dombus::service(name = "storage", version = 1)]
 pub trait Storage {
     /// Creates an empty image `name` of `size` bytes (qcow2 unless `format` says otherwise),
-    /// optionally a linked clone of the image `backing` (qcow2 only).
+    /// optionally a linked clone of the image `backing` (qcow2 only), owned by the caller.
     async fn create(
         &self,
         name: String,
@@ -193,11 +253,11 @@ pub trait Storage {
         backing: Option<String>,
     ) -> Result<DiskInfo, StorageError>;
 
-    /// What `name` is: format, sizes, backing image, snapshots.
+    /// What `name` is: format, sizes, backing image, snapshots, owner.
     #[idempotent]
     async fn info(&self, name: String) -> Result<DiskInfo, StorageError>;
 
-    /// Every image, by name.
+    /// Every image the caller owns (every image, for the toolstack), by name.
     #[idempotent]
     async fn list(&self) -> Result<Vec<DiskInfo>, StorageError>;
 

@@ -1,6 +1,7 @@
 //! The operations running on the images of a root: which image each changes and which it
-//! reads (one change at a time per image, no change under a reader), how far each has come, and
-//! what each reserves against the root's bounds (images, virtual bytes) until it is recorded.
+//! reads (one change at a time per image, no change under a reader), whose image it changes,
+//! how far each has come, and what each reserves against the root's bounds and its owner's quota
+//! (images, virtual bytes) until it is recorded.
 //!
 //! Only a map under a lock: no file, no process; the service registers an operation with
 //! [`Operations::claim`] and the [`OpGuard`] it gets unregisters it when dropped.
@@ -8,16 +9,35 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::{Progress, StorageError};
+use super::{Owner, Progress, Quota, StorageError};
+
+/// What a root may hold: in all, and per owning domain (the toolstack has no quota).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Bounds {
+    /// Most images in the root.
+    pub(super) max_images: usize,
+    /// Most bytes the virtual sizes of the images may add up to.
+    pub(super) max_virtual_bytes: u64,
+    /// Most images one domain may own.
+    pub(super) quota_images: usize,
+    /// Most bytes the virtual sizes of one domain's images may add up to.
+    pub(super) quota_bytes: u64,
+}
+
+/// Images, and bytes of virtual size, held (recorded or reserved).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Held {
+    /// How many images.
+    pub(super) images: usize,
+    /// The sum of their virtual sizes.
+    pub(super) bytes: u128,
+}
 
 /// The operations running on a root, and its bounds.
 #[derive(Debug)]
 pub(super) struct Operations {
     running: Mutex<HashMap<String, Running>>,
-    /// Most images in the root.
-    max_images: usize,
-    /// Most bytes the virtual sizes of the images may add up to.
-    max_virtual_bytes: u64,
+    bounds: Bounds,
 }
 
 /// An operation running on an image name.
@@ -30,40 +50,50 @@ struct Running {
     /// Whether it adds an image, and the virtual bytes it adds: counted against the bounds
     /// until it is recorded.
     reserved: (bool, u64),
+    /// The owner of the image it changes (or makes): whose quota its reservation counts
+    /// against, who may see its progress.
+    owner: Owner,
 }
 
 impl Operations {
-    /// No operation yet, on a root of at most `max_images` images adding up to at most
-    /// `max_virtual_bytes` of virtual size.
-    pub(super) fn new(max_images: usize, max_virtual_bytes: u64) -> Arc<Operations> {
-        Arc::new(Operations { running: Mutex::new(HashMap::new()), max_images, max_virtual_bytes })
+    /// No operation yet, on a root held to `bounds`.
+    pub(super) fn new(bounds: Bounds) -> Arc<Operations> {
+        Arc::new(Operations { running: Mutex::new(HashMap::new()), bounds })
     }
 
     fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers `operation` on `name` (which it changes) reading `reads`; Busy if `name` or one
-    /// of `reads` is being changed, or `name` is being read.
+    /// Registers `operation` of `caller` on `name` (which it changes, an image of `owner`)
+    /// reading `reads`; Busy if `name` or one of `reads` is being changed, or `name` is being
+    /// read. A domain is told what the other operation is only if it is on one of its images.
     pub(super) fn claim(
         self: &Arc<Self>,
         name: &str,
         operation: String,
         reads: &[&str],
+        owner: Owner,
+        caller: Owner,
     ) -> Result<OpGuard, StorageError> {
         let mut running = self.running();
+        let busy = |name: &str, r: &Running, what: String| StorageError::Busy {
+            name: name.to_owned(),
+            operation: if caller == Owner::Toolstack || r.owner == caller {
+                what
+            } else {
+                "another owner's operation".to_owned()
+            },
+        };
         if let Some(r) = running.get(name) {
-            return Err(StorageError::Busy { name: name.to_owned(), operation: r.operation.clone() });
+            return Err(busy(name, r, r.operation.clone()));
         }
         if let Some((other, r)) = running.iter().find(|(_, r)| r.reads.iter().any(|n| n == name)) {
-            return Err(StorageError::Busy {
-                name: name.to_owned(),
-                operation: format!("read by {:?} on {other:?}", r.operation),
-            });
+            return Err(busy(name, r, format!("read by {:?} on {other:?}", r.operation)));
         }
         for read in reads {
             if let Some(r) = running.get(*read) {
-                return Err(StorageError::Busy { name: (*read).to_owned(), operation: r.operation.clone() });
+                return Err(busy(read, r, r.operation.clone()));
             }
         }
         running.insert(
@@ -73,38 +103,62 @@ impl Operations {
                 percent: 0.0,
                 reads: reads.iter().map(|s| (*s).to_owned()).collect(),
                 reserved: (false, 0),
+                owner,
             },
         );
         Ok(OpGuard { ops: Arc::clone(self), name: name.to_owned() })
     }
 
     /// Reserves, for the operation `op`, a new image (`new_image`) and `bytes` more of virtual
-    /// size, against the bounds: TooManyImages or QuotaExceeded past them, counting what the
-    /// other running operations reserved and what `recorded` says the recorded images hold
-    /// (their number and virtual bytes; asked while the operations are locked, so that none
-    /// is counted neither as recorded nor as reserved).
+    /// size, against the bounds: for an image a domain owns, OwnerQuotaExceeded past its quota;
+    /// then TooManyImages or QuotaExceeded past the root's bounds. Counts what the other running
+    /// operations reserved and what `recorded` says the recorded images hold, in the root and
+    /// of the owner it is given (asked while the operations are locked, so that none is counted
+    /// neither as recorded nor as reserved).
     pub(super) fn reserve(
         &self,
         op: &OpGuard,
         new_image: bool,
         bytes: u64,
-        recorded: impl FnOnce() -> (usize, u128),
+        recorded: impl FnOnce(Owner) -> (Held, Held),
     ) -> Result<(), StorageError> {
         let mut running = self.running();
-        let (others_images, others_bytes) =
-            running.iter().filter(|(n, _)| **n != op.name).fold((0usize, 0u128), |(i, b), (_, r)| {
-                (i + usize::from(r.reserved.0), b + u128::from(r.reserved.1))
-            });
-        let (images, total) = recorded();
-        if new_image && images + others_images >= self.max_images {
-            return Err(StorageError::TooManyImages { limit: self.max_images as u64 });
+        let owner = running.get(&op.name).map_or(Owner::Toolstack, |r| r.owner);
+        let (mut root, mut owned) = (Held::default(), Held::default());
+        for (_, r) in running.iter().filter(|(n, _)| **n != op.name) {
+            let held = Held { images: usize::from(r.reserved.0), bytes: u128::from(r.reserved.1) };
+            root = root.plus(held);
+            if r.owner == owner {
+                owned = owned.plus(held);
+            }
         }
-        let wanted = total + others_bytes + u128::from(bytes);
-        if bytes > 0 && wanted > u128::from(self.max_virtual_bytes) {
+        let (recorded_root, recorded_owned) = recorded(owner);
+        let (root, owned) = (root.plus(recorded_root), owned.plus(recorded_owned));
+        let b = &self.bounds;
+        if matches!(owner, Owner::Domain(_)) {
+            if new_image && owned.images >= b.quota_images {
+                return Err(StorageError::OwnerQuotaExceeded {
+                    what: Quota::Images,
+                    used: owned.images as u64,
+                    limit: b.quota_images as u64,
+                });
+            }
+            if bytes > 0 && owned.bytes + u128::from(bytes) > u128::from(b.quota_bytes) {
+                return Err(StorageError::OwnerQuotaExceeded {
+                    what: Quota::Bytes,
+                    used: u64::try_from(owned.bytes).unwrap_or(u64::MAX),
+                    limit: b.quota_bytes,
+                });
+            }
+        }
+        if new_image && root.images >= b.max_images {
+            return Err(StorageError::TooManyImages { limit: b.max_images as u64 });
+        }
+        if bytes > 0 && root.bytes + u128::from(bytes) > u128::from(b.max_virtual_bytes) {
             return Err(StorageError::QuotaExceeded {
                 requested: bytes,
-                used: u64::try_from(total + others_bytes).unwrap_or(u64::MAX),
-                limit: self.max_virtual_bytes,
+                used: u64::try_from(root.bytes).unwrap_or(u64::MAX),
+                limit: b.max_virtual_bytes,
             });
         }
         if let Some(r) = running.get_mut(&op.name) {
@@ -113,9 +167,19 @@ impl Operations {
         Ok(())
     }
 
-    /// The operation running on `name`, if any, and how far it is.
-    pub(super) fn progress(&self, name: &str) -> Option<Progress> {
-        self.running().get(name).map(|r| Progress { operation: r.operation.clone(), percent: r.percent })
+    /// The operation running on `name`, if any, and how far it is: for a domain, only an
+    /// operation on one of its images.
+    pub(super) fn progress(&self, name: &str, caller: Owner) -> Option<Progress> {
+        self.running()
+            .get(name)
+            .filter(|r| caller == Owner::Toolstack || r.owner == caller)
+            .map(|r| Progress { operation: r.operation.clone(), percent: r.percent })
+    }
+}
+
+impl Held {
+    fn plus(self, other: Held) -> Held {
+        Held { images: self.images + other.images, bytes: self.bytes + other.bytes }
     }
 }
 
@@ -147,6 +211,17 @@ mod tests {
 
     use super::*;
 
+    const TS: Owner = Owner::Toolstack;
+
+    fn bounded(max_images: usize, max_virtual_bytes: u64) -> Arc<Operations> {
+        Operations::new(Bounds { max_images, max_virtual_bytes, quota_images: 2, quota_bytes: 100 })
+    }
+
+    /// The root's holdings `(images, bytes)`, none of the owner's.
+    fn held(images: usize, bytes: u128) -> (Held, Held) {
+        (Held { images, bytes }, Held::default())
+    }
+
     fn busy(r: Result<OpGuard, StorageError>) -> String {
         match r {
             Err(StorageError::Busy { name, .. }) => name,
@@ -158,40 +233,95 @@ mod tests {
     /// a dropped guard frees its image.
     #[test]
     fn claims_exclude_changes_and_reads() {
-        let ops = Operations::new(10, 1 << 30);
-        let clone = ops.claim("copy", "clone from base".into(), &["base"]).unwrap();
-        assert_eq!(busy(ops.claim("copy", "delete".into(), &[])), "copy");
-        assert_eq!(busy(ops.claim("base", "delete".into(), &[])), "base");
-        let other = ops.claim("other", "create".into(), &["base"]).unwrap();
-        assert_eq!(busy(ops.claim("x", "clone from copy".into(), &["copy"])), "copy");
+        let ops = bounded(10, 1 << 30);
+        let clone = ops.claim("copy", "clone from base".into(), &["base"], TS, TS).unwrap();
+        assert_eq!(busy(ops.claim("copy", "delete".into(), &[], TS, TS)), "copy");
+        assert_eq!(busy(ops.claim("base", "delete".into(), &[], TS, TS)), "base");
+        let other = ops.claim("other", "create".into(), &["base"], TS, TS).unwrap();
+        assert_eq!(busy(ops.claim("x", "clone from copy".into(), &["copy"], TS, TS)), "copy");
         clone.set_percent(42.5);
         assert_eq!(
-            ops.progress("copy"),
+            ops.progress("copy", TS),
             Some(Progress { operation: "clone from base".into(), percent: 42.5 })
         );
         drop(clone);
-        assert_eq!(ops.progress("copy"), None);
-        assert_eq!(busy(ops.claim("base", "delete".into(), &[])), "base");
+        assert_eq!(ops.progress("copy", TS), None);
+        assert_eq!(busy(ops.claim("base", "delete".into(), &[], TS, TS)), "base");
         drop(other);
-        ops.claim("base", "delete".into(), &[]).unwrap();
+        ops.claim("base", "delete".into(), &[], TS, TS).unwrap();
     }
 
     /// Reservations count the recorded images and the other operations' reservations, not
     /// their own twice; they end with their operation.
     #[test]
     fn reservations_hold_the_bounds() {
-        let ops = Operations::new(3, 1000);
-        let a = ops.claim("a", "create".into(), &[]).unwrap();
-        ops.reserve(&a, true, 600, || (1, 0)).unwrap();
-        ops.reserve(&a, true, 600, || (1, 0)).unwrap();
-        let b = ops.claim("b", "create".into(), &[]).unwrap();
+        let ops = bounded(3, 1000);
+        let a = ops.claim("a", "create".into(), &[], TS, TS).unwrap();
+        ops.reserve(&a, true, 600, |_| held(1, 0)).unwrap();
+        ops.reserve(&a, true, 600, |_| held(1, 0)).unwrap();
+        let b = ops.claim("b", "create".into(), &[], TS, TS).unwrap();
         assert_eq!(
-            ops.reserve(&b, true, 500, || (1, 0)),
+            ops.reserve(&b, true, 500, |_| held(1, 0)),
             Err(StorageError::QuotaExceeded { requested: 500, used: 600, limit: 1000 })
         );
-        assert_eq!(ops.reserve(&b, true, 100, || (2, 300)), Err(StorageError::TooManyImages { limit: 3 }));
-        ops.reserve(&b, false, 100, || (2, 300)).unwrap();
+        assert_eq!(
+            ops.reserve(&b, true, 100, |_| held(2, 300)),
+            Err(StorageError::TooManyImages { limit: 3 })
+        );
+        ops.reserve(&b, false, 100, |_| held(2, 300)).unwrap();
         drop(a);
-        ops.reserve(&b, true, 1000, || (0, 0)).unwrap();
+        ops.reserve(&b, true, 1000, |_| held(0, 0)).unwrap();
+    }
+
+    /// A domain's reservations count against its quota — its recorded images and its other
+    /// running operations, not another owner's — and the toolstack has none.
+    #[test]
+    fn owner_quotas_count_the_owners_images_and_operations() {
+        let ops = bounded(100, 1 << 30);
+        let d7 = Owner::Domain(7);
+        let seven = |owner: Owner| {
+            assert_eq!(owner, d7);
+            (Held::default(), Held { images: 1, bytes: 20 })
+        };
+        let a = ops.claim("a", "create".into(), &[], d7, d7).unwrap();
+        ops.reserve(&a, true, 60, seven).unwrap();
+        let b = ops.claim("b", "create".into(), &[], d7, d7).unwrap();
+        assert_eq!(
+            ops.reserve(&b, true, 10, seven),
+            Err(StorageError::OwnerQuotaExceeded { what: Quota::Images, used: 2, limit: 2 })
+        );
+        assert_eq!(
+            ops.reserve(&b, false, 30, seven),
+            Err(StorageError::OwnerQuotaExceeded { what: Quota::Bytes, used: 80, limit: 100 })
+        );
+        ops.reserve(&b, false, 20, seven).unwrap();
+        // Another domain's and the toolstack's are not counted against domain 7's.
+        let d8 = Owner::Domain(8);
+        let c = ops.claim("c", "create".into(), &[], d8, d8).unwrap();
+        ops.reserve(&c, true, 100, |_| (Held::default(), Held::default())).unwrap();
+        let t = ops.claim("t", "create".into(), &[], TS, TS).unwrap();
+        ops.reserve(&t, true, 1000, |_| held(0, 0)).unwrap();
+        drop(a);
+        ops.reserve(&b, true, 80, seven).unwrap();
+        drop((b, c, t));
+    }
+
+    /// A domain hears what another owner's operation is neither from Busy nor from progress.
+    #[test]
+    fn a_domain_learns_nothing_of_another_owners_operations() {
+        let ops = bounded(10, 1 << 30);
+        let (d7, d8) = (Owner::Domain(7), Owner::Domain(8));
+        let clone = ops.claim("copy", "clone from secret".into(), &["secret"], d7, d7).unwrap();
+        clone.set_percent(10.0);
+        let operation = |r: Result<OpGuard, StorageError>| match r {
+            Err(StorageError::Busy { operation, .. }) => operation,
+            r => panic!("expected Busy, got {r:?}"),
+        };
+        assert_eq!(operation(ops.claim("copy", "create".into(), &[], d8, d8)), "another owner's operation");
+        assert_eq!(operation(ops.claim("secret", "delete".into(), &[], d8, d8)), "another owner's operation");
+        assert_eq!(operation(ops.claim("copy", "create".into(), &[], d7, d7)), "clone from secret");
+        assert_eq!(operation(ops.claim("copy", "delete".into(), &[], d7, TS)), "clone from secret");
+        assert_eq!(ops.progress("copy", d8), None);
+        assert!(ops.progress("copy", d7).is_some() && ops.progress("copy", TS).is_some());
     }
 }

@@ -21,7 +21,13 @@
 //! New images (create, clones) are written to a temporary file of the root and published
 //! without replacing anything; a dropped call (deadline, client gone) kills its `qemu-img` and
 //! removes the temporary file.
+//!
+//! Each call acts for its caller ([`Owner`]): the toolstack (a domain of
+//! [`StorageConfig::toolstack_domains`], or a caller with no domain: over Unix or TCP, only local
+//! tools) on every image; any other domain only on the images it owns, every other name being
+//! `NotFound` to it, decided from the record before anything else (no adoption, no Busy).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,11 +35,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::image::{self, Chain, MAX_CHAIN, SnapshotJson, check_size};
 use super::index::{Index, Record};
-use super::ops::{OpGuard, Operations};
+use super::ops::{Bounds, Held, OpGuard, Operations};
 use super::process::{QemuImgProgram, TOOL};
 use super::root::{self, Root, TempFile, check_name, check_snapshot_name, io_error};
 use super::sandbox::Access;
-use super::{DiskInfo, Format, Progress, SnapshotInfo, Storage, StorageError};
+use super::{DiskInfo, Format, Owner, Progress, SnapshotInfo, Storage, StorageError};
 use crate::storage::Size;
 
 /// How a [`QemuImg`] runs: its bounds and the sandbox of its `qemu-img`.
@@ -56,10 +62,24 @@ pub struct StorageConfig {
     /// Paths (and what is beneath them) the sandbox lets `qemu-img` read, write and create
     /// files in. Empty by default; for the state files of a wrapper script (the tests').
     pub sandbox_write: Vec<PathBuf>,
+    /// The domains that are the toolstack: they see and act on every image, and the images
+    /// they make are the toolstack's. Default: domain 0. A caller without a domain (over Unix or
+    /// TCP, which only local tools reach) is the toolstack too.
+    pub toolstack_domains: Vec<u32>,
+    /// Most images one domain may own; a create or clone past it is refused
+    /// ([`StorageError::OwnerQuotaExceeded`]). Default 64. The toolstack has no quota.
+    pub quota_images: usize,
+    /// Most bytes the virtual sizes of one domain's images may add up to; a create, clone or
+    /// growing resize past it is refused ([`StorageError::OwnerQuotaExceeded`]). Default 1 TiB.
+    pub quota_bytes: u64,
 }
 
 /// Default [`StorageConfig::max_images`].
 pub const DEFAULT_MAX_IMAGES: usize = 4096;
+/// Default [`StorageConfig::quota_images`].
+pub const DEFAULT_QUOTA_IMAGES: usize = 64;
+/// Default [`StorageConfig::quota_bytes`] (1 TiB).
+pub const DEFAULT_QUOTA_BYTES: u64 = 1 << 40;
 /// Default overcommit of virtual sizes over the filesystem's size.
 const DEFAULT_OVERCOMMIT: u64 = 4;
 
@@ -71,6 +91,9 @@ impl Default for StorageConfig {
             sandbox: true,
             sandbox_read: Vec::new(),
             sandbox_write: Vec::new(),
+            toolstack_domains: vec![0],
+            quota_images: DEFAULT_QUOTA_IMAGES,
+            quota_bytes: DEFAULT_QUOTA_BYTES,
         }
     }
 }
@@ -89,6 +112,8 @@ struct Inner {
     /// backing images after an image is recorded.
     index: Mutex<Index>,
     ops: Arc<Operations>,
+    /// The domains that are the toolstack.
+    toolstack: BTreeSet<u32>,
 }
 
 impl QemuImg {
@@ -131,7 +156,13 @@ impl QemuImg {
                 root,
                 qemu_img,
                 index: Mutex::new(index),
-                ops: Operations::new(config.max_images, max_virtual_bytes),
+                ops: Operations::new(Bounds {
+                    max_images: config.max_images,
+                    max_virtual_bytes,
+                    quota_images: config.quota_images,
+                    quota_bytes: config.quota_bytes,
+                }),
+                toolstack: config.toolstack_domains.iter().copied().collect(),
             }),
         };
         storage.save().map_err(|e| io::Error::other(e.to_string()))?;
@@ -171,6 +202,39 @@ impl QemuImg {
         self.inner.root.image(name)
     }
 
+    /// Who makes the call being served: its domain (from the transport, not forgeable), the
+    /// toolstack if that domain is one of the toolstack's or there is none (Unix, TCP, a call
+    /// from this process).
+    fn caller(&self) -> Owner {
+        match dombus::rpc::current_caller().and_then(|c| c.domain) {
+            Some(d) if !self.inner.toolstack.contains(&d) => Owner::Domain(d),
+            _ => Owner::Toolstack,
+        }
+    }
+
+    /// The record of the image `name` if `caller` may act on it: any image for the toolstack
+    /// (adopting it first if it has none, see [`Self::record`]); for a domain, only a recorded
+    /// image it owns. NotFound otherwise, the same error as for a name without an image, so
+    /// that a domain cannot tell another owner's image from none.
+    fn record_for(&self, name: &str, caller: Owner) -> Result<Record, StorageError> {
+        if caller != Owner::Toolstack && self.index().get(name).is_none_or(|r| r.owner != caller) {
+            return Err(StorageError::NotFound { name: name.to_owned() });
+        }
+        self.record(name)
+    }
+
+    /// The owner of `name` as the record says, for registering an operation on it before the
+    /// claim: for a domain, NotFound unless it owns that recorded image (so that it is not told
+    /// Busy about another's); for the toolstack, the recorded owner, or the toolstack's for a
+    /// name without a record. The record is looked up again once claimed ([`Self::record_for`]).
+    fn owner_of(&self, name: &str, caller: Owner) -> Result<Owner, StorageError> {
+        match (caller, self.index().get(name)) {
+            (Owner::Toolstack, r) => Ok(r.map_or(Owner::Toolstack, |r| r.owner)),
+            (_, Some(r)) if r.owner == caller => Ok(caller),
+            _ => Err(StorageError::NotFound { name: name.to_owned() }),
+        }
+    }
+
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.inner.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -188,18 +252,26 @@ impl QemuImg {
         Ok(r)
     }
 
-    /// Registers `operation` on `name` (which it changes) reading `reads` (see
-    /// [`Operations::claim`]).
-    fn claim(&self, name: &str, operation: String, reads: &[&str]) -> Result<OpGuard, StorageError> {
-        self.inner.ops.claim(name, operation, reads)
+    /// Registers `operation` of `caller` on `name` (which it changes, an image of `owner`)
+    /// reading `reads` (see [`Operations::claim`]).
+    fn claim(
+        &self,
+        name: &str,
+        operation: String,
+        reads: &[&str],
+        owner: Owner,
+        caller: Owner,
+    ) -> Result<OpGuard, StorageError> {
+        self.inner.ops.claim(name, operation, reads, owner, caller)
     }
 
     /// Reserves, for `op`, a new image (`new_image`) and `bytes` more of virtual size against
-    /// the bounds (see [`Operations::reserve`]).
+    /// the bounds and its image's owner's quota (see [`Operations::reserve`]).
     fn reserve(&self, op: &OpGuard, new_image: bool, bytes: u64) -> Result<(), StorageError> {
-        self.inner.ops.reserve(op, new_image, bytes, || {
+        self.inner.ops.reserve(op, new_image, bytes, |owner| {
             let index = self.index();
-            (index.len(), index.total_virtual())
+            let (images, bytes) = index.owned_by(owner);
+            (Held { images: index.len(), bytes: index.total_virtual() }, Held { images, bytes })
         })
     }
 
@@ -270,8 +342,13 @@ impl QemuImg {
                 Some(backing)
             }
         };
-        let record =
-            Record { format, backing, virtual_size: json.virtual_size, snapshots: json.snapshot_count() };
+        let record = Record {
+            format,
+            backing,
+            virtual_size: json.virtual_size,
+            snapshots: json.snapshot_count(),
+            owner: Owner::Toolstack,
+        };
         let record = self.update(|index| match index.get(name) {
             // Recorded meanwhile (adopted by another call): that record stands.
             Some(r) => r.clone(),
@@ -322,14 +399,26 @@ impl QemuImg {
             actual_size: json.actual_size.unwrap_or(0),
             backing: record.backing,
             snapshots: json.snapshots.len(),
+            owner: record.owner,
         };
         Ok((info, json.snapshots))
     }
 
     /// Busy if linked clones use `name` as their backing image (changing it would corrupt them):
-    /// a lookup in the record.
-    fn refuse_if_backing(&self, name: &str, what: &str) -> Result<(), StorageError> {
-        let users: Vec<String> = self.index().users_of(name).cloned().collect();
+    /// a lookup in the record. A domain is told the names of its own clones only.
+    fn refuse_if_backing(&self, name: &str, what: &str, caller: Owner) -> Result<(), StorageError> {
+        let users: Vec<String> = {
+            let index = self.index();
+            index
+                .users_of(name)
+                .map(|u| match index.get(u) {
+                    Some(r) if caller != Owner::Toolstack && r.owner != caller => {
+                        "an image of another owner".to_owned()
+                    }
+                    _ => u.clone(),
+                })
+                .collect()
+        };
         if users.is_empty() {
             Ok(())
         } else {
@@ -370,6 +459,7 @@ impl QemuImg {
         size: Size,
         format: Option<Format>,
         backing: Option<&str>,
+        caller: Owner,
     ) -> Result<DiskInfo, StorageError> {
         check_name(name)?;
         if let Some(b) = backing {
@@ -382,12 +472,18 @@ impl QemuImg {
                 reason: "a raw image cannot have a backing image".into(),
             });
         }
-        let op = self.claim(name, "create".into(), backing.as_slice())?;
+        // A linked clone reads its backing image: the caller's own only (checked again once
+        // claimed, when it can no longer be replaced; here so that a domain is not told Busy).
+        if let Some(b) = backing {
+            self.owner_of(b, caller)?;
+        }
+        let op = self.claim(name, "create".into(), backing.as_slice(), caller, caller)?;
         if self.inner.root.exists(name)? {
             return Err(StorageError::AlreadyExists { name: name.to_owned() });
         }
         let backing_format = match backing {
             Some(b) => {
+                self.record_for(b, caller)?;
                 let chain = self.chain(b)?;
                 Some((b, chain.first().map(|(_, r)| r.format).unwrap_or_default()))
             }
@@ -397,18 +493,30 @@ impl QemuImg {
         let tmp = self.inner.root.temp_for(name)?;
         let args = image::create_args(format, backing_format, tmp.path(), size.bytes());
         self.run(name, args, None, &[(tmp.path(), Access::ReadWrite)]).await?;
-        let record =
-            Record { format, backing: backing.map(str::to_owned), virtual_size: size.bytes(), snapshots: 0 };
+        let record = Record {
+            format,
+            backing: backing.map(str::to_owned),
+            virtual_size: size.bytes(),
+            snapshots: 0,
+            owner: caller,
+        };
         self.publish_recorded(tmp, name, record)?;
         drop(op);
         self.inspect(name).await.map(|(info, _)| info)
     }
 
-    async fn do_resize(&self, name: &str, size: Size, force: bool) -> Result<DiskInfo, StorageError> {
+    async fn do_resize(
+        &self,
+        name: &str,
+        size: Size,
+        force: bool,
+        caller: Owner,
+    ) -> Result<DiskInfo, StorageError> {
         check_name(name)?;
         check_size(size)?;
-        let op = self.claim(name, format!("resize to {size}"), &[])?;
-        let record = self.record(name)?;
+        let owner = self.owner_of(name, caller)?;
+        let op = self.claim(name, format!("resize to {size}"), &[], owner, caller)?;
+        let record = self.record_for(name, caller)?;
         let current = record.virtual_size;
         let shrink = size.bytes() < current;
         if shrink && !force {
@@ -420,7 +528,7 @@ impl QemuImg {
             });
         }
         if size.bytes() != current {
-            self.refuse_if_backing(name, "resize")?;
+            self.refuse_if_backing(name, "resize", caller)?;
             self.reserve(&op, false, size.bytes().saturating_sub(current))?;
             let mut args: Vec<OsString> = vec!["resize".into(), "-q".into()];
             if shrink {
@@ -462,10 +570,17 @@ impl QemuImg {
         Ok(record)
     }
 
-    async fn do_snapshot_create(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo, StorageError> {
+    async fn do_snapshot_create(
+        &self,
+        name: &str,
+        snapshot: &str,
+        caller: Owner,
+    ) -> Result<SnapshotInfo, StorageError> {
         check_name(name)?;
         check_snapshot_name(snapshot)?;
-        let _op = self.claim(name, format!("snapshot {snapshot}"), &[])?;
+        let owner = self.owner_of(name, caller)?;
+        let _op = self.claim(name, format!("snapshot {snapshot}"), &[], owner, caller)?;
+        self.record_for(name, caller)?;
         let record = self.qcow2(name)?;
         let (_, snapshots) = self.inspect(name).await?;
         if snapshots.iter().any(|s| s.name == snapshot) {
@@ -483,18 +598,27 @@ impl QemuImg {
         })
     }
 
-    async fn do_snapshot_list(&self, name: &str) -> Result<Vec<SnapshotInfo>, StorageError> {
+    async fn do_snapshot_list(&self, name: &str, caller: Owner) -> Result<Vec<SnapshotInfo>, StorageError> {
         check_name(name)?;
+        self.record_for(name, caller)?;
         let (_, snapshots) = self.inspect(name).await?;
         Ok(snapshots.iter().map(SnapshotJson::to_info).collect())
     }
 
     /// Reverts to or deletes (`flag` `-a`, `-d`) the snapshot `snapshot` of `name`.
-    async fn do_snapshot_change(&self, name: &str, snapshot: &str, flag: &str) -> Result<(), StorageError> {
+    async fn do_snapshot_change(
+        &self,
+        name: &str,
+        snapshot: &str,
+        flag: &str,
+        caller: Owner,
+    ) -> Result<(), StorageError> {
         check_name(name)?;
         check_snapshot_name(snapshot)?;
         let what = if flag == "-a" { "revert" } else { "delete snapshot" };
-        let _op = self.claim(name, format!("{what} {snapshot}"), &[])?;
+        let owner = self.owner_of(name, caller)?;
+        let _op = self.claim(name, format!("{what} {snapshot}"), &[], owner, caller)?;
+        self.record_for(name, caller)?;
         let record = self.qcow2(name)?;
         let (_, snapshots) = self.inspect(name).await?;
         if !snapshots.iter().any(|s| s.name == snapshot) {
@@ -504,7 +628,7 @@ impl QemuImg {
             });
         }
         if flag == "-a" {
-            self.refuse_if_backing(name, "revert")?;
+            self.refuse_if_backing(name, "revert", caller)?;
         }
         self.snapshot_op(name, &record, flag, snapshot).await?;
         // The recorded virtual size and snapshot count follow (a revert may change the size).
@@ -517,16 +641,20 @@ impl QemuImg {
         name: &str,
         linked: bool,
         format: Option<Format>,
+        caller: Owner,
     ) -> Result<DiskInfo, StorageError> {
         check_name(source)?;
         check_name(name)?;
         if source == name {
             return Err(StorageError::AlreadyExists { name: name.to_owned() });
         }
-        let op = self.claim(name, format!("clone from {source}"), &[source])?;
+        // A clone reads its source: the caller's own only (checked again once claimed).
+        self.owner_of(source, caller)?;
+        let op = self.claim(name, format!("clone from {source}"), &[source], caller, caller)?;
         if self.inner.root.exists(name)? {
             return Err(StorageError::AlreadyExists { name: name.to_owned() });
         }
+        self.record_for(source, caller)?;
         let chain = self.chain(source)?;
         let Some((_, src)) = chain.first() else {
             return Err(StorageError::NotFound { name: source.to_owned() });
@@ -548,6 +676,7 @@ impl QemuImg {
                 backing: Some(source.to_owned()),
                 virtual_size: src.virtual_size,
                 snapshots: 0,
+                owner: caller,
             };
             self.publish_recorded(tmp, name, record)?;
             drop(op);
@@ -558,6 +687,7 @@ impl QemuImg {
             backing: None,
             virtual_size: src.virtual_size,
             snapshots: 0,
+            owner: caller,
         };
         let needed: u64 = chain
             .iter()
@@ -594,11 +724,15 @@ impl QemuImg {
         self.inspect(name).await.map(|(info, _)| info)
     }
 
-    async fn do_delete(&self, name: &str) -> Result<(), StorageError> {
+    async fn do_delete(&self, name: &str, caller: Owner) -> Result<(), StorageError> {
         check_name(name)?;
-        let _op = self.claim(name, "delete".into(), &[])?;
+        let owner = self.owner_of(name, caller)?;
+        let _op = self.claim(name, "delete".into(), &[], owner, caller)?;
         self.inner.root.existing(name)?;
-        self.refuse_if_backing(name, "delete")?;
+        if caller != Owner::Toolstack {
+            self.record_for(name, caller)?;
+        }
+        self.refuse_if_backing(name, "delete", caller)?;
         // The file first: a record without its file is dropped at the next start, while a file
         // without its record would be adopted again from its (guest-written) content.
         std::fs::remove_file(self.path(name)).map_err(|e| io_error(name, e))?;
@@ -615,11 +749,12 @@ impl Storage for QemuImg {
         backing: Option<String>,
     ) -> Result<DiskInfo, StorageError> {
         let log = OpLog::new("create", &name);
-        log.finish(self.do_create(&name, size, format, backing.as_deref()).await)
+        log.finish(self.do_create(&name, size, format, backing.as_deref(), self.caller()).await)
     }
 
     async fn info(&self, name: String) -> Result<DiskInfo, StorageError> {
         check_name(&name)?;
+        self.record_for(&name, self.caller())?;
         let r = self.inspect(&name).await.map(|(info, _)| info);
         tracing::debug!(%name, ok = r.is_ok(), "info");
         r
@@ -627,8 +762,13 @@ impl Storage for QemuImg {
 
     async fn list(&self) -> Result<Vec<DiskInfo>, StorageError> {
         use std::os::unix::fs::MetadataExt as _;
-        let records: Vec<(String, Record)> =
-            self.index().iter().map(|(n, r)| (n.clone(), r.clone())).collect();
+        let caller = self.caller();
+        let records: Vec<(String, Record)> = self
+            .index()
+            .iter()
+            .filter(|(_, r)| caller == Owner::Toolstack || r.owner == caller)
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect();
         let mut list = Vec::with_capacity(records.len());
         for (name, r) in records {
             // From the record; the file's allocated bytes from its metadata (no qemu-img).
@@ -643,6 +783,7 @@ impl Storage for QemuImg {
                 actual_size: m.blocks().saturating_mul(512),
                 backing: r.backing,
                 snapshots: r.snapshots as usize,
+                owner: r.owner,
             });
         }
         tracing::debug!(images = list.len(), "list");
@@ -651,28 +792,28 @@ impl Storage for QemuImg {
 
     async fn resize(&self, name: String, size: Size, force: bool) -> Result<DiskInfo, StorageError> {
         let log = OpLog::new("resize", &name);
-        log.finish(self.do_resize(&name, size, force).await)
+        log.finish(self.do_resize(&name, size, force, self.caller()).await)
     }
 
     async fn snapshot_create(&self, name: String, snapshot: String) -> Result<SnapshotInfo, StorageError> {
         let log = OpLog::new("snapshot-create", &name);
-        log.finish(self.do_snapshot_create(&name, &snapshot).await)
+        log.finish(self.do_snapshot_create(&name, &snapshot, self.caller()).await)
     }
 
     async fn snapshot_list(&self, name: String) -> Result<Vec<SnapshotInfo>, StorageError> {
-        let r = self.do_snapshot_list(&name).await;
+        let r = self.do_snapshot_list(&name, self.caller()).await;
         tracing::debug!(%name, ok = r.is_ok(), "snapshot list");
         r
     }
 
     async fn snapshot_revert(&self, name: String, snapshot: String) -> Result<(), StorageError> {
         let log = OpLog::new("snapshot-revert", &name);
-        log.finish(self.do_snapshot_change(&name, &snapshot, "-a").await)
+        log.finish(self.do_snapshot_change(&name, &snapshot, "-a", self.caller()).await)
     }
 
     async fn snapshot_delete(&self, name: String, snapshot: String) -> Result<(), StorageError> {
         let log = OpLog::new("snapshot-delete", &name);
-        log.finish(self.do_snapshot_change(&name, &snapshot, "-d").await)
+        log.finish(self.do_snapshot_change(&name, &snapshot, "-d", self.caller()).await)
     }
 
     async fn clone_disk(
@@ -683,16 +824,16 @@ impl Storage for QemuImg {
         format: Option<Format>,
     ) -> Result<DiskInfo, StorageError> {
         let log = OpLog::new(if linked { "clone-linked" } else { "clone-full" }, &name);
-        log.finish(self.do_clone(&source, &name, linked, format).await)
+        log.finish(self.do_clone(&source, &name, linked, format, self.caller()).await)
     }
 
     async fn delete(&self, name: String) -> Result<(), StorageError> {
         let log = OpLog::new("delete", &name);
-        log.finish(self.do_delete(&name).await)
+        log.finish(self.do_delete(&name, self.caller()).await)
     }
 
     async fn progress(&self, name: String) -> Option<Progress> {
-        self.inner.ops.progress(&name)
+        self.inner.ops.progress(&name, self.caller())
     }
 }
 /// The info line of one operation: its outcome, or "cancelled" if dropped unfinished.

@@ -304,6 +304,8 @@ async fn a_killed_agent_fails_its_connections_and_a_restarted_one_serves() {
                 "3",
                 "--socket",
                 socket.to_str().unwrap(),
+                // No connection manager on this test's host.
+                "--open-links",
             ])
             .env(dombus_sim::TOKEN_ENV, token)
             .env("RUST_LOG", "warn")

@@ -5,6 +5,9 @@
 //! dombus host up | down | status                the simulated host (hypervisor, backend and storage domains)
 //! dombus storage create disk0 --size 10G --format qcow2 [--domain 2 | --addr ADDR]
 //! dombus storage list | info NAME | snapshot-create NAME SNAP | clone-disk SRC NAME [--linked] | …
+//! dombus policy rules | add RULE | remove FILE LINE [--teardown] | explain SRC TGT SERVICE
+//! dombus policy decision ID | audit | domains | label NAME --type T --tags a,b | links | revoke A B
+//! dombus policy status | xsm | lint DIR      the connection manager (the toolstack's side)
 //! dombus describe ADDR                          what a server hosts
 //! dombus ping ADDR [--count N]                  round-trip latency, p50/p99
 //! dombus metrics ADDR                           a server's metrics (Prometheus text)
@@ -24,6 +27,7 @@ use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use dombus::rpc::cli::{self, NetArgs, ServiceCli, exit};
 use dombus::rpc::{Address, Client, ClientConfig, Net, RawClient, error_text, wire};
 use dombus::transport::types::DomId;
+use dombus_manager::PolicyAdminRequest;
 use dombus_services::storage::{StorageClient, StorageRequest};
 
 mod daemons;
@@ -121,6 +125,67 @@ fn storage_command() -> clap::Command {
                 .global(true)
                 .help("The storage service's address"),
         )
+}
+
+/// The `policy` command: the connection manager's admin service, from its generated glue, and
+/// `lint DIR`, which checks a policy directory here without any manager.
+fn policy_command() -> clap::Command {
+    PolicyAdminRequest::command()
+        .about("The connection manager's policy, domains, links and audit trail (the toolstack's)")
+        .arg(
+            Arg::new("addr")
+                .long("addr")
+                .value_name("ADDR")
+                .global(true)
+                .help("The admin service [default: the host's, else unix:/run/dombus/manager.sock]"),
+        )
+        .subcommand(
+            clap::Command::new("lint")
+                .about("Checks a policy directory as the manager would load it: errors (file:line), rules that never match, skipped files")
+                .arg(Arg::new("dir").value_name("DIR").required(true).value_parser(clap::value_parser!(PathBuf))),
+        )
+}
+
+/// The admin service's address on a host without `--addr` or a simulated host: dom0's local
+/// socket, as `dombus-managerd` serves it on a Xen host.
+const DEFAULT_ADMIN: &str = "unix:/run/dombus/manager.sock";
+
+async fn run_policy(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
+    if let Some(("lint", sub)) = m.subcommand() {
+        let Some(dir) = sub.get_one::<PathBuf>("dir") else { return Ok(exit::USAGE) };
+        let report = dombus_manager::policy::lint(dir);
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        } else {
+            for e in &report.errors {
+                println!("error: {e}");
+            }
+            for w in &report.warnings {
+                println!("warning: {w}");
+            }
+            if report.errors.is_empty() && report.warnings.is_empty() {
+                println!("{}: no errors, no warnings", dir.display());
+            }
+        }
+        return Ok(if report.errors.is_empty() { exit::OK } else { exit::FAILED });
+    }
+    let manifest = state.load().map_err(Failure::refused)?;
+    let addr: Address = match (m.get_one::<String>("addr"), &manifest) {
+        (Some(a), _) => a.parse().map_err(|e| Failure(exit::USAGE, format!("--addr: {e}")))?,
+        (None, Some(h)) => format!("unix:{}", h.admin_socket.display()).parse().map_err(Failure::refused)?,
+        (None, None) => DEFAULT_ADMIN.parse().map_err(Failure::refused)?,
+    };
+    let net = match &addr {
+        Address::Unix(_) => Net::new(),
+        _ => net_for(global, state)?.0,
+    };
+    let client = Client::<PolicyAdminRequest>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
+        .await
+        .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
+    match cli::call(&client, global.context(), m).await {
+        Ok(o) => Ok(cli::print_outcome(&o, json)),
+        Err(e) => Err(Failure(cli::call_error_status(&e), cli::cli_error_text(&e))),
+    }
 }
 
 /// How to reach `xen:` addresses: as the options say if they name a way (`--agent`, `--sim`,
@@ -279,10 +344,18 @@ async fn run_host(cli: &Cli, state: StateDir, command: &HostCommand) -> Result<u
 
 async fn run(matches: ArgMatches) -> Result<u8, Failure> {
     let usage = |e: clap::Error| Failure(exit::USAGE, e.to_string());
-    if let Some(("storage", m)) = matches.subcommand() {
-        let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
-        let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
-        return run_storage(&net, &state, matches.get_flag("json"), m).await;
+    match matches.subcommand() {
+        Some(("storage", m)) => {
+            let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
+            let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
+            return run_storage(&net, &state, matches.get_flag("json"), m).await;
+        }
+        Some(("policy", m)) => {
+            let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
+            let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
+            return run_policy(&net, &state, matches.get_flag("json"), m).await;
+        }
+        _ => {}
     }
     let cli = Cli::from_arg_matches(&matches).map_err(usage)?;
     let state = StateDir::resolve(cli.state.clone());
@@ -304,7 +377,7 @@ fn state_for_demo(cli: &Cli) -> Option<StateDir> {
 }
 
 fn main() -> ExitCode {
-    let command = Cli::command().subcommand(storage_command());
+    let command = Cli::command().subcommand(storage_command()).subcommand(policy_command());
     let matches = match command.try_get_matches() {
         Ok(m) => m,
         Err(e) => {

@@ -51,8 +51,11 @@ fn commands_run_at_once_and_status_lists_every_link() {
     assert!(o.status.success(), "{o:?}");
     assert!(stdout(&o).contains("400 round trips"), "{o:?}");
 
-    // A guest, domain 7, calls the storage domain: `host status` lists their link (from the
-    // storage domain's agent), in JSON and in text, beside the toolstack's own.
+    // A guest, domain 7, calls the storage domain (once the toolstack allows it): `host status`
+    // lists their link (from the storage domain's agent), in JSON and in text, beside the
+    // toolstack's own.
+    let o = dombus(&state, &["policy", "add", "5100 guest7 @tag:storage allow"]);
+    assert!(o.status.success(), "{o:?}");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let guest = rt.block_on(async {
         let args = NetArgs::through_agent(None, Duration::from_secs(10));

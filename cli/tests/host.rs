@@ -14,7 +14,6 @@ use common::{DOMBUS, Down, dombus, guest_net, json, stdout};
 
 use dombus::rpc::cli::NetArgs;
 use dombus::transport::types::DomId;
-use dombus_services::registry::{DomainEntry, RegistryClient, RegistryError};
 use dombus_services::storage::StorageClient;
 
 fn alive(pid: u64) -> bool {
@@ -35,7 +34,7 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         serde_json::from_slice(&std::fs::read(state.join("host.json")).unwrap()).unwrap();
     let pids: Vec<u64> =
         manifest["procs"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
-    assert_eq!(pids.len(), 4, "hypervisor, toolstack agent, backend, storage: {manifest}");
+    assert_eq!(pids.len(), 4, "hypervisor, backend (dom0), storage, guest1: {manifest}");
     assert!(pids.iter().all(|&p| alive(p)));
     // A second host in the same state directory is refused.
     let again = dombus(&state, &["host", "up"]);
@@ -77,10 +76,11 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let v = json(&dombus(&state, &["--json", "ping", "xen:2:5100", "--count", "200"]));
     assert_eq!(v["count"], 200);
 
-    // Status: processes, the registry's domains, services answering, links. The daemons keep no
-    // link open between calls, so the test holds one (domain 7 to the storage domain) while it
-    // asks, and asks again once that link is gone.
+    // Status: processes, the manager's domains, services answering, links. The daemons keep no
+    // link open between calls, so the test holds one (domain 7 to the storage domain, which the
+    // toolstack allows first) while it asks, and asks again once that link is gone.
     let sim = state.join("simxen.sock");
+    assert!(dombus(&state, &["policy", "add", "storage guest7 @tag:storage allow"]).status.success());
     let held = LinkHolder::open(&sim, 7, "xen:2:5100");
     let v = json(&dombus(&state, &["--json", "host", "status"]));
     let procs: Vec<(&str, bool)> = v["processes"]
@@ -91,39 +91,34 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .collect();
     assert_eq!(
         procs,
-        [("hypervisor", true), ("toolstack", true), ("backend", true), ("storage", true)],
+        [("hypervisor", true), ("backend", true), ("storage", true), ("guest1", true)],
         "{v}"
     );
     let names: Vec<&str> =
         v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["backend", "storage"], "{v}");
+    assert_eq!(names, ["Domain-0", "storage", "guest1", "guest7"], "{v}");
     let services: Vec<(&str, bool)> = v["services"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| (s["name"].as_str().unwrap(), s["ping_p50_us"].as_f64().is_some_and(|us| us > 0.0)))
         .collect();
-    assert_eq!(services, [("registry", true), ("storage", true)], "{v}");
-    // The toolstack's agent keeps its links to the domains it called (the registry's and the
-    // storage domain's) for every later command.
+    assert_eq!(services, [("policy", true), ("storage", true)], "{v}");
+    // Every domain links to the backend (dom0, where the toolstack's commands run); domain 7's
+    // link to the storage domain was introduced by the manager.
     assert_eq!(
         v["links"],
-        serde_json::json!([[0, 1], [0, 2], [2, 7]]),
-        "the toolstack's links, and the one domain 7 holds to the storage domain: {v}"
+        serde_json::json!([[0, 2], [0, 3], [0, 7], [2, 7]]),
+        "the backend's links, and the one domain 7 holds to the storage domain: {v}"
     );
     let text = stdout(&dombus(&state, &["host", "status"]));
     assert!(text.contains("storage") && text.contains("xen:2:5100") && text.contains("running"), "{text}");
-    assert!(text.contains("links: 0 ↔ 1, 0 ↔ 2, 2 ↔ 7"), "{text}");
+    assert!(text.contains("links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 7, 2 ↔ 7"), "{text}");
     drop(held);
     let v = json(&dombus(&state, &["--json", "host", "status"]));
-    assert_eq!(
-        v["links"],
-        serde_json::json!([[0, 1], [0, 2]]),
-        "domain 7 is gone, and its link with it: {v}"
-    );
+    assert_eq!(v["links"], serde_json::json!([[0, 2], [0, 3]]), "domain 7 is gone, and its links with it: {v}");
 
-    // The registry knows who calls: a domain may register itself, not another.
-    registry_checks_the_caller(&state.join("simxen.sock"));
+    policy_commands(&state);
 
     let down = dombus(&state, &["host", "down"]);
     assert!(down.status.success(), "{down:?}");
@@ -176,27 +171,33 @@ impl Drop for LinkHolder {
     }
 }
 
-fn registry_checks_the_caller(sim: &Path) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let args = NetArgs::through_agent(None, Duration::from_secs(10));
-        let registry =
-            RegistryClient::connect(guest_net(sim, 7), "xen:backend:1".parse().unwrap()).await.unwrap();
-        let entry = |domid| DomainEntry {
-            domid: DomId(domid),
-            name: "intruder".into(),
-            role: "test".into(),
-            services: vec![],
-        };
-        let r = registry.register(args.context(), entry(2)).await.unwrap();
-        assert_eq!(r, Err(RegistryError::Denied { caller: "7".into(), domid: DomId(2) }));
-        assert_eq!(
-            registry.unregister(args.context(), DomId(2)).await.unwrap(),
-            Err(RegistryError::Denied { caller: "7".into(), domid: DomId(2) })
-        );
-        assert_eq!(registry.register(args.context(), entry(7)).await.unwrap(), Ok(()));
-        assert_eq!(registry.unregister(args.context(), DomId(7)).await.unwrap(), Ok(true));
-    });
+/// `dombus policy …` as the toolstack uses it: the rules, a denial looked up by its id, the
+/// explanation, the audit trail, lint of a directory with an error.
+fn policy_commands(state: &Path) {
+    let v = json(&dombus(state, &["--json", "policy", "rules"]));
+    let rules: Vec<&str> = v.as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
+    assert_eq!(rules, ["storage guest7 @tag:storage allow", "* @toolstack * allow"], "{v}");
+    // guest1 is not allowed: its command is refused with a decision the toolstack looks up.
+    let agent = state.join("domains/guest1/agent.sock");
+    let o = dombus(state, &["--agent", agent.to_str().unwrap(), "--timeout", "10", "storage", "list"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let err = stderr(&o);
+    let id = err.split("(decision ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_else(|| panic!("{err}"));
+    let v = json(&dombus(state, &["--json", "policy", "decision", id]));
+    assert_eq!((v["result"].as_str(), v["source"]["name"].as_str(), v["rule"].as_str()), (Some("deny"), Some("guest1"), None), "{v}");
+    let v = json(&dombus(state, &["--json", "policy", "explain", "guest1", "--target", "storage", "--service", "storage"]));
+    assert_eq!((v["result"].as_str(), &v["rule"]), (Some("deny"), &serde_json::Value::Null), "{v}");
+    let v = json(&dombus(state, &["--json", "policy", "explain", "guest7", "--target", "storage", "--service", "5100"]));
+    assert_eq!((v["result"].as_str(), v["rule"]["at"].as_str()), (Some("allow"), Some("50-admin.policy:1")), "{v}");
+    let v = json(&dombus(state, &["--json", "policy", "audit", "--count", "1000"]));
+    assert!(v.as_array().unwrap().iter().any(|r| r["decision"].to_string() == id), "{v}");
+    // A directory with an error: lint says where, exit 1.
+    let dir = state.join("lint");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("10-a.policy"), "* @toolstack * allow\n5100 guest1 storage perhaps\n").unwrap();
+    let o = dombus(state, &["policy", "lint", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stdout(&o).contains("10-a.policy:2:"), "{o:?}");
 }
 
 #[test]
@@ -211,7 +212,13 @@ fn the_demo_runs_to_completion() {
         "ping, storage domain",
         "more processes of the toolstack's domain at once, through its agent",
         "300 round trips",
-        "the toolstack's agent holds one link per domain it reached: domain 1",
+        "dom0's agent holds one link per domain",
+        "5. The connection manager",
+        "refused: dombus: xen:2:5100: connecting to xen:2:5100: refused by the host's connection manager (decision",
+        "the toolstack adds a rule",
+        "ok: (none)",
+        "rule (none: default deny)",
+        "rule 50-admin.policy:1",
         "none left running",
         "demo complete",
     ] {

@@ -21,7 +21,8 @@ impl Drop for Kill {
 
 fn greeter(sock: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(GREETER);
-    cmd.args(["xen:1:7000", "--sim"]).arg(sock).args(["--domid", "2", "--timeout", "20"]).args(args);
+    // Two domains and no connection manager: links open to any domain.
+    cmd.args(["xen:1:7000", "--open-links", "--sim"]).arg(sock).args(["--domid", "2", "--timeout", "20"]).args(args);
     cmd.env(TOKEN_ENV, token(sock, 2));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -50,7 +51,7 @@ fn greeter_serves_and_its_generated_cli_calls_it_across_domains() {
     let _hv = SimHypervisor::spawn(&sock).unwrap();
     let _server = Kill(
         Command::new(GREETER)
-            .args(["serve", "xen:1:7000", "--sim"])
+            .args(["serve", "xen:1:7000", "--open-links", "--sim"])
             .arg(&sock)
             .args(["--domid", "1"])
             .env(TOKEN_ENV, token(&sock, 1))

@@ -35,15 +35,18 @@ impl Drop for Down {
     }
 }
 
-/// The transports of a guest, domain `domid`, of the host whose simulator listens on `sim`
-/// (backend domain 1). The test is both the toolstack that creates the domain and the process
-/// that runs as it. Must run inside a tokio runtime.
+/// The transports of a guest, domain `domid` named `guest<domid>`, of the host whose simulator
+/// listens on `sim`, its sockets under the host's connection manager (dom0). The test is both
+/// the toolstack that creates the domain and the process that runs as it. Must run inside a
+/// tokio runtime.
 #[allow(dead_code)]
 pub fn guest_net(sim: &Path, domid: u16) -> dombus::rpc::Net {
     use dombus::sim::SimBackend;
     use dombus::transport::types::DomId;
+    use dombus::transport::vsock::LinkSetUp;
     use dombus::transport::vsock::domain::{VsockConfig, VsockDomain};
-    let backend = SimBackend::boot(sim, Some(DomId(domid))).unwrap();
-    let config = VsockConfig { backend_domain: DomId(1), ..VsockConfig::default() };
-    dombus::rpc::Net::new().with_xen(VsockDomain::start(backend, config).unwrap())
+    let backend = SimBackend::boot_named(sim, Some(DomId(domid)), &format!("guest{domid}")).unwrap();
+    let config = VsockConfig { set_up: LinkSetUp::Introduced, ..VsockConfig::default() };
+    let domain = VsockDomain::start(backend, config).unwrap();
+    dombus::rpc::Net::new().with_domain(std::sync::Arc::new(dombus_agent::Managed::start(domain, DomId::DOM0)), None)
 }

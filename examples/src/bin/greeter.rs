@@ -8,7 +8,8 @@
 //! echo '{"name": "json", "excited": false}' | greeter unix:/tmp/greeter.sock hello --stdin
 //! ```
 //! Any dombus address works: `xen:1:7000` with `--sim <socket> --domid N` (the simulated
-//! hypervisor) or `--xen`, `vsock:CID:PORT`, `tcp:HOST:PORT`.
+//! hypervisor; `--open-links` where no connection manager runs, as in the two-domain test) or
+//! `--xen`, `vsock:CID:PORT`, `tcp:HOST:PORT`.
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;

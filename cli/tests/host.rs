@@ -1,7 +1,7 @@
 //! End to end, as an operator would: `dombus host up`, `dombus storage …` calls across domains
 //! (toolstack → storage domain over transport-xen link sockets on the simulated hypervisor),
-//! `dombus host status`, `dombus host down` — and no stray processes after; the registry refuses
-//! a domain registering another; `dombus demo` runs to completion.
+//! `dombus host status`, `dombus policy …` (a guest denied, the decision looked up, lint),
+//! `dombus host down` — and no stray processes after; `dombus demo` runs to completion.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -10,10 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{DOMBUS, Down, dombus, guest_net, json, stdout};
+use common::{DOMBUS, Down, dombus, guest_net, json, stderr, stdout};
 
 use dombus::rpc::cli::NetArgs;
-use dombus::transport::types::DomId;
 use dombus_services::storage::StorageClient;
 
 fn alive(pid: u64) -> bool {

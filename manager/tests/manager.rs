@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dombus_agent::{DomainSockets, Managed, PortListener as _, denied};
+use dombus_agent::{DomainSockets, Managed, denied};
 use dombus_manager::admin::AdminError;
 use dombus_manager::{Manager, ManagerConfig, PolicyAdmin};
 use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};

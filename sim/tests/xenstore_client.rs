@@ -113,7 +113,9 @@ fn every_method_round_trips_and_errors_are_mapped() {
     assert!(matches!(xs.read("bad\0path"), Err(BackendError::InvalidArgument(_))));
     assert!(matches!(xs.write("/big", &[0; 5000]), Err(BackendError::Limit(_))));
     assert_eq!(xs.read_domid().unwrap(), DomId(5));
-    xs.rm("domid").unwrap();
+    // A domain's id is the toolstack's (dom0's) node: the domain reads it, cannot remove it.
+    assert!(matches!(xs.rm("domid"), Err(BackendError::PermissionDenied(_))));
+    server.xsd.with_tree(|t: &mut StoreTree| t.rm(DomId::DOM0, "/local/domain/5/domid").map(|_| ()).unwrap());
     assert!(matches!(xs.read_domid(), Err(BackendError::NotFound(m)) if m.contains("xen-init-dom0")));
     assert_eq!(
         xs.read("/still/working").map_err(|e| e.to_string()).unwrap_err(),

@@ -135,8 +135,8 @@ pub struct BringUp {
     pub attached: usize,
     /// Domains the manager registered at the end (all of the host's, earlier bring-ups too).
     pub registered: usize,
-    /// From the first domain's creation until every attached domain was registered (or the
-    /// timeout).
+    /// From the command to create the first domain until the manager registered the last one
+    /// that registered.
     pub elapsed: Duration,
     /// Of which creating and attaching the domains in the simulator (the guests' side).
     pub attaching: Duration,
@@ -235,15 +235,7 @@ impl Host {
 
     fn ask(&mut self, command: &str) -> io::Result<String> {
         writeln!(self.commands, "{command}")?;
-        let mut line = String::new();
-        if self.replies.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the guests' process ended"));
-        }
-        let line = line.trim_end();
-        match line.strip_prefix("err ") {
-            Some(e) => Err(io::Error::other(format!("the guests' process: {e}"))),
-            None => Ok(line.to_string()),
-        }
+        read_reply(&mut self.replies)
     }
 
     /// Creates `count` more domains (ids after the last ones), starts each one's managed sockets
@@ -253,20 +245,40 @@ impl Host {
         let first = self.next_id;
         let before = self.registered();
         let started = Instant::now();
-        let reply = self.ask(&format!("up {first} {count}"))?;
-        // The guests answer once their sockets say registered; the manager's count is the
-        // figure, polled until it has them all (it registers a domain before welcoming it).
+        writeln!(self.commands, "up {first} {count}")?;
+        // The manager's count is the figure: polled while the guests bring their domains up,
+        // the time is when it last grew (the guests answer later: once all are registered, or
+        // after a stall and a look at why the rest failed).
+        let (manager, replies) = (&self.manager, &mut self.replies);
+        let (reply, last) = std::thread::scope(|s| {
+            let answer = s.spawn(|| read_reply(replies));
+            let (mut seen, mut last) = (before, started);
+            while !answer.is_finished() {
+                let now = manager.registered_for_bench();
+                if now != seen {
+                    (seen, last) = (now, Instant::now());
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let reply = answer.join().unwrap_or_else(|_| Err(io::Error::other("the reply reader panicked")));
+            (reply, last)
+        });
+        let reply = reply?;
         let mut fields = reply.splitn(4, ' ');
         let bad = || io::Error::other(format!("bad reply to up: {reply:?}"));
         let attached: usize = fields.next().and_then(|f| f.parse().ok()).ok_or_else(bad)?;
         let registered_there: usize = fields.next().and_then(|f| f.parse().ok()).ok_or_else(bad)?;
         let attaching = Duration::from_micros(fields.next().and_then(|f| f.parse().ok()).ok_or_else(bad)?);
         let error = fields.next().filter(|e| *e != "-").map(str::to_string);
+        // Every domain the guests saw registered is the manager's (it registers one before it
+        // welcomes it): a count still short is a session that ended again since.
+        let mut elapsed = last - started;
         let want = before + registered_there;
-        while self.registered() < want && started.elapsed() < Duration::from_secs(5) + attaching * 2 {
-            std::thread::sleep(Duration::from_micros(200));
+        let settle = Instant::now() + Duration::from_secs(5);
+        while self.registered() < want && Instant::now() < settle {
+            std::thread::sleep(Duration::from_micros(100));
+            elapsed = started.elapsed();
         }
-        let elapsed = started.elapsed();
         self.next_id = first.saturating_add(count);
         Ok(BringUp {
             asked: usize::from(count),
@@ -314,6 +326,19 @@ impl Host {
     /// The memory of (this process: the backend domain, the hypervisor, the guests) now.
     pub fn memory(&self) -> io::Result<(Memory, Memory, Memory)> {
         Ok((Memory::of(std::process::id())?, Memory::of(self.sim.id())?, Memory::of(self.guests.id())?))
+    }
+}
+
+/// The guests' reply to one command (an `err …` line is the command's error).
+fn read_reply(replies: &mut BufReader<UnixStream>) -> io::Result<String> {
+    let mut line = String::new();
+    if replies.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the guests' process ended"));
+    }
+    let line = line.trim_end();
+    match line.strip_prefix("err ") {
+        Some(e) => Err(io::Error::other(format!("the guests' process: {e}"))),
+        None => Ok(line.to_string()),
     }
 }
 

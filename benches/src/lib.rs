@@ -46,6 +46,11 @@
 //! The parent runs the simulated hypervisor in-process, is domain 1 (server) and listens; the
 //! peer attaches as domain 2 (client), connects and echoes.
 //!
+//! # The connection manager at scale ([`scale`])
+//!
+//! A host of many domains in three processes: the parent is the backend domain and runs the
+//! connection manager, one peer is the simulated hypervisor, one plays every guest domain.
+//!
 //! # The domain agent ([`agent`])
 //!
 //! A third process can be its domain's agent ([`agent::AgentProcess`], on the parent's CPU:
@@ -66,6 +71,7 @@ pub mod baseline;
 pub mod harness;
 pub mod link;
 pub mod rpc;
+pub mod scale;
 
 /// Environment variable naming the peer role a re-executed benchmark binary plays.
 pub const ROLE_ENV: &str = "DOMBUS_BENCH_ROLE";
@@ -101,6 +107,8 @@ pub fn run_child_if_requested() {
         rpc::SERVER_ROLE => rpc::server_child(&arg),
         agent::AGENT_ROLE => agent::agent_child(&arg),
         agent::DOMAINS_ROLE => agent::domains_child(&arg),
+        scale::SIMXEN_ROLE => scale::simxen_child(&arg),
+        scale::GUESTS_ROLE => scale::guests_child(fds, &arg),
         other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown role {other}"))),
     };
     match res {

@@ -105,6 +105,20 @@ impl Manager {
     pub fn reload(&self) -> bool {
         self.core.reload(false)
     }
+
+    /// For the scale benchmark (`dombus-benches`, `scale`): decides, exactly as for an agent's
+    /// introduction (audited, numbered), whether `source` may connect to `port` of `target`,
+    /// without a session or a link in between. Not an API: the agents' protocol is.
+    #[doc(hidden)]
+    pub fn decide_for_bench(&self, source: DomId, target: &dombus_agent::manager::Peer, port: u32) -> bool {
+        self.core.decide(source, target, port).allowed
+    }
+
+    /// For the scale benchmark: how many domains the manager has registered (sessions up).
+    #[doc(hidden)]
+    pub fn registered_for_bench(&self) -> usize {
+        self.core.state().agents.len()
+    }
 }
 
 /// What the XSM fragment is made from: the FLASK types of the domains the manager knows

@@ -51,14 +51,6 @@ const POLICY: &str = "\
 5000 @anyvm @backend deny
 ";
 
-/// Grants one domain may have live in the simulator (`MAX_GRANTS` in `sim/src/daemon.rs`).
-pub const SIM_MAX_GRANTS: usize = 65_536;
-/// Descriptors the simulator holds for one domain: one per allocation, two per event-channel
-/// port (`MAX_DOMAIN_FDS` in `sim/src/daemon.rs`).
-pub const SIM_MAX_DOMAIN_FDS: usize = 2048;
-/// Event-channel ports per domain, port 0 being reserved (`MAX_PORTS` in `sim/src/daemon.rs`).
-pub const SIM_MAX_PORTS: usize = 4096;
-
 /// The smallest rings a link has: 1 KiB client → server and 2 KiB server → client, both inside
 /// the control page (libxenvchan's orders 10 and 11), so a link takes one grant.
 pub fn small_rings() -> LinkConfig {
@@ -92,9 +84,9 @@ impl LinkLimits {
         Some(LinkLimits {
             grants,
             descriptors,
-            by_grants: SIM_MAX_GRANTS / grants,
-            by_descriptors: SIM_MAX_DOMAIN_FDS / descriptors,
-            by_ports: SIM_MAX_PORTS - 1,
+            by_grants: dombus_sim::MAX_GRANTS / grants,
+            by_descriptors: dombus_sim::fd_limit(DomId::DOM0) / descriptors,
+            by_ports: dombus_sim::MAX_PORTS as usize - 1,
         })
     }
 

@@ -80,7 +80,7 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
             None
         } else {
         // A newer session of the same domain replaces the older (whose notices then end).
-        st.agents.insert(
+        st.register(
             dom,
             AgentRec {
                 session: serial,
@@ -138,9 +138,7 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
     }
     .await;
     {
-        let mut st = core.state();
-        if st.agents.get(&dom).is_some_and(|a| a.session == serial) {
-            st.agents.remove(&dom);
+        if core.state().unregister(dom, serial) {
             tracing::info!(domain = %dom, "domain unregistered (its agent's session ended)");
         }
     }

@@ -89,6 +89,9 @@ pub(crate) struct State {
     pub policy_stamp: Vec<(String, u64, Option<SystemTime>)>,
     pub labels: BTreeMap<String, Labels>,
     pub agents: HashMap<DomId, AgentRec>,
+    /// The registered domains by name (a decision by name costs the same with 10 domains or
+    /// 10,000).
+    pub by_name: HashMap<String, DomId>,
     /// Names of the backend domain's own ports.
     pub backend_services: BTreeMap<u32, String>,
     /// By the pair (lower id first).
@@ -138,6 +141,36 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl State {
+    /// Registers `dom`'s agent (replacing an older session of the domain).
+    pub(crate) fn register(&mut self, dom: DomId, rec: AgentRec) {
+        if let Some(old) = self.agents.get(&dom).and_then(|a| a.name.clone()) {
+            self.forget_name(&old, dom);
+        }
+        if let Some(n) = &rec.name {
+            self.by_name.insert(n.clone(), dom);
+        }
+        self.agents.insert(dom, rec);
+    }
+
+    /// Unregisters `dom` if session `session` is still its own; whether it was.
+    pub(crate) fn unregister(&mut self, dom: DomId, session: u64) -> bool {
+        if !self.agents.get(&dom).is_some_and(|a| a.session == session) {
+            return false;
+        }
+        if let Some(n) = self.agents.remove(&dom).and_then(|a| a.name) {
+            self.forget_name(&n, dom);
+        }
+        true
+    }
+
+    fn forget_name(&mut self, name: &str, dom: DomId) {
+        if self.by_name.get(name) == Some(&dom) {
+            self.by_name.remove(name);
+        }
+    }
+}
+
 /// The pair's key: lower id first.
 pub(crate) fn pair(a: DomId, b: DomId) -> (DomId, DomId) {
     if a < b { (a, b) } else { (b, a) }
@@ -170,6 +203,7 @@ impl Core {
                 policy_stamp: Vec::new(),
                 labels,
                 agents: HashMap::new(),
+                by_name: HashMap::new(),
                 backend_services: BTreeMap::new(),
                 intros: HashMap::new(),
                 allowed: HashMap::new(),
@@ -215,10 +249,9 @@ impl Core {
 
     /// The domain named `name`: a registered one, or the backend domain.
     pub(crate) fn named(&self, st: &State, name: &str) -> Option<DomId> {
-        st.agents
-            .iter()
-            .find(|(_, a)| a.name.as_deref() == Some(name))
-            .map(|(d, _)| *d)
+        st.by_name
+            .get(name)
+            .copied()
             .or_else(|| (self.ops.domain_name(self.me).as_deref() == Some(name)).then_some(self.me))
     }
 

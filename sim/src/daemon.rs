@@ -46,6 +46,16 @@ pub const MAX_MAPPED_PAGES: usize = 65_536;
 /// allocations, or 4,096 ports) and so deny every other domain new grants and ports. The
 /// daemon raises its own descriptor limit to the hard limit at start.
 pub const MAX_DOMAIN_FDS: usize = 2048;
+/// Descriptors the daemon holds for dom0, which (as the backend domain with the connection
+/// manager) serves one link to every other domain: three descriptors per link with one-page
+/// rings, five with the default rings, so room for 3,276 to 5,461 domains — past the 4,096 ports
+/// ([`MAX_PORTS`]) a domain has anyway.
+pub const MAX_DOM0_FDS: usize = 16_384;
+
+/// The descriptors the daemon holds at most for domain `d`.
+pub fn fd_limit(d: DomId) -> usize {
+    if d == DomId::DOM0 { MAX_DOM0_FDS } else { MAX_DOMAIN_FDS }
+}
 /// Event-channel ports per domain (Xen's 2-level ABI limit on 64-bit).
 pub const MAX_PORTS: u32 = 4096;
 /// Domains created and not attached yet (each holds an id and a token).
@@ -158,9 +168,10 @@ struct Port {
 /// Fails with `Limit` if `dom` may not hold `more` descriptors more.
 fn fd_room(d: DomId, dom: &Domain, more: usize) -> Result<(), WireError> {
     let held = dom.allocs.len() + 2 * dom.ports.len();
-    if held + more > MAX_DOMAIN_FDS {
+    let limit = fd_limit(d);
+    if held + more > limit {
         return Err(WireError::Limit(format!(
-            "domain {d} holds {held} descriptors of the hypervisor (one per allocation, two per port); the limit is {MAX_DOMAIN_FDS}"
+            "domain {d} holds {held} descriptors of the hypervisor (one per allocation, two per port); the limit is {limit}"
         )));
     }
     Ok(())

@@ -72,4 +72,7 @@ pub mod xenstored;
 pub use client::{
     Ended, SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV,
 };
-pub use daemon::{QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle, SimStopper};
+pub use daemon::{
+    MAX_DOM0_FDS, MAX_DOMAIN_FDS, MAX_GRANTS, MAX_PORTS, QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle,
+    SimStopper, fd_limit,
+};

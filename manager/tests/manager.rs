@@ -368,3 +368,46 @@ async fn the_manager_restarting() {
     round_trip(&mut s1, 10).await.unwrap();
     round_trip(&mut s, 10).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_one_port_resets_its_connections_and_keeps_the_link() {
+    let host = Host::new("revoke-port", "* @toolstack * allow\n5001 alpha beta allow\n");
+    let m = host.manager().await;
+    let admin = m.admin();
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let (_e0, _e1) = (echo(&b, 5000), echo(&b, 5001));
+    // dom0 (the toolstack) calls beta over the backend link too.
+    let own = m.sockets();
+    let mut from_dom0 = own.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut from_dom0, 10).await.unwrap();
+    let rule = admin.add("5000 alpha beta allow".into(), None, None).await.unwrap();
+    let mut revoked = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    let mut kept = a.connect(VsockAddr::new(4, 5001), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut revoked, 10).await.unwrap();
+    round_trip(&mut kept, 10).await.unwrap();
+    let (file, line) = rule.at.rsplit_once(':').unwrap();
+    let r = admin.remove(file.into(), line.parse().unwrap(), true).await.unwrap();
+    assert_eq!((r.connections_revoked, r.links_ended), (1, 0));
+    let broke = tokio::time::timeout(LIVENESS, async {
+        while round_trip(&mut revoked, 10).await.is_ok() {}
+    })
+    .await;
+    assert!(broke.is_ok(), "the revoked connection still works");
+    // The other port's connection and the link stay; so does the toolstack's.
+    round_trip(&mut kept, 64 << 10).await.unwrap();
+    round_trip(&mut from_dom0, 10).await.unwrap();
+    assert!(a.links().iter().any(|(d, _)| *d == BETA), "{:?}", a.links());
+    // A rule the toolstack relies on, removed with teardown: its connection over the backend
+    // link is reset at both ends.
+    std::fs::write(host.policy().join("90-test.policy"), "5001 alpha beta allow\n").unwrap();
+    assert!(m.reload());
+    let r = admin.remove("90-test.policy".into(), 1, true).await.unwrap();
+    assert_eq!(r.links_ended, 1);
+    let broke = tokio::time::timeout(LIVENESS, async {
+        while round_trip(&mut from_dom0, 10).await.is_ok() {}
+    })
+    .await;
+    assert!(broke.is_ok(), "the toolstack's revoked connection still works");
+}

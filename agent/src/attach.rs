@@ -83,7 +83,11 @@ impl Attach {
                 if backend.domid() != self.backend_domain {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
-                        format!("this is domain {}, not the backend domain ({})", backend.domid(), self.backend_domain),
+                        format!(
+                            "this is domain {}, not the backend domain ({})",
+                            backend.domid(),
+                            self.backend_domain
+                        ),
                     ));
                 }
                 both(VsockDomain::start(backend, cfg)?)

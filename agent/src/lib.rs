@@ -37,8 +37,8 @@ pub mod server;
 pub mod sockets;
 
 pub use client::{AGENT_ENV, AgentClient, AgentListener, AgentStream, default_socket};
-pub use server::{Agent, AgentConfig};
 pub use managed::{Denied, Managed, ManagerOps, denied};
+pub use server::{Agent, AgentConfig};
 pub use sockets::{DomainSockets, PortListener};
 
 use dombus_transport_xen::DomId;

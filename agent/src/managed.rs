@@ -297,7 +297,9 @@ impl<B: Backend + Clone> Managed<B> {
         };
         let addr = VsockAddr::new(u32::from(peer.0), port);
         match wait {
-            Some(_) => self.domain.connect_wait(addr, deadline.saturating_duration_since(Instant::now())).await,
+            Some(_) => {
+                self.domain.connect_wait(addr, deadline.saturating_duration_since(Instant::now())).await
+            }
             None => self.domain.connect(addr).await,
         }
     }
@@ -315,7 +317,12 @@ impl<B: Backend + Clone> DomainSockets for Managed<B> {
         })
     }
 
-    fn connect_name(&self, name: &str, port: u32, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+    fn connect_name(
+        &self,
+        name: &str,
+        port: u32,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'_, io::Result<VsockStream>> {
         let name = name.to_string();
         Box::pin(async move { self.connect_to(Peer::Name(name), port, wait).await })
     }
@@ -356,7 +363,11 @@ impl<B: Backend + Clone> DomainSockets for Managed<B> {
 struct ManagedGate(Arc<Shared>);
 
 impl Gate for ManagedGate {
-    fn admit(&self, peer: DomId, port: u32) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+    fn admit(
+        &self,
+        peer: DomId,
+        port: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
         let shared = self.0.clone();
         Box::pin(async move {
             if let Some(allowed) = shared.cached((peer, port, false)) {
@@ -411,25 +422,34 @@ async fn session<B: Backend + Clone>(domain: &VsockDomain<B>, shared: &Arc<Share
     let stream = domain.connect(VsockAddr::new(CID_BACKEND, MANAGER_PORT)).await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     write_message(&mut wr, &ToManager::Hello { version: VERSION }).await?;
-    let welcome = tokio::time::timeout(CHECK_WAIT, read_message::<_, FromManager>(&mut rd))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the connection manager did not welcome us"))??;
+    let welcome =
+        tokio::time::timeout(CHECK_WAIT, read_message::<_, FromManager>(&mut rd)).await.map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, "the connection manager did not welcome us")
+        })??;
     match welcome {
         Some(FromManager::Welcome { domid, name, generation }) => {
             tracing::info!(me = %shared.me, domid, ?name, generation, "registered with the connection manager");
             *Shared::lock(&shared.name) = name;
         }
         Some(FromManager::Refused { reason }) => {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("the connection manager refused us: {reason}")));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the connection manager refused us: {reason}"),
+            ));
         }
         other => {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("the connection manager opened with {other:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the connection manager opened with {other:?}"),
+            ));
         }
     }
     let (tx, mut outgoing) = mpsc::channel::<ToManager>(256);
-    let names: Vec<(u32, String)> = Shared::lock(&shared.services).iter().map(|(p, n)| (*p, n.clone())).collect();
+    let names: Vec<(u32, String)> =
+        Shared::lock(&shared.services).iter().map(|(p, n)| (*p, n.clone())).collect();
     for (port, name) in names {
-        write_message(&mut wr, &ToManager::Call { id: 0, call: Call::Service { port, name: Some(name) } }).await?;
+        write_message(&mut wr, &ToManager::Call { id: 0, call: Call::Service { port, name: Some(name) } })
+            .await?;
     }
     let pending: Arc<StdMutex<HashMap<u32, oneshot::Sender<Answer>>>> = Arc::default();
     shared.forget_all();
@@ -494,7 +514,10 @@ async fn session<B: Backend + Clone>(domain: &VsockDomain<B>, shared: &Arc<Share
                     }
                 }
                 FromManager::Welcome { .. } | FromManager::Refused { .. } => {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "the connection manager welcomed us twice"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the connection manager welcomed us twice",
+                    ));
                 }
             }
         }

@@ -187,7 +187,9 @@ pub fn encode<M: Serialize>(m: &M) -> io::Result<Vec<u8>> {
 }
 
 /// Reads one message: `Ok(None)` at a clean end of stream before a message.
-pub async fn read_message<R: AsyncRead + Unpin, M: for<'de> Deserialize<'de>>(r: &mut R) -> io::Result<Option<M>> {
+pub async fn read_message<R: AsyncRead + Unpin, M: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> io::Result<Option<M>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -234,7 +236,10 @@ mod tests {
     async fn messages_round_trip_and_bounds_hold() {
         let msgs = vec![
             ToManager::Hello { version: VERSION },
-            ToManager::Call { id: 7, call: Call::Introduce { target: Peer::Name("storage".into()), port: 5100, link: true } },
+            ToManager::Call {
+                id: 7,
+                call: Call::Introduce { target: Peer::Name("storage".into()), port: 5100, link: true },
+            },
             ToManager::Call { id: 8, call: Call::Check { source: 3, port: 1 } },
             ToManager::Links(vec![(0, 2), (3, 1)]),
         ];

@@ -29,7 +29,12 @@ pub trait DomainSockets: Send + Sync + 'static {
     fn resolve(&self, name: &str) -> io::Result<DomId>;
     /// Connects to `port` of the domain named `name` (under a connection manager, the manager
     /// resolves the name, and an unknown name is refused like a denied connection).
-    fn connect_name(&self, name: &str, port: u32, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+    fn connect_name(
+        &self,
+        name: &str,
+        port: u32,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'_, io::Result<VsockStream>> {
         let name = name.to_string();
         Box::pin(async move {
             let dom = self.resolve(&name)?;
@@ -86,7 +91,11 @@ impl<B: Backend + Clone> PortListener for VsockListener<B> {
 
 /// Listens on `port` of `sockets`, saying that it serves the service `name` while the returned
 /// listener lives (see [`DomainSockets::name_port`]).
-pub fn listen_as(sockets: Arc<dyn DomainSockets>, port: u32, name: &str) -> io::Result<Box<dyn PortListener>> {
+pub fn listen_as(
+    sockets: Arc<dyn DomainSockets>,
+    port: u32,
+    name: &str,
+) -> io::Result<Box<dyn PortListener>> {
     let inner = sockets.listen(port)?;
     sockets.name_port(port, Some(name));
     Ok(Box::new(Named { inner, sockets, port }))
@@ -186,7 +195,12 @@ impl DomainSockets for Following {
         self.now().resolve(name)
     }
 
-    fn connect_name(&self, name: &str, port: u32, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+    fn connect_name(
+        &self,
+        name: &str,
+        port: u32,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'_, io::Result<VsockStream>> {
         let now = self.now();
         let name = name.to_string();
         Box::pin(async move { now.connect_name(&name, port, wait).await })

@@ -62,4 +62,3 @@ fn hypervisor(socket: PathBuf) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
-

@@ -284,9 +284,16 @@ async fn policy(host: &Host) -> anyhow::Result<serde_json::Value> {
     let second = guest_call().await.context("running the guest's command")?;
     let listed = String::from_utf8_lossy(&second.stdout).trim().to_string();
     if !second.status.success() {
-        bail!("the guest's call failed after the rule allowed it: {}", String::from_utf8_lossy(&second.stderr));
+        bail!(
+            "the guest's call failed after the rule allowed it: {}",
+            String::from_utf8_lossy(&second.stderr)
+        );
     }
-    println!("  dombus storage list (as {})   ok: {}", host::GUEST_NAME, if listed.is_empty() { "no images" } else { &listed });
+    println!(
+        "  dombus storage list (as {})   ok: {}",
+        host::GUEST_NAME,
+        if listed.is_empty() { "no images" } else { &listed }
+    );
     let audit = manager
         .audit(context(d), Some(4))
         .await
@@ -348,7 +355,10 @@ async fn together(host: &Host, storage: &Address) -> anyhow::Result<serde_json::
         AgentClient::new(&host.manifest.agent_socket).status().await.context("the toolstack's agent")?;
     let links: Vec<String> =
         status.links.iter().map(|(d, n)| format!("domain {d} ({n} connection(s) open)")).collect();
-    println!("  dom0's agent holds one link per domain (every domain links to the backend): {}", links.join(", "));
+    println!(
+        "  dom0's agent holds one link per domain (every domain links to the backend): {}",
+        links.join(", ")
+    );
     Ok(
         serde_json::json!({ "commands": lines, "links": status.links.iter().map(|(d, n)| (d.0, *n)).collect::<Vec<_>>() }),
     )

@@ -29,8 +29,8 @@ use dombus::rpc::transport::AgentClient;
 use dombus::rpc::{Address, ClientConfig, Net, RawClient, wire};
 use dombus::sim::{SimBackend, TOKEN_ENV};
 use dombus::transport::types::DomId;
+use dombus_manager::PolicyAdminClient;
 use dombus_manager::admin::DomainInfo;
-use dombus_manager::{PolicyAdminClient};
 use dombus_services::ports;
 use serde::{Deserialize, Serialize};
 
@@ -424,7 +424,9 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
 
     // The toolstack labels the domains it is about to start (labels go by name).
     let manager = host.manifest.admin().await?;
-    for (name, type_, tags) in [("storage", "service-domain", vec!["storage".to_string()]), (GUEST_NAME, "guest", vec![])] {
+    for (name, type_, tags) in
+        [("storage", "service-domain", vec!["storage".to_string()]), (GUEST_NAME, "guest", vec![])]
+    {
         manager
             .label(context(START_TIMEOUT), name.into(), Some(type_.into()), tags)
             .await
@@ -498,8 +500,16 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
         let t = Instant::now();
         let registered = async {
             loop {
-                let domains = manager.domains(context(START_TIMEOUT)).await.ok().and_then(Result::ok).unwrap_or_default();
-                if domains.iter().any(|d| d.domid == p.domid.map(|d| d.0) && d.name.as_deref() == Some(&p.name)) {
+                let domains = manager
+                    .domains(context(START_TIMEOUT))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                if domains
+                    .iter()
+                    .any(|d| d.domid == p.domid.map(|d| d.0) && d.name.as_deref() == Some(&p.name))
+                {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -534,7 +544,11 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
                 );
             }
         }
-        let what = if p.services.is_empty() { format!("agent {}", p.agent.as_ref().map_or(String::new(), |a| a.display().to_string())) } else { services_text(&p.services) };
+        let what = if p.services.is_empty() {
+            format!("agent {}", p.agent.as_ref().map_or(String::new(), |a| a.display().to_string()))
+        } else {
+            services_text(&p.services)
+        };
         step(
             quiet,
             format_args!(
@@ -712,7 +726,9 @@ pub async fn status(state: StateDir) -> anyhow::Result<Status> {
     let mut net = m.net_args(Duration::from_secs(5)).net()?;
     net.xen_connect_wait = Some(Duration::from_secs(5));
     let domains = match m.admin().await {
-        Ok(a) => a.domains(context(Duration::from_secs(5))).await.ok().and_then(Result::ok).unwrap_or_default(),
+        Ok(a) => {
+            a.domains(context(Duration::from_secs(5))).await.ok().and_then(Result::ok).unwrap_or_default()
+        }
         Err(_) => Vec::new(),
     };
     let mut services = Vec::new();

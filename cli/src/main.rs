@@ -179,9 +179,10 @@ async fn run_policy(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatch
         Address::Unix(_) => Net::new(),
         _ => net_for(global, state)?.0,
     };
-    let client = Client::<PolicyAdminRequest>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
-        .await
-        .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
+    let client =
+        Client::<PolicyAdminRequest>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
+            .await
+            .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
     match cli::call(&client, global.context(), m).await {
         Ok(o) => Ok(cli::print_outcome(&o, json)),
         Err(e) => Err(Failure(cli::call_error_status(&e), cli::cli_error_text(&e))),

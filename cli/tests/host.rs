@@ -88,11 +88,7 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .iter()
         .map(|p| (p["name"].as_str().unwrap(), p["running"].as_bool().unwrap()))
         .collect();
-    assert_eq!(
-        procs,
-        [("hypervisor", true), ("backend", true), ("storage", true), ("guest1", true)],
-        "{v}"
-    );
+    assert_eq!(procs, [("hypervisor", true), ("backend", true), ("storage", true), ("guest1", true)], "{v}");
     let names: Vec<&str> =
         v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["Domain-0", "storage", "guest1", "guest7"], "{v}");
@@ -115,7 +111,11 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     assert!(text.contains("links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 7, 2 ↔ 7"), "{text}");
     drop(held);
     let v = json(&dombus(&state, &["--json", "host", "status"]));
-    assert_eq!(v["links"], serde_json::json!([[0, 2], [0, 3]]), "domain 7 is gone, and its links with it: {v}");
+    assert_eq!(
+        v["links"],
+        serde_json::json!([[0, 2], [0, 3]]),
+        "domain 7 is gone, and its links with it: {v}"
+    );
 
     policy_commands(&state);
 
@@ -181,15 +181,31 @@ fn policy_commands(state: &Path) {
     let o = dombus(state, &["--agent", agent.to_str().unwrap(), "--timeout", "10", "storage", "list"]);
     assert_eq!(o.status.code(), Some(3), "{o:?}");
     let err = stderr(&o);
-    let id = err.split("(decision ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_else(|| panic!("{err}"));
+    let id =
+        err.split("(decision ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_else(|| panic!("{err}"));
     let v = json(&dombus(state, &["--json", "policy", "decision", id]));
-    assert_eq!((v["result"].as_str(), v["source"]["name"].as_str(), v["rule"].as_str()), (Some("deny"), Some("guest1"), None), "{v}");
-    let v = json(&dombus(state, &["--json", "policy", "explain", "guest1", "--target", "storage", "--service", "storage"]));
+    assert_eq!(
+        (v["result"].as_str(), v["source"]["name"].as_str(), v["rule"].as_str()),
+        (Some("deny"), Some("guest1"), None),
+        "{v}"
+    );
+    let v = json(&dombus(
+        state,
+        &["--json", "policy", "explain", "guest1", "--target", "storage", "--service", "storage"],
+    ));
     assert_eq!((v["result"].as_str(), &v["rule"]), (Some("deny"), &serde_json::Value::Null), "{v}");
-    let v = json(&dombus(state, &["--json", "policy", "explain", "guest7", "--target", "storage", "--service", "5100"]));
-    assert_eq!((v["result"].as_str(), v["rule"]["at"].as_str()), (Some("allow"), Some("50-admin.policy:1")), "{v}");
+    let v = json(&dombus(
+        state,
+        &["--json", "policy", "explain", "guest7", "--target", "storage", "--service", "5100"],
+    ));
+    assert_eq!(
+        (v["result"].as_str(), v["rule"]["at"].as_str()),
+        (Some("allow"), Some("50-admin.policy:1")),
+        "{v}"
+    );
     let v = json(&dombus(state, &["--json", "policy", "audit", "--count", "1000"]));
-    assert!(v.as_array().unwrap().iter().any(|r| r["decision"].to_string() == id), "{v}");
+    let id_n: u64 = id.parse().unwrap();
+    assert!(v.as_array().unwrap().iter().any(|r| r["decision"].as_u64() == Some(id_n)), "{v}");
     // A directory with an error: lint says where, exit 1.
     let dir = state.join("lint");
     std::fs::create_dir_all(&dir).unwrap();

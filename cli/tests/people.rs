@@ -81,7 +81,9 @@ async fn errors_are_sentences_and_sizes_are_for_people_json_stays_exact() {
     let help = text(&o.stdout);
     let create = help.lines().find(|l| l.trim_start().starts_with("create")).unwrap();
     assert!(
-        create.trim_end().ends_with("optionally a linked clone of the image `backing` (qcow2 only), owned by the caller."),
+        create
+            .trim_end()
+            .ends_with("optionally a linked clone of the image `backing` (qcow2 only), owned by the caller."),
         "{help}"
     );
     let o = dombus(&[&state, "describe", &addr.to_string()]).await;

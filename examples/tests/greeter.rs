@@ -22,7 +22,10 @@ impl Drop for Kill {
 fn greeter(sock: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(GREETER);
     // Two domains and no connection manager: links open to any domain.
-    cmd.args(["xen:1:7000", "--open-links", "--sim"]).arg(sock).args(["--domid", "2", "--timeout", "20"]).args(args);
+    cmd.args(["xen:1:7000", "--open-links", "--sim"])
+        .arg(sock)
+        .args(["--domid", "2", "--timeout", "20"])
+        .args(args);
     cmd.env(TOKEN_ENV, token(sock, 2));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();

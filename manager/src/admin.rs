@@ -145,7 +145,12 @@ pub trait PolicyAdmin {
     /// Adds a rule (`SERVICE SOURCE TARGET ACTION`) to a file of the policy directory (default
     /// 50-admin.policy), before its rule number `before` (1-based) or at its end. The whole
     /// directory is validated first; the file is written atomically.
-    async fn add(&self, rule: String, file: Option<String>, before: Option<u32>) -> Result<RuleInfo, AdminError>;
+    async fn add(
+        &self,
+        rule: String,
+        file: Option<String>,
+        before: Option<u32>,
+    ) -> Result<RuleInfo, AdminError>;
 
     /// Removes the rule at `file:line`. With `teardown`, the connections and introduced links
     /// the policy no longer allows are torn down.
@@ -154,7 +159,12 @@ pub trait PolicyAdmin {
     /// Which rule decides whether `source` may connect to `service` (a port or a service name)
     /// of `target` (domain names).
     #[idempotent]
-    async fn explain(&self, source: String, target: String, service: String) -> Result<Explanation, AdminError>;
+    async fn explain(
+        &self,
+        source: String,
+        target: String,
+        service: String,
+    ) -> Result<Explanation, AdminError>;
 
     /// A past decision by its id.
     #[idempotent]
@@ -235,7 +245,12 @@ impl PolicyAdmin for Admin {
         Ok(policy.rules().iter().map(info).collect())
     }
 
-    async fn add(&self, rule: String, file: Option<String>, before: Option<u32>) -> Result<RuleInfo, AdminError> {
+    async fn add(
+        &self,
+        rule: String,
+        file: Option<String>,
+        before: Option<u32>,
+    ) -> Result<RuleInfo, AdminError> {
         self.allowed()?;
         let file = file.unwrap_or_else(|| DEFAULT_FILE.to_string());
         let added = self
@@ -260,7 +275,12 @@ impl PolicyAdmin for Admin {
         })
     }
 
-    async fn explain(&self, source: String, target: String, service: String) -> Result<Explanation, AdminError> {
+    async fn explain(
+        &self,
+        source: String,
+        target: String,
+        service: String,
+    ) -> Result<Explanation, AdminError> {
         self.allowed()?;
         let (sd, sn) = self.resolve(&source)?;
         let (td, tn) = self.resolve(&target)?;
@@ -272,7 +292,9 @@ impl PolicyAdmin for Admin {
         let (port, name) = match service.parse::<u32>() {
             Ok(p) => (p, td.and_then(|t| self.core.service_name(&st, t, p))),
             Err(_) if valid_name(&service) => (0, Some(service.clone())),
-            Err(_) => return Err(AdminError::Invalid(format!("{service:?} is neither a port nor a service name"))),
+            Err(_) => {
+                return Err(AdminError::Invalid(format!("{service:?} is neither a port nor a service name")));
+            }
         };
         let policy = st.policy.clone();
         let d = policy.decide(ServiceRef { port, name: name.as_deref() }, &sv.view(), &tv.view());
@@ -310,7 +332,9 @@ impl PolicyAdmin for Admin {
 
     async fn decision(&self, id: u64) -> Result<AuditRecord, AdminError> {
         self.allowed()?;
-        self.core.find_decision(id).ok_or_else(|| AdminError::NotFound(format!("no decision {id} in the audit trail")))
+        self.core
+            .find_decision(id)
+            .ok_or_else(|| AdminError::NotFound(format!("no decision {id} in the audit trail")))
     }
 
     async fn domains(&self) -> Result<Vec<DomainInfo>, AdminError> {
@@ -347,7 +371,15 @@ impl PolicyAdmin for Admin {
                         .collect(),
                 ),
             };
-            out.push(DomainInfo { domid: Some(dom.0), name, type_: labels.type_, tags: labels.tags, roles, services, links });
+            out.push(DomainInfo {
+                domid: Some(dom.0),
+                name,
+                type_: labels.type_,
+                tags: labels.tags,
+                roles,
+                services,
+                links,
+            });
         }
         for (name, labels) in st.labels.iter().filter(|(n, _)| !named.contains(*n)) {
             out.push(DomainInfo {
@@ -368,16 +400,26 @@ impl PolicyAdmin for Admin {
         if !valid_name(&name) {
             return Err(AdminError::Invalid(format!("{name:?} is not a domain name")));
         }
-        let mut tags: Vec<String> = tags.iter().flat_map(|t| t.split(',')).map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect();
+        let mut tags: Vec<String> = tags
+            .iter()
+            .flat_map(|t| t.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect();
         tags.sort();
         tags.dedup();
         if let Some(bad) = r#type.iter().chain(&tags).find(|t| !valid_name(t)) {
-            return Err(AdminError::Invalid(format!("{bad:?} is not a label (1 to 64 of A-Z a-z 0-9 _ . -)")));
+            return Err(AdminError::Invalid(format!(
+                "{bad:?} is not a label (1 to 64 of A-Z a-z 0-9 _ . -)"
+            )));
         }
         if tags.len() > MAX_TAGS {
             return Err(AdminError::Invalid(format!("at most {MAX_TAGS} tags")));
         }
-        self.core.set_labels(&name, Labels { type_: r#type, tags }).map_err(|e| AdminError::Failed(e.to_string()))
+        self.core
+            .set_labels(&name, Labels { type_: r#type, tags })
+            .map_err(|e| AdminError::Failed(e.to_string()))
     }
 
     async fn links(&self) -> Result<Vec<LinkInfo>, AdminError> {
@@ -402,7 +444,14 @@ impl PolicyAdmin for Admin {
             });
         }
         for ((a, b), n) in live {
-            out.push(LinkInfo { a: a.0, b: b.0, rendezvous: None, decision: None, age_s: None, live: Some(n) });
+            out.push(LinkInfo {
+                a: a.0,
+                b: b.0,
+                rendezvous: None,
+                decision: None,
+                age_s: None,
+                live: Some(n),
+            });
         }
         out.sort_by_key(|l| (l.a, l.b));
         Ok(out)
@@ -410,8 +459,12 @@ impl PolicyAdmin for Admin {
 
     async fn revoke(&self, a: String, b: String) -> Result<bool, AdminError> {
         self.allowed()?;
-        let (Some(da), _) = self.resolve(&a)? else { return Err(AdminError::NotFound(format!("no domain {a:?} is registered"))) };
-        let (Some(db), _) = self.resolve(&b)? else { return Err(AdminError::NotFound(format!("no domain {b:?} is registered"))) };
+        let (Some(da), _) = self.resolve(&a)? else {
+            return Err(AdminError::NotFound(format!("no domain {a:?} is registered")));
+        };
+        let (Some(db), _) = self.resolve(&b)? else {
+            return Err(AdminError::NotFound(format!("no domain {b:?} is registered")));
+        };
         let mut st = self.core.state();
         let had = st.intros.contains_key(&pair(da, db));
         self.core.end_intro(&mut st, da, db);
@@ -421,7 +474,11 @@ impl PolicyAdmin for Admin {
 
     async fn audit(&self, count: Option<u32>) -> Result<Vec<AuditRecord>, AdminError> {
         self.allowed()?;
-        let tail = self.core.audit.tail(count.unwrap_or(20).min(MAX_AUDIT) as usize).map_err(|e| AdminError::Failed(format!("reading the audit trail: {e}")))?;
+        let tail = self
+            .core
+            .audit
+            .tail(count.unwrap_or(20).min(MAX_AUDIT) as usize)
+            .map_err(|e| AdminError::Failed(format!("reading the audit trail: {e}")))?;
         if tail.skipped > 0 {
             tracing::warn!(skipped = tail.skipped, "damaged lines in the audit trail were skipped");
         }

@@ -66,8 +66,11 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
         _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "the first message was not a hello")),
     }
     if dom == core.me {
-        write_message(&mut wr, &FromManager::Refused { reason: "the backend domain is the manager's own".into() })
-            .await?;
+        write_message(
+            &mut wr,
+            &FromManager::Refused { reason: "the backend domain is the manager's own".into() },
+        )
+        .await?;
         return Ok(());
     }
     // The name the toolstack gave the domain: the only one it goes by.
@@ -79,18 +82,18 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
         if !st.agents.contains_key(&dom) && st.agents.len() >= MAX_AGENTS {
             None
         } else {
-        // A newer session of the same domain replaces the older (whose notices then end).
-        st.register(
-            dom,
-            AgentRec {
-                session: serial,
-                name: name.clone(),
-                tx: tx.clone(),
-                services: BTreeMap::new(),
-                links: Vec::new(),
-            },
-        );
-        Some(st.generation)
+            // A newer session of the same domain replaces the older (whose notices then end).
+            st.register(
+                dom,
+                AgentRec {
+                    session: serial,
+                    name: name.clone(),
+                    tx: tx.clone(),
+                    services: BTreeMap::new(),
+                    links: Vec::new(),
+                },
+            );
+            Some(st.generation)
         }
     };
     let Some(generation) = generation else {
@@ -163,7 +166,9 @@ async fn handle(core: &Arc<Core>, dom: DomId, call: Call) -> Answer {
                     Ok(path) => Some(path),
                     Err(e) => {
                         tracing::error!(a = %dom, b = %peer, error = %e, "cannot make a rendezvous");
-                        return Answer::Failed { reason: format!("the manager could not make a rendezvous: {e}") };
+                        return Answer::Failed {
+                            reason: format!("the manager could not make a rendezvous: {e}"),
+                        };
                     }
                 }
             } else {
@@ -173,7 +178,11 @@ async fn handle(core: &Arc<Core>, dom: DomId, call: Call) -> Answer {
         }
         Call::Check { source, port } => {
             let d = core.decide(DomId(source), &Peer::Id(dom.0), port);
-            if d.allowed { Answer::Allowed { decision: d.id, peer: source, rendezvous: None } } else { Answer::Denied { decision: d.id } }
+            if d.allowed {
+                Answer::Allowed { decision: d.id, peer: source, rendezvous: None }
+            } else {
+                Answer::Denied { decision: d.id }
+            }
         }
         Call::Service { port, name } => {
             if let Some(n) = name.as_deref()
@@ -183,7 +192,9 @@ async fn handle(core: &Arc<Core>, dom: DomId, call: Call) -> Answer {
             }
             let mut st = core.state();
             let generation = st.generation;
-            let Some(a) = st.agents.get_mut(&dom) else { return Answer::Failed { reason: "not registered".into() } };
+            let Some(a) = st.agents.get_mut(&dom) else {
+                return Answer::Failed { reason: "not registered".into() };
+            };
             match name {
                 Some(n) if a.services.len() < MAX_SERVICES || a.services.contains_key(&port) => {
                     a.services.insert(port, n);

@@ -62,7 +62,12 @@ impl DomainSockets for BackendSockets {
         })
     }
 
-    fn connect_name(&self, name: &str, port: u32, wait: Option<Duration>) -> BoxFuture<'_, io::Result<VsockStream>> {
+    fn connect_name(
+        &self,
+        name: &str,
+        port: u32,
+        wait: Option<Duration>,
+    ) -> BoxFuture<'_, io::Result<VsockStream>> {
         let name = name.to_string();
         Box::pin(async move {
             let peer = self.allow(Peer::Name(name), port)?;
@@ -84,9 +89,9 @@ impl DomainSockets for BackendSockets {
 
     fn resolve(&self, name: &str) -> io::Result<DomId> {
         let st = self.core.state();
-        self.core
-            .named(&st, name)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no registered domain is named {name:?}")))
+        self.core.named(&st, name).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no registered domain is named {name:?}"))
+        })
     }
 
     fn links(&self) -> Vec<(DomId, usize)> {

@@ -155,7 +155,7 @@ impl State {
 
     /// Unregisters `dom` if session `session` is still its own; whether it was.
     pub(crate) fn unregister(&mut self, dom: DomId, session: u64) -> bool {
-        if !self.agents.get(&dom).is_some_and(|a| a.session == session) {
+        if self.agents.get(&dom).is_none_or(|a| a.session != session) {
             return false;
         }
         if let Some(n) = self.agents.remove(&dom).and_then(|a| a.name) {
@@ -283,9 +283,14 @@ impl Core {
                 let policy = st.policy.clone();
                 let src = self.view(&st, source, source_name.as_deref());
                 let tgt = self.view(&st, t, target_name.as_deref());
-                let d = policy.decide(ServiceRef { port, name: service_name.as_deref() }, &src.view(), &tgt.view());
+                let d = policy.decide(
+                    ServiceRef { port, name: service_name.as_deref() },
+                    &src.view(),
+                    &tgt.view(),
+                );
                 let rule = d.rule.map(|r: &Rule| format!("{}:{}", r.origin.file, r.origin.line));
-                let reason = if d.rule.is_some() { "rule".to_string() } else { "no rule matched".to_string() };
+                let reason =
+                    if d.rule.is_some() { "rule".to_string() } else { "no rule matched".to_string() };
                 (d.action == Action::Allow, rule, reason)
             }
         };
@@ -323,7 +328,13 @@ impl Core {
         self.view_of_name(st, name, dom == self.me, self.is_toolstack(dom))
     }
 
-    pub(crate) fn view_of_name(&self, st: &State, name: Option<&str>, backend: bool, toolstack: bool) -> OwnedView {
+    pub(crate) fn view_of_name(
+        &self,
+        st: &State,
+        name: Option<&str>,
+        backend: bool,
+        toolstack: bool,
+    ) -> OwnedView {
         let labels = name.and_then(|n| st.labels.get(n)).cloned().unwrap_or_default();
         OwnedView { name: name.unwrap_or("").to_string(), labels, backend, toolstack }
     }
@@ -465,7 +476,9 @@ impl Core {
     pub(crate) fn introduce(&self, a: DomId, b: DomId, decision: u64) -> std::io::Result<String> {
         let path = self.ops.create_rendezvous(a, b, decision)?;
         let mut st = self.state();
-        if let Some(old) = st.intros.insert(pair(a, b), Intro { rendezvous: path.clone(), decision, since: SystemTime::now() })
+        if let Some(old) = st
+            .intros
+            .insert(pair(a, b), Intro { rendezvous: path.clone(), decision, since: SystemTime::now() })
             && let Err(e) = self.ops.remove_rendezvous(&old.rendezvous)
         {
             tracing::warn!(error = %e, "cannot remove a rendezvous");

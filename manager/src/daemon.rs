@@ -57,8 +57,9 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
         (None, true) => Hypervisor::Xen,
         (None, false) => anyhow::bail!("which hypervisor? give --sim SOCKET or --xen"),
     };
-    let (sockets, ops) =
-        Attach::managed(hypervisor, args.domid, args.domid).start_backend().context("attaching as the backend domain")?;
+    let (sockets, ops) = Attach::managed(hypervisor, args.domid, args.domid)
+        .start_backend()
+        .context("attaching as the backend domain")?;
     let mut cfg = ManagerConfig::new(&args.policy_dir, &args.state_dir);
     if !args.toolstack.is_empty() {
         cfg.toolstack = args.toolstack.clone();
@@ -66,18 +67,26 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     let manager = Manager::start(sockets, ops, cfg).context("starting the connection manager")?;
     let own = manager.sockets();
     let serving = match &args.serve_agent {
-        Some(path) => Some(dombus_agent::Agent::serve(own.clone(), dombus_agent::AgentConfig::new(path.clone()))?),
+        Some(path) => {
+            Some(dombus_agent::Agent::serve(own.clone(), dombus_agent::AgentConfig::new(path.clone()))?)
+        }
         None => None,
     };
     let server = Server::new(dombus::Net::new().with_domain(own, serving), ServerConfig::default());
     let admin = manager.admin();
     let addr: Address = format!("xen:backend:{}", ADMIN_PORT).parse()?;
-    let handle = server.serve(&addr, admin.clone().into_service()).await.context("serving the admin service")?;
+    let handle =
+        server.serve(&addr, admin.clone().into_service()).await.context("serving the admin service")?;
     let local = match &args.admin_socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
             let addr: Address = format!("unix:{}", path.display()).parse()?;
-            Some(server.serve(&addr, admin.into_service()).await.context("serving the admin service locally")?)
+            Some(
+                server
+                    .serve(&addr, admin.into_service())
+                    .await
+                    .context("serving the admin service locally")?,
+            )
         }
         None => None,
     };

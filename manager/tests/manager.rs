@@ -156,7 +156,10 @@ async fn guests_are_denied_by_default_then_introduced_and_linked_directly() {
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         let other = denied(&e).unwrap_or_else(|| panic!("not a denial: {e}"));
         assert!(other > id);
-        assert_eq!(e.to_string().replace(&other.to_string(), "N"), e.to_string().replace(&other.to_string(), "N"));
+        assert_eq!(
+            e.to_string().replace(&other.to_string(), "N"),
+            e.to_string().replace(&other.to_string(), "N")
+        );
     }
     assert!(!a.links().iter().any(|(d, _)| *d == BETA), "a link before any introduction");
 
@@ -188,7 +191,8 @@ async fn guests_are_denied_by_default_then_introduced_and_linked_directly() {
 
     // The audit trail holds every decision, with the deciding rule.
     let trail = admin.audit(Some(100)).await.unwrap();
-    let allowed = trail.iter().find(|r| r.result == dombus_manager::audit::Verdict::Allow && r.port == 5000).unwrap();
+    let allowed =
+        trail.iter().find(|r| r.result == dombus_manager::audit::Verdict::Allow && r.port == 5000).unwrap();
     assert_eq!(allowed.rule.as_deref(), Some("50-admin.policy:1"));
 }
 
@@ -253,14 +257,17 @@ async fn the_admin_service_refuses_guests() {
     use dombus_manager::PolicyAdminClient;
     let host = Host::new("admin", "* @toolstack * allow\n");
     let m = host.manager().await;
-    let server = dombus::Server::new(dombus::Net::new().with_domain(m.sockets(), None), dombus::ServerConfig::default());
+    let server = dombus::Server::new(
+        dombus::Net::new().with_domain(m.sockets(), None),
+        dombus::ServerConfig::default(),
+    );
     let addr: dombus::Address = "xen:backend:1".parse().unwrap();
     let _h = server.serve(&addr, m.admin().into_service()).await.unwrap();
     let a = host.guest(ALPHA, "alpha");
     registered(&m, &[ALPHA]).await;
     let net = dombus::Net::new().with_domain(a.clone(), None);
     // The policy does not let the guest reach the port.
-    let e = PolicyAdminClient::connect(net.clone(), addr.clone()).await.err().expect("connected");
+    let Err(e) = PolicyAdminClient::connect(net.clone(), addr.clone()).await else { panic!("connected") };
     assert!(e.to_string().contains("refused by the host's connection manager"), "{e}");
     // Where it does, the service itself refuses a caller that is not the toolstack.
     m.admin().add("1 alpha @backend allow".into(), None, None).await.unwrap();
@@ -390,10 +397,8 @@ async fn revoking_one_port_resets_its_connections_and_keeps_the_link() {
     let (file, line) = rule.at.rsplit_once(':').unwrap();
     let r = admin.remove(file.into(), line.parse().unwrap(), true).await.unwrap();
     assert_eq!((r.connections_revoked, r.links_ended), (1, 0));
-    let broke = tokio::time::timeout(LIVENESS, async {
-        while round_trip(&mut revoked, 10).await.is_ok() {}
-    })
-    .await;
+    let broke =
+        tokio::time::timeout(LIVENESS, async { while round_trip(&mut revoked, 10).await.is_ok() {} }).await;
     assert!(broke.is_ok(), "the revoked connection still works");
     // The other port's connection and the link stay; so does the toolstack's.
     round_trip(&mut kept, 64 << 10).await.unwrap();
@@ -405,9 +410,7 @@ async fn revoking_one_port_resets_its_connections_and_keeps_the_link() {
     assert!(m.reload());
     let r = admin.remove("90-test.policy".into(), 1, true).await.unwrap();
     assert_eq!(r.links_ended, 1);
-    let broke = tokio::time::timeout(LIVENESS, async {
-        while round_trip(&mut from_dom0, 10).await.is_ok() {}
-    })
-    .await;
+    let broke =
+        tokio::time::timeout(LIVENESS, async { while round_trip(&mut from_dom0, 10).await.is_ok() {} }).await;
     assert!(broke.is_ok(), "the toolstack's revoked connection still works");
 }

@@ -113,7 +113,8 @@ impl NetArgs {
                 } else {
                     dombus_transport_xen::vsock::LinkSetUp::Introduced
                 };
-                let attach = Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain, links };
+                let attach =
+                    Attach { hypervisor, domid: self.domid, backend_domain: self.backend_domain, links };
                 let sockets = attach.start()?;
                 let serving = match &self.serve_agent {
                     Some(path) => Some(dombus_agent::Agent::serve(

@@ -236,7 +236,9 @@ impl Net {
                     };
                     Listener::Xen(l.map_err(context)?, *a)
                 }
-                Xen::Agent(agent) => Listener::Agent(agent.listen_as(a.port, name).await.map_err(context)?, *a),
+                Xen::Agent(agent) => {
+                    Listener::Agent(agent.listen_as(a.port, name).await.map_err(context)?, *a)
+                }
             },
             Address::XenName { .. } => {
                 return Err(io::Error::new(

@@ -73,6 +73,6 @@ pub use client::{
     Ended, SimBackend, SimEvtchn, SimMappedPages, SimSharedPages, SimStore, SimWatch, TOKEN_ENV,
 };
 pub use daemon::{
-    MAX_DOM0_FDS, MAX_DOMAIN_FDS, MAX_GRANTS, MAX_PORTS, QUEUE_BYTES, QUEUE_LEN, SimHypervisor, SimHypervisorHandle,
-    SimStopper, fd_limit,
+    MAX_DOM0_FDS, MAX_DOMAIN_FDS, MAX_GRANTS, MAX_PORTS, QUEUE_BYTES, QUEUE_LEN, SimHypervisor,
+    SimHypervisorHandle, SimStopper, fd_limit,
 };

@@ -433,7 +433,10 @@ impl StoreTree {
         fires.extend(self.set_perms(DomId::DOM0, &h, &perms)?);
         // As libxl does: the domain reads its id and name but cannot change them (the
         // connection manager's policy is keyed on names).
-        let fixed = vec![Perm { domid: DomId::DOM0, kind: PermKind::None }, Perm { domid: dom, kind: PermKind::Read }];
+        let fixed = vec![
+            Perm { domid: DomId::DOM0, kind: PermKind::None },
+            Perm { domid: dom, kind: PermKind::Read },
+        ];
         for (key, value) in [("domid", dom.to_string()), ("name", name.to_string())] {
             let path = format!("{h}/{key}");
             fires.extend(self.write(DomId::DOM0, &path, value.as_bytes())?);

@@ -48,5 +48,6 @@ pub fn guest_net(sim: &Path, domid: u16) -> dombus::rpc::Net {
     let backend = SimBackend::boot_named(sim, Some(DomId(domid)), &format!("guest{domid}")).unwrap();
     let config = VsockConfig { set_up: LinkSetUp::Introduced, ..VsockConfig::default() };
     let domain = VsockDomain::start(backend, config).unwrap();
-    dombus::rpc::Net::new().with_domain(std::sync::Arc::new(dombus_agent::Managed::start(domain, DomId::DOM0)), None)
+    dombus::rpc::Net::new()
+        .with_domain(std::sync::Arc::new(dombus_agent::Managed::start(domain, DomId::DOM0)), None)
 }

@@ -45,8 +45,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use super::introduce::{Gate, LinkSetUp, check_rendezvous, rendezvous_path, rendezvous_perms};
 use super::addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
+use super::introduce::{Gate, LinkSetUp, check_rendezvous, rendezvous_path, rendezvous_perms};
 use super::mux::{ListenerCloser, Mux, MuxListener, VsockStream};
 use super::session::SessionConfig;
 use super::setup_failure::{
@@ -403,7 +403,8 @@ impl<B: Backend + Clone> VsockDomain<B> {
             ));
         }
         inner.check_rendezvous(path, peer)?;
-        let old = inner.introductions.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, path.to_string());
+        let old =
+            inner.introductions.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, path.to_string());
         if old.as_deref().is_some_and(|o| o != path) {
             self.end_link(peer, "the connection manager introduced the pair again");
         }
@@ -557,8 +558,11 @@ impl<B: Backend + Clone> Inner<B> {
             (target.parse::<u16>().ok()? == self.me.0 && dom != self.me && self.serves(dom)).then_some(dom)
         } else if let Some(rest) = rest.strip_prefix("data/dombus/link/") {
             let (client, key) = rest.split_once('/')?;
-            (key == "ring-ref" && client.parse::<u16>().ok()? == self.me.0 && dom != self.me && !self.serves(dom))
-                .then_some(dom)
+            (key == "ring-ref"
+                && client.parse::<u16>().ok()? == self.me.0
+                && dom != self.me
+                && !self.serves(dom))
+            .then_some(dom)
         } else {
             None
         }
@@ -734,11 +738,16 @@ impl<B: Backend + Clone> Inner<B> {
         self.check_rendezvous(rdv, peer)?;
         let joined = if self.me < peer {
             let listener = Link::listen(&self.backend, rdv, peer, &self.cfg.link)?;
-            tokio::time::timeout(self.cfg.link_timeout, listener.accept()).await.map(|r| r.map_err(io::Error::from))
-        } else {
-            tokio::time::timeout(self.cfg.link_timeout, Link::connect(&self.backend, rdv, peer, &self.cfg.link))
+            tokio::time::timeout(self.cfg.link_timeout, listener.accept())
                 .await
                 .map(|r| r.map_err(io::Error::from))
+        } else {
+            tokio::time::timeout(
+                self.cfg.link_timeout,
+                Link::connect(&self.backend, rdv, peer, &self.cfg.link),
+            )
+            .await
+            .map(|r| r.map_err(io::Error::from))
         };
         joined.map_err(|_| {
             io::Error::new(io::ErrorKind::TimedOut, format!("domain {peer} did not join the introduced link"))

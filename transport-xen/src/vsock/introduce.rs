@@ -60,11 +60,19 @@ pub fn rendezvous_perms(backend: DomId, a: DomId, b: DomId) -> [Perm; 3] {
 /// backend domain made for exactly `me` and `peer`: a path under the backend's rendezvous
 /// directory, owned by the backend, no access for other domains, and listed access for the two
 /// domains and no one else. Anything else is refused with `PermissionDenied`.
-pub fn check_rendezvous(path: &str, perms: &[Perm], backend: DomId, me: DomId, peer: DomId) -> io::Result<()> {
+pub fn check_rendezvous(
+    path: &str,
+    perms: &[Perm],
+    backend: DomId,
+    me: DomId,
+    peer: DomId,
+) -> io::Result<()> {
     let forged = |why: String| {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("refusing the link with domain {peer} at {path}: not a rendezvous of the connection manager ({why})"),
+            format!(
+                "refusing the link with domain {peer} at {path}: not a rendezvous of the connection manager ({why})"
+            ),
         )
     };
     let id = path.strip_prefix(&rendezvous_prefix(backend)).ok_or_else(|| forged("wrong place".into()))?;

@@ -17,6 +17,6 @@ pub mod session;
 pub mod setup_failure;
 
 pub use addr::{CID_BACKEND, CID_SELF, FIRST_UNPRIVILEGED_PORT, VsockAddr};
-pub use reset::{TransportReset, is_transport_reset, transport_reset};
 pub use introduce::{Gate, LinkSetUp};
+pub use reset::{TransportReset, is_transport_reset, transport_reset};
 pub use setup_failure::PeerSetupFailed;

@@ -24,6 +24,10 @@ const HELLO_WAIT: Duration = Duration::from_secs(5);
 const NOTICES: usize = 1024;
 /// Most service names one domain registers.
 const MAX_SERVICES: usize = 256;
+/// Decisions one domain may ask for in a second (and at once, in a burst). Past it a call is
+/// answered `Failed` without a decision: a domain cannot flood the manager, nor push other
+/// domains' decisions out of the audit trail.
+pub const DECISIONS_PER_SECOND: u32 = 256;
 
 /// Accepts agents' sessions on the manager's port until the listener ends.
 pub(crate) async fn accept(core: Arc<Core>, mut listener: Box<dyn PortListener>) {
@@ -112,11 +116,22 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
             Ok::<(), io::Error>(())
         };
         let reader = async {
+            let mut budget = Budget::new(DECISIONS_PER_SECOND);
             loop {
                 let Some(m) = read_message::<_, ToManager>(&mut rd).await? else { return Ok(()) };
                 match m {
                     ToManager::Call { id, call } => {
-                        let answer = handle(core, dom, call).await;
+                        let decides = matches!(call, Call::Introduce { .. } | Call::Check { .. });
+                        let answer = if decides && !budget.take() {
+                            if budget.warn() {
+                                tracing::warn!(domain = %dom, "more than {DECISIONS_PER_SECOND} decisions a second asked: calls answered without one");
+                            }
+                            Answer::Failed {
+                                reason: format!("more than {DECISIONS_PER_SECOND} decisions a second from this domain: slow down"),
+                            }
+                        } else {
+                            handle(core, dom, call).await
+                        };
                         if id != 0 && tx.send(FromManager::Reply { id, answer }).await.is_err() {
                             return Ok(());
                         }
@@ -230,5 +245,62 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counting<R> {
         let n = buf.filled().len() - before;
         self.core.received.fetch_add(n as u64, Ordering::Relaxed);
         poll
+    }
+}
+
+/// A token bucket of decisions: `rate` a second, at most `rate` at once.
+struct Budget {
+    rate: u32,
+    tokens: f64,
+    at: tokio::time::Instant,
+    warned: Option<tokio::time::Instant>,
+}
+
+impl Budget {
+    fn new(rate: u32) -> Budget {
+        Budget { rate, tokens: f64::from(rate), at: tokio::time::Instant::now(), warned: None }
+    }
+
+    /// Takes one decision's token, if there is one.
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let rate = f64::from(self.rate);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether to log the overflow now (once a second at most).
+    fn warn(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let due = self.warned.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1));
+        if due {
+            self.warned = Some(now);
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_refills_at_its_rate_up_to_its_burst() {
+        let mut b = Budget::new(4);
+        assert_eq!((0..6).filter(|_| b.take()).count(), 4);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!((0..6).filter(|_| b.take()).count(), 2);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!((0..6).filter(|_| b.take()).count(), 4);
+        assert!(b.warn());
+        assert!(!b.warn());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.warn());
     }
 }

@@ -414,3 +414,80 @@ async fn revoking_one_port_resets_its_connections_and_keeps_the_link() {
         tokio::time::timeout(LIVENESS, async { while round_trip(&mut from_dom0, 10).await.is_ok() {} }).await;
     assert!(broke.is_ok(), "the toolstack's revoked connection still works");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_is_cut_off_and_rate_limited_and_others_go_on() {
+    use dombus_agent::manager::{
+        Answer, Call, FromManager, Peer, ToManager, VERSION, read_message, write_message,
+    };
+    let host = Host::new("hostile", "* @toolstack * allow\n5000 alpha beta allow\n");
+    let m = host.manager().await;
+    let a = host.guest(ALPHA, "alpha");
+    let b = host.guest(BETA, "beta");
+    registered(&m, &[ALPHA, BETA]).await;
+    let _echo = echo(&b, 5000);
+    // A hostile domain speaks to the manager directly, past any agent.
+    let hb = SimBackend::boot_named(host.sim(), Some(DomId(5)), "hostile").unwrap();
+    let h = VsockDomain::start(hb, config(LinkSetUp::Introduced)).unwrap();
+    let manager =
+        VsockAddr::new(dombus_transport_xen::vsock::CID_BACKEND, dombus_agent::manager::MANAGER_PORT);
+    let ends = |mut s: dombus_transport_xen::vsock::mux::VsockStream| async move {
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(LIVENESS, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "the manager kept a bad session open");
+    };
+    // Garbage, a length past the bound, a call before the hello, a second hello: each session
+    // ends.
+    let mut s = h.connect(manager).await.unwrap();
+    s.write_all(&[0xff; 64]).await.unwrap();
+    ends(s).await;
+    let mut s = h.connect(manager).await.unwrap();
+    s.write_all(&(u32::MAX).to_le_bytes()).await.unwrap();
+    ends(s).await;
+    let mut s = h.connect(manager).await.unwrap();
+    write_message(&mut s, &ToManager::Call { id: 1, call: Call::Check { source: 3, port: 1 } })
+        .await
+        .unwrap();
+    ends(s).await;
+    let mut s = h.connect(manager).await.unwrap();
+    write_message(&mut s, &ToManager::Hello { version: VERSION }).await.unwrap();
+    let w: FromManager = read_message(&mut s).await.unwrap().unwrap();
+    assert!(matches!(w, FromManager::Welcome { domid: 5, .. }), "{w:?}");
+    write_message(&mut s, &ToManager::Hello { version: VERSION }).await.unwrap();
+    ends(s).await;
+    // A flood of decisions: past the budget, answered without a decision (and not audited).
+    let before = m.admin().status().await.unwrap().decisions;
+    let mut s = h.connect(manager).await.unwrap();
+    write_message(&mut s, &ToManager::Hello { version: VERSION }).await.unwrap();
+    let _: Option<FromManager> = read_message(&mut s).await.unwrap();
+    let n = 2000u32;
+    for id in 1..=n {
+        let call = Call::Introduce { target: Peer::Name("beta".into()), port: 5000, link: false };
+        write_message(&mut s, &ToManager::Call { id, call }).await.unwrap();
+    }
+    let (mut denied_n, mut limited) = (0, 0);
+    while denied_n + limited < n {
+        match read_message::<_, FromManager>(&mut s).await.unwrap().unwrap() {
+            FromManager::Reply { answer: Answer::Denied { .. }, .. } => denied_n += 1,
+            FromManager::Reply { answer: Answer::Failed { reason }, .. } => {
+                assert!(reason.contains("decisions a second"), "{reason}");
+                limited += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(limited > 0 && denied_n >= 1, "{denied_n} decided, {limited} limited");
+    let made = m.admin().status().await.unwrap().decisions - before;
+    assert!(made < u64::from(n) / 2, "{made} decisions made for {n} calls");
+    // The others go on.
+    let mut c = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    round_trip(&mut c, 10).await.unwrap();
+}

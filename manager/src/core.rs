@@ -113,6 +113,8 @@ pub const MAX_TAGS: usize = 32;
 /// The manager: shared by its agent sessions, its gate and its admin service.
 pub struct Core {
     pub(crate) me: DomId,
+    /// The backend domain's own name, read once at start.
+    me_name: Option<String>,
     pub(crate) cfg: ManagerConfig,
     pub(crate) ops: Arc<dyn ManagerOps>,
     pub(crate) sockets: Arc<dyn DomainSockets>,
@@ -191,8 +193,10 @@ impl Core {
         // that an id names one decision across restarts.
         let first = audit.tail(1)?.records.last().map_or(1, |r| r.decision + 1);
         let labels = load_labels(&cfg.state_dir.join("labels.json"))?;
+        let me = sockets.domid();
         let core = Arc::new(Core {
-            me: sockets.domid(),
+            me,
+            me_name: ops.domain_name(me).filter(|n| valid_name(n)),
             ops,
             sockets,
             audit,
@@ -233,7 +237,7 @@ impl Core {
     pub(crate) fn name_of(&self, st: &State, dom: DomId) -> Option<String> {
         match st.agents.get(&dom) {
             Some(a) => a.name.clone(),
-            None if dom == self.me => self.ops.domain_name(dom).filter(|n| valid_name(n)),
+            None if dom == self.me => self.me_name.clone(),
             None => None,
         }
     }
@@ -252,7 +256,7 @@ impl Core {
         st.by_name
             .get(name)
             .copied()
-            .or_else(|| (self.ops.domain_name(self.me).as_deref() == Some(name)).then_some(self.me))
+            .or_else(|| (self.me_name.as_deref() == Some(name)).then_some(self.me))
     }
 
     /// Decides whether `source` may connect to `port` of `target`, and audits it. A target the

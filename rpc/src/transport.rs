@@ -185,13 +185,10 @@ impl Net {
     async fn connect_xen(&self, target: Target, port: u32) -> io::Result<BoxStream> {
         let wait = self.xen_connect_wait;
         Ok(match self.xen() {
-            Xen::Local { sockets: d, .. } => {
-                let cid = match target {
-                    Target::Cid(c) => c,
-                    Target::Name(n) => u32::from(d.resolve(&n)?.0),
-                };
-                Box::new(d.connect(VsockAddr::new(cid, port), wait).await?)
-            }
+            Xen::Local { sockets: d, .. } => Box::new(match target {
+                Target::Cid(c) => d.connect(VsockAddr::new(c, port), wait).await?,
+                Target::Name(n) => d.connect_name(&n, port, wait).await?,
+            }),
             Xen::Agent(a) => Box::new(a.connect(target, port, wait).await?),
         })
     }

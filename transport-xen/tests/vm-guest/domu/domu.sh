@@ -101,8 +101,7 @@ wait_key agent-test-done 300 || fail domu-agent-done "dom0 never said its calls 
 # in guest.sh). dom0's echo service on port 5001 is not ours to call until the toolstack adds a
 # rule: the refusal names the manager's decision, which dom0 looks up in its audit trail
 # (data/policy-denied); once dom0 says the rule is in force (data/policy-allowed), the same
-# call goes through. Decisions an agent cached are void once the manager announces the new
-# policy; the call is tried up to 3 times, 2 s apart, in case that notice is still on its way.
+# call goes through (tried up to 3 times, 2 s apart; the line says which attempt worked).
 out=$(./dombus-link --agent "$AGENT" vsock-ping --to xen:0:5001 --count 10 --wait-s 10 2>&1)
 rc=$?
 decision=$(echo "$out" | sed -n "s/.*refused by the host's connection manager (decision \([0-9][0-9]*\)).*/\1/p" | head -n 1)

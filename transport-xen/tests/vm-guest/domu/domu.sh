@@ -143,9 +143,9 @@ fi
 # dom0's, which is up, and for a domain that does not exist). dom0 must join neither link: each
 # server must time out with no client (dom0 checks its side meanwhile, see policy_checks).
 me=$(xenstore-read domid)
-./dombus-link --xen serve --path data/dombus/link/0 --peer 0 --timeout-s 40 echo >/tmp/forge-link.log 2>&1 &
+./dombus-link --xen serve --path data/dombus/link/0 --peer 0 --timeout-s 30 echo >/tmp/forge-link.log 2>&1 &
 forge1=$!
-./dombus-link --xen serve --path data/dombus/rendezvous/99 --peer 0 --timeout-s 40 echo >/tmp/forge-rdv.log 2>&1 &
+./dombus-link --xen serve --path data/dombus/rendezvous/99 --peer 0 --timeout-s 30 echo >/tmp/forge-rdv.log 2>&1 &
 forge2=$!
 xenstore-write data/dombus/want/0 99
 xenstore-write "data/dombus/want/$((me + 1))" 1
@@ -158,7 +158,7 @@ wait "$forge2"
 rc2=$?
 if [ "$rc1" != 0 ] && [ "$rc2" != 0 ] && grep -q "no client connected in time" /tmp/forge-link.log &&
     grep -q "no client connected in time" /tmp/forge-rdv.log && ! grep -q "^connected" /tmp/forge-link.log /tmp/forge-rdv.log; then
-    pass "domu-forged-links-not-joined: neither forged link got a client in 40 s"
+    pass "domu-forged-links-not-joined: neither forged link got a client in 30 s"
 else
     fail domu-forged-links-not-joined "want both forged links to time out unjoined; rc=$rc1,$rc2: $(cat /tmp/forge-link.log /tmp/forge-rdv.log)"
 fi

@@ -92,31 +92,44 @@ field() {
     echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
 }
 
+# The number of connections on dom0's link to domain $1, as dom0's agent reports it (empty if
+# there is no such link).
+link_conns() {
+    field links "$(./dombus-link --agent "$AGENT" agent-status 2>&1)" | tr ',' '\n' | sed -n "s/^$1:\([0-9]*\)$/\1/p"
+}
+
 # dom0's half of the domain-agent checks, beside the domU's (domu/domu.sh, which serves
 # xen:<domU>:5100 through its own agent). $1 is the domU's id. Two dom0 processes call that
-# service through dom0's agent at once, and that agent must carry both on its one link to the
-# domU; then one process keeps calling (--reconnect-s) while the domU kills and restarts its
-# agent and the service, which it does when the store node data/agent-test-restart appears in
-# its home; data/agent-test-done tells it the calls are over. Every wait is bounded, the first
-# generously: the domU runs its other checks before it starts its agent.
+# service through dom0's agent (the connection manager's daemon) at once, and that agent must
+# carry both on its one link to the domU; then one process keeps calling (--reconnect-s) while
+# the domU kills and restarts its agent and the service, which it does when the store node
+# data/agent-test-restart appears in its home; data/agent-test-done tells it the calls are over.
+# Every wait is bounded, the first generously: the domU runs its other checks before it starts
+# its agent. The manager decides each call when it is made, and refuses one to a domain that
+# has not registered: the callers start once the domU's agent has registered.
 agent_calls() {
     d=$1 failed=0
     to=xen:$d:5100
+    wait_for "domain registered domain=$d name=" 420 /tmp/manager.log ||
+        echo "the domU's agent did not register with the connection manager within 420 s"
+    # Before the callers: the link carries the domU agent's session with the manager alone.
+    base=$(link_conns "$d")
     ./dombus-link --agent "$AGENT" vsock-ping --to "$to" --count 1000 --interval-ms 5 \
         --reconnect-s 30 --wait-s 400 >/tmp/agent-ping1.log 2>&1 &
     p1=$!
     ./dombus-link --agent "$AGENT" vsock-ping --to "$to" --count 1000 --interval-ms 5 \
         --reconnect-s 30 --wait-s 400 >/tmp/agent-ping2.log 2>&1 &
     p2=$!
-    # Both connected: while both call, dom0's agent shows the domU once, with 2 connections (a
-    # process that attached to Xen itself would not show; a second link could not show as one).
+    # Both connected: while both call, dom0's agent shows the domU once, with 2 connections more
+    # than before (a process that attached to Xen itself would not show; a second link could
+    # not show as one).
     shared=""
-    if wait_for "^connected conn=0" 420 /tmp/agent-ping1.log && wait_for "^connected conn=0" 60 /tmp/agent-ping2.log; then
+    if [ -n "$base" ] && wait_for "^connected conn=0" 420 /tmp/agent-ping1.log && wait_for "^connected conn=0" 60 /tmp/agent-ping2.log; then
         i=0
         while [ "$i" -lt 150 ] && [ -z "$shared" ]; do
             st=$(./dombus-link --agent "$AGENT" agent-status 2>&1)
             mine=$(field links "$st" | tr ',' '\n' | grep "^$d:")
-            [ "$mine" = "$d:2" ] && shared=$st
+            [ "$mine" = "$d:$((base + 2))" ] && shared="$st (before the callers: $d:$base)"
             i=$((i + 1))
         done
     fi
@@ -134,7 +147,7 @@ agent_calls() {
     if [ -n "$shared" ]; then
         pass "agent-one-link: $shared"
     else
-        fail agent-one-link "dom0's agent never showed one link to domain $d with both connections; last: '$st'"
+        fail agent-one-link "dom0's agent never showed one link to domain $d with both connections (want $d:<2 more than before the callers>; before: '$base'); last: '$st'"
     fi
     # The domU restarts its agent and the service while this caller keeps calling.
     ./dombus-link --agent "$AGENT" vsock-ping --to "$to" --count 1000 --interval-ms 10 \
@@ -156,6 +169,118 @@ agent_calls() {
     xenstore-write "/local/domain/$d/data/agent-test-done" 1 &&
         xenstore-chmod "/local/domain/$d/data/agent-test-done" "n$d"
     for n in 1 2 3; do sed "s/^/[dom0 agent-ping$n] /" /tmp/agent-ping$n.log; done
+    [ "$failed" = 0 ]
+}
+
+# Waits up to $2 seconds for the store node $1 to exist.
+wait_node() {
+    i=0
+    while [ "$i" -lt "$(($2 * 5))" ]; do
+        xenstore-read "$1" >/dev/null 2>&1 && return 0
+        sleep 0.2
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# Writes store node $2 (value $3) in domain $1's home, owned by that domain (so it may read it).
+tell_domu() {
+    xenstore-write "/local/domain/$1/data/$2" "$3" && xenstore-chmod "/local/domain/$1/data/$2" "n$1"
+}
+
+# The audit trail's records (one JSON line each) that contain every one of the fixed strings
+# $2, $3, ... ($1: the trail's file).
+audited() {
+    recs=$(cat "$1")
+    shift
+    for want in "$@"; do
+        recs=$(printf '%s\n' "$recs" | grep -F -- "$want")
+    done
+    [ -n "$recs" ] && printf '%s\n' "$recs"
+}
+
+# dom0's half of the connection manager's checks, beside the domU's (the end of domu/domu.sh,
+# after the agent checks). $1 is the domU's id. The domU's call to dom0's port 5001 is refused
+# (no rule allows it) with a decision the manager audited; dom0, the toolstack, adds a rule to
+# the policy directory; the domU's next call goes through, audited as allowed by that rule. The
+# toolstack's own calls to the domU (agent_calls) were allowed by the default policy. Then the
+# domU forges what a link set-up writes, in its home and the old self-service places, and
+# tries to make a rendezvous in dom0's home: dom0 must build no link from any of it.
+policy_checks() {
+    d=$1 failed=0
+    home=/local/domain/$d/data
+    audit=$STATE/audit.jsonl
+    # (a) The refusal the domU got names a decision: the trail has it as that domain's, denied.
+    id=""
+    wait_node "$home/policy-denied" 600 && id=$(xenstore-read "$home/policy-denied")
+    case "$id" in
+    '' | *[!0-9]*)
+        fail manager-denial-audited "the domU reported no refused call (data/policy-denied: '$id')"
+        ;;
+    *)
+        if rec=$(audited "$audit" "\"decision\":$id," '"source":{"name":"dombus-u1","domid":'"$d"'}' \
+            '"port":5001,"rule":null,"result":"deny","reason":"no rule matched"'); then
+            pass "manager-denial-audited: $rec"
+        else
+            fail manager-denial-audited "decision $id is not in the audit trail as dombus-u1's call to port 5001, denied: $(grep -F "\"decision\":$id," "$audit")"
+        fi
+        ;;
+    esac
+    # (b) dom0's processes called the domU's service (agent_calls, over by now: the domU's
+    # checks above come after them) under the default policy's first rule.
+    rec=$(audited "$audit" '"domid":0},"target":{"name":"dombus-u1","domid":'"$d"',' \
+        '"port":5100,"rule":"00-default.policy:1","result":"allow"' | head -n 1)
+    if [ -n "$rec" ]; then
+        pass "manager-toolstack-calls-allowed-by-default: $rec"
+    else
+        fail manager-toolstack-calls-allowed-by-default "no decision allowed dom0's calls to port 5100 of domain $d by 00-default.policy:1"
+    fi
+    # The toolstack allows the domU's call: a rule in a file of its own, which the manager
+    # picks up (it watches the policy directory); then the domU is told to call again.
+    printf '5001 dombus-u1 @backend allow\n' >/tmp/50-admin.policy && mv /tmp/50-admin.policy "$POLICY/"
+    if wait_for "policy loaded generation=2 " 30 /tmp/manager.log; then
+        tell_domu "$d" policy-allowed 1
+    else
+        fail manager-rule-allows-domu "the manager did not load the policy with the new rule"
+    fi
+    rec=""
+    wait_node "$home/policy-called" 180 &&
+        rec=$(audited "$audit" '"source":{"name":"dombus-u1","domid":'"$d"'}' \
+            '"port":5001,"rule":"50-admin.policy:1","result":"allow"' | head -n 1)
+    if [ -n "$rec" ]; then
+        pass "manager-rule-allows-domu: $rec"
+    else
+        fail manager-rule-allows-domu "no decision allowed dombus-u1's call to port 5001 by 50-admin.policy:1"
+    fi
+    # (c) While the domU's forged links wait for a peer: the forgery is in the store (so this is
+    # not a check of nothing), dom0 has no rendezvous in its home, its one link to the domU
+    # stays the only link, and the domU's agent stays registered (no link was replaced).
+    if wait_node "$home/forged-ready" 180; then
+        why=""
+        for n in dombus/link/0/ring-ref "dombus/rendezvous/99/ring-ref"; do
+            xenstore-read "$home/$n" >/dev/null 2>&1 || why="$why; the domU's $home/$n is missing"
+        done
+        lost=$(grep -c "domain unregistered" /tmp/manager.log)
+        i=0
+        while [ "$i" -lt 8 ]; do
+            links=$(field links "$(./dombus-link --agent "$AGENT" agent-status 2>&1)")
+            echo "$links" | grep -qx "$d:[0-9]*" || why="$why; dom0's links: '$links'"
+            rdv=$(xenstore-list /local/domain/0/data/dombus/rendezvous 2>/dev/null)
+            [ -z "$rdv" ] || why="$why; rendezvous in dom0's home: $rdv"
+            sleep 1
+            i=$((i + 1))
+        done
+        [ "$(grep -c "domain unregistered" /tmp/manager.log)" = "$lost" ] ||
+            why="$why; the domU's agent lost its session with the manager meanwhile"
+        if [ -z "$why" ]; then
+            pass "forged-rendezvous-no-link: for 8 s, dom0's links=$links, no rendezvous in its home"
+        else
+            fail forged-rendezvous-no-link "${why#; }"
+        fi
+        tell_domu "$d" forged-checked 1
+    else
+        fail forged-rendezvous-no-link "the domU never said its forged links were in place"
+    fi
     [ "$failed" = 0 ]
 }
 
@@ -239,10 +364,20 @@ else
     # dom0's domain agent, before the domU exists: from here on every dom0 process that uses
     # virtual sockets goes through it (two processes attached to Xen as domain 0 would both
     # answer a domU's request for a link).
-    AGENT=/run/dombus/agent.sock
-    RUST_LOG=info,dombus_transport_xen::vsock::domain=debug ./dombusd --xen --socket "$AGENT" >/tmp/agent0.log 2>&1 &
+    # dom0 is the backend domain and the toolstack: its daemon is the connection manager, which
+    # is also the agent of dom0's other processes. The default policy lets the toolstack
+    # connect anywhere; the domU's processes that attach to Xen themselves (domu.sh's first
+    # checks: no agent, so the manager knows no name for them) may reach dom0's echo service
+    # on port 5000. Every other connection of the domU's is refused until a rule allows it.
+    AGENT=/run/dombus/agent.sock ADMIN=/run/dombus/manager.sock
+    POLICY=/etc/dombus/policy STATE=/var/lib/dombus/manager
+    mkdir -p /run/dombus "$POLICY" "$STATE"
+    echo '* @toolstack * allow' >"$POLICY/00-default.policy"
+    echo '5000 * @backend allow' >"$POLICY/10-vm-tests.policy"
+    RUST_LOG=info,dombus_transport_xen::vsock::domain=debug ./dombus-managerd --xen --serve-agent "$AGENT" \
+        --policy-dir "$POLICY" --state-dir "$STATE" --admin-socket "$ADMIN" >/tmp/manager.log 2>&1 &
     agent0=$! agent0_start=$(date +%s)
-    agent_up "$AGENT" 30 || fail dom0-agent "dombusd did not come up: $(cat /tmp/agent0.log)"
+    agent_up "$AGENT" 30 || fail dom0-agent "dombus-managerd did not come up: $(cat /tmp/manager.log)"
     # 256 MiB: the domU's initramfs holds our binaries; quiet kernel so the console stays readable.
     domid=$(DOMBUS_DOMU_MEMORY=256 DOMBUS_DOMU_EXTRA=loglevel=4 dombus-start-domu -p dombus-u1 | tail -n 1)
     case "$domid" in
@@ -259,29 +394,37 @@ else
         VCHAN_PEER_IDLE_TIMEOUT=600 vchan-peer server "$domid" /local/domain/0/data/u-vchan echo >/tmp/u-vchan.log 2>&1 &
         ./dombus-link --agent "$AGENT" vsock-echo --port 5000 >/tmp/u-vsock.log 2>&1 &
         vsock0=$!
+        # The service no rule lets the domU reach until policy_checks adds one.
+        ./dombus-link --agent "$AGENT" vsock-echo --port 5001 >/tmp/u-policy.log 2>&1 &
+        vsock1=$!
         if ! { wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
-            wait_for listening 60 /tmp/u-vsock.log; }; then
+            wait_for listening 60 /tmp/u-vsock.log && wait_for listening 60 /tmp/u-policy.log; }; then
             fail domu-servers "a dom0 server did not start"
         fi
         xl unpause dombus-u1
         agent_calls "$domid" &
         calls=$!
-        # 420 s (the domU's part takes one to two minutes): a hung domU is reported, with its
-        # console, well before run-xen's 900 s limit stops the whole machine.
-        if dombus-wait-domu dombus-u1 420; then pass domu; else fail domu "see the domU log above"; fi
+        policy_checks "$domid" &
+        policies=$!
+        # 600 s (the domU's part took about 395 s on a heavily loaded host, dom0's part before
+        # it about 3 minutes): a hung domU is reported, with its console, before run-xen's
+        # 900 s limit stops the whole machine.
+        if dombus-wait-domu dombus-u1 600; then pass domu; else fail domu "see the domU log above"; fi
         # agent_calls printed its own verdicts; a non-zero status is one of them, or its bound.
         wait_pid "$calls" 60 || { failed=1; echo "agent_calls ended with status $? (143: still running after the domU ended)"; }
-        cpu_used "dom0's agent" "$agent0" "$agent0_start"
+        wait_pid "$policies" 60 || { failed=1; echo "policy_checks ended with status $? (143: still running after the domU ended)"; }
+        cpu_used "dom0's connection manager" "$agent0" "$agent0_start"
         cpu_used "dom0's xen:0:5000 service" "$vsock0" "$agent0_start"
-        kill "$vsock0" 2>/dev/null
+        kill "$vsock0" "$vsock1" 2>/dev/null
         kill "$agent0" 2>/dev/null
-        sed "s/^/[dom0 agent] /" /tmp/agent0.log
+        sed "s/^/[dom0 manager] /" /tmp/manager.log
+        sed "s/^/[dom0 audit] /" "$STATE/audit.jsonl"
         # The stream's two ends, compared: what the domU says it sent (its console) and what
         # dom0 received, each as "bytes crc", against the pattern's known CRC; and the
         # receiver's own verdict (its exit status and pattern=ok).
         wait_pid "$stream" 30
         stream_rc=$?
-        for f in u-stream u-mux u-vchan u-vsock; do sed "s/^/[dom0 $f] /" /tmp/$f.log; done
+        for f in u-stream u-mux u-vchan u-vsock u-policy; do sed "s/^/[dom0 $f] /" /tmp/$f.log; done
         tr -d '\r' 2>/dev/null </var/log/xen/console/guest-dombus-u1.log >/tmp/u1-console.log
         sent=$(sed -n 's/.*sent bytes=\([0-9]*\) crc=\([0-9a-f]*\) .*/\1 \2/p' /tmp/u1-console.log)
         got=$(sed -n 's/^received bytes=\([0-9]*\) crc=\([0-9a-f]*\) pattern=\([a-z]*\)$/\1 \2 \3/p' /tmp/u-stream.log)

@@ -96,6 +96,73 @@ else
     fail domu-agent-restart "dom0 never asked for the restart (data/agent-test-restart)"
 fi
 wait_key agent-test-done 300 || fail domu-agent-done "dom0 never said its calls were over (data/agent-test-done)"
+
+# The connection manager in dom0 decides this domain's connections (dom0's half: policy_checks
+# in guest.sh). dom0's echo service on port 5001 is not ours to call until the toolstack adds a
+# rule: the refusal names the manager's decision, which dom0 looks up in its audit trail
+# (data/policy-denied); once dom0 says the rule is in force (data/policy-allowed), the same
+# call goes through (tried up to 3 times, 2 s apart; the line says which attempt worked).
+out=$(./dombus-link --agent "$AGENT" vsock-ping --to xen:0:5001 --count 10 --wait-s 10 2>&1)
+rc=$?
+decision=$(echo "$out" | sed -n "s/.*refused by the host's connection manager (decision \([0-9][0-9]*\)).*/\1/p" | head -n 1)
+if [ "$rc" != 0 ] && [ -n "$decision" ]; then
+    pass "domu-call-denied-by-default: $(echo "$out" | grep "decision $decision")"
+    xenstore-write data/policy-denied "$decision"
+else
+    fail domu-call-denied-by-default "want a refusal naming the manager's decision; rc=$rc: $out"
+    xenstore-write data/policy-denied none
+fi
+if wait_key policy-allowed 300; then
+    tries=0 out=""
+    while [ "$tries" -lt 3 ]; do
+        tries=$((tries + 1))
+        out=$(./dombus-link --agent "$AGENT" vsock-ping --to xen:0:5001 --count 100 --wait-s 10 2>&1) &&
+            echo "$out" | grep -q "round_trips=100 " && break
+        out="FAILED: $out"
+        sleep 2
+    done
+    case "$out" in
+    FAILED:*) fail domu-call-allowed-by-rule "the call failed $tries times after the rule: $out" ;;
+    *) pass "domu-call-allowed-by-rule: attempt $tries: $(echo "$out" | grep round_trips)" ;;
+    esac
+else
+    fail domu-call-allowed-by-rule "dom0 never said the rule was in force (data/policy-allowed)"
+fi
+xenstore-write data/policy-called 1
+
+# Forged rendezvous. A guest cannot write in dom0's home, so it cannot make a directory that
+# looks like the manager's rendezvous (/local/domain/0/data/dombus/rendezvous/<id>).
+if out=$(xenstore-write /local/domain/0/data/dombus/rendezvous/99/ring-ref 8 2>&1); then
+    fail domu-cannot-write-backend-rendezvous "xenstored let this domain write under dom0's rendezvous directory"
+else
+    pass "domu-cannot-write-backend-rendezvous: xenstore-write refused: $out"
+fi
+# What a link set-up writes, by hand, where no introduction put it: a link this domain serves
+# for dom0 in the old self-service place (data/dombus/link/0: grants, event channel, ring-ref),
+# one in a directory named like a rendezvous in our own home, requests for links (again for
+# dom0's, which is up, and for a domain that does not exist). dom0 must join neither link: each
+# server must time out with no client (dom0 checks its side meanwhile, see policy_checks).
+me=$(xenstore-read domid)
+./dombus-link --xen serve --path data/dombus/link/0 --peer 0 --timeout-s 30 echo >/tmp/forge-link.log 2>&1 &
+forge1=$!
+./dombus-link --xen serve --path data/dombus/rendezvous/99 --peer 0 --timeout-s 30 echo >/tmp/forge-rdv.log 2>&1 &
+forge2=$!
+xenstore-write data/dombus/want/0 99
+xenstore-write "data/dombus/want/$((me + 1))" 1
+if wait_for listening 30 /tmp/forge-link.log && wait_for listening 30 /tmp/forge-rdv.log; then
+    xenstore-write data/forged-ready 1
+fi
+wait "$forge1"
+rc1=$?
+wait "$forge2"
+rc2=$?
+if [ "$rc1" != 0 ] && [ "$rc2" != 0 ] && grep -q "no client connected in time" /tmp/forge-link.log &&
+    grep -q "no client connected in time" /tmp/forge-rdv.log && ! grep -q "^connected" /tmp/forge-link.log /tmp/forge-rdv.log; then
+    pass "domu-forged-links-not-joined: neither forged link got a client in 30 s"
+else
+    fail domu-forged-links-not-joined "want both forged links to time out unjoined; rc=$rc1,$rc2: $(cat /tmp/forge-link.log /tmp/forge-rdv.log)"
+fi
+wait_key forged-checked 60 || fail domu-forged-links-not-joined "dom0 never said it had looked (data/forged-checked)"
 kill "$echo_pid" "$agent" 2>/dev/null
 wait "$echo_pid" "$agent" 2>/dev/null
 for f in /tmp/agent1.log /tmp/echo1.log /tmp/agent2.log /tmp/echo2.log; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of transport-xen and rpc briefly; fails if any target finds a
+# Runs every cargo-fuzz target of transport-xen, rpc and manager briefly; fails if any target finds a
 # crash.
 #
 #   scripts/fuzz-smoke.sh                  # each target for $FUZZ_SECONDS (default 20) seconds
@@ -7,15 +7,15 @@
 #   scripts/fuzz-smoke.sh ring_orders rpc_message  # only the named targets (of either crate)
 #
 # Needs the nightly toolchain (rustup toolchain install nightly); installs cargo-fuzz if missing.
-# Each fuzz crate (transport-xen/fuzz, rpc/fuzz) keeps its corpora in corpus/<target>/ and its
+# Each fuzz crate (transport-xen/fuzz, rpc/fuzz, manager/fuzz) keeps its corpora in corpus/<target>/ and its
 # crashes in artifacts/<target>/ (gitignored, except rpc/fuzz's hand-made corpus/*/seed-*).
-# Both build into one target directory, target/fuzz, so the dependencies they share are built
+# All build into one target directory, target/fuzz, so the dependencies they share are built
 # once (the second crate's build drops from ~3.3 to ~1.9 min on 2 cores). See docs/fuzzing.md.
 set -euo pipefail
 
 seconds="${FUZZ_SECONDS:-20}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-fuzz_dirs=("$root/transport-xen/fuzz" "$root/rpc/fuzz")
+fuzz_dirs=("$root/transport-xen/fuzz" "$root/rpc/fuzz" "$root/manager/fuzz")
 target_dir="$root/target/fuzz"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -206,6 +206,15 @@ fn policy_commands(state: &Path) {
     let v = json(&dombus(state, &["--json", "policy", "audit", "--count", "1000"]));
     let id_n: u64 = id.parse().unwrap();
     assert!(v.as_array().unwrap().iter().any(|r| r["decision"].as_u64() == Some(id_n)), "{v}");
+    // The FLASK fragment: the pairs of types the rules introduce (dom0 with every domain),
+    // not a pair no rule allows (guest1 and storage), until a rule does.
+    let xsm = stdout(&dombus(state, &["policy", "xsm"]));
+    assert!(xsm.contains("allow dom0_t guest_t:grant"), "{xsm}");
+    assert!(xsm.contains("allow dom0_t service_domain_t:grant"), "{xsm}");
+    assert!(!xsm.contains("allow guest_t service_domain_t:grant"), "{xsm}");
+    assert!(dombus(state, &["policy", "add", "5100 guest1 @tag:storage allow"]).status.success());
+    let xsm = stdout(&dombus(state, &["policy", "xsm"]));
+    assert!(xsm.contains("allow guest_t service_domain_t:grant"), "{xsm}");
     // A directory with an error: lint says where, exit 1.
     let dir = state.join("lint");
     std::fs::create_dir_all(&dir).unwrap();

@@ -253,10 +253,7 @@ impl Core {
 
     /// The domain named `name`: a registered one, or the backend domain.
     pub(crate) fn named(&self, st: &State, name: &str) -> Option<DomId> {
-        st.by_name
-            .get(name)
-            .copied()
-            .or_else(|| (self.me_name.as_deref() == Some(name)).then_some(self.me))
+        st.by_name.get(name).copied().or_else(|| (self.me_name.as_deref() == Some(name)).then_some(self.me))
     }
 
     /// Decides whether `source` may connect to `port` of `target`, and audits it. A target the

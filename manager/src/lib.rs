@@ -124,17 +124,17 @@ impl Manager {
 /// What the XSM fragment is made from: the FLASK types of the domains the manager knows
 /// (registered or labelled) and the pairs of them some allowing rule introduces.
 pub(crate) fn xsm_input(core: &core::Core) -> Result<xsm::XsmInput, xsm::XsmError> {
-    use crate::policy::{Action, Policy, Rule, Service, ServiceRef};
+    use crate::policy::Action;
+    use std::collections::BTreeMap;
     let st = core.state();
     let mut doms: Vec<(Option<DomId>, Option<String>)> = Vec::new();
     for (&d, a) in &st.agents {
         doms.push((Some(d), a.name.clone()));
     }
     doms.push((Some(core.me), core.name_of(&st, core.me)));
-    for name in st.labels.keys() {
-        if !doms.iter().any(|(_, n)| n.as_deref() == Some(name)) {
-            doms.push((None, Some(name.clone())));
-        }
+    let named: BTreeSet<String> = doms.iter().filter_map(|(_, n)| n.clone()).collect();
+    for name in st.labels.keys().filter(|n| !named.contains(*n)) {
+        doms.push((None, Some(name.clone())));
     }
     let flask = |d: Option<DomId>, name: Option<&str>| -> Result<String, xsm::XsmError> {
         match name.and_then(|n| st.labels.get(n)).and_then(|l| l.type_.as_deref()) {
@@ -143,15 +143,7 @@ pub(crate) fn xsm_input(core: &core::Core) -> Result<xsm::XsmInput, xsm::XsmErro
             None => Ok("domU_t".to_string()),
         }
     };
-    let allow_rules: Vec<Rule> = st
-        .policy
-        .rules()
-        .iter()
-        .filter(|r| r.action == Action::Allow)
-        .map(|r| Rule { service: Service::Any, ..r.clone() })
-        .collect();
     let mut types = BTreeSet::new();
-    let mut pairs = BTreeSet::new();
     let mut views = Vec::new();
     for (d, n) in &doms {
         let is_ts = d.is_some_and(|d| core.is_toolstack(d));
@@ -159,17 +151,26 @@ pub(crate) fn xsm_input(core: &core::Core) -> Result<xsm::XsmInput, xsm::XsmErro
         types.insert(t.clone());
         views.push((core.view_of_name(&st, n.as_deref(), *d == Some(core.me), is_ts), t));
     }
-    for rule in allow_rules {
-        let one = Policy::from_rules(vec![rule]);
-        for (sv, st_) in &views {
-            for (tv, tt) in &views {
-                if std::ptr::eq(sv, tv) {
-                    continue;
-                }
-                let d = one.decide(ServiceRef { port: 0, name: None }, &sv.view(), &tv.view());
-                if d.action == Action::Allow {
-                    let (a, b) = (st_.clone(), tt.clone());
-                    pairs.insert(if a <= b { (a, b) } else { (b, a) });
+    // Per allowing rule, the domains it lets connect and be connected to, by type: linear in
+    // the domains, not quadratic. A type paired with itself needs two different domains.
+    let mut pairs = BTreeSet::new();
+    for rule in st.policy.rules().iter().filter(|r| r.action == Action::Allow) {
+        let mut sources: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut targets: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (v, t)) in views.iter().enumerate() {
+            if rule.source.matches(&v.view()) {
+                sources.entry(t.as_str()).or_default().push(i);
+            }
+            if rule.target.matches(&v.view()) {
+                targets.entry(t.as_str()).or_default().push(i);
+            }
+        }
+        for (a, sa) in &sources {
+            for (b, tb) in &targets {
+                let distinct = a != b || sa.len() > 1 || tb.len() > 1 || sa != tb;
+                if distinct {
+                    let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                    pairs.insert((a.to_string(), b.to_string()));
                 }
             }
         }

@@ -15,9 +15,9 @@
 //!    UTF-8, are checked against an independent reading of `valid_name`.
 //! 2. **As a stream**, with `read_message` (a `ToManager` stream for an even selector, a
 //!    `FromManager` one for an odd), polled with a no-op waker, message after message. Each read
-//!    gives what an independent reading of the framing gives: `Ok(None)` once fewer than the 4
-//!    bytes of a length are left (a stream that stops inside a length reads as a clean end), an
-//!    `InvalidData` error for a length over `MAX_MESSAGE`, `UnexpectedEof` for a body cut short, and
+//!    gives what an independent reading of the framing gives: `Ok(None)` once nothing is left,
+//!    `UnexpectedEof` for a stream that stops inside a length or a body, an
+//!    `InvalidData` error for a length over `MAX_MESSAGE`, and
 //!    otherwise exactly `decode` of the body's bytes; reading stops at the first end or error. A
 //!    read never waits (the bytes are all there, then EOF).
 //! 3. **Bounds**: no panic anywhere; no single allocation exceeds the bound, whatever lengths and
@@ -132,8 +132,10 @@ fn name_reference(s: &str) -> bool {
 /// What an independent reading of the framing gives for the next message of `rest`.
 #[derive(Debug)]
 enum Want<'a> {
-    /// Fewer than 4 bytes left: a clean end.
+    /// Nothing left: a clean end.
     End,
+    /// 1 to 3 bytes left: a stream cut inside a length.
+    CutLength,
     /// A length over the bound.
     TooLong,
     /// A body cut short.
@@ -143,7 +145,10 @@ enum Want<'a> {
 }
 
 fn framing(rest: &[u8]) -> Want<'_> {
-    let Some((len, after)) = rest.split_first_chunk::<4>() else { return Want::End };
+    if rest.is_empty() {
+        return Want::End;
+    }
+    let Some((len, after)) = rest.split_first_chunk::<4>() else { return Want::CutLength };
     let len = u32::from_le_bytes(*len) as usize;
     if len > MAX_MESSAGE {
         return Want::TooLong;
@@ -178,7 +183,7 @@ where
                 assert!(e.to_string().contains("exceeds"), "{e}");
                 return;
             }
-            (Err(e), Want::Cut) => {
+            (Err(e), Want::Cut | Want::CutLength) => {
                 assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
                 return;
             }

@@ -14,8 +14,9 @@
 //!    (`Reply::decode` with the announced length, and with all that follow). `body_len` is the
 //!    announced length and at most 64 KiB; decoding succeeds exactly when the reserved bytes are 0
 //!    and the body has that length; replies are canonical (a decoded reply re-encodes to its
-//!    bytes). `into_result` gives `Ok` for status 0 and otherwise the error of `kind_of(status)`
-//!    with the body as `printable` text.
+//!    bytes). `into_result` gives `Ok` for status 0, for `DENIED` (11) the connection manager's
+//!    refusal with the decision the body's first 8 bytes give (`InvalidData` if it is shorter),
+//!    and otherwise the error of `kind_of(status)` with the body as `printable` text.
 //! 2. **Frames**: `parse_frame` applied over the bytes, frame after frame, until it needs more
 //!    (`None`) or fails. Each result equals an independent reading (data: `len` 1..=64 KiB and
 //!    that many bytes; end: `0`, a kind 0..=4, a reason length ≤ 1 KiB and the reason; a length
@@ -39,7 +40,7 @@
 mod common;
 
 use dombus_agent::proto::{
-    ACCEPTED_LEN, Accepted, AgentStatus, End, Frame, MAGIC, MAX_BODY, MAX_FRAME, MAX_NAME, MAX_STATUS_ITEMS,
+    ACCEPTED_LEN, DENIED, Accepted, AgentStatus, End, Frame, MAGIC, MAX_BODY, MAX_FRAME, MAX_NAME, MAX_STATUS_ITEMS,
     MAX_TEXT, Op, ProtoError, REPLY_LEN, REQUEST_LEN, Reply, Request, Target, data_header, end_frame,
     kind_of, parse_frame, printable, status_of,
 };
@@ -146,6 +147,16 @@ fn reply(input: &[u8]) {
         assert_eq!(r.encode(), canonical, "reply re-encoded");
         match r.into_result() {
             Ok(r) => assert_eq!(r.status, 0),
+            Err(e) if head[0] == DENIED => {
+                // The connection manager's refusal: its decision's id, then the text.
+                match body.first_chunk::<8>() {
+                    Some(id) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+                        assert_eq!(dombus_agent::denied(&e), Some(u64::from_le_bytes(*id)));
+                    }
+                    None => assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}"),
+                }
+            }
             Err(e) => {
                 assert_ne!(head[0], 0);
                 assert_eq!(e.kind(), kind_of(head[0]));

@@ -73,6 +73,18 @@ impl AgentArgs {
     }
 }
 
+/// Logs of a daemon to stderr: `RUST_LOG` (default `info`), colour only on a terminal. For
+/// `dombusd`, `dombus-managerd` and the `dombus` tool's daemons alike.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
 /// The runtime the agent runs on: one thread. Its work is moving bytes between sockets and
 /// links, each step short; one thread keeps a process's hand-off to the link a queue push, not a
 /// cross-thread wake-up (which costs most on a virtual CPU, and under emulation many times

@@ -25,19 +25,9 @@ pub enum Daemon {
     Agent(dombus_agent::daemon::AgentArgs),
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
 /// Runs a daemon until SIGTERM or SIGINT.
 pub fn run(daemon: Daemon) -> anyhow::Result<()> {
-    init_logs();
+    dombus_agent::daemon::init_logs();
     match daemon {
         Daemon::Hypervisor { socket } => hypervisor(socket),
         Daemon::Backend(args) => runtime()?.block_on(dombus_manager::daemon::run(args)),

@@ -11,13 +11,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    dombus_agent::daemon::init_logs();
     let cli = Cli::parse();
     dombus_agent::daemon::runtime()?.block_on(dombus_manager::daemon::run(cli.args))
 }

@@ -183,10 +183,9 @@ async fn run_policy(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatch
         Client::<PolicyAdminRequest>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
             .await
             .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
-    match cli::call(&client, global.context(), m).await {
-        Ok(o) => Ok(cli::print_outcome(&o, json)),
-        Err(e) => Err(Failure(cli::call_error_status(&e), cli::cli_error_text(&e))),
-    }
+    cli::run(&client, global.context(), m, json)
+        .await
+        .map_err(|e| Failure(cli::call_error_status(&e), cli::cli_error_text(&e)))
 }
 
 /// How to reach `xen:` addresses: as the options say if they name a way (`--agent`, `--sim`,
@@ -224,12 +223,9 @@ async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatc
             .await
             .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
     let progress = watch_progress(&client, m, json);
-    let outcome = cli::call(&client, global.context(), m).await;
+    let status = cli::run(&client, global.context(), m, json).await;
     progress.abort();
-    match outcome {
-        Ok(o) => Ok(cli::print_outcome(&o, json)),
-        Err(e) => Err(Failure(cli::call_error_status(&e), cli::cli_error_text(&e))),
-    }
+    status.map_err(|e| Failure(cli::call_error_status(&e), cli::cli_error_text(&e)))
 }
 
 /// While a call on an image runs, shows the progress the service reports for it (long

@@ -60,6 +60,15 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
     let variants: Vec<_> = methods.iter().map(|m| &m.variant).collect();
     let wires: Vec<_> = methods.iter().map(|m| &m.wire).collect();
     let outputs: Vec<_> = methods.iter().map(|m| &m.output).collect();
+    // What each method's call answers: its result, or for a stream a batch of events.
+    let response_types: Vec<TokenStream> = methods
+        .iter()
+        .map(|m| {
+            let output = &m.output;
+            if m.stream { quote!(#rpc::events::BatchOf<#output>) } else { quote!(#output) }
+        })
+        .collect();
+    let streams: Vec<_> = methods.iter().map(|m| m.stream).collect();
     let method_attrs: Vec<_> = methods.iter().map(|m| &m.attrs).collect();
     let arg_idents: Vec<Vec<_>> = methods.iter().map(|m| m.args.iter().map(|a| &a.ident).collect()).collect();
     let arg_types: Vec<Vec<_>> = methods.iter().map(|m| m.args.iter().map(|a| &a.ty).collect()).collect();
@@ -95,6 +104,89 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
         .map(|m| quote_spanned!(m.ident.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __args)))
         .collect();
 
+    let client_methods: Vec<TokenStream> = methods
+        .iter()
+        .zip(&args_structs)
+        .zip(&decode_results)
+        .map(|((m, args_struct), decode_result)| {
+            let (ident, wire, output, attrs, idempotent) = (&m.ident, &m.wire, &m.output, &m.attrs, m.idempotent);
+            let (arg_idents, arg_types): (Vec<_>, Vec<_>) = m.args.iter().map(|a| (&a.ident, &a.ty)).unzip();
+            if m.stream {
+                quote! {
+                    #(#attrs)*
+                    ///
+                    /// A subscription: a stream of updates from the server, resumed from its cursor
+                    /// after a failed poll or a new connection.
+                    pub fn #ident(&self, #(#arg_idents: #arg_types),*) -> #rpc::events::SubscriptionOf<#output> {
+                        let __raw = self.0.raw();
+                        let __args = __raw.codec().encode(&#args_struct { #(#arg_idents),* });
+                        <#rpc::events::SubscriptionOf<#output>>::new(__raw.clone(), #wire, __args)
+                    }
+                }
+            } else {
+                quote! {
+                    #(#attrs)*
+                    #[allow(clippy::too_many_arguments)] // the trait's arguments, plus the context
+                    pub async fn #ident(
+                        &self,
+                        ctx: #tarpc::context::Context,
+                        #(#arg_idents: #arg_types),*
+                    ) -> ::core::result::Result<#output, #tarpc::client::RpcError> {
+                        let __raw = self.0.raw();
+                        let __codec = __raw.codec();
+                        let __args = __codec
+                            .encode(&#args_struct { #(#arg_idents),* })
+                            .map_err(#rpc::wire::unencodable_arguments)?;
+                        let __reply = __raw
+                            .call(ctx, ::std::borrow::Cow::Borrowed(#wire), __args, #idempotent)
+                            .await?;
+                        let __bytes: &[u8] = &__reply;
+                        #decode_result.map_err(|e| #rpc::wire::undecodable_reply(#wire, e))
+                    }
+                }
+            }
+        })
+        .collect();
+    let dispatch_arms: Vec<TokenStream> = methods
+        .iter()
+        .zip(&args_structs)
+        .zip(decode_args.iter().zip(&encode_results))
+        .map(|((m, args_struct), (decode_args, encode_result))| {
+            let (method, wire) = (&m.ident, &m.wire);
+            let arg_idents: Vec<_> = m.args.iter().map(|a| &a.ident).collect();
+            if m.stream {
+                quote! {
+                    #wire => {
+                        let __call: #rpc::events::StreamCall = __codec
+                            .decode(__args)
+                            .map_err(|e| #rpc::wire::bad_arguments(__SERVICE, #wire, e))?;
+                        let __args: &[u8] = &__call.args;
+                        let #args_struct { #(#arg_idents),* } = #decode_args
+                            .map_err(|e| #rpc::wire::bad_arguments(__SERVICE, #wire, e))?;
+                        let __service = ::std::sync::Arc::clone(&self.0);
+                        ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                            let __events = #ident::#method(&*__service, #(#arg_idents),*).await;
+                            #rpc::events::serve(__events, __call.poll, __codec).await
+                        }))
+                    }
+                }
+            } else {
+                quote! {
+                    #wire => {
+                        let #args_struct { #(#arg_idents),* } = #decode_args
+                            .map_err(|e| #rpc::wire::bad_arguments(__SERVICE, #wire, e))?;
+                        let __service = ::std::sync::Arc::clone(&self.0);
+                        ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                            let __result = #ident::#method(&*__service, #(#arg_idents),*).await;
+                            #encode_result
+                                .map_err(|e| #rpc::wire::unencodable_result(__SERVICE, #wire, e))
+                        }))
+                    }
+                }
+            }
+        })
+        .collect();
+
     let request_doc = format!("A call of [`{ident}`]: one variant per method, with its arguments.");
     let response_doc = format!("What a method of [`{ident}`] returned: one variant per method.");
     let client_doc = format!(
@@ -103,7 +195,7 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
     );
 
     let descriptor_methods = methods.iter().map(|m| {
-        let (wire, doc, result, idem) = (&m.wire, &m.doc, &m.output_name, m.idempotent);
+        let (wire, doc, result, idem, stream) = (&m.wire, &m.doc, &m.output_name, m.idempotent, m.stream);
         let args = m.args.iter().map(|a| {
             let (n, t) = (syn::ext::IdentExt::unraw(&a.ident).to_string(), &a.ty_name);
             quote!(#rpc::wire::ArgDescriptor { name: #n.into(), ty: #t.into() })
@@ -114,6 +206,7 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
                 args: ::std::vec![#(#args),*],
                 result: #result.into(),
                 idempotent: #idem,
+                stream: #stream,
                 doc: #doc.into(),
             }
         }
@@ -130,7 +223,11 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
             };
             quote!(#rpc::cli::ArgSpec { name: #n, ty: #t, kind: #rpc::cli::ArgKind::#kind })
         });
-        quote!(.subcommand(#rpc::cli::method_command(#wire, #doc, &[#(#specs),*])))
+        if m.stream {
+            quote!(.subcommand(#rpc::cli::stream_command(#wire, #doc, &[#(#specs),*])))
+        } else {
+            quote!(.subcommand(#rpc::cli::method_command(#wire, #doc, &[#(#specs),*])))
+        }
     });
     let cli_requests = methods.iter().zip(&args_structs).map(|(m, args_struct)| {
         let (wire, variant) = (&m.wire, &m.variant);
@@ -175,6 +272,18 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
         quote!(#response::#variant(__result) => ::core::result::Result::Ok(#body))
     });
 
+    let cli_subscribes = methods.iter().zip(&args_structs).filter(|(m, _)| m.stream).map(|(m, args_struct)| {
+        let (wire, variant, output) = (&m.wire, &m.variant, &m.output);
+        let fields: Vec<_> = m.args.iter().map(|a| &a.ident).collect();
+        quote! {
+            Self::#variant { #(#fields),* } => {
+                let __args = __raw.codec().encode(&#args_struct { #(#fields),* });
+                let __subscription = <#rpc::events::SubscriptionOf<#output>>::new(__raw.clone(), #wire, __args);
+                ::core::result::Result::Ok(#rpc::cli::updates(__subscription, __from))
+            }
+        }
+    });
+
     let cli_impl = if cli {
         quote! {
             impl #rpc::cli::ServiceCli for #request {
@@ -200,6 +309,17 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
                 fn outcome(__response: #response) -> ::core::result::Result<#rpc::cli::Outcome, #rpc::cli::CliError> {
                     match __response {
                         #(#cli_outcomes,)*
+                    }
+                }
+
+                fn subscribe(
+                    self,
+                    __raw: &#rpc::RawClient,
+                    __from: ::core::option::Option<#rpc::events::Cursor>,
+                ) -> ::core::result::Result<#rpc::cli::Updates, Self> {
+                    match self {
+                        #(#cli_subscribes)*
+                        __other => ::core::result::Result::Err(__other),
                     }
                 }
             }
@@ -235,7 +355,7 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
         #[doc = #response_doc]
         #[allow(missing_docs)]
         #vis enum #response {
-            #( #variants(#outputs) ),*
+            #( #variants(#response_types) ),*
         }
 
         #[doc = #client_doc]
@@ -286,26 +406,7 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
             #(#args_struct_defs)*
 
             impl #client {
-                #(
-                    #(#method_attrs)*
-                    #[allow(clippy::too_many_arguments)] // the trait's arguments, plus the context
-                    pub async fn #idents(
-                        &self,
-                        ctx: #tarpc::context::Context,
-                        #(#arg_idents: #arg_types),*
-                    ) -> ::core::result::Result<#outputs, #tarpc::client::RpcError> {
-                        let __raw = self.0.raw();
-                        let __codec = __raw.codec();
-                        let __args = __codec
-                            .encode(&#args_structs { #(#arg_idents),* })
-                            .map_err(#rpc::wire::unencodable_arguments)?;
-                        let __reply = __raw
-                            .call(ctx, ::std::borrow::Cow::Borrowed(#wires), __args, #idempotent)
-                            .await?;
-                        let __bytes: &[u8] = &__reply;
-                        #decode_results.map_err(|e| #rpc::wire::undecodable_reply(#wires, e))
-                    }
-                )*
+                #(#client_methods)*
             }
 
             /// Runs calls on an implementation.
@@ -319,18 +420,7 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
                     __codec: #rpc::codec::Codec,
                 ) -> ::core::result::Result<#rpc::wire::ReplyFuture, #tarpc::ServerError> {
                     match __method {
-                        #(
-                            #wires => {
-                                let #args_structs { #(#arg_idents),* } = #decode_args
-                                    .map_err(|e| #rpc::wire::bad_arguments(__SERVICE, #wires, e))?;
-                                let __service = ::std::sync::Arc::clone(&self.0);
-                                ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
-                                    let __result = #ident::#idents(&*__service, #(#arg_idents),*).await;
-                                    #encode_results
-                                        .map_err(|e| #rpc::wire::unencodable_result(__SERVICE, #wires, e))
-                                }))
-                            }
-                        )*
+                        #(#dispatch_arms)*
                         _ => ::core::result::Result::Err(#rpc::wire::unknown_method(__SERVICE, __method)),
                     }
                 }
@@ -354,6 +444,12 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
             fn idempotent(&self) -> bool {
                 match self {
                     #( Self::#variants { .. } => #idempotent, )*
+                }
+            }
+
+            fn is_stream(&self) -> bool {
+                match self {
+                    #( Self::#variants { .. } => #streams, )*
                 }
             }
 
@@ -429,6 +525,8 @@ mod tests {
                     async fn list(&self) -> Vec<DiskInfo>;
                     /// Forgets the cache.
                     async fn r#drop(&self);
+                    /// Changes to disks (all, or `name`'s).
+                    async fn events(&self, name: Option<String>) -> dombus::Events<DiskEvent, Vec<DiskInfo>>;
                 }
             },
         ));

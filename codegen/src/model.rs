@@ -64,6 +64,8 @@ pub struct Method {
     pub output_name: String,
     /// The output is a `Result` (its `Err` is the service's error, shown as such by the CLI).
     pub returns_result: bool,
+    /// The output is `Events<T>` or `Events<T, S>`: a stream method, polled by subscriptions.
+    pub stream: bool,
     pub idempotent: bool,
     pub doc: String,
     /// Attributes kept on the trait's method (docs, lints).
@@ -106,6 +108,8 @@ impl Errors {
 
 /// Argument names the generated code needs for itself.
 const RESERVED_ARGS: &[&str] = &["ctx", "stdin", "help"];
+/// Argument names a stream method's command line needs for itself.
+const STREAM_RESERVED_ARGS: &[&str] = &["from", "count"];
 /// Method names the generated trait or client has already (`client.clone()` must stay
 /// `Clone::clone`).
 const RESERVED_METHODS: &[&str] =
@@ -289,12 +293,31 @@ fn method(f: syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
         ReturnType::Type(_, ty) => (**ty).clone(),
     };
     check_owned(&output, errors, "results");
+    let stream = is_events(&output);
+    if stream {
+        for a in &args {
+            let n = a.ident.unraw().to_string();
+            if STREAM_RESERVED_ARGS.contains(&n.as_str()) {
+                errors.push(
+                    a.ident.span(),
+                    format!("`{n}` is taken by a stream's command line (`--from`, `--count`); rename it"),
+                );
+            }
+        }
+    }
     let mut idempotent = false;
     let mut attrs = Vec::new();
     for attr in f.attrs {
         if attr.path().is_ident("idempotent") {
             if attr.meta.require_path_only().is_err() {
                 errors.push_tokens(&attr, "`#[idempotent]` takes no arguments");
+            }
+            if stream {
+                errors.push_tokens(
+                    &attr,
+                    "a stream method (returning `Events`) is polled from a cursor, so always safe to repeat: \
+                     `#[idempotent]` does not apply",
+                );
             }
             idempotent = true;
         } else if attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr") {
@@ -320,6 +343,7 @@ fn method(f: syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
         args,
         output_name: type_name(&output),
         returns_result: is_result(&output),
+        stream,
         output,
         idempotent,
         doc,
@@ -394,6 +418,12 @@ fn cli_kind(ty: &Type) -> CliKind {
         Some(s) if s.ident == "Option" && !s.arguments.is_none() => CliKind::Optional,
         _ => CliKind::Required,
     }
+}
+
+/// `Events<…>` (any path ending so, with type arguments): what a stream method returns.
+fn is_events(ty: &Type) -> bool {
+    last_segment(ty)
+        .is_some_and(|s| s.ident == "Events" && matches!(s.arguments, syn::PathArguments::AngleBracketed(_)))
 }
 
 fn is_result(ty: &Type) -> bool {

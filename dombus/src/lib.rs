@@ -16,6 +16,7 @@
 
 pub use dombus_codegen::service;
 pub use dombus_rpc as rpc;
+pub use dombus_rpc::events::{Cursor, Events, ResyncReason, Subscription, Topic, TopicLimits, Update};
 pub use dombus_rpc::{Address, Client, ClientConfig, Net, RpcError, Server, ServerConfig, Size};
 pub use dombus_sim as sim;
 pub use dombus_transport_xen as transport;

@@ -27,7 +27,10 @@ use serde_json::Value;
 use tarpc::client::RpcError;
 use tarpc::client::stub::Stub;
 
-use crate::client::{Client, ClientConfig};
+use futures::StreamExt;
+
+use crate::client::{Client, ClientConfig, RawClient};
+use crate::events::{self, Cursor, Subscription, Update};
 use crate::wire::{Request, ServiceDescriptor};
 use crate::{Address, Net};
 
@@ -164,6 +167,185 @@ pub trait ServiceCli: Request {
     fn request(method: &str, matches: &ArgMatches) -> Result<Self, CliError>;
     /// The response for scripts and for people: what the method returned, or its error.
     fn outcome(response: Self::Response) -> Result<Outcome, CliError>;
+    /// For a stream method's request, its subscription through `raw` (from `from`, or from
+    /// the current state), its updates shown; any other request back.
+    fn subscribe(self, raw: &RawClient, from: Option<Cursor>) -> Result<Updates, Self>;
+}
+
+/// A subscription's updates for the command line ([`ServiceCli::subscribe`]).
+pub type Updates = futures::stream::BoxStream<'static, Result<ShownUpdate, RpcError>>;
+
+/// One update of a subscription, for scripts and for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShownUpdate {
+    /// Where the subscription stands after it.
+    pub cursor: Cursor,
+    /// Whether it is an event (not a resync).
+    pub is_event: bool,
+    /// `{"cursor": …, "event": …}` or `{"cursor": …, "resync": {"reason": …, "snapshot": …}}`.
+    pub json: Value,
+    /// For people: the cursor and the event on one line (a resync's snapshot on the lines
+    /// after it).
+    pub text: String,
+}
+
+/// [`Updates`] of a subscription (generated code calls this).
+pub fn updates<T, S>(subscription: Subscription<T, S>, from: Option<Cursor>) -> Updates
+where
+    T: serde::Serialize + DeserializeOwned + Send + Unpin + 'static,
+    S: serde::Serialize + DeserializeOwned + Send + Unpin + 'static,
+{
+    let subscription = match from {
+        Some(cursor) => subscription.from(cursor),
+        None => subscription,
+    };
+    Box::pin(subscription.map(|r| r.map(|u| show_update(&u))))
+}
+
+fn show_update<T: serde::Serialize, S: serde::Serialize>(update: &Update<T, S>) -> ShownUpdate {
+    let cursor = update.cursor();
+    let json_of =
+        |v: &dyn erased::Json| v.json().unwrap_or_else(|e| Value::String(format!("(cannot show: {e})")));
+    match update {
+        Update::Event { event, .. } => {
+            let people =
+                people::to_value(event).unwrap_or_else(|e| Value::String(format!("(cannot show: {e})")));
+            ShownUpdate {
+                cursor,
+                is_event: true,
+                json: serde_json::json!({ "cursor": cursor.to_string(), "event": json_of(event) }),
+                text: format!("{cursor}  {}", one_line(&people)),
+            }
+        }
+        Update::Resync { reason, snapshot, .. } => {
+            let mut text = format!("{cursor}  -- resync: {reason}");
+            if let Some(snapshot) = snapshot {
+                let people = people::to_value(snapshot)
+                    .unwrap_or_else(|e| Value::String(format!("(cannot show: {e})")));
+                for line in render(&people).lines() {
+                    text.push_str("\n    ");
+                    text.push_str(line);
+                }
+            }
+            let snapshot = snapshot.as_ref().map_or(Value::Null, |s| json_of(s));
+            ShownUpdate {
+                cursor,
+                is_event: false,
+                json: serde_json::json!({
+                    "cursor": cursor.to_string(),
+                    "resync": { "reason": json_of(reason), "snapshot": snapshot },
+                }),
+                text,
+            }
+        }
+    }
+}
+
+/// Serialization to JSON through a trait object (for [`show_update`]'s one closure).
+mod erased {
+    pub trait Json {
+        fn json(&self) -> serde_json::Result<serde_json::Value>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Result<serde_json::Value> {
+            serde_json::to_value(self)
+        }
+    }
+}
+
+/// An event on one line: `Variant: key=value, …` for an enum, `key=value, …` for a struct.
+fn one_line(v: &Value) -> String {
+    match v {
+        Value::Object(map) if map.len() == 1 => render_error(v),
+        Value::Object(map) => {
+            map.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect::<Vec<_>>().join(", ")
+        }
+        other => cell(other),
+    }
+}
+
+/// The id of a stream subcommand's `--from` option.
+pub const FROM: &str = "dombus-from";
+/// The id of a stream subcommand's `--count` option.
+pub const COUNT: &str = "dombus-count";
+
+/// The subcommand of one stream method: its arguments as for [`method_command`], and `--from
+/// CURSOR` (resume) and `--count N` (end after N events).
+pub fn stream_command(name: &'static str, doc: &'static str, args: &[ArgSpec]) -> Command {
+    method_command(name, doc, args)
+        .arg(Arg::new(FROM).long("from").value_name("CURSOR").help(
+            "Resume after this cursor (EPOCH:SEQ, as printed) instead of starting with the current state",
+        ))
+        .arg(
+            Arg::new(COUNT)
+                .long("count")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u64))
+                .help("End after N events (default: until interrupted)"),
+        )
+}
+
+/// Runs the method subcommand in `matches` through `client` and prints what it answers (`json`:
+/// as JSON): a call's outcome, or a stream's updates as they arrive, until `--count` events,
+/// Ctrl-C (status 0) or an error that ends the subscription. Answers the exit status.
+pub async fn run<Req: ServiceCli>(
+    client: &Client<Req>,
+    ctx: tarpc::context::Context,
+    matches: &ArgMatches,
+    json: bool,
+) -> Result<u8, CliError> {
+    let (command, m) = matches.subcommand().ok_or_else(|| CliError::Usage("no method given".into()))?;
+    let request = Req::request(&command.replace('-', "_"), m)?;
+    if !request.is_stream() {
+        let response = Stub::call(client, ctx, request).await?;
+        return Ok(print_outcome(&Req::outcome(response)?, json));
+    }
+    let from = match m.try_get_one::<String>(FROM) {
+        Ok(Some(s)) => Some(s.parse::<Cursor>().map_err(|e| CliError::Usage(format!("--from: {e}")))?),
+        _ => None,
+    };
+    let count = m.try_get_one::<u64>(COUNT).ok().flatten().copied();
+    let updates = Req::subscribe(request, client.raw(), from)
+        .map_err(|r| CliError::Usage(format!("{} is not a stream", r.method())))?;
+    watch(updates, json, count).await
+}
+
+/// Prints updates as they arrive (see [`run`]).
+pub async fn watch(mut updates: Updates, json: bool, count: Option<u64>) -> Result<u8, CliError> {
+    if count == Some(0) {
+        return Ok(exit::OK);
+    }
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut events = 0u64;
+    let mut cursor: Option<Cursor> = None;
+    loop {
+        let next = tokio::select! {
+            _ = &mut interrupted => return Ok(exit::OK),
+            next = updates.next() => next,
+        };
+        match next {
+            None => return Ok(exit::OK),
+            Some(Ok(update)) => {
+                if json {
+                    println!("{}", update.json);
+                } else {
+                    println!("{}", update.text);
+                }
+                cursor = Some(update.cursor);
+                if update.is_event {
+                    events += 1;
+                    if Some(events) == count {
+                        return Ok(exit::OK);
+                    }
+                }
+            }
+            Some(Err(e)) if events::is_final(&e) => return Err(CliError::Call(e)),
+            Some(Err(e)) => {
+                let at = cursor.map_or_else(|| "the start".to_string(), |c| c.to_string());
+                eprintln!("warning: {} (polling again from {at})", crate::error_text(&e));
+            }
+        }
+    }
 }
 
 /// What a call answered.
@@ -368,6 +550,9 @@ pub async fn call<Req: ServiceCli>(
     // Subcommands are the methods' names in kebab case (`snapshot-create`); method names are
     // snake-case identifiers, so this is exact.
     let request = Req::request(&command.replace('-', "_"), m)?;
+    if request.is_stream() {
+        return Err(CliError::Usage(format!("{command} is a stream: subscribe to it (cli::run)")));
+    }
     let response = Stub::call(client, ctx, request).await?;
     Req::outcome(response)
 }
@@ -428,7 +613,8 @@ pub fn render_descriptors(services: &[ServiceDescriptor]) -> String {
         for m in &s.methods {
             let args: Vec<String> = m.args.iter().map(|a| format!("{}: {}", a.name, a.ty)).collect();
             let idem = if m.idempotent { "  [idempotent]" } else { "" };
-            out.push(format!("  {}({}) -> {}{idem}", m.name, args.join(", "), m.result));
+            let kind = if m.stream { "stream " } else { "" };
+            out.push(format!("  {kind}{}({}) -> {}{idem}", m.name, args.join(", "), m.result));
             let doc = summary(&m.doc);
             if !doc.is_empty() {
                 out.push(format!("      {doc}"));
@@ -460,8 +646,8 @@ pub async fn main_for<Req: ServiceCli>(prog: &'static str, argv: Vec<String>) ->
         }
     };
     let json = switch(&matches, "json");
-    let status = match call_from_matches::<Req>(&matches).await {
-        Ok(outcome) => print_outcome(&outcome, json),
+    let status = match run_from_matches::<Req>(&matches, json).await {
+        Ok(status) => status,
         Err(e) => {
             eprintln!("error: {}", cli_error_text(&e));
             call_error_status(&e)
@@ -478,7 +664,7 @@ pub fn cli_error_text(e: &CliError) -> String {
     }
 }
 
-async fn call_from_matches<Req: ServiceCli>(matches: &ArgMatches) -> Result<Outcome, CliError> {
+async fn run_from_matches<Req: ServiceCli>(matches: &ArgMatches, json: bool) -> Result<u8, CliError> {
     let net_args = NetArgs::from_arg_matches(matches).map_err(|e| CliError::Usage(e.to_string()))?;
     let addr: Address = matches
         .get_one::<String>("addr")
@@ -489,7 +675,7 @@ async fn call_from_matches<Req: ServiceCli>(matches: &ArgMatches) -> Result<Outc
     let client = Client::<Req>::connect(net, addr, ClientConfig::default(), net_args.timeout())
         .await
         .map_err(|e| CliError::Call(RpcError::Send(Box::new(e))))?;
-    call(&client, net_args.context(), matches).await
+    run(&client, net_args.context(), matches, json).await
 }
 
 /// `value` for people: scalars as they are, objects as aligned `key: value` lines, lists of

@@ -447,7 +447,15 @@ impl<Req: Request> Stub for Client<Req> {
         let method = request.method();
         let idempotent = request.idempotent();
         let codec = self.raw.codec();
-        let args = request.encode_args(codec).map_err(wire::unencodable_arguments)?;
+        let stream = request.is_stream();
+        let mut args = request.encode_args(codec).map_err(wire::unencodable_arguments)?;
+        if stream {
+            // One poll, from nothing: a stream's current state (subscriptions poll on).
+            let poll = crate::events::PollArgs { from: None, max_events: 1, wait_ms: 0 };
+            args = codec
+                .encode(&crate::events::StreamCall { poll, args })
+                .map_err(wire::unencodable_arguments)?;
+        }
         let bytes = self.raw.call(ctx, Cow::Borrowed(method), args, idempotent).await?;
         Req::decode_response(method, &bytes, codec).map_err(|e| wire::undecodable_reply(method, e))
     }

@@ -27,6 +27,7 @@ pub mod addr;
 pub mod cli;
 pub mod client;
 pub mod codec;
+pub mod events;
 mod in_flight;
 pub mod layer;
 pub mod metrics;

@@ -67,7 +67,11 @@ pub trait Request: RequestName + Send + Sync + Sized + 'static {
     /// Whether the method is marked `#[idempotent]`: safe to send again after a connection
     /// was lost with the call in flight.
     fn idempotent(&self) -> bool;
-    /// Encodes the arguments.
+    /// Whether the method is a stream (returns [`Events`](crate::events::Events)): its call is a
+    /// poll ([`StreamCall`](crate::events::StreamCall)), its response a
+    /// [`Batch`](crate::events::Batch).
+    fn is_stream(&self) -> bool;
+    /// Encodes the arguments (a stream method's own, without the poll).
     fn encode_args(self, codec: Codec) -> io::Result<Vec<u8>>;
     /// Decodes the result of `method`.
     fn decode_response(method: &str, bytes: &[u8], codec: Codec) -> io::Result<Self::Response>;
@@ -147,6 +151,8 @@ pub struct MethodDescriptor {
     pub result: String,
     /// Marked `#[idempotent]`: retried by clients after a connection loss.
     pub idempotent: bool,
+    /// A stream of events (the result is `Events<…>`): subscribed to, not called once.
+    pub stream: bool,
     /// The method's doc comment.
     pub doc: String,
 }

@@ -101,6 +101,80 @@ fn greeter_serves_and_its_generated_cli_calls_it_across_domains() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The generated command line of a stream: updates printed as they arrive, `--count`, `--json`,
+/// `--from`, and Ctrl-C ending it cleanly.
+#[test]
+fn a_stream_prints_updates_as_they_arrive_and_ends_on_ctrl_c() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("dombus-greeter-stream-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = format!("unix:{}", dir.join("greeter.sock").display());
+    let _server = Kill(Command::new(GREETER).args(["serve", &addr]).stderr(Stdio::null()).spawn().unwrap());
+    let call = |args: &[&str]| {
+        let t = Instant::now();
+        loop {
+            let out = Command::new(GREETER).arg(&addr).args(args).output().unwrap();
+            if out.status.code() != Some(3) || t.elapsed() > Duration::from_secs(20) {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(20)); // not listening yet
+        }
+    };
+    assert!(call(&["hello", "ada"]).status.success());
+
+    // Text: the state first (a resync with the snapshot), then each arrival on one line.
+    let mut watcher = Kill(
+        Command::new(GREETER).args([&addr, "arrivals"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(watcher.0.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.ends_with("-- resync: subscribed"), "{first}");
+    // The snapshot, indented: a table of the guests so far.
+    let header = lines.next().unwrap().unwrap();
+    let row = lines.next().unwrap().unwrap();
+    assert_eq!((header.as_str(), row.as_str()), ("    NAME  LETTERS", "    ada   3"));
+    assert!(call(&["hello", "grace"]).status.success());
+    assert!(call(&["hello", "ada"]).status.success()); // not new: no arrival
+    assert!(call(&["hello", "alan"]).status.success());
+    let mut arrivals = Vec::new();
+    for _ in 0..2 {
+        let line = lines.next().unwrap().unwrap();
+        arrivals.push(line.split_once("  ").map(|(_, rest)| rest.to_string()).unwrap());
+    }
+    assert_eq!(arrivals, ["name=grace, letters=5", "name=alan, letters=4"]);
+    // Ctrl-C ends it with status 0.
+    let pid = rustix::process::Pid::from_child(&watcher.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let status = watcher.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+
+    // JSON, from a cursor, ending after --count events: exactly the arrivals after it.
+    let out = call(&["arrivals", "--json", "--count", "1"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(v["resync"]["reason"] == "Start", "{out:?}");
+    let start = v["cursor"].as_str().unwrap().to_string();
+    let mut json = Command::new(GREETER)
+        .args([&addr, "arrivals", "--json", "--count", "2", "--from", &start])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(call(&["hello", "barbara"]).status.success());
+    assert!(call(&["hello", "edsger"]).status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(json.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(json.wait().unwrap().success());
+    let names: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["barbara", "edsger"]);
+
+    // A bad cursor is a usage error.
+    assert_eq!(call(&["arrivals", "--from", "nope"]).status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_ten_line_service_of_the_docs_runs_as_shown() {
     let hello = env!("CARGO_BIN_EXE_hello");

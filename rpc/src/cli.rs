@@ -748,6 +748,52 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_show_streams() {
+        let method = |name: &str, stream| crate::wire::MethodDescriptor {
+            name: name.into(),
+            args: vec![],
+            result: if stream { "Events<u64>".into() } else { "u64".into() },
+            idempotent: false,
+            stream,
+            doc: String::new(),
+        };
+        let d = ServiceDescriptor {
+            name: "counter".into(),
+            version: 1,
+            doc: String::new(),
+            methods: vec![method("add", false), method("changes", true)],
+        };
+        assert_eq!(render_descriptors(&[d]), "counter (version 1)\n  add() -> u64\n  stream changes() -> Events<u64>");
+    }
+
+    #[test]
+    fn updates_show_on_one_line_and_as_json() {
+        #[derive(serde::Serialize)]
+        enum Ev {
+            Created { name: String, size: crate::Size },
+        }
+        let cursor = Cursor { epoch: 0xab, seq: 3 };
+        let u: Update<Ev, Vec<u64>> =
+            Update::Event { cursor, event: Ev::Created { name: "d0".into(), size: crate::Size(10 << 30) } };
+        let shown = show_update(&u);
+        assert_eq!(shown.text, "00000000000000ab:3  Created: name=d0, size=10G");
+        assert_eq!(
+            shown.json,
+            json!({"cursor": "00000000000000ab:3", "event": {"Created": {"name": "d0", "size": 10u64 << 30}}})
+        );
+        assert!(shown.is_event);
+        let r: Update<Ev, Vec<u64>> =
+            Update::Resync { cursor, reason: events::ResyncReason::Missed { count: 2 }, snapshot: Some(vec![1, 2]) };
+        let shown = show_update(&r);
+        assert_eq!(shown.text, "00000000000000ab:3  -- resync: 2 events missed (fell behind the server's ring)\n    1\n    2");
+        assert_eq!(
+            shown.json,
+            json!({"cursor": "00000000000000ab:3", "resync": {"reason": {"Missed": {"count": 2}}, "snapshot": [1, 2]}})
+        );
+        assert!(!shown.is_event);
+    }
+
+    #[test]
     fn rendering() {
         assert_eq!(render(&json!(null)), "ok");
         assert_eq!(render(&json!("hi")), "hi");

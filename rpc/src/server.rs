@@ -82,6 +82,14 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// How long a new connection may take to send its preamble.
     pub preamble_timeout: Duration,
+    /// Polls of stream methods waiting at once, all connections together (a subscription
+    /// holds one while it waits for events, up to 30 s): counted apart from `max_concurrent`,
+    /// so that subscribers waiting never shed calls. More are shed ([`is_overloaded`]; the
+    /// subscription polls again after a backoff).
+    pub max_polls: usize,
+    /// Polls waiting at once from one domain (over `xen:` and `vsock:`), so that one guest
+    /// cannot take every poll.
+    pub max_polls_per_domain: usize,
     /// Run each call in a task of its own, instead of inside its connection's task. Inline
     /// (the default) saves a spawn and a task switch per call (about 0.8 µs, docs/rpc.md): a
     /// connection's calls still run concurrently, but on one thread at a time, so a method that
@@ -91,8 +99,8 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     /// 1 MiB call frames, 16 MiB reply frames, 1,024 concurrent calls, 256 connections (16 from
-    /// one domain), 128 calls and 1 MiB in flight per connection, 5 s for the preamble, calls
-    /// inline.
+    /// one domain), 128 calls and 1 MiB in flight per connection, 5 s for the preamble, 4,096
+    /// waiting polls (128 from one domain), calls inline.
     fn default() -> Self {
         ServerConfig {
             max_frame: 1 << 20,
@@ -103,6 +111,8 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             max_in_flight_bytes: 1 << 20,
             preamble_timeout: Duration::from_secs(5),
+            max_polls: 4096,
+            max_polls_per_domain: 128,
             spawn_calls: false,
         }
     }
@@ -171,6 +181,16 @@ impl Counted {
     }
 }
 
+impl Counted {
+    /// Whether the call is a poll of one of its service's stream methods.
+    fn is_stream(&self) -> bool {
+        match (self.method, &self.target) {
+            (MethodName::Service(i), Some(s)) => s.descriptor().methods.get(i).is_some_and(|m| m.stream),
+            _ => false,
+        }
+    }
+}
+
 impl CallName for Counted {
     fn service(&self) -> &str {
         self.target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name())
@@ -194,6 +214,15 @@ struct Stacked {
     codec: Codec,
     caller: Caller,
     stack: Stack,
+    polls: Polls,
+}
+
+/// The stack of stream polls, and their count per domain.
+#[derive(Clone)]
+struct Polls {
+    stack: Stack,
+    per_domain: PerDomain,
+    max_per_domain: usize,
 }
 
 impl Serve for Stacked {
@@ -203,7 +232,29 @@ impl Serve for Stacked {
     async fn serve(self, ctx: Context, admitted: Admitted) -> Result<Answer, ServerError> {
         let Admitted { call, mut ticket } = admitted;
         let name = Counted::new(&self.target, &call.method);
-        let mut stack = self.stack;
+        let is_poll = name.is_stream();
+        // A poll waits for events: it counts against the polls' budget, not the calls'.
+        let (mut stack, slot) = if is_poll {
+            let slot = match self.caller.domain {
+                Some(d) => match self.polls.per_domain.admit(d, self.polls.max_per_domain) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        let outcome = Err(ServerError::new(
+                            io::ErrorKind::WouldBlock,
+                            format!(
+                                "{OVERLOADED}: {} polls waiting from domain {d}, the server's limit per domain",
+                                self.polls.max_per_domain
+                            ),
+                        ));
+                        return Ok(Answer { outcome, ticket });
+                    }
+                },
+                None => None,
+            };
+            (self.polls.stack, slot)
+        } else {
+            (self.stack, None)
+        };
         let incoming =
             Incoming { ctx, call, target: self.target, name, codec: self.codec, caller: self.caller };
         let result = async {
@@ -211,6 +262,7 @@ impl Serve for Stacked {
             svc.call(incoming).await
         }
         .await;
+        drop(slot);
         let outcome = result.map(Reply).map_err(|e| {
             if e.is::<tower::load_shed::error::Overloaded>() {
                 // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
@@ -295,6 +347,28 @@ impl Server {
         &self.metrics
     }
 
+    /// The tower stack calls go through, at most `max` at once.
+    fn stack(&self, hosted: Arc<Vec<ServiceDescriptor>>, max: usize) -> Stack {
+        let answered = self.metrics.clone();
+        BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(
+                    TraceLayer::new(|incoming: &Incoming| {
+                        let (service, method) = (incoming.name.service(), incoming.name.method());
+                        tracing::info_span!("rpc", service = %service, method = %method, peer = %incoming.caller.peer)
+                    })
+                    .log_failures(),
+                )
+                .layer(MetricsLayer::new(self.metrics.clone(), |incoming: &Incoming| incoming.name.clone()))
+                .load_shed()
+                .concurrency_limit(max)
+                .service(tower::service_fn(move |incoming: Incoming| {
+                    let (hosted, metrics) = (hosted.clone(), answered.clone());
+                    async move { answer(hosted, metrics, incoming).await.map_err(BoxError::from) }
+                })),
+        )
+    }
+
     /// Serves `service` (from `#[dombus::service]`: `my_impl.into_service()`) on `addr`.
     pub async fn serve(&self, addr: &Address, service: Service) -> io::Result<ServeHandle> {
         self.serve_many(addr, vec![service]).await
@@ -324,24 +398,12 @@ impl Server {
         };
         let mut listener = self.net.listen_as(addr, name).await?;
         let bound = listener.local_addr()?;
-        let answered = self.metrics.clone();
-        let stack: Stack = BoxCloneSyncService::new(
-            ServiceBuilder::new()
-                .layer(
-                    TraceLayer::new(|incoming: &Incoming| {
-                        let (service, method) = (incoming.name.service(), incoming.name.method());
-                        tracing::info_span!("rpc", service = %service, method = %method, peer = %incoming.caller.peer)
-                    })
-                    .log_failures(),
-                )
-                .layer(MetricsLayer::new(self.metrics.clone(), |incoming: &Incoming| incoming.name.clone()))
-                .load_shed()
-                .concurrency_limit(self.config.max_concurrent)
-                .service(tower::service_fn(move |incoming: Incoming| {
-                    let (hosted, metrics) = (hosted.clone(), answered.clone());
-                    async move { answer(hosted, metrics, incoming).await.map_err(BoxError::from) }
-                })),
-        );
+        let stack = self.stack(hosted.clone(), self.config.max_concurrent);
+        let polls = Polls {
+            stack: self.stack(hosted, self.config.max_polls),
+            per_domain: PerDomain::default(),
+            max_per_domain: self.config.max_polls_per_domain,
+        };
         let config = self.config.clone();
         let metrics = self.metrics.clone();
         let names: Vec<String> = names.into_iter().collect();
@@ -405,6 +467,7 @@ impl Server {
                     services: services.clone(),
                     caller: Caller { peer: peer.clone(), domain: accepted.peer_domain },
                     stack: stack.clone(),
+                    polls: polls.clone(),
                     metrics: metrics.clone(),
                 };
                 let config = config.clone();
@@ -427,6 +490,7 @@ struct Hosting {
     services: Arc<[Service]>,
     caller: Caller,
     stack: Stack,
+    polls: Polls,
     metrics: Metrics,
 }
 
@@ -468,7 +532,7 @@ async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: Serv
     let codec = Codec::from_id(hello.codec).unwrap_or_default();
     let service = target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name());
     tracing::debug!(service, %codec, "connection accepted");
-    let stacked = Stacked { target, codec, caller: hosting.caller, stack: hosting.stack };
+    let stacked = Stacked { target, codec, caller: hosting.caller, stack: hosting.stack, polls: hosting.polls };
     let frames = Frames::new(config.max_frame, config.max_reply_frame);
     let in_flight = InFlight::new(config.max_in_flight, config.max_in_flight_bytes, hosting.metrics.clone());
     let transport = CallTransport {

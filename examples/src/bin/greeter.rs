@@ -5,6 +5,7 @@
 //! greeter serve unix:/tmp/greeter.sock &
 //! greeter unix:/tmp/greeter.sock hello world --excited
 //! greeter unix:/tmp/greeter.sock guests --json
+//! greeter unix:/tmp/greeter.sock arrivals          # new guests as they come, until Ctrl-C
 //! echo '{"name": "json", "excited": false}' | greeter unix:/tmp/greeter.sock hello --stdin
 //! ```
 //! Any dombus address works: `xen:1:7000` with `--sim <socket> --domid N` (the simulated
@@ -13,10 +14,10 @@
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use dombus::rpc::cli::{self, NetArgs};
-use dombus::{Address, Server, ServerConfig};
+use dombus::{Address, Events, Server, ServerConfig, Topic, TopicLimits};
 use serde::{Deserialize, Serialize};
 
 /// Greets people and remembers them.
@@ -28,6 +29,8 @@ pub trait Greeter {
     /// Everyone greeted so far.
     #[idempotent]
     async fn guests(&self) -> Vec<Guest>;
+    /// Guests as they are first greeted (a subscription: it starts with everyone so far).
+    async fn arrivals(&self) -> Events<Guest, Vec<Guest>>;
 }
 
 /// Why a greeting was refused.
@@ -41,7 +44,7 @@ pub enum GreetError {
 }
 
 /// Someone greeted.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Guest {
     /// Their name.
     pub name: String,
@@ -49,9 +52,27 @@ pub struct Guest {
     pub letters: usize,
 }
 
-#[derive(Default)]
 struct Host {
-    guests: Mutex<BTreeSet<String>>,
+    guests: Arc<Mutex<BTreeSet<String>>>,
+    arrivals: Topic<Guest, Vec<Guest>>,
+}
+
+impl Host {
+    fn new() -> Host {
+        let guests: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let all = guests.clone();
+        let arrivals = Topic::with_snapshot(TopicLimits::default(), move || {
+            let guests = all.lock().unwrap_or_else(|p| p.into_inner());
+            guests.iter().map(|n| Guest::new(n)).collect()
+        });
+        Host { guests, arrivals }
+    }
+}
+
+impl Guest {
+    fn new(name: &str) -> Guest {
+        Guest { name: name.to_string(), letters: name.chars().count() }
+    }
 }
 
 impl Greeter for Host {
@@ -60,13 +81,22 @@ impl Greeter for Host {
             return Err(GreetError::BadName { length: name.len() });
         }
         let greeting = format!("hello, {name}{}", if excited { "!" } else { "." });
-        self.guests.lock().unwrap_or_else(|p| p.into_inner()).insert(name);
+        let mut guests = self.guests.lock().unwrap_or_else(|p| p.into_inner());
+        if !guests.contains(&name) {
+            // Published under the lock: a snapshot never holds a guest whose arrival comes after.
+            self.arrivals.publish(Guest::new(&name));
+            guests.insert(name);
+        }
         Ok(greeting)
     }
 
     async fn guests(&self) -> Vec<Guest> {
         let guests = self.guests.lock().unwrap_or_else(|p| p.into_inner());
-        guests.iter().map(|n| Guest { name: n.clone(), letters: n.chars().count() }).collect()
+        guests.iter().map(|n| Guest::new(n)).collect()
+    }
+
+    async fn arrivals(&self) -> Events<Guest, Vec<Guest>> {
+        self.arrivals.events()
     }
 }
 
@@ -78,7 +108,7 @@ async fn serve(argv: Vec<String>) -> anyhow::Result<()> {
     let net = NetArgs::from_arg_matches(&m)?.net()?;
     let addr: Address = m.get_one::<String>("addr").map(String::as_str).unwrap_or_default().parse()?;
     let server = Server::new(net, ServerConfig::default());
-    let handle = server.serve(&addr, Host::default().into_service()).await?;
+    let handle = server.serve(&addr, Host::new().into_service()).await?;
     eprintln!("greeter: serving on {}", handle.addr());
     tokio::signal::ctrl_c().await?;
     handle.stop().await;

@@ -345,6 +345,14 @@ fn print_rate_row(
     };
     let cpu = t.cpu_per_unit().map_or_else(String::new, |c| fmt_us(c / u32::try_from(k.max(1)).unwrap_or(1)));
     let missed = value(&t.name, MISSED).map_or_else(String::new, |m| format!("{m:.0}"));
+    // Many subscribers: what they all had, against what one subscriber had.
+    let base = t.versus.as_ref().and_then(|v| results.throughput_row(&v.base));
+    let ratio = match base {
+        Some(b) if k > 1 => {
+            format!("{ratio} per subscriber, {:.2}x all", t.median * per / b.median.max(1e-12))
+        }
+        _ => ratio,
+    };
     println!(
         "| {} | {subs} | {} | {} | {} | {total} | {cpu} | {missed} | {vs} | {ratio} |",
         t.name,

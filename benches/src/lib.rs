@@ -68,6 +68,7 @@ pub use dombus_tools::diag::percentile;
 
 pub mod agent;
 pub mod baseline;
+pub mod events;
 pub mod harness;
 pub mod link;
 pub mod rpc;
@@ -105,6 +106,7 @@ pub fn run_child_if_requested() {
         link::VSOCK_ECHO_ROLE => link::vsock_echo_child(&arg),
         link::VSOCK_SINK_ROLE => link::vsock_sink_child(&arg),
         rpc::SERVER_ROLE => rpc::server_child(&arg),
+        events::SERVER_ROLE => events::server_child(&arg),
         agent::AGENT_ROLE => agent::agent_child(&arg),
         agent::DOMAINS_ROLE => agent::domains_child(&arg),
         scale::SIMXEN_ROLE => scale::simxen_child(&arg),

@@ -1,6 +1,7 @@
 //! The comparison harness behind the `compare` and `rpc-compare` binaries: the command line, the
 //! interleaved rounds, the row and target model, and the verdict rules. A [`Suite`] supplies its
-//! rows and its tables: [`link::LinkSuite`] (`compare`) and [`rpc::RpcSuite`] (`rpc-compare`).
+//! rows and its tables: [`link::LinkSuite`] (`compare`), [`rpc::RpcSuite`] (`rpc-compare`) and
+//! [`events::EventsSuite`] (`events-compare`).
 //!
 //! Evidence rules: a row and its baseline are measured in the same phase, their rounds
 //! alternating on fresh set-ups (a ratio to a row of another phase is printed as such, without a
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::{PingPong, Pinning, Sampler, Stats, median};
 
+pub mod events;
 pub mod link;
 pub mod rpc;
 
@@ -418,6 +420,18 @@ impl MemoryRow {
     }
 }
 
+/// A figure a suite measured beside its latency and throughput rows: wake-ups per event, events
+/// a resync said were missed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountRow {
+    /// The row it belongs to.
+    pub name: String,
+    /// What is counted.
+    pub what: String,
+    /// The figure.
+    pub value: f64,
+}
+
 /// Everything measured in a run.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -427,6 +441,8 @@ pub struct Results {
     pub throughput: Vec<RateRow>,
     /// Memory rows, in the order measured.
     pub memory: Vec<MemoryRow>,
+    /// Other figures a suite measured beside its rows, in the order measured.
+    pub counts: Vec<CountRow>,
     /// Groups measured so far: each is one phase of interleaved rounds.
     phases: usize,
 }

@@ -149,26 +149,26 @@ fn a_stream_prints_updates_as_they_arrive_and_ends_on_ctrl_c() {
     let status = watcher.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 
-    // JSON, from a cursor, ending after --count events: exactly the arrivals after it.
-    let out = call(&["arrivals", "--json", "--count", "1"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert!(v["resync"]["reason"] == "Start", "{out:?}");
-    let start = v["cursor"].as_str().unwrap().to_string();
+    // JSON, ending after --count events: the state, then exactly the arrivals.
     let mut json = Command::new(GREETER)
-        .args([&addr, "arrivals", "--json", "--count", "2", "--from", &start])
+        .args([&addr, "arrivals", "--json", "--count", "2"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut lines = std::io::BufReader::new(json.stdout.take().unwrap()).lines();
+    let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(v["resync"]["reason"], "Start", "{v}");
     assert!(call(&["hello", "barbara"]).status.success());
     assert!(call(&["hello", "edsger"]).status.success());
-    let mut out = String::new();
-    std::io::Read::read_to_string(json.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let events: Vec<serde_json::Value> = lines.map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
     assert!(json.wait().unwrap().success());
-    let names: Vec<String> = out
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<&str> = events.iter().map(|v| v["event"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["barbara", "edsger"]);
+    // From a cursor: what came after it, at once.
+    let after_barbara = events[0]["cursor"].as_str().unwrap();
+    let out = call(&["arrivals", "--json", "--count", "1", "--from", after_barbara]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["event"]["name"], "edsger", "{out:?}");
 
     // A bad cursor is a usage error.
     assert_eq!(call(&["arrivals", "--from", "nope"]).status.code(), Some(2));

@@ -281,13 +281,14 @@ fn watch_progress(client: &Client<StorageRequest>, m: &ArgMatches, json: bool) -
                 if !shown && (p.outcome.is_some() || started.elapsed() < Duration::from_millis(300)) {
                     continue;
                 }
-                eprint!("\r  {}: {:5.1}%", p.operation, p.percent);
-                on_stderr.store(true, std::sync::atomic::Ordering::SeqCst);
                 if p.outcome.is_some() {
+                    // The line shows how far it came; the call's answer says how it ended.
                     eprintln!();
                     on_stderr.store(false, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
+                eprint!("\r  {}: {:5.1}%", p.operation, p.percent);
+                on_stderr.store(true, std::sync::atomic::Ordering::SeqCst);
             }
         }
     });

@@ -122,8 +122,14 @@ fn event(e: &ImageEvent) -> String {
 }
 
 /// Subscribes to the storage domain's image events and prints each as it arrives, until it has
-/// printed the deletion of `last` (or the task is aborted); answers how many it printed.
-async fn print_events(storage: StorageClient, last: &'static str) -> usize {
+/// printed the deletion of `last` (or the task is aborted); answers how many it printed. Says on
+/// `subscribed` when the subscription stands (its first update came).
+async fn print_events(
+    storage: StorageClient,
+    last: &'static str,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) -> usize {
+    let mut subscribed = Some(subscribed);
     let mut events = storage.events(None).wait(Duration::from_secs(5));
     let mut seen = 0;
     while let Some(update) = events.next().await {
@@ -131,6 +137,9 @@ async fn print_events(storage: StorageClient, last: &'static str) -> usize {
             Ok(Update::Resync { snapshot, reason, .. }) => {
                 let images = snapshot.map_or(0, |s| s.len());
                 println!("  {:<46} {reason}: {images} image(s) now", "events() subscription");
+                if let Some(tx) = subscribed.take() {
+                    let _ = tx.send(());
+                }
             }
             Ok(Update::Event { cursor, event: e }) => {
                 seen += 1;
@@ -218,8 +227,12 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     };
     // The toolstack watches the images while it changes them: each change the storage domain
     // makes comes as an event of this subscription (its first update is the list as it is).
-    let watcher = tokio::spawn(print_events(storage.clone(), "demo"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (subscribed, standing) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(print_events(storage.clone(), "demo", subscribed));
+    // Its start before the first call: otherwise the snapshot, not an event, would show it.
+    if tokio::time::timeout(Duration::from_secs(10), standing).await.map_or(true, |r| r.is_err()) {
+        bail!("the events subscription did not start within 10 s");
+    }
 
     let r = call(
         "create(\"demo\", 1G, qcow2)",

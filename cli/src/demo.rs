@@ -1,6 +1,7 @@
 //! `dombus demo`: brings a simulated host up, drives its storage domain as the toolstack through
-//! the generated clients (each call printed with what it did and its round trip), prints a
-//! latency summary, and brings the host down.
+//! the generated clients (each call printed with what it did and its round trip, and the image
+//! events it caused as a subscription receives them), prints a latency summary, and brings the
+//! host down.
 
 use std::fmt;
 use std::future::Future;
@@ -8,10 +9,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use dombus::Update;
 use dombus::rpc::transport::AgentClient;
 use dombus::rpc::{Address, ClientConfig, RawClient, RpcError, error_text, wire};
-use dombus_services::storage::{DiskInfo, Format, Size, SnapshotInfo, StorageClient, StorageError};
+use dombus_services::storage::{
+    DiskInfo, Format, ImageEvent, Size, SnapshotInfo, StorageClient, StorageError,
+};
 use dombus_tools::diag::percentile;
+use futures::StreamExt as _;
 
 use crate::host::{self, Host, StateDir, context};
 
@@ -94,6 +99,65 @@ fn disk(d: &DiskInfo) -> String {
     )
 }
 
+/// An image event, in a few words.
+fn event(e: &ImageEvent) -> String {
+    match e {
+        ImageEvent::Created(d) => format!("created {}", disk(d)),
+        ImageEvent::Cloned { source, linked, image } => {
+            format!("cloned {source:?} ({}) → {}", if *linked { "linked" } else { "full" }, disk(image))
+        }
+        ImageEvent::Resized(d) => format!("resized {}", disk(d)),
+        ImageEvent::SnapshotCreated { image, snapshot } => {
+            format!("snapshot {snapshot:?} of {:?} taken", image.name)
+        }
+        ImageEvent::SnapshotReverted { image, snapshot } => {
+            format!("{:?} reverted to snapshot {snapshot:?}", image.name)
+        }
+        ImageEvent::SnapshotDeleted { image, snapshot } => {
+            format!("snapshot {snapshot:?} of {:?} deleted", image.name)
+        }
+        ImageEvent::Deleted { name, .. } => format!("deleted {name:?}"),
+        ImageEvent::Adopted(d) => format!("adopted {}", disk(d)),
+    }
+}
+
+/// Subscribes to the storage domain's image events and prints each as it arrives, until it has
+/// printed the deletion of `last` (or the task is aborted); answers how many it printed. Says on
+/// `subscribed` when the subscription stands (its first update came).
+async fn print_events(
+    storage: StorageClient,
+    last: &'static str,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) -> usize {
+    let mut subscribed = Some(subscribed);
+    let mut events = storage.events(None).wait(Duration::from_secs(5));
+    let mut seen = 0;
+    while let Some(update) = events.next().await {
+        match update {
+            Ok(Update::Resync { snapshot, reason, .. }) => {
+                let images = snapshot.map_or(0, |s| s.len());
+                println!("  {:<46} {reason}: {images} image(s) now", "events() subscription");
+                if let Some(tx) = subscribed.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Update::Event { cursor, event: e }) => {
+                seen += 1;
+                println!("  {:<46} {}", format!("  event {cursor}"), event(&e));
+                if matches!(&e, ImageEvent::Deleted { name, .. } if name == last) {
+                    break;
+                }
+            }
+            Err(e) if dombus::rpc::events::is_final(&e) => {
+                println!("  events() subscription ended: {}", error_text(&e));
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    seen
+}
+
 /// A list result as `N <what>: a, b, c`.
 fn names<T>(r: &Result<Vec<T>, StorageError>, what: &str, name: impl Fn(&T) -> &str) -> String {
     match r {
@@ -161,6 +225,14 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("error: {e}"),
     };
+    // The toolstack watches the images while it changes them: each change the storage domain
+    // makes comes as an event of this subscription (its first update is the list as it is).
+    let (subscribed, standing) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(print_events(storage.clone(), "demo", subscribed));
+    // Its start before the first call: otherwise the snapshot, not an event, would show it.
+    if tokio::time::timeout(Duration::from_secs(10), standing).await.map_or(true, |r| r.is_err()) {
+        bail!("the events subscription did not start within 10 s");
+    }
 
     let r = call(
         "create(\"demo\", 1G, qcow2)",
@@ -230,6 +302,16 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     if !matches!(r, Err(StorageError::NotFound { .. })) {
         bail!("a deleted image is still there");
     }
+    // The last event (the deletion of "demo") is published before the call answers: it is on
+    // its way, if not printed yet.
+    let events = match tokio::time::timeout(Duration::from_secs(5), watcher).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => bail!("the events subscription failed: {e}"),
+        Err(_) => bail!("the events of the storage calls did not all arrive within 5 s"),
+    };
+    if events != 6 {
+        bail!("the subscription received {events} image events; the calls made 6 changes");
+    }
 
     println!("\n3. Round trips over the Xen link (simulated hypervisor, event-channel wake-ups)");
     let raw =
@@ -241,6 +323,7 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "ping": ping,
         "storage_list": list,
+        "storage_events": events,
         "commands_at_once": together,
         "policy": policy,
     }))

@@ -224,39 +224,75 @@ async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatc
             .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
     let progress = watch_progress(&client, m, json);
     let status = cli::run(&client, global.context(), m, json).await;
-    progress.abort();
+    progress.finish().await;
     status.map_err(|e| Failure(cli::call_error_status(&e), cli::cli_error_text(&e)))
 }
 
-/// While a call on an image runs, shows the progress the service reports for it (long
-/// operations: a full clone) on stderr.
-fn watch_progress(
-    client: &Client<StorageRequest>,
-    m: &ArgMatches,
-    json: bool,
-) -> tokio::task::JoinHandle<()> {
+/// The progress of the operation a call runs on an image, shown on stderr while it runs.
+struct ProgressWatch {
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Whether a progress line is on stderr (its end still to be shown).
+    shown: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ProgressWatch {
+    /// Ends the watch once the call answered: lets a progress line on stderr show the
+    /// operation's end (its final update, briefly awaited), then stops.
+    async fn finish(self) {
+        let Some(mut task) = self.task else { return };
+        if self.shown.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = tokio::time::timeout(Duration::from_millis(500), &mut task).await;
+            if self.shown.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!();
+            }
+        }
+        task.abort();
+    }
+}
+
+/// While a call on an image runs, shows the progress of the operation on it (long operations:
+/// a full clone) on stderr, from a subscription to the service's progress stream: nothing for
+/// an operation that ends within 300 ms, then a line updated as the service reports each
+/// percent, ended when the operation ends.
+fn watch_progress(client: &Client<StorageRequest>, m: &ArgMatches, json: bool) -> ProgressWatch {
+    let shown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let name = m
         .subcommand()
-        .filter(|(method, _)| *method != "progress")
-        .and_then(|(_, sub)| sub.try_get_one::<String>("name").ok().flatten().cloned());
+        .filter(|(method, _)| !["progress", "events", "progress-events"].contains(method))
+        .and_then(|(_, sub)| sub.try_get_one::<String>("name").ok().flatten().cloned())
+        .and_then(|n| cli::parse_value::<String>(&n).ok());
+    let Some(name) = name.filter(|_| !json) else { return ProgressWatch { task: None, shown } };
     let storage = StorageClient::from(client.clone());
-    tokio::spawn(async move {
-        let Some(name) = name.and_then(|n| cli::parse_value::<String>(&n).ok()) else { return };
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut shown = false;
-        loop {
-            if let Ok(Some(p)) = storage.progress(host::context(Duration::from_secs(5)), name.clone()).await {
-                if !json {
-                    eprint!("\r  {}: {:5.1}%", p.operation, p.percent);
-                    shown = true;
+    let on_stderr = shown.clone();
+    let task = tokio::spawn(async move {
+        use dombus::Update;
+        use futures::StreamExt as _;
+        let started = Instant::now();
+        let mut updates = storage.progress_events(Some(name)).wait(Duration::from_secs(5));
+        while let Some(update) = updates.next().await {
+            let now: Vec<_> = match update {
+                Ok(Update::Event { event, .. }) => vec![event],
+                Ok(Update::Resync { snapshot, .. }) => snapshot.unwrap_or_default(),
+                // A failed poll: the subscription retries (or has ended, after a final error).
+                Err(_) => continue,
+            };
+            for p in now {
+                let shown = on_stderr.load(std::sync::atomic::Ordering::SeqCst);
+                if !shown && (p.outcome.is_some() || started.elapsed() < Duration::from_millis(300)) {
+                    continue;
                 }
-            } else if shown {
-                eprintln!();
-                shown = false;
+                if p.outcome.is_some() {
+                    // The line shows how far it came; the call's answer says how it ended.
+                    eprintln!();
+                    on_stderr.store(false, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                eprint!("\r  {}: {:5.1}%", p.operation, p.percent);
+                on_stderr.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-    })
+    });
+    ProgressWatch { task: Some(task), shown }
 }
 
 async fn run_builtin(cli: &Cli, state: &StateDir) -> Result<u8, Failure> {

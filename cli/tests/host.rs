@@ -224,6 +224,71 @@ fn policy_commands(state: &Path) {
     assert!(stdout(&o).contains("10-a.policy:2:"), "{o:?}");
 }
 
+/// `dombus --json storage events --count 2` against a host prints, one JSON object a line, the
+/// subscription's start (the list as it is), then the events of a create and a delete made
+/// meanwhile, and ends.
+#[test]
+fn storage_events_prints_the_events_of_changes_made_meanwhile() {
+    use std::io::BufRead as _;
+    let state = std::env::temp_dir().join(format!("dombus-host-events-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let _down = Down(state.clone());
+    let up = dombus(&state, &["host", "up"]);
+    assert!(up.status.success(), "{up:?}");
+
+    let mut watch = Command::new(DOMBUS)
+        .arg("--state")
+        .arg(&state)
+        .args(["--json", "storage", "events", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = |what: &str| -> serde_json::Value {
+        let l = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{what}: no line ({e})"));
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {l}"))
+    };
+    // Subscribed (the list as it is: empty) before the changes are made.
+    let start = line("the start");
+    assert_eq!(start["resync"]["snapshot"], serde_json::json!([]), "{start}");
+    assert!(dombus(&state, &["storage", "create", "e0", "--size", "1M"]).status.success());
+    assert!(dombus(&state, &["storage", "delete", "e0"]).status.success());
+    let created = line("the create");
+    assert_eq!(created["event"]["created"]["name"], "e0", "{created}");
+    assert_eq!(created["event"]["created"]["format"], "qcow2", "{created}");
+    let deleted = line("the delete");
+    assert_eq!(
+        deleted["event"]["deleted"],
+        serde_json::json!({"name": "e0", "owner": "toolstack"}),
+        "{deleted}"
+    );
+    assert_ne!(created["cursor"], deleted["cursor"]);
+    // Two events: done.
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = watch.kill();
+            panic!("`storage events --count 2` did not end after two events");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(rx.recv_timeout(Duration::from_secs(5)).is_err(), "a line past --count");
+}
+
 #[test]
 fn the_demo_runs_to_completion() {
     let o = Command::new(DOMBUS).arg("demo").output().unwrap();
@@ -232,6 +297,10 @@ fn the_demo_runs_to_completion() {
     for expected in [
         "1. Host up",
         "create(\"demo\", 1G, qcow2)",
+        "events() subscription",
+        "created qcow2 \"demo\"",
+        "snapshot \"fresh\" of \"demo\" taken",
+        "deleted \"vm1\"",
         "refused, as it must be",
         "ping, storage domain",
         "more processes of the toolstack's domain at once, through its agent",

@@ -6,7 +6,11 @@
 //! path that is not a regular file (a symlink, a directory) is refused. Long operations (a full
 //! [`Storage::clone_disk`]) write to a temporary name and rename on success, so a call cancelled
 //! by its deadline leaves no partial image; their progress is readable with
-//! [`Storage::progress`] while they run.
+//! [`Storage::progress`] while they run, and comes as a stream ([`Storage::progress_events`]).
+//!
+//! Every change the service makes to its images (and every image it adopts) is published, once
+//! it succeeded, as an [`ImageEvent`] of the stream [`Storage::events`]; a failed call publishes
+//! none.
 //!
 //! Guests write the content of the images they use, so [`QemuImg`] decides an image's format
 //! and backing image once — when it creates, clones or adopts it — and keeps them in a record
@@ -140,6 +144,127 @@ pub struct Progress {
     pub operation: String,
     /// How far, 0 to 100.
     pub percent: f32,
+}
+
+/// A change the service made to its images, published once it succeeded ([`Storage::events`]).
+///
+/// Every variant but [`ImageEvent::Deleted`] carries the image as it is after the change (as
+/// `list` shows it), so that a subscriber keeping the list from a resync's snapshot replaces its
+/// entry of that name, or removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageEvent {
+    /// `create` made it.
+    Created(DiskInfo),
+    /// `clone_disk` made it from `source`: a linked clone (`backing` names the source) or a
+    /// full copy.
+    Cloned {
+        /// The image cloned.
+        source: String,
+        /// Whether it is a linked clone.
+        linked: bool,
+        /// The new image.
+        image: DiskInfo,
+    },
+    /// `resize` changed its virtual size (a resize to the size it has changes nothing and
+    /// publishes nothing).
+    Resized(DiskInfo),
+    /// `snapshot_create` took the snapshot `snapshot` of it.
+    SnapshotCreated {
+        /// The image, with its new snapshot count.
+        image: DiskInfo,
+        /// The snapshot's name (`snapshot_list` says the rest).
+        snapshot: String,
+    },
+    /// `snapshot_revert` returned it to its snapshot `snapshot` (its size may have changed).
+    SnapshotReverted {
+        /// The image after the revert.
+        image: DiskInfo,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// `snapshot_delete` deleted its snapshot `snapshot`.
+    SnapshotDeleted {
+        /// The image, with its new snapshot count.
+        image: DiskInfo,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// `delete` deleted it.
+    Deleted {
+        /// Its name.
+        name: String,
+        /// Whose it was.
+        owner: Owner,
+    },
+    /// The service recorded an image it did not make (the operator placed it in the root), as
+    /// its content says: at start, or when a call first named it. The toolstack's.
+    Adopted(DiskInfo),
+}
+
+impl ImageEvent {
+    /// The image's name.
+    pub fn name(&self) -> &str {
+        match self {
+            ImageEvent::Deleted { name, .. } => name,
+            _ => self.image().map_or("", |i| i.name.as_str()),
+        }
+    }
+
+    /// Who owns the image (owned, for [`ImageEvent::Deleted`]): who may see the event.
+    pub fn owner(&self) -> Owner {
+        match self {
+            ImageEvent::Deleted { owner, .. } => *owner,
+            _ => self.image().map_or(Owner::Toolstack, |i| i.owner),
+        }
+    }
+
+    /// The image after the change; `None` for [`ImageEvent::Deleted`].
+    pub fn image(&self) -> Option<&DiskInfo> {
+        match self {
+            ImageEvent::Created(i) | ImageEvent::Resized(i) | ImageEvent::Adopted(i) => Some(i),
+            ImageEvent::Cloned { image, .. }
+            | ImageEvent::SnapshotCreated { image, .. }
+            | ImageEvent::SnapshotReverted { image, .. }
+            | ImageEvent::SnapshotDeleted { image, .. } => Some(image),
+            ImageEvent::Deleted { .. } => None,
+        }
+    }
+}
+
+/// How a long operation ended ([`ProgressUpdate::outcome`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It succeeded.
+    Done,
+    /// It failed. `error` is the error its caller got, when the caller is the image's owner;
+    /// `None` when the toolstack acted on a domain's image (the error may name images the
+    /// domain does not own).
+    Failed {
+        /// The caller's error.
+        error: Option<StorageError>,
+    },
+    /// It was dropped unfinished: its call's deadline passed or its client went away (a
+    /// running `qemu-img` was killed and its temporary file removed).
+    Cancelled,
+}
+
+/// How far an operation on an image is ([`Storage::progress_events`]): one update when it
+/// starts (`percent` 0), one as its `qemu-img` reports each further percent (full clones), and a
+/// final one with its [`Outcome`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressUpdate {
+    /// The image it creates or changes.
+    pub name: String,
+    /// Who owns that image (who may see the update).
+    pub owner: Owner,
+    /// What runs ("clone from base", "resize to 2G", "delete").
+    pub operation: String,
+    /// How far, 0 to 100.
+    pub percent: f32,
+    /// How it ended: `None` while it runs, and in the last update `Some`.
+    pub outcome: Option<Outcome>,
 }
 
 /// Why a storage call failed.
@@ -294,7 +419,20 @@ pub trait Storage {
     /// Deletes the image `name` (refused while linked clones use it as their backing image).
     async fn delete(&self, name: String) -> Result<(), StorageError>;
 
-    /// How far the long operation creating or changing `name` is, if one runs.
+    /// How far the long operation creating or changing `name` is, if one runs (one look; the
+    /// stream [`Storage::progress_events`] follows it).
     #[idempotent]
     async fn progress(&self, name: String) -> Option<Progress>;
+
+    /// The changes to the caller's images (every image's, for the toolstack), or to the image
+    /// `name` only, as they succeed; a resync's snapshot is the list of those images now.
+    async fn events(&self, name: Option<String>) -> dombus::Events<ImageEvent, Vec<DiskInfo>>;
+
+    /// How the operations on the caller's images (every image's, for the toolstack), or on the
+    /// image `name` only, go: a start, progress, the end with its outcome. A resync's snapshot
+    /// is the operations running now.
+    async fn progress_events(
+        &self,
+        name: Option<String>,
+    ) -> dombus::Events<ProgressUpdate, Vec<ProgressUpdate>>;
 }

@@ -3,13 +3,17 @@
 //! how far each has come, and what each reserves against the root's bounds and its owner's quota
 //! (images, virtual bytes) until it is recorded.
 //!
-//! Only a map under a lock: no file, no process; the service registers an operation with
-//! [`Operations::claim`] and the [`OpGuard`] it gets unregisters it when dropped.
+//! Only a map under a lock, and the topic where the operations' progress is published: no
+//! file, no process. The service registers an operation with [`Operations::claim`] (published
+//! as its start); the [`OpGuard`] it gets publishes its progress and, when it ends
+//! ([`OpGuard::end`]) or is dropped unfinished (cancelled), its outcome, and unregisters it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::{Owner, Progress, Quota, StorageError};
+use dombus::{Events, Topic, TopicLimits};
+
+use super::{Outcome, Owner, Progress, ProgressUpdate, Quota, StorageError};
 
 /// What a root may hold: in all, and per owning domain (the toolstack has no quota).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +37,14 @@ pub(super) struct Held {
     pub(super) bytes: u128,
 }
 
-/// The operations running on a root, and its bounds.
+/// The operations running on a root, its bounds, and the topic of their progress.
 #[derive(Debug)]
 pub(super) struct Operations {
     running: Mutex<HashMap<String, Running>>,
     bounds: Bounds,
+    /// Every operation's start, progress and end, published under the lock of `running` (so in
+    /// the order they happen).
+    topic: Topic<ProgressUpdate, Vec<ProgressUpdate>>,
 }
 
 /// An operation running on an image name.
@@ -58,7 +65,11 @@ struct Running {
 impl Operations {
     /// No operation yet, on a root held to `bounds`.
     pub(super) fn new(bounds: Bounds) -> Arc<Operations> {
-        Arc::new(Operations { running: Mutex::new(HashMap::new()), bounds })
+        Arc::new(Operations {
+            running: Mutex::new(HashMap::new()),
+            bounds,
+            topic: Topic::new(TopicLimits::default()),
+        })
     }
 
     fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
@@ -96,17 +107,16 @@ impl Operations {
                 return Err(busy(read, r, r.operation.clone()));
             }
         }
-        running.insert(
-            name.to_owned(),
-            Running {
-                operation,
-                percent: 0.0,
-                reads: reads.iter().map(|s| (*s).to_owned()).collect(),
-                reserved: (false, 0),
-                owner,
-            },
-        );
-        Ok(OpGuard { ops: Arc::clone(self), name: name.to_owned() })
+        let r = Running {
+            operation,
+            percent: 0.0,
+            reads: reads.iter().map(|s| (*s).to_owned()).collect(),
+            reserved: (false, 0),
+            owner,
+        };
+        self.topic.publish(r.update(name, None));
+        running.insert(name.to_owned(), r);
+        Ok(OpGuard { ops: Arc::clone(self), name: name.to_owned(), caller, ended: false })
     }
 
     /// Reserves, for the operation `op`, a new image (`new_image`) and `bytes` more of virtual
@@ -175,6 +185,44 @@ impl Operations {
             .filter(|r| caller == Owner::Toolstack || r.owner == caller)
             .map(|r| Progress { operation: r.operation.clone(), percent: r.percent })
     }
+
+    /// The progress of the operations `caller` may see (see [`Self::progress`]), of those on
+    /// `name` only if given: updates of the one topic, the operations running as a resync's
+    /// snapshot, filtered alike.
+    pub(super) fn updates(
+        self: &Arc<Self>,
+        caller: Owner,
+        name: Option<String>,
+    ) -> Events<ProgressUpdate, Vec<ProgressUpdate>> {
+        let visible = move |owner: Owner, n: &str| {
+            (caller == Owner::Toolstack || owner == caller) && name.as_deref().is_none_or(|name| name == n)
+        };
+        let keep = visible.clone();
+        let ops = Arc::clone(self);
+        self.topic.events_where(move |u| keep(u.owner, &u.name)).with_snapshot(move || {
+            let mut now: Vec<ProgressUpdate> = ops
+                .running()
+                .iter()
+                .filter(|(n, r)| visible(r.owner, n))
+                .map(|(n, r)| r.update(n, None))
+                .collect();
+            now.sort_by(|a, b| a.name.cmp(&b.name));
+            now
+        })
+    }
+}
+
+impl Running {
+    /// Its progress as an update of the topic.
+    fn update(&self, name: &str, outcome: Option<Outcome>) -> ProgressUpdate {
+        ProgressUpdate {
+            name: name.to_owned(),
+            owner: self.owner,
+            operation: self.operation.clone(),
+            percent: self.percent,
+            outcome,
+        }
+    }
 }
 
 impl Held {
@@ -183,25 +231,71 @@ impl Held {
     }
 }
 
-/// The registration of a running operation; unregistered when dropped.
+/// The registration of a running operation; unregistered when dropped (its end published:
+/// the outcome given to [`OpGuard::end`], else cancelled).
 #[derive(Debug)]
 pub(super) struct OpGuard {
     ops: Arc<Operations>,
     name: String,
+    /// Whose call it is: told its error in the final update if it owns the image.
+    caller: Owner,
+    /// Whether its end was published.
+    ended: bool,
 }
 
 impl OpGuard {
-    /// Records how far it is, 0 to 100.
+    /// Records how far it is, 0 to 100; published when it passes another whole percent (or
+    /// reaches 100), not for every line of `qemu-img -p`.
     pub(super) fn set_percent(&self, percent: f32) {
-        if let Some(r) = self.ops.running().get_mut(&self.name) {
+        let mut running = self.ops.running();
+        if let Some(r) = running.get_mut(&self.name) {
+            let step = percent.floor() != r.percent.floor();
             r.percent = percent;
+            if step {
+                self.ops.topic.publish(r.update(&self.name, None));
+            }
+        }
+    }
+
+    /// Its image is recorded: what it reserved is counted as recorded from now on, not twice.
+    pub(super) fn recorded(&self) {
+        if let Some(r) = self.ops.running().get_mut(&self.name) {
+            r.reserved = (false, 0);
+        }
+    }
+
+    /// Ends it with the outcome of `result` (published as its last update) and answers
+    /// `result`.
+    pub(super) fn end<T>(mut self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        let outcome = match &result {
+            Ok(_) => Outcome::Done,
+            Err(e) => Outcome::Failed { error: Some(e.clone()) },
+        };
+        self.finish(outcome);
+        result
+    }
+
+    /// Unregisters it and publishes its end (once).
+    fn finish(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let mut running = self.ops.running();
+        if let Some(r) = running.remove(&self.name) {
+            let outcome = match outcome {
+                // The caller is told its error; the owner of an image the toolstack acted on
+                // only that it failed.
+                Outcome::Failed { .. } if r.owner != self.caller => Outcome::Failed { error: None },
+                o => o,
+            };
+            self.ops.topic.publish(r.update(&self.name, Some(outcome)));
         }
     }
 }
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.ops.running().remove(&self.name);
+        self.finish(Outcome::Cancelled);
     }
 }
 
@@ -304,6 +398,72 @@ mod tests {
         drop(a);
         ops.reserve(&b, true, 80, seven).unwrap();
         drop((b, c, t));
+    }
+
+    /// The updates after `from` a view `events` answers at once, and where it stands after.
+    async fn published(
+        events: Events<ProgressUpdate, Vec<ProgressUpdate>>,
+        from: dombus::Cursor,
+    ) -> (Vec<ProgressUpdate>, dombus::Cursor) {
+        use dombus::rpc::Codec;
+        use dombus::rpc::events::{Batch, PollArgs, serve};
+        let poll = PollArgs { from: Some(from), max_events: 100, wait_ms: 0 };
+        let bytes = serve(events, poll, Codec::Bincode).await.unwrap();
+        let batch: Batch<ProgressUpdate, Vec<ProgressUpdate>> = Codec::Bincode.decode(&bytes).unwrap();
+        assert!(batch.resync.is_none());
+        let next = dombus::Cursor { epoch: from.epoch, seq: batch.next };
+        (batch.events.into_iter().map(|(_, u)| u).collect(), next)
+    }
+
+    /// An operation publishes its start, each whole percent it passes, and its end: done,
+    /// failed (with the error when its caller owns the image), or cancelled when dropped
+    /// unfinished; a domain's view holds its own images' operations only.
+    #[tokio::test]
+    async fn an_operation_publishes_its_start_progress_and_outcome() {
+        let ops = bounded(10, 1 << 30);
+        let (d7, d8) = (Owner::Domain(7), Owner::Domain(8));
+        let from = ops.topic.cursor();
+        let op = ops.claim("a", "clone from b".into(), &["b"], TS, TS).unwrap();
+        for p in [0.0, 0.5, 1.0, 1.5, 2.2, 100.0] {
+            op.set_percent(p);
+        }
+        drop(op.end(Ok(())));
+        ops.claim("x", "delete".into(), &[], d7, d7)
+            .unwrap()
+            .end::<()>(Err(StorageError::NotFound { name: "x".into() }))
+            .ok();
+        // The toolstack's call on domain 8's image: domain 8 is not told its error.
+        let refused = StorageError::Busy { name: "y".into(), operation: "backing image of t".into() };
+        ops.claim("y", "delete".into(), &[], d8, TS).unwrap().end::<()>(Err(refused.clone())).ok();
+        drop(ops.claim("z", "resize to 2M".into(), &[], d7, d7).unwrap());
+
+        let (all, _) = published(ops.updates(TS, None), from).await;
+        let shown: Vec<(&str, f32, Option<Outcome>)> =
+            all.iter().map(|u| (u.name.as_str(), u.percent, u.outcome.clone())).collect();
+        assert_eq!(
+            shown,
+            [
+                ("a", 0.0, None),
+                ("a", 1.0, None),
+                ("a", 2.2, None),
+                ("a", 100.0, None),
+                ("a", 100.0, Some(Outcome::Done)),
+                ("x", 0.0, None),
+                (
+                    "x",
+                    0.0,
+                    Some(Outcome::Failed { error: Some(StorageError::NotFound { name: "x".into() }) })
+                ),
+                ("y", 0.0, None),
+                ("y", 0.0, Some(Outcome::Failed { error: None })),
+                ("z", 0.0, None),
+                ("z", 0.0, Some(Outcome::Cancelled)),
+            ]
+        );
+        let (sevens, _) = published(ops.updates(d7, None), from).await;
+        assert!(sevens.iter().all(|u| u.owner == d7) && sevens.len() == 4, "{sevens:?}");
+        let (named, _) = published(ops.updates(TS, Some("y".into())), from).await;
+        assert!(named.iter().all(|u| u.name == "y") && named.len() == 2, "{named:?}");
     }
 
     /// A domain hears what another owner's operation is neither from Busy nor from progress.

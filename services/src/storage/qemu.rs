@@ -22,6 +22,11 @@
 //! without replacing anything; a dropped call (deadline, client gone) kills its `qemu-img` and
 //! removes the temporary file.
 //!
+//! Each change that succeeds is published as an [`ImageEvent`] (one per change, in the order of
+//! the changes of each image: published while the change's operation is registered), and the
+//! operations' progress as [`ProgressUpdate`]s (see [`Operations`]). The streams show a domain
+//! the events of its own images only.
+//!
 //! Each call acts for its caller ([`Owner`]): the toolstack (a domain of
 //! [`StorageConfig::toolstack_domains`], or a caller with no domain: over Unix or TCP, only local
 //! tools) on every image; any other domain only on the images it owns, every other name being
@@ -39,8 +44,11 @@ use super::ops::{Bounds, Held, OpGuard, Operations};
 use super::process::{QemuImgProgram, TOOL};
 use super::root::{self, Root, TempFile, check_name, check_snapshot_name, io_error};
 use super::sandbox::Access;
-use super::{DiskInfo, Format, Owner, Progress, SnapshotInfo, Storage, StorageError};
+use super::{
+    DiskInfo, Format, ImageEvent, Owner, Progress, ProgressUpdate, SnapshotInfo, Storage, StorageError,
+};
 use crate::storage::Size;
+use dombus::{Events, Topic, TopicLimits};
 
 /// How a [`QemuImg`] runs: its bounds and the sandbox of its `qemu-img`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +122,8 @@ struct Inner {
     ops: Arc<Operations>,
     /// The domains that are the toolstack.
     toolstack: BTreeSet<u32>,
+    /// The changes to the images ([`Storage::events`]); resyncs carry each view's own snapshot.
+    events: Topic<ImageEvent, Vec<DiskInfo>>,
 }
 
 impl QemuImg {
@@ -163,6 +173,7 @@ impl QemuImg {
                     quota_bytes: config.quota_bytes,
                 }),
                 toolstack: config.toolstack_domains.iter().copied().collect(),
+                events: Topic::new(TopicLimits::default()),
             }),
         };
         storage.save().map_err(|e| io::Error::other(e.to_string()))?;
@@ -349,14 +360,17 @@ impl QemuImg {
             snapshots: json.snapshot_count(),
             owner: Owner::Toolstack,
         };
-        let record = self.update(|index| match index.get(name) {
+        let (record, adopted) = self.update(|index| match index.get(name) {
             // Recorded meanwhile (adopted by another call): that record stands.
-            Some(r) => r.clone(),
+            Some(r) => (r.clone(), false),
             None => {
                 index.insert(name, record.clone());
-                record
+                (record, true)
             }
         })?;
+        if adopted {
+            self.announce(name, ImageEvent::Adopted);
+        }
         tracing::info!(image = %name, format = format.as_str(), backing = ?record.backing, virtual_size = record.virtual_size, "adopted");
         Ok(record)
     }
@@ -438,6 +452,49 @@ impl QemuImg {
         index.save(self.root()).map_err(|e| io_error(name, e))
     }
 
+    /// The image `name` of record `r` as `list` shows it: from the record, its allocated bytes
+    /// from the file's metadata (no qemu-img); `None` if it is no regular file.
+    fn listed(&self, name: String, r: Record) -> Option<DiskInfo> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::symlink_metadata(self.path(&name)).ok().filter(|m| m.file_type().is_file())?;
+        Some(DiskInfo {
+            name,
+            format: r.format,
+            virtual_size: r.virtual_size,
+            actual_size: m.blocks().saturating_mul(512),
+            backing: r.backing,
+            snapshots: r.snapshots as usize,
+            owner: r.owner,
+        })
+    }
+
+    /// The images `caller` may see (all, for the toolstack), or only `name` of them, by name.
+    fn listing(&self, caller: Owner, name: Option<&str>) -> Vec<DiskInfo> {
+        let records: Vec<(String, Record)> = self
+            .index()
+            .iter()
+            .filter(|(n, r)| {
+                (caller == Owner::Toolstack || r.owner == caller)
+                    && name.is_none_or(|name| name == n.as_str())
+            })
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect();
+        records.into_iter().filter_map(|(n, r)| self.listed(n, r)).collect()
+    }
+
+    /// Publishes the change `event` says of the image `name`, as now recorded (see
+    /// [`ImageEvent`]). Called while the change's operation is registered, so that the events of
+    /// an image come in the order of its changes.
+    fn announce(&self, name: &str, event: impl FnOnce(DiskInfo) -> ImageEvent) {
+        let record = self.index().get(name).cloned();
+        match record.and_then(|r| self.listed(name.to_owned(), r)) {
+            Some(info) => {
+                self.inner.events.publish(event(info));
+            }
+            None => tracing::warn!(image = %name, "changed, but no longer recorded: no event"),
+        }
+    }
+
     /// Runs `qemu-img args` on `name`, confined to `files` (see [`QemuImgProgram::run`]);
     /// with `progress`, its `-p` lines update that operation.
     async fn run(
@@ -478,30 +535,36 @@ impl QemuImg {
             self.owner_of(b, caller)?;
         }
         let op = self.claim(name, "create".into(), backing.as_slice(), caller, caller)?;
-        if self.inner.root.exists(name)? {
-            return Err(StorageError::AlreadyExists { name: name.to_owned() });
-        }
-        let backing_format = match backing {
-            Some(b) => {
-                self.record_for(b, caller)?;
-                let chain = self.chain(b)?;
-                Some((b, chain.first().map(|(_, r)| r.format).unwrap_or_default()))
+        let made = async {
+            if self.inner.root.exists(name)? {
+                return Err(StorageError::AlreadyExists { name: name.to_owned() });
             }
-            None => None,
-        };
-        self.reserve(&op, true, size.bytes())?;
-        let tmp = self.inner.root.temp_for(name)?;
-        let args = image::create_args(format, backing_format, tmp.path(), size.bytes());
-        self.run(name, args, None, &[(tmp.path(), Access::ReadWrite)]).await?;
-        let record = Record {
-            format,
-            backing: backing.map(str::to_owned),
-            virtual_size: size.bytes(),
-            snapshots: 0,
-            owner: caller,
-        };
-        self.publish_recorded(tmp, name, record)?;
-        drop(op);
+            let backing_format = match backing {
+                Some(b) => {
+                    self.record_for(b, caller)?;
+                    let chain = self.chain(b)?;
+                    Some((b, chain.first().map(|(_, r)| r.format).unwrap_or_default()))
+                }
+                None => None,
+            };
+            self.reserve(&op, true, size.bytes())?;
+            let tmp = self.inner.root.temp_for(name)?;
+            let args = image::create_args(format, backing_format, tmp.path(), size.bytes());
+            self.run(name, args, None, &[(tmp.path(), Access::ReadWrite)]).await?;
+            let record = Record {
+                format,
+                backing: backing.map(str::to_owned),
+                virtual_size: size.bytes(),
+                snapshots: 0,
+                owner: caller,
+            };
+            self.publish_recorded(tmp, name, record)?;
+            op.recorded();
+            self.announce(name, ImageEvent::Created);
+            Ok(())
+        }
+        .await;
+        op.end(made)?;
         self.inspect(name).await.map(|(info, _)| info)
     }
 
@@ -516,32 +579,37 @@ impl QemuImg {
         check_size(size)?;
         let owner = self.owner_of(name, caller)?;
         let op = self.claim(name, format!("resize to {size}"), &[], owner, caller)?;
-        let record = self.record_for(name, caller)?;
-        let current = record.virtual_size;
-        let shrink = size.bytes() < current;
-        if shrink && !force {
-            return Err(StorageError::InvalidSize {
-                reason: format!(
-                    "{size} is smaller than the current {} of {name:?}: shrinking loses the data at the end; force it",
-                    Size(current)
-                ),
-            });
-        }
-        if size.bytes() != current {
-            self.refuse_if_backing(name, "resize", caller)?;
-            self.reserve(&op, false, size.bytes().saturating_sub(current))?;
-            let mut args: Vec<OsString> = vec!["resize".into(), "-q".into()];
-            if shrink {
-                args.push("--shrink".into());
+        let resized = async {
+            let record = self.record_for(name, caller)?;
+            let current = record.virtual_size;
+            let shrink = size.bytes() < current;
+            if shrink && !force {
+                return Err(StorageError::InvalidSize {
+                    reason: format!(
+                        "{size} is smaller than the current {} of {name:?}: shrinking loses the data at the end; force it",
+                        Size(current)
+                    ),
+                });
             }
-            args.extend([
-                self.spec(&[(name.to_owned(), record.clone())], false),
-                size.bytes().to_string().into(),
-            ]);
-            self.run(name, args, None, &[(&self.path(name), Access::ReadWrite)]).await?;
-            self.update(|index| index.insert(name, Record { virtual_size: size.bytes(), ..record }))?;
+            if size.bytes() != current {
+                self.refuse_if_backing(name, "resize", caller)?;
+                self.reserve(&op, false, size.bytes().saturating_sub(current))?;
+                let mut args: Vec<OsString> = vec!["resize".into(), "-q".into()];
+                if shrink {
+                    args.push("--shrink".into());
+                }
+                args.extend([
+                    self.spec(&[(name.to_owned(), record.clone())], false),
+                    size.bytes().to_string().into(),
+                ]);
+                self.run(name, args, None, &[(&self.path(name), Access::ReadWrite)]).await?;
+                self.update(|index| index.insert(name, Record { virtual_size: size.bytes(), ..record }))?;
+                self.announce(name, ImageEvent::Resized);
+            }
+            Ok(())
         }
-        drop(op);
+        .await;
+        op.end(resized)?;
         self.inspect(name).await.map(|(info, _)| info)
     }
 
@@ -579,23 +647,31 @@ impl QemuImg {
         check_name(name)?;
         check_snapshot_name(snapshot)?;
         let owner = self.owner_of(name, caller)?;
-        let _op = self.claim(name, format!("snapshot {snapshot}"), &[], owner, caller)?;
-        self.record_for(name, caller)?;
-        let record = self.qcow2(name)?;
-        let (_, snapshots) = self.inspect(name).await?;
-        if snapshots.iter().any(|s| s.name == snapshot) {
-            return Err(StorageError::AlreadyExists { name: format!("{name}@{snapshot}") });
-        }
-        self.snapshot_op(name, &record, "-c", snapshot).await?;
-        let (_, snapshots) = self.inspect(name).await?;
-        // The newest of that name (there is one: duplicates are refused above).
-        snapshots.iter().rev().find(|s| s.name == snapshot).map(SnapshotJson::to_info).ok_or_else(|| {
-            StorageError::ToolFailed {
-                tool: TOOL.into(),
-                status: "exit status: 0".into(),
-                message: format!("snapshot {snapshot:?} of {name:?} not listed after its creation"),
+        let op = self.claim(name, format!("snapshot {snapshot}"), &[], owner, caller)?;
+        let taken = async {
+            self.record_for(name, caller)?;
+            let record = self.qcow2(name)?;
+            let (_, snapshots) = self.inspect(name).await?;
+            if snapshots.iter().any(|s| s.name == snapshot) {
+                return Err(StorageError::AlreadyExists { name: format!("{name}@{snapshot}") });
             }
-        })
+            self.snapshot_op(name, &record, "-c", snapshot).await?;
+            // Refreshes the recorded snapshot count the event shows.
+            let after = self.inspect(name).await;
+            let snapshot = snapshot.to_owned();
+            self.announce(name, |image| ImageEvent::SnapshotCreated { image, snapshot: snapshot.clone() });
+            let (_, snapshots) = after?;
+            // The newest of that name (there is one: duplicates are refused above).
+            snapshots.iter().rev().find(|s| s.name == snapshot).map(SnapshotJson::to_info).ok_or_else(|| {
+                StorageError::ToolFailed {
+                    tool: TOOL.into(),
+                    status: "exit status: 0".into(),
+                    message: format!("snapshot {snapshot:?} of {name:?} not listed after its creation"),
+                }
+            })
+        }
+        .await;
+        op.end(taken)
     }
 
     async fn do_snapshot_list(&self, name: &str, caller: Owner) -> Result<Vec<SnapshotInfo>, StorageError> {
@@ -617,22 +693,32 @@ impl QemuImg {
         check_snapshot_name(snapshot)?;
         let what = if flag == "-a" { "revert" } else { "delete snapshot" };
         let owner = self.owner_of(name, caller)?;
-        let _op = self.claim(name, format!("{what} {snapshot}"), &[], owner, caller)?;
-        self.record_for(name, caller)?;
-        let record = self.qcow2(name)?;
-        let (_, snapshots) = self.inspect(name).await?;
-        if !snapshots.iter().any(|s| s.name == snapshot) {
-            return Err(StorageError::SnapshotNotFound {
-                disk: name.to_owned(),
-                snapshot: snapshot.to_owned(),
+        let op = self.claim(name, format!("{what} {snapshot}"), &[], owner, caller)?;
+        let changed = async {
+            self.record_for(name, caller)?;
+            let record = self.qcow2(name)?;
+            let (_, snapshots) = self.inspect(name).await?;
+            if !snapshots.iter().any(|s| s.name == snapshot) {
+                return Err(StorageError::SnapshotNotFound {
+                    disk: name.to_owned(),
+                    snapshot: snapshot.to_owned(),
+                });
+            }
+            if flag == "-a" {
+                self.refuse_if_backing(name, "revert", caller)?;
+            }
+            self.snapshot_op(name, &record, flag, snapshot).await?;
+            // The recorded virtual size and snapshot count follow (a revert may change the size).
+            let after = self.inspect(name).await.map(drop);
+            let snapshot = snapshot.to_owned();
+            self.announce(name, |image| match flag {
+                "-a" => ImageEvent::SnapshotReverted { image, snapshot },
+                _ => ImageEvent::SnapshotDeleted { image, snapshot },
             });
+            after
         }
-        if flag == "-a" {
-            self.refuse_if_backing(name, "revert", caller)?;
-        }
-        self.snapshot_op(name, &record, flag, snapshot).await?;
-        // The recorded virtual size and snapshot count follow (a revert may change the size).
-        self.inspect(name).await.map(drop)
+        .await;
+        op.end(changed)
     }
 
     async fn do_clone(
@@ -651,92 +737,105 @@ impl QemuImg {
         // A clone reads its source: the caller's own only (checked again once claimed).
         self.owner_of(source, caller)?;
         let op = self.claim(name, format!("clone from {source}"), &[source], caller, caller)?;
-        if self.inner.root.exists(name)? {
-            return Err(StorageError::AlreadyExists { name: name.to_owned() });
-        }
-        self.record_for(source, caller)?;
-        let chain = self.chain(source)?;
-        let Some((_, src)) = chain.first() else {
-            return Err(StorageError::NotFound { name: source.to_owned() });
-        };
-        let src = src.clone();
-        if linked && format == Some(Format::Raw) {
-            return Err(StorageError::Unsupported {
-                reason: "a linked clone is qcow2 (raw has no backing image)".into(),
-            });
-        }
-        self.reserve(&op, true, src.virtual_size)?;
-        if linked {
-            let tmp = self.inner.root.temp_for(name)?;
-            let args =
-                image::create_args(Format::Qcow2, Some((source, src.format)), tmp.path(), src.virtual_size);
-            self.run(name, args, None, &[(tmp.path(), Access::ReadWrite)]).await?;
+        let cloned = async {
+            if self.inner.root.exists(name)? {
+                return Err(StorageError::AlreadyExists { name: name.to_owned() });
+            }
+            self.record_for(source, caller)?;
+            let chain = self.chain(source)?;
+            let Some((_, src)) = chain.first() else {
+                return Err(StorageError::NotFound { name: source.to_owned() });
+            };
+            let src = src.clone();
+            if linked && format == Some(Format::Raw) {
+                return Err(StorageError::Unsupported {
+                    reason: "a linked clone is qcow2 (raw has no backing image)".into(),
+                });
+            }
+            self.reserve(&op, true, src.virtual_size)?;
+            if linked {
+                let tmp = self.inner.root.temp_for(name)?;
+                let args =
+                    image::create_args(Format::Qcow2, Some((source, src.format)), tmp.path(), src.virtual_size);
+                self.run(name, args, None, &[(tmp.path(), Access::ReadWrite)]).await?;
+                let record = Record {
+                    format: Format::Qcow2,
+                    backing: Some(source.to_owned()),
+                    virtual_size: src.virtual_size,
+                    snapshots: 0,
+                    owner: caller,
+                };
+                self.publish_recorded(tmp, name, record)?;
+                op.recorded();
+                self.announce(name, |image| ImageEvent::Cloned { source: source.to_owned(), linked, image });
+                return Ok(());
+            }
             let record = Record {
-                format: Format::Qcow2,
-                backing: Some(source.to_owned()),
+                format: format.unwrap_or(src.format),
+                backing: None,
                 virtual_size: src.virtual_size,
                 snapshots: 0,
                 owner: caller,
             };
-            self.publish_recorded(tmp, name, record)?;
-            drop(op);
-            return self.inspect(name).await.map(|(info, _)| info);
-        }
-        let record = Record {
-            format: format.unwrap_or(src.format),
-            backing: None,
-            virtual_size: src.virtual_size,
-            snapshots: 0,
-            owner: caller,
-        };
-        let needed: u64 = chain
-            .iter()
-            .map(|(n, r)| {
-                std::fs::symlink_metadata(self.path(n)).map_or(r.virtual_size, |m| {
-                    use std::os::unix::fs::MetadataExt as _;
-                    m.blocks().saturating_mul(512)
+            let needed: u64 = chain
+                .iter()
+                .map(|(n, r)| {
+                    std::fs::symlink_metadata(self.path(n)).map_or(r.virtual_size, |m| {
+                        use std::os::unix::fs::MetadataExt as _;
+                        m.blocks().saturating_mul(512)
+                    })
                 })
-            })
-            .fold(0u64, u64::saturating_add);
-        let free = self.inner.root.free_space().map_err(|e| io_error(name, e))?;
-        if needed > free {
-            return Err(StorageError::NoSpace {
-                message: format!(
-                    "a full copy of {source:?} needs about {needed} bytes; {free} bytes free in the storage root"
-                ),
-            });
+                .fold(0u64, u64::saturating_add);
+            let free = self.inner.root.free_space().map_err(|e| io_error(name, e))?;
+            if needed > free {
+                return Err(StorageError::NoSpace {
+                    message: format!(
+                        "a full copy of {source:?} needs about {needed} bytes; {free} bytes free in the storage root"
+                    ),
+                });
+            }
+            let tmp = self.inner.root.temp_for(name)?;
+            let args: Vec<OsString> = vec![
+                "convert".into(),
+                "-p".into(),
+                "-O".into(),
+                record.format.as_str().into(),
+                self.spec(&chain, true),
+                tmp.path().into(),
+            ];
+            let paths: Vec<PathBuf> = chain.iter().map(|(n, _)| self.path(n)).collect();
+            let mut files: Vec<(&Path, Access)> = paths.iter().map(|p| (p.as_path(), Access::Read)).collect();
+            files.push((tmp.path(), Access::ReadWrite));
+            self.run(name, args, Some(&op), &files).await?;
+            self.publish_recorded(tmp, name, record)?;
+            op.recorded();
+            self.announce(name, |image| ImageEvent::Cloned { source: source.to_owned(), linked, image });
+            Ok(())
         }
-        let tmp = self.inner.root.temp_for(name)?;
-        let args: Vec<OsString> = vec![
-            "convert".into(),
-            "-p".into(),
-            "-O".into(),
-            record.format.as_str().into(),
-            self.spec(&chain, true),
-            tmp.path().into(),
-        ];
-        let paths: Vec<PathBuf> = chain.iter().map(|(n, _)| self.path(n)).collect();
-        let mut files: Vec<(&Path, Access)> = paths.iter().map(|p| (p.as_path(), Access::Read)).collect();
-        files.push((tmp.path(), Access::ReadWrite));
-        self.run(name, args, Some(&op), &files).await?;
-        self.publish_recorded(tmp, name, record)?;
-        drop(op);
+        .await;
+        op.end(cloned)?;
         self.inspect(name).await.map(|(info, _)| info)
     }
 
     async fn do_delete(&self, name: &str, caller: Owner) -> Result<(), StorageError> {
         check_name(name)?;
         let owner = self.owner_of(name, caller)?;
-        let _op = self.claim(name, "delete".into(), &[], owner, caller)?;
-        self.inner.root.existing(name)?;
-        if caller != Owner::Toolstack {
-            self.record_for(name, caller)?;
-        }
-        self.refuse_if_backing(name, "delete", caller)?;
-        // The file first: a record without its file is dropped at the next start, while a file
-        // without its record would be adopted again from its (guest-written) content.
-        std::fs::remove_file(self.path(name)).map_err(|e| io_error(name, e))?;
-        self.update(|index| index.remove(name)).map(drop)
+        let op = self.claim(name, "delete".into(), &[], owner, caller)?;
+        let deleted = (|| {
+            self.inner.root.existing(name)?;
+            if caller != Owner::Toolstack {
+                self.record_for(name, caller)?;
+            }
+            self.refuse_if_backing(name, "delete", caller)?;
+            // The file first: a record without its file is dropped at the next start, while a
+            // file without its record would be adopted again from its (guest-written) content.
+            std::fs::remove_file(self.path(name)).map_err(|e| io_error(name, e))?;
+            // Gone from the record in memory even if saving it fails: published either way.
+            let saved = self.update(|index| index.remove(name)).map(drop);
+            self.inner.events.publish(ImageEvent::Deleted { name: name.to_owned(), owner });
+            saved
+        })();
+        op.end(deleted)
     }
 }
 
@@ -761,31 +860,7 @@ impl Storage for QemuImg {
     }
 
     async fn list(&self) -> Result<Vec<DiskInfo>, StorageError> {
-        use std::os::unix::fs::MetadataExt as _;
-        let caller = self.caller();
-        let records: Vec<(String, Record)> = self
-            .index()
-            .iter()
-            .filter(|(_, r)| caller == Owner::Toolstack || r.owner == caller)
-            .map(|(n, r)| (n.clone(), r.clone()))
-            .collect();
-        let mut list = Vec::with_capacity(records.len());
-        for (name, r) in records {
-            // From the record; the file's allocated bytes from its metadata (no qemu-img).
-            let Ok(m) = std::fs::symlink_metadata(self.path(&name)) else { continue };
-            if !m.file_type().is_file() {
-                continue;
-            }
-            list.push(DiskInfo {
-                name,
-                format: r.format,
-                virtual_size: r.virtual_size,
-                actual_size: m.blocks().saturating_mul(512),
-                backing: r.backing,
-                snapshots: r.snapshots as usize,
-                owner: r.owner,
-            });
-        }
+        let list = self.listing(self.caller(), None);
         tracing::debug!(images = list.len(), "list");
         Ok(list)
     }
@@ -834,6 +909,29 @@ impl Storage for QemuImg {
 
     async fn progress(&self, name: String) -> Option<Progress> {
         self.inner.ops.progress(&name, self.caller())
+    }
+
+    async fn events(&self, name: Option<String>) -> Events<ImageEvent, Vec<DiskInfo>> {
+        if let Some(Err(e)) = name.as_deref().map(check_name) {
+            return Events::refused(io::ErrorKind::InvalidInput, e.to_string());
+        }
+        let caller = self.caller();
+        let only = name.clone();
+        let visible = move |owner: Owner, n: &str| {
+            (caller == Owner::Toolstack || owner == caller) && name.as_deref().is_none_or(|name| name == n)
+        };
+        let storage = self.clone();
+        self.inner
+            .events
+            .events_where(move |e| visible(e.owner(), e.name()))
+            .with_snapshot(move || storage.listing(caller, only.as_deref()))
+    }
+
+    async fn progress_events(&self, name: Option<String>) -> Events<ProgressUpdate, Vec<ProgressUpdate>> {
+        if let Some(Err(e)) = name.as_deref().map(check_name) {
+            return Events::refused(io::ErrorKind::InvalidInput, e.to_string());
+        }
+        self.inner.ops.updates(self.caller(), name)
     }
 }
 /// The info line of one operation: its outcome, or "cancelled" if dropped unfinished.

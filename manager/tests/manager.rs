@@ -313,7 +313,7 @@ async fn next_event<R>(watch: &mut Watch, what: &str, mut pick: impl FnMut(&Mana
     loop {
         let update = tokio::time::timeout_at(deadline, watch.next())
             .await
-            .unwrap_or_else(|_| panic!("no {what} within {LIVENESS:?}"));
+            .unwrap_or_else(|_| panic!("{what} did not come within {LIVENESS:?}"));
         match update {
             Some(Ok(dombus::Update::Event { event, .. })) => {
                 if let Some(r) = pick(&event) {

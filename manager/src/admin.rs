@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use dombus::Events;
 use dombus::transport::types::DomId;
 use dombus_agent::manager::valid_name;
 use serde::{Deserialize, Serialize};
@@ -204,7 +205,7 @@ pub trait PolicyAdmin {
     /// denied, as audited), introductions made and ended, connections revoked, policy loads,
     /// labels set. A new watch starts with the registered domains. `domain` (a name or an id):
     /// only what involves that domain; `denials`: only denials.
-    async fn watch(&self, domain: Option<String>, denials: bool) -> dombus::Events<ManagerEvent, WatchState>;
+    async fn watch(&self, domain: Option<String>, denials: bool) -> Events<ManagerEvent, WatchState>;
 }
 
 /// The admin service of a manager.
@@ -513,16 +514,16 @@ impl PolicyAdmin for Admin {
         xsm::fragment(&input).map_err(|e| AdminError::Invalid(e.to_string()))
     }
 
-    async fn watch(&self, domain: Option<String>, denials: bool) -> dombus::Events<ManagerEvent, WatchState> {
+    async fn watch(&self, domain: Option<String>, denials: bool) -> Events<ManagerEvent, WatchState> {
         use std::io::ErrorKind;
         if let Err(e) = self.allowed() {
-            return dombus::Events::refused(ErrorKind::PermissionDenied, e.to_string());
+            return Events::refused(ErrorKind::PermissionDenied, e.to_string());
         }
         let who = match domain.as_deref().map(Selector::parse) {
             None => None,
             Some(Some(who)) => Some(who),
             Some(None) => {
-                return dombus::Events::refused(
+                return Events::refused(
                     ErrorKind::InvalidInput,
                     format!("{:?} is neither a domain name nor a domain id", domain.unwrap_or_default()),
                 );

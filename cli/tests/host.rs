@@ -1,7 +1,8 @@
 //! End to end, as an operator would: `dombus host up`, `dombus storage …` calls across domains
 //! (toolstack → storage domain over transport-xen link sockets on the simulated hypervisor),
 //! `dombus host status`, `dombus policy …` (a guest denied, the decision looked up, lint),
-//! `dombus host down` — and no stray processes after; `dombus demo` runs to completion.
+//! `dombus host down` — and no stray processes after; `dombus policy watch` prints a denial as it
+//! happens; `dombus demo` runs to completion.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -317,4 +318,94 @@ fn the_demo_runs_to_completion() {
     ] {
         assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
     }
+}
+
+/// `dombus policy watch` as an operator's live audit view: it starts with the host's domains,
+/// then prints a denial made meanwhile (with the id the denied caller's error carries), and
+/// ends after `--count` events.
+#[test]
+fn policy_watch_prints_a_denial_as_it_happens() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    use std::sync::mpsc;
+
+    let state = std::env::temp_dir().join(format!("dombus-watch-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let _down = Down(state.clone());
+    let up = dombus(&state, &["host", "up"]);
+    assert!(up.status.success(), "{up:?}");
+
+    /// Ends the watch if the test fails before it does.
+    struct Watch(std::process::Child);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut watch = Watch(
+        Command::new(DOMBUS)
+            .arg("--state")
+            .arg(&state)
+            .args(["--json", "policy", "watch", "--denials", "--count", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = mpsc::channel();
+    let out = watch.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let line = |what: &str| -> serde_json::Value {
+        let l = lines.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {l}"))
+    };
+
+    // The watch starts with the state: the host's domains.
+    let start = line("the start");
+    assert_eq!(start["resync"]["reason"], "Start", "{start}");
+    let names: Vec<&str> = start["resync"]["snapshot"]["domains"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{start}"))
+        .iter()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert!(names.contains(&"storage") && names.contains(&"guest1"), "{start}");
+
+    // guest1 is denied meanwhile: the watch prints it, with the id guest1 was given.
+    let agent = state.join("domains/guest1/agent.sock");
+    let o = dombus(&state, &["--agent", agent.to_str().unwrap(), "--timeout", "10", "storage", "list"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let err = stderr(&o);
+    let id: u64 = err
+        .split("(decision ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    let denial = line("the denial");
+    let record = &denial["event"]["Denied"];
+    assert_eq!(
+        (record["decision"].as_u64(), record["source"]["name"].as_str(), record["result"].as_str()),
+        (Some(id), Some("guest1"), Some("deny")),
+        "{denial}"
+    );
+    assert!(denial["cursor"].as_str().is_some_and(|c| c.contains(':')), "{denial}");
+
+    // One event asked for: the watch ends, status 0.
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = watch.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the watch did not end after its one event");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
 }

@@ -1,12 +1,13 @@
 //! The manager's admin service, `policy`: the toolstack reads and edits the policy, explains
-//! decisions, labels domains, lists registrations, introductions and links, revokes, and reads
-//! the audit trail. Callable from the toolstack's domains only (and, over the backend domain's
+//! decisions, labels domains, lists registrations, introductions and links, revokes, reads
+//! the audit trail and watches what happens as it happens. Callable from the toolstack's domains only (and, over the backend domain's
 //! local socket, by its own processes).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use dombus::Events;
 use dombus::transport::types::DomId;
 use dombus_agent::manager::valid_name;
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditRecord;
 use crate::core::{Core, Labels, MAX_TAGS, pair};
 use crate::policy::{Action, PolicyDir, ServiceRef};
+use crate::watch::{ManagerEvent, Selector, WatchState};
 use crate::xsm;
 
 /// The file `add` writes to unless told another.
@@ -198,6 +200,12 @@ pub trait PolicyAdmin {
     /// introduced share grants and event channels.
     #[idempotent]
     async fn xsm(&self) -> Result<String, AdminError>;
+
+    /// What happens, as it happens: domains registering and going, decisions (allowed and
+    /// denied, as audited), introductions made and ended, connections revoked, policy loads,
+    /// labels set. A new watch starts with the registered domains. `domain` (a name or an id):
+    /// only what involves that domain; `denials`: only denials.
+    async fn watch(&self, domain: Option<String>, denials: bool) -> Events<ManagerEvent, WatchState>;
 }
 
 /// The admin service of a manager.
@@ -504,5 +512,36 @@ impl PolicyAdmin for Admin {
         self.allowed()?;
         let input = crate::xsm_input(&self.core).map_err(|e| AdminError::Invalid(e.to_string()))?;
         xsm::fragment(&input).map_err(|e| AdminError::Invalid(e.to_string()))
+    }
+
+    async fn watch(&self, domain: Option<String>, denials: bool) -> Events<ManagerEvent, WatchState> {
+        use std::io::ErrorKind;
+        if let Err(e) = self.allowed() {
+            return Events::refused(ErrorKind::PermissionDenied, e.to_string());
+        }
+        let who = match domain.as_deref().map(Selector::parse) {
+            None => None,
+            Some(Some(who)) => Some(who),
+            Some(None) => {
+                return Events::refused(
+                    ErrorKind::InvalidInput,
+                    format!("{:?} is neither a domain name nor a domain id", domain.unwrap_or_default()),
+                );
+            }
+        };
+        let core = self.core.clone();
+        let view = match (who.clone(), denials) {
+            (None, false) => self.core.events.events(),
+            (who, denials) => self.core.events.events_where(move |e| {
+                (!denials || e.is_denial()) && who.as_ref().is_none_or(|w| e.involves(w))
+            }),
+        };
+        view.with_snapshot(move || {
+            let mut state = core.watch_state();
+            if let Some(w) = &who {
+                state.domains.retain(|d| w.is_domain(d));
+            }
+            state
+        })
     }
 }

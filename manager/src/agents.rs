@@ -17,6 +17,7 @@ use dombus_agent::manager::{
 use tokio::sync::mpsc;
 
 use crate::core::{AgentRec, Core, MAX_AGENTS};
+use crate::watch::ManagerEvent;
 
 /// How long an agent has to say hello.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
@@ -97,6 +98,7 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
                     links: Vec::new(),
                 },
             );
+            core.registered(&st, dom);
             Some(st.generation)
         }
     };
@@ -156,8 +158,11 @@ async fn session(core: &Arc<Core>, dom: DomId, stream: VsockStream) -> io::Resul
     }
     .await;
     {
-        if core.state().unregister(dom, serial) {
+        let mut st = core.state();
+        let name = st.agents.get(&dom).filter(|a| a.session == serial).and_then(|a| a.name.clone());
+        if st.unregister(dom, serial) {
             tracing::info!(domain = %dom, "domain unregistered (its agent's session ended)");
+            core.events.publish(ManagerEvent::DomainGone { domid: dom.0, name });
         }
     }
     result
@@ -177,7 +182,7 @@ async fn handle(core: &Arc<Core>, dom: DomId, call: Call) -> Answer {
                 return Answer::Denied { decision: d.id };
             };
             let rendezvous = if link && peer != core.me {
-                match core.introduce(dom, peer, d.id) {
+                match core.introduce(dom, peer, port, d.id) {
                     Ok(path) => Some(path),
                     Err(e) => {
                         tracing::error!(a = %dom, b = %peer, error = %e, "cannot make a rendezvous");

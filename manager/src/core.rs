@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use dombus::transport::types::DomId;
+use dombus::{Topic, TopicLimits};
 use dombus_agent::manager::{FromManager, Peer, valid_name};
 use dombus_agent::{DomainSockets, ManagerOps};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::audit::{AuditLimits, AuditLog, AuditRecord, Party, Target, Verdict};
 use crate::policy::{Action, DomainView, Policy, Rule, ServiceRef};
+use crate::watch::{ManagerEvent, WATCH_BYTES, WATCH_EVENTS, WatchState, WatchedDomain};
 
 /// How the manager is set up.
 #[derive(Debug, Clone)]
@@ -129,6 +131,9 @@ pub struct Core {
     pub(crate) received: AtomicU64,
     /// Set when the manager stops: every session ends.
     pub(crate) stopping: tokio::sync::watch::Sender<bool>,
+    /// What happens, for the admin service's watchers (`watch`). Published with the state
+    /// changed first, so that a watcher's snapshot never misses a change its events skip.
+    pub(crate) events: Topic<ManagerEvent, WatchState>,
 }
 
 /// A decision, as the manager made it.
@@ -218,6 +223,7 @@ impl Core {
             decisions: AtomicU64::new(0),
             received: AtomicU64::new(0),
             stopping: tokio::sync::watch::channel(false).0,
+            events: Topic::new(TopicLimits { max_events: WATCH_EVENTS, max_bytes: WATCH_BYTES }),
             cfg,
         });
         core.reload(false);
@@ -315,6 +321,7 @@ impl Core {
         st.recent.push_back(record.clone());
         drop(st);
         self.audit_record(&record);
+        self.events.publish(ManagerEvent::decided(record));
         Decided { id, allowed, target: target_dom }
     }
 
@@ -362,18 +369,27 @@ impl Core {
                 st.policy_error = None;
                 let generation = st.generation;
                 tracing::info!(generation, rules = st.policy.rules().len(), dir = %self.cfg.policy_dir.display(), "policy loaded");
+                let mut files: Vec<String> = Vec::new();
+                for r in st.policy.rules() {
+                    if files.last() != Some(&r.origin.file) {
+                        files.push(r.origin.file.clone());
+                    }
+                }
+                let rules = u32::try_from(st.policy.rules().len()).unwrap_or(u32::MAX);
                 drop(st);
+                self.events.publish(ManagerEvent::PolicyReloaded { generation, rules, files });
                 self.policy_changed(teardown);
                 true
             }
             Err(e) => {
                 let text = e.to_string();
                 tracing::error!(dir = %self.cfg.policy_dir.display(), errors = %text, "the policy directory is invalid: the policy in force stays");
-                st.policy_error = Some(text);
                 if st.generation == 0 {
                     // Nothing was ever in force: no rule, everything denied.
                     st.generation = 1;
                 }
+                self.events.publish(ManagerEvent::rejected(&text));
+                st.policy_error = Some(text);
                 false
             }
         }
@@ -432,6 +448,8 @@ impl Core {
             let was = st.allowed.remove(&(s, t, port)).map(|a| a.decision);
             tracing::info!(source = %s, target = %t, port, allowed_by = ?was, "no longer allowed");
             self.revoke_port(&st, s, t, port);
+            let (source, target) = (self.party(&st, s), self.party(&st, t));
+            self.events.publish(ManagerEvent::Revoked { source, target, port, allowed_by: was });
         }
         let dead: Vec<(DomId, DomId)> = st
             .intros
@@ -465,6 +483,8 @@ impl Core {
             if let Err(e) = self.ops.remove_rendezvous(&intro.rendezvous) {
                 tracing::warn!(error = %e, "cannot remove a rendezvous");
             }
+            let (a, b) = (self.party(st, key.0), self.party(st, key.1));
+            self.events.publish(ManagerEvent::IntroductionEnded { a, b, decision: intro.decision });
         }
         st.allowed.retain(|&(s, t, _), _| pair(s, t) != key);
         for (dom, peer) in [(a, b), (b, a)] {
@@ -473,8 +493,9 @@ impl Core {
     }
 
     /// Makes a rendezvous for `a` and `b` (replacing the pair's earlier one) and introduces
-    /// `b` to `a` (the caller answers `a` itself). The rendezvous's path.
-    pub(crate) fn introduce(&self, a: DomId, b: DomId, decision: u64) -> std::io::Result<String> {
+    /// `b` to `a` (the caller answers `a` itself), for `a`'s connection to `port` of `b`. The
+    /// rendezvous's path.
+    pub(crate) fn introduce(&self, a: DomId, b: DomId, port: u32, decision: u64) -> std::io::Result<String> {
         let path = self.ops.create_rendezvous(a, b, decision)?;
         let mut st = self.state();
         if let Some(old) = st
@@ -485,6 +506,14 @@ impl Core {
             tracing::warn!(error = %e, "cannot remove a rendezvous");
         }
         self.notify(&st, b, FromManager::Introduced { peer: a.0, rendezvous: path.clone(), decision });
+        let (source, target) = (self.party(&st, a), self.party(&st, b));
+        self.events.publish(ManagerEvent::Introduced {
+            decision,
+            source,
+            target,
+            port,
+            rendezvous: path.clone(),
+        });
         Ok(path)
     }
 
@@ -498,14 +527,46 @@ impl Core {
             if labels == Labels::default() {
                 st.labels.remove(name);
             } else {
-                st.labels.insert(name.to_string(), labels);
+                st.labels.insert(name.to_string(), labels.clone());
             }
             st.generation += 1;
+            self.events.publish(ManagerEvent::LabelsChanged { name: name.to_string(), labels });
             st.labels.clone()
         };
         save_json(&self.cfg.state_dir.join("labels.json"), &snapshot)?;
         self.policy_changed(false);
         Ok(())
+    }
+
+    /// Domain `dom` as the audit trail names it.
+    pub(crate) fn party(&self, st: &State, dom: DomId) -> Party {
+        Party { name: self.name_of(st, dom).unwrap_or_default(), domid: u32::from(dom.0) }
+    }
+
+    /// What a new watcher starts from: the policy's generation and the registered domains
+    /// (with the backend domain), by id.
+    pub(crate) fn watch_state(&self) -> WatchState {
+        let st = self.state();
+        let mut ids: Vec<DomId> = st.agents.keys().copied().collect();
+        ids.push(self.me);
+        ids.sort_unstable();
+        ids.dedup();
+        let domains = ids
+            .into_iter()
+            .map(|dom| {
+                let name = self.name_of(&st, dom);
+                let labels = name.as_ref().and_then(|n| st.labels.get(n)).cloned().unwrap_or_default();
+                WatchedDomain { domid: dom.0, name, labels }
+            })
+            .collect();
+        WatchState { generation: st.generation, domains }
+    }
+
+    /// Announces that `dom`'s agent registered (called with the state changed).
+    pub(crate) fn registered(&self, st: &State, dom: DomId) {
+        let name = self.name_of(st, dom);
+        let labels = name.as_ref().and_then(|n| st.labels.get(n)).cloned().unwrap_or_default();
+        self.events.publish(ManagerEvent::DomainRegistered { domid: dom.0, name, labels });
     }
 
     /// A decision by its id: from memory, else from the audit trail.

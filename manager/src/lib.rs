@@ -7,6 +7,7 @@
 //! - [`policy`]: rules, policy files, evaluation, editing, lint.
 //! - [`audit`]: the audit trail.
 //! - [`xsm`]: the XSM/FLASK fragment.
+//! - [`watch`]: what the manager announces as it happens (the admin service's `watch`).
 //! - [`Manager`]: the manager itself — its protocol with the agents, its decisions and
 //!   introductions, the backend domain's own sockets ([`BackendSockets`]) and the admin service
 //!   ([`admin::PolicyAdmin`]).
@@ -18,6 +19,7 @@ mod backend;
 mod core;
 pub mod daemon;
 pub mod policy;
+pub mod watch;
 pub mod xsm;
 
 use std::collections::BTreeSet;

@@ -5,7 +5,7 @@
 //! Default deny and the decision ids; introductions and direct links (the manager carries no
 //! data); a port the policy denies on a linked pair; a guest bypassing its own agent; forged
 //! links and rendezvous; the admin service refusing guests; revocation; a bad policy file; the
-//! manager restarting.
+//! manager restarting; the admin service's watch (the live audit view).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io;
@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dombus_agent::{DomainSockets, Managed, denied};
+use dombus_manager::Labels;
 use dombus_manager::admin::AdminError;
+use dombus_manager::watch::{ManagerEvent, WatchState, WatchedDomain};
 use dombus_manager::{Manager, ManagerConfig, PolicyAdmin};
 use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::DomId;
@@ -276,6 +278,148 @@ async fn the_admin_service_refuses_guests() {
     assert_eq!(r, Err(AdminError::NotToolstack { caller: 3 }));
     let r = client.add(tarpc::context::current(), "* alpha * allow".into(), None, None).await.unwrap();
     assert_eq!(r, Err(AdminError::NotToolstack { caller: 3 }));
+    // Nor may it watch: the refusal ends its subscription.
+    use futures::StreamExt;
+    let mut watch = client.watch(None, false);
+    let first = tokio::time::timeout(LIVENESS, watch.next()).await.unwrap();
+    let Some(Err(e)) = first else { panic!("a guest watches the manager: {first:?}") };
+    assert!(dombus::rpc::events::is_final(&e), "{e}");
+    let tarpc::client::RpcError::Server(refusal) = &e else { panic!("not a refusal: {e}") };
+    assert_eq!(refusal.kind, io::ErrorKind::PermissionDenied, "{refusal:?}");
+    assert!(refusal.detail.contains("only the toolstack"), "{refusal:?}");
+    assert!(tokio::time::timeout(LIVENESS, watch.next()).await.unwrap().is_none());
+}
+
+/// The admin service of `m` served on a local socket of the test's (where callers are the
+/// backend domain's own processes), and a client of it.
+async fn admin_client(
+    host: &Host,
+    m: &Manager,
+) -> (dombus::Server, dombus_manager::PolicyAdminClient, dombus::rpc::ServeHandle) {
+    let server = dombus::Server::new(dombus::Net::new(), dombus::ServerConfig::default());
+    let addr: dombus::Address = format!("unix:{}", host.dir.join("admin.sock").display()).parse().unwrap();
+    let serving = server.serve(&addr, m.admin().into_service()).await.unwrap();
+    let client = dombus_manager::PolicyAdminClient::connect(dombus::Net::new(), addr).await.unwrap();
+    (server, client, serving)
+}
+
+type Watch = dombus::Subscription<ManagerEvent, WatchState>;
+
+/// The next event of `watch` that `pick` takes (skipping the others, and failing on a resync
+/// or an error: a watcher that keeps up sees every event).
+async fn next_event<R>(watch: &mut Watch, what: &str, mut pick: impl FnMut(&ManagerEvent) -> Option<R>) -> R {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    loop {
+        let update = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not come within {LIVENESS:?}"));
+        match update {
+            Some(Ok(dombus::Update::Event { event, .. })) => {
+                if let Some(r) = pick(&event) {
+                    return r;
+                }
+            }
+            other => panic!("waiting for {what}: {other:?}"),
+        }
+    }
+}
+
+/// The state a new watch starts with.
+async fn started(watch: &mut Watch) -> WatchState {
+    use futures::StreamExt;
+    match tokio::time::timeout(LIVENESS, watch.next()).await.unwrap() {
+        Some(Ok(dombus::Update::Resync {
+            reason: dombus::ResyncReason::Start, snapshot: Some(s), ..
+        })) => s,
+        other => panic!("a watch starts with the state: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_sees_domains_come_and_go_denials_and_introductions() {
+    let host = Host::new("watch", "* @toolstack * allow\n");
+    let m = host.manager().await;
+    m.admin().label("alpha".into(), Some("guest".into()), vec!["blue".into()]).await.unwrap();
+    let a = host.guest(ALPHA, "alpha");
+    registered(&m, &[ALPHA]).await;
+    let (_server, client, _serving) = admin_client(&host, &m).await;
+
+    // A new watch starts with the domains registered now.
+    let mut all = client.watch(None, false);
+    let state = started(&mut all).await;
+    let alpha = WatchedDomain {
+        domid: 3,
+        name: Some("alpha".into()),
+        labels: Labels { type_: Some("guest".into()), tags: vec!["blue".into()] },
+    };
+    assert!(state.domains.contains(&alpha), "{state:?}");
+    assert!(state.domains.iter().any(|d| d.domid == 0), "the backend domain: {state:?}");
+    // Narrowed to alpha's denials: its state is alpha alone.
+    let mut denials = client.watch(Some("alpha".into()), true);
+    assert_eq!(started(&mut denials).await.domains, [alpha]);
+
+    // A guest registers.
+    let b = host.guest(BETA, "beta");
+    let _echo = echo(&b, 5000);
+    let seen = next_event(&mut all, "beta registering", |e| match e {
+        ManagerEvent::DomainRegistered { domid: 4, name, .. } => Some(name.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(seen.as_deref(), Some("beta"));
+
+    // A denial, with the id the caller's error carries: the narrowed watch's first event.
+    let e = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(2))).await.unwrap_err();
+    let id = denied(&e).unwrap_or_else(|| panic!("not a denial: {e}"));
+    let record = next_event(&mut all, "the denial", |e| match e {
+        ManagerEvent::Denied(r) => Some(r.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (record.decision, record.source.domid, record.target.domid, record.port),
+        (id, 3, Some(4), 5000)
+    );
+    let first = next_event(&mut denials, "the denial, narrowed", |e| Some(e.clone())).await;
+    assert!(matches!(&first, ManagerEvent::Denied(r) if r.decision == id), "{first:?}");
+
+    // The toolstack adds a rule: the policy reloads, and the connection is allowed and
+    // introduced under one decision.
+    client.add(tarpc::context::current(), "5000 alpha beta allow".into(), None, None).await.unwrap().unwrap();
+    next_event(&mut all, "the policy reloading", |e| {
+        matches!(e, ManagerEvent::PolicyReloaded { files, .. } if files.iter().any(|f| f == "50-admin.policy"))
+            .then_some(())
+    })
+    .await;
+    let _s = a.connect(VsockAddr::new(4, 5000), Some(Duration::from_secs(5))).await.unwrap();
+    let allowed = next_event(&mut all, "the allowing decision", |e| match e {
+        ManagerEvent::Allowed(r) if r.source.domid == 3 => Some(r.decision),
+        _ => None,
+    })
+    .await;
+    let (decision, source, target, port) = next_event(&mut all, "the introduction", |e| match e {
+        ManagerEvent::Introduced { decision, source, target, port, .. } => {
+            Some((*decision, source.name.clone(), target.name.clone(), *port))
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!((decision, source.as_str(), target.as_str(), port), (allowed, "alpha", "beta", 5000));
+
+    // A guest goes away.
+    let c = host.guest(DomId(5), "gamma");
+    registered(&m, &[ALPHA, BETA, DomId(5)]).await;
+    drop(c);
+    let gone = next_event(&mut all, "gamma going", |e| match e {
+        ManagerEvent::DomainGone { domid: 5, name } => Some(name.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(gone.as_deref(), Some("gamma"));
+    // The narrowed watch saw nothing else (an allowed decision is not a denial).
+    let more = tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut denials)).await;
+    assert!(more.is_err(), "{more:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -294,39 +294,58 @@ async fn a_slow_subscriber_of_100000_events_over_xen() {
     run(xen, "slow", slow_subscriber).await;
 }
 
-/// A subscription whose connection is cut three times while events are published (the server
-/// stops, dropping its connections, and serves the same topic again a moment later) resumes
-/// from its cursor each time: every event once, in order, no resync.
+/// Reads a subscription of `n` events started at 0 to the end, each exactly once and in order
+/// (no resync); publishes in `seen` how far it is; answers its failed polls.
+fn read_all(
+    mut sub: Subscription<u64, u64>,
+    n: u64,
+    seen: Arc<AtomicU64>,
+    name: &'static str,
+) -> tokio::task::JoinHandle<u32> {
+    tokio::spawn(async move {
+        let (mut last, mut errors) = (0, 0);
+        while last < n {
+            match next_update(&mut sub, &mut errors, name).await {
+                Update::Event { cursor, event } => {
+                    assert_eq!(cursor.seq, last + 1, "{name}: after {last}: event {}", cursor.seq);
+                    assert_eq!(event, cursor.seq, "{name}");
+                    last = cursor.seq;
+                    seen.store(last, Ordering::SeqCst);
+                    if last % 64 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                other => panic!("{name}: after {last}: {other:?}"),
+            }
+        }
+        errors
+    })
+}
+
+/// Subscriptions whose connections are cut three times while events are published (the server
+/// stops, dropping its connections, and serves the same topic again a moment later) resume from
+/// their cursors each time: every event once, in order, no resync. One subscription's client
+/// sends a poll cut in flight again itself (an idempotent call); the other's client makes no
+/// second attempt, so the poll fails and the subscription polls again from its cursor.
 async fn reconnect_mid_stream(p: Place) {
     const N: u64 = 20_000;
     let name = p.name;
     let source = Source::new(TopicLimits { max_events: N as usize, max_bytes: 1 << 20 }, false);
     let (server, serving) = p.serve(&source).await;
-    let client = p.client();
-    let mut sub = client.events().max_events(64).wait(Duration::from_secs(2));
-    started(&mut sub, 0, name).await;
-    let seen = Arc::new(AtomicU64::new(0));
-    let reader = tokio::spawn({
-        let seen = seen.clone();
-        async move {
-            let (mut last, mut errors) = (0, 0);
-            while last < N {
-                match next_update(&mut sub, &mut errors, name).await {
-                    Update::Event { cursor, event } => {
-                        assert_eq!(cursor.seq, last + 1, "{name}: after {last}: event {}", cursor.seq);
-                        assert_eq!(event, cursor.seq, "{name}");
-                        last = cursor.seq;
-                        seen.store(last, Ordering::SeqCst);
-                        if last % 64 == 0 {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    }
-                    other => panic!("{name}: after {last}: {other:?}"),
-                }
-            }
-            errors
-        }
-    });
+    let retrying = p.client();
+    let once = FeedClient::with_config(
+        p.client.clone(),
+        p.addr.clone(),
+        ClientConfig { retries: 0, ..ClientConfig::default() },
+    );
+    let mut subs = [retrying.events(), once.events()].map(|s| s.max_events(64).wait(Duration::from_secs(2)));
+    for sub in &mut subs {
+        started(sub, 0, name).await;
+    }
+    let seen: [Arc<AtomicU64>; 2] = Default::default();
+    let [retried, resumed] = subs;
+    let readers = [read_all(retried, N, seen[0].clone(), name), read_all(resumed, N, seen[1].clone(), name)];
+    let least = || seen.iter().map(|s| s.load(Ordering::SeqCst)).min().unwrap_or(0);
 
     let (mut published, mut mid_stream) = (0, 0);
     let mut servers = vec![(server, serving)];
@@ -338,11 +357,11 @@ async fn reconnect_mid_stream(p: Place) {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        // Mid-stream: the subscriber has read some of these and not all.
-        wait_until(|| seen.load(Ordering::SeqCst) >= published - 2500, "the subscriber reading").await;
+        // Mid-stream: the subscribers have read some of these and not all.
+        wait_until(|| least() >= published - 2500, "the subscribers reading").await;
         let (_, serving) = servers.pop().unwrap();
         serving.stop().await;
-        if seen.load(Ordering::SeqCst) < published {
+        if least() < published {
             mid_stream += 1;
         }
         for _ in 0..1000 {
@@ -356,16 +375,20 @@ async fn reconnect_mid_stream(p: Place) {
         published += 1;
         source.publish(published);
     }
-    let errors = tokio::time::timeout(T, reader).await.unwrap().unwrap();
-    // The last server was connected to anew: the subscription reconnected.
+    let [retried, resumed] = readers;
+    let retried = tokio::time::timeout(T, retried).await.unwrap().unwrap();
+    let resumed = tokio::time::timeout(T, resumed).await.unwrap().unwrap();
     let (last_server, _) = servers.last().unwrap();
     let connections = last_server.metrics().connections();
     eprintln!(
-        "{name}: {N} events through 3 cuts ({mid_stream} before the subscriber had read everything \
-         published), {errors} failed polls; the last server: {connections:?}"
+        "{name}: {N} events through 3 cuts ({mid_stream} before a subscriber had read everything \
+         published); failed polls: {retried} with retries, {resumed} without; the last server: \
+         {connections:?}"
     );
-    assert!(mid_stream > 0, "{name}: every cut came after the subscriber had read everything");
-    assert!(connections.open >= 1, "{name}: the subscription is not connected to the new server");
+    assert!(mid_stream > 0, "{name}: every cut came after the subscribers had read everything");
+    assert!(resumed > 0, "{name}: no poll failed without retries: the connection was not cut");
+    // Both connected to the last server anew.
+    assert_eq!(connections.open, 2, "{name}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -738,6 +761,7 @@ async fn hostile_server(p: Place) {
                 Some(Ok(Update::Event { cursor, event })) => {
                     assert_eq!((cursor.epoch, cursor.seq), (HOSTILE_EPOCH, event), "{name} {breach:?}");
                     seen.push(event);
+                    assert!(seen.len() <= 2, "{name} {breach:?}: delivered {seen:?}");
                 }
                 Some(Ok(Update::Resync { reason: ResyncReason::Start, cursor, .. })) if seen.is_empty() => {
                     assert_eq!(cursor, Cursor { epoch: HOSTILE_EPOCH, seq: 5 }, "{name} {breach:?}");

@@ -181,7 +181,7 @@ async fn next_update(sub: &mut Subscription<u64, u64>, errors: &mut u32, name: &
             Ok(None) => panic!("{name}: the subscription ended"),
             Ok(Some(Ok(update))) => return update,
             Ok(Some(Err(e))) => {
-                assert!(!is_final(&e), "{name}: a final error: {e}");
+                assert!(!is_final(&e), "{name}: a final error: {}", error_text(&e));
                 *errors += 1;
             }
         }
@@ -249,7 +249,12 @@ async fn slow_subscriber(p: Place) {
         match next_update(&mut sub, &mut errors, name).await {
             Update::Event { cursor, event } => {
                 assert_eq!(cursor.epoch, epoch, "{name}");
-                assert_eq!(cursor.seq, last + 1, "{name}: after {last}, event {} without a resync", cursor.seq);
+                assert_eq!(
+                    cursor.seq,
+                    last + 1,
+                    "{name}: after {last}, event {} without a resync",
+                    cursor.seq
+                );
                 assert_eq!(event, cursor.seq, "{name}");
                 last = cursor.seq;
                 delivered += 1;
@@ -521,7 +526,8 @@ async fn never_read(p: Place) {
     preamble::client(&mut raw, "feed", Codec::Bincode, T).await.unwrap();
     let (_unread, mut writer) = tokio::io::split(raw);
     let from = Cursor { epoch: source.epoch(), seq: 0 };
-    let poll = StreamCall { poll: PollArgs { from: Some(from), max_events: 1024, wait_ms: 0 }, args: Vec::new() };
+    let poll =
+        StreamCall { poll: PollArgs { from: Some(from), max_events: 1024, wait_ms: 0 }, args: Vec::new() };
     let mut frames = Vec::new();
     for id in 0..STALLED_POLLS {
         let mut ctx = tarpc::context::current();
@@ -540,8 +546,11 @@ async fn never_read(p: Place) {
         let _ = writer.write_all(&frames).await;
         std::future::pending::<()>().await;
     });
-    wait_until(|| server.metrics().connections().paused > 0, "the server pausing the connection that never reads")
-        .await;
+    wait_until(
+        || server.metrics().connections().paused > 0,
+        "the server pausing the connection that never reads",
+    )
+    .await;
 
     let never_polled = p.client().events();
     let polled_once_client = p.client();
@@ -602,7 +611,7 @@ async fn refused(p: Place) {
     let mut guarded = client.guarded();
     match tokio::time::timeout(T, guarded.next()).await.unwrap() {
         Some(Err(e)) => {
-            assert!(is_final(&e), "{name}: not final: {e}");
+            assert!(is_final(&e), "{name}: not final: {}", error_text(&e));
             assert!(error_text(&e).contains("only dom0 may watch this"), "{name}: {}", error_text(&e));
         }
         other => panic!("{name}: expected a refusal: {other:?}"),
@@ -636,7 +645,8 @@ async fn deadline(p: Place) {
     let raw = RawClient::new(p.client.clone(), p.addr.clone(), "feed", ClientConfig::default());
     raw.connect_now(T).await.unwrap();
     let from = Cursor { epoch: source.epoch(), seq: 0 };
-    let poll = StreamCall { poll: PollArgs { from: Some(from), max_events: 16, wait_ms: 30_000 }, args: Vec::new() };
+    let poll =
+        StreamCall { poll: PollArgs { from: Some(from), max_events: 16, wait_ms: 30_000 }, args: Vec::new() };
     let mut ctx = tarpc::context::current();
     let t = Instant::now();
     ctx.deadline = t + Duration::from_secs(2);
@@ -713,12 +723,21 @@ struct Hostile(Breach);
 impl HostileFeed for Hostile {
     async fn events(&self, call: StreamCall) -> Answer {
         let batch = |epoch, events: Vec<u64>, next| {
-            Answer::Batch(Batch { epoch, resync: None, events: events.into_iter().map(|n| (n, n)).collect(), next })
+            Answer::Batch(Batch {
+                epoch,
+                resync: None,
+                events: events.into_iter().map(|n| (n, n)).collect(),
+                next,
+            })
         };
         if call.poll.from.is_none() {
             return Answer::Batch(Batch {
                 epoch: HOSTILE_EPOCH,
-                resync: Some(dombus::rpc::events::Resync { reason: ResyncReason::Start, at: 5, snapshot: None }),
+                resync: Some(dombus::rpc::events::Resync {
+                    reason: ResyncReason::Start,
+                    at: 5,
+                    snapshot: None,
+                }),
                 events: vec![(6, 6), (7, 7)],
                 next: 7,
             });

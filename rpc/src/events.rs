@@ -685,6 +685,18 @@ fn updates<T, S>(
     Ok((out, Cursor { epoch, seq: batch.next }))
 }
 
+/// The client's check of a batch ([`Subscription`] applies it to every answer), for the
+/// `events_batch` fuzz target: the updates after `cursor`, and where the subscription stands
+/// after them; or why the batch breaks the protocol.
+#[doc(hidden)]
+pub fn check_batch<T, S>(
+    batch: Batch<T, S>,
+    cursor: Option<Cursor>,
+    max_events: u32,
+) -> Result<(Vec<Update<T, S>>, Cursor), String> {
+    updates(batch, cursor, max_events)
+}
+
 impl<T, S> Subscription<T, S>
 where
     T: DeserializeOwned + Send + 'static,

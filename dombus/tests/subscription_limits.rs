@@ -69,13 +69,15 @@ async fn waiting_polls_do_not_take_the_calls_budget_and_have_their_own() {
     }
     // A fifth poll is shed, and says so.
     let mut fifth = client.ticks().from(topic.cursor());
-    let shed = tokio::time::timeout(Duration::from_secs(5), fifth.next()).await.expect("answered").expect("an item");
+    let shed =
+        tokio::time::timeout(Duration::from_secs(5), fifth.next()).await.expect("answered").expect("an item");
     assert!(matches!(&shed, Err(e) if is_overloaded(e)), "{shed:?}");
     client.tick(tarpc::context::current()).await.expect("tick");
 
     // The waiting ones got the first tick.
     for w in waiting {
-        let (first, _s) = tokio::time::timeout(Duration::from_secs(5), w).await.expect("woken").expect("joined");
+        let (first, _s) =
+            tokio::time::timeout(Duration::from_secs(5), w).await.expect("woken").expect("joined");
         assert!(matches!(first, Some(Ok(Update::Event { event: 7, .. }))), "{first:?}");
     }
     let _ = std::fs::remove_file(path);

@@ -125,7 +125,12 @@ fn a_stream_prints_updates_as_they_arrive_and_ends_on_ctrl_c() {
 
     // Text: the state first (a resync with the snapshot), then each arrival on one line.
     let mut watcher = Kill(
-        Command::new(GREETER).args([&addr, "arrivals"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        Command::new(GREETER)
+            .args([&addr, "arrivals"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
     );
     let mut lines = std::io::BufReader::new(watcher.0.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();

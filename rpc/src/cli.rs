@@ -763,7 +763,10 @@ mod tests {
             doc: String::new(),
             methods: vec![method("add", false), method("changes", true)],
         };
-        assert_eq!(render_descriptors(&[d]), "counter (version 1)\n  add() -> u64\n  stream changes() -> Events<u64>");
+        assert_eq!(
+            render_descriptors(&[d]),
+            "counter (version 1)\n  add() -> u64\n  stream changes() -> Events<u64>"
+        );
     }
 
     #[test]
@@ -782,10 +785,16 @@ mod tests {
             json!({"cursor": "00000000000000ab:3", "event": {"Created": {"name": "d0", "size": 10u64 << 30}}})
         );
         assert!(shown.is_event);
-        let r: Update<Ev, Vec<u64>> =
-            Update::Resync { cursor, reason: events::ResyncReason::Missed { count: 2 }, snapshot: Some(vec![1, 2]) };
+        let r: Update<Ev, Vec<u64>> = Update::Resync {
+            cursor,
+            reason: events::ResyncReason::Missed { count: 2 },
+            snapshot: Some(vec![1, 2]),
+        };
         let shown = show_update(&r);
-        assert_eq!(shown.text, "00000000000000ab:3  -- resync: 2 events missed (fell behind the server's ring)\n    1\n    2");
+        assert_eq!(
+            shown.text,
+            "00000000000000ab:3  -- resync: 2 events missed (fell behind the server's ring)\n    1\n    2"
+        );
         assert_eq!(
             shown.json,
             json!({"cursor": "00000000000000ab:3", "resync": {"reason": {"Missed": {"count": 2}}, "snapshot": [1, 2]}})

@@ -532,7 +532,8 @@ async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: Serv
     let codec = Codec::from_id(hello.codec).unwrap_or_default();
     let service = target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name());
     tracing::debug!(service, %codec, "connection accepted");
-    let stacked = Stacked { target, codec, caller: hosting.caller, stack: hosting.stack, polls: hosting.polls };
+    let stacked =
+        Stacked { target, codec, caller: hosting.caller, stack: hosting.stack, polls: hosting.polls };
     let frames = Frames::new(config.max_frame, config.max_reply_frame);
     let in_flight = InFlight::new(config.max_in_flight, config.max_in_flight_bytes, hosting.metrics.clone());
     let transport = CallTransport {

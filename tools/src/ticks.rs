@@ -197,7 +197,9 @@ pub struct Phase {
     pub ticks: (u64, u64),
     /// Ticks received, each once and in order.
     pub events: u64,
-    /// Polls that failed and were retried: from the last phase's end to this phase's end.
+    /// Polls that failed (reported by the subscription, then retried) from the last phase's end
+    /// to this phase's end. A lost connection the client makes again within a poll (polls are
+    /// retried like idempotent calls) does not count.
     pub failed_polls: u64,
 }
 

@@ -58,7 +58,8 @@ async fn a_server_restart_is_one_new_epoch_resync_then_the_new_ticks() {
     let again = addr.clone();
     let restarter = tokio::spawn(async move {
         restarted.await.expect("the subscriber asks for the restart");
-        // The subscriber's poll is waiting on the server: stopping it cuts the connection.
+        // The subscriber's poll is waiting on the server: stopping it cuts the connection (the
+        // client may make a new one within the same poll: polls are retried like idempotent calls).
         serving.stop().await;
         drop(server);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -80,7 +81,6 @@ async fn a_server_restart_is_one_new_epoch_resync_then_the_new_ticks() {
     assert_eq!(previous, old_epoch);
     assert_eq!((after.epoch, after.ticks, after.events), (new_epoch, (1, 100), 100));
     assert_ne!(new_epoch, old_epoch);
-    assert!(after.failed_polls >= 1, "the poll that was waiting when the server stopped failed: {after}");
 }
 
 #[tokio::test]

@@ -102,8 +102,9 @@ wait_key agent-test-done 300 || fail domu-agent-done "dom0 never said its calls 
 # publishes 1000 ticks when our subscriber asks, and the subscriber must receive each once, in
 # order (it fails on a gap, a repeat or a resync). Then we write data/ticks-restart while its
 # next poll waits: dom0 kills the service and starts a new one, and the subscriber must be told
-# by one new-epoch resync naming the old epoch, after failed polls (the connection it polled
-# on was cut), then receive the new service's 1000 ticks.
+# by one new-epoch resync naming the old epoch (its poll's connection was cut: the client
+# makes a new one, retrying the poll, and the line counts the polls that failed meanwhile),
+# then receive the new service's 1000 ticks.
 ./dombus-link --agent "$AGENT" ticks-watch --to xen:0:5200 --count 1000 --restart --patience-s 120 >/tmp/ticks.log 2>&1 &
 ticks=$!
 if wait_for "^ticks waiting-for-restart" 180 /tmp/ticks.log; then
@@ -124,12 +125,11 @@ again=$(grep "^ticks phase=restart" /tmp/ticks.log)
 e1=$(echo "$start" | sed -n 's/.* epoch=\([0-9a-f]*\) .*/\1/p')
 prev=$(echo "$again" | sed -n 's/.* previous=\([0-9a-f]*\) .*/\1/p')
 e2=$(echo "$again" | sed -n 's/.* epoch=\([0-9a-f]*\) .*/\1/p')
-lost=$(echo "$again" | sed -n 's/.* failed_polls=\([0-9]*\).*/\1/p')
 if [ "$rc" = 0 ] && [ -n "$e1" ] && [ "$prev" = "$e1" ] && [ -n "$e2" ] && [ "$e2" != "$e1" ] &&
-    [ "$lost" -ge 1 ] 2>/dev/null && echo "$again" | grep -q " events=1000 ticks=1\.\.1000 "; then
+    echo "$again" | grep -q " events=1000 ticks=1\.\.1000 "; then
     pass "domu-subscription-across-server-restart: $again"
 else
-    fail domu-subscription-across-server-restart "want a resync from epoch '$e1' to a new one after failed polls, then ticks 1 to 1000; rc=$rc: $(cat /tmp/ticks.log)"
+    fail domu-subscription-across-server-restart "want a resync from epoch '$e1' to a new one, then ticks 1 to 1000; rc=$rc: $(cat /tmp/ticks.log)"
 fi
 sed "s/^/[ticks-watch] /" /tmp/ticks.log
 

@@ -9,6 +9,9 @@
 //!   allocator, for any byte stream.
 //! * [`reconnect`] — round trips that go on across lost connections, reconnecting with bounded
 //!   back-off (`dombus-link vsock-ping --reconnect-s`).
+//! * [`ticks`] — a `#[dombus::service]` with a stream of numbered ticks, and a subscriber that
+//!   checks it receives each once, in order, across a restart of the server
+//!   (`dombus-link ticks-serve`, `ticks-watch`).
 //!
 //! ```no_run
 //! # async fn demo(mut stream: tokio::net::UnixStream) -> std::io::Result<()> {
@@ -22,3 +25,4 @@
 
 pub mod diag;
 pub mod reconnect;
+pub mod ticks;

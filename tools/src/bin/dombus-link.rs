@@ -5,6 +5,8 @@
 //! dombus-link --socket /tmp/simxen.sock --domid 2 connect --path data/t --peer 1 send --bytes 1G
 //! dombus-link --xen serve --path data/t --peer 0 echo      # on real Xen (e.g. two dom0 processes)
 //! dombus-link --agent /run/dombus/agent.sock vsock-ping --to xen:1:5000 --reconnect-s 60
+//! dombus-link --agent /run/dombus/agent.sock ticks-serve --port 5200
+//! dombus-link --agent /run/dombus/agent.sock ticks-watch --to xen:0:5200 --count 1000 --restart
 //! ```
 //! With `--agent`, the virtual-socket roles go through the domain's agent (`dombusd`) instead of
 //! attaching to the hypervisor: any number of them run at once in one domain, over its one link
@@ -24,6 +26,7 @@ use dombus_rpc::{Address, Size};
 use dombus_sim::SimBackend;
 use dombus_tools::diag;
 use dombus_tools::reconnect::{self, Reconnect};
+use dombus_tools::ticks::{self, Ticks as _};
 use dombus_transport_xen::backend::{Backend, EventChannel, MappedPages, Store};
 use dombus_transport_xen::layout;
 use dombus_transport_xen::link::{Link, LinkConfig, server_path};
@@ -55,8 +58,8 @@ struct Args {
     #[arg(long)]
     xen: bool,
     /// Go through this domain's agent (`dombusd`), listening at PATH, instead of attaching to
-    /// the hypervisor: for the virtual-socket roles `vsock-echo`, `vsock-ping` and
-    /// `agent-status`.
+    /// the hypervisor: for the virtual-socket roles `vsock-echo`, `vsock-ping`, `agent-status`,
+    /// `ticks-serve` and `ticks-watch`.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["socket", "xen", "domid", "boot"])]
     agent: Option<PathBuf>,
     #[command(subcommand)]
@@ -112,6 +115,37 @@ enum Role {
         /// Pause between two round trips of a connection, in milliseconds (with `--reconnect-s`).
         #[arg(long, default_value_t = 0, requires = "reconnect_s")]
         interval_ms: u64,
+    },
+    /// A `ticks` service (dombus_tools::ticks: ticks published on demand by its `publish` call,
+    /// and their stream) on `--port`, through the domain's agent (needs `--agent`), until killed;
+    /// prints `ticks serving port=P epoch=E` (the topic's epoch, new with every start).
+    TicksServe {
+        /// The port to serve on.
+        #[arg(long)]
+        port: u32,
+        /// Keep trying to listen this long (a previous server's port may still be held for a
+        /// moment after it died).
+        #[arg(long, default_value_t = 10)]
+        wait_s: u64,
+    },
+    /// Subscribe to the `ticks` service at `--to` (needs `--agent`), have `--count` ticks
+    /// published and check that each arrives once, in order (dombus_tools::ticks::watch); prints
+    /// `ticks phase=start …`. With `--restart`, then print `ticks waiting-for-restart` and keep
+    /// polling until the server comes back: it must say so with one new-epoch resync, after
+    /// which `--count` ticks are published and received again (`ticks phase=restart …`).
+    TicksWatch {
+        /// The service: xen:<domid>:<port>, e.g. xen:0:5200.
+        #[arg(long, value_parser = domain_port)]
+        to: VsockAddr,
+        /// Ticks to have published and received (each phase), 1 to 1024.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Await a restart of the server after the first ticks.
+        #[arg(long)]
+        restart: bool,
+        /// Longest wait for the next update (the server's restart included), in seconds.
+        #[arg(long, default_value_t = 120)]
+        patience_s: u64,
     },
     /// What the domain's agent holds (needs `--agent`): prints `agent domain=D local=N
     /// listening=PORT,... links=DOMAIN:CONNECTIONS,...`, one entry per link that is up.
@@ -358,7 +392,9 @@ async fn run_on<B: Backend + Clone>(backend: B, role: Role) -> Result<()> {
             };
             vsock_ping(connect, to, conns, count, reconnect_s.map(|r| (r, interval_ms))).await
         }
-        Role::AgentStatus => bail!("agent-status asks a domain's agent: give --agent PATH"),
+        Role::AgentStatus | Role::TicksServe { .. } | Role::TicksWatch { .. } => {
+            bail!("agent-status, ticks-serve and ticks-watch go through a domain's agent: give --agent PATH")
+        }
     }
 }
 
@@ -413,11 +449,56 @@ async fn through_agent(agent: AgentClient, role: Role) -> Result<()> {
             );
             Ok(())
         }
+        Role::TicksServe { port, wait_s } => ticks_serve(agent, port, Duration::from_secs(wait_s)).await,
+        Role::TicksWatch { to, count, restart, patience_s } => {
+            let net = dombus_rpc::Net::new().with_agent(agent);
+            let client = ticks::TicksClient::new(net, Address::Xen(to));
+            let waiting = |phase: &ticks::Phase| {
+                println!("ticks phase=start {phase}");
+                println!("ticks waiting-for-restart epoch={:016x}", phase.epoch);
+            };
+            let report =
+                ticks::watch(&client, count, restart.then_some(waiting), Duration::from_secs(patience_s))
+                    .await?;
+            match report.restarted {
+                Some((previous, after)) => println!("ticks phase=restart previous={previous:016x} {after}"),
+                None => println!("ticks phase=start {}", report.first),
+            }
+            Ok(())
+        }
         _ => bail!(
-            "--agent serves the virtual-socket roles only (vsock-echo, vsock-ping, agent-status); \
+            "--agent serves the virtual-socket roles only (vsock-echo, vsock-ping, agent-status, \
+             ticks-serve, ticks-watch); \
              the others attach to the hypervisor themselves (--socket or --xen)"
         ),
     }
+}
+
+/// `ticks-serve`: the ticks service on `port` through `agent`, until killed. Listening is
+/// retried for `wait` (the agent frees a dead server's port when it notices its socket closed).
+async fn ticks_serve(agent: AgentClient, port: u32, wait: Duration) -> Result<()> {
+    let at = agent.socket().display().to_string();
+    let server = dombus_rpc::Server::new(dombus_rpc::Net::new().with_agent(agent), Default::default());
+    let source = ticks::TickSource::new();
+    let epoch = source.epoch();
+    let addr = Address::Xen(VsockAddr::new(dombus_transport_xen::vsock::CID_SELF, port));
+    let service = source.into_service();
+    let until = std::time::Instant::now() + wait;
+    let _serving = loop {
+        match server.serve(&addr, service.clone()).await {
+            Ok(serving) => break serving,
+            Err(e) if std::time::Instant::now() < until => {
+                eprintln!("listening on port {port} failed ({e}); trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("serving on port {port} through the agent at {at}"));
+            }
+        }
+    };
+    println!("ticks serving port={port} epoch={epoch:016x}");
+    std::future::pending::<()>().await;
+    Ok(())
 }
 
 /// `vsock-ping` over connections from `connect`: `conns` at once, `count` round trips each.

@@ -286,6 +286,42 @@ policy_checks() {
     [ "$failed" = 0 ]
 }
 
+# dom0's half of the subscription check, beside the domU's (domu/domu.sh, after the agent
+# checks). $1 is the domU's id; $2 the pid of dom0's ticks service (dombus-link ticks-serve on
+# xen:0:5200, started with the other servers), whose 1000 ticks the domU's subscriber has
+# received when it writes data/ticks-restart (1) in its home ("none": it did not get that far).
+# Its poll then waits on the service:
+# the service is killed (SIGKILL, as in a crash) and a new one starts on the same port, with a
+# new epoch, which the subscriber must be told of by one resync. data/ticks-done: the domU's
+# subscriber is done (its verdicts are the domU's).
+ticks_restart() {
+    d=$1 old=$2 failed=0
+    home=/local/domain/$d/data
+    wait_node "$home/ticks-restart" 600
+    if [ "$(xenstore-read "$home/ticks-restart" 2>/dev/null)" = 1 ]; then
+        kill -9 "$old"
+        sleep 1
+        ./dombus-link --agent "$AGENT" ticks-serve --port 5200 >/tmp/ticks2.log 2>&1 &
+        new=$!
+        e1=$(sed -n 's/^ticks serving port=5200 epoch=\([0-9a-f]*\)$/\1/p' /tmp/ticks1.log)
+        e2=""
+        wait_for "^ticks serving" 30 /tmp/ticks2.log &&
+            e2=$(sed -n 's/^ticks serving port=5200 epoch=\([0-9a-f]*\)$/\1/p' /tmp/ticks2.log)
+        if [ -n "$e1" ] && [ -n "$e2" ] && [ "$e1" != "$e2" ]; then
+            pass "ticks-server-restarted: the service of epoch $e1 killed while the domU subscribed, a new one serves epoch $e2"
+        else
+            fail ticks-server-restarted "want a new service with a new epoch: before '$e1', after '$e2'"
+        fi
+        wait_node "$home/ticks-done" 300 || echo "the domU's subscriber did not say it was done within 300 s"
+        kill "$new" 2>/dev/null
+    else
+        fail ticks-server-restarted "the domU's subscriber did not ask for the restart (data/ticks-restart: '$(xenstore-read "$home/ticks-restart" 2>&1)')"
+        kill "$old" 2>/dev/null
+    fi
+    for n in 1 2; do [ -f /tmp/ticks$n.log ] && sed "s/^/[dom0 ticks-serve $n] /" /tmp/ticks$n.log; done
+    [ "$failed" = 0 ]
+}
+
 # A plain file copied and compared every two seconds while the tests run (canary.sh).
 ./canary.sh start
 
@@ -370,12 +406,13 @@ else
     # is also the agent of dom0's other processes. The default policy lets the toolstack
     # connect anywhere; the domU's processes that attach to Xen themselves (domu.sh's first
     # checks: no agent, so the manager knows no name for them) may reach dom0's echo service
-    # on port 5000. Every other connection of the domU's is refused until a rule allows it.
+    # on port 5000, and its agent's subscriber dom0's ticks service on port 5200. Every other
+    # connection of the domU's is refused until a rule allows it.
     AGENT=/run/dombus/agent.sock ADMIN=/run/dombus/manager.sock
     POLICY=/etc/dombus/policy STATE=/var/lib/dombus/manager
     mkdir -p /run/dombus "$POLICY" "$STATE"
     echo '* @toolstack * allow' >"$POLICY/00-default.policy"
-    echo '5000 * @backend allow' >"$POLICY/10-vm-tests.policy"
+    printf '5000 * @backend allow\n5200 dombus-u1 @backend allow\n' >"$POLICY/10-vm-tests.policy"
     RUST_LOG=info,dombus_transport_xen::vsock::domain=debug ./dombus-managerd --xen --serve-agent "$AGENT" \
         --policy-dir "$POLICY" --state-dir "$STATE" --admin-socket "$ADMIN" >/tmp/manager.log 2>&1 &
     agent0=$! agent0_start=$(date +%s)
@@ -399,8 +436,12 @@ else
         # The service no rule lets the domU reach until policy_checks adds one.
         ./dombus-link --agent "$AGENT" vsock-echo --port 5001 >/tmp/u-policy.log 2>&1 &
         vsock1=$!
+        # The stream the domU subscribes to (ticks_restart restarts it).
+        ./dombus-link --agent "$AGENT" ticks-serve --port 5200 >/tmp/ticks1.log 2>&1 &
+        ticks1=$!
         if ! { wait_for listening 60 /tmp/u-stream.log && wait_for listening 60 /tmp/u-mux.log &&
-            wait_for listening 60 /tmp/u-vsock.log && wait_for listening 60 /tmp/u-policy.log; }; then
+            wait_for listening 60 /tmp/u-vsock.log && wait_for listening 60 /tmp/u-policy.log &&
+            wait_for "^ticks serving" 60 /tmp/ticks1.log; }; then
             fail domu-servers "a dom0 server did not start"
         fi
         xl unpause dombus-u1
@@ -408,6 +449,8 @@ else
         calls=$!
         policy_checks "$domid" &
         policies=$!
+        ticks_restart "$domid" "$ticks1" &
+        tickr=$!
         # 600 s (the domU's part took about 395 s on a heavily loaded host, dom0's part before
         # it about 3 minutes): a hung domU is reported, with its console, before run-xen's
         # 900 s limit stops the whole machine.
@@ -415,6 +458,7 @@ else
         # agent_calls printed its own verdicts; a non-zero status is one of them, or its bound.
         wait_pid "$calls" 60 || { failed=1; echo "agent_calls ended with status $? (143: still running after the domU ended)"; }
         wait_pid "$policies" 60 || { failed=1; echo "policy_checks ended with status $? (143: still running after the domU ended)"; }
+        wait_pid "$tickr" 60 || { failed=1; echo "ticks_restart ended with status $? (143: still running after the domU ended)"; }
         cpu_used "dom0's connection manager" "$agent0" "$agent0_start"
         cpu_used "dom0's xen:0:5000 service" "$vsock0" "$agent0_start"
         kill "$vsock0" "$vsock1" 2>/dev/null

@@ -97,6 +97,42 @@ else
 fi
 wait_key agent-test-done 300 || fail domu-agent-done "dom0 never said its calls were over (data/agent-test-done)"
 
+# A subscription to a stream of dom0's (dom0's half: ticks_restart in guest.sh), through this
+# domain's agent: dom0's ticks service (xen:0:5200, which a rule of dom0's policy lets us call)
+# publishes 1000 ticks when our subscriber asks, and the subscriber must receive each once, in
+# order (it fails on a gap, a repeat or a resync). Then we write data/ticks-restart while its
+# next poll waits: dom0 kills the service and starts a new one, and the subscriber must be told
+# by one new-epoch resync naming the old epoch (its poll's connection was cut: the client
+# makes a new one, retrying the poll, and the line counts the polls that failed meanwhile),
+# then receive the new service's 1000 ticks.
+./dombus-link --agent "$AGENT" ticks-watch --to xen:0:5200 --count 1000 --restart --patience-s 120 >/tmp/ticks.log 2>&1 &
+ticks=$!
+if wait_for "^ticks waiting-for-restart" 180 /tmp/ticks.log; then
+    xenstore-write data/ticks-restart 1
+else
+    xenstore-write data/ticks-restart none
+fi
+wait "$ticks"
+rc=$?
+xenstore-write data/ticks-done 1
+start=$(grep "^ticks phase=start" /tmp/ticks.log)
+if echo "$start" | grep -q " events=1000 ticks=1\.\.1000 "; then
+    pass "domu-subscription-in-order: $start"
+else
+    fail domu-subscription-in-order "want ticks 1 to 1000, each once and in order; rc=$rc: $(cat /tmp/ticks.log)"
+fi
+again=$(grep "^ticks phase=restart" /tmp/ticks.log)
+e1=$(echo "$start" | sed -n 's/.* epoch=\([0-9a-f]*\) .*/\1/p')
+prev=$(echo "$again" | sed -n 's/.* previous=\([0-9a-f]*\) .*/\1/p')
+e2=$(echo "$again" | sed -n 's/.* epoch=\([0-9a-f]*\) .*/\1/p')
+if [ "$rc" = 0 ] && [ -n "$e1" ] && [ "$prev" = "$e1" ] && [ -n "$e2" ] && [ "$e2" != "$e1" ] &&
+    echo "$again" | grep -q " events=1000 ticks=1\.\.1000 "; then
+    pass "domu-subscription-across-server-restart: $again"
+else
+    fail domu-subscription-across-server-restart "want a resync from epoch '$e1' to a new one, then ticks 1 to 1000; rc=$rc: $(cat /tmp/ticks.log)"
+fi
+sed "s/^/[ticks-watch] /" /tmp/ticks.log
+
 # The connection manager in dom0 decides this domain's connections (dom0's half: policy_checks
 # in guest.sh). dom0's echo service on port 5001 is not ours to call until the toolstack adds a
 # rule: the refusal names the manager's decision, which dom0 looks up in its audit trail

@@ -217,7 +217,9 @@ async fn a_listener_through_the_agent_is_announced_under_the_new_id() {
 }
 
 /// The subscription's next update, within the liveness bound.
-async fn next(bumps: &mut dombus::Subscription<u64, ()>) -> Option<Result<dombus::Update<u64, ()>, dombus::RpcError>> {
+async fn next(
+    bumps: &mut dombus::Subscription<u64, ()>,
+) -> Option<Result<dombus::Update<u64, ()>, dombus::RpcError>> {
     use futures::StreamExt;
     tokio::time::timeout(LIVENESS, bumps.next()).await.expect("an update in time")
 }

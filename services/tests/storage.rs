@@ -532,7 +532,12 @@ async fn a_full_clone_reports_progress() {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
-    assert!(gate.held(), "progress {held:?} published, but qemu-img's output was not held");
+    // (The wrapper marks its hold just after passing that line on.)
+    let t = Instant::now();
+    while !gate.held() {
+        assert!(t.elapsed() < LIVENESS, "progress {held:?} published, but qemu-img's output was not held");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // While it runs: the target's name and the source are busy, the source shows no progress.
     let busy = |e: StorageError| matches!(e, StorageError::Busy { .. });
     assert!(busy(err(s.create("copy".into(), Size(MIB), None, None).await)));

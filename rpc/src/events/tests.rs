@@ -74,6 +74,16 @@ async fn a_new_subscription_gets_the_state_then_only_later_events() {
 }
 
 #[tokio::test]
+async fn a_view_may_carry_a_snapshot_of_its_own() {
+    let topic: Topic<u64, Vec<u64>> = Topic::with_snapshot(limits(16), || vec![1, 2, 3]);
+    let mine = topic.events_where(|e| e % 2 == 1).with_snapshot(|| vec![1, 3]);
+    let r = batch(mine, poll(None, 10, 0)).await.resync.expect("a start is a resync");
+    assert_eq!(r.snapshot, Some(vec![1, 3]));
+    let r = batch(topic.events(), poll(None, 10, 0)).await.resync.expect("a start is a resync");
+    assert_eq!(r.snapshot, Some(vec![1, 2, 3]));
+}
+
+#[tokio::test]
 async fn a_poll_waits_for_the_next_event() {
     let topic: Topic<u64> = Topic::new(limits(16));
     let at = topic.cursor();

@@ -44,6 +44,12 @@ fn the_ring_keeps_the_newest_within_its_bounds() {
         topic.publish(i);
     }
     assert_eq!(topic.stats().retained, 2);
+    // Exactly at the bytes bound is within it.
+    let topic: Topic<u64> = Topic::new(TopicLimits { max_events: 100, max_bytes: 16 });
+    for i in 1..=10 {
+        topic.publish(i);
+    }
+    assert_eq!(topic.stats().retained, 2);
     // The newest stays even when it alone is over the bound.
     let topic: Topic<Vec<u8>> = Topic::new(TopicLimits { max_events: 100, max_bytes: 10 });
     topic.publish(vec![0; 100]);
@@ -180,7 +186,7 @@ impl Serialize for Picky {
 async fn an_event_that_does_not_encode_is_an_explicit_gap() {
     let topic: Topic<Picky> = Topic::new(limits(16));
     let start = topic.cursor();
-    for i in [2, 4, 5, 7, 8] {
+    for i in [2, 4, 6, 5, 7, 8] {
         topic.publish(Picky(i));
     }
     assert_eq!(topic.stats().unencodable, 2);
@@ -193,12 +199,39 @@ async fn an_event_that_does_not_encode_is_an_explicit_gap() {
         }
     };
     let b = ask(start).await;
-    assert_eq!((b.resync, b.events, b.next), (None, vec![(1, Picky(2)), (2, Picky(4))], 2));
-    let b = ask(Cursor { seq: 2, ..start }).await;
+    assert_eq!((b.resync, b.events, b.next), (None, vec![(1, Picky(2)), (2, Picky(4)), (3, Picky(6))], 3));
+    let b = ask(Cursor { seq: 3, ..start }).await;
     let r = b.resync.expect("the gap is a resync");
-    assert_eq!((r.reason, r.at), (ResyncReason::Missed { count: 2 }, 4));
-    let b = ask(Cursor { seq: 4, ..start }).await;
-    assert_eq!(b.events, vec![(5, Picky(8))]);
+    assert_eq!((r.reason, r.at), (ResyncReason::Missed { count: 2 }, 5));
+    let b = ask(Cursor { seq: 5, ..start }).await;
+    assert_eq!(b.events, vec![(6, Picky(8))]);
+}
+
+#[tokio::test]
+async fn a_batch_holds_at_most_its_bytes_but_always_one_event() {
+    // Each weighs 128 KiB as bincode (an 8-byte length, then the bytes): two fill a batch exactly.
+    let event = vec![0u8; (MAX_BATCH_BYTES / 2) - 8];
+    let topic: Topic<Vec<u8>> = Topic::new(TopicLimits { max_events: 16, max_bytes: 4 << 20 });
+    let start = topic.cursor();
+    for _ in 0..3 {
+        topic.publish(event.clone());
+    }
+    let big = vec![0u8; MAX_BATCH_BYTES + 1];
+    topic.publish(big.clone());
+    let ask = |from: Cursor| {
+        let events = topic.events();
+        async move {
+            let bytes = serve(events, poll(Some(from), 100, 0), Codec::Bincode).await.expect("answered");
+            Codec::Bincode.decode::<Batch<Vec<u8>, ()>>(&bytes).expect("decodes")
+        }
+    };
+    let b = ask(start).await;
+    assert_eq!((b.events.len(), b.next), (2, 2), "two events of half a batch each");
+    let b = ask(Cursor { seq: 2, ..start }).await;
+    assert_eq!((b.events.len(), b.next), (1, 3), "the third, alone: the big one does not fit beside it");
+    let b = ask(Cursor { seq: 3, ..start }).await;
+    assert_eq!((b.events.len(), b.next), (1, 4), "an event larger than a batch goes alone");
+    assert_eq!(b.events[0].1.len(), big.len());
 }
 
 #[tokio::test]

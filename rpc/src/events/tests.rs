@@ -241,6 +241,15 @@ async fn a_refusal_answers_every_poll() {
     assert_eq!((e.kind, e.detail.as_str()), (io::ErrorKind::PermissionDenied, "not yours"));
     assert!(is_final(&RpcError::Server(e)));
     assert!(!is_final(&RpcError::Server(ServerError::new(io::ErrorKind::WouldBlock, "overloaded".into()))));
+    // A connection the connection manager denies ends it; one refused for now does not.
+    let connect = |kind| {
+        RpcError::Send(Box::new(crate::client::ConnectFailed {
+            addr: "xen:3:5000".into(),
+            cause: io::Error::new(kind, "connecting"),
+        }))
+    };
+    assert!(is_final(&connect(io::ErrorKind::PermissionDenied)));
+    assert!(!is_final(&connect(io::ErrorKind::ConnectionRefused)));
 }
 
 #[test]

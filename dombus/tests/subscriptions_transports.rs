@@ -813,3 +813,41 @@ async fn a_hostile_servers_batches_are_refused_over_tcp() {
 async fn a_hostile_servers_batches_are_refused_over_xen() {
     run(xen, "hostile", hostile_server).await;
 }
+
+/// A server that answers every poll at once with nothing (it does not wait for events),
+/// counting the polls.
+struct Impatient;
+
+static IMPATIENT_POLLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl HostileFeed for Impatient {
+    async fn events(&self, call: StreamCall) -> Answer {
+        IMPATIENT_POLLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let next = call.poll.from.map_or(0, |c| c.seq);
+        let resync = call.poll.from.is_none().then_some(dombus::rpc::events::Resync {
+            reason: ResyncReason::Start,
+            at: 0,
+            snapshot: None,
+        });
+        Answer::Batch(Batch { epoch: HOSTILE_EPOCH, resync, events: vec![], next })
+    }
+}
+
+/// Against a server that answers none at once, a subscription polls at most every 10 ms
+/// instead of as fast as the round trips go.
+async fn impatient_server(p: Place) {
+    let (_server, serving) = p.serve_service(Impatient.into_service()).await;
+    let client = p.client();
+    let mut sub = client.events().wait(Duration::from_secs(1));
+    assert!(matches!(tokio::time::timeout(T, sub.next()).await.unwrap(), Some(Ok(Update::Resync { .. }))));
+    let before = IMPATIENT_POLLS.load(std::sync::atomic::Ordering::SeqCst);
+    let _ = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    let n = IMPATIENT_POLLS.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(n <= 40, "{} {n} polls in 300 ms", p.name);
+    serving.stop().await;
+}
+
+#[tokio::test]
+async fn empty_answers_at_once_are_polled_at_a_bounded_rate() {
+    run(unix, "impatient", impatient_server).await;
+}

@@ -53,6 +53,8 @@ pub const MAX_BATCH_EVENTS: u32 = 1024;
 pub const MAX_BATCH_BYTES: usize = 256 << 10;
 /// Longest a poll waits for an event on the server.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Least time between polls that found nothing, when the server answers them at once.
+const EMPTY_POLL_FLOOR: Duration = Duration::from_millis(10);
 
 /// A position in a topic's history: after the event `seq` of the topic whose epoch is `epoch`
 /// (`seq` 0: before the first).
@@ -588,6 +590,8 @@ pub struct Subscription<T, S> {
     /// Where the subscription stands once `ready` is delivered.
     after_ready: Option<Cursor>,
     pending: Option<PollFuture>,
+    /// When the poll in `pending` started.
+    polled_at: Option<Instant>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     failures: u32,
     done: bool,
@@ -617,6 +621,7 @@ impl<T, S> Subscription<T, S> {
             ready: VecDeque::new(),
             after_ready: None,
             pending: None,
+            polled_at: None,
             backoff: None,
             failures: 0,
             done: false,
@@ -756,6 +761,7 @@ where
                 this.backoff = None;
             }
             if this.pending.is_none() {
+                this.polled_at = Some(Instant::now());
                 this.pending = Some(this.start_poll(args));
             }
             let Some(pending) = &mut this.pending else { continue };
@@ -781,6 +787,12 @@ where
                     this.ready.extend(updates);
                     if this.ready.is_empty() {
                         this.cursor = Some(next);
+                        // A server waits for events before answering none; one that answers
+                        // none at once (it may not wait) is polled at most every 10 ms.
+                        let quick = this.polled_at.is_some_and(|t| t.elapsed() < EMPTY_POLL_FLOOR);
+                        if quick && this.wait >= EMPTY_POLL_FLOOR {
+                            this.backoff = Some(Box::pin(tokio::time::sleep(EMPTY_POLL_FLOOR)));
+                        }
                     } else {
                         this.after_ready = Some(next);
                     }

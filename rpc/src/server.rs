@@ -179,9 +179,7 @@ impl Counted {
         };
         Counted { target: target.clone(), method }
     }
-}
 
-impl Counted {
     /// Whether the call is a poll of one of its service's stream methods.
     fn is_stream(&self) -> bool {
         match (self.method, &self.target) {

@@ -2,6 +2,7 @@
 //! real tools, and the daemons hosting them.
 //!
 //! * [`storage`]: disk images on `qemu-img` (`dombus-storaged`).
+//! * [`network`]: bridges and vifs on netlink (`dombus-netd`).
 //!
 //! A storage domain serves its images, and the toolstack calls it through the generated client:
 //!
@@ -20,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod network;
 pub mod storage;
 
 /// Well-known virtual-socket ports of the services in a service domain (`xen:<domid>:<port>`).

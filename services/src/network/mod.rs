@@ -1,0 +1,482 @@
+//! The network service: what a network driver domain does for the toolstack — bridges, and the
+//! vifs of guests on them — on the kernel's own netlink (the job of `xl network-attach` and
+//! Xen's vif hotplug scripts).
+//!
+//! A vif is a guest's network device, named by the guest's domain id and the device's number
+//! ([`VifId`], `3.0`); its end in this domain is the link `vif3.0`, as Xen's netback names it.
+//! It is either
+//! - a **veth** pair, whose other end (`eth<devid>`) is in the network namespace that stands in
+//!   for the guest (`<guest-netns-dir>/dom<domid>`, made with the guest's first vif and let go
+//!   with its last), or
+//! - a **tap**, whose other end is a file descriptor a device model opens by the tap's name.
+//!
+//! As Xen's `vif-bridge` does, this domain's end gets the MAC address `fe:ff:ff:ff:ff:ff` (so
+//! that a bridge never takes it as its own), the MTU of its bridge unless told otherwise, and
+//! goes up once attached; the guest's MAC address is the guest's end's.
+//!
+//! With addresses given ([`Network::vif_set_addresses`]), only those source addresses may leave
+//! a vif, as `vif-common`'s anti-spoofing rules allow (nftables, in the `netdev` family on this
+//! domain's end). A rate ([`Rate`], netback's `rate` key) limits what the guest sends, with the
+//! kernel's token-bucket queue (`tbf`) on the guest's end.
+//!
+//! Every change to a bridge or a vif in the daemon's namespace is published as a
+//! [`NetworkEvent`] ([`Network::events`]) from the kernel's own link notifications, so changes
+//! made behind the daemon's back (`ip link set vif3.0 down`) are seen as well as its own.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub mod netns;
+#[cfg(test)]
+mod testutil;
+
+/// A guest's network device: the guest's domain id and the device's number (`3.0`, the link
+/// `vif3.0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VifId {
+    /// The guest's domain id.
+    pub domid: u32,
+    /// The device's number within the guest.
+    pub devid: u32,
+}
+
+impl VifId {
+    /// The name of this domain's end: `vif<domid>.<devid>` (at most 15 bytes, as every link
+    /// name: domain ids below 32,768 and device numbers below 10,000 fit).
+    pub fn link_name(&self) -> String {
+        format!("vif{}.{}", self.domid, self.devid)
+    }
+
+    /// The vif whose end in this domain is the link `name`, if it is one's.
+    pub fn from_link_name(name: &str) -> Option<VifId> {
+        name.strip_prefix("vif")?.parse().ok()
+    }
+
+    /// The name of the guest's end of a veth vif, in the guest's namespace: `eth<devid>`.
+    pub fn guest_name(&self) -> String {
+        format!("eth{}", self.devid)
+    }
+}
+
+impl fmt::Display for VifId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.domid, self.devid)
+    }
+}
+
+impl FromStr for VifId {
+    type Err = String;
+
+    /// `DOMID.DEVID` (`3.0`): both decimal, the domain id below 32,768 (Xen's domain ids), the
+    /// device number below 10,000 (so that the link's name fits the kernel's 15 bytes).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a vif (DOMID.DEVID, as 3.0)");
+        let (d, n) = s.split_once('.').ok_or_else(bad)?;
+        let num = |t: &str, max: u32| {
+            (!t.is_empty() && t.len() <= 5 && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u32>().ok())
+                .flatten()
+                .filter(|v| *v < max)
+        };
+        Ok(VifId { domid: num(d, 32_768).ok_or_else(bad)?, devid: num(n, 10_000).ok_or_else(bad)? })
+    }
+}
+
+impl Serialize for VifId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VifId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A MAC address, `00:16:3e:12:34:56` on the wire and the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// The address Xen's `vif-bridge` gives the backend's end of every vif, so that a bridge
+    /// never takes it as its own.
+    pub const BACKEND: Mac = Mac([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
+
+    /// A random address in Xen's range (`00:16:3e`), as `xl` gives a vif without one.
+    pub fn random_xen() -> Mac {
+        let mut b = [0u8; 3];
+        let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+        Mac([0x00, 0x16, 0x3e, b[0] & 0x7f, b[1], b[2]])
+    }
+
+    /// Why this address cannot be a device's own: multicast (and broadcast), or all zeros.
+    pub fn unusable(&self) -> Option<&'static str> {
+        if self.0[0] & 1 == 1 {
+            Some("a multicast address")
+        } else if self.0 == [0; 6] {
+            Some("all zeros")
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a MAC address (six hex bytes: 00:16:3e:12:34:56)");
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in &mut out {
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A rate limit on what a guest sends through a vif, as netback's `rate` key: `bytes` per
+/// second, in credits of `bytes × interval` (the largest burst). `10M/s@50ms` on the wire and
+/// the command line: a size (`K`, `M`, `G`: powers of 1,024; bytes without a unit) per second,
+/// and an interval in `ms` or `us` (50 ms when left out, Xen's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Bytes per second (at least 1,024).
+    pub bytes_per_sec: u64,
+    /// The credit interval, microseconds (1 ms to 10 s).
+    pub interval_us: u32,
+}
+
+impl Rate {
+    /// Xen's default credit interval: 50 ms.
+    pub const DEFAULT_INTERVAL_US: u32 = 50_000;
+
+    /// The largest burst: the credit of one interval, bytes.
+    pub fn burst_bytes(&self) -> u64 {
+        self.bytes_per_sec.saturating_mul(u64::from(self.interval_us)) / 1_000_000
+    }
+
+    /// Why this rate cannot be applied, if it cannot.
+    pub fn invalid(&self) -> Option<String> {
+        if self.bytes_per_sec < 1024 {
+            Some(format!("{} bytes/s is below the least rate, 1K/s", self.bytes_per_sec))
+        } else if !(1_000..=10_000_000).contains(&self.interval_us) {
+            Some(format!("an interval of {} us is not within 1 ms to 10 s", self.interval_us))
+        } else if self.burst_bytes() > u64::from(u32::MAX) {
+            Some("the burst (rate × interval) exceeds 4 GiB".into())
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/s@", dombus::Size(self.bytes_per_sec))?;
+        if self.interval_us % 1000 == 0 {
+            write!(f, "{}ms", self.interval_us / 1000)
+        } else {
+            write!(f, "{}us", self.interval_us)
+        }
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| format!("{s:?} is not a rate ({why}; as 10M/s or 10M/s@20ms)");
+        let (rate, interval) = match s.split_once('@') {
+            Some((r, i)) => (r, Some(i)),
+            None => (s, None),
+        };
+        let amount = rate.strip_suffix("/s").ok_or_else(|| bad("no /s"))?;
+        let bytes_per_sec = amount.parse::<dombus::Size>().map_err(|e| bad(&e.to_string()))?.bytes();
+        let interval_us = match interval {
+            None => Rate::DEFAULT_INTERVAL_US,
+            Some(i) => {
+                let (n, scale) = if let Some(n) = i.strip_suffix("ms") {
+                    (n, 1000)
+                } else if let Some(n) = i.strip_suffix("us") {
+                    (n, 1)
+                } else {
+                    return Err(bad("the interval needs ms or us"));
+                };
+                n.parse::<u32>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(|| bad("a bad interval"))?
+            }
+        };
+        Ok(Rate { bytes_per_sec, interval_us })
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a vif is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VifKind {
+    /// A veth pair, the guest's end in the guest's network namespace.
+    #[default]
+    Veth,
+    /// A tap, for a device model to open by name.
+    Tap,
+}
+
+/// A link's operational state, as the kernel reports it (`IFLA_OPERSTATE`, RFC 2863).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperState {
+    /// Up: it can pass packets.
+    Up,
+    /// Down (set down, or no carrier).
+    Down,
+    /// Down because a link under it is (a veth whose peer is down).
+    LowerLayerDown,
+    /// Waiting for something outside (802.1X).
+    Dormant,
+    /// In a test mode.
+    Testing,
+    /// Its hardware is missing.
+    NotPresent,
+    /// The driver does not say (a bridge without ports, `lo`).
+    Unknown,
+}
+
+/// What the kernel counted on this domain's end of a vif (so `rx` is what the guest sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Counters {
+    /// Bytes received from the guest.
+    pub rx_bytes: u64,
+    /// Packets received from the guest.
+    pub rx_packets: u64,
+    /// Receive errors.
+    pub rx_errors: u64,
+    /// Packets received and dropped.
+    pub rx_dropped: u64,
+    /// Bytes sent to the guest.
+    pub tx_bytes: u64,
+    /// Packets sent to the guest.
+    pub tx_packets: u64,
+    /// Transmit errors.
+    pub tx_errors: u64,
+    /// Packets to the guest dropped.
+    pub tx_dropped: u64,
+}
+
+/// A bridge of the network domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeInfo {
+    /// Its name.
+    pub name: String,
+    /// Its MTU, bytes.
+    pub mtu: u32,
+    /// Its MAC address.
+    pub mac: Option<Mac>,
+    /// Whether it is set up.
+    pub up: bool,
+    /// Its operational state.
+    pub state: OperState,
+    /// The links attached to it, by name.
+    pub members: Vec<String>,
+}
+
+/// A vif as the network domain holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VifInfo {
+    /// Which guest device it is.
+    pub vif: VifId,
+    /// This domain's end (`vif3.0`).
+    pub name: String,
+    /// What it is made of.
+    pub kind: VifKind,
+    /// The guest's MAC address (its end's, for a veth).
+    pub mac: Option<Mac>,
+    /// Its MTU, bytes.
+    pub mtu: u32,
+    /// The bridge it is attached to.
+    pub bridge: Option<String>,
+    /// Whether this domain's end is set up.
+    pub up: bool,
+    /// This domain's end's operational state.
+    pub state: OperState,
+    /// The only source addresses it lets the guest send from (every address when empty).
+    pub addresses: Vec<IpAddr>,
+    /// The limit on what the guest sends.
+    pub rate: Option<Rate>,
+    /// The guest's network namespace (a veth's other end is `eth<devid>` in it).
+    pub guest_netns: Option<String>,
+}
+
+/// The state a subscriber starts from: every bridge and vif.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetworkState {
+    /// The bridges, by name.
+    pub bridges: Vec<BridgeInfo>,
+    /// The vifs, by id.
+    pub vifs: Vec<VifInfo>,
+}
+
+/// A change to the bridges and vifs of the network domain, through the service or behind its
+/// back ([`Network::events`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkEvent {
+    /// A bridge appeared.
+    BridgeAdded(BridgeInfo),
+    /// A bridge's state, MTU, address or members changed: as it is now.
+    BridgeChanged(BridgeInfo),
+    /// A bridge went away.
+    BridgeRemoved {
+        /// Its name.
+        name: String,
+    },
+    /// A vif appeared.
+    VifAdded(VifInfo),
+    /// A vif's state, MTU, address, bridge, addresses or rate changed: as it is now.
+    VifChanged(VifInfo),
+    /// A vif went away.
+    VifRemoved {
+        /// Which it was.
+        vif: VifId,
+    },
+}
+
+/// Why a network call failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum NetworkError {
+    /// No bridge or vif of that name.
+    #[error("no {what} {name:?}")]
+    NotFound {
+        /// `bridge` or `vif`.
+        what: String,
+        /// The name asked for.
+        name: String,
+    },
+    /// A link of that name exists already.
+    #[error("{name:?} already exists")]
+    AlreadyExists {
+        /// The name.
+        name: String,
+    },
+    /// The bridge still has members (detach or delete its vifs first).
+    #[error("bridge {name:?} is busy: {members:?} attached")]
+    Busy {
+        /// The bridge.
+        name: String,
+        /// What is attached to it.
+        members: Vec<String>,
+    },
+    /// A name that cannot be a bridge's (1 to 15 bytes of `A-Z a-z 0-9 _ -`, not `vif…`).
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// An MTU the link cannot have.
+    #[error("invalid MTU {mtu}: {reason}")]
+    InvalidMtu {
+        /// The MTU given.
+        mtu: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A MAC address a device cannot have.
+    #[error("invalid MAC address {mac}: {reason}")]
+    InvalidMac {
+        /// The address given.
+        mac: Mac,
+        /// Why.
+        reason: String,
+    },
+    /// An address that cannot be a guest's (multicast, unspecified).
+    #[error("invalid address {address}: {reason}")]
+    InvalidAddress {
+        /// The address given.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// A rate that cannot be applied.
+    #[error("invalid rate {rate}: {reason}")]
+    InvalidRate {
+        /// The rate given.
+        rate: String,
+        /// Why.
+        reason: String,
+    },
+    /// The caller may not do this (only the toolstack manages the network), or the daemon
+    /// lacks the privilege for it.
+    #[error("permission denied: {operation}: {reason}")]
+    PermissionDenied {
+        /// What was refused.
+        operation: String,
+        /// Why.
+        reason: String,
+    },
+    /// What the call asks does not apply (a rate on a tap).
+    #[error("unsupported: {reason}")]
+    Unsupported {
+        /// Why.
+        reason: String,
+    },
+    /// The kernel refused an operation: which, and its error.
+    #[error("{operation}: the kernel said: {message} (errno {errno})")]
+    Kernel {
+        /// What was asked of it (`RTM_NEWLINK bridge xenbr0`).
+        operation: String,
+        /// Its error number.
+        errno: i32,
+        /// Its text.
+        message: String,
+    },
+    /// A tool the service runs failed (`nft`).
+    #[error("{tool} failed: {message}")]
+    ToolFailed {
+        /// Which tool.
+        tool: String,
+        /// What it said.
+        message: String,
+    },
+}

@@ -231,7 +231,10 @@ impl FromStr for Rate {
                 } else {
                     return Err(bad("the interval needs ms or us"));
                 };
-                n.parse::<u32>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(|| bad("a bad interval"))?
+                n.parse::<u32>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(scale))
+                    .ok_or_else(|| bad("a bad interval"))?
             }
         };
         Ok(Rate { bytes_per_sec, interval_us })

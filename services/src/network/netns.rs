@@ -23,16 +23,21 @@ pub enum Namespace {
     Path(PathBuf),
 }
 
-/// Whether this thread is in the machine's root network namespace: the one of pid 1.
-///
-/// An error when pid 1's namespace cannot be read (not root): the caller cannot tell, and
-/// must not assume it is elsewhere.
+/// The inode of the kernel's first network namespace (`init_net`, `PROC_NET_INIT_INO`), fixed
+/// since Linux 5.8.
+const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// Whether this thread is in the machine's own network namespace: the kernel's first one, or
+/// pid 1's (a container's own, where pid 1's can be read).
 pub fn in_root_namespace() -> io::Result<bool> {
     let ours = std::fs::metadata("/proc/thread-self/ns/net")?;
-    let init = std::fs::metadata("/proc/1/ns/net").map_err(|e| {
-        io::Error::new(e.kind(), format!("reading /proc/1/ns/net (pid 1's network namespace): {e}"))
-    })?;
-    Ok((ours.dev(), ours.ino()) == (init.dev(), init.ino()))
+    if ours.ino() == INIT_NET_INO {
+        return Ok(true);
+    }
+    // Reading pid 1's namespace takes the right to trace it, which a process with fewer
+    // capabilities than pid 1 lacks even as root: then only the kernel's first one is known.
+    Ok(std::fs::metadata("/proc/1/ns/net")
+        .is_ok_and(|init| (ours.dev(), ours.ino()) == (init.dev(), init.ino())))
 }
 
 /// Moves this thread into a new, empty network namespace (`unshare(CLONE_NEWNET)`). The
@@ -124,7 +129,8 @@ impl GuestNamespaces {
         std::fs::File::create(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
         let target = path.clone();
-        let held = run_in(Namespace::New, move || bind_mount(Path::new("/proc/thread-self/ns/net"), &target))?;
+        let held =
+            run_in(Namespace::New, move || bind_mount(Path::new("/proc/thread-self/ns/net"), &target))?;
         if let Err(e) = held {
             let _ = std::fs::remove_file(&path);
             return Err(e);

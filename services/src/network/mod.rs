@@ -29,7 +29,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod kernel_error;
 pub mod netns;
+#[cfg_attr(not(test), expect(dead_code, reason = "for the netlink implementation of `Network`"))]
+mod shape;
 #[cfg(test)]
 mod testutil;
 

@@ -249,6 +249,39 @@ mod tests {
         });
     }
 
+    /// A root qdisc of another kind is no rate and is not cleared, and a rate replaces it.
+    #[test]
+    fn another_root_qdisc_is_no_rate_and_is_replaced() {
+        if !namespaces_or_skip("another_root_qdisc_is_no_rate_and_is_replaced") {
+            return;
+        }
+        in_new_namespace(|| async {
+            let handle = connect();
+            let (guest, _) = veth(&handle, "eth0", "vif1.0").await;
+            let root_kind = async |handle: &Handle| {
+                let root = within("dump", root_qdisc(handle, guest)).await.unwrap().unwrap();
+                kind(&root).unwrap().to_owned()
+            };
+            let mut pfifo = TcMessage::with_index(i32::try_from(guest).unwrap());
+            pfifo.header.parent = TcHandle::ROOT;
+            pfifo.attributes.push(TcAttribute::Kind("pfifo".into()));
+            let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(pfifo));
+            request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+            within("pfifo", acked(&handle, request)).await.unwrap();
+            assert_eq!(root_kind(&handle).await, "pfifo");
+            assert_eq!(within("get", current_rate(&handle, guest)).await.unwrap(), None);
+            within("clear", clear_rate(&handle, guest)).await.unwrap();
+            assert_eq!(root_kind(&handle).await, "pfifo");
+            let rate = "2M/s@20ms".parse().unwrap();
+            within("set", set_rate(&handle, guest, 1500, rate)).await.unwrap();
+            assert_eq!(root_kind(&handle).await, "tbf");
+            assert_eq!(within("get", current_rate(&handle, guest)).await.unwrap(), Some(rate));
+            within("clear", clear_rate(&handle, guest)).await.unwrap();
+            // A veth's default: no queue.
+            assert_eq!(root_kind(&handle).await, "noqueue");
+        });
+    }
+
     /// The kernel's refusal is named with its operation and errno.
     #[test]
     fn a_link_that_does_not_exist_is_the_kernels_enodev() {

@@ -85,8 +85,8 @@ pub(crate) async fn current_rate(
         TcAttribute::Options(o) => Some(o),
         _ => None,
     });
-    // rtnetlink keeps the options of a qdisc it does not know as one attribute: TCA_OPTIONS
-    // whole, whose value is the tbf's own attributes.
+    // netlink-packet-route keeps the options of a qdisc it does not know as one attribute:
+    // TCA_OPTIONS whole, whose value is the tbf's own attributes.
     let bytes = match options.map(Vec::as_slice) {
         Some([TcOption::Other(nla)]) => {
             let mut v = vec![0; nla.value_len()];

@@ -40,8 +40,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::NetworkError;
 
-/// The most of `nft`'s output read: the listing of one vif's chain is a few kilobytes.
-const MAX_OUTPUT: u64 = 1 << 20;
+/// The most of `nft`'s output read: the listing of one vif's chain is a few kilobytes, that of
+/// every chain's name in the `netdev` family some 200 bytes a vif.
+const MAX_OUTPUT: u64 = 4 << 20;
 /// The most of `nft`'s error text kept (the rest is read and dropped).
 const MAX_ERROR: u64 = 16 << 10;
 /// How long one run of `nft` may take before it is killed.
@@ -722,21 +723,76 @@ mod tests {
     /// The MAC address of `vif3.0`, which the guest's side knows statically (so that the guest
     /// sends no ARP, whose sender the rules would judge too).
     const VIF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x30];
-    /// `vif3.0`'s address, where the test listens.
-    const VIF_ADDR: &str = "10.9.0.1:5000";
+    /// `vif3.0`'s addresses.
+    const VIF_ADDRS: [&str; 2] = ["10.9.0.1", "2001:db8::1"];
+    /// The guest's addresses: the ones it is allowed, and the ones it spoofs.
+    const GUEST_ADDRS: [&str; 4] = ["10.9.0.2", "10.9.0.66", "2001:db8::2", "2001:db8::66"];
+    /// Where `vif3.0`'s side listens.
+    const PORT: u16 = 5000;
 
-    /// Sends one datagram from `src` (an address of `g3`) to `vif3.0`, inside the guest's
-    /// namespace.
+    /// Makes the vif `vif3.0` (with [`VIF_ADDRS`]) whose guest's end `g3` (with
+    /// [`GUEST_ADDRS`]) is in a namespace of its own, returned. Both ends up, IPv6 addresses
+    /// without duplicate address detection, and `vif3.0`'s MAC address known statically on the
+    /// guest's side, so that the guest sends no neighbour discovery of its own but what the
+    /// kernel does for link-local addresses.
+    async fn vif_and_guest(guests: &GuestNamespaces) -> PathBuf {
+        use rtnetlink::packet_route::address::AddressHeaderFlags;
+
+        async fn add_addresses(handle: &rtnetlink::Handle, link: u32, addrs: &[&str]) {
+            for a in addrs {
+                let a = ip(a);
+                let mut add = handle.address().add(link, a, if a.is_ipv4() { 24 } else { 64 });
+                add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+                add.execute().await.unwrap();
+            }
+        }
+
+        let guest = guests.ensure(3).unwrap();
+        let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+        tokio::spawn(conn);
+        handle
+            .link()
+            .add(LinkVeth::new("vif3.0", "g3").address(VIF_MAC.to_vec()).build())
+            .execute()
+            .await
+            .unwrap();
+        let ns = std::fs::File::open(&guest).unwrap();
+        handle
+            .link()
+            .set(LinkUnspec::new_with_name("g3").setns_by_fd(ns.as_raw_fd()).build())
+            .execute()
+            .await
+            .unwrap();
+        let vif = index_of(&handle, "vif3.0").await;
+        add_addresses(&handle, vif, &VIF_ADDRS).await;
+        handle.link().set(LinkUnspec::new_with_index(vif).up().build()).execute().await.unwrap();
+        block_on_in(Namespace::Path(guest.clone()), || async {
+            let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+            tokio::spawn(conn);
+            let g3 = index_of(&handle, "g3").await;
+            add_addresses(&handle, g3, &GUEST_ADDRS).await;
+            handle.link().set(LinkUnspec::new_with_index(g3).up().build()).execute().await.unwrap();
+            for a in VIF_ADDRS {
+                handle.neighbours().add(g3, ip(a)).link_layer_address(&VIF_MAC).execute().await.unwrap();
+            }
+        })
+        .unwrap();
+        guest
+    }
+
+    /// Sends one datagram from `src` (an address of `g3`) to `vif3.0`'s address of its family,
+    /// inside the guest's namespace.
     fn send_from(guest: &Path, src: &str) {
-        let src: IpAddr = src.parse().unwrap();
+        let src = ip(src);
+        let to = ip(VIF_ADDRS[usize::from(src.is_ipv6())]);
         run_in(Namespace::Path(guest.to_path_buf()), move || {
             let socket = std::net::UdpSocket::bind(SocketAddr::new(src, 0)).unwrap();
-            socket.send_to(b"x", VIF_ADDR).unwrap();
+            socket.send_to(b"x", SocketAddr::new(to, PORT)).unwrap();
         })
         .unwrap();
     }
 
-    /// The sources of what `vif3.0`'s side receives until nothing has come for 300 ms.
+    /// The sources of what `socket` receives until nothing has come for 300 ms.
     async fn received(socket: &tokio::net::UdpSocket) -> Vec<IpAddr> {
         let mut sources = Vec::new();
         let mut buf = [0u8; 64];
@@ -745,6 +801,17 @@ mod tests {
             sources.push(got.unwrap().1.ip());
         }
         sources
+    }
+
+    /// Sends from `src` until something comes through (the link may take a moment to carry).
+    async fn wait_for_traffic(guest: &Path, socket: &tokio::net::UdpSocket, src: &str) {
+        for _ in 0..20 {
+            send_from(guest, src);
+            if !received(socket).await.is_empty() {
+                return;
+            }
+        }
+        panic!("nothing from the allowed address {src} came through");
     }
 
     /// Real traffic from a guest's namespace: what comes from the allowed address passes, what
@@ -756,59 +823,14 @@ mod tests {
             return;
         }
         in_new_namespace(|| async {
-            let dir = std::env::temp_dir().join(format!("dombus-spoof-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("dombus-spoof-v4-{}", std::process::id()));
             let guests = GuestNamespaces::new(dir.clone()).unwrap();
-            let guest = guests.ensure(3).unwrap();
-
-            let (conn, handle, _) = rtnetlink::new_connection().unwrap();
-            tokio::spawn(conn);
-            handle
-                .link()
-                .add(LinkVeth::new("vif3.0", "g3").address(VIF_MAC.to_vec()).build())
-                .execute()
-                .await
-                .unwrap();
-            let ns = std::fs::File::open(&guest).unwrap();
-            handle
-                .link()
-                .set(LinkUnspec::new_with_name("g3").setns_by_fd(ns.as_raw_fd()).build())
-                .execute()
-                .await
-                .unwrap();
-            let vif = index_of(&handle, "vif3.0").await;
-            handle.address().add(vif, ip("10.9.0.1"), 24).execute().await.unwrap();
-            handle.link().set(LinkUnspec::new_with_index(vif).up().build()).execute().await.unwrap();
-            block_on_in(Namespace::Path(guest.clone()), || async {
-                let (conn, handle, _) = rtnetlink::new_connection().unwrap();
-                tokio::spawn(conn);
-                let g3 = index_of(&handle, "g3").await;
-                for a in ["10.9.0.2", "10.9.0.66"] {
-                    handle.address().add(g3, ip(a), 24).execute().await.unwrap();
-                }
-                handle.link().set(LinkUnspec::new_with_index(g3).up().build()).execute().await.unwrap();
-                handle
-                    .neighbours()
-                    .add(g3, ip("10.9.0.1"))
-                    .link_layer_address(&VIF_MAC)
-                    .execute()
-                    .await
-                    .unwrap();
-            })
-            .unwrap();
-            let socket = tokio::net::UdpSocket::bind(VIF_ADDR).await.unwrap();
+            let guest = vif_and_guest(&guests).await;
+            let socket = tokio::net::UdpSocket::bind((ip(VIF_ADDRS[0]), PORT)).await.unwrap();
 
             let spoof = anti_spoof();
             spoof.set("vif3.0", &[ip("10.9.0.2")]).await.unwrap();
-            // The link may take a moment to carry: wait for the allowed source to come through.
-            let mut ready = false;
-            for _ in 0..20 {
-                send_from(&guest, "10.9.0.2");
-                if !received(&socket).await.is_empty() {
-                    ready = true;
-                    break;
-                }
-            }
-            assert!(ready, "nothing from the allowed address came through");
+            wait_for_traffic(&guest, &socket, "10.9.0.2").await;
             for _ in 0..3 {
                 send_from(&guest, "10.9.0.66");
             }
@@ -827,6 +849,48 @@ mod tests {
             send_from(&guest, "10.9.0.66");
             assert_eq!(received(&socket).await, vec![ip("10.9.0.2"), ip("10.9.0.66")], "everything passes");
             assert_eq!(spoof.dropped("vif3.0").await.unwrap(), 0);
+
+            guests.remove_all().unwrap();
+            std::fs::remove_dir(&dir).unwrap();
+        });
+    }
+
+    /// The same for IPv6, the vif given an address of each family: the allowed IPv6 source
+    /// passes, another is dropped and counted; the guest's IPv4 from its allowed address still
+    /// passes; with only an IPv4 address given, no IPv6 passes from a global address.
+    #[test]
+    fn a_spoofed_ipv6_source_is_dropped_and_counted() {
+        if !namespaces_or_skip("a_spoofed_ipv6_source_is_dropped_and_counted") {
+            return;
+        }
+        in_new_namespace(|| async {
+            let dir = std::env::temp_dir().join(format!("dombus-spoof-v6-{}", std::process::id()));
+            let guests = GuestNamespaces::new(dir.clone()).unwrap();
+            let guest = vif_and_guest(&guests).await;
+            let v4 = tokio::net::UdpSocket::bind((ip(VIF_ADDRS[0]), PORT)).await.unwrap();
+            let v6 = tokio::net::UdpSocket::bind((ip(VIF_ADDRS[1]), PORT)).await.unwrap();
+
+            let spoof = anti_spoof();
+            spoof.set("vif3.0", &[ip("10.9.0.2"), ip("2001:db8::2")]).await.unwrap();
+            wait_for_traffic(&guest, &v6, "2001:db8::2").await;
+            for _ in 0..2 {
+                send_from(&guest, "2001:db8::66");
+            }
+            send_from(&guest, "2001:db8::2");
+            assert_eq!(received(&v6).await, vec![ip("2001:db8::2")], "only the allowed source passes");
+            send_from(&guest, "10.9.0.2");
+            assert_eq!(received(&v4).await, vec![ip("10.9.0.2")]);
+            assert_eq!(spoof.dropped("vif3.0").await.unwrap(), 2);
+
+            spoof.set("vif3.0", &[ip("10.9.0.2")]).await.unwrap();
+            send_from(&guest, "2001:db8::2");
+            send_from(&guest, "2001:db8::66");
+            assert_eq!(
+                received(&v6).await,
+                Vec::<IpAddr>::new(),
+                "no IPv6 passes without an IPv6 address given"
+            );
+            assert_eq!(spoof.dropped("vif3.0").await.unwrap(), 2);
 
             guests.remove_all().unwrap();
             std::fs::remove_dir(&dir).unwrap();

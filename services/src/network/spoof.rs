@@ -730,6 +730,24 @@ mod tests {
     /// Where `vif3.0`'s side listens.
     const PORT: u16 = 5000;
 
+    /// The guests' namespaces of a test under `dir`, let go when the test ends, also when it
+    /// fails.
+    struct Guests(GuestNamespaces, PathBuf);
+
+    impl Guests {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("dombus-spoof-{name}-{}", std::process::id()));
+            Guests(GuestNamespaces::new(dir.clone()).unwrap(), dir)
+        }
+    }
+
+    impl Drop for Guests {
+        fn drop(&mut self) {
+            let _ = self.0.remove_all();
+            let _ = std::fs::remove_dir(&self.1);
+        }
+    }
+
     /// Makes the vif `vif3.0` (with [`VIF_ADDRS`]) whose guest's end `g3` (with
     /// [`GUEST_ADDRS`]) is in a namespace of its own, returned. Both ends up, IPv6 addresses
     /// without duplicate address detection, and `vif3.0`'s MAC address known statically on the
@@ -823,9 +841,8 @@ mod tests {
             return;
         }
         in_new_namespace(|| async {
-            let dir = std::env::temp_dir().join(format!("dombus-spoof-v4-{}", std::process::id()));
-            let guests = GuestNamespaces::new(dir.clone()).unwrap();
-            let guest = vif_and_guest(&guests).await;
+            let guests = Guests::new("v4");
+            let guest = vif_and_guest(&guests.0).await;
             let socket = tokio::net::UdpSocket::bind((ip(VIF_ADDRS[0]), PORT)).await.unwrap();
 
             let spoof = anti_spoof();
@@ -849,9 +866,6 @@ mod tests {
             send_from(&guest, "10.9.0.66");
             assert_eq!(received(&socket).await, vec![ip("10.9.0.2"), ip("10.9.0.66")], "everything passes");
             assert_eq!(spoof.dropped("vif3.0").await.unwrap(), 0);
-
-            guests.remove_all().unwrap();
-            std::fs::remove_dir(&dir).unwrap();
         });
     }
 
@@ -864,9 +878,8 @@ mod tests {
             return;
         }
         in_new_namespace(|| async {
-            let dir = std::env::temp_dir().join(format!("dombus-spoof-v6-{}", std::process::id()));
-            let guests = GuestNamespaces::new(dir.clone()).unwrap();
-            let guest = vif_and_guest(&guests).await;
+            let guests = Guests::new("v6");
+            let guest = vif_and_guest(&guests.0).await;
             let v4 = tokio::net::UdpSocket::bind((ip(VIF_ADDRS[0]), PORT)).await.unwrap();
             let v6 = tokio::net::UdpSocket::bind((ip(VIF_ADDRS[1]), PORT)).await.unwrap();
 
@@ -891,9 +904,6 @@ mod tests {
                 "no IPv6 passes without an IPv6 address given"
             );
             assert_eq!(spoof.dropped("vif3.0").await.unwrap(), 2);
-
-            guests.remove_all().unwrap();
-            std::fs::remove_dir(&dir).unwrap();
         });
     }
 }

@@ -21,6 +21,8 @@ pub enum Daemon {
     Backend(dombus_manager::daemon::BackendArgs),
     /// A storage domain (what `dombus-storaged` runs).
     Storage(DaemonArgs),
+    /// A network driver domain (what `dombus-netd` runs).
+    Network(dombus_services::network::DaemonArgs),
     /// A domain's agent (what `dombusd` runs).
     Agent(dombus_agent::daemon::AgentArgs),
 }
@@ -32,6 +34,11 @@ pub fn run(daemon: Daemon) -> anyhow::Result<()> {
         Daemon::Hypervisor { socket } => hypervisor(socket),
         Daemon::Backend(args) => runtime()?.block_on(dombus_manager::daemon::run(args)),
         Daemon::Storage(args) => runtime()?.block_on(run_daemon(args)),
+        Daemon::Network(args) => {
+            // Before the runtime's threads start: they inherit the namespace.
+            dombus_services::network::enter_namespace(&args)?;
+            runtime()?.block_on(dombus_services::network::run_daemon(args))
+        }
         Daemon::Agent(args) => dombus_agent::daemon::runtime()?.block_on(dombus_agent::daemon::run(args)),
     }
 }

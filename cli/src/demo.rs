@@ -1,7 +1,10 @@
 //! `dombus demo`: brings a simulated host up, drives its storage domain as the toolstack through
 //! the generated clients (each call printed with what it did and its round trip, and the image
-//! events it caused as a subscription receives them), prints a latency summary, and brings the
-//! host down.
+//! events it caused as a subscription receives them), prints a latency summary, shows the
+//! connection manager at work, drives the network domain (bridge, vifs, real traffic between
+//! two guests' namespaces), and brings the host down.
+
+mod network;
 
 use std::fmt;
 use std::future::Future;
@@ -320,7 +323,9 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     let list = timed("storage.list(), typed call (200)", 200, || storage.list(context(d))).await?;
     let together = together(host, &storage_addr).await?;
     let policy = policy(host).await?;
+    let network = network::run(host).await?;
     Ok(serde_json::json!({
+        "network": network,
         "ping": ping,
         "storage_list": list,
         "storage_events": events,
@@ -469,7 +474,7 @@ pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
         r = drive(&host) => r,
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
     };
-    println!("\n6. Host down");
+    println!("\n7. Host down");
     let stopped = host.down(false).await;
     let stray: Vec<u32> =
         pids.iter().copied().filter(|&p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();

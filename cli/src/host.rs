@@ -1,6 +1,7 @@
 //! `dombus host up | down | status`: a whole dombus host on one machine without Xen — the
 //! simulated hypervisor; dom0, the backend domain with the connection manager, which is also the
-//! toolstack's domain as on Xen; the service domains (the storage domain); and a guest — each a
+//! toolstack's domain as on Xen; the service domains (the storage domain, and the network domain
+//! in a network namespace of its own where this user may make one); and a guest — each a
 //! separate process with its own domain id, all state in one directory. Every domain has an
 //! agent: dom0's runs in the backend daemon, and every `dombus` command reaches the host through
 //! it (any number at once); each service daemon is its domain's agent in-process and serves the
@@ -16,6 +17,7 @@
 //! <state>/domains/<name>/agent.sock  each other domain's agent
 //! <state>/logs/*.log              one log per process
 //! <state>/images/                 the storage domain's disk images
+//! <state>/netns/dom<id>           the guests' network namespaces (the network domain's vifs)
 //! ```
 
 use std::fs::File;
@@ -40,6 +42,8 @@ pub const BACKEND: DomId = DomId(0);
 pub const STORAGE: DomId = DomId(2);
 /// The guest's id on a simulated host.
 pub const GUEST: DomId = DomId(3);
+/// The network domain's id on a simulated host.
+pub const NETWORK: DomId = DomId(4);
 /// The guest's name.
 pub const GUEST_NAME: &str = "guest1";
 
@@ -116,6 +120,10 @@ impl StateDir {
     }
     fn logs(&self) -> PathBuf {
         self.0.join("logs")
+    }
+    /// Where the network domain holds the guests' network namespaces.
+    pub fn guest_netns(&self) -> PathBuf {
+        self.0.join("netns")
     }
     /// The storage domain's image directory.
     pub fn images(&self) -> PathBuf {
@@ -424,9 +432,11 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
 
     // The toolstack labels the domains it is about to start (labels go by name).
     let manager = host.manifest.admin().await?;
-    for (name, type_, tags) in
-        [("storage", "service-domain", vec!["storage".to_string()]), (GUEST_NAME, "guest", vec![])]
-    {
+    for (name, type_, tags) in [
+        ("storage", "service-domain", vec!["storage".to_string()]),
+        ("network", "service-domain", vec!["network".to_string()]),
+        (GUEST_NAME, "guest", vec![]),
+    ] {
         manager
             .label(context(START_TIMEOUT), name.into(), Some(type_.into()), tags)
             .await
@@ -447,7 +457,8 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     let storage_addr = format!("xen:{STORAGE}:{}", ports::STORAGE);
     let images = state.images().display().to_string();
     let guest_agent = state.domain_agent(GUEST_NAME);
-    let domains = [
+    let network_addr = format!("xen:{NETWORK}:{}", ports::NETWORK);
+    let mut domains = vec![
         (
             STORAGE,
             "storage",
@@ -471,6 +482,31 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
             vec![],
         ),
     ];
+    // The network domain changes the links of its namespace: it runs in a new one, which only a
+    // privileged user may make. Without, the host runs without it, and says so.
+    match network_namespaces_possible() {
+        Ok(()) => domains.push((
+            NETWORK,
+            "network",
+            "network domain: bridges and vifs on netlink, in a network namespace of its own",
+            vec![
+                "network".to_string(),
+                "--unshare-netns".into(),
+                "--guest-netns-dir".into(),
+                state.guest_netns().display().to_string(),
+                "--listen".into(),
+                network_addr.clone(),
+                "--serve-agent".into(),
+                state.domain_agent("network").display().to_string(),
+            ],
+            vec![ServiceEntry { name: "network".into(), addr: network_addr.clone() }],
+        )),
+        Err(why) => {
+            if !quiet {
+                println!("  network domain   not started: {why}");
+            }
+        }
+    }
     for (domid, name, role, mut args, services) in domains {
         args.extend(domain_args(domid));
         let agent = state.domain_agent(name);
@@ -642,6 +678,13 @@ async fn stop_all(
     }
     let _ = std::fs::remove_file(state.manifest());
     let _ = std::fs::remove_file(&m.sim_socket);
+    // The network domain lets its guests' namespaces go when it stops; after a kill, here.
+    if state.guest_netns().exists()
+        && let Err(e) = dombus_services::network::netns::GuestNamespaces::new(state.guest_netns())
+            .and_then(|g| g.remove_all())
+    {
+        eprintln!("dombus: letting the guests' network namespaces go: {e}");
+    }
     if !stubborn.is_empty() {
         eprintln!(
             "dombus: killed after {STOP_TIMEOUT:?} without stopping on SIGTERM: {}",
@@ -822,4 +865,11 @@ pub fn render_status(s: &Status) -> String {
     let links: Vec<String> = s.links.iter().map(|(a, b)| format!("{a} ↔ {b}")).collect();
     out.push(format!("links: {}", if links.is_empty() { "none".to_string() } else { links.join(", ") }));
     out.join("\n")
+}
+
+/// Whether this user may make network namespaces (the network domain needs one): why not, if
+/// not.
+pub fn network_namespaces_possible() -> Result<(), String> {
+    use dombus_services::network::netns::{Namespace, run_in};
+    run_in(Namespace::New, || ()).map_err(|e| format!("making a network namespace needs root ({e})"))
 }

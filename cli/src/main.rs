@@ -5,6 +5,7 @@
 //! dombus host up | down | status                the simulated host (hypervisor, backend and storage domains)
 //! dombus storage create disk0 --size 10G --format qcow2 [--domain 2 | --addr ADDR]
 //! dombus storage list | info NAME | snapshot-create NAME SNAP | clone-disk SRC NAME [--linked] | …
+//! dombus network bridge-create xenbr0 | vif-create 3.0 --bridge xenbr0 | vif-list | events | …
 //! dombus policy rules | add RULE | remove FILE LINE [--teardown] | explain SRC TGT SERVICE
 //! dombus policy decision ID | audit | domains | label NAME --type T --tags a,b | links | revoke A B
 //! dombus policy status | xsm | lint DIR      the connection manager (the toolstack's side)
@@ -28,6 +29,7 @@ use dombus::rpc::cli::{self, NetArgs, ServiceCli, exit};
 use dombus::rpc::{Address, Client, ClientConfig, Net, RawClient, error_text, wire};
 use dombus::transport::types::DomId;
 use dombus_manager::PolicyAdminRequest;
+use dombus_services::network::NetworkRequest;
 use dombus_services::storage::{StorageClient, StorageRequest};
 
 mod daemons;
@@ -89,7 +91,8 @@ enum Top {
 
 #[derive(Subcommand)]
 enum HostCommand {
-    /// Start the simulated hypervisor, the backend domain and the storage domain.
+    /// Start the simulated hypervisor, the backend domain, the storage and network domains and a
+    /// guest.
     Up,
     /// Stop every process of the host (logs and images stay in the state directory).
     Down,
@@ -106,24 +109,25 @@ impl Failure {
     }
 }
 
-/// The `storage` command: every method of the storage service, from its generated glue.
-fn storage_command() -> clap::Command {
-    StorageRequest::command()
-        .about("Disk images in a storage domain (qemu-img)")
+/// The command of a service domain's service (`storage`, `network`): every method, from its
+/// generated glue, with `--domain` and `--addr` to say which domain.
+fn service_command(command: clap::Command, service: &str, about: &'static str) -> clap::Command {
+    command
+        .about(about)
         .arg(
             Arg::new("domain")
                 .long("domain")
                 .value_name("DOMID")
                 .global(true)
                 .value_parser(clap::value_parser!(DomId))
-                .help("The storage domain [default: the host's]"),
+                .help(format!("The {service} domain [default: the host's]")),
         )
         .arg(
             Arg::new("addr")
                 .long("addr")
                 .value_name("ADDR")
                 .global(true)
-                .help("The storage service's address"),
+                .help(format!("The {service} service's address")),
         )
 }
 
@@ -201,16 +205,25 @@ fn net_for(net: &NetArgs, state: &StateDir) -> Result<(Net, Option<host::Manifes
     Ok((net, manifest))
 }
 
-async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
+/// A client of the service `service` (at `port` of a service domain) that a command's
+/// `--addr` or `--domain` names, else the host's.
+async fn service_client<Req>(
+    global: &NetArgs,
+    state: &StateDir,
+    m: &ArgMatches,
+    service: &str,
+    port: u32,
+) -> Result<Client<Req>, Failure>
+where
+    Req: dombus::rpc::wire::Request,
+{
     let (net, manifest) = net_for(global, state)?;
     let addr: Address = match (m.get_one::<String>("addr"), m.get_one::<DomId>("domain"), &manifest) {
         (Some(a), _, _) => a.parse().map_err(|e| Failure(exit::USAGE, format!("--addr: {e}")))?,
-        (None, Some(d), _) => {
-            format!("xen:{d}:{}", dombus_services::ports::STORAGE).parse().map_err(Failure::refused)?
-        }
-        (None, None, Some(m)) => {
-            m.service_addr("storage").ok_or_else(|| Failure::refused("the host has no storage domain"))?
-        }
+        (None, Some(d), _) => format!("xen:{d}:{port}").parse().map_err(Failure::refused)?,
+        (None, None, Some(m)) => m
+            .service_addr(service)
+            .ok_or_else(|| Failure::refused(format!("the host has no {service} domain")))?,
         (None, None, None) => {
             return Err(Failure(
                 exit::USAGE,
@@ -218,10 +231,24 @@ async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatc
             ));
         }
     };
+    Client::<Req>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
+        .await
+        .map_err(|e| Failure::refused(format!("{addr}: {e}")))
+}
+
+async fn run_network(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
     let client =
-        Client::<StorageRequest>::connect(net, addr.clone(), ClientConfig::default(), global.timeout())
-            .await
-            .map_err(|e| Failure::refused(format!("{addr}: {e}")))?;
+        service_client::<NetworkRequest>(global, state, m, "network", dombus_services::ports::NETWORK)
+            .await?;
+    cli::run(&client, global.context(), m, json)
+        .await
+        .map_err(|e| Failure(cli::call_error_status(&e), cli::cli_error_text(&e)))
+}
+
+async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
+    let client =
+        service_client::<StorageRequest>(global, state, m, "storage", dombus_services::ports::STORAGE)
+            .await?;
     let progress = watch_progress(&client, m, json);
     let status = cli::run(&client, global.context(), m, json).await;
     progress.finish().await;
@@ -352,7 +379,9 @@ async fn run_host(cli: &Cli, state: StateDir, command: &HostCommand) -> Result<u
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&host.manifest).unwrap_or_default());
             } else {
-                println!("host up: `dombus host status`, `dombus storage list`, `dombus host down`");
+                println!(
+                    "host up: `dombus host status`, `dombus storage list`, `dombus network vif-list`, `dombus host down`"
+                );
             }
         }
         HostCommand::Down => {
@@ -383,6 +412,11 @@ async fn run(matches: ArgMatches) -> Result<u8, Failure> {
             let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
             return run_storage(&net, &state, matches.get_flag("json"), m).await;
         }
+        Some(("network", m)) => {
+            let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
+            let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
+            return run_network(&net, &state, matches.get_flag("json"), m).await;
+        }
         Some(("policy", m)) => {
             let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
             let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
@@ -410,7 +444,18 @@ fn state_for_demo(cli: &Cli) -> Option<StateDir> {
 }
 
 fn main() -> ExitCode {
-    let command = Cli::command().subcommand(storage_command()).subcommand(policy_command());
+    let command = Cli::command()
+        .subcommand(service_command(
+            StorageRequest::command(),
+            "storage",
+            "Disk images in a storage domain (qemu-img)",
+        ))
+        .subcommand(service_command(
+            NetworkRequest::command(),
+            "network",
+            "Bridges and vifs in a network domain (netlink)",
+        ))
+        .subcommand(policy_command());
     let matches = match command.try_get_matches() {
         Ok(m) => m,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! End to end, as an operator would: `dombus host up`, `dombus storage …` calls across domains
 //! (toolstack → storage domain over transport-xen link sockets on the simulated hypervisor),
 //! `dombus host status`, `dombus policy …` (a guest denied, the decision looked up, lint),
+//! `dombus network …` calls (toolstack → network domain, in a network namespace of its own),
 //! `dombus host down` — and no stray processes after; `dombus policy watch` prints a denial as it
 //! happens; `dombus demo` runs to completion.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -34,7 +35,15 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         serde_json::from_slice(&std::fs::read(state.join("host.json")).unwrap()).unwrap();
     let pids: Vec<u64> =
         manifest["procs"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
-    assert_eq!(pids.len(), 4, "hypervisor, backend (dom0), storage, guest1: {manifest}");
+    // The network domain runs where this user may make a network namespace (root, as in CI).
+    let network =
+        dombus_services::network::netns::run_in(dombus_services::network::netns::Namespace::New, || ())
+            .is_ok();
+    assert_eq!(
+        pids.len(),
+        4 + usize::from(network),
+        "hypervisor, backend (dom0), storage, guest1, network: {manifest}"
+    );
     assert!(pids.iter().all(|&p| alive(p)));
     // A second host in the same state directory is refused.
     let again = dombus(&state, &["host", "up"]);
@@ -76,6 +85,10 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let v = json(&dombus(&state, &["--json", "ping", "xen:2:5100", "--count", "200"]));
     assert_eq!(v["count"], 200);
 
+    if network {
+        network_commands(&state);
+    }
+
     // Status: processes, the manager's domains, services answering, links. The daemons keep no
     // link open between calls, so the test holds one (domain 7 to the storage domain, which the
     // toolstack allows first) while it asks, and asks again once that link is gone.
@@ -89,40 +102,59 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .iter()
         .map(|p| (p["name"].as_str().unwrap(), p["running"].as_bool().unwrap()))
         .collect();
-    assert_eq!(procs, [("hypervisor", true), ("backend", true), ("storage", true), ("guest1", true)], "{v}");
+    let mut want = vec![("hypervisor", true), ("backend", true), ("storage", true), ("guest1", true)];
+    want.extend(network.then_some(("network", true)));
+    assert_eq!(procs, want, "{v}");
     let names: Vec<&str> =
         v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["Domain-0", "storage", "guest1", "guest7"], "{v}");
+    let want: &[&str] = if network {
+        &["Domain-0", "storage", "guest1", "network", "guest7"]
+    } else {
+        &["Domain-0", "storage", "guest1", "guest7"]
+    };
+    assert_eq!(names, want, "{v}");
     let services: Vec<(&str, bool)> = v["services"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| (s["name"].as_str().unwrap(), s["ping_p50_us"].as_f64().is_some_and(|us| us > 0.0)))
         .collect();
-    assert_eq!(services, [("policy", true), ("storage", true)], "{v}");
+    let mut want = vec![("policy", true), ("storage", true)];
+    want.extend(network.then_some(("network", true)));
+    assert_eq!(services, want, "{v}");
     // Every domain links to the backend (dom0, where the toolstack's commands run); domain 7's
     // link to the storage domain was introduced by the manager.
+    let want = if network {
+        serde_json::json!([[0, 2], [0, 3], [0, 4], [0, 7], [2, 7]])
+    } else {
+        serde_json::json!([[0, 2], [0, 3], [0, 7], [2, 7]])
+    };
     assert_eq!(
-        v["links"],
-        serde_json::json!([[0, 2], [0, 3], [0, 7], [2, 7]]),
+        v["links"], want,
         "the backend's links, and the one domain 7 holds to the storage domain: {v}"
     );
     let text = stdout(&dombus(&state, &["host", "status"]));
     assert!(text.contains("storage") && text.contains("xen:2:5100") && text.contains("running"), "{text}");
-    assert!(text.contains("links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 7, 2 ↔ 7"), "{text}");
+    let want = if network {
+        "links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 4, 0 ↔ 7, 2 ↔ 7"
+    } else {
+        "links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 7, 2 ↔ 7"
+    };
+    assert!(text.contains(want), "{text}");
     drop(held);
     let v = json(&dombus(&state, &["--json", "host", "status"]));
-    assert_eq!(
-        v["links"],
-        serde_json::json!([[0, 2], [0, 3]]),
-        "domain 7 is gone, and its links with it: {v}"
-    );
+    let want = if network {
+        serde_json::json!([[0, 2], [0, 3], [0, 4]])
+    } else {
+        serde_json::json!([[0, 2], [0, 3]])
+    };
+    assert_eq!(v["links"], want, "domain 7 is gone, and its links with it: {v}");
 
     policy_commands(&state);
 
     let down = dombus(&state, &["host", "down"]);
     assert!(down.status.success(), "{down:?}");
-    assert!(stdout(&down).contains("4 processes stopped"), "{down:?}");
+    assert!(stdout(&down).contains(&format!("{} processes stopped", pids.len())), "{down:?}");
     // `down` waited for each process; init may take a moment to reap them (a liveness limit).
     let t = std::time::Instant::now();
     loop {
@@ -408,4 +440,73 @@ fn policy_watch_prints_a_denial_as_it_happens() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// `dombus network …` against the host's network domain: a bridge and a vif made, shown as a
+/// table and JSON, the kernel's state in the domain's namespace behind them, a service error
+/// (exit 1), a usage error (exit 2), the events stream.
+fn network_commands(state: &Path) {
+    let o = dombus(state, &["network", "bridge-create", "xenbr0", "--mtu", "1400"]);
+    assert!(o.status.success(), "{o:?}");
+    let o =
+        dombus(state, &["network", "vif-create", "3.0", "--bridge", "xenbr0", "--mac", "00:16:3e:00:00:03"]);
+    assert!(o.status.success(), "{o:?}");
+    let v = json(&dombus(state, &["--json", "network", "vif-info", "3.0"]));
+    assert_eq!(
+        (v["name"].as_str(), v["mtu"].as_u64(), v["bridge"].as_str()),
+        (Some("vif3.0"), Some(1400), Some("xenbr0")),
+        "{v}"
+    );
+    assert_eq!(v["mac"], "00:16:3e:00:00:03", "{v}");
+    // The guest's end is in the namespace the host holds for domain 3.
+    let ns = state.join("netns/dom3");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["ip", "-j", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(link[0]["address"], "00:16:3e:00:00:03", "{link}");
+    let o = dombus(state, &["network", "vif-list"]);
+    assert!(stdout(&o).starts_with("VIF") && stdout(&o).contains("vif3.0"), "a table: {o:?}");
+    let o = dombus(state, &["network", "bridge-delete", "xenbr0"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stderr(&o).contains(r#"bridge "xenbr0" is busy"#), "{o:?}");
+    let o = dombus(state, &["network", "vif-create", "3.x"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    // The events stream: a snapshot with the vif, then its removal (and the bridge's change).
+    let mut watch = Command::new(DOMBUS)
+        .arg("--state")
+        .arg(state)
+        .args(["--json", "network", "events", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A stream that never ends would hang the test: killed after 60 s.
+    let pid = watch.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = done.clone();
+    let guard = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(watch.stdout.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("resync") && first.contains("vif3.0"), "the snapshot shows the vif: {first}");
+    assert!(dombus(state, &["network", "vif-delete", "3.0"]).status.success());
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let status = watch.wait().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    guard.join().unwrap();
+    assert!(status.success(), "{status} {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("vif_removed")), "{rest:?}");
+    assert!(dombus(state, &["network", "bridge-delete", "xenbr0"]).status.success());
+    assert!(!ns.exists(), "the guest's namespace goes with its last vif");
 }

@@ -28,6 +28,8 @@ pub mod storage;
 pub mod ports {
     /// The storage service.
     pub const STORAGE: u32 = 5100;
+    /// The network service.
+    pub const NETWORK: u32 = 5200;
     /// The connection manager's admin service `policy`, in the backend domain
     /// (`xen:backend:1`; a privileged port). The agents reach the manager on port 2.
     pub const POLICY: u32 = 1;

@@ -29,20 +29,20 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod daemon;
+pub mod guest;
+mod kernel;
 mod kernel_error;
+mod monitor;
 pub mod netns;
-#[cfg_attr(not(test), expect(dead_code, reason = "for the netlink implementation of `Network`"))]
+mod service;
 mod shape;
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "for the service's implementation: this expectation fails, to be removed, once that calls it"
-    )
-)]
 mod spoof;
 #[cfg(test)]
 mod testutil;
+
+pub use daemon::{DaemonArgs, enter_namespace, run_daemon};
+pub use service::{DEFAULT_MAX_BRIDGES, DEFAULT_MAX_VIFS, DEFAULT_MTU, Netlink, NetworkConfig};
 
 /// A guest's network device: the guest's domain id and the device's number (`3.0`, the link
 /// `vif3.0`).
@@ -123,6 +123,15 @@ impl Mac {
         let mut b = [0u8; 3];
         let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
         Mac([0x00, 0x16, 0x3e, b[0] & 0x7f, b[1], b[2]])
+    }
+
+    /// A random, locally administered unicast address: a bridge's own, so that it never takes
+    /// one of its ports' (the kernel gives a bridge without a set address its lowest port's).
+    pub fn random_local() -> Mac {
+        let mut b = [0u8; 6];
+        let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+        b[0] = (b[0] & 0xfc) | 0x02;
+        Mac(b)
     }
 
     /// Why this address cannot be a device's own: multicast (and broadcast), or all zeros.
@@ -296,7 +305,8 @@ pub enum OperState {
     Unknown,
 }
 
-/// What the kernel counted on this domain's end of a vif (so `rx` is what the guest sent).
+/// What was counted on this domain's end of a vif (so `rx` is what the guest sent): the
+/// kernel's counters, and the anti-spoofing rules' drops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Counters {
     /// Bytes received from the guest.
@@ -315,6 +325,8 @@ pub struct Counters {
     pub tx_errors: u64,
     /// Packets to the guest dropped.
     pub tx_dropped: u64,
+    /// Packets from the guest its anti-spoofing rules dropped.
+    pub spoofed_dropped: u64,
 }
 
 /// A bridge of the network domain.
@@ -485,6 +497,14 @@ pub enum NetworkError {
         /// Its text.
         message: String,
     },
+    /// The service holds as many of these as it may.
+    #[error("too many {what}: at most {limit}")]
+    TooMany {
+        /// What (`vifs`, `bridges`).
+        what: String,
+        /// The bound.
+        limit: u64,
+    },
     /// A tool the service runs failed (`nft`).
     #[error("{tool} failed: {message}")]
     ToolFailed {
@@ -493,4 +513,80 @@ pub enum NetworkError {
         /// What it said.
         message: String,
     },
+}
+
+/// The bridges and vifs of a network driver domain.
+#[dombus::service(name = "network", version = 1)]
+pub trait Network {
+    /// Creates the bridge `name` (MTU 1500 unless `mtu`), up.
+    async fn bridge_create(&self, name: String, mtu: Option<u32>) -> Result<BridgeInfo, NetworkError>;
+
+    /// Deletes the bridge `name` (refused while links are attached to it).
+    async fn bridge_delete(&self, name: String) -> Result<(), NetworkError>;
+
+    /// Every bridge, with its members, MTU and state.
+    #[idempotent]
+    async fn bridge_list(&self) -> Result<Vec<BridgeInfo>, NetworkError>;
+
+    /// Creates the vif `vif` (a veth pair unless `kind` says tap) with the guest's MAC address
+    /// `mac` (a random one of Xen's range by default), attached to `bridge` if given, with the
+    /// bridge's MTU unless `mtu` (1500 without a bridge); this domain's end is up.
+    async fn vif_create(
+        &self,
+        vif: VifId,
+        kind: Option<VifKind>,
+        bridge: Option<String>,
+        mac: Option<Mac>,
+        mtu: Option<u32>,
+    ) -> Result<VifInfo, NetworkError>;
+
+    /// Deletes the vif `vif` (both ends, its rules and its rate).
+    async fn vif_delete(&self, vif: VifId) -> Result<(), NetworkError>;
+
+    /// Attaches the vif `vif` to the bridge `bridge` (moving it from another).
+    #[idempotent]
+    async fn vif_attach(&self, vif: VifId, bridge: String) -> Result<VifInfo, NetworkError>;
+
+    /// Detaches the vif `vif` from its bridge.
+    #[idempotent]
+    async fn vif_detach(&self, vif: VifId) -> Result<VifInfo, NetworkError>;
+
+    /// Sets the guest's MAC address of the vif `vif`.
+    #[idempotent]
+    async fn vif_set_mac(&self, vif: VifId, mac: Mac) -> Result<VifInfo, NetworkError>;
+
+    /// Sets the MTU of both ends of the vif `vif`.
+    #[idempotent]
+    async fn vif_set_mtu(&self, vif: VifId, mtu: u32) -> Result<VifInfo, NetworkError>;
+
+    /// Sets this domain's end of the vif `vif` up (`up`) or down.
+    #[idempotent]
+    async fn vif_set_up(&self, vif: VifId, up: bool) -> Result<VifInfo, NetworkError>;
+
+    /// Lets only the source addresses `addresses` leave the vif `vif` (every address when
+    /// empty), as Xen's anti-spoofing rules do.
+    #[idempotent]
+    async fn vif_set_addresses(&self, vif: VifId, addresses: Vec<IpAddr>) -> Result<VifInfo, NetworkError>;
+
+    /// Limits what the guest sends through the vif `vif` to `rate` (`10M/s@50ms`), or lifts
+    /// the limit when `rate` is left out.
+    #[idempotent]
+    async fn vif_set_rate(&self, vif: VifId, rate: Option<Rate>) -> Result<VifInfo, NetworkError>;
+
+    /// What the vif `vif` is: kind, MAC, MTU, bridge, state, addresses, rate.
+    #[idempotent]
+    async fn vif_info(&self, vif: VifId) -> Result<VifInfo, NetworkError>;
+
+    /// Every vif (of the guest domain `guest` only, if given), by id.
+    #[idempotent]
+    async fn vif_list(&self, guest: Option<u32>) -> Result<Vec<VifInfo>, NetworkError>;
+
+    /// What the kernel counted on this domain's end of the vif `vif`, and the packets its
+    /// anti-spoofing rules dropped.
+    #[idempotent]
+    async fn vif_counters(&self, vif: VifId) -> Result<Counters, NetworkError>;
+
+    /// Every change to the bridges and vifs, as it happens (also behind the service's back); a
+    /// resync's snapshot is every bridge and vif now.
+    async fn events(&self) -> dombus::Events<NetworkEvent, NetworkState>;
 }

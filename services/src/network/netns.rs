@@ -79,7 +79,8 @@ where
         }
         Ok(work())
     })?;
-    thread.join().map_err(|_| io::Error::other("the work inside a network namespace panicked"))?
+    // A panic inside is the caller's panic, with its own message.
+    thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Runs the future `work` makes on a current-thread runtime of its own inside `ns` (for a

@@ -53,6 +53,19 @@ where
     F: FnOnce(Domain) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
+    in_network_domain_with(name, |_| {}, test)
+}
+
+/// [`in_network_domain`], with the service's configuration changed by `configure`.
+fn in_network_domain_with<F, Fut>(
+    name: &'static str,
+    configure: impl FnOnce(&mut NetworkConfig) + Send + 'static,
+    test: F,
+) -> bool
+where
+    F: FnOnce(Domain) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     if let Err(e) = block_on_in(Namespace::New, || async {}) {
         missing_prerequisite(name, &format!("cannot make a network namespace ({e}): run as root"));
         return false;
@@ -63,7 +76,8 @@ where
     }
     block_on_in(Namespace::New, move || async move {
         let dir = TempDir::new(name);
-        let config = NetworkConfig { guest_netns_dir: dir.path("netns"), ..NetworkConfig::default() };
+        let mut config = NetworkConfig { guest_netns_dir: dir.path("netns"), ..NetworkConfig::default() };
+        configure(&mut config);
         let net = Netlink::start(config).await.unwrap();
         test(Domain { net, _dir: dir }).await;
     })
@@ -624,4 +638,28 @@ fn events_follow_every_change_and_only_the_toolstack_may_call() {
             other => panic!("a late subscriber's first update: {other:?}"),
         }
     });
+}
+
+/// Without nft the service runs: vifs are made, counted and deleted; only anti-spoofing is
+/// refused, saying what to install.
+#[test]
+fn without_nft_only_anti_spoofing_is_refused() {
+    in_network_domain_with(
+        "without_nft_only_anti_spoofing_is_refused",
+        |c| c.nft = "/nonexistent/nft".into(),
+        |d| async move {
+            let n = &d.net;
+            n.vif_create(vif(3, 0), None, None, None, None).await.unwrap();
+            assert_eq!(n.vif_counters(vif(3, 0)).await.unwrap().spoofed_dropped, 0);
+            match n.vif_set_addresses(vif(3, 0), vec!["10.0.0.3".parse().unwrap()]).await {
+                Err(NetworkError::ToolFailed { tool, message }) => {
+                    assert_eq!(tool, "nft");
+                    assert!(message.contains("nftables"), "{message}");
+                }
+                other => panic!("anti-spoofing without nft: {other:?}"),
+            }
+            assert!(n.vif_info(vif(3, 0)).await.unwrap().addresses.is_empty(), "a refused call changes nothing");
+            n.vif_delete(vif(3, 0)).await.unwrap();
+        },
+    );
 }

@@ -221,7 +221,12 @@ impl Rate {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/s@", dombus::Size(self.bytes_per_sec))?;
+        // Exact, as it travels on the wire: the largest unit that divides it, else bytes.
+        let b = self.bytes_per_sec;
+        match [(30, "G"), (20, "M"), (10, "K")].into_iter().find(|(shift, _)| b != 0 && b % (1u64 << shift) == 0) {
+            Some((shift, unit)) => write!(f, "{}{unit}/s@", b >> shift)?,
+            None => write!(f, "{b}/s@")?,
+        }
         if self.interval_us % 1000 == 0 {
             write!(f, "{}ms", self.interval_us / 1000)
         } else {
@@ -589,4 +594,99 @@ pub trait Network {
     /// Every change to the bridges and vifs, as it happens (also behind the service's back); a
     /// resync's snapshot is every bridge and vif now.
     async fn events(&self) -> dombus::Events<NetworkEvent, NetworkState>;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A vif's id: `DOMID.DEVID` both ways, its link's name both ways, and everything else
+    /// refused (a name the kernel could not take, a domain id Xen has not).
+    #[test]
+    fn vif_ids_are_read_and_written_as_domid_dot_devid() {
+        let v: VifId = "3.0".parse().unwrap();
+        assert_eq!((v, v.to_string(), v.link_name(), v.guest_name()), (VifId { domid: 3, devid: 0 }, "3.0".into(), "vif3.0".into(), "eth0".into()));
+        assert_eq!(VifId::from_link_name("vif32767.9999"), Some(VifId { domid: 32767, devid: 9999 }));
+        assert!(VifId { domid: 32767, devid: 9999 }.link_name().len() <= 15);
+        for bad in ["", "3", "3.", ".0", "3.0.1", "-1.0", "+3.0", "32768.0", "3.10000", "03a.0", " 3.0", "3.0 ", "99999999999.0"] {
+            assert!(bad.parse::<VifId>().is_err(), "{bad:?}");
+        }
+        assert_eq!(VifId::from_link_name("xenbr0"), None);
+        assert_eq!(VifId::from_link_name("vif3"), None);
+        assert_eq!(serde_json::to_string(&v).unwrap(), r#""3.0""#);
+        assert!(serde_json::from_str::<VifId>(r#""3.x""#).is_err());
+    }
+
+    /// MAC addresses: six hex bytes with `:` or `-`, written lower case with `:`; which a device
+    /// may not have.
+    #[test]
+    fn mac_addresses_are_read_written_and_judged() {
+        let m: Mac = "00:16:3E:0a:0b:0c".parse().unwrap();
+        assert_eq!(m.to_string(), "00:16:3e:0a:0b:0c");
+        assert_eq!("00-16-3e-0a-0b-0c".parse::<Mac>().unwrap(), m);
+        for bad in ["", "00:16:3e:0a:0b", "00:16:3e:0a:0b:0c:0d", "0:16:3e:0a:0b:0c", "00:16:3e:0a:0b:zz", "001:6:3e:0a:0b:0c"] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
+        }
+        assert_eq!(m.unusable(), None);
+        assert!(Mac([0x01, 0, 0x5e, 0, 0, 1]).unusable().is_some());
+        assert!(Mac([0xff; 6]).unusable().is_some());
+        assert!(Mac([0; 6]).unusable().is_some());
+        assert_eq!(Mac::BACKEND.unusable(), None);
+        let r = Mac::random_xen();
+        assert_eq!((r.0[..3].to_vec(), r.unusable()), (vec![0x00, 0x16, 0x3e], None));
+        let l = Mac::random_local();
+        assert_eq!((l.0[0] & 0x03, l.unusable()), (0x02, None));
+    }
+
+    /// Rates as `xl` writes them: a size per second and an interval (50 ms by default); the
+    /// burst is one interval's credit; what cannot be applied says why.
+    #[test]
+    fn rates_are_read_written_and_checked() {
+        let r: Rate = "10M/s@20ms".parse().unwrap();
+        assert_eq!((r.bytes_per_sec, r.interval_us, r.burst_bytes()), (10 << 20, 20_000, (10 << 20) / 50));
+        assert_eq!(r.to_string(), "10M/s@20ms");
+        assert_eq!("1M/s".parse::<Rate>().unwrap().interval_us, Rate::DEFAULT_INTERVAL_US);
+        assert_eq!("4096/s@1500us".parse::<Rate>().unwrap().to_string(), "4K/s@1500us");
+        for bad in ["", "10M", "10M/s@", "10M/s@20", "10M/s@20s", "ten/s", "10M/s@99999999999ms", "10M/s@-1ms"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad:?}");
+        }
+        assert!("1023/s".parse::<Rate>().unwrap().invalid().is_some());
+        assert!("1K/s@999us".parse::<Rate>().unwrap().invalid().is_some());
+        assert!("1K/s@10001ms".parse::<Rate>().unwrap().invalid().is_some());
+        assert!("1K/s@10000ms".parse::<Rate>().unwrap().invalid().is_none());
+        assert!(Rate { bytes_per_sec: u64::MAX, interval_us: 10_000_000 }.invalid().is_some(), "a burst beyond 4 GiB");
+        assert!(Rate { bytes_per_sec: u64::MAX, interval_us: 1_000 }.burst_bytes() > 0, "no overflow");
+    }
+
+    proptest! {
+        /// Any string either is refused or reads as a value that writes back and reads the same.
+        #[test]
+        fn parsers_never_panic_and_round_trip(s in "\\PC{0,24}") {
+            if let Ok(v) = s.parse::<VifId>() {
+                prop_assert_eq!(v.to_string().parse::<VifId>().unwrap(), v);
+            }
+            if let Ok(m) = s.parse::<Mac>() {
+                prop_assert_eq!(m.to_string().parse::<Mac>().unwrap(), m);
+            }
+            if let Ok(r) = s.parse::<Rate>() {
+                prop_assert_eq!(r.to_string().parse::<Rate>().unwrap(), r);
+            }
+        }
+
+        /// Every value writes as a string that reads back as itself.
+        #[test]
+        fn values_round_trip(domid in 0u32..32_768, devid in 0u32..10_000, mac in any::<[u8; 6]>(),
+                             kib in 1u64..(1 << 30), interval_us in 1_000u32..10_000_000) {
+            let v = VifId { domid, devid };
+            prop_assert_eq!(v.to_string().parse::<VifId>().unwrap(), v);
+            prop_assert_eq!(VifId::from_link_name(&v.link_name()), Some(v));
+            prop_assert_eq!(Mac(mac).to_string().parse::<Mac>().unwrap(), Mac(mac));
+            let r = Rate { bytes_per_sec: kib << 10, interval_us };
+            prop_assert_eq!(r.to_string().parse::<Rate>().unwrap(), r);
+        }
+    }
 }

@@ -101,7 +101,11 @@ impl Netlink {
         let guests = GuestNamespaces::new(config.guest_netns_dir.clone())
             .map_err(|e| NetworkError::ToolFailed { tool: "namespaces".into(), message: e.to_string() })?;
         let spoof = AntiSpoof::new(config.nft.clone(), config.nft_table.clone());
-        spoof.clear_all().await?;
+        // A previous run's rules go. Without nft the service still runs: only anti-spoofing
+        // calls fail, each saying why.
+        if let Err(e) = spoof.clear_all().await {
+            tracing::warn!("anti-spoofing rules cannot be managed: {e}");
+        }
         let vifs = Arc::new(Mutex::new(BTreeMap::new()));
         let events = Topic::new(TopicLimits::default());
         let (monitor, monitor_task) = Monitor::start(events.clone(), Arc::clone(&vifs)).await?;
@@ -223,6 +227,12 @@ impl Netlink {
             k.change(end.index, &format!("RTM_NEWLINK {what} of {guest} (the guest's end)"), change).await
         })
         .await
+    }
+
+    /// Whether `vif` has anti-spoofing rules: the service sets them, and removed every
+    /// earlier run's at its start.
+    fn has_rules(&self, vif: VifId) -> bool {
+        self.vifs().get(&vif).is_some_and(|c| !c.addresses.is_empty())
     }
 
     /// Lets the namespace of `domid` go when none of its vifs uses it any more.
@@ -539,7 +549,9 @@ impl Network for Netlink {
         self.require_toolstack("vif-delete")?;
         let _held = self.inner.changing.lock().await;
         let link = self.vif_link(vif).await?;
-        self.inner.spoof.clear(&link.name).await?;
+        if self.has_rules(vif) {
+            self.inner.spoof.clear(&link.name).await?;
+        }
         self.inner.kernel.delete(link.index, &link.name).await?;
         self.vifs().remove(&vif);
         self.release_guest_if_unused(vif.domid);
@@ -682,7 +694,7 @@ impl Network for Netlink {
     async fn vif_counters(&self, vif: VifId) -> Result<Counters, NetworkError> {
         self.require_toolstack("vif-counters")?;
         let link = self.vif_link(vif).await?;
-        let spoofed_dropped = self.inner.spoof.dropped(&link.name).await?;
+        let spoofed_dropped = if self.has_rules(vif) { self.inner.spoof.dropped(&link.name).await? } else { 0 };
         Ok(Counters { spoofed_dropped, ..link.counters })
     }
 

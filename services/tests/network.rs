@@ -617,6 +617,10 @@ fn events_follow_every_change_and_only_the_toolstack_may_call() {
             .await;
         ip(&["link", "del", "vif3.0"]);
         until(&mut sub, |e| matches!(e, NetworkEvent::VifRemoved { vif: v } if *v == vif(3, 0))).await;
+        // What the service kept of it goes with the next call that finds it gone.
+        assert!(d.net.guests().exists(3));
+        assert!(matches!(ts.vif_delete(ctx(), vif(3, 0)).await.unwrap(), Err(NetworkError::NotFound { .. })));
+        assert!(!d.net.guests().exists(3), "the guest's namespace of a vif deleted behind the service's back");
         ip(&["link", "del", "br9"]);
         until(&mut sub, |e| matches!(e, NetworkEvent::BridgeRemoved { name } if name == "br9")).await;
         // A vif made behind its back is a vif too.

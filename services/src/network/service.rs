@@ -229,6 +229,21 @@ impl Netlink {
         .await
     }
 
+    /// Forgets what the service keeps of the vifs that have no link among `links` (deleted
+    /// behind its back), and lets their guests' namespaces go when no vif uses them.
+    fn forget_gone(&self, links: &[Link]) {
+        let gone: Vec<VifId> = self
+            .vifs()
+            .keys()
+            .filter(|v| !links.iter().any(|l| l.name == v.link_name()))
+            .copied()
+            .collect();
+        for vif in gone {
+            self.vifs().remove(&vif);
+            self.release_guest_if_unused(vif.domid);
+        }
+    }
+
     /// Whether `vif` has anti-spoofing rules: the service sets them, and removed every
     /// earlier run's at its start.
     fn has_rules(&self, vif: VifId) -> bool {
@@ -261,6 +276,9 @@ impl Netlink {
         if self.inner.kernel.link(&name).await?.is_some() {
             return Err(NetworkError::AlreadyExists { name });
         }
+        // What the service keeps of a vif deleted behind its back is forgotten here.
+        let links = self.inner.kernel.links().await?;
+        self.forget_gone(&links);
         if self.vifs().len() >= self.inner.config.max_vifs {
             return Err(NetworkError::TooMany {
                 what: "vifs".into(),
@@ -548,7 +566,16 @@ impl Network for Netlink {
     async fn vif_delete(&self, vif: VifId) -> Result<(), NetworkError> {
         self.require_toolstack("vif-delete")?;
         let _held = self.inner.changing.lock().await;
-        let link = self.vif_link(vif).await?;
+        let link = match self.vif_link(vif).await {
+            Ok(link) => link,
+            Err(e) => {
+                // Deleted behind the service's back: what it kept of the vif goes too.
+                if self.vifs().remove(&vif).is_some() {
+                    self.release_guest_if_unused(vif.domid);
+                }
+                return Err(e);
+            }
+        };
         if self.has_rules(vif) {
             self.inner.spoof.clear(&link.name).await?;
         }

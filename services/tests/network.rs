@@ -620,7 +620,10 @@ fn events_follow_every_change_and_only_the_toolstack_may_call() {
         // What the service kept of it goes with the next call that finds it gone.
         assert!(d.net.guests().exists(3));
         assert!(matches!(ts.vif_delete(ctx(), vif(3, 0)).await.unwrap(), Err(NetworkError::NotFound { .. })));
-        assert!(!d.net.guests().exists(3), "the guest's namespace of a vif deleted behind the service's back");
+        assert!(
+            !d.net.guests().exists(3),
+            "the guest's namespace of a vif deleted behind the service's back"
+        );
         ip(&["link", "del", "br9"]);
         until(&mut sub, |e| matches!(e, NetworkEvent::BridgeRemoved { name } if name == "br9")).await;
         // A vif made behind its back is a vif too.
@@ -662,7 +665,10 @@ fn without_nft_only_anti_spoofing_is_refused() {
                 }
                 other => panic!("anti-spoofing without nft: {other:?}"),
             }
-            assert!(n.vif_info(vif(3, 0)).await.unwrap().addresses.is_empty(), "a refused call changes nothing");
+            assert!(
+                n.vif_info(vif(3, 0)).await.unwrap().addresses.is_empty(),
+                "a refused call changes nothing"
+            );
             n.vif_delete(vif(3, 0)).await.unwrap();
         },
     );

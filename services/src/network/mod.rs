@@ -223,7 +223,10 @@ impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Exact, as it travels on the wire: the largest unit that divides it, else bytes.
         let b = self.bytes_per_sec;
-        match [(30, "G"), (20, "M"), (10, "K")].into_iter().find(|(shift, _)| b != 0 && b % (1u64 << shift) == 0) {
+        match [(30, "G"), (20, "M"), (10, "K")]
+            .into_iter()
+            .find(|(shift, _)| b != 0 && b % (1u64 << shift) == 0)
+        {
             Some((shift, unit)) => write!(f, "{}{unit}/s@", b >> shift)?,
             None => write!(f, "{b}/s@")?,
         }
@@ -609,10 +612,27 @@ mod tests {
     #[test]
     fn vif_ids_are_read_and_written_as_domid_dot_devid() {
         let v: VifId = "3.0".parse().unwrap();
-        assert_eq!((v, v.to_string(), v.link_name(), v.guest_name()), (VifId { domid: 3, devid: 0 }, "3.0".into(), "vif3.0".into(), "eth0".into()));
+        assert_eq!(
+            (v, v.to_string(), v.link_name(), v.guest_name()),
+            (VifId { domid: 3, devid: 0 }, "3.0".into(), "vif3.0".into(), "eth0".into())
+        );
         assert_eq!(VifId::from_link_name("vif32767.9999"), Some(VifId { domid: 32767, devid: 9999 }));
         assert!(VifId { domid: 32767, devid: 9999 }.link_name().len() <= 15);
-        for bad in ["", "3", "3.", ".0", "3.0.1", "-1.0", "+3.0", "32768.0", "3.10000", "03a.0", " 3.0", "3.0 ", "99999999999.0"] {
+        for bad in [
+            "",
+            "3",
+            "3.",
+            ".0",
+            "3.0.1",
+            "-1.0",
+            "+3.0",
+            "32768.0",
+            "3.10000",
+            "03a.0",
+            " 3.0",
+            "3.0 ",
+            "99999999999.0",
+        ] {
             assert!(bad.parse::<VifId>().is_err(), "{bad:?}");
         }
         assert_eq!(VifId::from_link_name("xenbr0"), None);
@@ -628,7 +648,14 @@ mod tests {
         let m: Mac = "00:16:3E:0a:0b:0c".parse().unwrap();
         assert_eq!(m.to_string(), "00:16:3e:0a:0b:0c");
         assert_eq!("00-16-3e-0a-0b-0c".parse::<Mac>().unwrap(), m);
-        for bad in ["", "00:16:3e:0a:0b", "00:16:3e:0a:0b:0c:0d", "0:16:3e:0a:0b:0c", "00:16:3e:0a:0b:zz", "001:6:3e:0a:0b:0c"] {
+        for bad in [
+            "",
+            "00:16:3e:0a:0b",
+            "00:16:3e:0a:0b:0c:0d",
+            "0:16:3e:0a:0b:0c",
+            "00:16:3e:0a:0b:zz",
+            "001:6:3e:0a:0b:0c",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
         }
         assert_eq!(m.unusable(), None);
@@ -651,14 +678,19 @@ mod tests {
         assert_eq!(r.to_string(), "10M/s@20ms");
         assert_eq!("1M/s".parse::<Rate>().unwrap().interval_us, Rate::DEFAULT_INTERVAL_US);
         assert_eq!("4096/s@1500us".parse::<Rate>().unwrap().to_string(), "4K/s@1500us");
-        for bad in ["", "10M", "10M/s@", "10M/s@20", "10M/s@20s", "ten/s", "10M/s@99999999999ms", "10M/s@-1ms"] {
+        for bad in
+            ["", "10M", "10M/s@", "10M/s@20", "10M/s@20s", "ten/s", "10M/s@99999999999ms", "10M/s@-1ms"]
+        {
             assert!(bad.parse::<Rate>().is_err(), "{bad:?}");
         }
         assert!("1023/s".parse::<Rate>().unwrap().invalid().is_some());
         assert!("1K/s@999us".parse::<Rate>().unwrap().invalid().is_some());
         assert!("1K/s@10001ms".parse::<Rate>().unwrap().invalid().is_some());
         assert!("1K/s@10000ms".parse::<Rate>().unwrap().invalid().is_none());
-        assert!(Rate { bytes_per_sec: u64::MAX, interval_us: 10_000_000 }.invalid().is_some(), "a burst beyond 4 GiB");
+        assert!(
+            Rate { bytes_per_sec: u64::MAX, interval_us: 10_000_000 }.invalid().is_some(),
+            "a burst beyond 4 GiB"
+        );
         assert!(Rate { bytes_per_sec: u64::MAX, interval_us: 1_000 }.burst_bytes() > 0, "no overflow");
     }
 

@@ -232,12 +232,8 @@ impl Netlink {
     /// Forgets what the service keeps of the vifs that have no link among `links` (deleted
     /// behind its back), and lets their guests' namespaces go when no vif uses them.
     fn forget_gone(&self, links: &[Link]) {
-        let gone: Vec<VifId> = self
-            .vifs()
-            .keys()
-            .filter(|v| !links.iter().any(|l| l.name == v.link_name()))
-            .copied()
-            .collect();
+        let gone: Vec<VifId> =
+            self.vifs().keys().filter(|v| !links.iter().any(|l| l.name == v.link_name())).copied().collect();
         for vif in gone {
             self.vifs().remove(&vif);
             self.release_guest_if_unused(vif.domid);
@@ -721,7 +717,8 @@ impl Network for Netlink {
     async fn vif_counters(&self, vif: VifId) -> Result<Counters, NetworkError> {
         self.require_toolstack("vif-counters")?;
         let link = self.vif_link(vif).await?;
-        let spoofed_dropped = if self.has_rules(vif) { self.inner.spoof.dropped(&link.name).await? } else { 0 };
+        let spoofed_dropped =
+            if self.has_rules(vif) { self.inner.spoof.dropped(&link.name).await? } else { 0 };
         Ok(Counters { spoofed_dropped, ..link.counters })
     }
 

@@ -24,6 +24,39 @@
 pub mod network;
 pub mod storage;
 
+/// Serves `service` on every address of `listen` (`ready` says so for each), until SIGTERM or
+/// SIGINT; then stops accepting and drops the connections: a daemon's life.
+pub(crate) async fn serve_until_stopped(
+    server: &dombus::Server,
+    listen: &[dombus::Address],
+    service: dombus::rpc::Service,
+    ready: impl Fn(&dombus::rpc::ServeHandle),
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut handles = Vec::new();
+    for addr in listen {
+        let handle =
+            server.serve(addr, service.clone()).await.with_context(|| format!("serving on {addr}"))?;
+        ready(&handle);
+        handles.push(handle);
+    }
+    stop_signal().await?;
+    for h in handles {
+        h.stop().await;
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (a daemon's stop), and says which came.
+async fn stop_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
 /// Well-known virtual-socket ports of the services in a service domain (`xen:<domid>:<port>`).
 pub mod ports {
     /// The storage service.

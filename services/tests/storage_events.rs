@@ -10,16 +10,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{LIVENESS, QemuImgGate, TempDir};
+use common::{LIVENESS, QemuImgGate, TempDir, sim_net};
 use dombus::rpc::ServeHandle;
 use dombus::rpc::events::is_final;
-use dombus::sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
-use dombus::transport::types::DomId;
-use dombus::transport::vsock::domain::{VsockConfig, VsockDomain};
+use dombus::sim::{SimHypervisor, SimHypervisorHandle};
 use dombus::{Address, Net, ResyncReason, Server, ServerConfig, Subscription, Update};
 use dombus_services::storage::{
     DiskInfo, Format, ImageEvent, Outcome, Owner, ProgressUpdate, QemuImg, Size, Storage, StorageClient,
@@ -49,7 +47,7 @@ impl Host {
         let dir = TempDir::new(tag);
         let sock = dir.path("simxen.sock");
         let hv = SimHypervisor::spawn(&sock).unwrap();
-        let server = Server::new(net(&sock, SERVER), ServerConfig::default());
+        let server = Server::new(sim_net(&sock, SERVER), ServerConfig::default());
         let root = dir.path("images");
         std::fs::create_dir_all(&root).unwrap();
         let storage = QemuImg::with_config(root, program, config).unwrap();
@@ -67,18 +65,10 @@ impl Host {
 
     /// A client of the storage service in domain `domain`.
     async fn client(&self, domain: u16) -> StorageClient {
-        let net = self.nets.lock().unwrap().entry(domain).or_insert_with(|| net(&self.sock, domain)).clone();
+        let net =
+            self.nets.lock().unwrap().entry(domain).or_insert_with(|| sim_net(&self.sock, domain)).clone();
         StorageClient::connect(net, Host::addr()).await.unwrap()
     }
-}
-
-/// The network of simulated domain `id` on the hypervisor at `sock`.
-fn net(sock: &Path, id: u16) -> Net {
-    let domain =
-        VsockDomain::start(SimBackend::boot(sock, Some(DomId(id))).unwrap(), VsockConfig::default()).unwrap();
-    let mut net = Net::new().with_xen(domain);
-    net.xen_connect_wait = Some(Duration::from_secs(10));
-    net
 }
 
 fn ctx() -> dombus::context::Context {

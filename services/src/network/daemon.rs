@@ -89,25 +89,14 @@ pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let network = Netlink::start(args.config()).await.context("starting the network service")?;
     let net = args.net.net().context("transports")?;
     let server = Server::new(net, ServerConfig::default());
-    let service = network.clone().into_service();
-    let mut handles = Vec::new();
-    for addr in &args.listen {
-        let handle =
-            server.serve(addr, service.clone()).await.with_context(|| format!("serving on {addr}"))?;
-        tracing::info!(addr = %handle.addr(), guests = %args.guest_netns_dir.display(), "network service ready");
-        handles.push(handle);
-    }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-    }
-    for h in handles {
-        h.stop().await;
-    }
+    let guests = args.guest_netns_dir.display().to_string();
+    let served = crate::serve_until_stopped(&server, &args.listen, network.clone().into_service(), |h| {
+        tracing::info!(addr = %h.addr(), %guests, "network service ready");
+    })
+    .await;
     network.shut_down().await;
     tracing::info!("stopped");
-    Ok(())
+    served
 }
 
 #[cfg(test)]
@@ -160,6 +149,28 @@ mod tests {
             Cli::try_parse_from(["n", "--listen", "unix:/x", "--unshare-netns", "--allow-root-netns"])
                 .is_err()
         );
-        assert_eq!(args(&["--toolstack-domain", "4"]).config().toolstack_domains, [4]);
+        assert_eq!(args(&[]).config(), NetworkConfig::default());
+        let c = args(&[
+            "--guest-netns-dir",
+            "/g",
+            "--nft",
+            "/x/nft",
+            "--max-bridges",
+            "3",
+            "--max-vifs",
+            "5",
+            "--toolstack-domain",
+            "4",
+        ])
+        .config();
+        let want = NetworkConfig {
+            guest_netns_dir: "/g".into(),
+            nft: "/x/nft".into(),
+            toolstack_domains: vec![4],
+            max_bridges: 3,
+            max_vifs: 5,
+            ..NetworkConfig::default()
+        };
+        assert_eq!(c, want);
     }
 }

@@ -86,28 +86,17 @@ pub async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("storage root {}", args.root.display()))?;
     let net = args.net.net().context("transports")?;
     let server = Server::new(net, ServerConfig::default());
-    let service = storage.into_service();
-    let mut handles = Vec::new();
-    for addr in &args.listen {
-        let handle =
-            server.serve(addr, service.clone()).await.with_context(|| format!("serving on {addr}"))?;
-        tracing::info!(addr = %handle.addr(), root = %args.root.display(), "storage service ready");
-        handles.push(handle);
-    }
     let scrape = ScrapeEndpoint::bind_if(args.metrics_listen, server.metrics()).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-    }
-    for h in handles {
-        h.stop().await;
-    }
+    let root = args.root.display().to_string();
+    let served = crate::serve_until_stopped(&server, &args.listen, storage.into_service(), |h| {
+        tracing::info!(addr = %h.addr(), %root, "storage service ready");
+    })
+    .await;
     if let Some(scrape) = scrape {
         scrape.stop().await;
     }
     tracing::info!("stopped");
-    Ok(())
+    served
 }
 
 #[cfg(test)]

@@ -213,3 +213,15 @@ pub fn err<T: std::fmt::Debug, E>(r: Result<T, E>) -> E {
         Err(e) => e,
     }
 }
+
+/// The network of simulated domain `id` on the hypervisor at `sock` (a domain boots once).
+pub fn sim_net(sock: &Path, id: u16) -> dombus::Net {
+    use dombus::sim::SimBackend;
+    use dombus::transport::types::DomId;
+    use dombus::transport::vsock::domain::{VsockConfig, VsockDomain};
+    let domain =
+        VsockDomain::start(SimBackend::boot(sock, Some(DomId(id))).unwrap(), VsockConfig::default()).unwrap();
+    let mut net = dombus::Net::new().with_xen(domain);
+    net.xen_connect_wait = Some(Duration::from_secs(10));
+    net
+}

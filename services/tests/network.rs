@@ -605,8 +605,15 @@ fn events_follow_every_change_and_only_the_toolstack_may_call() {
         ip(&["link", "add", "br9", "type", "bridge"]);
         until(&mut sub, |e| matches!(e, NetworkEvent::BridgeAdded(b) if b.name == "br9")).await;
         ip(&["link", "set", "vif3.0", "master", "br9"]);
-        until(&mut sub, |e| matches!(e, NetworkEvent::VifChanged(v) if v.bridge.as_deref() == Some("br9")))
-            .await;
+        let moved = until(
+            &mut sub,
+            |e| matches!(e, NetworkEvent::VifChanged(v) if v.bridge.as_deref() == Some("br9")),
+        )
+        .await;
+        assert!(
+            !moved.iter().any(|e| matches!(e, NetworkEvent::VifRemoved { .. } | NetworkEvent::VifAdded(_))),
+            "a vif moved between bridges is changed, not removed and added: {moved:?}"
+        );
         ip(&["link", "del", "vif3.0"]);
         until(&mut sub, |e| matches!(e, NetworkEvent::VifRemoved { vif: v } if *v == vif(3, 0))).await;
         // What the service kept of it goes with the next call that finds it gone.
@@ -616,6 +623,18 @@ fn events_follow_every_change_and_only_the_toolstack_may_call() {
             !d.net.guests().exists(3),
             "the guest's namespace of a vif deleted behind the service's back"
         );
+        // The same when the next call is another vif's creation.
+        ts.vif_create(ctx(), vif(3, 1), None, None, None, None).await.unwrap().unwrap();
+        ip(&["link", "del", "vif3.1"]);
+        until(&mut sub, |e| matches!(e, NetworkEvent::VifRemoved { vif: v } if *v == vif(3, 1))).await;
+        assert!(d.net.guests().exists(3));
+        ts.vif_create(ctx(), vif(6, 0), None, None, None, None).await.unwrap().unwrap();
+        assert!(
+            !d.net.guests().exists(3),
+            "a vif deleted behind the service's back is forgotten at the next creation"
+        );
+        ts.vif_delete(ctx(), vif(6, 0)).await.unwrap().unwrap();
+        until(&mut sub, |e| matches!(e, NetworkEvent::VifRemoved { vif: v } if *v == vif(6, 0))).await;
         ip(&["link", "del", "br9"]);
         until(&mut sub, |e| matches!(e, NetworkEvent::BridgeRemoved { name } if name == "br9")).await;
         // A vif made behind its back is a vif too.

@@ -1,11 +1,14 @@
 //! The monitor of the daemon's links: the kernel's link notifications (`RTNLGRP_LINK`) turned
 //! into [`NetworkEvent`]s, whoever made the change.
 //!
-//! A notification is taken as "something changed", not as the change itself: the monitor then
-//! reads every link again and publishes the difference between the state it published last and
-//! the state now ([`diff`]). So a notification the socket dropped under a burst costs nothing
-//! but a late event, notifications that arrive together cost one read, and what a subscriber
-//! builds from a snapshot and the events is the kernel's state, not a replay that can drift.
+//! The monitor keeps the links as the kernel last described them: each notification carries a
+//! whole link (`RTM_NEWLINK`) or its end (`RTM_DELLINK`) and replaces what was known of it, and
+//! after each the difference between the state published last and the state now is published
+//! ([`diff`]). So a vif that comes and goes between two reads is seen coming and going. Where
+//! notifications were lost (the socket overran under a burst), and where something the kernel
+//! does not announce changed (a vif's addresses or rate), it reads every link again instead:
+//! a late event, never a wrong state, and what a subscriber builds from a snapshot and the
+//! events is the kernel's state.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt as _;
 use rtnetlink::MulticastGroup;
 use rtnetlink::packet_core::NetlinkPayload;
-use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::kernel::Kernel;
+use super::kernel::{Kernel, Link};
 use super::service::{VifConfig, state_of};
 use super::{NetworkError, NetworkEvent, NetworkState, VifId};
 use dombus::Topic;
@@ -30,7 +33,8 @@ struct Shared {
     kernel: Kernel,
     topic: Topic<NetworkEvent, NetworkState>,
     vifs: Arc<Mutex<BTreeMap<VifId, VifConfig>>>,
-    published: Mutex<NetworkState>,
+    /// The links as the kernel last described them, by index, and the state published last.
+    view: Mutex<(BTreeMap<u32, Link>, NetworkState)>,
     /// Wakes the task to read the links again (a change the kernel does not announce: a vif's
     /// addresses or rate).
     poke: tokio::sync::Notify,
@@ -62,34 +66,52 @@ impl Monitor {
         let kernel = Kernel::from_handle(handle);
         let links = kernel.links().await?;
         let state = state_of(&links, &vifs.lock().unwrap_or_else(|p| p.into_inner()));
+        let links = links.into_iter().map(|l| (l.index, l)).collect();
         let shared = Arc::new(Shared {
             kernel,
             topic,
             vifs,
-            published: Mutex::new(state),
+            view: Mutex::new((links, state)),
             poke: tokio::sync::Notify::new(),
         });
         let monitor = Monitor { shared: Arc::clone(&shared) };
         let follow = monitor.clone();
         let task = tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    m = messages.next() => match m {
-                        Some((m, _)) if is_link_change(&m.payload) => {}
-                        Some(_) => continue,
+                let reread = tokio::select! {
+                    m = messages.next() => match m.map(|(m, _)| m.payload) {
+                        // The bridge's own notifications of its ports (family AF_BRIDGE) say
+                        // less of a link than the link's own: they are not its description.
+                        Some(NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)))
+                            if m.header.interface_family == AddressFamily::Unspec =>
+                        {
+                            if let Some(link) = Link::from_message(&m) {
+                                follow.apply(|links| {
+                                    links.insert(link.index, link);
+                                });
+                            }
+                            false
+                        }
+                        // A port leaving a bridge is an AF_BRIDGE deletion: the link stays.
+                        Some(NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)))
+                            if m.header.interface_family == AddressFamily::Unspec =>
+                        {
+                            follow.apply(|links| {
+                                links.remove(&m.header.index);
+                            });
+                            false
+                        }
+                        Some(NetlinkPayload::Overrun(_)) => true,
+                        Some(_) => false,
                         None => {
                             tracing::error!("the link notifications ended: no more network events");
                             break;
                         }
                     },
-                    () = follow.shared.poke.notified() => {}
-                }
-                // Take what else arrived with it, then read once.
-                while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::ZERO, messages.next()).await
-                {
-                }
-                if let Err(e) = follow.read_and_publish().await {
-                    tracing::warn!("reading the links after a change: {e}");
+                    () = follow.shared.poke.notified() => true,
+                };
+                if reread && let Err(e) = follow.read_and_publish().await {
+                    tracing::warn!("reading the links again: {e}");
                 }
             }
             conn.abort();
@@ -105,26 +127,28 @@ impl Monitor {
 
     /// The state published last: a new subscriber's snapshot.
     pub fn state(&self) -> NetworkState {
-        self.shared.published.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared.view.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
     }
 
+    /// Reads every link again, and publishes what changed.
     async fn read_and_publish(&self) -> Result<(), NetworkError> {
         let links = self.shared.kernel.links().await?;
+        self.apply(|known| *known = links.into_iter().map(|l| (l.index, l)).collect());
+        Ok(())
+    }
+
+    /// Changes the links known with `change`, and publishes what that changed.
+    fn apply(&self, change: impl FnOnce(&mut BTreeMap<u32, Link>)) {
+        let mut view = self.shared.view.lock().unwrap_or_else(|p| p.into_inner());
+        let (links, published) = &mut *view;
+        change(links);
+        let links: Vec<Link> = links.values().cloned().collect();
         let now = state_of(&links, &self.shared.vifs.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut published = self.shared.published.lock().unwrap_or_else(|p| p.into_inner());
-        for event in diff(&published, &now) {
+        for event in diff(published, &now) {
             self.shared.topic.publish(event);
         }
         *published = now;
-        Ok(())
     }
-}
-
-fn is_link_change(p: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
-    matches!(
-        p,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_))
-    ) || matches!(p, NetlinkPayload::Overrun(_))
 }
 
 /// The events that take `old` to `new`: bridges added or changed, vifs added or changed, vifs

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! dombus demo                                   a whole simulated host, driven end to end
-//! dombus host up | down | status                the simulated host (hypervisor, backend and storage domains)
+//! dombus host up | down | status                the simulated host (hypervisor, backend, storage and network domains, a guest)
 //! dombus storage create disk0 --size 10G --format qcow2 [--domain 2 | --addr ADDR]
 //! dombus storage list | info NAME | snapshot-create NAME SNAP | clone-disk SRC NAME [--linked] | …
 //! dombus network bridge-create xenbr0 | vif-create 3.0 --bridge xenbr0 | vif-list | events | …

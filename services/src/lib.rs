@@ -21,6 +21,8 @@
 //! # Ok(()) }
 //! ```
 
+/// The device-model service: one qemu per guest, driven over QMP.
+pub mod device_model;
 pub mod network;
 pub mod storage;
 

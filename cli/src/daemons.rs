@@ -23,6 +23,8 @@ pub enum Daemon {
     Storage(DaemonArgs),
     /// A network driver domain (what `dombus-netd` runs).
     Network(dombus_services::network::DaemonArgs),
+    /// A device-model domain: one qemu per guest (what `dombus-qemud` runs).
+    DeviceModel(dombus_services::device_model::DaemonArgs),
     /// A domain's agent (what `dombusd` runs).
     Agent(dombus_agent::daemon::AgentArgs),
 }
@@ -38,6 +40,11 @@ pub fn run(daemon: Daemon) -> anyhow::Result<()> {
             // Before the runtime's threads start: they inherit the namespace.
             dombus_services::network::enter_namespace(&args)?;
             runtime()?.block_on(dombus_services::network::run_daemon(args))
+        }
+        Daemon::DeviceModel(args) => {
+            // Before the runtime's threads start: they (and the qemus) inherit the namespace.
+            dombus_services::device_model::enter_namespace(&args)?;
+            runtime()?.block_on(dombus_services::device_model::run_daemon(args))
         }
         Daemon::Agent(args) => dombus_agent::daemon::runtime()?.block_on(dombus_agent::daemon::run(args)),
     }

@@ -4,6 +4,7 @@
 //! connection manager at work, drives the network domain (bridge, vifs, real traffic between
 //! two guests' namespaces), and brings the host down.
 
+mod device_model;
 mod network;
 
 use std::fmt;
@@ -50,17 +51,28 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Makes sure `qemu-img` runs (the storage domain needs it): as root, installs Debian's
-/// qemu-utils if it is missing; otherwise says how.
-pub fn ensure_qemu_img() -> anyhow::Result<()> {
-    let works = || Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+/// Makes sure `qemu-img` runs (the storage domain needs it) and, if it can, that
+/// `qemu-system-x86_64` does (the device-model domain's): as root, installs Debian's packages if
+/// they are missing; otherwise says how.
+pub fn ensure_tools() -> anyhow::Result<()> {
+    ensure_tool("qemu-img", "qemu-utils", "the storage domain runs it")?;
+    // The device-model domain runs qemu; a host without it runs without that domain.
+    if let Err(e) = ensure_tool("qemu-system-x86_64", "qemu-system-x86", "the device-model domain runs it") {
+        eprintln!("dombus: {e:#}: the host runs without a device-model domain");
+    }
+    Ok(())
+}
+
+/// Installs Debian's `package` (as root, with apt-get) if `tool` does not run.
+fn ensure_tool(tool: &str, package: &str, why: &str) -> anyhow::Result<()> {
+    let works = || Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
     if works() {
         return Ok(());
     }
     if !rustix::process::geteuid().is_root() {
-        bail!("qemu-img is not installed (the storage domain runs it): apt-get install qemu-utils");
+        bail!("{tool} is not installed ({why}): apt-get install {package}");
     }
-    eprintln!("qemu-img is missing: installing Debian's qemu-utils (apt-get)…");
+    eprintln!("{tool} is missing: installing Debian's {package} (apt-get)…");
     let apt = |args: &[&str]| {
         Command::new("apt-get")
             .args(args)
@@ -68,14 +80,14 @@ pub fn ensure_qemu_img() -> anyhow::Result<()> {
             .status()
             .map(|s| s.success())
     };
-    if !apt(&["install", "-y", "-q", "qemu-utils"]).unwrap_or(false) {
+    if !apt(&["install", "-y", "-q", package]).unwrap_or(false) {
         apt(&["update", "-q"]).context("apt-get update")?;
-        if !apt(&["install", "-y", "-q", "qemu-utils"]).context("apt-get install qemu-utils")? {
-            bail!("apt-get install qemu-utils failed");
+        if !apt(&["install", "-y", "-q", package]).with_context(|| format!("apt-get install {package}"))? {
+            bail!("apt-get install {package} failed");
         }
     }
     if !works() {
-        bail!("qemu-utils installed but qemu-img does not run");
+        bail!("{package} installed but {tool} does not run");
     }
     Ok(())
 }
@@ -324,8 +336,10 @@ async fn drive(host: &Host) -> anyhow::Result<serde_json::Value> {
     let together = together(host, &storage_addr).await?;
     let policy = policy(host).await?;
     let network = network::run(host).await?;
+    let device_model = device_model::run(host).await?;
     Ok(serde_json::json!({
         "network": network,
+        "device_model": device_model,
         "ping": ping,
         "storage_list": list,
         "storage_events": events,
@@ -454,7 +468,7 @@ async fn together(host: &Host, storage: &Address) -> anyhow::Result<serde_json::
 
 /// `dombus demo`.
 pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
-    ensure_qemu_img()?;
+    ensure_tools()?;
     let own = state.is_none();
     let state = state.unwrap_or_else(|| {
         StateDir(std::env::temp_dir().join(format!("dombus-demo-{}", std::process::id())))
@@ -474,7 +488,7 @@ pub async fn run(state: Option<StateDir>, json: bool) -> anyhow::Result<()> {
         r = drive(&host) => r,
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
     };
-    println!("\n7. Host down");
+    println!("\n8. Host down");
     let stopped = host.down(false).await;
     let stray: Vec<u32> =
         pids.iter().copied().filter(|&p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();

@@ -1,7 +1,8 @@
 //! `dombus host up | down | status`: a whole dombus host on one machine without Xen — the
 //! simulated hypervisor; dom0, the backend domain with the connection manager, which is also the
-//! toolstack's domain as on Xen; the service domains (the storage domain, and the network domain
-//! in a network namespace of its own where this user may make one); and a guest — each a
+//! toolstack's domain as on Xen; the service domains (the storage domain, the network domain
+//! in a network namespace of its own where this user may make one, and the device-model domain
+//! where qemu is installed, in the network domain's namespace); and a guest — each a
 //! separate process with its own domain id, all state in one directory. Every domain has an
 //! agent: dom0's runs in the backend daemon, and every `dombus` command reaches the host through
 //! it (any number at once); each service daemon is its domain's agent in-process and serves the
@@ -18,6 +19,7 @@
 //! <state>/logs/*.log              one log per process
 //! <state>/images/                 the storage domain's disk images
 //! <state>/netns/dom<id>           the guests' network namespaces (the network domain's vifs)
+//! <state>/qemu/dom<id>            each guest's qemu's working directory (the device-model domain)
 //! ```
 
 use std::fs::File;
@@ -44,6 +46,8 @@ pub const STORAGE: DomId = DomId(2);
 pub const GUEST: DomId = DomId(3);
 /// The network domain's id on a simulated host.
 pub const NETWORK: DomId = DomId(4);
+/// The device-model domain's id on a simulated host.
+pub const DEVICE_MODEL: DomId = DomId(5);
 /// The guest's name.
 pub const GUEST_NAME: &str = "guest1";
 
@@ -55,6 +59,11 @@ pub const DEFAULT_POLICY: &str = "\
 
 # The toolstack may call every service of every domain.
 *    @toolstack    *    allow
+
+# The device-model domain asks the storage and network domains about the images and vifs the
+# toolstack gives its guests' device models.
+storage    device-model    storage    allow
+network    device-model    network    allow
 ";
 
 /// A service a process of the host serves.
@@ -124,6 +133,10 @@ impl StateDir {
     /// Where the network domain holds the guests' network namespaces.
     pub fn guest_netns(&self) -> PathBuf {
         self.0.join("netns")
+    }
+    /// The device-model domain's directory: each guest's qemu works in `dom<guest>` there.
+    pub fn device_models(&self) -> PathBuf {
+        self.0.join("qemu")
     }
     /// The storage domain's image directory.
     pub fn images(&self) -> PathBuf {
@@ -435,6 +448,7 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
     for (name, type_, tags) in [
         ("storage", "service-domain", vec!["storage".to_string()]),
         ("network", "service-domain", vec!["network".to_string()]),
+        ("device-model", "service-domain", vec!["device-model".to_string()]),
         (GUEST_NAME, "guest", vec![]),
     ] {
         manager
@@ -444,16 +458,6 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("labelling {name}: {e}"))?;
     }
 
-    let domain_args = |domid: DomId| {
-        vec![
-            "--sim".to_string(),
-            sim.to_string(),
-            "--domid".into(),
-            domid.to_string(),
-            "--backend-domain".into(),
-            BACKEND.to_string(),
-        ]
-    };
     let storage_addr = format!("xen:{STORAGE}:{}", ports::STORAGE);
     let images = state.images().display().to_string();
     let guest_agent = state.domain_agent(GUEST_NAME);
@@ -471,6 +475,11 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
                 storage_addr.clone(),
                 "--serve-agent".into(),
                 state.domain_agent("storage").display().to_string(),
+                // The device-model domain opens the toolstack's images for its guests.
+                "--toolstack-domain".into(),
+                BACKEND.0.to_string(),
+                "--toolstack-domain".into(),
+                DEVICE_MODEL.0.to_string(),
             ],
             vec![ServiceEntry { name: "storage".into(), addr: storage_addr.clone() }],
         ),
@@ -498,6 +507,11 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
                 network_addr.clone(),
                 "--serve-agent".into(),
                 state.domain_agent("network").display().to_string(),
+                // The device-model domain opens the toolstack's taps for its guests.
+                "--toolstack-domain".into(),
+                BACKEND.0.to_string(),
+                "--toolstack-domain".into(),
+                DEVICE_MODEL.0.to_string(),
             ],
             vec![ServiceEntry { name: "network".into(), addr: network_addr.clone() }],
         )),
@@ -507,97 +521,169 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
             }
         }
     }
-    for (domid, name, role, mut args, services) in domains {
-        args.extend(domain_args(domid));
-        let agent = state.domain_agent(name);
-        std::fs::create_dir_all(agent.parent().unwrap_or(&state.0))?;
-        // As the toolstack: create the domain, and hand its process the one-time token.
-        let (_, token) = SimBackend::create_domain(&sock, Some(domid), name)
-            .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
-        let (child, log) = spawn_with(&state, name, &args, &[(TOKEN_ENV, &token)])?;
-        host.manifest.procs.push(Proc {
-            name: name.into(),
-            domid: Some(domid),
-            role: role.into(),
-            pid: child.id(),
-            log,
-            services,
-            agent: Some(agent),
-        });
-        host.children.push(child);
-        state.save(&host.manifest)?;
+    let network_up = domains.iter().any(|d| d.0 == NETWORK);
+    let first = host.manifest.procs.len();
+    for (domid, name, role, args, services) in domains {
+        spawn_domain(host, sim, domid, name, role, args, services)?;
     }
-
     // As the toolstack: wait until every domain registered with the manager and every service
     // answers (connecting waits for its listener).
     let net = host.manifest.net_args(START_TIMEOUT).net().context("dom0's agent")?;
-    for i in 2..host.manifest.procs.len() {
-        let p = host.manifest.procs[i].clone();
-        let t = Instant::now();
-        let registered = async {
-            loop {
-                let domains = manager
-                    .domains(context(START_TIMEOUT))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                if domains
-                    .iter()
-                    .any(|d| d.domid == p.domid.map(|d| d.0) && d.name.as_deref() == Some(&p.name))
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::select! {
-            () = registered => {}
-            died = wait_exit(&mut host.children[i]) => bail!(
-                "the {} domain's process exited ({died}) while starting; its log ({}):\n{}",
-                p.name, p.log.display(), tail(&p.log)
-            ),
-            () = tokio::time::sleep(START_TIMEOUT) => bail!(
-                "the {} domain did not register with the connection manager within {START_TIMEOUT:?}; its log ({}):\n{}",
-                p.name, p.log.display(), tail(&p.log)
-            ),
-        }
-        for s in &p.services {
-            let addr: Address = s.addr.parse()?;
-            let client = RawClient::new(net.clone(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
-            let ready = tokio::select! {
-                r = client.connect_now(START_TIMEOUT) => r,
-                died = wait_exit(&mut host.children[i]) => Err(std::io::Error::other(format!("exited: {died}"))),
-            };
-            if let Err(e) = ready {
-                bail!(
-                    "the {} domain's {} service at {} did not come up: {e}; its log ({}):\n{}",
-                    p.name,
-                    s.name,
-                    s.addr,
-                    p.log.display(),
-                    tail(&p.log)
-                );
-            }
-        }
-        let what = if p.services.is_empty() {
-            format!("agent {}", p.agent.as_ref().map_or(String::new(), |a| a.display().to_string()))
-        } else {
-            services_text(&p.services)
-        };
-        step(
-            quiet,
-            format_args!(
-                "{:<16} pid {:<7} domain {}, {}",
-                format!("{} domain", p.name),
-                p.pid,
-                p.domid.map_or("-".to_string(), |d| d.to_string()),
-                what
-            ),
-            t,
-        );
+    for i in first..host.manifest.procs.len() {
+        wait_domain(host, i, &manager, &net, quiet).await?;
     }
+
+    // The device-model domain, where qemu runs: qemu's NICs are the network domain's taps, so it joins the
+    // network domain's namespace, which exists once that domain serves.
+    if let Err(why) = device_models_possible() {
+        if !quiet {
+            println!("  device-model domain not started: {why}");
+        }
+        host.net = Some(net);
+        return Ok(());
+    }
+    let dm_addr = format!("xen:{DEVICE_MODEL}:{}", ports::DEVICE_MODEL);
+    let mut args = vec![
+        "device-model".to_string(),
+        "--listen".into(),
+        dm_addr.clone(),
+        "--dir".into(),
+        state.device_models().display().to_string(),
+        "--images".into(),
+        state.images().display().to_string(),
+        "--storage".into(),
+        storage_addr.clone(),
+        "--serve-agent".into(),
+        state.domain_agent("device-model").display().to_string(),
+    ];
+    if network_up && let Some(p) = host.manifest.procs.iter().find(|p| p.domid == Some(NETWORK)) {
+        args.extend([
+            "--network".into(),
+            network_addr.clone(),
+            "--netns".into(),
+            format!("/proc/{}/ns/net", p.pid),
+        ]);
+    }
+    spawn_domain(
+        host,
+        sim,
+        DEVICE_MODEL,
+        "device-model",
+        "device-model domain: one qemu per guest, over QMP",
+        args,
+        vec![ServiceEntry { name: "device-model".into(), addr: dm_addr }],
+    )?;
+    let i = host.manifest.procs.len() - 1;
+    wait_domain(host, i, &manager, &net, quiet).await?;
     host.net = Some(net);
+    Ok(())
+}
+
+/// Starts the process of the domain `domid` (`name`), created as the toolstack, with `args`
+/// and the domain's own options.
+fn spawn_domain(
+    host: &mut Host,
+    sim: &str,
+    domid: DomId,
+    name: &str,
+    role: &str,
+    mut args: Vec<String>,
+    services: Vec<ServiceEntry>,
+) -> anyhow::Result<()> {
+    let state = host.state.clone();
+    args.extend([
+        "--sim".to_string(),
+        sim.to_string(),
+        "--domid".into(),
+        domid.to_string(),
+        "--backend-domain".into(),
+        BACKEND.to_string(),
+    ]);
+    let agent = state.domain_agent(name);
+    std::fs::create_dir_all(agent.parent().unwrap_or(&state.0))?;
+    // As the toolstack: create the domain, and hand its process the one-time token.
+    let (_, token) = SimBackend::create_domain(&state.socket(), Some(domid), name)
+        .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
+    let (child, log) = spawn_with(&state, name, &args, &[(TOKEN_ENV, &token)])?;
+    host.manifest.procs.push(Proc {
+        name: name.into(),
+        domid: Some(domid),
+        role: role.into(),
+        pid: child.id(),
+        log,
+        services,
+        agent: Some(agent),
+    });
+    host.children.push(child);
+    state.save(&host.manifest)?;
+    Ok(())
+}
+
+/// Waits until the `i`th process's domain registered with the manager and its services answer.
+async fn wait_domain(
+    host: &mut Host,
+    i: usize,
+    manager: &PolicyAdminClient,
+    net: &Net,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let p = host.manifest.procs[i].clone();
+    let t = Instant::now();
+    let registered = async {
+        loop {
+            let domains =
+                manager.domains(context(START_TIMEOUT)).await.ok().and_then(Result::ok).unwrap_or_default();
+            if domains.iter().any(|d| d.domid == p.domid.map(|d| d.0) && d.name.as_deref() == Some(&p.name)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        () = registered => {}
+        died = wait_exit(&mut host.children[i]) => bail!(
+            "the {} domain's process exited ({died}) while starting; its log ({}):\n{}",
+            p.name, p.log.display(), tail(&p.log)
+        ),
+        () = tokio::time::sleep(START_TIMEOUT) => bail!(
+            "the {} domain did not register with the connection manager within {START_TIMEOUT:?}; its log ({}):\n{}",
+            p.name, p.log.display(), tail(&p.log)
+        ),
+    }
+    for s in &p.services {
+        let addr: Address = s.addr.parse()?;
+        let client = RawClient::new(net.clone(), addr, wire::BUILTIN_SERVICE, ClientConfig::default());
+        let ready = tokio::select! {
+            r = client.connect_now(START_TIMEOUT) => r,
+            died = wait_exit(&mut host.children[i]) => Err(std::io::Error::other(format!("exited: {died}"))),
+        };
+        if let Err(e) = ready {
+            bail!(
+                "the {} domain's {} service at {} did not come up: {e}; its log ({}):\n{}",
+                p.name,
+                s.name,
+                s.addr,
+                p.log.display(),
+                tail(&p.log)
+            );
+        }
+    }
+    let what = if p.services.is_empty() {
+        format!("agent {}", p.agent.as_ref().map_or(String::new(), |a| a.display().to_string()))
+    } else {
+        services_text(&p.services)
+    };
+    step(
+        quiet,
+        format_args!(
+            "{:<16} pid {:<7} domain {}, {}",
+            format!("{} domain", p.name),
+            p.pid,
+            p.domid.map_or("-".to_string(), |d| d.to_string()),
+            what
+        ),
+        t,
+    );
     Ok(())
 }
 
@@ -865,6 +951,14 @@ pub fn render_status(s: &Status) -> String {
     let links: Vec<String> = s.links.iter().map(|(a, b)| format!("{a} ↔ {b}")).collect();
     out.push(format!("links: {}", if links.is_empty() { "none".to_string() } else { links.join(", ") }));
     out.join("\n")
+}
+
+/// Whether the device-model domain can run here: why not, if it cannot.
+pub fn device_models_possible() -> Result<(), String> {
+    match Command::new("qemu-system-x86_64").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => Err("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into()),
+    }
 }
 
 /// Whether this user may make network namespaces (the network domain needs one): why not, if

@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! dombus demo                                   a whole simulated host, driven end to end
-//! dombus host up | down | status                the simulated host (hypervisor, backend, storage and network domains, a guest)
+//! dombus host up | down | status                the simulated host (hypervisor, backend, storage, network and device-model domains, a guest)
 //! dombus storage create disk0 --size 10G --format qcow2 [--domain 2 | --addr ADDR]
 //! dombus storage list | info NAME | snapshot-create NAME SNAP | clone-disk SRC NAME [--linked] | …
 //! dombus network bridge-create xenbr0 | vif-create 3.0 --bridge xenbr0 | vif-list | events | …
+//! dombus qemu start --config '{"guest":3,"memory_mib":128,"vcpus":1}' | status 3 | disk-add 3 --disk … | save 3 --path F | …
 //! dombus policy rules | add RULE | remove FILE LINE [--teardown] | explain SRC TGT SERVICE
 //! dombus policy decision ID | audit | domains | label NAME --type T --tags a,b | links | revoke A B
 //! dombus policy status | xsm | lint DIR      the connection manager (the toolstack's side)
@@ -29,6 +30,7 @@ use dombus::rpc::cli::{self, NetArgs, ServiceCli, exit};
 use dombus::rpc::{Address, Client, ClientConfig, Net, RawClient, error_text, wire};
 use dombus::transport::types::DomId;
 use dombus_manager::PolicyAdminRequest;
+use dombus_services::device_model::DeviceModelRequest;
 use dombus_services::network::NetworkRequest;
 use dombus_services::storage::{StorageClient, StorageRequest};
 
@@ -245,6 +247,20 @@ async fn run_network(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatc
         .map_err(|e| Failure(cli::call_error_status(&e), cli::cli_error_text(&e)))
 }
 
+async fn run_qemu(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
+    let client = service_client::<DeviceModelRequest>(
+        global,
+        state,
+        m,
+        "device-model",
+        dombus_services::ports::DEVICE_MODEL,
+    )
+    .await?;
+    cli::run(&client, global.context(), m, json)
+        .await
+        .map_err(|e| Failure(cli::call_error_status(&e), cli::cli_error_text(&e)))
+}
+
 async fn run_storage(global: &NetArgs, state: &StateDir, json: bool, m: &ArgMatches) -> Result<u8, Failure> {
     let client =
         service_client::<StorageRequest>(global, state, m, "storage", dombus_services::ports::STORAGE)
@@ -374,13 +390,13 @@ async fn run_host(cli: &Cli, state: StateDir, command: &HostCommand) -> Result<u
             if !cli.json {
                 println!("bringing a simulated host up in {}", state.0.display());
             }
-            demo::ensure_qemu_img().map_err(Failure::refused)?;
+            demo::ensure_tools().map_err(Failure::refused)?;
             let host = host::up(state, cli.json).await.map_err(|e| Failure::refused(format!("{e:#}")))?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&host.manifest).unwrap_or_default());
             } else {
                 println!(
-                    "host up: `dombus host status`, `dombus storage list`, `dombus network vif-list`, `dombus host down`"
+                    "host up: `dombus host status`, `dombus storage list`, `dombus network vif-list`, `dombus qemu list`, `dombus host down`"
                 );
             }
         }
@@ -416,6 +432,11 @@ async fn run(matches: ArgMatches) -> Result<u8, Failure> {
             let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
             let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
             return run_network(&net, &state, matches.get_flag("json"), m).await;
+        }
+        Some(("qemu", m)) => {
+            let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
+            let state = StateDir::resolve(matches.get_one::<PathBuf>("state").cloned());
+            return run_qemu(&net, &state, matches.get_flag("json"), m).await;
         }
         Some(("policy", m)) => {
             let net = NetArgs::from_arg_matches(&matches).map_err(usage)?;
@@ -454,6 +475,11 @@ fn main() -> ExitCode {
             NetworkRequest::command(),
             "network",
             "Bridges and vifs in a network domain (netlink)",
+        ))
+        .subcommand(service_command(
+            DeviceModelRequest::command().name("qemu"),
+            "device-model",
+            "Guests' qemu device models in a device-model domain (QMP)",
         ))
         .subcommand(policy_command());
     let matches = match command.try_get_matches() {

@@ -39,10 +39,15 @@ fn host_up_storage_calls_across_domains_status_and_down() {
     let network =
         dombus_services::network::netns::run_in(dombus_services::network::netns::Namespace::New, || ())
             .is_ok();
+    // The device-model domain runs where qemu is installed (as in CI).
+    let dm = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     assert_eq!(
         pids.len(),
-        4 + usize::from(network),
-        "hypervisor, backend (dom0), storage, guest1, network: {manifest}"
+        4 + usize::from(network) + usize::from(dm),
+        "hypervisor, backend (dom0), storage, guest1, network, device-model: {manifest}"
     );
     assert!(pids.iter().all(|&p| alive(p)));
     // A second host in the same state directory is refused.
@@ -104,14 +109,14 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .collect();
     let mut want = vec![("hypervisor", true), ("backend", true), ("storage", true), ("guest1", true)];
     want.extend(network.then_some(("network", true)));
+    want.extend(dm.then_some(("device-model", true)));
     assert_eq!(procs, want, "{v}");
     let names: Vec<&str> =
         v["domains"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
-    let want: &[&str] = if network {
-        &["Domain-0", "storage", "guest1", "network", "guest7"]
-    } else {
-        &["Domain-0", "storage", "guest1", "guest7"]
-    };
+    let mut want = vec!["Domain-0", "storage", "guest1"];
+    want.extend(network.then_some("network"));
+    want.extend(dm.then_some("device-model"));
+    want.push("guest7");
     assert_eq!(names, want, "{v}");
     let services: Vec<(&str, bool)> = v["services"]
         .as_array()
@@ -121,34 +126,37 @@ fn host_up_storage_calls_across_domains_status_and_down() {
         .collect();
     let mut want = vec![("policy", true), ("storage", true)];
     want.extend(network.then_some(("network", true)));
+    want.extend(dm.then_some(("device-model", true)));
     assert_eq!(services, want, "{v}");
     // Every domain links to the backend (dom0, where the toolstack's commands run); domain 7's
     // link to the storage domain was introduced by the manager.
-    let want = if network {
-        serde_json::json!([[0, 2], [0, 3], [0, 4], [0, 7], [2, 7]])
-    } else {
-        serde_json::json!([[0, 2], [0, 3], [0, 7], [2, 7]])
+    let mut backend: Vec<u32> = vec![2, 3];
+    backend.extend(network.then_some(4));
+    backend.extend(dm.then_some(5));
+    let links = |extra: &[[u32; 2]]| {
+        let mut l: Vec<[u32; 2]> = backend.iter().map(|d| [0, *d]).collect();
+        l.extend_from_slice(extra);
+        l.sort();
+        l
     };
+    let want = links(&[[0, 7], [2, 7]]);
     assert_eq!(
-        v["links"], want,
+        v["links"],
+        serde_json::json!(want),
         "the backend's links, and the one domain 7 holds to the storage domain: {v}"
     );
     let text = stdout(&dombus(&state, &["host", "status"]));
     assert!(text.contains("storage") && text.contains("xen:2:5100") && text.contains("running"), "{text}");
-    let want = if network {
-        "links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 4, 0 ↔ 7, 2 ↔ 7"
-    } else {
-        "links: 0 ↔ 2, 0 ↔ 3, 0 ↔ 7, 2 ↔ 7"
-    };
-    assert!(text.contains(want), "{text}");
+    let want =
+        format!("links: {}", want.iter().map(|[a, b]| format!("{a} ↔ {b}")).collect::<Vec<_>>().join(", "));
+    assert!(text.contains(&want), "{text}");
     drop(held);
     let v = json(&dombus(&state, &["--json", "host", "status"]));
-    let want = if network {
-        serde_json::json!([[0, 2], [0, 3], [0, 4]])
-    } else {
-        serde_json::json!([[0, 2], [0, 3]])
-    };
-    assert_eq!(v["links"], want, "domain 7 is gone, and its links with it: {v}");
+    assert_eq!(v["links"], serde_json::json!(links(&[])), "domain 7 is gone, and its links with it: {v}");
+
+    if dm {
+        qemu_commands(&state, network);
+    }
 
     policy_commands(&state);
 
@@ -440,6 +448,48 @@ fn policy_watch_prints_a_denial_as_it_happens() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// `dombus qemu …` against the host's device-model domain: a device model for the guest with a
+/// disk of the storage domain (and a NIC on a tap of the network domain's, if it runs), shown
+/// as a table and JSON, a hot-plugged USB tablet, a service error (exit 1), a usage error
+/// (exit 2), stop.
+fn qemu_commands(state: &Path, network: bool) {
+    assert!(dombus(state, &["storage", "create", "vm3", "--size", "16M"]).status.success());
+    let mut config = serde_json::json!({
+        "guest": 3, "memory_mib": 64, "vcpus": 1,
+        "disks": [{"id": "xvda", "image": "vm3"}],
+    });
+    if network {
+        assert!(dombus(state, &["network", "vif-create", "3.5", "--kind", "tap"]).status.success());
+        config["nics"] = serde_json::json!([{"id": "nic0", "vif": "3.5"}]);
+    }
+    let o = dombus(state, &["--json", "qemu", "start", "--config", &config.to_string()]);
+    let v = json(&o);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["devices"][0]["id"], "xvda", "{v}");
+    let pid = v["pid"].as_u64().unwrap();
+    assert!(alive(pid));
+    // The qemu runs in the device-model domain's working directory for the guest.
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    assert!(cwd.ends_with("qemu/dom3"), "{cwd:?}");
+    let o = dombus(state, &["qemu", "usb-add", "3", "--id", "tablet", "--kind", "tablet"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = dombus(state, &["qemu", "list"]);
+    assert!(stdout(&o).contains("running"), "{o:?}");
+    let o = dombus(state, &["qemu", "usb-add", "3", "--id", "tablet", "--kind", "mouse"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stderr(&o).contains(r#"has a device "tablet" already"#), "{o:?}");
+    let o = dombus(state, &["qemu", "usb-add", "3", "--id", "x", "--kind", "joystick"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let o = dombus(state, &["--json", "qemu", "stop", "3"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(json(&o), "quit", "{o:?}");
+    assert!(!alive(pid));
+    if network {
+        assert!(dombus(state, &["network", "vif-delete", "3.5"]).status.success());
+    }
+    assert!(dombus(state, &["storage", "delete", "vm3"]).status.success());
 }
 
 /// `dombus network …` against the host's network domain: a bridge and a vif made, shown as a

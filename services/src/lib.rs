@@ -3,6 +3,7 @@
 //!
 //! * [`storage`]: disk images on `qemu-img` (`dombus-storaged`).
 //! * [`network`]: bridges and vifs on netlink (`dombus-netd`).
+//! * [`device_model`]: one qemu per guest, over QMP (`dombus-qemud`).
 //!
 //! A storage domain serves its images, and the toolstack calls it through the generated client:
 //!
@@ -21,9 +22,9 @@
 //! # Ok(()) }
 //! ```
 
-/// The device-model service: one qemu per guest, driven over QMP.
 pub mod device_model;
 pub mod network;
+mod sandbox;
 pub mod storage;
 
 /// Serves `service` on every address of `listen` (`ready` says so for each), until SIGTERM or
@@ -65,6 +66,8 @@ pub mod ports {
     pub const STORAGE: u32 = 5100;
     /// The network service.
     pub const NETWORK: u32 = 5200;
+    /// The device-model service.
+    pub const DEVICE_MODEL: u32 = 5300;
     /// The connection manager's admin service `policy`, in the backend domain
     /// (`xen:backend:1`; a privileged port). The agents reach the manager on port 2.
     pub const POLICY: u32 = 1;

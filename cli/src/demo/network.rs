@@ -15,7 +15,7 @@ use crate::host::{self, Host, context};
 
 /// The two guests of the step: the host's guest and one more domain id, whose vifs' other ends
 /// are in namespaces standing in for them.
-const GUESTS: [u32; 2] = [host::GUEST.0 as u32, 5];
+const GUESTS: [u32; 2] = [host::GUEST.0 as u32, 7];
 const DATAGRAMS: usize = 100;
 
 /// A network event, in a few words.

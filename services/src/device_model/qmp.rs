@@ -38,8 +38,8 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-pub use wire::{MAX_LINE, QemuVersion, QmpEvent};
 use wire::{Failure, LineSplitter, Message};
+pub use wire::{MAX_LINE, QemuVersion, QmpEvent};
 
 /// The oldest qemu dombus drives (major, minor): 7.0.
 pub const MIN_VERSION: (u32, u32) = (7, 0);
@@ -230,8 +230,21 @@ impl Qmp {
         on_notice: impl Fn(QmpNotice) + Send + Sync + 'static,
     ) -> Result<Qmp, QmpError> {
         let io = |source| QmpError::Io { command: "connect".into(), source };
+        let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
+            .await
+            .map_err(|_| QmpError::Timeout { command: "connect".into() })?
+            .map_err(io)?;
+        Qmp::from_stream(stream, timeout, on_notice).await
+    }
+
+    /// [`Qmp::connect`] over a socket already connected to qemu's monitor (the daemon's end of
+    /// the socket pair whose other end qemu was started with).
+    pub async fn from_stream(
+        stream: UnixStream,
+        timeout: Duration,
+        on_notice: impl Fn(QmpNotice) + Send + Sync + 'static,
+    ) -> Result<Qmp, QmpError> {
         let (read, write, splitter, version) = tokio::time::timeout(timeout, async {
-            let stream = UnixStream::connect(path).await.map_err(io)?;
             let (mut read, write) = stream.into_split();
             let mut splitter = LineSplitter::new(MAX_LINE);
             let greeting = read_greeting(&mut read, &mut splitter).await?;
@@ -417,7 +430,10 @@ impl Body<'_> {
                 serde_json::to_vec(&object)
             }
         }
-        .map_err(|e| QmpError::Protocol { command: name.to_owned(), reason: format!("cannot serialize: {e}") })?;
+        .map_err(|e| QmpError::Protocol {
+            command: name.to_owned(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
         line.push(b'\n');
         Ok(line)
     }
@@ -461,7 +477,8 @@ async fn read_greeting(read: &mut OwnedReadHalf, splitter: &mut LineSplitter) ->
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Vec::new();
     loop {
-        let n = read.read(&mut buf).await.map_err(|source| QmpError::Io { command: "connect".into(), source })?;
+        let n =
+            read.read(&mut buf).await.map_err(|source| QmpError::Io { command: "connect".into(), source })?;
         if n == 0 {
             return Err(QmpError::Closed {
                 command: "connect".into(),

@@ -33,7 +33,6 @@ mod ops;
 mod process;
 mod qemu;
 mod root;
-mod sandbox;
 
 pub use daemon::{DaemonArgs, run_daemon};
 /// Sizes: `10G`, `512M` or bytes on the command line, a `u64` on the wire (see

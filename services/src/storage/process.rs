@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use super::StorageError;
 use super::root::io_error;
-use super::sandbox::{self, Access, Ruleset, Sandbox};
+use crate::sandbox::{self, Access, Ruleset, Sandbox};
 
 /// The tool's name in [`StorageError::ToolFailed`].
 pub(super) const TOOL: &str = "qemu-img";

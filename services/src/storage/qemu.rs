@@ -13,7 +13,7 @@
 //! chain or `"backing": null`, never what the header names now. External data files are
 //! refused at adoption and never recorded; a qcow2 header rewritten later to name one (only
 //! possible if the image was also given to a guest as raw) cannot reach it, because each
-//! qemu-img runs in a Landlock sandbox (see [`Sandbox`](super::sandbox::Sandbox)) that lets it
+//! qemu-img runs in a Landlock sandbox (see [`Sandbox`](crate::sandbox::Sandbox)) that lets it
 //! open only the files of its call — the image it changes, the recorded chain it reads, the
 //! temporary file it writes — besides the program and its libraries. Linked clones record their
 //! backing image by its relative name, so the root can be moved.
@@ -43,10 +43,10 @@ use super::index::{Index, Record};
 use super::ops::{Bounds, Held, OpGuard, Operations};
 use super::process::{QemuImgProgram, TOOL};
 use super::root::{self, Root, TempFile, check_name, check_snapshot_name, io_error};
-use super::sandbox::Access;
 use super::{
     DiskInfo, Format, ImageEvent, Owner, Progress, ProgressUpdate, SnapshotInfo, Storage, StorageError,
 };
+use crate::sandbox::Access;
 use crate::storage::Size;
 use dombus::{Events, Topic, TopicLimits};
 

@@ -1,4 +1,5 @@
-//! The Landlock sandbox each `qemu-img` child runs in.
+//! The Landlock sandbox the services' children run in: each `qemu-img` of the storage service,
+//! each qemu of the device-model service.
 //!
 //! A ruleset is built in the parent for each child (allocation and `open` are fine there), from
 //! a fixed base — read and execute on the program and on what the dynamic loader needs to start
@@ -142,6 +143,16 @@ impl Sandbox {
 
     /// The ruleset of one child: the base plus `files` (O_PATH descriptors of regular files).
     pub(crate) fn ruleset(&self, files: &[(&OwnedFd, Access)]) -> io::Result<Ruleset> {
+        self.ruleset_with_dirs(files, &[])
+    }
+
+    /// The ruleset of one child: the base, `files` (O_PATH descriptors of regular files) and
+    /// every right beneath the directories `dirs` (O_PATH descriptors, [`open_dir`]).
+    pub(crate) fn ruleset_with_dirs(
+        &self,
+        files: &[(&OwnedFd, Access)],
+        dirs: &[&OwnedFd],
+    ) -> io::Result<Ruleset> {
         let attr = RulesetAttr {
             handled_access_fs: fs_rights(self.abi),
             // TCP bind and connect (ABI 4), abstract unix sockets and signals (ABI 6).
@@ -169,6 +180,9 @@ impl Sandbox {
                 Access::ReadWrite => READ_FILE | WRITE_FILE | TRUNCATE,
             };
             add_rule(&fd, file, rights & handled)?;
+        }
+        for dir in dirs {
+            add_rule(&fd, dir, handled)?;
         }
         Ok(Ruleset(fd))
     }
@@ -244,6 +258,18 @@ pub(crate) fn open_file(path: &Path) -> io::Result<OwnedFd> {
         ));
     }
     Ok(fd)
+}
+
+/// An `O_PATH` descriptor of the directory `path`, not following a symlink.
+pub(crate) fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
 }
 
 /// `program` as a path: itself if it has a `/`, else the first executable of that name in `PATH`.

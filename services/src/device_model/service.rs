@@ -1,0 +1,1198 @@
+//! [`Qemud`]: the device-model service on real qemus, one per guest.
+//!
+//! Each instance is a qemu ([`process`](super::process)), its QMP connection ([`Qmp`]) and
+//! what the daemon knows of it: its run state (kept from qemu's events), its devices with the
+//! block nodes and descriptor sets behind each, and the removals waiting for the guest. Calls
+//! that change an instance's devices run one at a time per instance; qemu's events are handled
+//! as they are read, without waiting for anything but a lock.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use dombus::{Events, Topic, TopicLimits};
+use serde_json::{Value, json};
+
+use super::argv::{self, ROOT_PORTS, USB_BUS};
+use super::process::{Qemu, Spawner};
+use super::qmp::{Qmp, QmpError, QmpEvent, QmpNotice};
+use super::{
+    CDROM_ID, DeviceInfo, DeviceKind, DeviceModel, DeviceModelConfig, DeviceModelError, DeviceModelEvent,
+    DeviceModelEventKind as Kind, DiskBus, DiskSpec, ExitReason, InstanceInfo, MAX_BACKING_DEPTH,
+    MAX_INSTANCES, Machine, NicModel, NicSpec, RunState, SavedState, Unplug, UsbKind,
+};
+use crate::network::{NetworkClient, VifId, VifKind};
+use crate::storage::{Owner, StorageClient};
+
+/// How long a removal that needs the guest waits for it, by default.
+pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a removal is waited for within its call before it is reported pending.
+const UNPLUG_WAIT: Duration = Duration::from_millis(500);
+/// How long qemu has to greet and answer each command.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a saved state may take to load.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `stop`'s default deadline for `quit`, and its most.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the daemon runs its qemus.
+#[derive(Debug, Clone)]
+pub struct QemudConfig {
+    /// The qemu program (`qemu-system-x86_64`, a path or a name in `PATH`).
+    pub qemu: PathBuf,
+    /// The accelerator (`tcg` without Xen or KVM).
+    pub accel: String,
+    /// Where each qemu's working directory (`dom<guest>`) is made.
+    pub dir: PathBuf,
+    /// The storage service's image directory, as this domain sees it.
+    pub images: PathBuf,
+    /// The storage service: what it says of an image (format, owner, backing) decides how it
+    /// is opened; `None`: no disk can be used.
+    pub storage: Option<dombus::Address>,
+    /// The network service, for NICs; `None`: no NIC can be used.
+    pub network: Option<dombus::Address>,
+    /// The domains that are the toolstack: the only callers.
+    pub toolstack_domains: Vec<u32>,
+    /// Whether each qemu runs in its Landlock sandbox (refusing to start without Landlock).
+    pub sandbox: bool,
+    /// How long a removal that needs the guest waits for it.
+    pub unplug_timeout: Duration,
+}
+
+/// Defaults of a [`QemudConfig`].
+pub struct DeviceModelConfigDefaults;
+
+impl DeviceModelConfigDefaults {
+    /// A configuration running `qemu-system-x86_64` with `tcg` in `dir`, images in `images`.
+    pub fn config(dir: PathBuf, images: PathBuf) -> QemudConfig {
+        QemudConfig {
+            qemu: "qemu-system-x86_64".into(),
+            accel: "tcg".into(),
+            dir,
+            images,
+            storage: None,
+            network: None,
+            toolstack_domains: vec![0],
+            sandbox: true,
+            unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
+        }
+    }
+}
+
+/// The device-model service: one qemu per guest.
+#[derive(Clone)]
+pub struct Qemud {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: QemudConfig,
+    spawner: Spawner,
+    net: dombus::Net,
+    instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
+    topic: Topic<DeviceModelEvent, Vec<InstanceInfo>>,
+}
+
+/// One guest's device model.
+struct Instance {
+    guest: u32,
+    machine: Machine,
+    workdir: PathBuf,
+    qemu: Qemu,
+    qmp: OnceLock<Qmp>,
+    version: OnceLock<String>,
+    /// What changes the devices, one call at a time.
+    ops: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    quit_asked: AtomicBool,
+    /// Numbers block nodes and descriptor names uniquely within the instance.
+    serial: AtomicU64,
+}
+
+/// What changes with qemu's events and the calls.
+struct State {
+    run: RunState,
+    config: DeviceModelConfig,
+    devices: Vec<Device>,
+    cdrom: Option<Medium>,
+}
+
+/// A device and what it holds in qemu.
+struct Device {
+    info: DeviceInfo,
+    port: Option<usize>,
+    backend: Backend,
+    /// A removal's waiter: told when the device is gone.
+    waiter: Option<tokio::sync::oneshot::Sender<Backend>>,
+}
+
+/// The block nodes or netdev behind a device, and the descriptor sets they use.
+#[derive(Default, Debug)]
+struct Backend {
+    /// Block nodes, top first.
+    nodes: Vec<String>,
+    fdsets: Vec<i64>,
+    netdev: Option<String>,
+}
+
+/// The CD-ROM's medium.
+struct Medium {
+    image: String,
+    backend: Backend,
+}
+
+/// An image's file, one layer of its chain.
+struct Layer {
+    file: OwnedFd,
+    format: &'static str,
+    read_only: bool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn qmp_err(command: &str, e: QmpError) -> DeviceModelError {
+    match e {
+        QmpError::CommandNotFound { command, version } => {
+            DeviceModelError::CommandNotFound { command, version: version.to_string() }
+        }
+        QmpError::Timeout { command } => DeviceModelError::Timeout(format!("qemu did not answer {command}")),
+        e => DeviceModelError::Qemu { command: command.to_owned(), message: e.to_string() },
+    }
+}
+
+impl Qemud {
+    /// The service running qemus as `config` says. Fails if qemu is not found, or the sandbox
+    /// is asked for and the kernel has no Landlock.
+    pub fn new(config: QemudConfig, net: dombus::Net) -> anyhow::Result<Qemud> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(&config.dir).with_context(|| format!("creating {}", config.dir.display()))?;
+        let spawner = Spawner::new(&config.qemu, config.sandbox, tokio::runtime::Handle::current())
+            .with_context(|| {
+                format!(
+                    "preparing to run {} (in a Landlock sandbox: {}; start with --no-sandbox to accept running it unconfined)",
+                    config.qemu.display(),
+                    config.sandbox
+                )
+            })?;
+        tracing::info!(qemu = %spawner.program().display(), sandbox = config.sandbox, "device models ready");
+        Ok(Qemud {
+            inner: Arc::new(Inner {
+                config,
+                spawner,
+                net,
+                instances: Mutex::new(BTreeMap::new()),
+                topic: Topic::new(TopicLimits::default()),
+            }),
+        })
+    }
+
+    /// Stops every qemu: `quit`, then a kill at `timeout`.
+    pub async fn shut_down(&self, timeout: Duration) {
+        let guests: Vec<u32> = self.instances().keys().copied().collect();
+        for guest in guests {
+            if let Ok(reason) = self.stop_guest(guest, timeout).await {
+                tracing::info!(guest, %reason, "device model stopped");
+            }
+        }
+    }
+
+    /// `stop`: quit, a kill at `timeout`; forgets the instance.
+    async fn stop_guest(&self, guest: u32, timeout: Duration) -> Result<ExitReason, DeviceModelError> {
+        let i = self.instance(guest)?;
+        if i.qemu.exited().is_none() {
+            i.quit_asked.store(true, Ordering::Relaxed);
+            if let Some(qmp) = i.qmp.get() {
+                // qemu answers `quit` and exits; a qemu gone deaf is killed at the deadline.
+                let _ = tokio::time::timeout(timeout, qmp.execute(qapi::qmp::quit {})).await;
+            }
+            if tokio::time::timeout(timeout, i.qemu.wait()).await.is_err() {
+                tracing::warn!(guest, "qemu did not quit within {timeout:?}: killing it");
+                i.qemu.kill().await;
+            }
+        }
+        let exit = i.qemu.wait().await;
+        let reason = exit.reason(i.quit_asked.load(Ordering::Relaxed));
+        self.instances().remove(&guest);
+        Ok(reason)
+    }
+
+    fn require_toolstack(&self, operation: &str) -> Result<(), DeviceModelError> {
+        match dombus::rpc::current_caller().and_then(|c| c.domain) {
+            Some(d) if !self.inner.config.toolstack_domains.contains(&d) => {
+                Err(DeviceModelError::PermissionDenied {
+                    operation: operation.to_owned(),
+                    reason: format!(
+                        "domain {d} is not the toolstack (domains {:?}): only the toolstack manages device models",
+                        self.inner.config.toolstack_domains
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn instances(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<Instance>>> {
+        self.inner.instances.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn instance(&self, guest: u32) -> Result<Arc<Instance>, DeviceModelError> {
+        self.instances().get(&guest).cloned().ok_or(DeviceModelError::NotFound { guest })
+    }
+
+    /// The instance, running (not exited), with its QMP connection.
+    fn live(&self, guest: u32) -> Result<(Arc<Instance>, Qmp), DeviceModelError> {
+        let i = self.instance(guest)?;
+        if let RunState::Exited(reason) = &i.lock().run {
+            return Err(DeviceModelError::Exited { guest, reason: reason.clone() });
+        }
+        let qmp = i.qmp.get().cloned().ok_or(DeviceModelError::StartFailed("still starting".into()))?;
+        Ok((i, qmp))
+    }
+
+    fn publish(&self, guest: u32, kind: Kind) {
+        publish(&self.inner.topic, guest, kind);
+    }
+
+    fn snapshot(&self) -> Vec<InstanceInfo> {
+        let all: Vec<_> = self.instances().values().cloned().collect();
+        all.iter().map(|i| i.info()).collect()
+    }
+
+    // ---- images and vifs ----
+
+    /// The layers of the image `name` (top first), opened for the guest `guest`.
+    async fn open_image(
+        &self,
+        guest: u32,
+        name: &str,
+        read_only: bool,
+    ) -> Result<Vec<Layer>, DeviceModelError> {
+        let image_err = |reason: String| DeviceModelError::Image { image: name.to_owned(), reason };
+        let Some(addr) = self.inner.config.storage.clone() else {
+            return Err(image_err("this device-model domain has no storage service configured".into()));
+        };
+        let storage = StorageClient::new(self.inner.net.clone(), addr);
+        let mut layers = Vec::new();
+        let mut next = Some(name.to_owned());
+        while let Some(n) = next.take() {
+            if layers.len() == MAX_BACKING_DEPTH {
+                return Err(image_err(format!("its backing chain is longer than {MAX_BACKING_DEPTH}")));
+            }
+            let info = storage
+                .info(dombus::context::current(), n.clone())
+                .await
+                .map_err(|e| image_err(format!("the storage service: {e}")))?
+                .map_err(|e| image_err(format!("the storage service: {e}")))?;
+            if !matches!(info.owner, Owner::Toolstack) && info.owner != Owner::Domain(guest) {
+                return Err(image_err(format!("{n} belongs to {}, not to guest {guest}", info.owner)));
+            }
+            // Only the top layer is written; a backing image is read.
+            let ro = read_only || !layers.is_empty();
+            let path = self.inner.config.images.join(&n);
+            let file = open_regular(&path, ro).map_err(|e| image_err(format!("{}: {e}", path.display())))?;
+            layers.push(Layer { file, format: info.format.as_str(), read_only: ro });
+            next = info.backing;
+        }
+        Ok(layers)
+    }
+
+    /// Adds the block nodes of `layers` (bottom first, each backed by the one below); the top
+    /// node's name, and the backend to undo.
+    async fn add_nodes(
+        &self,
+        i: &Instance,
+        qmp: &Qmp,
+        layers: Vec<Layer>,
+    ) -> Result<Backend, DeviceModelError> {
+        let mut backend = Backend::default();
+        let mut below: Option<String> = None;
+        for layer in layers.into_iter().rev() {
+            let r = async {
+                let added = qmp
+                    .execute_with_fd(qapi::qmp::add_fd { fdset_id: None, opaque: None }, layer.file.as_fd())
+                    .await
+                    .map_err(|e| qmp_err("add-fd", e))?;
+                backend.fdsets.push(added.fdset_id);
+                let node = format!("dm-n{}", i.serial.fetch_add(1, Ordering::Relaxed));
+                let options = json!({
+                    "driver": layer.format,
+                    "node-name": node,
+                    "read-only": layer.read_only,
+                    "file": {"driver": "file", "filename": format!("/dev/fdset/{}", added.fdset_id), "read-only": layer.read_only},
+                    "backing": below.as_ref().map_or(Value::Null, |b| Value::String(b.clone())),
+                });
+                let options = serde_json::from_value(options)
+                    .map_err(|e| DeviceModelError::Qemu { command: "blockdev-add".into(), message: e.to_string() })?;
+                qmp.execute(qapi::qmp::blockdev_add(options)).await.map_err(|e| qmp_err("blockdev-add", e))?;
+                backend.nodes.insert(0, node.clone());
+                below = Some(node);
+                Ok::<(), DeviceModelError>(())
+            }
+            .await;
+            if let Err(e) = r {
+                release(qmp, std::mem::take(&mut backend)).await;
+                return Err(e);
+            }
+        }
+        Ok(backend)
+    }
+
+    /// Opens the tap of the vif `vif` (the network service's, this guest's); its MAC.
+    async fn open_vif(&self, guest: u32, vif: &str) -> Result<(OwnedFd, Option<String>), DeviceModelError> {
+        let vif_err = |reason: String| DeviceModelError::Vif { vif: vif.to_owned(), reason };
+        let id: VifId = vif.parse().map_err(|e| vif_err(format!("{e}")))?;
+        if id.domid != guest {
+            return Err(vif_err(format!("it is guest {}'s, not guest {guest}'s", id.domid)));
+        }
+        let Some(addr) = self.inner.config.network.clone() else {
+            return Err(vif_err("this device-model domain has no network service configured".into()));
+        };
+        let network = NetworkClient::new(self.inner.net.clone(), addr);
+        let info = network
+            .vif_info(dombus::context::current(), id)
+            .await
+            .map_err(|e| vif_err(format!("the network service: {e}")))?
+            .map_err(|e| vif_err(format!("the network service: {e}")))?;
+        if info.kind != VifKind::Tap {
+            return Err(vif_err("it is not a tap (a device model's NIC needs a tap vif)".into()));
+        }
+        let fd = open_tap(&info.name).map_err(|e| vif_err(format!("opening the tap {}: {e}", info.name)))?;
+        Ok((fd, info.mac.map(|m| m.to_string())))
+    }
+
+    // ---- devices ----
+
+    async fn add_disk(
+        &self,
+        i: &Instance,
+        qmp: &Qmp,
+        disk: &DiskSpec,
+    ) -> Result<DeviceInfo, DeviceModelError> {
+        let port = match disk.bus {
+            DiskBus::Virtio => Some(i.free_port()?),
+            DiskBus::Usb => {
+                i.check_usb_room()?;
+                None
+            }
+        };
+        let layers = self.open_image(i.guest, &disk.image, disk.read_only).await?;
+        let backend = self.add_nodes(i, qmp, layers).await?;
+        let top = backend.nodes.first().cloned().unwrap_or_default();
+        let (driver, bus) = match port {
+            Some(p) => ("virtio-blk-pci", argv::root_port(p)),
+            None => ("usb-storage", USB_BUS.to_owned()),
+        };
+        let mut props = vec![("drive".to_owned(), json!(top))];
+        if disk.read_only {
+            props.push(("read-only".to_owned(), json!(true)));
+        }
+        let added = qmp
+            .execute(qapi::qmp::device_add::new(driver, Some(disk.id.clone()), Some(bus), props))
+            .await
+            .map_err(|e| qmp_err("device_add", e));
+        if let Err(e) = added {
+            release(qmp, backend).await;
+            return Err(e);
+        }
+        let info =
+            DeviceInfo { id: disk.id.clone(), kind: DeviceKind::Disk(disk.clone()), unplug_deadline: None };
+        let mut s = i.lock();
+        s.devices.push(Device { info: info.clone(), port, backend, waiter: None });
+        s.config.disks.push(disk.clone());
+        Ok(info)
+    }
+
+    async fn add_nic(&self, i: &Instance, qmp: &Qmp, nic: &NicSpec) -> Result<DeviceInfo, DeviceModelError> {
+        let port = i.free_port()?;
+        let (tap, mac) = self.open_vif(i.guest, &nic.vif).await?;
+        let n = i.serial.fetch_add(1, Ordering::Relaxed);
+        let fdname = format!("dm-tap{n}");
+        let netdev = format!("dm-net{n}");
+        qmp.execute_with_fd(qapi::qmp::getfd { fdname: fdname.clone() }, tap.as_fd())
+            .await
+            .map_err(|e| qmp_err("getfd", e))?;
+        let options = serde_json::from_value(json!({"type": "tap", "id": netdev, "fd": fdname}))
+            .map_err(|e| DeviceModelError::Qemu { command: "netdev_add".into(), message: e.to_string() })?;
+        qmp.execute(qapi::qmp::netdev_add(options)).await.map_err(|e| qmp_err("netdev_add", e))?;
+        let driver = match nic.model {
+            NicModel::E1000 => "e1000",
+            NicModel::Virtio => "virtio-net-pci",
+        };
+        let mut props = vec![("netdev".to_owned(), json!(netdev)), ("romfile".to_owned(), json!(""))];
+        if let Some(mac) = mac {
+            props.push(("mac".to_owned(), json!(mac)));
+        }
+        let added = qmp
+            .execute(qapi::qmp::device_add::new(
+                driver,
+                Some(nic.id.clone()),
+                Some(argv::root_port(port)),
+                props,
+            ))
+            .await
+            .map_err(|e| qmp_err("device_add", e));
+        let backend = Backend { netdev: Some(netdev), ..Backend::default() };
+        if let Err(e) = added {
+            release(qmp, backend).await;
+            return Err(e);
+        }
+        let info =
+            DeviceInfo { id: nic.id.clone(), kind: DeviceKind::Nic(nic.clone()), unplug_deadline: None };
+        let mut s = i.lock();
+        s.devices.push(Device { info: info.clone(), port: Some(port), backend, waiter: None });
+        s.config.nics.push(nic.clone());
+        Ok(info)
+    }
+
+    async fn add_usb(
+        &self,
+        i: &Instance,
+        qmp: &Qmp,
+        id: &str,
+        kind: UsbKind,
+    ) -> Result<DeviceInfo, DeviceModelError> {
+        i.check_usb_room()?;
+        qmp.execute(qapi::qmp::device_add::new(
+            kind.driver(),
+            Some(id.to_owned()),
+            Some(USB_BUS.to_owned()),
+            Vec::new(),
+        ))
+        .await
+        .map_err(|e| qmp_err("device_add", e))?;
+        let info = DeviceInfo { id: id.to_owned(), kind: DeviceKind::Usb(kind), unplug_deadline: None };
+        let mut s = i.lock();
+        s.devices.push(Device { info: info.clone(), port: None, backend: Backend::default(), waiter: None });
+        s.config.usb.push((id.to_owned(), kind));
+        Ok(info)
+    }
+
+    #[allow(deprecated)] // the commands' `device` field, which the drive's `id` replaces
+    async fn change_medium(&self, i: &Instance, qmp: &Qmp, image: &str) -> Result<(), DeviceModelError> {
+        if i.machine != Machine::Q35 {
+            return Err(DeviceModelError::Unsupported("machine none has no CD-ROM drive".into()));
+        }
+        let layers = self.open_image(i.guest, image, true).await?;
+        let backend = self.add_nodes(i, qmp, layers).await?;
+        let top = backend.nodes.first().cloned().unwrap_or_default();
+        let old = self.remove_medium(i, qmp).await;
+        let inserted = async {
+            qmp.execute(qapi::qmp::blockdev_insert_medium { id: CDROM_ID.into(), node_name: top.clone() })
+                .await
+                .map_err(|e| qmp_err("blockdev-insert-medium", e))?;
+            qmp.execute(qapi::qmp::blockdev_close_tray { id: Some(CDROM_ID.into()), device: None })
+                .await
+                .map_err(|e| qmp_err("blockdev-close-tray", e))
+        }
+        .await;
+        if let Err(e) = old.and(inserted.map(|_| ())) {
+            release(qmp, backend).await;
+            return Err(e);
+        }
+        let mut s = i.lock();
+        s.cdrom = Some(Medium { image: image.to_owned(), backend });
+        s.config.cdrom = Some(image.to_owned());
+        Ok(())
+    }
+
+    /// Opens the tray and takes out the medium (if any), letting its nodes go.
+    #[allow(deprecated)] // the commands' `device` field, which the drive's `id` replaces
+    async fn remove_medium(&self, i: &Instance, qmp: &Qmp) -> Result<(), DeviceModelError> {
+        qmp.execute(qapi::qmp::blockdev_open_tray {
+            id: Some(CDROM_ID.into()),
+            device: None,
+            force: Some(true),
+        })
+        .await
+        .map_err(|e| qmp_err("blockdev-open-tray", e))?;
+        qmp.execute(qapi::qmp::blockdev_remove_medium { id: CDROM_ID.into() })
+            .await
+            .map_err(|e| qmp_err("blockdev-remove-medium", e))?;
+        let old = {
+            let mut s = i.lock();
+            s.config.cdrom = None;
+            s.cdrom.take()
+        };
+        if let Some(m) = old {
+            release(qmp, m.backend).await;
+        }
+        Ok(())
+    }
+
+    /// Asks qemu to remove the device `id`; done, or pending on the guest.
+    async fn unplug(
+        &self,
+        i: &Arc<Instance>,
+        qmp: &Qmp,
+        id: &str,
+        disk: bool,
+    ) -> Result<Unplug, DeviceModelError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut s = i.lock();
+            let d = s
+                .devices
+                .iter_mut()
+                .find(|d| d.info.id == id && matches!(d.info.kind, DeviceKind::Disk(_)) == disk)
+                .ok_or_else(|| DeviceModelError::DeviceNotFound { guest: i.guest, id: id.to_owned() })?;
+            if d.info.unplug_deadline.is_some() {
+                return Err(DeviceModelError::UnplugPending { id: id.to_owned() });
+            }
+            d.waiter = Some(tx);
+        }
+        if let Err(e) = qmp.execute(qapi::qmp::device_del { id: id.to_owned() }).await {
+            if let Some(d) = i.lock().devices.iter_mut().find(|d| d.info.id == id) {
+                d.waiter = None;
+            }
+            return Err(qmp_err("device_del", e));
+        }
+        match tokio::time::timeout(UNPLUG_WAIT, rx).await {
+            Ok(Ok(backend)) => {
+                release(qmp, backend).await;
+                self.publish(i.guest, Kind::DeviceDeleted { id: id.to_owned() });
+                return Ok(Unplug::Done);
+            }
+            Ok(Err(_)) => return Ok(Unplug::Done), // released by the event's handler
+            Err(_) => {}
+        }
+        let deadline = now_secs() + self.inner.config.unplug_timeout.as_secs();
+        {
+            let mut s = i.lock();
+            match s.devices.iter_mut().find(|d| d.info.id == id) {
+                Some(d) => d.info.unplug_deadline = Some(deadline),
+                None => return Ok(Unplug::Done),
+            }
+        }
+        let (service, inst, id) = (self.clone(), i.clone(), id.to_owned());
+        let timeout = self.inner.config.unplug_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout.saturating_sub(UNPLUG_WAIT)).await;
+            let timed_out = {
+                let mut s = inst.lock();
+                match s.devices.iter_mut().find(|d| d.info.id == id) {
+                    Some(d) if d.info.unplug_deadline == Some(deadline) => {
+                        d.info.unplug_deadline = None;
+                        d.waiter = None;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if timed_out {
+                tracing::warn!(guest = inst.guest, device = %id, "the guest did not let the device go in time");
+                service.publish(inst.guest, Kind::UnplugTimedOut { id });
+            }
+        });
+        Ok(Unplug::Pending { deadline })
+    }
+
+    // ---- lifecycle ----
+
+    async fn start_instance(&self, config: DeviceModelConfig) -> Result<Arc<Instance>, DeviceModelError> {
+        let guest = config.guest;
+        let workdir = self.inner.config.dir.join(format!("dom{guest}"));
+        let file_err = |p: &Path, e: std::io::Error| DeviceModelError::File {
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        };
+        // A fresh working directory: nothing of an earlier qemu's is left for this one.
+        match std::fs::remove_dir_all(&workdir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&workdir, e)),
+        }
+        std::fs::create_dir_all(&workdir).map_err(|e| file_err(&workdir, e))?;
+        let restore = match &config.restore_from {
+            Some(p) => Some(open_regular(Path::new(p), true).map_err(|e| file_err(Path::new(p), e))?),
+            None => None,
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| file_err(&workdir, e))?;
+        let args = argv::args(&config, &self.inner.config.accel, restore.is_some());
+        let qemu = self.inner.spawner.spawn(&args, &workdir, theirs.into()).await.map_err(|e| {
+            DeviceModelError::StartFailed(format!("{}: {e}", self.inner.spawner.program().display()))
+        })?;
+        let mut recorded = config.clone();
+        recorded.restore_from = None;
+        recorded.disks.clear();
+        recorded.nics.clear();
+        recorded.usb.clear();
+        recorded.cdrom = None;
+        let instance = Arc::new(Instance {
+            guest,
+            machine: config.machine,
+            workdir: workdir.clone(),
+            qemu,
+            qmp: OnceLock::new(),
+            version: OnceLock::new(),
+            ops: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State {
+                run: RunState::Starting,
+                config: recorded,
+                devices: Vec::new(),
+                cdrom: None,
+            }),
+            quit_asked: AtomicBool::new(false),
+            serial: AtomicU64::new(0),
+        });
+        self.instances().insert(guest, instance.clone());
+        self.watch_exit(&instance);
+        let started = self.bring_up(&instance, ours, &config, restore).await;
+        if let Err(e) = started {
+            let exit = instance.qemu.kill().await;
+            let why =
+                if exit.stderr.is_empty() { String::new() } else { format!(" (qemu said: {})", exit.stderr) };
+            self.instances().remove(&guest);
+            return Err(match e {
+                DeviceModelError::Qemu { command, message } => {
+                    DeviceModelError::Qemu { command, message: format!("{message}{why}") }
+                }
+                DeviceModelError::StartFailed(m) => DeviceModelError::StartFailed(format!("{m}{why}")),
+                e => e,
+            });
+        }
+        Ok(instance)
+    }
+
+    /// Connects QMP, adds the devices, loads the state, continues.
+    async fn bring_up(
+        &self,
+        i: &Arc<Instance>,
+        ours: std::os::unix::net::UnixStream,
+        config: &DeviceModelConfig,
+        restore: Option<OwnedFd>,
+    ) -> Result<(), DeviceModelError> {
+        ours.set_nonblocking(true).map_err(|e| DeviceModelError::StartFailed(e.to_string()))?;
+        let stream = tokio::net::UnixStream::from_std(ours)
+            .map_err(|e| DeviceModelError::StartFailed(e.to_string()))?;
+        let handler = NoticeHandler { service: Arc::downgrade(&self.inner), instance: Arc::downgrade(i) };
+        let qmp = tokio::select! {
+            q = Qmp::from_stream(stream, QMP_TIMEOUT, move |n| handler.handle(n)) => q,
+            exit = i.qemu.wait() => return Err(DeviceModelError::StartFailed(exit.reason(false).to_string())),
+        }
+        .map_err(|e| DeviceModelError::StartFailed(format!("QMP: {e}")))?;
+        let _ = i.version.set(qmp.version().to_string());
+        let _ = i.qmp.set(qmp.clone());
+        let _ops = i.ops.lock().await;
+        for disk in &config.disks {
+            self.add_disk(i, &qmp, disk).await?;
+        }
+        for nic in &config.nics {
+            self.add_nic(i, &qmp, nic).await?;
+        }
+        for (id, kind) in &config.usb {
+            self.add_usb(i, &qmp, id, *kind).await?;
+        }
+        if let Some(image) = &config.cdrom {
+            self.change_medium(i, &qmp, image).await?;
+        }
+        if let Some(file) = restore {
+            qmp.execute_with_fd(qapi::qmp::getfd { fdname: "dm-restore".into() }, file.as_fd())
+                .await
+                .map_err(|e| qmp_err("getfd", e))?;
+            drop(file);
+            qmp.execute_raw("migrate-incoming", json!({"uri": "fd:dm-restore"}))
+                .await
+                .map_err(|e| qmp_err("migrate-incoming", e))?;
+            wait_incoming(&qmp).await?;
+        }
+        if config.paused {
+            i.lock().run = RunState::Paused;
+        } else {
+            qmp.execute(qapi::qmp::cont {}).await.map_err(|e| qmp_err("cont", e))?;
+            let mut s = i.lock();
+            if s.run == RunState::Starting {
+                s.run = RunState::Running;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notices the exit of `i`'s qemu at once: its state, the event.
+    fn watch_exit(&self, i: &Arc<Instance>) {
+        let (weak, inst) = (Arc::downgrade(&self.inner), i.clone());
+        tokio::spawn(async move {
+            let exit = inst.qemu.wait().await;
+            let reason = exit.reason(inst.quit_asked.load(Ordering::Relaxed));
+            tracing::info!(guest = inst.guest, %reason, "qemu ended");
+            inst.lock().run = RunState::Exited(reason.clone());
+            if let Some(inner) = weak.upgrade() {
+                publish(&inner.topic, inst.guest, Kind::Exited(reason));
+            }
+        });
+    }
+}
+
+/// Waits for an incoming migration (a restore) to end.
+async fn wait_incoming(qmp: &Qmp) -> Result<(), DeviceModelError> {
+    let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
+    loop {
+        let info = qmp.execute(qapi::qmp::query_migrate {}).await.map_err(|e| qmp_err("query-migrate", e))?;
+        match info.status {
+            Some(qapi::qmp::MigrationStatus::completed) => return Ok(()),
+            Some(qapi::qmp::MigrationStatus::failed | qapi::qmp::MigrationStatus::cancelled) => {
+                return Err(DeviceModelError::Qemu {
+                    command: "migrate-incoming".into(),
+                    message: info.error_desc.unwrap_or_else(|| "loading the saved state failed".into()),
+                });
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(DeviceModelError::Timeout("loading the saved state".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Lets go of a backend: its block nodes (top first), netdev and descriptor sets. Failures are
+/// logged: the device is gone, what is left is qemu's to hold until it exits.
+async fn release(qmp: &Qmp, backend: Backend) {
+    for node in &backend.nodes {
+        if let Err(e) = qmp.execute(qapi::qmp::blockdev_del { node_name: node.clone() }).await {
+            tracing::warn!(%node, "blockdev-del: {e}");
+        }
+    }
+    if let Some(id) = &backend.netdev
+        && let Err(e) = qmp.execute(qapi::qmp::netdev_del { id: id.clone() }).await
+    {
+        tracing::warn!(netdev = %id, "netdev_del: {e}");
+    }
+    for set in &backend.fdsets {
+        if let Err(e) = qmp.execute(qapi::qmp::remove_fd { fdset_id: *set, fd: None }).await {
+            tracing::warn!(fdset = set, "remove-fd: {e}");
+        }
+    }
+}
+
+fn publish(topic: &Topic<DeviceModelEvent, Vec<InstanceInfo>>, guest: u32, kind: Kind) {
+    topic.publish(DeviceModelEvent { guest, kind });
+}
+
+impl Instance {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn info(&self) -> InstanceInfo {
+        let s = self.lock();
+        InstanceInfo {
+            guest: self.guest,
+            state: s.run.clone(),
+            pid: if matches!(s.run, RunState::Exited(_)) { None } else { self.qemu.pid() },
+            qemu: self.version.get().cloned().unwrap_or_default(),
+            machine: self.machine,
+            devices: s.devices.iter().map(|d| d.info.clone()).collect(),
+            cdrom: s.cdrom.as_ref().map(|m| m.image.clone()),
+            workdir: self.workdir.display().to_string(),
+        }
+    }
+
+    fn free_port(&self) -> Result<usize, DeviceModelError> {
+        if self.machine != Machine::Q35 {
+            return Err(DeviceModelError::Unsupported("machine none has no PCI slot".into()));
+        }
+        let s = self.lock();
+        (0..ROOT_PORTS)
+            .find(|p| !s.devices.iter().any(|d| d.port == Some(*p)))
+            .ok_or(DeviceModelError::TooMany { what: "PCI devices".into(), max: ROOT_PORTS })
+    }
+
+    fn check_usb_room(&self) -> Result<(), DeviceModelError> {
+        if self.machine != Machine::Q35 {
+            return Err(DeviceModelError::Unsupported("machine none has no USB controller".into()));
+        }
+        let s = self.lock();
+        let usb = s
+            .devices
+            .iter()
+            .filter(|d| {
+                matches!(
+                    &d.info.kind,
+                    DeviceKind::Usb(_) | DeviceKind::Disk(DiskSpec { bus: DiskBus::Usb, .. })
+                )
+            })
+            .count();
+        if usb >= super::MAX_USB {
+            return Err(DeviceModelError::TooMany { what: "USB devices".into(), max: super::MAX_USB });
+        }
+        Ok(())
+    }
+
+    fn check_new_id(&self, id: &str) -> Result<(), DeviceModelError> {
+        super::check_id(id)?;
+        if self.lock().devices.iter().any(|d| d.info.id == id) {
+            return Err(DeviceModelError::DeviceExists { guest: self.guest, id: id.to_owned() });
+        }
+        Ok(())
+    }
+}
+
+/// Handles qemu's notices for one instance, from its QMP reader.
+struct NoticeHandler {
+    service: std::sync::Weak<Inner>,
+    instance: std::sync::Weak<Instance>,
+}
+
+impl NoticeHandler {
+    fn handle(&self, notice: QmpNotice) {
+        let (Some(inner), Some(i)) = (self.service.upgrade(), self.instance.upgrade()) else { return };
+        match notice {
+            QmpNotice::Closed(why) => tracing::debug!(guest = i.guest, %why, "QMP closed"),
+            QmpNotice::Event(event) => {
+                if let Some(kind) = on_event(&inner, &i, event) {
+                    publish(&inner.topic, i.guest, kind);
+                }
+            }
+        }
+    }
+}
+
+/// What qemu's event `event` changes in the state of `i`, and the event to publish, if any.
+fn on_event(inner: &Arc<Inner>, i: &Arc<Instance>, event: QmpEvent) -> Option<Kind> {
+    {
+        let kind = match event {
+            QmpEvent::Typed { event, .. } => match event {
+                qapi::qmp::Event::STOP { .. } => {
+                    let mut s = i.lock();
+                    if matches!(s.run, RunState::Running | RunState::Starting) {
+                        s.run = RunState::Paused;
+                    }
+                    Some(Kind::Stopped)
+                }
+                qapi::qmp::Event::RESUME { .. } => {
+                    let mut s = i.lock();
+                    if !matches!(s.run, RunState::Exited(_)) {
+                        s.run = RunState::Running;
+                    }
+                    Some(Kind::Resumed)
+                }
+                qapi::qmp::Event::SHUTDOWN { data, .. } => {
+                    let mut s = i.lock();
+                    if !matches!(s.run, RunState::Exited(_)) {
+                        s.run = RunState::Shutdown;
+                    }
+                    let reason =
+                        serde_json::to_value(data.reason).ok().and_then(|v| v.as_str().map(str::to_owned));
+                    Some(Kind::Shutdown { guest_initiated: data.guest, reason: reason.unwrap_or_default() })
+                }
+                qapi::qmp::Event::DEVICE_DELETED { data, .. } => {
+                    let id = data.device?;
+                    let gone = {
+                        let mut s = i.lock();
+                        let pos = s.devices.iter().position(|d| d.info.id == id)?;
+                        let d = s.devices.remove(pos);
+                        match &d.info.kind {
+                            DeviceKind::Disk(_) => s.config.disks.retain(|x| x.id != id),
+                            DeviceKind::Nic(_) => s.config.nics.retain(|x| x.id != id),
+                            DeviceKind::Usb(_) => s.config.usb.retain(|x| x.0 != id),
+                        }
+                        d
+                    };
+                    // The removal's call lets the backend go if it still waits; else this does.
+                    let backend = match gone.waiter {
+                        Some(w) => match w.send(gone.backend) {
+                            Ok(()) => return None,
+                            Err(b) => b,
+                        },
+                        None => gone.backend,
+                    };
+                    let qmp = i.qmp.get().cloned()?;
+                    let (topic, i) = (inner.clone(), i.clone());
+                    tokio::spawn(async move {
+                        release(&qmp, backend).await;
+                        publish(&topic.topic, i.guest, Kind::DeviceDeleted { id });
+                    });
+                    None
+                }
+                qapi::qmp::Event::BLOCK_IO_ERROR { data, .. } => {
+                    let s = i.lock();
+                    let device = data
+                        .node_name
+                        .as_ref()
+                        .and_then(|n| s.devices.iter().find(|d| d.backend.nodes.contains(n)))
+                        .map_or_else(
+                            || data.node_name.clone().unwrap_or(data.device.clone()),
+                            |d| d.info.id.clone(),
+                        );
+                    let text = |v: &dyn erased_to_string::ToJsonText| v.text();
+                    Some(Kind::BlockIoError {
+                        device,
+                        operation: text(&data.operation),
+                        action: text(&data.action),
+                        reason: data.reason.clone(),
+                    })
+                }
+                _ => None,
+            },
+            QmpEvent::Other { .. } => None,
+        };
+        kind
+    }
+}
+
+/// The JSON text of an enum of qapi's (its wire name).
+mod erased_to_string {
+    /// An enum of qapi's shown as its wire name.
+    pub(super) trait ToJsonText {
+        fn text(&self) -> String;
+    }
+    impl<T: serde::Serialize> ToJsonText for T {
+        fn text(&self) -> String {
+            match serde_json::to_value(self) {
+                Ok(serde_json::Value::String(s)) => s,
+                Ok(v) => v.to_string(),
+                Err(_) => String::new(),
+            }
+        }
+    }
+}
+
+/// Opens the regular file `path` (not through a symlink) for reading, or reading and writing.
+fn open_regular(path: &Path, read_only: bool) -> std::io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let access = if read_only { OFlags::RDONLY } else { OFlags::RDWR };
+    let fd = rustix::fs::open(path, access | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let st = rustix::fs::fstat(&fd)?;
+    if !rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(fd)
+}
+
+/// Opens the existing tap `name` (`/dev/net/tun`, `TUNSETIFF`).
+fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    // The tap must exist: TUNSETIFF on a missing name would make a new one.
+    let index = rustix::net::netdevice::name_to_index(
+        &rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)?,
+        name,
+    )?;
+    if index == 0 || name.len() >= 16 {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such link"));
+    }
+    let fd = rustix::fs::open("/dev/net/tun", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req =
+        IfReq { name: [0; 16], flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: TUNSETIFF reads a `struct ifreq` (40 bytes, name NUL-terminated) that lives
+    // across the call.
+    if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), TUNSETIFF, &raw mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+impl DeviceModel for Qemud {
+    async fn start(&self, config: DeviceModelConfig) -> Result<InstanceInfo, DeviceModelError> {
+        self.require_toolstack("start")?;
+        config.check()?;
+        {
+            let mut all = self.instances();
+            if let Some(old) = all.get(&config.guest) {
+                if !matches!(old.lock().run, RunState::Exited(_)) {
+                    return Err(DeviceModelError::AlreadyRunning { guest: config.guest });
+                }
+                all.remove(&config.guest);
+            }
+            if all.len() >= MAX_INSTANCES {
+                return Err(DeviceModelError::TooMany { what: "device models".into(), max: MAX_INSTANCES });
+            }
+        }
+        let i = self.start_instance(config).await?;
+        self.publish(i.guest, Kind::Started);
+        Ok(i.info())
+    }
+
+    async fn stop(&self, guest: u32, timeout_ms: Option<u64>) -> Result<ExitReason, DeviceModelError> {
+        self.require_toolstack("stop")?;
+        let timeout = timeout_ms.map_or(STOP_TIMEOUT, Duration::from_millis).min(MAX_STOP_TIMEOUT);
+        self.stop_guest(guest, timeout).await
+    }
+
+    async fn pause(&self, guest: u32) -> Result<InstanceInfo, DeviceModelError> {
+        self.require_toolstack("pause")?;
+        let (i, qmp) = self.live(guest)?;
+        qmp.execute(qapi::qmp::stop {}).await.map_err(|e| qmp_err("stop", e))?;
+        i.lock().run = RunState::Paused;
+        Ok(i.info())
+    }
+
+    async fn resume(&self, guest: u32) -> Result<InstanceInfo, DeviceModelError> {
+        self.require_toolstack("resume")?;
+        let (i, qmp) = self.live(guest)?;
+        qmp.execute(qapi::qmp::cont {}).await.map_err(|e| qmp_err("cont", e))?;
+        i.lock().run = RunState::Running;
+        Ok(i.info())
+    }
+
+    async fn status(&self, guest: u32) -> Result<InstanceInfo, DeviceModelError> {
+        self.require_toolstack("status")?;
+        Ok(self.instance(guest)?.info())
+    }
+
+    async fn list(&self) -> Result<Vec<InstanceInfo>, DeviceModelError> {
+        self.require_toolstack("list")?;
+        Ok(self.snapshot())
+    }
+
+    async fn disk_add(&self, guest: u32, disk: DiskSpec) -> Result<DeviceInfo, DeviceModelError> {
+        self.require_toolstack("disk-add")?;
+        let (i, qmp) = self.live(guest)?;
+        let _ops = i.ops.lock().await;
+        i.check_new_id(&disk.id)?;
+        if i.lock().devices.iter().filter(|d| matches!(d.info.kind, DeviceKind::Disk(_))).count()
+            >= super::MAX_DISKS
+        {
+            return Err(DeviceModelError::TooMany { what: "disks".into(), max: super::MAX_DISKS });
+        }
+        self.add_disk(&i, &qmp, &disk).await
+    }
+
+    async fn disk_remove(&self, guest: u32, id: String) -> Result<Unplug, DeviceModelError> {
+        self.require_toolstack("disk-remove")?;
+        let (i, qmp) = self.live(guest)?;
+        let _ops = i.ops.lock().await;
+        self.unplug(&i, &qmp, &id, true).await
+    }
+
+    async fn cdrom_change(&self, guest: u32, image: String) -> Result<InstanceInfo, DeviceModelError> {
+        self.require_toolstack("cdrom-change")?;
+        let (i, qmp) = self.live(guest)?;
+        let _ops = i.ops.lock().await;
+        self.change_medium(&i, &qmp, &image).await?;
+        self.publish(guest, Kind::MediumChanged { image: Some(image) });
+        Ok(i.info())
+    }
+
+    async fn cdrom_eject(&self, guest: u32) -> Result<InstanceInfo, DeviceModelError> {
+        self.require_toolstack("cdrom-eject")?;
+        let (i, qmp) = self.live(guest)?;
+        if i.machine != Machine::Q35 {
+            return Err(DeviceModelError::Unsupported("machine none has no CD-ROM drive".into()));
+        }
+        let _ops = i.ops.lock().await;
+        let had = i.lock().cdrom.is_some();
+        self.remove_medium(&i, &qmp).await?;
+        if had {
+            self.publish(guest, Kind::MediumChanged { image: None });
+        }
+        Ok(i.info())
+    }
+
+    async fn usb_add(&self, guest: u32, id: String, kind: UsbKind) -> Result<DeviceInfo, DeviceModelError> {
+        self.require_toolstack("usb-add")?;
+        let (i, qmp) = self.live(guest)?;
+        let _ops = i.ops.lock().await;
+        i.check_new_id(&id)?;
+        self.add_usb(&i, &qmp, &id, kind).await
+    }
+
+    async fn usb_remove(&self, guest: u32, id: String) -> Result<Unplug, DeviceModelError> {
+        self.require_toolstack("usb-remove")?;
+        let (i, qmp) = self.live(guest)?;
+        let _ops = i.ops.lock().await;
+        self.unplug(&i, &qmp, &id, false).await
+    }
+
+    async fn save(&self, guest: u32, path: String) -> Result<SavedState, DeviceModelError> {
+        self.require_toolstack("save")?;
+        let (i, qmp) = self.live(guest)?;
+        let _ops = i.ops.lock().await;
+        if i.lock().devices.iter().any(|d| d.info.unplug_deadline.is_some()) {
+            return Err(DeviceModelError::Unsupported(
+                "a removal waits for the guest: the saved devices would not be known".into(),
+            ));
+        }
+        let target = PathBuf::from(&path);
+        let file_err =
+            |e: std::io::Error| DeviceModelError::File { path: path.clone(), reason: e.to_string() };
+        let name = target.file_name().ok_or_else(|| file_err(std::io::Error::other("not a file name")))?;
+        let tmp =
+            target.with_file_name(format!(".{}.dm-save-{}", name.to_string_lossy(), std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(file_err)?;
+        let saved = async {
+            qmp.execute(qapi::qmp::stop {}).await.map_err(|e| qmp_err("stop", e))?;
+            i.lock().run = RunState::Paused;
+            let added = qmp
+                .execute_with_fd(qapi::qmp::add_fd { fdset_id: None, opaque: None }, file.as_fd())
+                .await
+                .map_err(|e| qmp_err("add-fd", e))?;
+            let r = qmp
+                .execute(qapi::qmp::xen_save_devices_state {
+                    filename: format!("/dev/fdset/{}", added.fdset_id),
+                    live: Some(false),
+                })
+                .await
+                .map_err(|e| qmp_err("xen-save-devices-state", e));
+            let _ = qmp.execute(qapi::qmp::remove_fd { fdset_id: added.fdset_id, fd: None }).await;
+            r?;
+            file.sync_all().map_err(file_err)?;
+            let bytes = file.metadata().map_err(file_err)?.len();
+            std::fs::rename(&tmp, &target).map_err(file_err)?;
+            Ok::<u64, DeviceModelError>(bytes)
+        }
+        .await;
+        let bytes = match saved {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let mut config = i.lock().config.clone();
+        config.restore_from = Some(path.clone());
+        Ok(SavedState { path, bytes, config })
+    }
+
+    async fn events(&self, guest: Option<u32>) -> Events<DeviceModelEvent, Vec<InstanceInfo>> {
+        if let Err(e) = self.require_toolstack("events") {
+            return Events::refused(std::io::ErrorKind::PermissionDenied, e.to_string());
+        }
+        let service = self.clone();
+        match guest {
+            None => self.inner.topic.events().with_snapshot(move || service.snapshot()),
+            Some(g) => self
+                .inner
+                .topic
+                .events_where(move |e: &DeviceModelEvent| e.guest == g)
+                .with_snapshot(move || service.snapshot().into_iter().filter(|i| i.guest == g).collect()),
+        }
+    }
+}
+
+use std::os::unix::fs::OpenOptionsExt as _;
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Every qemu goes with the service (kill_on_drop does it for each child as its watcher
+        // ends; this makes it immediate).
+        let all = std::mem::take(self.instances.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for i in all.values() {
+            if let Some(pid) = i.qemu.pid().and_then(|p| rustix::process::Pid::from_raw(p as i32))
+                && i.qemu.exited().is_none()
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}

@@ -602,7 +602,7 @@ fn spawn_domain(
     let agent = state.domain_agent(name);
     std::fs::create_dir_all(agent.parent().unwrap_or(&state.0))?;
     // As the toolstack: create the domain, and hand its process the one-time token.
-    let (_, token) = SimBackend::create_domain(&state.socket(), Some(domid), name)
+    let (_, token) = SimBackend::create_domain(state.socket(), Some(domid), name)
         .map_err(|e| anyhow::anyhow!("creating the {name} domain: {e}"))?;
     let (child, log) = spawn_with(&state, name, &args, &[(TOKEN_ENV, &token)])?;
     host.manifest.procs.push(Proc {

@@ -428,6 +428,24 @@ async fn a_qemu_killed_behind_the_daemons_back_is_reported() {
     // A new start replaces the exited one; stop forgets it.
     dm.start(ctx(), DeviceModelConfig::new(GUEST, Machine::None, 32, 1)).await.unwrap().unwrap();
     assert_eq!(dm.stop(ctx(), GUEST, Some(5000)).await.unwrap().unwrap(), ExitReason::Quit);
+
+    // A qemu that does not quit (stopped with SIGSTOP: it cannot answer) is killed at the
+    // deadline, and said so.
+    let info = dm.start(ctx(), DeviceModelConfig::new(GUEST, Machine::None, 32, 1)).await.unwrap().unwrap();
+    let pid = info.pid.unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::STOP,
+    )
+    .unwrap();
+    let t = Instant::now();
+    assert_eq!(dm.stop(ctx(), GUEST, Some(300)).await.unwrap().unwrap(), ExitReason::KilledAfterDeadline);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(!alive(pid));
+    assert_eq!(
+        dm.status(ctx(), GUEST).await.unwrap().unwrap_err(),
+        DeviceModelError::NotFound { guest: GUEST }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

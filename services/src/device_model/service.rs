@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use super::argv::{self, ROOT_PORTS, USB_BUS};
 use super::process::{Qemu, Spawner};
+use super::qmp::wire::tame;
 use super::qmp::{Qmp, QmpError, QmpEvent, QmpNotice};
 use super::{
     CDROM_ID, DeviceInfo, DeviceKind, DeviceModel, DeviceModelConfig, DeviceModelError, DeviceModelEvent,
@@ -346,7 +347,7 @@ impl Qemud {
     /// Opens the tap of the vif `vif` (the network service's, this guest's); its MAC.
     async fn open_vif(&self, guest: u32, vif: &str) -> Result<(OwnedFd, Option<String>), DeviceModelError> {
         let vif_err = |reason: String| DeviceModelError::Vif { vif: vif.to_owned(), reason };
-        let id: VifId = vif.parse().map_err(|e| vif_err(format!("{e}")))?;
+        let id = vif.parse::<VifId>().map_err(|e| vif_err(e.to_string()))?;
         if id.domid != guest {
             return Err(vif_err(format!("it is guest {}'s, not guest {guest}'s", id.domid)));
         }
@@ -774,6 +775,20 @@ fn publish(topic: &Topic<DeviceModelEvent, Vec<InstanceInfo>>, guest: u32, kind:
     topic.publish(DeviceModelEvent { guest, kind });
 }
 
+impl State {
+    /// Removes the device `id` from the instance's devices and configuration; what it was.
+    fn forget_device(&mut self, id: &str) -> Option<Device> {
+        let pos = self.devices.iter().position(|d| d.info.id == id)?;
+        let d = self.devices.remove(pos);
+        match &d.info.kind {
+            DeviceKind::Disk(_) => self.config.disks.retain(|x| x.id != id),
+            DeviceKind::Nic(_) => self.config.nics.retain(|x| x.id != id),
+            DeviceKind::Usb(_) => self.config.usb.retain(|x| x.0 != id),
+        }
+        Some(d)
+    }
+}
+
 impl Instance {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -855,101 +870,74 @@ impl NoticeHandler {
 
 /// What qemu's event `event` changes in the state of `i`, and the event to publish, if any.
 fn on_event(inner: &Arc<Inner>, i: &Arc<Instance>, event: QmpEvent) -> Option<Kind> {
-    {
-        let kind = match event {
-            QmpEvent::Typed { event, .. } => match event {
-                qapi::qmp::Event::STOP { .. } => {
-                    let mut s = i.lock();
-                    if matches!(s.run, RunState::Running | RunState::Starting) {
-                        s.run = RunState::Paused;
-                    }
-                    Some(Kind::Stopped)
-                }
-                qapi::qmp::Event::RESUME { .. } => {
-                    let mut s = i.lock();
-                    if !matches!(s.run, RunState::Exited(_)) {
-                        s.run = RunState::Running;
-                    }
-                    Some(Kind::Resumed)
-                }
-                qapi::qmp::Event::SHUTDOWN { data, .. } => {
-                    let mut s = i.lock();
-                    if !matches!(s.run, RunState::Exited(_)) {
-                        s.run = RunState::Shutdown;
-                    }
-                    let reason =
-                        serde_json::to_value(data.reason).ok().and_then(|v| v.as_str().map(str::to_owned));
-                    Some(Kind::Shutdown { guest_initiated: data.guest, reason: reason.unwrap_or_default() })
-                }
-                qapi::qmp::Event::DEVICE_DELETED { data, .. } => {
-                    let id = data.device?;
-                    let gone = {
-                        let mut s = i.lock();
-                        let pos = s.devices.iter().position(|d| d.info.id == id)?;
-                        let d = s.devices.remove(pos);
-                        match &d.info.kind {
-                            DeviceKind::Disk(_) => s.config.disks.retain(|x| x.id != id),
-                            DeviceKind::Nic(_) => s.config.nics.retain(|x| x.id != id),
-                            DeviceKind::Usb(_) => s.config.usb.retain(|x| x.0 != id),
-                        }
-                        d
-                    };
-                    // The removal's call lets the backend go if it still waits; else this does.
-                    let backend = match gone.waiter {
-                        Some(w) => match w.send(gone.backend) {
-                            Ok(()) => return None,
-                            Err(b) => b,
-                        },
-                        None => gone.backend,
-                    };
-                    let qmp = i.qmp.get().cloned()?;
-                    let (topic, i) = (inner.clone(), i.clone());
-                    tokio::spawn(async move {
-                        release(&qmp, backend).await;
-                        publish(&topic.topic, i.guest, Kind::DeviceDeleted { id });
-                    });
-                    None
-                }
-                qapi::qmp::Event::BLOCK_IO_ERROR { data, .. } => {
-                    let s = i.lock();
-                    let device = data
-                        .node_name
-                        .as_ref()
-                        .and_then(|n| s.devices.iter().find(|d| d.backend.nodes.contains(n)))
-                        .map_or_else(
-                            || data.node_name.clone().unwrap_or(data.device.clone()),
-                            |d| d.info.id.clone(),
-                        );
-                    let text = |v: &dyn erased_to_string::ToJsonText| v.text();
-                    Some(Kind::BlockIoError {
-                        device,
-                        operation: text(&data.operation),
-                        action: text(&data.action),
-                        reason: data.reason.clone(),
-                    })
-                }
-                _ => None,
-            },
-            QmpEvent::Other { .. } => None,
-        };
-        kind
+    use qapi::qmp::Event;
+    let QmpEvent::Typed { event, .. } = event else { return None };
+    match event {
+        Event::STOP { .. } => {
+            let mut s = i.lock();
+            if matches!(s.run, RunState::Running | RunState::Starting) {
+                s.run = RunState::Paused;
+            }
+            Some(Kind::Stopped)
+        }
+        Event::RESUME { .. } => {
+            let mut s = i.lock();
+            if !matches!(s.run, RunState::Exited(_)) {
+                s.run = RunState::Running;
+            }
+            Some(Kind::Resumed)
+        }
+        Event::SHUTDOWN { data, .. } => {
+            let mut s = i.lock();
+            if !matches!(s.run, RunState::Exited(_)) {
+                s.run = RunState::Shutdown;
+            }
+            Some(Kind::Shutdown { guest_initiated: data.guest, reason: wire_name(&data.reason) })
+        }
+        Event::DEVICE_DELETED { data, .. } => {
+            // qemu also reports the deletion of a device's children, by path only.
+            let id = data.device?;
+            let gone = i.lock().forget_device(&id)?;
+            // The removal's call lets the backend go if it still waits; else this does.
+            let backend = match gone.waiter {
+                Some(w) => w.send(gone.backend).err()?,
+                None => gone.backend,
+            };
+            let qmp = i.qmp.get().cloned()?;
+            let (inner, guest) = (inner.clone(), i.guest);
+            tokio::spawn(async move {
+                release(&qmp, backend).await;
+                publish(&inner.topic, guest, Kind::DeviceDeleted { id });
+            });
+            None
+        }
+        Event::BLOCK_IO_ERROR { data, .. } => Some(block_io_error(&i.lock().devices, &data)),
+        _ => None,
     }
 }
 
-/// The JSON text of an enum of qapi's (its wire name).
-mod erased_to_string {
-    /// An enum of qapi's shown as its wire name.
-    pub(super) trait ToJsonText {
-        fn text(&self) -> String;
+/// `BLOCK_IO_ERROR` as the service reports it: the disk by its id (qemu names its node), qemu's
+/// texts bounded.
+fn block_io_error(devices: &[Device], data: &qapi::qmp::BLOCK_IO_ERROR) -> Kind {
+    let device = data
+        .node_name
+        .as_ref()
+        .and_then(|n| devices.iter().find(|d| d.backend.nodes.contains(n)))
+        .map_or_else(|| tame(data.node_name.as_deref().unwrap_or(&data.device)), |d| d.info.id.clone());
+    Kind::BlockIoError {
+        device,
+        operation: wire_name(&data.operation),
+        action: wire_name(&data.action),
+        reason: tame(&data.reason),
     }
-    impl<T: serde::Serialize> ToJsonText for T {
-        fn text(&self) -> String {
-            match serde_json::to_value(self) {
-                Ok(serde_json::Value::String(s)) => s,
-                Ok(v) => v.to_string(),
-                Err(_) => String::new(),
-            }
-        }
+}
+
+/// An enum of qapi's by its name on the wire (`read`, `host-qmp-quit`).
+fn wire_name<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => tame(&s),
+        Ok(v) => tame(&v.to_string()),
+        Err(_) => String::new(),
     }
 }
 
@@ -1194,5 +1182,54 @@ impl Drop for Inner {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// qemu's `BLOCK_IO_ERROR` names the block node: the event names the disk by its id, and
+    /// keeps qemu's texts bounded.
+    #[test]
+    fn a_block_io_error_names_the_disk() {
+        let data: qapi::qmp::BLOCK_IO_ERROR = serde_json::from_value(json!({
+            "device": "", "node-name": "dm-n7", "operation": "write", "action": "stop",
+            "reason": "No space left on device", "nospace": true,
+        }))
+        .unwrap();
+        let disk =
+            DiskSpec { id: "xvdb".into(), image: "data".into(), bus: DiskBus::Virtio, read_only: false };
+        let devices = vec![Device {
+            info: DeviceInfo { id: "xvdb".into(), kind: DeviceKind::Disk(disk), unplug_deadline: None },
+            port: Some(1),
+            backend: Backend { nodes: vec!["dm-n7".into(), "dm-n6".into()], ..Backend::default() },
+            waiter: None,
+        }];
+        assert_eq!(
+            block_io_error(&devices, &data),
+            Kind::BlockIoError {
+                device: "xvdb".into(),
+                operation: "write".into(),
+                action: "stop".into(),
+                reason: "No space left on device".into(),
+            }
+        );
+        // A node of no disk of the service's: qemu's name for it, bounded.
+        let long = "x".repeat(100_000);
+        let data: qapi::qmp::BLOCK_IO_ERROR = serde_json::from_value(json!({
+            "device": "", "node-name": long, "operation": "read", "action": "report", "reason": long,
+        }))
+        .unwrap();
+        let Kind::BlockIoError { device, operation, reason, .. } = block_io_error(&devices, &data) else {
+            panic!()
+        };
+        assert_eq!(operation, "read");
+        assert!(
+            device.len() <= 4 * super::super::qmp::wire::MAX_TEXT
+                && reason.len() <= 4 * super::super::qmp::wire::MAX_TEXT
+        );
     }
 }

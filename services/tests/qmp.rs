@@ -116,7 +116,9 @@ async fn status_cont_stop_and_their_events() {
 
     qmp.execute(qmp::stop {}).await.unwrap();
     let stop = notices.wait("STOP", |n| matches!(n, QmpNotice::Event(e) if e.name() == "STOP")).await;
-    assert!(matches!(stop, QmpNotice::Event(QmpEvent::Typed { event: qmp::Event::STOP { .. }, micros }) if micros > 0));
+    assert!(
+        matches!(stop, QmpNotice::Event(QmpEvent::Typed { event: qmp::Event::STOP { .. }, micros }) if micros > 0)
+    );
     qmp.execute(qmp::cont {}).await.unwrap();
     let names = notices.event_names();
     let resumes = names.iter().filter(|n| *n == "RESUME").count();
@@ -138,8 +140,14 @@ async fn commands_qemu_lacks() {
     assert!(commands.iter().any(|c| c.name == "query-status"));
     assert!(!commands.iter().any(|c| c.name == "query-audiodevs"));
     let e = err(qmp.execute(qmp::query_audiodevs {}).await);
-    assert!(matches!(&e, QmpError::CommandNotFound { command, version } if command == "query-audiodevs" && version.minor == 2), "{e:?}");
-    assert!(e.to_string().starts_with("qemu 7.2.") && e.to_string().ends_with("has no command 'query-audiodevs'"), "{e}");
+    assert!(
+        matches!(&e, QmpError::CommandNotFound { command, version } if command == "query-audiodevs" && version.minor == 2),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().starts_with("qemu 7.2.") && e.to_string().ends_with("has no command 'query-audiodevs'"),
+        "{e}"
+    );
     let e = err(qmp.execute_raw("no-such", serde_json::Value::Null).await);
     assert!(matches!(&e, QmpError::CommandNotFound { command, .. } if command == "no-such"), "{e:?}");
     // The connection is still good.
@@ -174,7 +182,10 @@ async fn file_descriptors_passed() {
         .unwrap();
     let sets = qmp.execute(qmp::query_fdsets {}).await.unwrap();
     let set = sets.iter().find(|s| s.fdset_id == added.fdset_id).expect("the fdset");
-    assert!(set.fds.iter().any(|f| f.fd == added.fd && f.opaque.as_deref() == Some("state-file")), "{sets:?}");
+    assert!(
+        set.fds.iter().any(|f| f.fd == added.fd && f.opaque.as_deref() == Some("state-file")),
+        "{sets:?}"
+    );
 
     qmp.execute_with_fd(qmp::getfd { fdname: "mig".into() }, file.as_fd()).await.unwrap();
     // qemu holds it under that name: closing it works once, then it is unknown.
@@ -197,7 +208,10 @@ async fn quit_closes() {
     assert!(why.starts_with("qemu closed its QMP socket"), "{why}");
     assert_eq!(qmp.closed().await, why);
     let e = err(qmp.execute(qmp::query_status {}).await);
-    assert!(matches!(&e, QmpError::Closed { command, reason } if command == "query-status" && *reason == why), "{e:?}");
+    assert!(
+        matches!(&e, QmpError::Closed { command, reason } if command == "query-status" && *reason == why),
+        "{e:?}"
+    );
 }
 
 /// A fake qemu at a fresh socket: `script` runs on the accepted connection.

@@ -38,8 +38,8 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-pub use wire::{MAX_LINE, QemuVersion, QmpEvent};
 use wire::{Failure, LineSplitter, Message};
+pub use wire::{MAX_LINE, QemuVersion, QmpEvent};
 
 /// The oldest qemu dombus drives (major, minor): 7.0.
 pub const MIN_VERSION: (u32, u32) = (7, 0);
@@ -417,7 +417,10 @@ impl Body<'_> {
                 serde_json::to_vec(&object)
             }
         }
-        .map_err(|e| QmpError::Protocol { command: name.to_owned(), reason: format!("cannot serialize: {e}") })?;
+        .map_err(|e| QmpError::Protocol {
+            command: name.to_owned(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
         line.push(b'\n');
         Ok(line)
     }
@@ -461,7 +464,8 @@ async fn read_greeting(read: &mut OwnedReadHalf, splitter: &mut LineSplitter) ->
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Vec::new();
     loop {
-        let n = read.read(&mut buf).await.map_err(|source| QmpError::Io { command: "connect".into(), source })?;
+        let n =
+            read.read(&mut buf).await.map_err(|source| QmpError::Io { command: "connect".into(), source })?;
         if n == 0 {
             return Err(QmpError::Closed {
                 command: "connect".into(),

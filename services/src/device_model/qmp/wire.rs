@@ -197,10 +197,7 @@ pub fn is_blank(line: &[u8]) -> bool {
 /// Reads the greeting line: qemu's version.
 pub fn parse_greeting(line: &[u8]) -> Result<QemuVersion, Violation> {
     let value = parse_object(line)?;
-    let version = value
-        .get("QMP")
-        .and_then(|q| q.get("version"))
-        .ok_or(Violation::BadGreeting)?;
+    let version = value.get("QMP").and_then(|q| q.get("version")).ok_or(Violation::BadGreeting)?;
     let triple = version.get("qemu").ok_or(Violation::BadGreeting)?;
     let part = |name: &str| -> Result<u32, Violation> {
         triple
@@ -272,8 +269,7 @@ fn parse_object(line: &[u8]) -> Result<Map<String, Value>, Violation> {
 /// Text from qemu made fit for an error or a log line: at most [`MAX_TEXT`] characters, control
 /// characters replaced by `?`.
 pub fn tame(text: &str) -> String {
-    let mut out: String =
-        text.chars().take(MAX_TEXT).map(|c| if c.is_control() { '?' } else { c }).collect();
+    let mut out: String = text.chars().take(MAX_TEXT).map(|c| if c.is_control() { '?' } else { c }).collect();
     if text.chars().nth(MAX_TEXT).is_some() {
         out.push('…');
     }
@@ -368,7 +364,10 @@ mod tests {
         let v = parse_greeting(line).unwrap();
         assert_eq!((v.major, v.minor, v.micro), (7, 2, 22));
         assert_eq!(v.to_string(), "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)");
-        assert_eq!(parse_greeting(br#"{"QMP": {"version": {"qemu": {"major": -1}}}}"#), Err(Violation::BadGreeting));
+        assert_eq!(
+            parse_greeting(br#"{"QMP": {"version": {"qemu": {"major": -1}}}}"#),
+            Err(Violation::BadGreeting)
+        );
     }
 
     #[test]
@@ -381,7 +380,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let new = br#"{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "FROM_QEMU_12", "data": {"x": 1}}"#;
+        let new =
+            br#"{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "FROM_QEMU_12", "data": {"x": 1}}"#;
         match classify(new).unwrap() {
             Message::Event(QmpEvent::Other { name, data, micros }) => {
                 assert_eq!((name.as_str(), micros), ("FROM_QEMU_12", 1_000_000));

@@ -345,7 +345,9 @@ impl Qmp {
             match answer.await {
                 Ok(Ok(value)) => Ok(value),
                 Ok(Err(failure)) => Err(self.failure(name, failure)),
-                Err(_) => Err(closed(inner.state.ended().unwrap_or_default())),
+                Err(_) => {
+                    Err(closed(inner.state.ended().unwrap_or_else(|| "the call was dropped".to_owned())))
+                }
             }
         };
         tokio::time::timeout(timeout, work)

@@ -451,3 +451,10 @@ async fn dropping_the_client_ends_the_connection() {
     let again = connect(&q.socket, &Notices::default()).await;
     again.execute(qmp::query_status {}).await.unwrap();
 }
+
+#[tokio::test]
+async fn no_socket() {
+    let dir = TempDir::new("qmp-none");
+    let e = err(Qmp::connect(&dir.path("absent.sock"), TIMEOUT, |_| {}).await);
+    assert!(matches!(&e, QmpError::Io { command, .. } if command.ends_with("absent.sock")), "{e:?}");
+}

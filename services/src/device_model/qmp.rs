@@ -229,7 +229,7 @@ impl Qmp {
         timeout: Duration,
         on_notice: impl Fn(QmpNotice) + Send + Sync + 'static,
     ) -> Result<Qmp, QmpError> {
-        let io = |source| QmpError::Io { command: "connect".into(), source };
+        let io = |source| QmpError::Io { command: format!("connect {}", path.display()), source };
         let (read, write, splitter, version) = tokio::time::timeout(timeout, async {
             let stream = UnixStream::connect(path).await.map_err(io)?;
             let (mut read, write) = stream.into_split();

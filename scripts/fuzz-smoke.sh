@@ -15,7 +15,7 @@ set -euo pipefail
 
 seconds="${FUZZ_SECONDS:-20}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-fuzz_dirs=("$root/transport-xen/fuzz" "$root/rpc/fuzz" "$root/manager/fuzz")
+fuzz_dirs=("$root/transport-xen/fuzz" "$root/rpc/fuzz" "$root/manager/fuzz" "$root/services/fuzz")
 target_dir="$root/target/fuzz"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -414,3 +414,47 @@ async fn commands_in_flight_are_bounded() {
     assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
     assert_eq!(*received.lock().unwrap(), dombus_services::device_model::qmp::MAX_IN_FLIGHT);
 }
+
+#[tokio::test]
+async fn a_write_cut_short_ends_the_connection() {
+    let (_dir, socket) = fake("torn", |mut s| async move {
+        negotiate(&mut s).await;
+        // Reads nothing more: a large command fills the socket and its write blocks.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let notices = Notices::default();
+    let qmp = Qmp::connect(&socket, Duration::from_millis(300), notices.sink()).await.unwrap();
+    let big = serde_json::json!({ "blob": "x".repeat(8 << 20) });
+    let e = err(qmp.execute_raw("big", big).await);
+    assert!(matches!(&e, QmpError::Timeout { command } if command == "big"), "{e:?}");
+    // Half a line went out: the stream is corrupt, so the next call ends the connection.
+    let e = err(qmp.execute(qmp::query_status {}).await);
+    let reason = "a command was cancelled while being written";
+    assert!(matches!(&e, QmpError::Closed { reason: r, .. } if r == reason), "{e:?}");
+    assert_eq!(notices.closed().await, reason);
+}
+
+#[tokio::test]
+async fn dropping_the_client_ends_the_connection() {
+    let Some(q) = qemu("drop").await else { return };
+    let notices = Notices::default();
+    let qmp = connect(&q.socket, &notices).await;
+    let clone = qmp.clone();
+    drop(qmp);
+    // A clone keeps it open.
+    clone.execute(qmp::query_status {}).await.unwrap();
+    drop(clone);
+    assert_eq!(notices.closed().await, "the QMP client was dropped");
+    // qemu is still there and takes a new connection.
+    let again = connect(&q.socket, &Notices::default()).await;
+    again.execute(qmp::query_status {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn no_socket() {
+    let dir = TempDir::new("qmp-none");
+    let e = err(Qmp::connect(&dir.path("absent.sock"), TIMEOUT, |_| {}).await);
+    assert!(matches!(&e, QmpError::Io { command, .. } if command.ends_with("absent.sock")), "{e:?}");
+}

@@ -229,7 +229,7 @@ impl Qmp {
         timeout: Duration,
         on_notice: impl Fn(QmpNotice) + Send + Sync + 'static,
     ) -> Result<Qmp, QmpError> {
-        let io = |source| QmpError::Io { command: "connect".into(), source };
+        let io = |source| QmpError::Io { command: format!("connect {}", path.display()), source };
         let stream = tokio::time::timeout(timeout, UnixStream::connect(path))
             .await
             .map_err(|_| QmpError::Timeout { command: "connect".into() })?
@@ -358,7 +358,9 @@ impl Qmp {
             match answer.await {
                 Ok(Ok(value)) => Ok(value),
                 Ok(Err(failure)) => Err(self.failure(name, failure)),
-                Err(_) => Err(closed(inner.state.ended().unwrap_or_default())),
+                Err(_) => {
+                    Err(closed(inner.state.ended().unwrap_or_else(|| "the call was dropped".to_owned())))
+                }
             }
         };
         tokio::time::timeout(timeout, work)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of transport-xen, rpc and manager briefly; fails if any target finds a
+# Runs every cargo-fuzz target of transport-xen, rpc, manager and services briefly; fails if any target finds a
 # crash.
 #
 #   scripts/fuzz-smoke.sh                  # each target for $FUZZ_SECONDS (default 20) seconds

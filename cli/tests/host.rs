@@ -216,7 +216,16 @@ impl Drop for LinkHolder {
 fn policy_commands(state: &Path) {
     let v = json(&dombus(state, &["--json", "policy", "rules"]));
     let rules: Vec<&str> = v.as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
-    assert_eq!(rules, ["storage guest7 @tag:storage allow", "* @toolstack * allow"], "{v}");
+    assert_eq!(
+        rules,
+        [
+            "storage guest7 @tag:storage allow",
+            "* @toolstack * allow",
+            "storage device-model storage allow",
+            "network device-model network allow"
+        ],
+        "{v}"
+    );
     // guest1 is not allowed: its command is refused with a decision the toolstack looks up.
     let agent = state.join("domains/guest1/agent.sock");
     let o = dombus(state, &["--agent", agent.to_str().unwrap(), "--timeout", "10", "storage", "list"]);
@@ -464,7 +473,7 @@ fn qemu_commands(state: &Path, network: bool) {
         assert!(dombus(state, &["network", "vif-create", "3.5", "--kind", "tap"]).status.success());
         config["nics"] = serde_json::json!([{"id": "nic0", "vif": "3.5"}]);
     }
-    let o = dombus(state, &["--json", "qemu", "start", "--config", &config.to_string()]);
+    let o = dombus(state, &["--json", "qemu", "start", &config.to_string()]);
     let v = json(&o);
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["devices"][0]["id"], "xvda", "{v}");

@@ -22,7 +22,7 @@ use dombus::{Address, Net, ResyncReason, Server, ServerConfig, Subscription, Upd
 use dombus_services::device_model::{
     DeviceKind, DeviceModel as _, DeviceModelClient, DeviceModelConfig, DeviceModelConfigDefaults,
     DeviceModelError, DeviceModelEvent, DeviceModelEventKind as Kind, DiskBus, DiskSpec, ExitReason,
-    InstanceInfo, Machine, Qemud, RunState, Unplug, UsbKind,
+    InstanceInfo, Machine, Qemud, RunState, Unplug, UsbKind, UsbSpec,
 };
 use dombus_services::network::netns::{Namespace, block_on_in};
 use dombus_services::network::{
@@ -143,8 +143,12 @@ fn q35() -> DeviceModelConfig {
     DeviceModelConfig::new(GUEST, Machine::Q35, 64, 1)
 }
 
+fn usb(id: &str, kind: UsbKind) -> UsbSpec {
+    UsbSpec { id: id.into(), kind, slot: None }
+}
+
 fn disk(id: &str, image: &str, bus: DiskBus) -> DiskSpec {
-    DiskSpec { id: id.into(), image: image.into(), bus, read_only: false }
+    DiskSpec { id: id.into(), image: image.into(), bus, read_only: false, slot: None }
 }
 
 /// A subscription to the device models' events (of `guest` only, if given), started: its
@@ -293,6 +297,11 @@ async fn disks_hot_plug_and_unplug_done_pending_and_timed_out() {
     assert!(matches!(&e, DeviceModelError::Image { image, .. } if image == "missing"), "{e}");
     let e = dm.disk_add(ctx(), GUEST, disk("Bad,id", "stick", DiskBus::Virtio)).await.unwrap().unwrap_err();
     assert!(matches!(e, DeviceModelError::InvalidConfig(_)), "{e}");
+    for (slot, why) in [(0, "root port 0 is taken"), (24, "root port 24 does not exist")] {
+        let spec = DiskSpec { slot: Some(slot), ..disk("xvdc", "stick", DiskBus::Virtio) };
+        let e = dm.disk_add(ctx(), GUEST, spec).await.unwrap().unwrap_err();
+        assert!(matches!(&e, DeviceModelError::InvalidConfig(m) if m.contains(why)), "{e}");
+    }
 
     // A USB disk goes without the guest: done, the device deleted, its image let go (so it
     // can be used again at once).
@@ -330,7 +339,7 @@ async fn cdrom_and_usb_devices() {
     let (mut events, _) = subscribe(&dm, Some(GUEST)).await;
     let mut config = q35();
     config.cdrom = Some("iso1".into());
-    config.usb.push(("kbd".into(), UsbKind::Keyboard));
+    config.usb.push(usb("kbd", UsbKind::Keyboard));
     let info = dm.start(ctx(), config).await.unwrap().unwrap();
     assert_eq!(info.cdrom.as_deref(), Some("iso1"));
 
@@ -346,7 +355,10 @@ async fn cdrom_and_usb_devices() {
     assert!(matches!(e, DeviceModelError::Image { .. }), "{e}");
 
     let tablet = dm.usb_add(ctx(), GUEST, "tab".into(), UsbKind::Tablet).await.unwrap().unwrap();
-    assert_eq!(tablet.kind, DeviceKind::Usb(UsbKind::Tablet));
+    assert!(
+        matches!(&tablet.kind, DeviceKind::Usb(u) if u.kind == UsbKind::Tablet && u.slot == Some(2)),
+        "{tablet:?}"
+    );
     let e = dm.usb_add(ctx(), GUEST, "tab".into(), UsbKind::Mouse).await.unwrap().unwrap_err();
     assert!(matches!(e, DeviceModelError::DeviceExists { .. }), "{e}");
     assert_eq!(dm.usb_remove(ctx(), GUEST, "tab".into()).await.unwrap().unwrap(), Unplug::Done);
@@ -365,20 +377,29 @@ async fn a_saved_state_is_written_and_a_qemu_starts_from_it() {
     let host = Host::start("dm-save", Duration::from_secs(2)).await;
     host.image("root", None).await;
     let dm = host.dm(TOOLSTACK);
+    host.image("data", None).await;
     let mut config = q35();
     config.disks.push(disk("xvda", "root", DiskBus::Virtio));
+    config.usb.extend([usb("mouse", UsbKind::Mouse), usb("tab", UsbKind::Tablet)]);
     dm.start(ctx(), config).await.unwrap().unwrap();
-    dm.usb_add(ctx(), GUEST, "tab".into(), UsbKind::Tablet).await.unwrap().unwrap();
+    // Devices come and go: the keyboard takes the mouse's USB port, before the tablet's (a
+    // restore that plugged them in the configuration's order would swap their ports, and qemu
+    // would find no keyboard where the state has one).
+    assert_eq!(dm.usb_remove(ctx(), GUEST, "mouse".into()).await.unwrap().unwrap(), Unplug::Done);
+    dm.usb_add(ctx(), GUEST, "kbd".into(), UsbKind::Keyboard).await.unwrap().unwrap();
+    dm.disk_add(ctx(), GUEST, disk("xvdb", "data", DiskBus::Virtio)).await.unwrap().unwrap();
 
     let path = host.dir.path("guest3.state");
     let saved = dm.save(ctx(), GUEST, path.display().to_string()).await.unwrap().unwrap();
     assert!(saved.bytes > 1000, "{saved:?}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), saved.bytes);
     assert_eq!(dm.status(ctx(), GUEST).await.unwrap().unwrap().state, RunState::Paused);
-    // The configuration to restore with has the hot-plugged device too.
+    // The configuration to restore with has the hot-plugged devices, each where it is.
     assert_eq!(saved.config.restore_from.as_deref(), Some(path.to_str().unwrap()));
-    assert_eq!(saved.config.disks.len(), 1);
-    assert_eq!(saved.config.usb, [("tab".to_string(), UsbKind::Tablet)]);
+    let disks: Vec<_> = saved.config.disks.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+    assert_eq!(disks, [("xvda", Some(0)), ("xvdb", Some(1))]);
+    let usbs: Vec<_> = saved.config.usb.iter().map(|u| (u.id.as_str(), u.slot)).collect();
+    assert_eq!(usbs, [("tab", Some(2)), ("kbd", Some(1))]);
     // A save into a directory that does not exist fails and leaves nothing.
     let e = dm
         .save(ctx(), GUEST, host.dir.path("no/such.state").display().to_string())
@@ -391,7 +412,8 @@ async fn a_saved_state_is_written_and_a_qemu_starts_from_it() {
     // Started from it: the state loads (qemu refuses a state that does not match its devices).
     let info = dm.start(ctx(), saved.config.clone()).await.unwrap().unwrap();
     assert_eq!(info.state, RunState::Running, "{info:?}");
-    assert_eq!(info.devices.len(), 2);
+    let ids: Vec<_> = info.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["xvda", "xvdb", "tab", "kbd"]);
     dm.stop(ctx(), GUEST, None).await.unwrap().unwrap();
 
     // A file that is not a saved state: the start fails with qemu's reason, no qemu is left.
@@ -550,6 +572,7 @@ fn a_nic_is_the_network_services_tap() {
             id: "nic0".into(),
             vif: vif.to_string(),
             model: Default::default(),
+            slot: None,
         };
         for (bad, why) in [(veth, "not a tap"), (others, "guest 9's")] {
             let mut config = q35();

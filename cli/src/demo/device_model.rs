@@ -45,7 +45,7 @@ fn devices(i: &InstanceInfo) -> String {
         .map(|d| match &d.kind {
             DeviceKind::Disk(disk) => format!("{} (disk {})", d.id, disk.image),
             DeviceKind::Nic(nic) => format!("{} (NIC on vif {})", d.id, nic.vif),
-            DeviceKind::Usb(kind) => format!("{} ({})", d.id, kind.driver()),
+            DeviceKind::Usb(usb) => format!("{} ({})", d.id, usb.kind.driver()),
         })
         .collect();
     all.join(", ")
@@ -83,6 +83,7 @@ pub async fn run(host: &Host) -> anyhow::Result<serde_json::Value> {
         image: "guest1-root".into(),
         bus: DiskBus::Virtio,
         read_only: false,
+        slot: None,
     });
     let vif = VifId { domid: guest, devid: 1 };
     let network = host.manifest.service_addr("network").map(|a| NetworkClient::new(net.clone(), a));
@@ -96,7 +97,12 @@ pub async fn run(host: &Host) -> anyhow::Result<serde_json::Value> {
             v.name,
             v.mac.map(|m| m.to_string()).unwrap_or_default()
         );
-        config.nics.push(NicSpec { id: "nic0".into(), vif: vif.to_string(), model: Default::default() });
+        config.nics.push(NicSpec {
+            id: "nic0".into(),
+            vif: vif.to_string(),
+            model: Default::default(),
+            slot: None,
+        });
     }
 
     let mut events = dm.events(Some(guest)).wait(Duration::from_secs(2));
@@ -137,6 +143,7 @@ pub async fn run(host: &Host) -> anyhow::Result<serde_json::Value> {
                 image: "guest1-data".into(),
                 bus: DiskBus::Virtio,
                 read_only: false,
+                slot: None,
             },
         )
         .await?,

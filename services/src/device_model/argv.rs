@@ -11,8 +11,10 @@ use super::{CDROM_ID, DeviceModelConfig, Machine, process::QMP_FD};
 /// The PCI Express root ports of a q35 machine: one hot-plug slot each, for virtio disks and
 /// NICs.
 pub(super) const ROOT_PORTS: usize = super::MAX_DISKS + super::MAX_NICS;
-/// The id of the USB controller.
+/// The id of the USB controller's bus.
 pub(super) const USB_BUS: &str = "dm-usb.0";
+/// The USB 2 ports of the controller (1 to this), one per USB device.
+pub(super) const USB_PORTS: usize = super::MAX_USB;
 
 /// The id of root port `i`.
 pub(super) fn root_port(i: usize) -> String {
@@ -45,7 +47,7 @@ pub(super) fn args(config: &DeviceModelConfig, accel: &str, restore: bool) -> Ve
         for i in 0..ROOT_PORTS {
             push(&["-device", &format!("pcie-root-port,id={},chassis={}", root_port(i), i + 1)]);
         }
-        push(&["-device", "qemu-xhci,id=dm-usb"]);
+        push(&["-device", &format!("qemu-xhci,id=dm-usb,p2={USB_PORTS},p3={USB_PORTS}")]);
         push(&["-device", &format!("ide-cd,id={CDROM_ID},bus=ide.1")]);
     }
     if restore {
@@ -67,6 +69,7 @@ mod tests {
             image: "secret,file=/etc/shadow".into(),
             bus: DiskBus::Virtio,
             read_only: false,
+            slot: None,
         });
         c.cdrom = Some("cd,image".into());
         let a = args(&c, "tcg", false).join(" ");

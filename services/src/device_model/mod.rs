@@ -113,6 +113,11 @@ pub struct DiskSpec {
     /// Whether the guest may only read it.
     #[serde(default)]
     pub read_only: bool,
+    /// Where it is plugged: its PCI Express root port (0 to 23) or USB port (1 to 8); the
+    /// service chooses when it is left out. The configuration a save answers names every
+    /// device's: restored devices must be where they were.
+    #[serde(default)]
+    pub slot: Option<u32>,
 }
 
 /// The emulated network card a NIC is.
@@ -136,6 +141,11 @@ pub struct NicSpec {
     /// The card emulated.
     #[serde(default)]
     pub model: NicModel,
+    /// Where it is plugged: its PCI Express root port (0 to 23) or USB port (1 to 8); the
+    /// service chooses when it is left out. The configuration a save answers names every
+    /// device's: restored devices must be where they were.
+    #[serde(default)]
+    pub slot: Option<u32>,
 }
 
 /// A USB device that is not a disk.
@@ -175,6 +185,20 @@ impl FromStr for UsbKind {
     }
 }
 
+/// A USB device that is not a disk, as a configuration names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsbSpec {
+    /// The device's id: see [`check_id`].
+    pub id: String,
+    /// What it is.
+    pub kind: UsbKind,
+    /// Where it is plugged: its PCI Express root port (0 to 23) or USB port (1 to 8); the
+    /// service chooses when it is left out. The configuration a save answers names every
+    /// device's: restored devices must be where they were.
+    #[serde(default)]
+    pub slot: Option<u32>,
+}
+
 /// What a device model is started with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceModelConfig {
@@ -198,7 +222,7 @@ pub struct DeviceModelConfig {
     pub cdrom: Option<String>,
     /// USB devices that are not disks.
     #[serde(default)]
-    pub usb: Vec<(String, UsbKind)>,
+    pub usb: Vec<UsbSpec>,
     /// A saved state to start from (a file of this domain, written by [`DeviceModel::save`]);
     /// the devices must be those it was saved with (the config `save` returned).
     #[serde(default)]
@@ -244,7 +268,7 @@ impl DeviceModelConfig {
             .iter()
             .map(|d| d.id.as_str())
             .chain(self.nics.iter().map(|n| n.id.as_str()))
-            .chain(self.usb.iter().map(|(id, _)| id.as_str()));
+            .chain(self.usb.iter().map(|u| u.id.as_str()));
         for id in all {
             check_id(id)?;
             if !ids.insert(id) {
@@ -374,7 +398,7 @@ pub enum DeviceKind {
     /// A NIC.
     Nic(NicSpec),
     /// A USB device that is not a disk.
-    Usb(UsbKind),
+    Usb(UsbSpec),
 }
 
 /// A device of a device model.
@@ -690,14 +714,21 @@ mod tests {
         c.vcpus = MAX_VCPUS + 1;
         assert!(c.check().is_err());
         c.vcpus = 1;
-        let disk =
-            |id: &str| DiskSpec { id: id.into(), image: "i".into(), bus: DiskBus::Virtio, read_only: false };
+        let disk = |id: &str| DiskSpec {
+            id: id.into(),
+            image: "i".into(),
+            bus: DiskBus::Virtio,
+            read_only: false,
+            slot: None,
+        };
         c.disks = vec![disk("a"), disk("a")];
         assert!(matches!(c.check(), Err(DeviceModelError::DeviceExists { .. })));
         c.disks = (0..=MAX_DISKS).map(|i| disk(&format!("d{i}"))).collect();
         assert!(matches!(c.check(), Err(DeviceModelError::TooMany { .. })));
         c.disks = vec![DiskSpec { bus: DiskBus::Usb, ..disk("u") }];
-        c.usb = (0..MAX_USB).map(|i| (format!("t{i}"), UsbKind::Tablet)).collect();
+        c.usb = (0..MAX_USB)
+            .map(|i| UsbSpec { id: format!("t{i}"), kind: UsbKind::Tablet, slot: None })
+            .collect();
         assert!(matches!(c.check(), Err(DeviceModelError::TooMany { .. })));
         c.usb.pop();
         assert!(c.check().is_ok());

@@ -16,14 +16,14 @@ use std::time::{Duration, SystemTime};
 use dombus::{Events, Topic, TopicLimits};
 use serde_json::{Value, json};
 
-use super::argv::{self, ROOT_PORTS, USB_BUS};
+use super::argv::{self, ROOT_PORTS, USB_BUS, USB_PORTS};
 use super::process::{Qemu, Spawner};
 use super::qmp::wire::tame;
 use super::qmp::{Qmp, QmpError, QmpEvent, QmpNotice};
 use super::{
     CDROM_ID, DeviceInfo, DeviceKind, DeviceModel, DeviceModelConfig, DeviceModelError, DeviceModelEvent,
     DeviceModelEventKind as Kind, DiskBus, DiskSpec, ExitReason, InstanceInfo, MAX_BACKING_DEPTH,
-    MAX_INSTANCES, Machine, NicModel, NicSpec, RunState, SavedState, Unplug, UsbKind,
+    MAX_INSTANCES, Machine, NicModel, NicSpec, RunState, SavedState, Unplug, UsbKind, UsbSpec,
 };
 use crate::network::{NetworkClient, VifId, VifKind};
 use crate::storage::{Owner, StorageClient};
@@ -122,10 +122,19 @@ struct State {
     cdrom: Option<Medium>,
 }
 
+/// Where a device is plugged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A PCI Express root port.
+    Pci(usize),
+    /// A port of the USB controller.
+    Usb(usize),
+}
+
 /// A device and what it holds in qemu.
 struct Device {
     info: DeviceInfo,
-    port: Option<usize>,
+    slot: Slot,
     backend: Backend,
     /// A removal's waiter: told when the device is gone.
     waiter: Option<tokio::sync::oneshot::Sender<Backend>>,
@@ -375,42 +384,33 @@ impl Qemud {
         qmp: &Qmp,
         disk: &DiskSpec,
     ) -> Result<DeviceInfo, DeviceModelError> {
-        let port = match disk.bus {
-            DiskBus::Virtio => Some(i.free_port()?),
-            DiskBus::Usb => {
-                i.check_usb_room()?;
-                None
-            }
-        };
+        let slot = i.take_slot(disk.slot, disk.bus == DiskBus::Usb)?;
         let layers = self.open_image(i.guest, &disk.image, disk.read_only).await?;
         let backend = self.add_nodes(i, qmp, layers).await?;
         let top = backend.nodes.first().cloned().unwrap_or_default();
-        let (driver, bus) = match port {
-            Some(p) => ("virtio-blk-pci", argv::root_port(p)),
-            None => ("usb-storage", USB_BUS.to_owned()),
-        };
         let mut props = vec![("drive".to_owned(), json!(top))];
         if disk.read_only {
             props.push(("read-only".to_owned(), json!(true)));
         }
-        let added = qmp
-            .execute(qapi::qmp::device_add::new(driver, Some(disk.id.clone()), Some(bus), props))
-            .await
-            .map_err(|e| qmp_err("device_add", e));
-        if let Err(e) = added {
+        let driver = match slot {
+            Slot::Pci(_) => "virtio-blk-pci",
+            Slot::Usb(_) => "usb-storage",
+        };
+        if let Err(e) = plug(qmp, driver, &disk.id, slot, props).await {
             release(qmp, backend).await;
             return Err(e);
         }
+        let disk = DiskSpec { slot: Some(slot.number()), ..disk.clone() };
         let info =
             DeviceInfo { id: disk.id.clone(), kind: DeviceKind::Disk(disk.clone()), unplug_deadline: None };
         let mut s = i.lock();
-        s.devices.push(Device { info: info.clone(), port, backend, waiter: None });
-        s.config.disks.push(disk.clone());
+        s.devices.push(Device { info: info.clone(), slot, backend, waiter: None });
+        s.config.disks.push(disk);
         Ok(info)
     }
 
     async fn add_nic(&self, i: &Instance, qmp: &Qmp, nic: &NicSpec) -> Result<DeviceInfo, DeviceModelError> {
-        let port = i.free_port()?;
+        let slot = i.take_slot(nic.slot, false)?;
         let (tap, mac) = self.open_vif(i.guest, &nic.vif).await?;
         let n = i.serial.fetch_add(1, Ordering::Relaxed);
         let fdname = format!("dm-tap{n}");
@@ -429,48 +429,29 @@ impl Qemud {
         if let Some(mac) = mac {
             props.push(("mac".to_owned(), json!(mac)));
         }
-        let added = qmp
-            .execute(qapi::qmp::device_add::new(
-                driver,
-                Some(nic.id.clone()),
-                Some(argv::root_port(port)),
-                props,
-            ))
-            .await
-            .map_err(|e| qmp_err("device_add", e));
         let backend = Backend { netdev: Some(netdev), ..Backend::default() };
-        if let Err(e) = added {
+        if let Err(e) = plug(qmp, driver, &nic.id, slot, props).await {
             release(qmp, backend).await;
             return Err(e);
         }
+        let nic = NicSpec { slot: Some(slot.number()), ..nic.clone() };
         let info =
             DeviceInfo { id: nic.id.clone(), kind: DeviceKind::Nic(nic.clone()), unplug_deadline: None };
         let mut s = i.lock();
-        s.devices.push(Device { info: info.clone(), port: Some(port), backend, waiter: None });
-        s.config.nics.push(nic.clone());
+        s.devices.push(Device { info: info.clone(), slot, backend, waiter: None });
+        s.config.nics.push(nic);
         Ok(info)
     }
 
-    async fn add_usb(
-        &self,
-        i: &Instance,
-        qmp: &Qmp,
-        id: &str,
-        kind: UsbKind,
-    ) -> Result<DeviceInfo, DeviceModelError> {
-        i.check_usb_room()?;
-        qmp.execute(qapi::qmp::device_add::new(
-            kind.driver(),
-            Some(id.to_owned()),
-            Some(USB_BUS.to_owned()),
-            Vec::new(),
-        ))
-        .await
-        .map_err(|e| qmp_err("device_add", e))?;
-        let info = DeviceInfo { id: id.to_owned(), kind: DeviceKind::Usb(kind), unplug_deadline: None };
+    async fn add_usb(&self, i: &Instance, qmp: &Qmp, usb: &UsbSpec) -> Result<DeviceInfo, DeviceModelError> {
+        let slot = i.take_slot(usb.slot, true)?;
+        plug(qmp, usb.kind.driver(), &usb.id, slot, Vec::new()).await?;
+        let usb = UsbSpec { slot: Some(slot.number()), ..usb.clone() };
+        let info =
+            DeviceInfo { id: usb.id.clone(), kind: DeviceKind::Usb(usb.clone()), unplug_deadline: None };
         let mut s = i.lock();
-        s.devices.push(Device { info: info.clone(), port: None, backend: Backend::default(), waiter: None });
-        s.config.usb.push((id.to_owned(), kind));
+        s.devices.push(Device { info: info.clone(), slot, backend: Backend::default(), waiter: None });
+        s.config.usb.push(usb);
         Ok(info)
     }
 
@@ -686,8 +667,8 @@ impl Qemud {
         for nic in &config.nics {
             self.add_nic(i, &qmp, nic).await?;
         }
-        for (id, kind) in &config.usb {
-            self.add_usb(i, &qmp, id, *kind).await?;
+        for usb in &config.usb {
+            self.add_usb(i, &qmp, usb).await?;
         }
         if let Some(image) = &config.cdrom {
             self.change_medium(i, &qmp, image).await?;
@@ -700,7 +681,9 @@ impl Qemud {
             qmp.execute_raw("migrate-incoming", json!({"uri": "fd:dm-restore"}))
                 .await
                 .map_err(|e| qmp_err("migrate-incoming", e))?;
-            wait_incoming(&qmp).await?;
+            wait_incoming(&qmp)
+                .await
+                .map_err(|e| DeviceModelError::StartFailed(format!("loading the saved state: {e}")))?;
         }
         if config.paused {
             i.lock().run = RunState::Paused;
@@ -771,6 +754,36 @@ async fn release(qmp: &Qmp, backend: Backend) {
     }
 }
 
+/// Adds the device `id` (`driver`, with `props`) where `slot` says.
+async fn plug(
+    qmp: &Qmp,
+    driver: &str,
+    id: &str,
+    slot: Slot,
+    mut props: Vec<(String, Value)>,
+) -> Result<(), DeviceModelError> {
+    let bus = match slot {
+        Slot::Pci(p) => argv::root_port(p),
+        Slot::Usb(p) => {
+            props.push(("port".to_owned(), json!(p.to_string())));
+            USB_BUS.to_owned()
+        }
+    };
+    qmp.execute(qapi::qmp::device_add::new(driver, Some(id.to_owned()), Some(bus), props))
+        .await
+        .map(|_| ())
+        .map_err(|e| qmp_err("device_add", e))
+}
+
+impl Slot {
+    /// Its number, as a configuration names it.
+    fn number(self) -> u32 {
+        match self {
+            Slot::Pci(n) | Slot::Usb(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 fn publish(topic: &Topic<DeviceModelEvent, Vec<InstanceInfo>>, guest: u32, kind: Kind) {
     topic.publish(DeviceModelEvent { guest, kind });
 }
@@ -783,7 +796,7 @@ impl State {
         match &d.info.kind {
             DeviceKind::Disk(_) => self.config.disks.retain(|x| x.id != id),
             DeviceKind::Nic(_) => self.config.nics.retain(|x| x.id != id),
-            DeviceKind::Usb(_) => self.config.usb.retain(|x| x.0 != id),
+            DeviceKind::Usb(_) => self.config.usb.retain(|x| x.id != id),
         }
         Some(d)
     }
@@ -808,35 +821,40 @@ impl Instance {
         }
     }
 
-    fn free_port(&self) -> Result<usize, DeviceModelError> {
+    /// A free slot: `want` if given (and free), else the first free one; a USB port if `usb`,
+    /// else a PCI Express root port.
+    fn take_slot(&self, want: Option<u32>, usb: bool) -> Result<Slot, DeviceModelError> {
         if self.machine != Machine::Q35 {
-            return Err(DeviceModelError::Unsupported("machine none has no PCI slot".into()));
+            return Err(DeviceModelError::Unsupported("machine none has no PCI or USB bus".into()));
         }
+        let (range, make, what): (std::ops::RangeInclusive<usize>, fn(usize) -> Slot, &str) = if usb {
+            (1..=USB_PORTS, Slot::Usb, "USB port")
+        } else {
+            (0..=ROOT_PORTS - 1, Slot::Pci, "PCI Express root port")
+        };
         let s = self.lock();
-        (0..ROOT_PORTS)
-            .find(|p| !s.devices.iter().any(|d| d.port == Some(*p)))
-            .ok_or(DeviceModelError::TooMany { what: "PCI devices".into(), max: ROOT_PORTS })
-    }
-
-    fn check_usb_room(&self) -> Result<(), DeviceModelError> {
-        if self.machine != Machine::Q35 {
-            return Err(DeviceModelError::Unsupported("machine none has no USB controller".into()));
+        let taken = |n: usize| s.devices.iter().any(|d| d.slot == make(n));
+        match want {
+            Some(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if !range.contains(&n) {
+                    return Err(DeviceModelError::InvalidConfig(format!(
+                        "{what} {n} does not exist ({}..={})",
+                        range.start(),
+                        range.end()
+                    )));
+                }
+                if taken(n) {
+                    return Err(DeviceModelError::InvalidConfig(format!("{what} {n} is taken")));
+                }
+                Ok(make(n))
+            }
+            None => range
+                .clone()
+                .find(|n| !taken(*n))
+                .map(make)
+                .ok_or(DeviceModelError::TooMany { what: format!("devices on {what}s"), max: range.count() }),
         }
-        let s = self.lock();
-        let usb = s
-            .devices
-            .iter()
-            .filter(|d| {
-                matches!(
-                    &d.info.kind,
-                    DeviceKind::Usb(_) | DeviceKind::Disk(DiskSpec { bus: DiskBus::Usb, .. })
-                )
-            })
-            .count();
-        if usb >= super::MAX_USB {
-            return Err(DeviceModelError::TooMany { what: "USB devices".into(), max: super::MAX_USB });
-        }
-        Ok(())
     }
 
     fn check_new_id(&self, id: &str) -> Result<(), DeviceModelError> {
@@ -1086,7 +1104,7 @@ impl DeviceModel for Qemud {
         let (i, qmp) = self.live(guest)?;
         let _ops = i.ops.lock().await;
         i.check_new_id(&id)?;
-        self.add_usb(&i, &qmp, &id, kind).await
+        self.add_usb(&i, &qmp, &UsbSpec { id, kind, slot: None }).await
     }
 
     async fn usb_remove(&self, guest: u32, id: String) -> Result<Unplug, DeviceModelError> {
@@ -1200,11 +1218,16 @@ mod tests {
             "reason": "No space left on device", "nospace": true,
         }))
         .unwrap();
-        let disk =
-            DiskSpec { id: "xvdb".into(), image: "data".into(), bus: DiskBus::Virtio, read_only: false };
+        let disk = DiskSpec {
+            id: "xvdb".into(),
+            image: "data".into(),
+            bus: DiskBus::Virtio,
+            read_only: false,
+            slot: Some(1),
+        };
         let devices = vec![Device {
             info: DeviceInfo { id: "xvdb".into(), kind: DeviceKind::Disk(disk), unplug_deadline: None },
-            port: Some(1),
+            slot: Slot::Pci(1),
             backend: Backend { nodes: vec!["dm-n7".into(), "dm-n6".into()], ..Backend::default() },
             waiter: None,
         }];

@@ -20,9 +20,9 @@ use dombus::rpc::events::is_final;
 use dombus::sim::{SimHypervisor, SimHypervisorHandle};
 use dombus::{Address, Net, ResyncReason, Server, ServerConfig, Subscription, Update};
 use dombus_services::device_model::{
-    DeviceKind, DeviceModel as _, DeviceModelClient, DeviceModelConfig, DeviceModelConfigDefaults,
-    DeviceModelError, DeviceModelEvent, DeviceModelEventKind as Kind, DiskBus, DiskSpec, ExitReason,
-    InstanceInfo, Machine, Qemud, RunState, Unplug, UsbKind, UsbSpec,
+    DeviceKind, DeviceModel as _, DeviceModelClient, DeviceModelConfig, DeviceModelError, DeviceModelEvent,
+    DeviceModelEventKind as Kind, DiskBus, DiskSpec, ExitReason, InstanceInfo, Machine, Qemud, QemudConfig,
+    RunState, Unplug, UsbKind, UsbSpec,
 };
 use dombus_services::network::netns::{Namespace, block_on_in};
 use dombus_services::network::{
@@ -84,7 +84,7 @@ impl Host {
         let storage_server = Server::new(sim_net(&sock, STORAGE), ServerConfig::default());
         let h1 = storage_server.serve(&addr(STORAGE, 5100), storage.into_service()).await.unwrap();
         let dm_net = sim_net(&sock, DM);
-        let mut config = DeviceModelConfigDefaults::config(dir.path("dm"), images);
+        let mut config = QemudConfig::new(dir.path("dm"), images);
         config.storage = Some(addr(STORAGE, 5100));
         config.unplug_timeout = unplug_timeout;
         let mut servers = Vec::new();
@@ -227,6 +227,18 @@ async fn lifecycle_on_machine_none_and_its_errors() {
     assert_eq!(dm.resume(ctx(), GUEST).await.unwrap().unwrap().state, RunState::Running);
     until(&mut events, |k| *k == Kind::Resumed).await;
     assert_eq!(dm.list(ctx()).await.unwrap().unwrap().len(), 1);
+
+    // Two starts of one guest at once: one starts, the other is refused; one qemu.
+    let twice = DeviceModelConfig::new(8, Machine::None, 32, 1);
+    let (a, b) = tokio::join!(dm.start(ctx(), twice.clone()), dm.start(ctx(), twice.clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+    assert!(matches!(
+        a.as_ref().err().or(b.as_ref().err()),
+        Some(DeviceModelError::AlreadyRunning { guest: 8 })
+    ));
+    assert_eq!(dm.list(ctx()).await.unwrap().unwrap().len(), 2);
+    assert_eq!(dm.stop(ctx(), 8, None).await.unwrap().unwrap(), ExitReason::Quit);
 
     // Errors: a second start, a bad configuration, devices on a machine without buses, a
     // guest without a device model.

@@ -30,7 +30,7 @@ pub mod qmp;
 mod service;
 
 pub use daemon::{DaemonArgs, enter_namespace, run_daemon};
-pub use service::{DeviceModelConfigDefaults, Qemud, QemudConfig};
+pub use service::{Qemud, QemudConfig};
 
 /// The most guests one daemon runs a device model for.
 pub const MAX_INSTANCES: usize = 64;

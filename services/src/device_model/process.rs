@@ -252,8 +252,13 @@ impl Qemu {
 
     /// Kills it (SIGKILL) and waits until it has exited.
     pub(super) async fn kill(&self) -> Exit {
-        self.kill.notify_one();
+        self.start_kill();
         self.wait().await
+    }
+
+    /// Kills it (SIGKILL), without waiting.
+    pub(super) fn start_kill(&self) {
+        self.kill.notify_one();
     }
 }
 

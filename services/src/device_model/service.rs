@@ -64,12 +64,10 @@ pub struct QemudConfig {
     pub unplug_timeout: Duration,
 }
 
-/// Defaults of a [`QemudConfig`].
-pub struct DeviceModelConfigDefaults;
-
-impl DeviceModelConfigDefaults {
-    /// A configuration running `qemu-system-x86_64` with `tcg` in `dir`, images in `images`.
-    pub fn config(dir: PathBuf, images: PathBuf) -> QemudConfig {
+impl QemudConfig {
+    /// A configuration running `qemu-system-x86_64` with `tcg`, sandboxed, in `dir`, the images
+    /// in `images`; without storage or network service, the toolstack domain 0.
+    pub fn new(dir: PathBuf, images: PathBuf) -> QemudConfig {
         QemudConfig {
             qemu: "qemu-system-x86_64".into(),
             accel: "tcg".into(),
@@ -95,6 +93,8 @@ struct Inner {
     spawner: Spawner,
     net: dombus::Net,
     instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
+    /// The guests whose device model a `start` is bringing up.
+    starting: Mutex<std::collections::BTreeSet<u32>>,
     topic: Topic<DeviceModelEvent, Vec<InstanceInfo>>,
 }
 
@@ -197,6 +197,7 @@ impl Qemud {
                 spawner,
                 net,
                 instances: Mutex::new(BTreeMap::new()),
+                starting: Mutex::new(std::collections::BTreeSet::new()),
                 topic: Topic::new(TopicLimits::default()),
             }),
         })
@@ -576,7 +577,11 @@ impl Qemud {
 
     // ---- lifecycle ----
 
-    async fn start_instance(&self, config: DeviceModelConfig) -> Result<Arc<Instance>, DeviceModelError> {
+    async fn start_instance(
+        &self,
+        config: DeviceModelConfig,
+        start: &mut Starting<'_>,
+    ) -> Result<Arc<Instance>, DeviceModelError> {
         let guest = config.guest;
         let workdir = self.inner.config.dir.join(format!("dom{guest}"));
         let file_err = |p: &Path, e: std::io::Error| DeviceModelError::File {
@@ -623,8 +628,10 @@ impl Qemud {
             serial: AtomicU64::new(0),
         });
         self.instances().insert(guest, instance.clone());
+        start.instance = Some(instance.clone());
         self.watch_exit(&instance);
         let started = self.bring_up(&instance, ours, &config, restore).await;
+        start.finished = true;
         if let Err(e) = started {
             let exit = instance.qemu.kill().await;
             let why =
@@ -709,6 +716,51 @@ impl Qemud {
                 publish(&inner.topic, inst.guest, Kind::Exited(reason));
             }
         });
+    }
+}
+
+/// A `start` in progress: the guest reserved (no second start of it, counted against
+/// [`MAX_INSTANCES`]) until it ends; a start that ends unfinished — its call cancelled — takes
+/// its qemu down with it.
+struct Starting<'a> {
+    service: &'a Qemud,
+    guest: u32,
+    instance: Option<Arc<Instance>>,
+    finished: bool,
+}
+
+impl<'a> Starting<'a> {
+    /// Reserves `guest`, refusing a guest whose model runs or starts, or one past the bound; an
+    /// exited model of the guest is forgotten.
+    fn reserve(service: &'a Qemud, guest: u32) -> Result<Starting<'a>, DeviceModelError> {
+        let mut all = service.instances();
+        let mut starting = service.inner.starting.lock().unwrap_or_else(|e| e.into_inner());
+        let running = all.get(&guest).is_some_and(|old| !matches!(old.lock().run, RunState::Exited(_)));
+        if running || starting.contains(&guest) {
+            return Err(DeviceModelError::AlreadyRunning { guest });
+        }
+        all.remove(&guest);
+        if all.len() + starting.len() >= MAX_INSTANCES {
+            return Err(DeviceModelError::TooMany { what: "device models".into(), max: MAX_INSTANCES });
+        }
+        starting.insert(guest);
+        Ok(Starting { service, guest, instance: None, finished: false })
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.service.inner.starting.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.guest);
+        if !self.finished
+            && let Some(i) = self.instance.take()
+        {
+            tracing::warn!(guest = self.guest, "a start was cancelled: its qemu is killed");
+            i.qemu.start_kill();
+            let mut all = self.service.instances();
+            if all.get(&self.guest).is_some_and(|x| Arc::ptr_eq(x, &i)) {
+                all.remove(&self.guest);
+            }
+        }
     }
 }
 
@@ -1006,19 +1058,8 @@ impl DeviceModel for Qemud {
     async fn start(&self, config: DeviceModelConfig) -> Result<InstanceInfo, DeviceModelError> {
         self.require_toolstack("start")?;
         config.check()?;
-        {
-            let mut all = self.instances();
-            if let Some(old) = all.get(&config.guest) {
-                if !matches!(old.lock().run, RunState::Exited(_)) {
-                    return Err(DeviceModelError::AlreadyRunning { guest: config.guest });
-                }
-                all.remove(&config.guest);
-            }
-            if all.len() >= MAX_INSTANCES {
-                return Err(DeviceModelError::TooMany { what: "device models".into(), max: MAX_INSTANCES });
-            }
-        }
-        let i = self.start_instance(config).await?;
+        let mut start = Starting::reserve(self, config.guest)?;
+        let i = self.start_instance(config, &mut start).await?;
         self.publish(i.guest, Kind::Started);
         Ok(i.info())
     }

@@ -266,8 +266,10 @@ async fn lifecycle_on_machine_none_and_its_errors() {
 
     // Stop: quit, the exit seen, the instance forgotten, its qemu gone.
     assert_eq!(dm.stop(ctx(), GUEST, None).await.unwrap().unwrap(), ExitReason::Quit);
-    let (_, kind) = until(&mut events, |k| matches!(k, Kind::Exited(_))).await;
+    let (seen, kind) = until(&mut events, |k| matches!(k, Kind::Exited(_))).await;
     assert_eq!(kind, Kind::Exited(ExitReason::Quit));
+    let shutdown = Kind::Shutdown { guest_initiated: false, reason: "host-qmp-quit".into() };
+    assert!(seen.contains(&shutdown), "qemu's SHUTDOWN before its exit: {seen:?}");
     assert!(!alive(pid));
     assert_eq!(
         dm.status(ctx(), GUEST).await.unwrap().unwrap_err(),

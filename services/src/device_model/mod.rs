@@ -10,7 +10,7 @@
 //! Each qemu runs in a working directory of its own (`<dir>/dom<guest>`), in a Landlock sandbox
 //! that lets it read what it needs to start (its program, libraries and firmware) and write only
 //! that directory: an image that was not given to it cannot be opened by it. It dies with the
-//! daemon (`PR_SET_DEATHSIG`), even when the daemon is killed with SIGKILL, and a qemu that exits
+//! daemon (`PR_SET_PDEATHSIG`), even when the daemon is killed with SIGKILL, and a qemu that exits
 //! behind the daemon's back is noticed at once (an event, and its status says why).
 //!
 //! A device whose removal needs the guest's cooperation (a PCI disk: the guest must let go of

@@ -394,6 +394,33 @@ mod tests {
         assert!(matches!(classify(odd).unwrap(), Message::Event(QmpEvent::Other { .. })));
     }
 
+    /// A line of exactly the bound passes, also when its end comes in a later chunk; one byte
+    /// more does not; what waits for its end is counted.
+    #[test]
+    fn the_bound_is_inclusive() {
+        let mut splitter = LineSplitter::new(8);
+        let mut lines = Vec::new();
+        splitter.push(b"1234", &mut lines).unwrap();
+        assert_eq!(splitter.pending(), 4);
+        splitter.push(b"5678", &mut lines).unwrap();
+        assert_eq!(splitter.pending(), 8);
+        splitter.push(b"\nab", &mut lines).unwrap();
+        assert_eq!(lines, [b"12345678".to_vec()]);
+        assert_eq!(splitter.pending(), 2);
+        assert_eq!(splitter.push(b"cdefghi", &mut lines), Err(Violation::LineTooLong));
+        assert_eq!(LineSplitter::new(8).push(b"123456789\n", &mut lines), Err(Violation::LineTooLong));
+    }
+
+    /// Blank lines are skipped, anything else is a message; a violation says what it was.
+    #[test]
+    fn blank_lines_and_violations_texts() {
+        assert!(is_blank(b""));
+        assert!(is_blank(b" \t\r"));
+        assert!(!is_blank(b" {}"));
+        assert_eq!(Violation::LineTooLong.to_string(), "line longer than 1 MiB");
+        assert_eq!(Violation::BadId.to_string(), "an answer whose id dombus never sent");
+    }
+
     #[test]
     fn violations() {
         assert_eq!(classify(br#"{"return": {}}"#).unwrap_err(), Violation::BadId);

@@ -533,8 +533,8 @@ async fn start(host: &mut Host, sim: &str, quiet: bool) -> anyhow::Result<()> {
         wait_domain(host, i, &manager, &net, quiet).await?;
     }
 
-    // The device-model domain, where qemu runs: qemu's NICs are the network domain's taps, so it joins the
-    // network domain's namespace, which exists once that domain serves.
+    // The device-model domain, where qemu runs. qemu's NICs are the network domain's taps, so it
+    // joins the network domain's namespace, which exists once that domain serves.
     if let Err(why) = device_models_possible() {
         if !quiet {
             println!("  device-model domain not started: {why}");

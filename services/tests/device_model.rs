@@ -68,11 +68,16 @@ fn qemu_present(test: &str) -> bool {
 
 impl Host {
     async fn start(tag: &str, unplug_timeout: Duration) -> Host {
-        Host::start_with(tag, unplug_timeout, None).await
+        Host::start_with(tag, unplug_timeout, None, |_| {}).await
     }
 
     /// With the network service `network` for NICs.
-    async fn start_with(tag: &str, unplug_timeout: Duration, network: Option<Netlink>) -> Host {
+    async fn start_with(
+        tag: &str,
+        unplug_timeout: Duration,
+        network: Option<Netlink>,
+        configure: impl FnOnce(&mut QemudConfig),
+    ) -> Host {
         let dir = TempDir::new(tag);
         let sock = dir.path("simxen.sock");
         let hv = SimHypervisor::spawn(&sock).unwrap();
@@ -85,6 +90,7 @@ impl Host {
         let h1 = storage_server.serve(&addr(STORAGE, 5100), storage.into_service()).await.unwrap();
         let dm_net = sim_net(&sock, DM);
         let mut config = QemudConfig::new(dir.path("dm"), images);
+        configure(&mut config);
         config.storage = Some(addr(STORAGE, 5100));
         config.unplug_timeout = unplug_timeout;
         let mut servers = Vec::new();
@@ -511,6 +517,55 @@ async fn other_domains_are_refused() {
     }
 }
 
+/// A qemu that breaks QMP (here a fake one: a script speaking QMP on fd 3 that answers `stop`
+/// with a line that is not JSON) is cut off: the connection dropped, the qemu killed, its exit
+/// reported with the reason; the daemon goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_that_breaks_qmp_is_cut_off() {
+    let dir = TempDir::new("dm-fake-qemu");
+    let fake = dir.path("fake-qemu");
+    std::fs::write(
+        &fake,
+        r#"#!/bin/bash
+# A qemu as a hostile guest may make it: QMP on fd 3, fine until `stop`.
+printf '%s\n' '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": []}}' >&3
+while IFS= read -r line <&3; do
+    [[ $line =~ \"id\":\ *([0-9]+) ]] && id=${BASH_REMATCH[1]}
+    if [[ $line == *'"stop"'* ]]; then
+        printf 'this is not JSON\n' >&3
+    else
+        printf '{"return": {}, "id": %s}\n' "$id" >&3
+    fi
+done
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let host = Host::start_with("dm-fake", Duration::from_secs(2), None, |c| {
+        c.qemu = fake.clone();
+        c.sandbox = false; // bash is not what the sandbox lets a qemu run
+    })
+    .await;
+    let dm = host.dm(TOOLSTACK);
+    let (mut events, _) = subscribe(&dm, Some(GUEST)).await;
+    let info = dm.start(ctx(), DeviceModelConfig::new(GUEST, Machine::None, 32, 1)).await.unwrap().unwrap();
+    assert_eq!(info.qemu, "7.2.0 (fake)");
+    let pid = info.pid.unwrap();
+    let e = dm.pause(ctx(), GUEST).await.unwrap().unwrap_err();
+    assert!(matches!(&e, DeviceModelError::Qemu { command, .. } if command == "stop"), "{e}");
+    let (_, kind) = until(&mut events, |k| matches!(k, Kind::Exited(_))).await;
+    let Kind::Exited(ExitReason::Killed { reason }) = kind else { panic!("{kind:?}") };
+    assert!(reason.contains("QMP connection ended") && reason.contains("not JSON"), "{reason}");
+    assert!(!alive(pid));
+    let status = dm.status(ctx(), GUEST).await.unwrap().unwrap();
+    assert!(matches!(status.state, RunState::Exited(ExitReason::Killed { .. })), "{status:?}");
+    // The daemon goes on: the guest's model is started again (and, the fake ignoring `quit`,
+    // killed at stop's deadline).
+    dm.start(ctx(), DeviceModelConfig::new(GUEST, Machine::None, 32, 1)).await.unwrap().unwrap();
+    assert_eq!(dm.stop(ctx(), GUEST, Some(300)).await.unwrap().unwrap(), ExitReason::KilledAfterDeadline);
+    drop(dir);
+}
+
 /// The daemon killed with SIGKILL takes its qemus with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_killed_with_sigkill_leaves_no_qemu() {
@@ -570,7 +625,7 @@ fn a_nic_is_the_network_services_tap() {
             ..NetworkConfig::default()
         };
         let network = Netlink::start(config).await.unwrap();
-        let host = Host::start_with("dm-nic", Duration::from_secs(2), Some(network.clone())).await;
+        let host = Host::start_with("dm-nic", Duration::from_secs(2), Some(network.clone()), |_| {}).await;
         let net = NetworkClient::new(host.net(TOOLSTACK), addr(NETWORK, 5200));
         let tap = VifId { domid: GUEST, devid: 0 };
         let veth = VifId { domid: GUEST, devid: 1 };

@@ -350,6 +350,12 @@ pub enum ExitReason {
     Quit,
     /// `stop` asked it to quit, it did not within the deadline, and it was killed.
     KilledAfterDeadline,
+    /// The daemon killed it: its QMP connection broke (a qemu breaking the protocol is cut
+    /// off), or its start failed or was cancelled.
+    Killed {
+        /// Why.
+        reason: String,
+    },
     /// It exited by itself with this status; `message` is the end of what it wrote on stderr.
     Exited {
         /// Its exit status.
@@ -371,6 +377,7 @@ impl fmt::Display for ExitReason {
         match self {
             ExitReason::Quit => f.write_str("quit when asked"),
             ExitReason::KilledAfterDeadline => f.write_str("killed: it did not quit within the deadline"),
+            ExitReason::Killed { reason } => write!(f, "killed: {reason}"),
             ExitReason::Exited { code, message } => {
                 write!(f, "exited with status {code}")?;
                 if !message.is_empty() {

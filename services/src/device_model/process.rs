@@ -165,6 +165,8 @@ pub(super) struct Qemu {
     pid: Option<u32>,
     exit: watch::Receiver<Option<Exit>>,
     kill: Arc<tokio::sync::Notify>,
+    /// Why the daemon kills it, if it does for a reason other than `stop`'s deadline.
+    kill_reason: Arc<Mutex<Option<String>>>,
 }
 
 /// How a qemu ended: its status, and the end of its stderr.
@@ -176,6 +178,8 @@ pub(super) struct Exit {
     pub signal: Option<i32>,
     /// Whether this daemon killed it.
     pub killed_here: bool,
+    /// Why, if not for `stop`'s deadline.
+    pub kill_reason: Option<String>,
     /// The last lines of its stderr.
     pub stderr: String,
 }
@@ -184,7 +188,10 @@ impl Exit {
     /// Why it ended, as [`ExitReason`]; `quit_asked` if `stop` had asked it to quit.
     pub(super) fn reason(&self, quit_asked: bool) -> ExitReason {
         if self.killed_here {
-            return ExitReason::KilledAfterDeadline;
+            return match &self.kill_reason {
+                Some(reason) => ExitReason::Killed { reason: reason.clone() },
+                None => ExitReason::KilledAfterDeadline,
+            };
         }
         match (self.code, self.signal) {
             (Some(0), _) if quit_asked => ExitReason::Quit,
@@ -203,17 +210,24 @@ impl Qemu {
         let kill = Arc::new(tokio::sync::Notify::new());
         let stderr = child.stderr.take();
         let killer = kill.clone();
+        let kill_reason = Arc::new(Mutex::new(None));
+        let why = kill_reason.clone();
         tokio::spawn(async move {
             let tail = tokio::spawn(read_tail(stderr));
             let mut killed_here = false;
             let status = tokio::select! {
                 s = child.wait() => s,
-                () = killer.notified() => {
-                    killed_here = true;
-                    let _ = child.start_kill();
-                    child.wait().await
+                () = killer.notified() => match child.try_wait() {
+                    // It had exited already: its own status, not a kill.
+                    Ok(Some(s)) => Ok(s),
+                    _ => {
+                        killed_here = true;
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
                 }
             };
+            let kill_reason = if killed_here { why.lock().ok().and_then(|r| r.clone()) } else { None };
             let stderr = tail.await.unwrap_or_default();
             let (code, signal) = match &status {
                 Ok(s) => {
@@ -222,9 +236,9 @@ impl Qemu {
                 }
                 Err(_) => (None, None),
             };
-            let _ = tx.send(Some(Exit { code, signal, killed_here, stderr }));
+            let _ = tx.send(Some(Exit { code, signal, killed_here, kill_reason, stderr }));
         });
-        Qemu { pid, exit, kill }
+        Qemu { pid, exit, kill, kill_reason }
     }
 
     /// Its process id.
@@ -245,19 +259,34 @@ impl Qemu {
                 return e;
             }
             if rx.changed().await.is_err() {
-                return Exit { code: None, signal: None, killed_here: false, stderr: String::new() };
+                return Exit {
+                    code: None,
+                    signal: None,
+                    killed_here: false,
+                    kill_reason: None,
+                    stderr: String::new(),
+                };
             }
         }
     }
 
-    /// Kills it (SIGKILL) and waits until it has exited.
-    pub(super) async fn kill(&self) -> Exit {
-        self.start_kill();
+    /// Kills it (SIGKILL) at `stop`'s deadline and waits until it has exited.
+    pub(super) async fn kill_at_deadline(&self) -> Exit {
+        self.kill.notify_one();
         self.wait().await
     }
 
-    /// Kills it (SIGKILL), without waiting.
-    pub(super) fn start_kill(&self) {
+    /// Kills it (SIGKILL) for `reason` and waits until it has exited.
+    pub(super) async fn kill(&self, reason: &str) -> Exit {
+        self.start_kill(reason);
+        self.wait().await
+    }
+
+    /// Kills it (SIGKILL) for `reason`, without waiting.
+    pub(super) fn start_kill(&self, reason: &str) {
+        if let Ok(mut r) = self.kill_reason.lock() {
+            r.get_or_insert_with(|| reason.to_owned());
+        }
         self.kill.notify_one();
     }
 }

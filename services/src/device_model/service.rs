@@ -224,7 +224,7 @@ impl Qemud {
             }
             if tokio::time::timeout(timeout, i.qemu.wait()).await.is_err() {
                 tracing::warn!(guest, "qemu did not quit within {timeout:?}: killing it");
-                i.qemu.kill().await;
+                i.qemu.kill_at_deadline().await;
             }
         }
         let exit = i.qemu.wait().await;
@@ -633,7 +633,7 @@ impl Qemud {
         let started = self.bring_up(&instance, ours, &config, restore).await;
         start.finished = true;
         if let Err(e) = started {
-            let exit = instance.qemu.kill().await;
+            let exit = instance.qemu.kill("its start failed").await;
             let why =
                 if exit.stderr.is_empty() { String::new() } else { format!(" (qemu said: {})", exit.stderr) };
             self.instances().remove(&guest);
@@ -755,7 +755,7 @@ impl Drop for Starting<'_> {
             && let Some(i) = self.instance.take()
         {
             tracing::warn!(guest = self.guest, "a start was cancelled: its qemu is killed");
-            i.qemu.start_kill();
+            i.qemu.start_kill("its start was cancelled");
             let mut all = self.service.instances();
             if all.get(&self.guest).is_some_and(|x| Arc::ptr_eq(x, &i)) {
                 all.remove(&self.guest);
@@ -928,7 +928,24 @@ impl NoticeHandler {
     fn handle(&self, notice: QmpNotice) {
         let (Some(inner), Some(i)) = (self.service.upgrade(), self.instance.upgrade()) else { return };
         match notice {
-            QmpNotice::Closed(why) => tracing::debug!(guest = i.guest, %why, "QMP closed"),
+            // A QMP connection that ends while qemu runs and was not asked to quit (a qemu that
+            // broke the protocol, or closed its monitor): the model cannot be driven any more,
+            // so it is cut off — killed, its exit reported with the reason.
+            QmpNotice::Closed(why) => {
+                if i.quit_asked.load(Ordering::Relaxed) || i.qemu.exited().is_some() {
+                    tracing::debug!(guest = i.guest, %why, "QMP closed");
+                } else {
+                    // A qemu exiting by itself closes its monitor first: a moment for its exit.
+                    let qemu = i.qemu.clone();
+                    let guest = i.guest;
+                    tokio::spawn(async move {
+                        if tokio::time::timeout(Duration::from_secs(1), qemu.wait()).await.is_err() {
+                            tracing::warn!(guest, %why, "QMP connection lost: killing qemu");
+                            qemu.start_kill(&format!("its QMP connection ended: {why}"));
+                        }
+                    });
+                }
+            }
             QmpNotice::Event(event) => {
                 if let Some(kind) = on_event(&inner, &i, event) {
                     publish(&inner.topic, i.guest, kind);
@@ -1235,11 +1252,7 @@ impl Drop for Inner {
         // ends; this makes it immediate).
         let all = std::mem::take(self.instances.get_mut().unwrap_or_else(|e| e.into_inner()));
         for i in all.values() {
-            if let Some(pid) = i.qemu.pid().and_then(|p| rustix::process::Pid::from_raw(p as i32))
-                && i.qemu.exited().is_none()
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
+            i.qemu.start_kill("the device-model service stopped");
         }
     }
 }

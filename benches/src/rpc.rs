@@ -9,6 +9,7 @@
 //! | [`Stack`] | what the peer runs |
 //! |---|---|
 //! | [`Stack::Rpc`] | `dombus_rpc::Server` (preamble, tower stack, metrics) serving [`Echo`] |
+//! | [`Stack::RpcViaTarpc`] | the same, client and server on tarpc's channel (`CallPath::Tarpc`) |
 //! | [`Stack::Tarpc`] | plain tarpc: `BaseChannel::with_defaults(..).execute(..)`, each call spawned |
 //! | [`Stack::Framed`] | dombus-rpc's framing and codec with tarpc's message types, answered inline: no tarpc dispatch |
 //! | [`Stack::Raw`] | the bare byte stream: reads [`PAYLOAD`] bytes, writes them back |
@@ -38,7 +39,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use dombus_rpc::codec::SerdeCodec;
-use dombus_rpc::{Address, BoxStream, ClientConfig, Codec, Net, Server, ServerConfig};
+use dombus_rpc::{Address, BoxStream, CallPath, ClientConfig, Codec, Net, Server, ServerConfig};
 use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::link::LinkConfig;
 use dombus_transport_xen::types::DomId;
@@ -110,8 +111,8 @@ pub const SERVER_DOM: DomId = DomId(2);
 pub const CLIENT_DOM: DomId = DomId(1);
 /// The service name in the dombus-rpc preamble.
 pub const SERVICE: &str = "echo";
-/// `xen:` ports of the four stacks (in [`Stack::index`] order).
-pub(crate) const XEN_PORTS: [u32; 4] = [5000, 5001, 5002, 5003];
+/// `xen:` ports of the stacks (in [`Stack::index`] order).
+pub(crate) const XEN_PORTS: [u32; 5] = [5000, 5001, 5002, 5003, 5004];
 /// How long setting up a benchmark may take before it gives up.
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Calls done before a constructor returns (checked: the echo must come back unchanged).
@@ -146,6 +147,9 @@ pub enum Transport {
 pub enum Stack {
     /// dombus-rpc: `Server` / `Client` (preamble, tower stacks, metrics) with this codec.
     Rpc(Codec),
+    /// dombus-rpc with bincode, client and server carrying the calls on tarpc's channel
+    /// (`CallPath::Tarpc`) instead of dombus's direct path.
+    RpcViaTarpc,
     /// Plain tarpc with bincode, no dombus-rpc.
     Tarpc,
     /// Length-delimited frames and dombus-rpc's bincode codec carrying tarpc's own
@@ -164,12 +168,13 @@ impl Stack {
             Stack::Tarpc => 1,
             Stack::Framed => 2,
             Stack::Raw => 3,
+            Stack::RpcViaTarpc => 4,
         }
     }
 
     /// True if [`RpcPingPong::pipelined`] supports it (the typed-client stacks).
     pub fn pipelines(self) -> bool {
-        matches!(self, Stack::Rpc(_) | Stack::Tarpc)
+        matches!(self, Stack::Rpc(_) | Stack::RpcViaTarpc | Stack::Tarpc)
     }
 }
 
@@ -225,7 +230,7 @@ fn bad_input(msg: String) -> io::Error {
 enum Place {
     Xen { socket: PathBuf, spin: Option<Duration> },
     Unix { dir: PathBuf },
-    Tcp { ports: [u16; 4] },
+    Tcp { ports: [u16; 5] },
 }
 
 /// Everything the peer needs, passed as one argument string.
@@ -304,7 +309,7 @@ impl Drop for ScratchDir {
 
 /// The Unix socket of stack `i` in `dir`.
 fn unix_path(dir: &Path, i: usize) -> PathBuf {
-    dir.join(["rpc.sock", "tarpc.sock", "framed.sock", "raw.sock"][i])
+    dir.join(["rpc.sock", "tarpc.sock", "framed.sock", "raw.sock", "rpc-via-tarpc.sock"][i])
 }
 
 pub(crate) fn xen_config(spin: Option<Duration>) -> VsockConfig {
@@ -314,7 +319,7 @@ pub(crate) fn xen_config(spin: Option<Duration>) -> VsockConfig {
 // ---------------------------------------------------------------------------------------------
 // The peer: serves every stack.
 
-/// Peer of every RPC benchmark: serves all four stacks on the transport its argument names,
+/// Peer of every RPC benchmark: serves every stack on the transport its argument names,
 /// until it is killed.
 pub(crate) fn server_child(arg: &str) -> io::Result<()> {
     let args = ServerArgs::decode(arg)?;
@@ -326,9 +331,11 @@ pub(crate) fn server_child(arg: &str) -> io::Result<()> {
                 let domain = VsockDomain::start(backend, xen_config(spin))?;
                 let net = Net::new().with_xen(domain.clone());
                 let rpc = Address::Xen(VsockAddr::new(u32::from(SERVER_DOM.0), XEN_PORTS[0]));
-                let _handle = serve_rpc(&net, &rpc).await?;
+                let _handle = serve_rpc(&net, &rpc, CallPath::Direct).await?;
+                let via_tarpc = Address::Xen(VsockAddr::new(u32::from(SERVER_DOM.0), XEN_PORTS[4]));
+                let _via_tarpc = serve_rpc(&net, &via_tarpc, CallPath::Tarpc).await?;
                 let mut listeners = Vec::new();
-                for port in &XEN_PORTS[1..] {
+                for port in &XEN_PORTS[1..4] {
                     listeners.push(domain.listen(*port)?);
                 }
                 let mut set = tokio::task::JoinSet::new();
@@ -343,7 +350,10 @@ pub(crate) fn server_child(arg: &str) -> io::Result<()> {
                 join_first(set).await
             }
             Place::Unix { dir } => {
-                let _handle = serve_rpc(&Net::new(), &Address::Unix(unix_path(&dir, 0))).await?;
+                let _handle =
+                    serve_rpc(&Net::new(), &Address::Unix(unix_path(&dir, 0)), CallPath::Direct).await?;
+                let via_tarpc = Address::Unix(unix_path(&dir, 4));
+                let _via_tarpc = serve_rpc(&Net::new(), &via_tarpc, CallPath::Tarpc).await?;
                 let mut tarpc =
                     tarpc::serde_transport::unix::listen(unix_path(&dir, 1), Bincode::default).await?;
                 let mut set = tokio::task::JoinSet::new();
@@ -366,7 +376,9 @@ pub(crate) fn server_child(arg: &str) -> io::Result<()> {
             }
             Place::Tcp { ports } => {
                 let rpc = Address::Tcp { host: "127.0.0.1".into(), port: ports[0] };
-                let _handle = serve_rpc(&Net::new(), &rpc).await?;
+                let _handle = serve_rpc(&Net::new(), &rpc, CallPath::Direct).await?;
+                let via_tarpc = Address::Tcp { host: "127.0.0.1".into(), port: ports[4] };
+                let _via_tarpc = serve_rpc(&Net::new(), &via_tarpc, CallPath::Tarpc).await?;
                 let mut tarpc =
                     tarpc::serde_transport::tcp::listen(("127.0.0.1", ports[1]), Bincode::default).await?;
                 let mut set = tokio::task::JoinSet::new();
@@ -402,9 +414,9 @@ async fn join_first(mut set: tokio::task::JoinSet<io::Result<()>>) -> io::Result
     }
 }
 
-/// Serves [`Echo`] through dombus-rpc on `addr`.
-async fn serve_rpc(net: &Net, addr: &Address) -> io::Result<dombus_rpc::ServeHandle> {
-    Server::new(net.clone(), ServerConfig::default())
+/// Serves [`Echo`] through dombus-rpc on `addr`, its calls on `path`.
+async fn serve_rpc(net: &Net, addr: &Address, path: CallPath) -> io::Result<dombus_rpc::ServeHandle> {
+    Server::new(net.clone(), ServerConfig { call_path: path, ..ServerConfig::default() })
         .serve(addr, typed::Echo::into_service(typed::EchoServer))
         .await
 }
@@ -592,10 +604,10 @@ impl std::fmt::Debug for RpcPingPong {
     }
 }
 
-/// Four free TCP ports on 127.0.0.1 (bound at once, then released for the peer to take).
-fn free_tcp_ports() -> io::Result<[u16; 4]> {
-    let ls = (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<io::Result<Vec<_>>>()?;
-    let mut ports = [0u16; 4];
+/// A free TCP port on 127.0.0.1 per stack (bound at once, then released for the peer to take).
+fn free_tcp_ports() -> io::Result<[u16; 5]> {
+    let ls = (0..5).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; 5];
     for (p, l) in ports.iter_mut().zip(&ls) {
         *p = l.local_addr()?.port();
     }
@@ -688,6 +700,11 @@ impl RpcPingPong {
                     Stack::Rpc(codec) => {
                         drop(stream);
                         let config = ClientConfig { codec, ..ClientConfig::default() };
+                        Caller::Rpc(typed::EchoClient::with_config(net, addr, config))
+                    }
+                    Stack::RpcViaTarpc => {
+                        drop(stream);
+                        let config = ClientConfig { call_path: CallPath::Tarpc, ..ClientConfig::default() };
                         Caller::Rpc(typed::EchoClient::with_config(net, addr, config))
                     }
                     Stack::Tarpc => {
@@ -853,7 +870,7 @@ mod tests {
             Place::Xen { socket: "/tmp/a|b/s.sock".into(), spin: Some(Duration::from_micros(50)) },
             Place::Xen { socket: "/tmp/s.sock".into(), spin: None },
             Place::Unix { dir: "/tmp/d".into() },
-            Place::Tcp { ports: [1, 2, 3, 65535] },
+            Place::Tcp { ports: [1, 2, 3, 4, 65535] },
         ];
         for place in places {
             for flavor in [Flavor::Current, Flavor::Multi(3)] {

@@ -39,6 +39,8 @@ use tower::retry::Policy;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::codec::{self, Codec};
+use crate::direct::CallPath;
+use crate::direct::client::DirectChannel;
 use crate::layer::{CallName, ConnectionLostLayer, MayRetry, MetricsLayer, TraceLayer};
 use crate::metrics::Metrics;
 use crate::wire::{self, BUILTIN_SERVICE, Call, DESCRIBE, METRICS, PING, Reply, Request, ServiceDescriptor};
@@ -63,6 +65,9 @@ pub struct ClientConfig {
     pub max_backoff: Duration,
     /// How long the server may take to answer the preamble.
     pub preamble_timeout: Duration,
+    /// What carries the calls: dombus's own channel (the default) or tarpc's (for comparison;
+    /// the wire is the same, [`CallPath`]).
+    pub call_path: CallPath,
 }
 
 impl Default for ClientConfig {
@@ -75,6 +80,7 @@ impl Default for ClientConfig {
             backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
             preamble_timeout: Duration::from_secs(5),
+            call_path: CallPath::default(),
         }
     }
 }
@@ -115,7 +121,21 @@ pub struct ConnectFailed {
     pub cause: io::Error,
 }
 
-type Channel = tarpc::client::Channel<Arc<Call>, Reply>;
+/// A connection's calls: dombus's own channel, or tarpc's.
+#[derive(Clone)]
+enum Channel {
+    Direct(DirectChannel),
+    Tarpc(tarpc::client::Channel<Arc<Call>, Reply>),
+}
+
+impl Channel {
+    async fn call(&self, ctx: Context, call: Arc<Call>) -> Result<Reply, RpcError> {
+        match self {
+            Channel::Direct(channel) => channel.call(ctx, &call).await,
+            Channel::Tarpc(channel) => channel.call(ctx, call).await,
+        }
+    }
+}
 
 /// The connection, made again when it goes.
 struct Connection {
@@ -151,12 +171,15 @@ impl Connection {
         preamble::client(&mut stream, self.service, self.config.codec, self.config.preamble_timeout)
             .await
             .map_err(failed)?;
-        let transport = codec::framed::<Response<Reply>, ClientMessage<Arc<Call>>>(
-            stream,
-            self.config.codec,
-            self.config.max_frame,
-        );
-        let channel = tarpc::client::new(tarpc::client::Config::default(), transport).spawn();
+        let (codec, max_frame) = (self.config.codec, self.config.max_frame);
+        let channel = match self.config.call_path {
+            CallPath::Direct => Channel::Direct(DirectChannel::new(stream, codec, max_frame)),
+            CallPath::Tarpc => {
+                let transport =
+                    codec::framed::<Response<Reply>, ClientMessage<Arc<Call>>>(stream, codec, max_frame);
+                Channel::Tarpc(tarpc::client::new(tarpc::client::Config::default(), transport).spawn())
+            }
+        };
         let g = {
             let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
             *g += 1;

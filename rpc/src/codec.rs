@@ -225,6 +225,37 @@ impl Frames {
     pub fn is_too_long(e: &io::Error) -> bool {
         e.get_ref().is_some_and(|inner| inner.is::<FrameTooLong>())
     }
+
+    /// Serializes `item` with `codec` as one frame at the end of `dst`: with bincode straight
+    /// into `dst`, no intermediate buffer (postcard's writer takes its buffer by value, so its
+    /// message is copied once). On any error — a [`FrameTooLong`] included — `dst` is left as
+    /// it was.
+    pub fn encode_item<T: Serialize + ?Sized>(
+        &self,
+        codec: Codec,
+        item: &T,
+        dst: &mut BytesMut,
+    ) -> io::Result<()> {
+        let start = dst.len();
+        dst.put_u32(0);
+        let written = match codec {
+            Codec::Bincode => bincode::serialize_into(dst.writer(), item).map_err(invalid),
+            Codec::Postcard => codec.encode(item).map(|bytes| dst.extend_from_slice(&bytes)),
+        };
+        let len = dst.len() - start - FRAME_HEADER;
+        let header = u32::try_from(len).ok().filter(|_| len <= self.max_out);
+        match (written, header) {
+            (Ok(()), Some(header)) => {
+                dst[start..start + FRAME_HEADER].copy_from_slice(&header.to_be_bytes());
+                Ok(())
+            }
+            (written, _) => {
+                dst.truncate(start);
+                written?;
+                Err(io::Error::new(io::ErrorKind::InvalidInput, FrameTooLong { len, max: self.max_out }))
+            }
+        }
+    }
 }
 
 impl Decoder for Frames {
@@ -505,6 +536,23 @@ mod tests {
             e.get_ref().and_then(|i| i.downcast_ref::<FrameTooLong>()),
             Some(&FrameTooLong { len: 9, max: 8 })
         );
+    }
+
+    #[test]
+    fn an_item_is_framed_in_place_like_the_encoder_frames_its_message() {
+        let m = Msg { id: 7, name: "seven".into(), data: vec![7; 7], kind: None };
+        let big = Msg { id: 8, name: String::new(), data: vec![0; 65], kind: None };
+        for codec in Codec::ALL {
+            let mut frames = Frames::new(64, 64);
+            let (mut direct, mut framed) = (BytesMut::from(&b"before"[..]), BytesMut::from(&b"before"[..]));
+            frames.encode_item(codec, &m, &mut direct).unwrap();
+            frames.encode(codec.encode(&m).unwrap(), &mut framed).unwrap();
+            assert_eq!(direct, framed, "{codec}");
+            // Too long: refused, nothing left behind.
+            let e = frames.encode_item(codec, &big, &mut direct).unwrap_err();
+            assert!(Frames::is_too_long(&e), "{codec}: {e}");
+            assert_eq!(direct, framed, "{codec}: a refused item left bytes");
+        }
     }
 
     proptest! {

@@ -18,6 +18,7 @@
 //! (past either, the connection is not read until replies drain). docs/rpc.md has the sums.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use tower::{BoxError, Service as _, ServiceBuilder, ServiceExt};
 use tracing::Instrument;
 
 use crate::codec::{self, Codec, FrameTransport, Frames};
+use crate::direct::{self, CallPath};
 use crate::in_flight::{InFlight, Ticket};
 use crate::layer::{CallName, MetricsLayer, TraceLayer};
 use crate::metrics::{MAX_METRICS_TEXT, Metrics};
@@ -95,12 +97,15 @@ pub struct ServerConfig {
     /// connection's calls still run concurrently, but on one thread at a time, so a method that
     /// computes for long (rather than awaiting) should set this.
     pub spawn_calls: bool,
+    /// What carries the calls: dombus's own loop (the default) or tarpc's channel (for
+    /// comparison; the wire is the same, [`CallPath`]).
+    pub call_path: CallPath,
 }
 
 impl Default for ServerConfig {
     /// 1 MiB call frames, 16 MiB reply frames, 1,024 concurrent calls, 256 connections (16 from
     /// one domain), 128 calls and 1 MiB in flight per connection, 5 s for the preamble, 4,096
-    /// waiting polls (128 from one domain), calls inline.
+    /// waiting polls (128 from one domain), calls inline, on the direct call path.
     fn default() -> Self {
         ServerConfig {
             max_frame: 1 << 20,
@@ -114,15 +119,16 @@ impl Default for ServerConfig {
             max_polls: 4096,
             max_polls_per_domain: 128,
             spawn_calls: false,
+            call_path: CallPath::default(),
         }
     }
 }
 
 /// A call as the connection's transport hands it to tarpc: with its place among the
 /// connection's calls in flight, which it keeps until its reply is written.
-struct Admitted {
-    call: Call,
-    ticket: Ticket,
+pub(crate) struct Admitted {
+    pub(crate) call: Call,
+    pub(crate) ticket: Ticket,
 }
 
 impl RequestName for Admitted {
@@ -133,9 +139,9 @@ impl RequestName for Admitted {
 
 /// A call's outcome, still holding the call's place in flight (until the transport writes it).
 /// Errors travel here too, so that an error waiting to be written is counted like a reply.
-struct Answer {
-    outcome: Result<Reply, ServerError>,
-    ticket: Ticket,
+pub(crate) struct Answer {
+    pub(crate) outcome: Result<Reply, ServerError>,
+    pub(crate) ticket: Ticket,
 }
 
 /// One call as it goes through the server's tower stack.
@@ -207,7 +213,7 @@ impl CallName for Counted {
 
 /// The tarpc [`Serve`] that runs each call through the tower stack.
 #[derive(Clone)]
-struct Stacked {
+pub(crate) struct Stacked {
     target: Option<Service>,
     codec: Codec,
     caller: Caller,
@@ -228,56 +234,84 @@ impl Serve for Stacked {
     type Resp = Answer;
 
     async fn serve(self, ctx: Context, admitted: Admitted) -> Result<Answer, ServerError> {
+        Ok(self.run(ctx, admitted).await)
+    }
+}
+
+impl Stacked {
+    /// Runs one call through the tower stack (the polls' stack for a poll of a stream method);
+    /// its answer keeps the call's place in flight. Clones only what the call needs.
+    pub(crate) fn run(
+        &self,
+        ctx: Context,
+        admitted: Admitted,
+    ) -> impl Future<Output = Answer> + Send + 'static {
         let Admitted { call, mut ticket } = admitted;
         let name = Counted::new(&self.target, &call.method);
         let is_poll = name.is_stream();
         // A poll waits for events: it counts against the polls' budget, not the calls'.
-        let (mut stack, slot) = if is_poll {
-            let slot = match self.caller.domain {
-                Some(d) => match self.polls.per_domain.admit(d, self.polls.max_per_domain) {
-                    Some(slot) => Some(slot),
-                    None => {
-                        let outcome = Err(ServerError::new(
-                            io::ErrorKind::WouldBlock,
-                            format!(
-                                "{OVERLOADED}: {} polls waiting from domain {d}, the server's limit per domain",
-                                self.polls.max_per_domain
-                            ),
-                        ));
-                        return Ok(Answer { outcome, ticket });
-                    }
-                },
-                None => None,
-            };
-            (self.polls.stack, slot)
+        let admitted = if !is_poll {
+            Ok((self.stack.clone(), None))
         } else {
-            (self.stack, None)
-        };
-        let incoming =
-            Incoming { ctx, call, target: self.target, name, codec: self.codec, caller: self.caller };
-        let result = async {
-            let svc = stack.ready().await?;
-            svc.call(incoming).await
-        }
-        .await;
-        drop(slot);
-        let outcome = result.map(Reply).map_err(|e| {
-            if e.is::<tower::load_shed::error::Overloaded>() {
-                // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
-                ServerError::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{OVERLOADED}: too many calls in progress"),
-                )
-            } else {
-                match e.downcast::<ServerError>() {
-                    Ok(e) => *e,
-                    Err(e) => ServerError::new(io::ErrorKind::Other, e.to_string()),
-                }
+            match self.caller.domain {
+                Some(d) => match self.polls.per_domain.admit(d, self.polls.max_per_domain) {
+                    Some(slot) => Ok((self.polls.stack.clone(), Some(slot))),
+                    None => Err(ServerError::new(
+                        io::ErrorKind::WouldBlock,
+                        format!(
+                            "{OVERLOADED}: {} polls waiting from domain {d}, the server's limit per domain",
+                            self.polls.max_per_domain
+                        ),
+                    )),
+                },
+                None => Ok((self.polls.stack.clone(), None)),
             }
-        });
-        ticket.reweigh(outcome.as_ref().map_or_else(|e| e.detail.len(), |r| r.0.len()));
-        Ok(Answer { outcome, ticket })
+        };
+        let incoming = Incoming {
+            ctx,
+            call,
+            target: self.target.clone(),
+            name,
+            codec: self.codec,
+            caller: self.caller.clone(),
+        };
+        async move {
+            let (mut stack, slot) = match admitted {
+                Ok(admitted) => admitted,
+                Err(e) => return Answer { outcome: Err(e), ticket },
+            };
+            let result = async {
+                let svc = stack.ready().await?;
+                svc.call(incoming).await
+            }
+            .await;
+            drop(slot);
+            let outcome = result.map(Reply).map_err(|e| {
+                if e.is::<tower::load_shed::error::Overloaded>() {
+                    // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
+                    ServerError::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("{OVERLOADED}: too many calls in progress"),
+                    )
+                } else {
+                    match e.downcast::<ServerError>() {
+                        Ok(e) => *e,
+                        Err(e) => ServerError::new(io::ErrorKind::Other, e.to_string()),
+                    }
+                }
+            });
+            ticket.reweigh(outcome.as_ref().map_or_else(|e| e.detail.len(), |r| r.0.len()));
+            Answer { outcome, ticket }
+        }
     }
+}
+
+/// The error answered instead of a reply of `len` bytes too long to send (`e`, a
+/// [`codec::FrameTooLong`]).
+pub(crate) fn oversize_reply(len: usize, e: &io::Error) -> ServerError {
+    tracing::warn!(error = %e, "reply too long to send; answering an error");
+    let detail = format!("the reply ({len} bytes) is longer than the server sends: {e}");
+    ServerError::new(io::ErrorKind::InvalidData, detail)
 }
 
 /// Answers one call: a built-in method, or the chosen service's.
@@ -534,10 +568,17 @@ async fn connection(mut stream: crate::BoxStream, hosting: Hosting, config: Serv
         Stacked { target, codec, caller: hosting.caller, stack: hosting.stack, polls: hosting.polls };
     let frames = Frames::new(config.max_frame, config.max_reply_frame);
     let in_flight = InFlight::new(config.max_in_flight, config.max_in_flight_bytes, hosting.metrics.clone());
+    let paused = Paused { paused: false, metrics: hosting.metrics };
+    if config.call_path == CallPath::Direct {
+        let spawn_calls = config.spawn_calls;
+        let conn =
+            direct::server::Connection { stream, codec, frames, in_flight, paused, stacked, spawn_calls };
+        return direct::server::serve(conn).await;
+    }
     let transport = CallTransport {
         inner: FrameTransport::new(stream, codec, frames).checking(codec::check_deadline),
         in_flight,
-        paused: Paused { paused: false, metrics: hosting.metrics },
+        paused,
     };
     let calls = BaseChannel::with_defaults(transport).execute(stacked);
     if config.spawn_calls {
@@ -625,13 +666,13 @@ async fn refuse(mut stream: crate::BoxStream, why: String) {
 }
 
 /// Whether a connection's reading is paused, counted in the metrics while it is.
-struct Paused {
+pub(crate) struct Paused {
     paused: bool,
     metrics: Metrics,
 }
 
 impl Paused {
-    fn set(&mut self, paused: bool) {
+    pub(crate) fn set(&mut self, paused: bool) {
         if self.paused != paused {
             self.paused = paused;
             self.metrics.paused(paused);
@@ -712,9 +753,7 @@ impl futures::Sink<Response<Answer>> for CallTransport {
         let len = outcome.as_ref().map_or(0, |r| r.0.len());
         match inner.as_mut().start_send(Response { request_id, message: outcome }) {
             Err(e) if Frames::is_too_long(&e) => {
-                tracing::warn!(error = %e, "reply too long to send; answering an error");
-                let detail = format!("the reply ({len} bytes) is longer than the server sends: {e}");
-                let message = Err(ServerError::new(io::ErrorKind::InvalidData, detail));
+                let message = Err(oversize_reply(len, &e));
                 inner.start_send(Response { request_id, message })
             }
             other => other,

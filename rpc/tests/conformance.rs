@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dombus_rpc::{Address, ClientConfig, Codec, Net, RawClient, Server, ServerConfig, connection_lost};
+use dombus_rpc::{
+    Address, CallPath, ClientConfig, Codec, Net, RawClient, Server, ServerConfig, connection_lost,
+};
 use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
 use dombus_transport_xen::vsock::domain::{VsockConfig, VsockDomain};
@@ -129,7 +131,16 @@ struct Fixture {
     server_net: Net,
     client_net: Net,
     addr: Address,
+    /// What carries the calls in the client and in the server (the wire is the same).
+    paths: (CallPath, CallPath),
     _keep: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+impl Fixture {
+    /// The same fixture with the client's calls on `client` and the server's on `server`.
+    fn via(self, client: CallPath, server: CallPath) -> Fixture {
+        Fixture { paths: (client, server), ..self }
+    }
 }
 
 /// A directory of this test's own (created here, never shared with another test), removed when
@@ -160,6 +171,7 @@ fn unix() -> Fixture {
         server_net: Net::new(),
         client_net: Net::new(),
         addr: Address::Unix(d.0.join("echo.sock")),
+        paths: (CallPath::Direct, CallPath::Direct),
         _keep: vec![Box::new(d)],
     }
 }
@@ -171,6 +183,7 @@ fn tcp() -> Fixture {
         server_net: Net::new(),
         client_net: Net::new(),
         addr: Address::Tcp { host: "127.0.0.1".into(), port: 0 },
+        paths: (CallPath::Direct, CallPath::Direct),
         _keep: vec![],
     }
 }
@@ -191,6 +204,7 @@ fn xen() -> Fixture {
         client_net,
         addr: "xen:1:5000".parse().unwrap(),
         // Dropped in order: the hypervisor before the directory holding its socket.
+        paths: (CallPath::Direct, CallPath::Direct),
         _keep: vec![Box::new(hv), Box::new(d)],
     }
 }
@@ -202,19 +216,20 @@ fn vsock() -> Fixture {
         server_net: Net::new(),
         client_net: Net::new(),
         addr: Address::Vsock { cid: 1, port: 5000 },
+        paths: (CallPath::Direct, CallPath::Direct),
         _keep: vec![],
     }
 }
 
 async fn start(f: &Fixture, state: &State, config: ServerConfig) -> (Server, dombus_rpc::ServeHandle) {
-    let server = Server::new(f.server_net.clone(), config);
+    let server = Server::new(f.server_net.clone(), ServerConfig { call_path: f.paths.1, ..config });
     let st = state.clone();
     let h = server.serve(&f.addr, EchoServer(st).into_service()).await.unwrap();
     (server, h)
 }
 
 fn client(f: &Fixture, codec: Codec) -> EchoClient {
-    let config = ClientConfig { codec, ..ClientConfig::default() };
+    let config = ClientConfig { codec, call_path: f.paths.0, ..ClientConfig::default() };
     EchoClient::with_config(f.client_net.clone(), f.addr.clone(), config)
 }
 
@@ -233,7 +248,7 @@ fn suite_config() -> ServerConfig {
 }
 
 async fn suite(mut f: Fixture) {
-    let name = f.name;
+    let name = &*format!("{} ({} client, {} server)", f.name, f.paths.0, f.paths.1);
     let state = State::default();
     let (server, handle) = start(&f, &state, suite_config()).await;
     // The address as bound (tcp:…:0 becomes the chosen port); restarts below reuse it.
@@ -384,6 +399,24 @@ async fn conformance_unix() {
     suite(unix()).await;
 }
 
+/// Both ends on tarpc's channel, and each end on its own: the direct path speaks tarpc's
+/// protocol with tarpc itself both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_unix_on_tarpc_channels_and_mixed() {
+    use CallPath::{Direct, Tarpc};
+    for (client, server) in [(Tarpc, Tarpc), (Direct, Tarpc), (Tarpc, Direct)] {
+        suite(unix().via(client, server)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_xen_sim_mixed() {
+    use CallPath::{Direct, Tarpc};
+    for (client, server) in [(Direct, Tarpc), (Tarpc, Direct)] {
+        suite(xen().via(client, server)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_tcp() {
     suite(tcp()).await;
@@ -436,6 +469,7 @@ async fn connecting_to_nothing_fails_with_the_connect_error() {
         server_net: Net::new(),
         client_net: Net::new(),
         addr: Address::Unix(d.0.join("none.sock")),
+        paths: (CallPath::Direct, CallPath::Direct),
         _keep: vec![],
     };
     let c = client(&f, Codec::default());

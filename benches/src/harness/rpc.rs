@@ -233,6 +233,8 @@ impl Suite for RpcSuite {
         let spin_us = plan.suite.spin.as_micros();
         let p50 = |name: &str| results.latency_row(name).map(|r| r.stats.p50);
         print_layers(spin_us, &p50);
+        let rate = |name: &str| results.throughput_row(name).map(|r| r.median);
+        print_targets(spin_us, &p50, &rate);
         let spin_row = format!("xen_spin{spin_us}us_64");
         if let Some(r) = results.latency_row(&spin_row) {
             println!("\n{}", absolute_line(&spin_row, r.stats.p50, &r.round_p50s));
@@ -323,17 +325,29 @@ fn specs(o: &RpcOptions) -> Vec<Spec<'static>> {
         out.push(rpc_row(&format!("{mode}_vsock_64"), transport, Stack::Raw, o, None, None));
         out.push(rpc_row(&format!("{mode}_framed_64"), transport, Stack::Framed, o, None, None));
         out.push(rpc_row(&format!("{mode}_tarpc_64"), transport, Stack::Tarpc, o, tarpc_unix, tarpc_unix));
-        let (target, pipe_target) = match link_spin {
-            Some(_) => (Some(Target::Faster(7.0)), Some(Target::AtLeast(3.0))),
-            None => (None, None),
+        let plain_tarpc = format!("{mode}_tarpc_64");
+        out.push(rpc_row(
+            &format!("{mode}_via_tarpc_64"),
+            transport,
+            Stack::RpcViaTarpc,
+            o,
+            Some((&plain_tarpc, None)),
+            Some((&plain_tarpc, None)),
+        ));
+        // Issue 20's targets: with wake-ups, a typed call within 1.2x the link's own round
+        // trip; polling, within 2x the bare virtual socket's, and pipelined at least twice
+        // plain tarpc's rate on the same stream (and 3x tarpc over Unix: `print_targets`).
+        let (base, target, pipe_target) = match link_spin {
+            Some(_) => (format!("{mode}_vsock_64"), Target::AtMost(2.0), Some(Target::AtLeast(2.0))),
+            None => (format!("{mode}_link_64"), Target::AtMost(1.2), None),
         };
         out.push(rpc_row(
             &format!("{mode}_64"),
             transport,
             bincode,
             o,
-            Some(("tarpc_unix_64", target)),
-            Some(("tarpc_unix_64", pipe_target)),
+            Some((&base, Some(target))),
+            Some((&plain_tarpc, pipe_target)),
         ));
     }
     // The local path through the domain's agent against the same calls in-process.
@@ -370,7 +384,8 @@ fn print_layers(spin_us: u128, p50: &dyn Fn(&str) -> Option<Duration>) {
         ("vsock", "vsock_64", "+ virtual-socket connection (mux)"),
         ("framed", "framed_64", "+ framing and bincode (tarpc's messages)"),
         ("tarpc", "tarpc_64", "+ tarpc dispatch (client task, server channel, task per call)"),
-        ("rpc", "64", "+ dombus-rpc stack (preamble'd connection, tower, metrics, spans)"),
+        ("via tarpc", "via_tarpc_64", "+ dombus-rpc stacks (tower, metrics, spans) on tarpc's channel"),
+        ("rpc", "64", "dombus-rpc on its direct path (Δ: against tarpc's channel)"),
     ];
     let any = columns
         .iter()
@@ -411,6 +426,44 @@ fn print_layers(spin_us: u128, p50: &dyn Fn(&str) -> Option<Duration>) {
             fmt_us(rpc),
             delta(rpc, tarpc)
         );
+    }
+}
+
+/// Issue 20's targets for the typed call, each as the ratio of two rows of this run: row,
+/// baseline, what the ratio must be, and `true` for rates (at least) or `false` for p50s (at
+/// most).
+fn issue_targets(spin_us: u128) -> Vec<(String, String, f64, bool)> {
+    let (wake, spin) = ("xen_wakeup".to_string(), format!("xen_spin{spin_us}us"));
+    vec![
+        (format!("{wake}_64"), format!("{wake}_link_64"), 1.2, false),
+        (format!("{spin}_64"), format!("{spin}_vsock_64"), 2.0, false),
+        (format!("{spin}_64"), format!("{spin}_tarpc_64"), 2.0, true),
+        (format!("{spin}_64"), "tarpc_unix_64".into(), 3.0, true),
+    ]
+}
+
+/// The typed call against issue 20's targets: measured ratios, each within this run.
+fn print_targets(spin_us: u128, p50: &dyn Fn(&str) -> Option<Duration>, rate: &dyn Fn(&str) -> Option<f64>) {
+    let mut lines = Vec::new();
+    for (row, base, target, is_rate) in issue_targets(spin_us) {
+        let (ratio, what) = if is_rate {
+            let r = rate(&row).zip(rate(&base)).map(|(a, b)| a / b.max(1e-12));
+            (r, format!("pipelined rate ≥ {target}x"))
+        } else {
+            let r = p50(&row).zip(p50(&base)).map(|(a, b)| a.as_secs_f64() / b.as_secs_f64().max(1e-12));
+            (r, format!("p50 ≤ {target}x"))
+        };
+        let Some(ratio) = ratio else { continue };
+        let met = if is_rate { ratio >= target } else { ratio <= target };
+        let verdict = if met { "met" } else { "not met" };
+        lines.push(format!("| {row} | {base} | {what} | {ratio:.2}x | {verdict} |"));
+    }
+    if lines.is_empty() {
+        return;
+    }
+    println!("\n| typed call | against | target | measured | |\n|---|---|---|---:|---|");
+    for l in lines {
+        println!("{l}");
     }
 }
 

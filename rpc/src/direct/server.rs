@@ -1,18 +1,19 @@
 //! The server of the direct call path: one task per connection reads the calls, runs them and
 //! writes their replies (the parent module says why).
 //!
-//! Each turn of the connection's task: collect the answers of the calls that finished into the
-//! write buffer, write it, then read and start the calls that arrived. It holds the same bounds
-//! as tarpc's channel did: calls are read only while the connection's calls in flight leave
-//! room ([`InFlight`]); answers are collected only while the write buffer holds under
-//! [`WRITE_HIGH`] bytes, so a client that does not read its replies stops its calls' answers,
-//! then its calls, then its own reading — never the server's memory. The protocol is tarpc's,
+//! Each turn of the connection's task: run the calls, move the answers of those that finished
+//! into the write buffer, write it, then read and start the calls that arrived. It holds the
+//! same bounds as tarpc's channel did: calls are read only while the connection's calls in
+//! flight leave room ([`InFlight`]); answers move into the write buffer only while it holds
+//! under [`WRITE_HIGH`] bytes and wait, holding their calls' places in flight, until it does;
+//! so a client that does not read its replies stops its own reading, never the server's
+//! memory. The protocol is tarpc's,
 //! with tarpc's rules: a request past its deadline on arrival, cancelled, or past its deadline
 //! while running gets no reply (the client has given up on it); a second request with the id of
 //! one still running is ignored; a frame over the limit, undecodable, or of a kind this server
 //! does not know closes the connection, with the reason logged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -79,6 +80,9 @@ struct Serving {
     running: FuturesUnordered<BoxFuture<'static, (u64, Option<Answer>)>>,
     /// How to stop each running call, by request id.
     aborts: HashMap<u64, Abort>,
+    /// Answers waiting for room in the write buffer, in the order they came (each holds its
+    /// call's place in flight, so they are as bounded as the calls).
+    answered: VecDeque<(u64, Answer)>,
     /// Whether the client may still send: once it has shut its side, the calls running are
     /// answered, then the connection closes.
     reading: bool,
@@ -100,6 +104,7 @@ pub(crate) async fn serve(conn: Connection) {
         wbuf: BytesMut::new(),
         running: FuturesUnordered::new(),
         aborts: HashMap::new(),
+        answered: VecDeque::new(),
         reading: true,
     };
     match futures::future::poll_fn(|cx| serving.poll(cx)).await {
@@ -124,13 +129,18 @@ impl Serving {
     fn poll(&mut self, cx: &mut TaskContext<'_>) -> Poll<End> {
         for _ in 0..TURNS_PER_POLL {
             let mut progress = false;
-            while self.wbuf.len() < WRITE_HIGH {
-                let Poll::Ready(Some((id, answer))) = self.running.poll_next_unpin(cx) else { break };
+            // Calls run to the end whatever the write side does: a call waiting for room to
+            // answer would keep what it holds server-wide (a slot under `max_concurrent`, a
+            // domain's poll) for as long as its client chooses not to read.
+            while let Poll::Ready(Some((id, answer))) = self.running.poll_next_unpin(cx) {
                 self.aborts.remove(&id);
-                if let Some(answer) = answer {
-                    if let Err(e) = self.write_answer(id, answer) {
-                        return Poll::Ready(End::Failed(e, "a reply could not be encoded"));
-                    }
+                self.answered.extend(answer.map(|a| (id, a)));
+                progress = true;
+            }
+            while self.wbuf.len() < WRITE_HIGH {
+                let Some((id, answer)) = self.answered.pop_front() else { break };
+                if let Err(e) = self.write_answer(id, answer) {
+                    return Poll::Ready(End::Failed(e, "a reply could not be encoded"));
                 }
                 progress = true;
             }
@@ -139,7 +149,7 @@ impl Serving {
                 Err(e) => return Poll::Ready(End::Failed(e, "writing failed")),
             }
             if !self.reading {
-                if self.running.is_empty() && self.wbuf.is_empty() {
+                if self.running.is_empty() && self.answered.is_empty() && self.wbuf.is_empty() {
                     return Poll::Ready(End::Closed);
                 }
             } else if self.conn.in_flight.poll_room(cx).is_pending() {

@@ -570,6 +570,11 @@ impl Session {
         Ok(n as usize)
     }
 
+    /// Bytes buffered for reading on `id` (0 for a connection this session does not know).
+    pub fn buffered(&self, id: ConnId) -> usize {
+        self.conns.get(&id).map_or(0, |c| c.rx.len())
+    }
+
     /// Reads buffered data. Consuming frees credit; the peer is told once a quarter of the buffer has
     /// been freed since it was last told.
     pub fn recv(&mut self, id: ConnId, buf: &mut [u8]) -> Result<Read, SessionError> {

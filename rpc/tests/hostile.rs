@@ -374,3 +374,41 @@ async fn one_domain_is_held_to_its_share_of_connections() {
     handle.stop().await;
     drop(hv);
 }
+
+/// tarpc's rules, kept by the direct server: a request already past its deadline when it
+/// arrives is dropped unanswered, a cancel for no call is ignored, and the connection goes on:
+/// the one reply is to the request that still had time.
+#[tokio::test]
+async fn a_request_past_its_deadline_on_arrival_gets_no_reply_and_the_connection_goes_on() {
+    let dir = Scratch::new("expired");
+    let addr = Address::Unix(dir.0.join("expired.sock"));
+    let handle =
+        Server::new(Net::new(), ServerConfig::default()).serve_many(&addr, Vec::new()).await.unwrap();
+    let mut s = Net::new().connect(&addr).await.unwrap();
+    preamble::client(&mut s, BUILTIN_SERVICE, Codec::Bincode, T).await.unwrap();
+    let frames = Frames::new(1 << 20, 1 << 20);
+    let mut wire = bytes::BytesMut::new();
+    let ping = |id: u64, within: Duration| {
+        ClientMessage::Request(tarpc::Request {
+            context: ctx_for(within),
+            id,
+            message: Call { method: PING.into(), args: Vec::new() },
+        })
+    };
+    // Serialized as the time left: zero is past by the time the server reads it.
+    frames.encode_item(Codec::Bincode, &ping(1, Duration::ZERO), &mut wire).unwrap();
+    let cancel = ClientMessage::<Call>::Cancel { trace_context: Default::default(), request_id: 99 };
+    frames.encode_item(Codec::Bincode, &cancel, &mut wire).unwrap();
+    frames.encode_item(Codec::Bincode, &ping(2, T), &mut wire).unwrap();
+    s.write_all(&wire).await.unwrap();
+    let len = tokio::time::timeout(T, s.read_u32()).await.expect("no reply").unwrap();
+    let mut body = vec![0; usize::try_from(len).unwrap()];
+    s.read_exact(&mut body).await.unwrap();
+    let reply: Response<Reply> = Codec::Bincode.decode(&body).unwrap();
+    assert_eq!(reply.request_id, 2, "the expired request was answered");
+    // Nothing more comes: the expired request's reply never does.
+    let mut more = [0u8; 1];
+    let extra = tokio::time::timeout(Duration::from_millis(200), s.read(&mut more)).await;
+    assert!(extra.is_err(), "a second reply: {extra:?}");
+    handle.stop().await;
+}

@@ -14,10 +14,11 @@
 //! * **Retries**: a call that never left (connecting failed) is sent again, whatever it is; a
 //!   call to a method marked `#[idempotent]` is also sent again after the connection went while
 //!   it was in flight. Any other call whose connection went fails with [`ConnectionLost`]
-//!   (inside `RpcError::Channel`; see [`connection_lost`]): it may or may not have run. (tarpc
-//!   reports a connection found closed at send time like one lost in flight, so a
-//!   non-idempotent call on a connection that died while idle also gets `ConnectionLost`: the
-//!   conservative answer.)
+//!   (inside `RpcError::Channel`; see [`connection_lost`]): it may or may not have run. (A
+//!   connection that died while idle is noticed by the next call's read, on either call path,
+//!   so a non-idempotent call there also gets `ConnectionLost`: the conservative answer. On the
+//!   direct path, a call on a connection already known to have failed never leaves and is sent
+//!   again on a new one.)
 //! * **Concurrency limit**: at most `max_in_flight` calls at once from this client.
 //! * **Metrics and tracing**: each call is counted in [`RawClient::stats`] (latency including
 //!   the wait for its turn) and runs in a `call` span (service, method, address).

@@ -2,7 +2,8 @@
 //! sockets (`xen:`), AF_VSOCK (`vsock:`), Unix and TCP — with a connection preamble, a
 //! swappable codec, frame limits, tower client and server stacks (deadlines, retries of
 //! idempotent calls, concurrency limits, load shedding, tracing spans and metrics as tower
-//! layers), Prometheus metrics (a built-in call, and a scrape endpoint for daemons).
+//! layers), Prometheus metrics (a built-in call, and a scrape endpoint for daemons). Calls keep
+//! tarpc's messages and programming model but, by default, not its channel: [`CallPath`].
 //! See `docs/rpc.md`. The command-line glue (module `cli`) is built with the `cli` feature.
 //!
 //! Typed clients and services come from `#[dombus::service]`; underneath, any server answers

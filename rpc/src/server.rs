@@ -1,7 +1,9 @@
 //! Serving typed services on any [`Address`].
 //!
-//! Each connection: the preamble (service name, version, codec), then tarpc's channel over
-//! length-delimited frames, carrying [`Call`]s (method by name) and [`Reply`]s. Every server
+//! Each connection: the preamble (service name, version, codec), then tarpc's messages in
+//! length-delimited frames, carrying [`Call`]s (method by name) and [`Reply`]s, served from the
+//! connection's own task (the direct call path, module `direct`) or by tarpc's channel
+//! ([`ServerConfig::call_path`]). Every server
 //! also answers the built-in [`DESCRIBE`], [`PING`] and [`METRICS`]. Every request goes through
 //! the server's tower stack — `Trace(Metrics(LoadShed(ConcurrencyLimit(handler))))`, the
 //! policies of [`layer`](crate::layer): it runs in a tracing span (service, method, peer), is

@@ -562,6 +562,47 @@ mod tests {
         assert!(poll_with(&mut calls[other], &wakers[other]).is_ready());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a server sends — garbage, replies to any id, frames cut anywhere — then
+        /// closing the connection: every call ends (a reply, the server's error, or a channel
+        /// error), nothing panics, no call is left behind.
+        #[test]
+        fn any_bytes_from_a_server_end_every_call(
+            replies in proptest::collection::vec((0u64..6, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24)), 0..6),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            cut in 0usize..512,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let (channel, mut server) = pair();
+                let calls: Vec<_> = (0..3).map(|_| channel.call(ctx(Duration::from_secs(5)), &call("x"))).collect();
+                let mut wire = BytesMut::new();
+                for (id, bytes) in replies {
+                    let response = Response { request_id: id, message: Ok(Reply(bytes)) };
+                    Frames::new(1 << 20, 1 << 20).encode_item(CODEC, &response, &mut wire).unwrap();
+                }
+                wire.extend_from_slice(&garbage);
+                wire.truncate(cut.min(wire.len()));
+                let answer = async move {
+                    server.write_all(&wire).await.unwrap();
+                    drop(server);
+                };
+                let both = async { tokio::join!(futures::future::join_all(calls), answer) };
+                let (outcomes, ()) =
+                    tokio::time::timeout(Duration::from_secs(10), both).await.expect("calls left waiting");
+                for outcome in outcomes {
+                    match outcome {
+                        Ok(_) | Err(RpcError::Server(_)) | Err(RpcError::Channel(_)) => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                assert!(channel.0.lock().calls.is_empty());
+            });
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_calls_each_get_their_own_reply() {
         let (channel, mut server) = pair();

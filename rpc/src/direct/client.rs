@@ -461,17 +461,32 @@ mod tests {
     #[tokio::test]
     async fn a_call_past_its_deadline_fails_and_the_others_wait_on() {
         let (channel, mut server) = pair();
-        let short = channel.call(ctx(Duration::from_millis(50)), &call("short"));
-        let long = channel.call(ctx(Duration::from_secs(5)), &call("long"));
-        let answer = async {
-            let _short = next_request(&mut server).await;
-            let long = request_id(&next_request(&mut server).await);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            reply(&mut server, long, Ok(Reply(Vec::new()))).await;
+        // A long deadline, then a short one (the timer must move earlier), then another long
+        // one, which polls last and so holds the timer: when it fires, it must wake the short
+        // call, each call being in a task of its own.
+        let spawn = |within, method| {
+            let call = channel.call(ctx(within), &call(method));
+            async move {
+                let task = tokio::spawn(call);
+                tokio::task::yield_now().await;
+                task
+            }
         };
-        let (short, long, ()) = tokio::join!(short, long, answer);
+        let first = spawn(Duration::from_secs(5), "long").await;
+        let short = spawn(Duration::from_millis(50), "short").await;
+        let last = spawn(Duration::from_secs(5), "long").await;
+        let first_id = request_id(&next_request(&mut server).await);
+        let _short = next_request(&mut server).await;
+        let last_id = request_id(&next_request(&mut server).await);
+        let short = tokio::time::timeout(Duration::from_secs(2), short)
+            .await
+            .expect("the short deadline did not end its call within 2 s")
+            .unwrap();
         assert!(matches!(short, Err(RpcError::DeadlineExceeded)), "{short:?}");
-        long.unwrap();
+        reply(&mut server, first_id, Ok(Reply(Vec::new()))).await;
+        reply(&mut server, last_id, Ok(Reply(Vec::new()))).await;
+        first.await.unwrap().unwrap();
+        last.await.unwrap().unwrap();
         let past = channel.call(ctx(Duration::ZERO), &call("late")).await;
         assert!(matches!(past, Err(RpcError::DeadlineExceeded)), "{past:?}");
     }
@@ -560,6 +575,26 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(woken(other) > before, "the last waiting call was left with no one to read its reply");
         assert!(poll_with(&mut calls[other], &wakers[other]).is_ready());
+    }
+
+    /// A call polled again from another task (another waker) is woken there, not where it
+    /// was first polled.
+    #[tokio::test]
+    async fn a_reply_wakes_the_waker_of_the_calls_last_poll() {
+        let (channel, mut server) = pair();
+        let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::new(Count(Default::default()))).collect();
+        let wakers: Vec<Waker> = counts.iter().map(|c| futures::task::waker(c.clone())).collect();
+        let woken = |i: usize| counts[i].0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut moved = Box::pin(channel.call(ctx(Duration::from_secs(5)), &call("moved")));
+        let mut reader = Box::pin(channel.call(ctx(Duration::from_secs(5)), &call("reader")));
+        assert!(poll_with(&mut moved, &wakers[0]).is_pending());
+        assert!(poll_with(&mut moved, &wakers[1]).is_pending());
+        assert!(poll_with(&mut reader, &wakers[2]).is_pending());
+        // The reader reads the moved call's reply and wakes it.
+        reply(&mut server, 0, Ok(Reply(Vec::new()))).await;
+        assert!(poll_with(&mut reader, &wakers[2]).is_pending());
+        assert_eq!((woken(0), woken(1)), (0, 1), "woken where it was first polled");
+        assert!(poll_with(&mut moved, &wakers[1]).is_ready());
     }
 
     proptest::proptest! {

@@ -464,17 +464,13 @@ mod tests {
         // A long deadline, then a short one (the timer must move earlier), then another long
         // one, which polls last and so holds the timer: when it fires, it must wake the short
         // call, each call being in a task of its own.
-        let spawn = |within, method| {
-            let call = channel.call(ctx(within), &call(method));
-            async move {
-                let task = tokio::spawn(call);
-                tokio::task::yield_now().await;
-                task
-            }
-        };
-        let first = spawn(Duration::from_secs(5), "long").await;
-        let short = spawn(Duration::from_millis(50), "short").await;
-        let last = spawn(Duration::from_secs(5), "long").await;
+        let spawn = |within, method| tokio::spawn(channel.call(ctx(within), &call(method)));
+        let first = spawn(Duration::from_secs(5), "long");
+        tokio::task::yield_now().await;
+        let short = spawn(Duration::from_millis(50), "short");
+        tokio::task::yield_now().await;
+        let last = spawn(Duration::from_secs(5), "long");
+        tokio::task::yield_now().await;
         let first_id = request_id(&next_request(&mut server).await);
         let _short = next_request(&mut server).await;
         let last_id = request_id(&next_request(&mut server).await);

@@ -334,7 +334,7 @@ echo "== dombus-rpc over real AF_VSOCK (vsock_loopback, CID 1)"
 # --ignored, it must be the one test that passed, and the suite's own last line must be there.
 if ./conformance --exact conformance_vsock --ignored --nocapture >/tmp/conformance.log 2>&1 &&
     grep -q "^test result: ok\. 1 passed; 0 failed" /tmp/conformance.log &&
-    grep -q "vsock: conformance suite passed" /tmp/conformance.log; then
+    grep -q "^vsock (direct client, direct server): conformance suite passed" /tmp/conformance.log; then
     pass "rpc-conformance-vsock"
 else
     fail "rpc-conformance-vsock" "did not pass, did not run exactly one test, or the suite did not finish: see the log above"

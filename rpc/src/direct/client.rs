@@ -25,20 +25,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tarpc::client::RpcError;
 use tarpc::context::Context;
 use tarpc::{ChannelError, ClientMessage, Response};
-use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 use tokio_util::codec::Decoder;
 
 use crate::codec::{Codec, Frames};
 use crate::transport::BoxStream;
 use crate::wire::{Call, Reply};
-
-/// Room the read buffer keeps for the next read, bytes (it grows, doubling, as frames need).
-const READ_ROOM: usize = 8 << 10;
 
 /// Reads one poll makes before yielding to the runtime (each reads up to the buffer's room).
 const READS_PER_POLL: usize = 32;
@@ -119,7 +115,7 @@ impl DirectChannel {
         let state = State {
             stream,
             frames: Frames::new(max_frame, max_frame),
-            rbuf: BytesMut::with_capacity(READ_ROOM),
+            rbuf: BytesMut::with_capacity(super::READ_ROOM),
             wbuf: BytesMut::new(),
             calls: HashMap::new(),
             next_id: 0,
@@ -189,10 +185,7 @@ impl State {
             if self.broken.is_some() || !self.is_waiting(me) {
                 return;
             }
-            if self.rbuf.capacity() - self.rbuf.len() < READ_ROOM / 2 {
-                self.rbuf.reserve(READ_ROOM);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+            match super::poll_read(&mut self.stream, cx, &mut self.rbuf) {
                 Poll::Pending => {
                     self.reader = Some(me);
                     return self.check_deadlines(me, cx);
@@ -213,30 +206,14 @@ impl State {
     /// Writes the write buffer; `Pending` when the socket is full (its write side then holds
     /// `cx`'s waker). A failure fails the connection.
     fn flush(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let wrote = !self.wbuf.is_empty();
-        while !self.wbuf.is_empty() {
-            match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) => {
-                    let e = io::Error::new(io::ErrorKind::WriteZero, "the connection takes no more bytes");
-                    self.fail(Broken::Write(Arc::new(e)));
-                    return Poll::Ready(());
-                }
-                Poll::Ready(Ok(n)) => self.wbuf.advance(n),
-                Poll::Ready(Err(e)) => {
-                    self.fail(Broken::Write(Arc::new(e)));
-                    return Poll::Ready(());
-                }
+        match super::write_out(&mut self.stream, cx, &mut self.wbuf) {
+            Ok(written) if !written.done => Poll::Pending,
+            Ok(_) => Poll::Ready(()),
+            Err(e) => {
+                self.fail(Broken::Write(Arc::new(e)));
+                Poll::Ready(())
             }
         }
-        if wrote {
-            match Pin::new(&mut self.stream).poll_flush(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => self.fail(Broken::Write(Arc::new(e))),
-                Poll::Ready(Ok(())) => {}
-            }
-        }
-        Poll::Ready(())
     }
 
     /// Routes every whole frame in the read buffer.

@@ -19,8 +19,53 @@
 //! so either end may be plain tarpc: [`CallPath::Tarpc`] keeps tarpc's channel, per client or
 //! per server, and the two interoperate both ways (tested in `tests/conformance.rs`).
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWrite;
+
+use crate::transport::BoxStream;
+
 pub(crate) mod client;
 pub(crate) mod server;
+
+/// Room a connection's read buffer keeps for the next read, bytes (it grows, doubling, as
+/// frames need).
+const READ_ROOM: usize = 8 << 10;
+
+/// Reads what `stream` has into `rbuf` (0: the end of the stream), keeping room for a read.
+fn poll_read(stream: &mut BoxStream, cx: &mut Context<'_>, rbuf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    if rbuf.capacity() - rbuf.len() < READ_ROOM / 2 {
+        rbuf.reserve(READ_ROOM);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, rbuf)
+}
+
+/// What [`write_out`] did.
+struct Written {
+    /// Some bytes went out.
+    wrote: bool,
+    /// Everything went out (and was flushed); otherwise the stream holds `cx`'s waker.
+    done: bool,
+}
+
+/// Writes `wbuf` to `stream` as far as it takes it, then flushes once if anything went.
+fn write_out(stream: &mut BoxStream, cx: &mut Context<'_>, wbuf: &mut BytesMut) -> io::Result<Written> {
+    let mut wrote = false;
+    while !wbuf.is_empty() {
+        match tokio_util::io::poll_write_buf(Pin::new(&mut *stream), cx, wbuf)? {
+            Poll::Pending => return Ok(Written { wrote, done: false }),
+            Poll::Ready(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(_) => wrote = true,
+        }
+    }
+    if wrote && Pin::new(&mut *stream).poll_flush(cx)?.is_pending() {
+        return Ok(Written { wrote, done: false });
+    }
+    Ok(Written { wrote, done: true })
+}
 
 /// Which implementation carries the calls of a client or a server (the messages on the wire
 /// are the same).

@@ -15,17 +15,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use futures::future::{AbortHandle, Abortable, BoxFuture};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tarpc::{ClientMessage, Response};
-use tokio::io::AsyncWrite;
 use tokio_util::codec::Decoder;
 
 use crate::codec::{self, Codec, Frames};
@@ -37,9 +35,6 @@ use crate::wire::{Call, Reply};
 /// Bytes of replies the write buffer may hold before the connection stops collecting answers
 /// (it may pass it by one reply).
 pub(crate) const WRITE_HIGH: usize = 64 << 10;
-
-/// Room the read buffer keeps for the next read, bytes (it grows, doubling, as frames need).
-const READ_ROOM: usize = 8 << 10;
 
 /// Turns one poll of the connection's task makes before yielding to the runtime.
 const TURNS_PER_POLL: usize = 64;
@@ -100,7 +95,7 @@ enum End {
 pub(crate) async fn serve(conn: Connection) {
     let mut serving = Serving {
         conn,
-        rbuf: BytesMut::with_capacity(READ_ROOM),
+        rbuf: BytesMut::with_capacity(super::READ_ROOM),
         wbuf: BytesMut::new(),
         running: FuturesUnordered::new(),
         aborts: HashMap::new(),
@@ -194,11 +189,7 @@ impl Serving {
                 let message = codec.decode(&frame).map_err(bad)?;
                 return Poll::Ready(Ok(Some((message, frame.len()))));
             }
-            if self.rbuf.capacity() - self.rbuf.len() < READ_ROOM / 2 {
-                self.rbuf.reserve(READ_ROOM);
-            }
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.conn.stream), cx, &mut self.rbuf);
-            match futures::ready!(read) {
+            match futures::ready!(super::poll_read(&mut self.conn.stream, cx, &mut self.rbuf)) {
                 Ok(0) => return Poll::Ready(Ok(None)),
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err((e, "reading failed"))),
@@ -264,23 +255,6 @@ impl Serving {
 
     /// Writes what the write buffer holds, as far as the connection takes it; true if it wrote.
     fn flush(&mut self, cx: &mut TaskContext<'_>) -> io::Result<bool> {
-        let mut wrote = false;
-        while !self.wbuf.is_empty() {
-            match Pin::new(&mut self.conn.stream).poll_write(cx, &self.wbuf) {
-                Poll::Pending => return Ok(wrote),
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => {
-                    self.wbuf.advance(n);
-                    wrote = true;
-                }
-                Poll::Ready(Err(e)) => return Err(e),
-            }
-        }
-        if wrote {
-            if let Poll::Ready(Err(e)) = Pin::new(&mut self.conn.stream).poll_flush(cx) {
-                return Err(e);
-            }
-        }
-        Ok(wrote)
+        super::write_out(&mut self.conn.stream, cx, &mut self.wbuf).map(|written| written.wrote)
     }
 }

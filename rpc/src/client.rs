@@ -36,12 +36,17 @@ use tarpc::client::RpcError;
 use tarpc::client::stub::Stub;
 use tarpc::context::Context;
 use tarpc::{ChannelError, ClientMessage, Response};
+use tower::limit::ConcurrencyLimit;
 use tower::retry::Policy;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tracing::Span;
 
 use crate::codec::{self, Codec};
 use crate::direct::CallPath;
 use crate::direct::client::DirectChannel;
+use crate::layer::connection_lost::ConnectionLostService;
+use crate::layer::metrics::MetricsService;
+use crate::layer::trace::TraceService;
 use crate::layer::{CallName, ConnectionLostLayer, MayRetry, MetricsLayer, TraceLayer};
 use crate::metrics::Metrics;
 use crate::wire::{self, BUILTIN_SERVICE, Call, DESCRIBE, METRICS, PING, Reply, Request, ServiceDescriptor};
@@ -200,12 +205,16 @@ impl Connection {
     }
 }
 
-/// One call as it goes through the client's tower stack.
+/// One call as it goes through the client's tower stack, with what its span and metrics name
+/// it by (so that the stack's policies are plain functions and the stack a concrete type:
+/// nothing boxed or allocated to clone it for a call).
 #[derive(Clone)]
 struct Outgoing {
     ctx: Context,
     call: Arc<Call>,
     idempotent: bool,
+    service: &'static str,
+    addr: Arc<str>,
 }
 
 impl MayRetry for Outgoing {
@@ -248,8 +257,14 @@ impl Service<Outgoing> for Attempt {
     fn call(&mut self, out: Outgoing) -> Self::Future {
         let conn = self.0.clone();
         Box::pin(async move {
-            let connect = tokio::time::timeout_at(out.ctx.deadline.into(), conn.channel());
-            let (g, channel) = connect.await.map_err(|_| RpcError::DeadlineExceeded)??;
+            // A live connection is taken as it is; only connecting waits, bounded by the deadline.
+            let (g, channel) = match conn.live() {
+                Some(live) => live,
+                None => {
+                    let connect = tokio::time::timeout_at(out.ctx.deadline.into(), conn.channel());
+                    connect.await.map_err(|_| RpcError::DeadlineExceeded)??
+                }
+            };
             let r = channel.call(out.ctx, out.call).await;
             if let Err(e) = &r {
                 if is_transport_error(e) {
@@ -293,24 +308,44 @@ impl Policy<Outgoing, Reply, RpcError> for Retry {
     }
 }
 
-type Stack = tower::util::BoxCloneSyncService<Outgoing, Reply, RpcError>;
+/// The client's tower stack, a concrete type: cloning it for a call bumps reference counts
+/// only.
+type Stack = TraceService<
+    MetricsService<
+        ConnectionLostService<ConcurrencyLimit<tower::retry::Retry<Retry, Attempt>>>,
+        fn(&Outgoing) -> Counted,
+    >,
+    fn(&Outgoing) -> Span,
+>;
+
+fn call_span(out: &Outgoing) -> Span {
+    tracing::debug_span!("call", service = out.service, method = %out.call.method, addr = %out.addr)
+}
+
+fn counted(out: &Outgoing) -> Counted {
+    Counted { service: out.service, call: out.call.clone() }
+}
 
 /// A reconnecting, retrying client of one service at one address, calling methods by name with
 /// encoded arguments. [`Client`] is its typed form; this one serves the built-in methods
 /// ([`RawClient::describe`], [`RawClient::ping`]) and tools that handle any service.
-/// Cheap to clone.
+/// Cheap to clone (one reference count).
 #[derive(Clone)]
-pub struct RawClient {
+pub struct RawClient(Arc<Inner>);
+
+/// What a [`RawClient`] and its clones share.
+struct Inner {
     conn: Arc<Connection>,
     addr: Arc<str>,
     service: &'static str,
+    /// Cloned for each call (tower's `call` takes `&mut`).
     stack: Stack,
     metrics: Metrics,
 }
 
 impl std::fmt::Debug for RawClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawClient").field("addr", &self.addr).field("service", &self.service).finish()
+        f.debug_struct("RawClient").field("addr", &self.0.addr).field("service", &self.0.service).finish()
     }
 }
 
@@ -331,28 +366,22 @@ impl RawClient {
         });
         let addr: Arc<str> = addr.to_string().into();
         let metrics = Metrics::new("client");
-        let span_addr = addr.clone();
         let stack = ServiceBuilder::new()
-            .layer(TraceLayer::new(move |out: &Outgoing| {
-                tracing::debug_span!("call", service, method = %out.call.method, addr = %span_addr)
-            }))
-            .layer(MetricsLayer::new(metrics.clone(), move |out: &Outgoing| Counted {
-                service,
-                call: out.call.clone(),
-            }))
+            .layer(TraceLayer::new(call_span as fn(&Outgoing) -> Span))
+            .layer(MetricsLayer::new(metrics.clone(), counted as fn(&Outgoing) -> Counted))
             .layer(ConnectionLostLayer::new(addr.clone()))
             .concurrency_limit(max_in_flight)
             .layer(tower::retry::RetryLayer::new(retry))
             .service(Attempt(conn.clone()));
-        RawClient { conn, addr, service, stack: tower::util::BoxCloneSyncService::new(stack), metrics }
+        RawClient(Arc::new(Inner { conn, addr, service, stack, metrics }))
     }
 
     /// Connects now (within `timeout`; the connection is kept for the calls), so that a wrong
     /// address, a missing service or an incompatible server is reported now, as the
     /// `io::Error` of the transport or the preamble.
     pub async fn connect_now(&self, timeout: Duration) -> io::Result<()> {
-        let addr = &self.addr;
-        match tokio::time::timeout(timeout, self.conn.channel()).await {
+        let addr = &self.0.addr;
+        match tokio::time::timeout(timeout, self.0.conn.channel()).await {
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}"))),
             Ok(Err(RpcError::Send(e))) => match e.downcast::<ConnectFailed>() {
                 Ok(f) => Err(f.cause),
@@ -365,17 +394,17 @@ impl RawClient {
 
     /// The codec arguments and results are encoded with.
     pub fn codec(&self) -> Codec {
-        self.conn.config.codec
+        self.0.conn.config.codec
     }
 
     /// Where the calls go.
     pub fn addr(&self) -> &str {
-        &self.addr
+        &self.0.addr
     }
 
     /// Call statistics of this client (and its clones).
     pub fn stats(&self) -> &Metrics {
-        &self.metrics
+        &self.0.metrics
     }
 
     /// Calls `method` with encoded `args`; answers the encoded result. `idempotent` allows
@@ -387,8 +416,9 @@ impl RawClient {
         args: Vec<u8>,
         idempotent: bool,
     ) -> Result<Vec<u8>, RpcError> {
-        let out = Outgoing { ctx, call: Arc::new(Call { method, args }), idempotent };
-        let mut stack = self.stack.clone();
+        let call = Arc::new(Call { method, args });
+        let out = Outgoing { ctx, call, idempotent, service: self.0.service, addr: self.0.addr.clone() };
+        let mut stack = self.0.stack.clone();
         let Reply(bytes) = stack.ready().await?.call(out).await?;
         Ok(bytes)
     }

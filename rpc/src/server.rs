@@ -31,13 +31,16 @@ use futures::{StreamExt, future};
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel, Serve};
 use tarpc::{ClientMessage, RequestName, Response, ServerError};
-use tower::util::BoxCloneSyncService;
+use tower::limit::ConcurrencyLimit;
+use tower::load_shed::LoadShed;
 use tower::{BoxError, Service as _, ServiceBuilder, ServiceExt};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use crate::codec::{self, Codec, FrameTransport, Frames};
 use crate::direct::{self, CallPath};
 use crate::in_flight::{InFlight, Ticket};
+use crate::layer::metrics::MetricsService;
+use crate::layer::trace::TraceService;
 use crate::layer::{CallName, MetricsLayer, TraceLayer};
 use crate::metrics::{MAX_METRICS_TEXT, Metrics};
 use crate::preamble::{self, Refusal};
@@ -158,7 +161,43 @@ struct Incoming {
     caller: Caller,
 }
 
-type Stack = BoxCloneSyncService<Incoming, Vec<u8>, BoxError>;
+/// The server's tower stack, a concrete type: cloning it for a call bumps reference counts
+/// only.
+type Stack = TraceService<
+    MetricsService<LoadShed<ConcurrencyLimit<Answering>>, fn(&Incoming) -> Counted>,
+    fn(&Incoming) -> Span,
+>;
+
+fn rpc_span(incoming: &Incoming) -> Span {
+    let (service, method) = (incoming.name.service(), incoming.name.method());
+    tracing::info_span!("rpc", service = %service, method = %method, peer = %incoming.caller.peer)
+}
+
+fn counted(incoming: &Incoming) -> Counted {
+    incoming.name.clone()
+}
+
+/// The innermost service of the server's stack: answers a call ([`answer`]).
+#[derive(Clone)]
+struct Answering {
+    hosted: Arc<Vec<ServiceDescriptor>>,
+    metrics: Metrics,
+}
+
+impl tower::Service<Incoming> for Answering {
+    type Response = Vec<u8>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Vec<u8>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, incoming: Incoming) -> Self::Future {
+        let (hosted, metrics) = (self.hosted.clone(), self.metrics.clone());
+        Box::pin(async move { answer(hosted, metrics, incoming).await.map_err(BoxError::from) })
+    }
+}
 
 /// A call's method as named in the metrics and spans: only names the service has (or the
 /// built-ins), so that a client inventing names cannot grow the metrics without bound.
@@ -383,24 +422,12 @@ impl Server {
 
     /// The tower stack calls go through, at most `max` at once.
     fn stack(&self, hosted: Arc<Vec<ServiceDescriptor>>, max: usize) -> Stack {
-        let answered = self.metrics.clone();
-        BoxCloneSyncService::new(
-            ServiceBuilder::new()
-                .layer(
-                    TraceLayer::new(|incoming: &Incoming| {
-                        let (service, method) = (incoming.name.service(), incoming.name.method());
-                        tracing::info_span!("rpc", service = %service, method = %method, peer = %incoming.caller.peer)
-                    })
-                    .log_failures(),
-                )
-                .layer(MetricsLayer::new(self.metrics.clone(), |incoming: &Incoming| incoming.name.clone()))
-                .load_shed()
-                .concurrency_limit(max)
-                .service(tower::service_fn(move |incoming: Incoming| {
-                    let (hosted, metrics) = (hosted.clone(), answered.clone());
-                    async move { answer(hosted, metrics, incoming).await.map_err(BoxError::from) }
-                })),
-        )
+        ServiceBuilder::new()
+            .layer(TraceLayer::new(rpc_span as fn(&Incoming) -> Span).log_failures())
+            .layer(MetricsLayer::new(self.metrics.clone(), counted as fn(&Incoming) -> Counted))
+            .load_shed()
+            .concurrency_limit(max)
+            .service(Answering { hosted, metrics: self.metrics.clone() })
     }
 
     /// Serves `service` (from `#[dombus::service]`: `my_impl.into_service()`) on `addr`.

@@ -95,7 +95,8 @@ struct State {
     rbuf: BytesMut,
     /// Frames encoded and not yet written.
     wbuf: BytesMut,
-    calls: HashMap<u64, Slot>,
+    /// The calls waiting, by request id. The ids are this client's own, so a fast hash serves.
+    calls: HashMap<u64, Slot, foldhash::fast::RandomState>,
     next_id: u64,
     /// The call whose waker the socket's read side and the timer hold (module docs).
     reader: Option<u64>,
@@ -117,7 +118,7 @@ impl DirectChannel {
             frames: Frames::new(max_frame, max_frame),
             rbuf: BytesMut::with_capacity(super::READ_ROOM),
             wbuf: BytesMut::new(),
-            calls: HashMap::new(),
+            calls: HashMap::default(),
             next_id: 0,
             reader: None,
             writer: None,

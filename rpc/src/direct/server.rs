@@ -14,6 +14,7 @@
 //! does not know closes the connection, with the reason logged.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -158,7 +159,7 @@ impl Serving {
                         progress = true;
                     }
                     Poll::Ready(Ok(Some((message, len)))) => {
-                        if let Err(e) = self.handle(message, len) {
+                        if let Err(e) = self.handle(message, len, cx) {
                             return Poll::Ready(End::Failed(e, "bad frame from the client"));
                         }
                         progress = true;
@@ -198,9 +199,14 @@ impl Serving {
     }
 
     /// Starts a request, or cancels one.
-    fn handle(&mut self, message: ClientMessage<Call>, len: usize) -> io::Result<()> {
+    fn handle(
+        &mut self,
+        message: ClientMessage<Call>,
+        len: usize,
+        cx: &mut TaskContext<'_>,
+    ) -> io::Result<()> {
         match message {
-            ClientMessage::Request(request) => self.start(request, len),
+            ClientMessage::Request(request) => self.start(request, len, cx),
             ClientMessage::Cancel { request_id, .. } => {
                 if let Some(abort) = self.aborts.remove(&request_id) {
                     abort.abort();
@@ -212,7 +218,9 @@ impl Serving {
         Ok(())
     }
 
-    fn start(&mut self, request: tarpc::Request<Call>, len: usize) {
+    /// Starts a request: polls it once here, and only a call that does not answer at once
+    /// joins the running ones (with its deadline's timer and a way to abort it).
+    fn start(&mut self, request: tarpc::Request<Call>, len: usize, cx: &mut TaskContext<'_>) {
         let tarpc::Request { context, id, message } = request;
         if self.aborts.contains_key(&id) {
             tracing::debug!(request_id = id, "a request with the id of one running: ignored");
@@ -225,12 +233,18 @@ impl Serving {
         let admitted = Admitted { call: message, ticket: self.conn.in_flight.admit(len) };
         let deadline = context.deadline;
         let run = self.conn.stacked.run(context, admitted);
-        let work = async move { tokio::time::timeout_at(deadline.into(), run).await.ok() };
         if self.conn.spawn_calls {
+            let work = async move { tokio::time::timeout_at(deadline.into(), run).await.ok() };
             let task = tokio::spawn(work);
             self.aborts.insert(id, Abort::Spawned(task.abort_handle()));
             self.running.push(task.map(move |r| (id, r.ok().flatten())).boxed());
         } else {
+            let mut run = Box::pin(run);
+            if let Poll::Ready(answer) = run.as_mut().poll(cx) {
+                self.answered.push_back((id, answer));
+                return;
+            }
+            let work = async move { tokio::time::timeout_at(deadline.into(), run).await.ok() };
             let (abort, registration) = AbortHandle::new_pair();
             self.aborts.insert(id, Abort::Inline(abort));
             self.running

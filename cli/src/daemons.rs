@@ -50,12 +50,12 @@ pub fn run(daemon: Daemon) -> anyhow::Result<()> {
     }
 }
 
+/// A daemon's runtime: one thread (blocking work goes to tokio's blocking pool). Chosen by
+/// measurement (docs/benchmarks.md, "Runtime shape"): a call's tasks — the link's reader and
+/// writer, the connection's, the call's — then hand off without waking another thread, and
+/// a 2-worker runtime measured 30–40% more CPU per call and slower round trips.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("tokio runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
 }
 
 fn hypervisor(socket: PathBuf) -> anyhow::Result<()> {

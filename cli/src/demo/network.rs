@@ -124,10 +124,14 @@ pub async fn run(host: &Host) -> anyhow::Result<serde_json::Value> {
             .with_context(|| format!("configuring guest {domid}'s end"))?;
         sockets.push(guest::udp_socket(&ns, SocketAddr::new(ip, 7000))?);
     }
-    let (a, b) = (&sockets[0], &sockets[1]);
-    let ((ab, t_ab), (ba, t_ba)) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
+    // The guests' sockets block: they are used off the runtime's thread.
+    let sockets = std::sync::Arc::new(sockets);
+    let both = sockets.clone();
+    let ((ab, t_ab), (ba, t_ba)) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (a, b) = (&both[0], &both[1]);
         Ok((exchange(a, b, DATAGRAMS, d)?, exchange(b, a, DATAGRAMS, d)?))
-    })?;
+    })
+    .await??;
     println!(
         "  UDP through the bridge: guest {} → guest {}: {ab}/{DATAGRAMS} in {:.1} ms; back: {ba}/{DATAGRAMS} in {:.1} ms",
         GUESTS[0],
@@ -165,7 +169,10 @@ pub async fn run(host: &Host) -> anyhow::Result<serde_json::Value> {
     if !tokio::time::timeout(Duration::from_secs(5), seen_down).await.unwrap_or(false) {
         bail!("no event showed vif {down} down within 5 s");
     }
-    let (lost, _) = tokio::task::block_in_place(|| exchange(a, b, 5, Duration::from_millis(300)))?;
+    let (lost, _) = tokio::task::spawn_blocking(move || {
+        exchange(&sockets[0], &sockets[1], 5, Duration::from_millis(300))
+    })
+    .await??;
     println!("  UDP to guest {} with its vif down: {lost}/5 arrive", GUESTS[1]);
     if lost != 0 {
         bail!("datagrams crossed a vif set down");

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime's threads start: they inherit the namespace.
     let ran = enter_namespace(&cli.args).and_then(|()| {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run_daemon(cli.args))
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run_daemon(cli.args))
     });
     match ran {
         Ok(()) => ExitCode::SUCCESS,

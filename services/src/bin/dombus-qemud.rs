@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let ran = enter_namespace(&cli.args).and_then(|()| {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run_daemon(cli.args))
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run_daemon(cli.args))
     });
     match ran {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use dombus_rpc::{
     Address, CallPath, ClientConfig, Codec, Net, RawClient, Server, ServerConfig, connection_lost,
+    wire::Request as _,
 };
 use dombus_sim::{SimBackend, SimHypervisor, SimHypervisorHandle};
 use dombus_transport_xen::types::DomId;
@@ -320,6 +321,36 @@ async fn suite(mut f: Fixture) {
         assert_eq!(c.echo(ctx_for(T), b"still".to_vec()).await.unwrap(), b"still", "{name}");
     }
 
+    // A second request with the id of one still running is ignored (tarpc's rule): only the
+    // first runs and only it is answered.
+    let mut raw = f.client_net.connect(&f.addr).await.unwrap();
+    dombus_rpc::preamble::client(&mut raw, "echo", Codec::Bincode, T).await.unwrap();
+    let request = |id: u64, r: EchoRequest| {
+        let (method, args) = (r.method(), r.encode_args(Codec::Bincode).unwrap());
+        let call = dombus_rpc::wire::Call { method: method.into(), args };
+        tarpc::ClientMessage::Request(tarpc::Request { context: ctx_for(T), id, message: call })
+    };
+    let (frames, mut wire) = (dombus_rpc::codec::Frames::new(1 << 20, 1 << 20), bytes::BytesMut::new());
+    for r in [request(7, EchoRequest::Hold { tag: 20 }), request(7, EchoRequest::Hold { tag: 21 })] {
+        frames.encode_item(Codec::Bincode, &r, &mut wire).unwrap();
+    }
+    let after = request(8, EchoRequest::Echo { data: b"after".to_vec() });
+    frames.encode_item(Codec::Bincode, &after, &mut wire).unwrap();
+    raw.write_all(&wire).await.unwrap();
+    // The server reads in order: the echo's reply comes after the duplicate was read.
+    assert_eq!(read_reply(&mut raw).await.request_id, 8, "{name}");
+    state.release(20);
+    state.release(21);
+    let held = read_reply(&mut raw).await;
+    assert_eq!(held.request_id, 7, "{name}");
+    let bytes = held.message.expect("the held call failed").0;
+    assert_eq!(Codec::Bincode.decode::<u64>(&bytes).unwrap(), 20, "{name}: not the first request's reply");
+    assert_eq!(state.started(21), 0, "{name}: the duplicate request ran");
+    let mut more = [0u8; 1];
+    let extra = tokio::time::timeout(Duration::from_millis(200), raw.read(&mut more)).await;
+    assert!(extra.is_err(), "{name}: a second reply to the duplicate id: {extra:?}");
+    drop(raw);
+
     // 1,000 concurrent calls from 10 clients: nothing lost, nothing duplicated.
     let clients: Vec<_> = (0..10).map(|_| client(&f, Codec::default())).collect();
     let calls = (0..1000u64).map(|id| {
@@ -386,6 +417,14 @@ async fn suite(mut f: Fixture) {
 }
 
 /// Waits until `cond` holds (a liveness limit of [`T`]: only a hung peer reaches it).
+/// The next reply on a raw connection.
+async fn read_reply(raw: &mut dombus_rpc::BoxStream) -> tarpc::Response<dombus_rpc::wire::Reply> {
+    let len = tokio::time::timeout(T, raw.read_u32()).await.expect("no reply").unwrap();
+    let mut body = vec![0; usize::try_from(len).unwrap()];
+    raw.read_exact(&mut body).await.unwrap();
+    Codec::Bincode.decode(&body).unwrap()
+}
+
 async fn wait_until(cond: impl Fn() -> bool, what: &str) {
     let t = Instant::now();
     while !cond() {

@@ -480,6 +480,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_dropped_while_another_writes_leaves_the_writing_to_it() {
+        // A pipe too small for the second call's request: that call stays the writer, its
+        // waker held by the pipe. The first call's cancel must then wait in the buffer for
+        // it; written from the drop, it would replace that waker with one that wakes no one.
+        let (client, mut server) = tokio::io::duplex(256);
+        let channel = DirectChannel::new(Box::new(client), CODEC, 1 << 20);
+        let mut dropped = Box::pin(channel.call(ctx(Duration::from_secs(5)), &call("first")));
+        assert!(futures::poll!(&mut dropped).is_pending());
+        let big = Call { method: "second".into(), args: vec![7; 4096] };
+        let writer = tokio::spawn(channel.call(ctx(Duration::from_secs(5)), &big));
+        // Until the writer has filled the pipe.
+        while channel.0.lock().writer.is_none() {
+            tokio::task::yield_now().await;
+        }
+        drop(dropped);
+        let read = async {
+            let first = request_id(&next_request(&mut server).await);
+            let second = request_id(&next_request(&mut server).await);
+            match next_request(&mut server).await {
+                ClientMessage::Cancel { request_id, .. } => assert_eq!(request_id, first),
+                other => panic!("{other:?}"),
+            }
+            second
+        };
+        let second = tokio::time::timeout(Duration::from_secs(2), read)
+            .await
+            .expect("the writing call was not woken to write the rest of its request");
+        reply(&mut server, second, Ok(Reply(b"2".to_vec()))).await;
+        assert_eq!(writer.await.unwrap().unwrap(), Reply(b"2".to_vec()));
+    }
+
+    #[tokio::test]
     async fn garbage_or_an_oversize_frame_fails_every_call_and_the_next_never_leaves() {
         for bad in [&[0u8, 0, 0, 2, 0xff, 0xff][..], &[0x7f, 0xff, 0xff, 0xff][..]] {
             let (channel, mut server) = pair();

@@ -6,7 +6,11 @@
 //!   budget), `unix_64`, `unix_postcard_64`, `tcp_64` (dombus-rpc), and the baselines
 //!   `tarpc_unix_64`, `tarpc_tcp_64` (plain tarpc with its own transports, no dombus-rpc);
 //! * `rpc_pipelined`: [`DEPTH`] calls in flight on one client, throughput in calls/s —
-//!   `xen_wakeup_x32`, `xen_spin_x32`, `unix_x32`, `tarpc_unix_x32`.
+//!   `xen_wakeup_x32`, `xen_spin_x32`, `unix_x32`, `tarpc_unix_x32`;
+//! * `rpc_one_thread`: the built-in ping with client and server on one thread of this process
+//!   over a Unix socket — no wake-up of another thread or process, so the row is the CPU cost of
+//!   a call: the syscalls of its writes and reads plus dombus-rpc's own work, on the direct path
+//!   (`ping_direct`) and on tarpc's channel (`ping_via_tarpc`).
 //!
 //! Each benchmark starts its peer once; `iter_custom` times only the calls. Both processes run a
 //! current-thread tokio runtime and are pinned to different CPUs unless `DOMBUS_BENCH_PIN` says
@@ -15,12 +19,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use dombus_benches::PingPong;
 use dombus_benches::rpc::{RpcPingPong, Stack, Transport};
-use dombus_rpc::Codec;
+use dombus_rpc::{Address, CallPath, ClientConfig, Codec, Net, RawClient, Server, ServerConfig, wire};
 
 /// Adaptive-polling budget of the `xen_spin` benches.
 const SPIN: Duration = Duration::from_micros(50);
@@ -67,6 +71,35 @@ fn pipelined(c: &mut Criterion) {
     g.finish();
 }
 
+fn one_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rpc_one_thread");
+    g.sample_size(30).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let dir = std::env::temp_dir().join(format!("dombus-bench-one-thread-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for (name, path) in [("ping_direct", CallPath::Direct), ("ping_via_tarpc", CallPath::Tarpc)] {
+        let addr = Address::Unix(dir.join(format!("{name}.sock")));
+        let server = Server::new(Net::new(), ServerConfig { call_path: path, ..ServerConfig::default() });
+        let handle = rt.block_on(server.serve_many(&addr, Vec::new())).unwrap();
+        let config = ClientConfig { call_path: path, ..ClientConfig::default() };
+        let client = RawClient::new(Net::new(), addr, wire::BUILTIN_SERVICE, config);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        client.ping(tarpc::context::current()).await.unwrap();
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        rt.block_on(handle.stop());
+    }
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     dombus_benches::run_child_if_requested();
     // Parent on one CPU, peer on the other, as in `rpc-compare` (override: DOMBUS_BENCH_PIN).
@@ -74,5 +107,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     latency(&mut c);
     pipelined(&mut c);
+    one_thread(&mut c);
     c.final_summary();
 }

@@ -1210,9 +1210,15 @@ impl DeviceModel for Qemud {
                 .map_err(|e| qmp_err("xen-save-devices-state", e));
             let _ = qmp.execute(qapi::qmp::remove_fd { fdset_id: added.fdset_id, fd: None }).await;
             r?;
-            file.sync_all().map_err(file_err)?;
-            let bytes = file.metadata().map_err(file_err)?.len();
-            std::fs::rename(&tmp, &target).map_err(file_err)?;
+            // The sync may take long: off the daemon's one thread.
+            let (file, from, to) = (file.try_clone().map_err(file_err)?, tmp.clone(), target.clone());
+            let stored = tokio::task::spawn_blocking(move || {
+                file.sync_all()?;
+                let bytes = file.metadata()?.len();
+                std::fs::rename(&from, &to)?;
+                Ok(bytes)
+            });
+            let bytes = stored.await.map_err(|e| file_err(std::io::Error::other(e)))?.map_err(file_err)?;
             Ok::<u64, DeviceModelError>(bytes)
         }
         .await;

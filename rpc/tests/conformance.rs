@@ -134,6 +134,8 @@ struct Fixture {
     addr: Address,
     /// What carries the calls in the client and in the server (the wire is the same).
     paths: (CallPath, CallPath),
+    /// Whether the server runs each call in a task of its own (`ServerConfig::spawn_calls`).
+    spawn_calls: bool,
     _keep: Vec<Box<dyn std::any::Any + Send>>,
 }
 
@@ -141,6 +143,11 @@ impl Fixture {
     /// The same fixture with the client's calls on `client` and the server's on `server`.
     fn via(self, client: CallPath, server: CallPath) -> Fixture {
         Fixture { paths: (client, server), ..self }
+    }
+
+    /// The same fixture with the server running each call in a task of its own.
+    fn spawning(self) -> Fixture {
+        Fixture { spawn_calls: true, ..self }
     }
 }
 
@@ -173,6 +180,7 @@ fn unix() -> Fixture {
         client_net: Net::new(),
         addr: Address::Unix(d.0.join("echo.sock")),
         paths: (CallPath::Direct, CallPath::Direct),
+        spawn_calls: false,
         _keep: vec![Box::new(d)],
     }
 }
@@ -185,6 +193,7 @@ fn tcp() -> Fixture {
         client_net: Net::new(),
         addr: Address::Tcp { host: "127.0.0.1".into(), port: 0 },
         paths: (CallPath::Direct, CallPath::Direct),
+        spawn_calls: false,
         _keep: vec![],
     }
 }
@@ -206,6 +215,7 @@ fn xen() -> Fixture {
         addr: "xen:1:5000".parse().unwrap(),
         // Dropped in order: the hypervisor before the directory holding its socket.
         paths: (CallPath::Direct, CallPath::Direct),
+        spawn_calls: false,
         _keep: vec![Box::new(hv), Box::new(d)],
     }
 }
@@ -218,12 +228,14 @@ fn vsock() -> Fixture {
         client_net: Net::new(),
         addr: Address::Vsock { cid: 1, port: 5000 },
         paths: (CallPath::Direct, CallPath::Direct),
+        spawn_calls: false,
         _keep: vec![],
     }
 }
 
 async fn start(f: &Fixture, state: &State, config: ServerConfig) -> (Server, dombus_rpc::ServeHandle) {
-    let server = Server::new(f.server_net.clone(), ServerConfig { call_path: f.paths.1, ..config });
+    let config = ServerConfig { call_path: f.paths.1, spawn_calls: f.spawn_calls, ..config };
+    let server = Server::new(f.server_net.clone(), config);
     let st = state.clone();
     let h = server.serve(&f.addr, EchoServer(st).into_service()).await.unwrap();
     (server, h)
@@ -249,7 +261,8 @@ fn suite_config() -> ServerConfig {
 }
 
 async fn suite(mut f: Fixture) {
-    let name = &*format!("{} ({} client, {} server)", f.name, f.paths.0, f.paths.1);
+    let spawned = if f.spawn_calls { ", calls spawned" } else { "" };
+    let name = &*format!("{} ({} client, {} server{spawned})", f.name, f.paths.0, f.paths.1);
     let state = State::default();
     let (server, handle) = start(&f, &state, suite_config()).await;
     // The address as bound (tcp:…:0 becomes the chosen port); restarts below reuse it.
@@ -438,6 +451,32 @@ async fn conformance_unix() {
     suite(unix()).await;
 }
 
+/// Stopping a service stops the calls its connections are running, inline or in tasks of
+/// their own (on the direct server; tarpc's channel leaves spawned calls running to their end
+/// or deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_service_stops_its_running_calls() {
+    for f in [unix(), unix().spawning()] {
+        let state = State::default();
+        let (_server, handle) = start(&f, &state, ServerConfig::default()).await;
+        let c = client(&f, Codec::default());
+        // A deadline past the wait below: only the stopping can end the call in time.
+        let call = tokio::spawn(async move { c.hold(ctx_for(4 * T), 30).await });
+        state.wait_started(30, 1, f.name).await;
+        handle.stop().await;
+        wait_until(|| state.cancelled.load(Ordering::SeqCst), "the stopped service's call stopped").await;
+        let r = tokio::time::timeout(T, call).await.expect("the call outlived its server").unwrap();
+        assert!(r.is_err(), "{r:?}");
+    }
+}
+
+/// Every call in a task of its own (`spawn_calls`), on either server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_unix_spawned_calls() {
+    suite(unix().spawning()).await;
+    suite(unix().spawning().via(CallPath::Tarpc, CallPath::Tarpc)).await;
+}
+
 /// Both ends on tarpc's channel, and each end on its own: the direct path speaks tarpc's
 /// protocol with tarpc itself both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,6 +548,7 @@ async fn connecting_to_nothing_fails_with_the_connect_error() {
         client_net: Net::new(),
         addr: Address::Unix(d.0.join("none.sock")),
         paths: (CallPath::Direct, CallPath::Direct),
+        spawn_calls: false,
         _keep: vec![],
     };
     let c = client(&f, Codec::default());

@@ -51,9 +51,10 @@ pub fn run(daemon: Daemon) -> anyhow::Result<()> {
 }
 
 /// A daemon's runtime: one thread (blocking work goes to tokio's blocking pool). Chosen by
-/// measurement (docs/benchmarks.md, "Runtime shape"): a call's tasks — the link's reader and
-/// writer, the connection's, the call's — then hand off without waking another thread, and
-/// a 2-worker runtime measured 30–40% more CPU per call and slower round trips.
+/// measurement (docs/benchmarks.md, "Results — 2026-12-07 (2)"): a 2-worker runtime measured
+/// 7–38 % more CPU per call and slower round trips; on one thread a call's tasks — the link's
+/// reader and writer, the connection's, the call's — hand each other on without waking
+/// another thread.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
 }

@@ -429,7 +429,6 @@ async fn suite(mut f: Fixture) {
     eprintln!("{name}: conformance suite passed");
 }
 
-/// Waits until `cond` holds (a liveness limit of [`T`]: only a hung peer reaches it).
 /// The next reply on a raw connection.
 async fn read_reply(raw: &mut dombus_rpc::BoxStream) -> tarpc::Response<dombus_rpc::wire::Reply> {
     let len = tokio::time::timeout(T, raw.read_u32()).await.expect("no reply").unwrap();
@@ -438,6 +437,7 @@ async fn read_reply(raw: &mut dombus_rpc::BoxStream) -> tarpc::Response<dombus_r
     Codec::Bincode.decode(&body).unwrap()
 }
 
+/// Waits until `cond` holds (a liveness limit of [`T`]: only a hung peer reaches it).
 async fn wait_until(cond: impl Fn() -> bool, what: &str) {
     let t = Instant::now();
     while !cond() {

@@ -548,6 +548,13 @@ mod tests {
         }
     }
 
+    /// `n` wakers, each counting its wake-ups in its `Count`.
+    fn counting_wakers(n: usize) -> (Vec<Arc<Count>>, Vec<Waker>) {
+        let counts: Vec<Arc<Count>> = (0..n).map(|_| Arc::new(Count(Default::default()))).collect();
+        let wakers = counts.iter().map(|c| futures::task::waker(c.clone())).collect();
+        (counts, wakers)
+    }
+
     /// Polls `call` once with `waker`.
     fn poll_with(call: &mut Pin<Box<PendingCall>>, waker: &Waker) -> Poll<Result<Reply, RpcError>> {
         call.as_mut().poll(&mut TaskContext::from_waker(waker))
@@ -559,8 +566,7 @@ mod tests {
     #[tokio::test]
     async fn when_the_reader_goes_a_waiting_call_is_always_left_to_read() {
         let (channel, mut server) = pair();
-        let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::new(Count(Default::default()))).collect();
-        let wakers: Vec<Waker> = counts.iter().map(|c| futures::task::waker(c.clone())).collect();
+        let (counts, wakers) = counting_wakers(3);
         let woken = |i: usize| counts[i].0.load(std::sync::atomic::Ordering::SeqCst);
         let mut calls: Vec<_> =
             (0..3).map(|_| Box::pin(channel.call(ctx(Duration::from_secs(5)), &call("x")))).collect();
@@ -588,8 +594,7 @@ mod tests {
     #[tokio::test]
     async fn a_reply_wakes_the_waker_of_the_calls_last_poll() {
         let (channel, mut server) = pair();
-        let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::new(Count(Default::default()))).collect();
-        let wakers: Vec<Waker> = counts.iter().map(|c| futures::task::waker(c.clone())).collect();
+        let (counts, wakers) = counting_wakers(3);
         let woken = |i: usize| counts[i].0.load(std::sync::atomic::Ordering::SeqCst);
         let mut moved = Box::pin(channel.call(ctx(Duration::from_secs(5)), &call("moved")));
         let mut reader = Box::pin(channel.call(ctx(Duration::from_secs(5)), &call("reader")));

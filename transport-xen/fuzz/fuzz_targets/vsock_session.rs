@@ -1,5 +1,7 @@
 //! Fuzz target: a session fed arbitrary packets from a hostile peer, interleaved with local
-//! calls (connect, accept, send, recv, shutdown, close).
+//! calls (connect, accept, send, recv, shutdown, close). Packets arrive whole (`handle`) or as
+//! a decoded header and a payload in its own buffer (`handle_owned`), as the shell passes large
+//! ones.
 //!
 //! Invariants: nothing panics; once `handle` reports a violation the link is considered closed
 //! (the target stops); an `RST` from the peer is never answered (with anything); every packet
@@ -16,7 +18,7 @@
 use std::collections::{HashMap, HashSet};
 
 use arbitrary::Unstructured;
-use dombus_transport_xen::vsock::packet::{Header, Op};
+use dombus_transport_xen::vsock::packet::{HEADER_LEN, Header, Op};
 use dombus_transport_xen::vsock::session::{ConnId, Event, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -62,7 +64,18 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 }
                 let queued = s.stats().queued_bytes;
-                if s.handle(&bytes).is_err() {
+                // Half the packets come as the shell hands over large ones: the header decoded
+                // first, the payload in a buffer of its own (which may join a receive queue).
+                let handled = match Header::decode(&bytes) {
+                    Ok(h) if u.arbitrary::<bool>().unwrap_or(false) => {
+                        let mut payload = s.payload_buffer(h.len as usize);
+                        payload.clear();
+                        payload.extend_from_slice(&bytes[HEADER_LEN..]);
+                        s.handle_owned(&h, payload)
+                    }
+                    _ => s.handle(&bytes),
+                };
+                if handled.is_err() {
                     return;
                 }
                 if let Ok(ok) = Header::decode(&bytes) {

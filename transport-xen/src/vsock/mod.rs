@@ -13,6 +13,7 @@ pub mod introduce;
 pub mod mux;
 pub mod packet;
 pub mod reset;
+mod rx;
 pub mod session;
 pub mod setup_failure;
 

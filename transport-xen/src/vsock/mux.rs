@@ -27,7 +27,8 @@ use tokio::sync::Notify;
 use super::packet::{HEADER_LEN, Header};
 use super::reset::TransportReset;
 use super::session::{
-    CloseReason, ConnId, Event, Read, Session, SessionConfig, SessionError, SessionStats, Violation,
+    CloseReason, ConnId, Event, OWN_BUFFER, Read, Session, SessionConfig, SessionError, SessionStats,
+    Violation,
 };
 use crate::backend::Backend;
 use crate::link::Link;
@@ -643,33 +644,45 @@ fn link_failed(e: &io::Error) -> MuxError {
     }
 }
 
-/// Takes packets off the link into the session until the link or the peer fails.
+/// Takes packets off the link into the session until the link or the peer fails. Each header
+/// is decoded once; a large payload is read into a buffer of its own that becomes part of its
+/// connection's receive queue, a small one into a buffer reused for every packet.
 async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
-    let mut packet = vec![0u8; HEADER_LEN];
+    let mut header = [0u8; HEADER_LEN];
+    let mut small = Vec::with_capacity(OWN_BUFFER);
     let why = loop {
         if !wait_for_room(&shared).await {
             break MuxError::Closed;
         }
-        packet.resize(HEADER_LEN, 0);
-        let header = tokio::select! {
-            r = rd.read_exact(&mut packet) => r,
+        let read = tokio::select! {
+            r = rd.read_exact(&mut header) => r,
             () = shared.closing.notified() => break MuxError::Closed,
         };
-        if let Err(e) = header {
+        if let Err(e) = read {
             break link_failed(&e);
         }
         // Validate before trusting the length for the payload read.
-        let len = match Header::decode(&packet) {
-            Ok(h) => h.len as usize,
+        let h = match Header::decode(&header) {
+            Ok(h) => h,
             Err(e) => break MuxError::Violation(Violation::Packet(e)),
         };
-        packet.resize(HEADER_LEN + len, 0);
-        if let Err(e) = rd.read_exact(&mut packet[HEADER_LEN..]).await {
-            break link_failed(&e);
-        }
-        let handled = {
+        let len = h.len as usize;
+        let handled = if len >= OWN_BUFFER {
+            let mut payload = shared.lock().session.payload_buffer(len);
+            // A reused buffer is overwritten as it is: only room it never had is zeroed.
+            payload.resize(len, 0);
+            if let Err(e) = rd.read_exact(&mut payload).await {
+                break link_failed(&e);
+            }
             let mut st = shared.lock();
-            st.session.handle(&packet).map(|()| st.dispatch())
+            st.session.handle_owned(&h, payload).map(|()| st.dispatch())
+        } else {
+            small.resize(len, 0);
+            if let Err(e) = rd.read_exact(&mut small).await {
+                break link_failed(&e);
+            }
+            let mut st = shared.lock();
+            st.session.handle_parts(&h, &small).map(|()| st.dispatch())
         };
         if let Err(v) = handled {
             break MuxError::Violation(v);

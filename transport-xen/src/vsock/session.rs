@@ -34,6 +34,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::packet::{HEADER_LEN, Header, MAX_PAYLOAD, Op, PacketError, SHUTDOWN_RCV, SHUTDOWN_SEND};
+pub use super::rx::OWN_BUFFER;
+use super::rx::{RxQueue, fits};
 
 /// A connection on a link: (local port, peer port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,7 +47,7 @@ pub struct ConnId {
 }
 
 /// Tunables of a session. The defaults are safe for a link from an untrusted guest: one link
-/// can make its multiplexer hold under 20 MiB of heap (docs/vsock.md, "Memory").
+/// can make its multiplexer hold under 30 MiB of heap (docs/vsock.md, "Memory").
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Receive buffer per connection, in bytes (advertised as `buf_alloc`).
@@ -245,7 +247,7 @@ struct Conn {
     local_shut_send: bool,
     peer_shut_rcv: bool,
     // Receiving.
-    rx: VecDeque<u8>,
+    rx: RxQueue,
     rx_cnt: u32,
     fwd_cnt: u32,
     announced_fwd_cnt: u32,
@@ -267,7 +269,7 @@ impl Conn {
             send_blocked: false,
             local_shut_send: false,
             peer_shut_rcv: false,
-            rx: VecDeque::new(),
+            rx: RxQueue::default(),
             rx_cnt: 0,
             fwd_cnt: 0,
             announced_fwd_cnt: 0,
@@ -306,6 +308,23 @@ impl Transmit {
     }
 }
 
+/// A packet's payload as the shell hands it over.
+enum Payload<'a> {
+    /// In the shell's read buffer: copied into the connection's queue.
+    Copied(&'a [u8]),
+    /// In a buffer of its own: moved into the queue if large.
+    Owned(Vec<u8>),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Copied(b) => b.len(),
+            Payload::Owned(b) => b.len(),
+        }
+    }
+}
+
 /// What a read found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read {
@@ -339,6 +358,15 @@ pub struct Session {
 /// Most payload buffers [`Session`] keeps for reuse.
 const SPARE_BUFFERS: usize = 32;
 
+/// Keeps `payload`'s buffer for reuse, while there are fewer than [`SPARE_BUFFERS`]. Its bytes
+/// stay (whoever takes it sets its length): a receive buffer resized to the length it had is
+/// not zeroed again.
+fn recycle(spare: &mut Vec<Vec<u8>>, payload: Vec<u8>) {
+    if payload.capacity() > 0 && spare.len() < SPARE_BUFFERS {
+        spare.push(payload);
+    }
+}
+
 impl Session {
     /// An empty session.
     pub fn new(config: SessionConfig) -> Session {
@@ -356,10 +384,17 @@ impl Session {
     }
 
     /// Hands back the payload buffer of a [`Transmit`] that has been put on the link, for reuse.
-    pub fn recycle(&mut self, mut payload: Vec<u8>) {
-        if payload.capacity() > 0 && self.spare.len() < SPARE_BUFFERS {
-            payload.clear();
-            self.spare.push(payload);
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        recycle(&mut self.spare, payload);
+    }
+
+    /// A buffer with room for a payload of `len` bytes, for [`Session::handle_owned`]: a spare
+    /// one if one fits it closely enough to join a receive queue as it is (holding stale
+    /// bytes: the caller sets its length), else a new, empty one.
+    pub fn payload_buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.spare.iter().rposition(|b| fits(b.capacity(), len)) {
+            Some(i) => self.spare.swap_remove(i),
+            None => Vec::with_capacity(len),
         }
     }
 
@@ -565,6 +600,7 @@ impl Session {
         let mut header = Header::rw(id.local, id.peer, n);
         conn.announce_credit(&mut header, buf_alloc);
         let mut payload = self.spare.pop().unwrap_or_default();
+        payload.clear();
         payload.extend_from_slice(&data[..n as usize]);
         self.push(Transmit { header, payload });
         Ok(n as usize)
@@ -589,12 +625,8 @@ impl Session {
                 _ => Ok(Read::WouldBlock),
             };
         }
-        let n = buf.len().min(conn.rx.len());
-        let (front, back) = conn.rx.as_slices();
-        let first = n.min(front.len());
-        buf[..first].copy_from_slice(&front[..first]);
-        buf[first..n].copy_from_slice(&back[..n - first]);
-        conn.rx.drain(..n);
+        let spare = &mut self.spare;
+        let n = conn.rx.read(buf, |b| recycle(spare, b));
         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
         let live = matches!(conn.state, State::Established) && !conn.peer_shut_send;
         if live && conn.fwd_cnt.wrapping_sub(conn.announced_fwd_cnt) >= threshold {
@@ -627,7 +659,7 @@ impl Session {
         match conn.state {
             State::Established | State::Connecting => {
                 conn.state = State::Closing;
-                conn.rx = VecDeque::new();
+                conn.rx.clear();
                 self.send_control(Op::Shutdown, id, SHUTDOWN_SEND | SHUTDOWN_RCV);
             }
             State::Requested => {
@@ -686,14 +718,34 @@ impl Session {
     /// An error is a protocol violation: the caller closes the link.
     pub fn handle(&mut self, bytes: &[u8]) -> Result<(), Violation> {
         let h = Header::decode(bytes)?;
-        let payload = &bytes[HEADER_LEN..];
+        self.handle_parts(&h, &bytes[HEADER_LEN..])
+    }
+
+    /// Processes one packet from the peer given as its header, decoded with [`Header::decode`]
+    /// (the shell reads the header first to learn the payload's length), and its payload.
+    pub fn handle_parts(&mut self, h: &Header, payload: &[u8]) -> Result<(), Violation> {
+        self.on_packet(h, Payload::Copied(payload))
+    }
+
+    /// As [`Session::handle_parts`], with the payload in a buffer of its own (from
+    /// [`Session::payload_buffer`]): data of [`OWN_BUFFER`] bytes or more joins its
+    /// connection's queue in that buffer, without a copy.
+    pub fn handle_owned(&mut self, h: &Header, payload: Vec<u8>) -> Result<(), Violation> {
+        self.on_packet(h, Payload::Owned(payload))
+    }
+
+    fn on_packet(&mut self, h: &Header, payload: Payload<'_>) -> Result<(), Violation> {
         if payload.len() != h.len as usize {
             return Err(Violation::PayloadMismatch { announced: h.len, got: payload.len() });
+        }
+        // A header built by hand rather than decoded: hold it to the same rule.
+        if h.op == Op::Rw && (h.len == 0 || h.len > MAX_PAYLOAD) {
+            return Err(PacketError::BadPayloadLength(h.len).into());
         }
         // The packet's ports are the sender's view: its source is our peer port.
         let id = ConnId { local: h.dst_port, peer: h.src_port };
         if h.op == Op::Request {
-            self.on_request(id, &h);
+            self.on_request(id, h);
             return Ok(());
         }
         let Some(conn) = self.conns.get_mut(&id) else {
@@ -736,7 +788,14 @@ impl Session {
                     return Err(Violation::CreditOverrun { id, len: h.len, credit });
                 }
                 let was_empty = conn.rx.is_empty();
-                conn.rx.extend(payload);
+                match payload {
+                    Payload::Copied(data) => conn.rx.extend_from_slice(data),
+                    Payload::Owned(buffer) => {
+                        if let Some(copied) = conn.rx.push(buffer) {
+                            recycle(&mut self.spare, copied);
+                        }
+                    }
+                }
                 conn.rx_cnt = conn.rx_cnt.wrapping_add(h.len);
                 if was_empty {
                     self.events.push_back(Event::Readable(id));
@@ -815,7 +874,7 @@ impl Session {
             _ => {
                 conn.state = State::Closed(reason);
                 if reason != CloseReason::Finished {
-                    conn.rx = VecDeque::new();
+                    conn.rx.clear();
                 }
                 self.events.push_back(Event::Closed(id, reason));
             }
@@ -1197,116 +1256,167 @@ mod tests {
         }
     }
 
-    proptest! {
-        /// Two correct sessions under random interleavings of connect / send / recv /
-        /// shutdown / close on both sides and partial delivery: no protocol violation is ever
-        /// reported, nothing exceeds its credit, and every connection delivers exactly a
-        /// prefix of what was sent, in order — all of it if neither side closed.
-        #[test]
-        fn two_sessions_agree(steps in proptest::collection::vec(step(), 1..120)) {
-            let mut s = [Session::new(small()), Session::new(small())];
-            let mut wires: [VecDeque<Vec<u8>>; 2] = [VecDeque::new(), VecDeque::new()];
-            // Per connection index c (A port 1000+c -> B port 80+c): bytes sent / received by
-            // side 0 (A) and side 1 (B).
-            let mut sent: [[Vec<u8>; 4]; 2] = Default::default();
-            let mut got: [[Vec<u8>; 4]; 2] = Default::default();
-            let mut closed = [false; 4];
-            let id = |side: usize, c: u8| if side == 0 {
+    /// Two correct sessions under random interleavings of connect / send / recv / shutdown /
+    /// close on both sides and partial delivery (sends and reads of `scale` times the steps'
+    /// sizes): no protocol violation is ever reported, nothing exceeds its credit, and every
+    /// connection delivers exactly a prefix of what was sent, in order — all of it if neither
+    /// side closed.
+    fn two_sessions_agree_under(
+        steps: Vec<Step>,
+        config: SessionConfig,
+        scale: usize,
+    ) -> Result<(), TestCaseError> {
+        let mut s = [Session::new(config.clone()), Session::new(config)];
+        // Every other packet is handed over in a buffer of its own, as the shell does with large ones.
+        let mut owned = false;
+        let mut deliver = |to: &mut Session, p: &[u8]| {
+            owned = !owned;
+            match Header::decode(p) {
+                Ok(h) if owned => {
+                    // As the shell does: sets the length (a spare buffer holds stale bytes) and
+                    // overwrites it.
+                    let mut buffer = to.payload_buffer(h.len as usize);
+                    buffer.resize(h.len as usize, 0xEE);
+                    buffer.copy_from_slice(&p[HEADER_LEN..]);
+                    to.handle_owned(&h, buffer)
+                }
+                _ => to.handle(p),
+            }
+        };
+        let mut wires: [VecDeque<Vec<u8>>; 2] = [VecDeque::new(), VecDeque::new()];
+        // Per connection index c (A port 1000+c -> B port 80+c): bytes sent / received by
+        // side 0 (A) and side 1 (B).
+        let mut sent: [[Vec<u8>; 4]; 2] = Default::default();
+        let mut got: [[Vec<u8>; 4]; 2] = Default::default();
+        let mut closed = [false; 4];
+        let id = |side: usize, c: u8| {
+            if side == 0 {
                 ConnId { local: 1000 + c as u32, peer: 80 + c as u32 }
             } else {
                 ConnId { local: 80 + c as u32, peer: 1000 + c as u32 }
-            };
-            let mut next = 0u8;
-            let pump = |s: &mut [Session; 2], wires: &mut [VecDeque<Vec<u8>>; 2]| {
-                for side in 0..2 {
-                    while let Some(t) = s[side].poll_transmit() {
-                        wires[side].push_back(wire(&t));
-                    }
-                    // B accepts every request.
-                    while let Some(e) = s[side].poll_event() {
-                        // (It may have ended meanwhile: then accept says so.)
-                        if let Event::Requested(r) = e {
-                            let _ = s[side].accept(r);
-                        }
-                    }
-                    while let Some(t) = s[side].poll_transmit() {
-                        wires[side].push_back(wire(&t));
+            }
+        };
+        let mut next = 0u8;
+        let pump = |s: &mut [Session; 2], wires: &mut [VecDeque<Vec<u8>>; 2]| {
+            for side in 0..2 {
+                while let Some(t) = s[side].poll_transmit() {
+                    wires[side].push_back(wire(&t));
+                }
+                // B accepts every request.
+                while let Some(e) = s[side].poll_event() {
+                    // (It may have ended meanwhile: then accept says so.)
+                    if let Event::Requested(r) = e {
+                        let _ = s[side].accept(r);
                     }
                 }
-            };
-            for st in steps {
-                match st {
-                    // One incarnation per port pair, so that streams can be compared.
-                    Step::Connect(c) if !closed[c as usize] => { let _ = s[0].connect(id(0, c)); }
-                    Step::Connect(_) => {}
-                    Step::Deliver(dir, n) => {
-                        let from = usize::from(dir);
-                        for _ in 0..n {
-                            if let Some(p) = wires[from].pop_front() {
-                                prop_assert_eq!(s[1 - from].handle(&p), Ok(()));
-                            }
-                        }
-                    }
-                    Step::Send(side, c, n) => {
-                        let side = usize::from(side);
-                        let data: Vec<u8> = (0..n).map(|_| { next = next.wrapping_add(1); next }).collect();
-                        if let Ok(k) = s[side].send(id(side, c), &data) {
-                            sent[side][c as usize].extend_from_slice(&data[..k]);
-                        }
-                    }
-                    Step::Recv(side, c, n) => {
-                        let side = usize::from(side);
-                        let mut buf = vec![0u8; n as usize];
-                        if let Ok(Read::Data(k)) = s[side].recv(id(side, c), &mut buf) {
-                            got[side][c as usize].extend_from_slice(&buf[..k]);
-                        }
-                    }
-                    Step::Shutdown(side, c) => { let _ = s[usize::from(side)].shutdown_send(id(usize::from(side), c)); }
-                    Step::Close(side, c) => {
-                        s[usize::from(side)].close(id(usize::from(side), c));
-                        closed[c as usize] = true;
-                    }
-                }
-                pump(&mut s, &mut wires);
-                for side in 0..2 {
-                    for c in 0..4 {
-                        let (g, o) = (&got[side][c], &sent[1 - side][c]);
-                        prop_assert!(o.starts_with(g), "side {} conn {} received bytes that were not sent in that order", side, c);
-                    }
+                while let Some(t) = s[side].poll_transmit() {
+                    wires[side].push_back(wire(&t));
                 }
             }
-            // Quiesce: deliver everything, reading as we go, until nothing moves.
-            for _ in 0..10_000 {
-                let mut moved = false;
-                for from in 0..2 {
-                    while let Some(p) = wires[from].pop_front() {
-                        prop_assert_eq!(s[1 - from].handle(&p), Ok(()));
-                        moved = true;
-                    }
+        };
+        for st in steps {
+            match st {
+                // One incarnation per port pair, so that streams can be compared.
+                Step::Connect(c) if !closed[c as usize] => {
+                    let _ = s[0].connect(id(0, c));
                 }
-                for side in 0..2 {
-                    for c in 0..4u8 {
-                        let mut buf = [0u8; 64];
-                        while let Ok(Read::Data(k)) = s[side].recv(id(side, c), &mut buf) {
-                            got[side][c as usize].extend_from_slice(&buf[..k]);
-                            moved = true;
+                Step::Connect(_) => {}
+                Step::Deliver(dir, n) => {
+                    let from = usize::from(dir);
+                    for _ in 0..n {
+                        if let Some(p) = wires[from].pop_front() {
+                            prop_assert_eq!(deliver(&mut s[1 - from], &p), Ok(()));
                         }
                     }
                 }
-                pump(&mut s, &mut wires);
-                if !moved && wires.iter().all(|w| w.is_empty()) {
-                    break;
+                Step::Send(side, c, n) => {
+                    let side = usize::from(side);
+                    let data: Vec<u8> = (0..n as usize * scale)
+                        .map(|_| {
+                            next = next.wrapping_add(1);
+                            next
+                        })
+                        .collect();
+                    if let Ok(k) = s[side].send(id(side, c), &data) {
+                        sent[side][c as usize].extend_from_slice(&data[..k]);
+                    }
+                }
+                Step::Recv(side, c, n) => {
+                    let side = usize::from(side);
+                    let mut buf = vec![0u8; n as usize * scale];
+                    if let Ok(Read::Data(k)) = s[side].recv(id(side, c), &mut buf) {
+                        got[side][c as usize].extend_from_slice(&buf[..k]);
+                    }
+                }
+                Step::Shutdown(side, c) => {
+                    let _ = s[usize::from(side)].shutdown_send(id(usize::from(side), c));
+                }
+                Step::Close(side, c) => {
+                    s[usize::from(side)].close(id(usize::from(side), c));
+                    closed[c as usize] = true;
                 }
             }
+            pump(&mut s, &mut wires);
             for side in 0..2 {
                 for c in 0..4 {
                     let (g, o) = (&got[side][c], &sent[1 - side][c]);
-                    prop_assert!(o.starts_with(g));
-                    if !closed[c] {
-                        prop_assert_eq!(g.len(), o.len(), "side {} conn {} lost data", side, c);
+                    prop_assert!(
+                        o.starts_with(g),
+                        "side {} conn {} received bytes that were not sent in that order",
+                        side,
+                        c
+                    );
+                }
+            }
+        }
+        // Quiesce: deliver everything, reading as we go, until nothing moves.
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for from in 0..2 {
+                while let Some(p) = wires[from].pop_front() {
+                    prop_assert_eq!(deliver(&mut s[1 - from], &p), Ok(()));
+                    moved = true;
+                }
+            }
+            for side in 0..2 {
+                for c in 0..4u8 {
+                    let mut buf = vec![0u8; 64 * scale];
+                    while let Ok(Read::Data(k)) = s[side].recv(id(side, c), &mut buf) {
+                        got[side][c as usize].extend_from_slice(&buf[..k]);
+                        moved = true;
                     }
                 }
             }
+            pump(&mut s, &mut wires);
+            if !moved && wires.iter().all(|w| w.is_empty()) {
+                break;
+            }
+        }
+        for side in 0..2 {
+            for c in 0..4 {
+                let (g, o) = (&got[side][c], &sent[1 - side][c]);
+                prop_assert!(o.starts_with(g));
+                if !closed[c] {
+                    prop_assert_eq!(g.len(), o.len(), "side {} conn {} lost data", side, c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Small payloads, small buffers: every credit and queue edge is hit often.
+        #[test]
+        fn two_sessions_agree(steps in proptest::collection::vec(step(), 1..120)) {
+            two_sessions_agree_under(steps, small(), 1)?;
+        }
+
+        /// Payloads up to the largest packet, so that receive queues hold buffers handed over
+        /// whole as well as copied ones.
+        #[test]
+        fn two_sessions_agree_on_large_payloads(steps in proptest::collection::vec(step(), 1..60)) {
+            let config = SessionConfig { buf_alloc: 128 << 10, rx_budget: 8 * (128 << 10), ..small() };
+            two_sessions_agree_under(steps, config, 1000)?;
         }
     }
 }

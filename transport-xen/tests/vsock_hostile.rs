@@ -1,7 +1,8 @@
 //! A hostile peer that floods a domain's multiplexer with packets that each ask for an answer
 //! (`CREDIT_REQUEST`s, and packets for connections that do not exist, each answered with an
 //! `RST`) and never reads the answers: the victim's heap stays bounded, and another domain's
-//! connection to the victim keeps working meanwhile.
+//! connection to the victim keeps working meanwhile. And one that fills its connections' credit
+//! with payloads split to waste the victim's receive buffers: they stay within their bound.
 //!
 //! Memory is counted by this test binary's own global allocator (live heap bytes, as in
 //! `vsock_scale.rs`): independent of the allocator's arenas and of the machine's load.
@@ -35,8 +36,12 @@ const FLOOD: usize = 200_000;
 /// it some 60 bytes: without bounds the flood's 100,000 distinct `RST`s alone cost 6 MB.
 const MAX_GROWTH: i64 = 1 << 20;
 
+/// The tests measure this binary's whole heap: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn a_peer_flooding_requests_for_answers_and_never_reading_cannot_grow_the_victim() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = Scratch::new("vsock-hostile");
     let sock = dir.path("hv.sock");
     let _hv = SimHypervisor::spawn(&sock).unwrap();
@@ -129,4 +134,98 @@ async fn a_peer_flooding_requests_for_answers_and_never_reading_cannot_grow_the_
     let _ = rd.read(&mut sink).await.unwrap();
     drop(c);
     echoer.await.unwrap();
+}
+
+/// Connections the data-splitting peer fills.
+const FILLED: u32 = 8;
+
+#[tokio::test]
+async fn data_split_to_waste_receive_buffers_stays_within_their_bound() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = Scratch::new("vsock-hostile-data");
+    let sock = dir.path("hv.sock");
+    let _hv = SimHypervisor::spawn(&sock).unwrap();
+    let victim = SimBackend::boot(&sock, Some(DomId(1))).unwrap();
+    let hostile = SimBackend::boot(&sock, Some(DomId(2))).unwrap();
+    let cfg = LinkConfig::default();
+    let config = SessionConfig::default();
+    let listener = Link::listen(&victim, "data/evil", DomId(2), &cfg).unwrap();
+    let (lv, raw) = tokio::join!(listener.accept(), Link::connect(&hostile, "data/evil", DomId(1), &cfg));
+    let vm = Mux::spawn(lv.unwrap(), config.clone());
+    // The victim accepts every connection and never reads from one.
+    let l = vm.listen(80).unwrap();
+    let (rd, mut wr) = tokio::io::split(raw.unwrap());
+    let mut answers = Answers(rd);
+    // Each connection's whole credit, as a 1-byte payload then a 4 KiB one, over and over: a
+    // 1-byte payload after a large one starts a buffer of its own, so without a bound the
+    // queue would hold twice its bytes.
+    let credit = config.buf_alloc as usize;
+    let mut packets = Vec::new();
+    for c in 0..FILLED {
+        let mut sent = 0;
+        for len in [1usize, 4096].into_iter().cycle() {
+            let len = len.min(credit - sent);
+            if len == 0 {
+                break;
+            }
+            let mut h = Header::rw(5000 + c, 80, len as u32);
+            h.buf_alloc = 1 << 16;
+            packets.extend_from_slice(&h.packet(&vec![c as u8; len]));
+            sent += len;
+        }
+    }
+    let live0 = live_bytes();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..FILLED {
+            held.push(l.accept().await.unwrap());
+        }
+        held
+    });
+    for c in 0..FILLED {
+        wr.write_all(&Header::new(Op::Request, 5000 + c, 80).encode()).await.unwrap();
+        answers.until(Op::Response, 5000 + c).await;
+    }
+    wr.write_all(&packets).await.unwrap();
+    // Packets are handled in order: the answer to this request means all the data was taken.
+    wr.write_all(&Header::new(Op::CreditRequest, 5000, 80).encode()).await.unwrap();
+    answers.until(Op::CreditUpdate, 5000).await;
+    let grown = live_bytes() - live0;
+    // The documented bound per connection (docs/vsock.md, "Memory"): nothing was read, so no
+    // front buffer is partly read; plus 16 KiB per connection for its stream and session entry.
+    let per_conn = credit + credit / 8 + (32 << 10) + (16 << 10);
+    let bound = (FILLED as usize * per_conn) as i64;
+    let data = i64::from(FILLED) * credit as i64;
+    eprintln!(
+        "{FILLED} connections, {data} bytes queued: the victim's heap grew {grown} bytes (bound {bound})"
+    );
+    assert!(
+        grown >= data,
+        "implausibly little heap ({grown} bytes) for {data} bytes queued: is the allocator counting?"
+    );
+    assert!(grown <= bound, "{grown} heap bytes for {data} bytes queued (bound {bound})");
+    assert!(vm.stopped().is_none(), "{:?}", vm.stopped());
+    drop(held.await.unwrap());
+}
+
+/// The victim's packets to the hostile peer, read by hand.
+struct Answers<R>(R);
+
+impl<R: tokio::io::AsyncRead + Unpin> Answers<R> {
+    /// Reads packets until one of `op` to port `to`.
+    async fn until(&mut self, op: Op, to: u32) {
+        tokio::time::timeout(LIVENESS, async {
+            loop {
+                let mut b = [0u8; HEADER_LEN];
+                self.0.read_exact(&mut b).await.unwrap();
+                let h = Header::decode(&b).unwrap();
+                assert_eq!(h.len, 0, "the victim sent data: {h:?}");
+                if h.op == op && h.dst_port == to {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {op:?} for port {to}"));
+    }
 }

@@ -280,4 +280,20 @@ mod tests {
         assert_eq!(q.read(&mut all, drop), 40 * (OWN_BUFFER + 1));
         assert!(all.chunks(OWN_BUFFER + 1).all(|c| c[0] == 1 && c[1..].iter().all(|&b| b == 2)));
     }
+
+    #[test]
+    fn only_large_payloads_in_buffers_that_fit_them_are_kept() {
+        let mut q = RxQueue::default();
+        let payload = |len: usize, room: usize| {
+            let mut b = Vec::with_capacity(room);
+            b.resize(len, 5);
+            b
+        };
+        assert!(q.push(payload(OWN_BUFFER, OWN_BUFFER)).is_none(), "large, exact: kept");
+        assert!(q.push(payload(8000, 9000)).is_none(), "large, within an eighth: kept");
+        assert!(q.push(payload(8000, 9001)).is_some(), "large, more than an eighth over: copied");
+        assert!(q.push(payload(OWN_BUFFER - 1, OWN_BUFFER - 1)).is_some(), "small: copied");
+        assert!(q.push(payload(100, 100)).is_some(), "small: copied");
+        assert_eq!(q.len(), OWN_BUFFER + 8000 + 8000 + OWN_BUFFER - 1 + 100);
+    }
 }

@@ -148,6 +148,33 @@ impl<B: Backend + Clone> Link<B> {
         }
     }
 
+    /// Writes all of `parts`, in order, if the ring has room for all of them now; never waits.
+    /// `Ok(false)`: they do not fit, nothing was written. For a caller that must not split a
+    /// message it writes from outside the task that otherwise writes (a packet of the
+    /// multiplexer written by the connection's own task).
+    pub fn try_write_all(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let free = self.endpoint.writable().map_err(|e| self.fail(e, true))?;
+        if (free as usize) < total {
+            return Ok(false);
+        }
+        let mut notify = false;
+        for part in parts {
+            let t = self.endpoint.send(part).map_err(|e| self.fail(e, true))?;
+            // The room only grows while we write (the peer frees space); a ring that took less
+            // than it had room for has been tampered with, and part of the message is out.
+            if t.bytes != part.len() {
+                self.close();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "the ring lost room during a write"));
+            }
+            notify |= t.notify;
+        }
+        if notify {
+            self.kick()?;
+        }
+        Ok(true)
+    }
+
     /// Signals the peer through the event channel.
     fn kick(&self) -> io::Result<()> {
         self.evtchn.get_ref().0.notify(self.port).map_err(|e| io::Error::other(LinkError::from(e)))

@@ -81,6 +81,9 @@ struct State {
     stopped: Option<MuxError>,
     next_port: u32,
     next_listener: u64,
+    /// The writer task holds packets it took from the session and has not finished writing:
+    /// a connection's own task must not write past them.
+    writing: bool,
 }
 
 struct Shared {
@@ -95,7 +98,13 @@ struct Shared {
     reading_paused: std::sync::atomic::AtomicBool,
     /// Tells the reader task to stop (the last handle was dropped).
     closing: Notify,
+    /// Writes a packet (header, payload) to the link now if it fits, from a connection's own
+    /// task ([`VsockStream`]'s `poll_write`): `Some(Ok(false))` if it does not fit, `None` if
+    /// the link is busy (a task of this multiplexer is in one of its polls) or gone.
+    direct: DirectWrite,
 }
+
+type DirectWrite = Box<dyn Fn(&[u8], &[u8]) -> Option<io::Result<bool>> + Send + Sync>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -232,8 +241,10 @@ impl Mux {
         config: SessionConfig,
         ports: &[u32],
     ) -> (Mux, Vec<MuxListener>) {
+        let peer = link.peer();
+        let link = Arc::new(Mutex::new(link));
         let shared = Arc::new(Shared {
-            peer: link.peer(),
+            peer,
             state: Mutex::new(State {
                 session: Session::new(config),
                 waiters: HashMap::new(),
@@ -241,20 +252,21 @@ impl Mux {
                 stopped: None,
                 next_port: FIRST_EPHEMERAL_PORT,
                 next_listener: 0,
+                writing: false,
             }),
             transmit: Notify::new(),
             drained: Notify::new(),
             reading_paused: std::sync::atomic::AtomicBool::new(false),
             closing: Notify::new(),
+            direct: direct_writer(Arc::downgrade(&link)),
         });
         let mux = Mux { _owner: Arc::new(Owner(shared.clone())), shared: shared.clone() };
         let listeners = {
             let mut st = shared.lock();
             ports.iter().map(|&port| st.add_listener(&mux, port)).collect()
         };
-        let (rd, wr) = tokio::io::split(link);
-        tokio::spawn(read_packets(shared.clone(), rd));
-        tokio::spawn(write_packets(shared, wr));
+        tokio::spawn(read_packets(shared.clone(), SharedLink(link.clone())));
+        tokio::spawn(write_packets(shared, SharedLink(link)));
         (mux, listeners)
     }
 
@@ -563,7 +575,36 @@ impl AsyncRead for VsockStream {
 impl AsyncWrite for VsockStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let mut st = this.mux.shared.lock();
+        let shared = &this.mux.shared;
+        let mut st = shared.lock();
+        // Nothing waits to go before this packet: write it to the link from this task, with no
+        // copy into a packet buffer and no hand-off to the writer task. Under the state's lock,
+        // so that the credit the packet announces is the latest on the link.
+        if !st.writing && st.stopped.is_none() && !st.session.has_transmit() {
+            let mut failed = None;
+            let sent = st.session.send_direct(this.id, data, |header, payload| {
+                match (shared.direct)(header, payload) {
+                    Some(Ok(written)) => written,
+                    Some(Err(e)) => {
+                        failed = Some(e);
+                        false
+                    }
+                    None => false,
+                }
+            });
+            if let Some(e) = failed {
+                let why = link_failed(&e);
+                st.stop(why.clone());
+                drop(st);
+                shared.transmit.notify_one();
+                return Poll::Ready(Err(stopped_io(shared.peer, &why)));
+            }
+            match sent {
+                Ok(Some(n)) => return Poll::Ready(Ok(n)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(st.session_io(shared.peer, e))),
+            }
+        }
         match st.session.send(this.id, data) {
             Ok(0) if !data.is_empty() => {
                 if let Some(w) = st.waiters.get_mut(&this.id) {
@@ -631,6 +672,47 @@ async fn wait_for_room(shared: &Shared) -> bool {
             () = shared.closing.notified() => return false,
         }
     }
+}
+
+/// The link, shared by the reader task and the writer task (each polls it under the lock, as
+/// `tokio::io::split` would) and, weakly, by the connections' direct writes: the link closes
+/// once both tasks have ended.
+struct SharedLink<B: Backend + Clone>(Arc<Mutex<Link<B>>>);
+
+impl<B: Backend + Clone> SharedLink<B> {
+    fn lock(&self) -> MutexGuard<'_, Link<B>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<B: Backend + Clone> AsyncRead for SharedLink<B> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<B: Backend + Clone> AsyncWrite for SharedLink<B> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
+    }
+}
+
+/// The multiplexer's [`DirectWrite`] over `link`. It only ever tries the link's lock: a
+/// connection's task never waits for the reader task's poll (which may spin for data).
+fn direct_writer<B: Backend + Clone>(link: std::sync::Weak<Mutex<Link<B>>>) -> DirectWrite {
+    Box::new(move |header, payload| {
+        let link = link.upgrade()?;
+        let mut link = link.try_lock().ok()?;
+        Some(link.try_write_all(&[header, payload]))
+    })
 }
 
 /// Why the link failed, from its read or write error: the peer broke the ring protocol
@@ -717,6 +799,7 @@ async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
             batch.clear();
             let stopped = {
                 let mut st = shared.lock();
+                st.writing = false;
                 st.session.recycle(std::mem::take(&mut big));
                 while batch.len() < WRITE_BATCH {
                     let Some(t) = st.session.poll_transmit() else { break };
@@ -729,6 +812,7 @@ async fn write_packets<W: AsyncWrite + Unpin>(shared: Arc<Shared>, mut wr: W) {
                     batch.extend_from_slice(&t.payload);
                     st.session.recycle(t.payload);
                 }
+                st.writing = !batch.is_empty();
                 // Taking packets may have made room for a sender that waited for it.
                 st.dispatch();
                 st.stopped.is_some()
@@ -767,6 +851,7 @@ mod tests {
             stopped,
             next_port: FIRST_EPHEMERAL_PORT,
             next_listener: 0,
+            writing: false,
         }
     }
 

@@ -125,6 +125,8 @@ pub struct SessionStats {
     /// Answers not queued because the same one was already waiting (a `CREDIT_UPDATE` for the
     /// connection, an `RST` for the port pair).
     pub coalesced: u64,
+    /// Data packets written to the link by [`Session::send_direct`], past the transmit queue.
+    pub direct: u64,
 }
 
 /// What changed, for one connection.
@@ -571,18 +573,10 @@ impl Session {
     /// packet's worth per call). `Ok(0)` means no credit now: [`Event::Writable`] follows when
     /// there is.
     pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<usize, SessionError> {
+        let n = self.sendable(id, data.len())?;
         let buf_alloc = self.config.buf_alloc;
-        let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
-        match conn.state {
-            State::Established => {}
-            State::Closed(r) => return Err(SessionError::Closed(id, r)),
-            _ => return Err(SessionError::NotConnected(id)),
-        }
-        if conn.local_shut_send || conn.peer_shut_rcv {
-            return Err(SessionError::SendShut(id));
-        }
         let room = self.config.max_transmit_bytes.saturating_sub(self.queued_data + HEADER_LEN);
-        let n = (data.len() as u64).min(conn.credit() as u64).min(MAX_PAYLOAD as u64) as u32;
+        let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
         if n == 0 {
             conn.send_blocked = !data.is_empty();
             return Ok(0);
@@ -604,6 +598,52 @@ impl Session {
         payload.extend_from_slice(&data[..n as usize]);
         self.push(Transmit { header, payload });
         Ok(n as usize)
+    }
+
+    /// Like [`Session::send`], but the packet goes to `write` (the link, now) instead of the
+    /// transmit queue: `write` gets the encoded header and the payload and says whether it
+    /// wrote both. `Ok(None)` if there is no credit now or `write` declined: nothing was
+    /// sent (then [`Session::send`] queues it, or waits for credit).
+    ///
+    /// For a shell that writes a connection's data from the connection's own task when nothing
+    /// waits in the transmit queue: the packet then cannot overtake one queued before it.
+    pub fn send_direct(
+        &mut self,
+        id: ConnId,
+        data: &[u8],
+        write: impl FnOnce(&[u8], &[u8]) -> bool,
+    ) -> Result<Option<usize>, SessionError> {
+        let n = self.sendable(id, data.len())?;
+        let buf_alloc = self.config.buf_alloc;
+        let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        // The credit announced as of now, committed only once the packet is out.
+        let mut header = Header::rw(id.local, id.peer, n);
+        header.buf_alloc = buf_alloc;
+        header.fwd_cnt = conn.fwd_cnt;
+        if !write(&header.encode(), &data[..n as usize]) {
+            return Ok(None);
+        }
+        conn.tx_cnt = conn.tx_cnt.wrapping_add(n);
+        conn.announce_credit(&mut header, buf_alloc);
+        self.stats.direct += 1;
+        Ok(Some(n as usize))
+    }
+
+    /// How many bytes of `len` one packet on `id` may carry now (0: no credit).
+    fn sendable(&self, id: ConnId, len: usize) -> Result<u32, SessionError> {
+        let conn = self.conns.get(&id).ok_or(SessionError::NotFound(id))?;
+        match conn.state {
+            State::Established => {}
+            State::Closed(r) => return Err(SessionError::Closed(id, r)),
+            _ => return Err(SessionError::NotConnected(id)),
+        }
+        if conn.local_shut_send || conn.peer_shut_rcv {
+            return Err(SessionError::SendShut(id));
+        }
+        Ok((len as u64).min(conn.credit() as u64).min(MAX_PAYLOAD as u64) as u32)
     }
 
     /// Bytes buffered for reading on `id` (0 for a connection this session does not know).
@@ -1337,7 +1377,25 @@ mod tests {
                             next
                         })
                         .collect();
-                    if let Ok(k) = s[side].send(id(side, c), &data) {
+                    // Some sends go straight to the wire while nothing is queued, as the shell
+                    // writes them from the connection's task; some of those find no room there
+                    // (the write declines) and are queued after all.
+                    let mut k = None;
+                    if n % 2 == 0 && !s[side].has_transmit() {
+                        let wire = &mut wires[side];
+                        let direct = s[side].send_direct(id(side, c), &data, |header, payload| {
+                            if n % 3 == 0 {
+                                return false;
+                            }
+                            wire.push_back([header, payload].concat());
+                            true
+                        });
+                        k = direct.ok().flatten();
+                    }
+                    if k.is_none() {
+                        k = s[side].send(id(side, c), &data).ok();
+                    }
+                    if let Some(k) = k {
                         sent[side][c as usize].extend_from_slice(&data[..k]);
                     }
                 }

@@ -154,6 +154,27 @@ async fn a_full_ring_applies_backpressure_without_losing_bytes() {
 }
 
 #[tokio::test]
+async fn a_whole_write_goes_in_at_once_or_not_at_all() {
+    let h = host("try-write");
+    let (mut s, mut c) = pair(&h, "data/try", &cfg(4096, 4096)).await;
+    // More than the ring holds: nothing is written.
+    let big = vec![7u8; 4097];
+    assert!(!c.try_write_all(&[&big[..24], &big[24..]]).unwrap());
+    // What fits goes in whole, its parts in order; then only what fits in the rest.
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    assert!(c.try_write_all(&[b"head", &data]).unwrap());
+    assert!(!c.try_write_all(&[&[1u8; 1093]]).unwrap(), "1,092 bytes of room are left");
+    assert!(c.try_write_all(&[&[1u8; 1092]]).unwrap());
+    let mut got = vec![0u8; 4096];
+    tokio::time::timeout(T, s.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got[..4], b"head");
+    assert_eq!(&got[4..3004], &data[..]);
+    assert!(got[3004..].iter().all(|&b| b == 1), "a declined write left nothing in the ring");
+    // Read out, the room is back.
+    assert!(c.try_write_all(&[&big[..4096]]).unwrap());
+}
+
+#[tokio::test]
 async fn adaptive_polling_link_pings() {
     let h = host("spin");
     let cfg = LinkConfig { spin: Some(Duration::from_micros(50)), ..LinkConfig::default() };

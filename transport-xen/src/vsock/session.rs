@@ -1143,6 +1143,30 @@ mod tests {
     }
 
     #[test]
+    fn at_most_a_bounded_number_of_buffers_wait_for_reuse_and_only_fitting_ones_are_reused() {
+        let mut s = Session::new(small());
+        for _ in 0..3 * SPARE_BUFFERS {
+            s.recycle(Vec::with_capacity(8192));
+        }
+        s.recycle(Vec::new());
+        assert_eq!(s.spare.len(), SPARE_BUFFERS, "kept past the bound, or an empty one kept");
+
+        let mut s = Session::new(small());
+        let fitting = Vec::with_capacity(8192);
+        let at = fitting.as_ptr();
+        s.recycle(Vec::with_capacity(64 << 10));
+        s.recycle(fitting);
+        s.recycle(Vec::with_capacity(4096));
+        assert_eq!(s.payload_buffer(8000).as_ptr(), at, "the one buffer within an eighth is reused");
+        let fresh = s.payload_buffer(8000);
+        assert!(
+            fresh.capacity() >= 8000 && fresh.capacity() <= 9000,
+            "too small or too large a spare was taken"
+        );
+        assert_eq!(s.spare.len(), 2);
+    }
+
+    #[test]
     fn data_waits_for_room_in_the_transmit_queue() {
         let big =
             SessionConfig { buf_alloc: 1 << 20, rx_budget: u64::MAX, max_transmit_bytes: 1000, ..small() };

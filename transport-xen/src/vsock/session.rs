@@ -1157,7 +1157,8 @@ mod tests {
         s.recycle(Vec::with_capacity(64 << 10));
         s.recycle(fitting);
         s.recycle(Vec::with_capacity(4096));
-        assert_eq!(s.payload_buffer(8000).as_ptr(), at, "the one buffer within an eighth is reused");
+        let reused = s.payload_buffer(8000);
+        assert_eq!(reused.as_ptr(), at, "the one buffer within an eighth is reused");
         let fresh = s.payload_buffer(8000);
         assert!(
             fresh.capacity() >= 8000 && fresh.capacity() <= 9000,

@@ -80,6 +80,9 @@ async fn concurrent_connections_in_both_directions() {
         tokio::time::timeout(T, c).await.unwrap().unwrap().unwrap();
     }
     assert!(ma.stopped().is_none() && mb.stopped().is_none());
+    // Both sides wrote packets from the connections' own tasks (and the bytes above were right).
+    let direct = [ma.stats().session.direct, mb.stats().session.direct];
+    assert!(direct.iter().all(|&n| n > 0), "packets written directly: {direct:?}");
 }
 
 #[tokio::test]

@@ -119,6 +119,13 @@ fn wake(slot: &mut Option<Waker>) {
 }
 
 impl State {
+    /// After a packet from the peer: wakes the connections it changed; true if it queued
+    /// packets for the writer task.
+    fn after_packet(&mut self) -> bool {
+        self.dispatch();
+        self.session.has_transmit()
+    }
+
     /// Turns session events into wake-ups of the connections they name.
     fn dispatch(&mut self) {
         while let Some(event) = self.session.poll_event() {
@@ -757,19 +764,22 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
                 break link_failed(&e);
             }
             let mut st = shared.lock();
-            st.session.handle_owned(&h, payload).map(|()| st.dispatch())
+            st.session.handle_owned(&h, payload).map(|()| st.after_packet())
         } else {
             small.resize(len, 0);
             if let Err(e) = rd.read_exact(&mut small).await {
                 break link_failed(&e);
             }
             let mut st = shared.lock();
-            st.session.handle_parts(&h, &small).map(|()| st.dispatch())
+            st.session.handle_parts(&h, &small).map(|()| st.after_packet())
         };
-        if let Err(v) = handled {
-            break MuxError::Violation(v);
+        match handled {
+            // The packet asked for an answer (a credit update, an RST, a RESPONSE): the writer
+            // task takes it. What the woken connections send they write or queue themselves.
+            Ok(true) => shared.transmit.notify_one(),
+            Ok(false) => {}
+            Err(v) => break MuxError::Violation(v),
         }
-        shared.transmit.notify_one();
         // Let the tasks this packet woke run — the reader of the connection, then the writer
         // task it hands its answer to — before this task reads again: with adaptive polling
         // the next read spins on this thread, and would otherwise spin for the very answer

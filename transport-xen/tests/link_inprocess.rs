@@ -175,6 +175,30 @@ async fn a_whole_write_goes_in_at_once_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn a_read_that_never_waits_takes_what_the_ring_holds() {
+    let h = host("try-read");
+    let (mut s, mut c) = pair(&h, "data/tryread", &cfg(4096, 4096)).await;
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(s.try_read(&mut buf).unwrap(), 0, "the ring is empty");
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    c.write_all(&data).await.unwrap();
+    assert_eq!(s.try_read(&mut buf[..10]).unwrap(), 10);
+    assert_eq!(s.try_read(&mut buf[10..]).unwrap(), 2990, "only what is there");
+    assert_eq!(&buf[..3000], &data[..]);
+    // Across the ring's end, in two reads of one write.
+    c.write_all(&data[..2000]).await.unwrap();
+    assert_eq!(s.try_read(&mut buf[..1500]).unwrap(), 1500);
+    assert_eq!(s.try_read(&mut buf[1500..]).unwrap(), 500);
+    assert_eq!(&buf[..2000], &data[..2000]);
+    assert_eq!(s.try_read(&mut buf).unwrap(), 0);
+    // The writer got its room back: a full ring's worth goes in; after its end, nothing to read.
+    assert!(c.try_write_all(&[&[5u8; 4096]]).unwrap());
+    c.shutdown().await.unwrap();
+    tokio::time::timeout(T, s.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(s.try_read(&mut buf).unwrap(), 0, "end of stream");
+}
+
+#[tokio::test]
 async fn adaptive_polling_link_pings() {
     let h = host("spin");
     let cfg = LinkConfig { spin: Some(Duration::from_micros(50)), ..LinkConfig::default() };

@@ -85,6 +85,82 @@ async fn concurrent_connections_in_both_directions() {
     assert!(direct.iter().all(|&n| n > 0), "packets written directly: {direct:?}");
 }
 
+/// Reads `s` to its end with buffers of the given sizes in turn.
+async fn read_to_end_in(s: &mut dombus_transport_xen::vsock::mux::VsockStream, sizes: &[usize]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; sizes.iter().copied().max().unwrap_or(1)];
+    for i in 0.. {
+        let n = s.read(&mut buf[..sizes[i % sizes.len()]]).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|j| (j.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_stream_arrives_whole_whether_packets_go_straight_to_the_reader_or_through_its_queue() {
+    let h = host("mux-direct-read");
+    let (ma, mb) = muxes(&h, "data/mux").await;
+    let l = mb.listen(7).unwrap();
+    let sent = pattern(4 << 20, 0);
+    let data = sent.clone();
+    let writer = tokio::spawn(async move {
+        let mut s = ma.connect(7).await?;
+        s.write_all(&data).await?;
+        s.shutdown().await?;
+        std::io::Result::Ok(ma)
+    });
+    let mut s = l.accept().await.unwrap();
+    // Buffers larger than a packet (it goes in whole), smaller (the rest is queued), tiny.
+    let reader =
+        tokio::spawn(async move { read_to_end_in(&mut s, &[96 << 10, 40 << 10, 1000, 64 << 10, 7]).await });
+    let got = tokio::time::timeout(T, reader).await.unwrap().unwrap();
+    let _ma = tokio::time::timeout(T, writer).await.unwrap().unwrap().unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the stream arrived changed");
+    let stats = mb.stats().session;
+    assert!(stats.direct_reads > 0, "no payload went straight to the reader: {stats:?}");
+    assert!(mb.stopped().is_none());
+}
+
+#[tokio::test]
+async fn a_reader_that_does_not_come_for_its_packet_stalls_no_other_connection() {
+    let h = host("mux-absent-reader");
+    let (ma, mb) = muxes(&h, "data/mux").await;
+    let l = mb.listen(7).unwrap();
+    let (mut a1, mut a2) = (ma.connect(7).await.unwrap(), ma.connect(7).await.unwrap());
+    let (mut b1, mut b2) = (l.accept().await.unwrap(), l.accept().await.unwrap());
+    // b1's reader polls once (and so waits, as far as the multiplexer can tell), then its
+    // task turns to other work and never polls that read again.
+    let mut buf = vec![0u8; 64 << 10];
+    let pending = std::future::poll_fn(|cx| {
+        let mut rb = tokio::io::ReadBuf::new(&mut buf);
+        std::task::Poll::Ready(
+            tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut b1), cx, &mut rb).is_pending(),
+        )
+    })
+    .await;
+    assert!(pending, "nothing was sent yet");
+    let (first, second) = (pattern(64 << 10, 1), pattern(64 << 10, 2));
+    a1.write_all(&first).await.unwrap();
+    a2.write_all(&second).await.unwrap();
+    // b2 gets its packet, which came after b1's.
+    let mut got = vec![0u8; second.len()];
+    tokio::time::timeout(T, b2.read_exact(&mut got)).await.unwrap().unwrap();
+    assert!(got == second);
+    // b1's packet waited in its queue.
+    let mut got = vec![0u8; first.len()];
+    tokio::time::timeout(T, b1.read_exact(&mut got)).await.unwrap().unwrap();
+    assert!(got == first);
+    assert!(mb.stopped().is_none());
+}
+
 #[tokio::test]
 async fn connecting_to_a_port_nobody_listens_on_is_refused() {
     let h = host("mux-refused");

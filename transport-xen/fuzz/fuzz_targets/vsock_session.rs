@@ -1,7 +1,8 @@
 //! Fuzz target: a session fed arbitrary packets from a hostile peer, interleaved with local
-//! calls (connect, accept, send, recv, shutdown, close). Packets arrive whole (`handle`) or as
+//! calls (connect, accept, send, recv, shutdown, close). Packets arrive whole (`handle`), as
 //! a decoded header and a payload in its own buffer (`handle_owned`), as the shell passes large
-//! ones.
+//! ones, or partly read straight into a reader's buffer (`handle_direct`) where
+//! `direct_receiver` allows it.
 //!
 //! Invariants: nothing panics; once `handle` reports a violation the link is considered closed
 //! (the target stops); an `RST` from the peer is never answered (with anything); every packet
@@ -25,9 +26,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let cfg = SessionConfig {
-        buf_alloc: 4096,
+        buf_alloc: 8192,
         max_connections: 16,
-        rx_budget: 12 * 4096,
+        rx_budget: 12 * 8192,
         max_transmit_bytes: 8192,
         max_queued_control: 40,
     };
@@ -45,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
                 let op = Op::from_byte(u.int_in_range(1u8..=7).unwrap_or(5)).unwrap_or(Op::Rw);
                 let mut h = Header::new(op, port(&mut u), port(&mut u));
                 h.flags = u.arbitrary().unwrap_or(0);
-                h.len = u.int_in_range(0u32..=5000).unwrap_or(0);
+                h.len = u.int_in_range(0u32..=9000).unwrap_or(0);
                 h.buf_alloc = u.arbitrary().unwrap_or(0);
                 h.fwd_cnt = u.arbitrary().unwrap_or(0);
                 let mut bytes = h.encode().to_vec();
@@ -55,7 +56,12 @@ fuzz_target!(|data: &[u8]| {
                         *b = u.arbitrary().unwrap_or(0);
                     }
                 }
-                let n = u.int_in_range(0usize..=5000).unwrap_or(0);
+                // Mostly the length the header announces; sometimes not.
+                let n = if u.arbitrary::<bool>().unwrap_or(true) {
+                    h.len as usize
+                } else {
+                    u.int_in_range(0usize..=9000).unwrap_or(0)
+                };
                 bytes.extend(std::iter::repeat_n(0xA5, n));
                 let id = ConnId { local: h.dst_port, peer: h.src_port };
                 let known = s.connections();
@@ -67,6 +73,14 @@ fuzz_target!(|data: &[u8]| {
                 // Half the packets come as the shell hands over large ones: the header decoded
                 // first, the payload in a buffer of its own (which may join a receive queue).
                 let handled = match Header::decode(&bytes) {
+                    // Some go straight into the reader's buffer, all or part of the payload,
+                    // where the session allows it (the rest joins the queue).
+                    Ok(h) if s.direct_receiver(&h).is_some() && u.arbitrary::<bool>().unwrap_or(false) =>
+                    {
+                        let payload = &bytes[HEADER_LEN..];
+                        let read = u.int_in_range(0..=payload.len()).unwrap_or(0);
+                        s.handle_direct(&h, read, payload[read..].to_vec())
+                    }
                     Ok(h) if u.arbitrary::<bool>().unwrap_or(false) => {
                         let mut payload = s.payload_buffer(h.len as usize);
                         payload.clear();

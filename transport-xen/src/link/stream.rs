@@ -175,6 +175,26 @@ impl<B: Backend + Clone> Link<B> {
         Ok(true)
     }
 
+    /// Reads what the ring holds now, up to `buf.len()` bytes; never waits. `Ok(0)` if it is
+    /// empty (or the peer ended its stream). For a caller that reads part of a message from
+    /// outside the task that otherwise reads (a packet's payload copied by the multiplexer
+    /// straight into the buffer of the connection it is for).
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let (bytes, notify) = match self.endpoint.recv(buf) {
+            Ok(RecvStatus::Data(t)) => (t.bytes, t.notify),
+            Ok(RecvStatus::Empty { notify }) => (0, notify),
+            Ok(RecvStatus::Eof) => (0, false),
+            Err(e) => return Err(self.fail(e, false)),
+        };
+        if notify {
+            self.kick()?;
+        }
+        Ok(bytes)
+    }
+
     /// Signals the peer through the event channel.
     fn kick(&self) -> io::Result<()> {
         self.evtchn.get_ref().0.notify(self.port).map_err(|e| io::Error::other(LinkError::from(e)))

@@ -84,6 +84,17 @@ struct State {
     /// The writer task holds packets it took from the session and has not finished writing:
     /// a connection's own task must not write past them.
     writing: bool,
+    /// A data packet whose header the reader task has read and whose payload waits on the
+    /// link for its connection's reader to copy it straight into its own buffer.
+    handoff: Option<Handoff>,
+}
+
+/// A data packet offered to its connection's reader ([`offer_to_reader`]).
+#[derive(Clone, Copy)]
+struct Handoff {
+    header: Header,
+    /// Bytes of the payload the reader has taken.
+    taken: usize,
 }
 
 struct Shared {
@@ -98,13 +109,33 @@ struct Shared {
     reading_paused: std::sync::atomic::AtomicBool,
     /// Tells the reader task to stop (the last handle was dropped).
     closing: Notify,
-    /// Writes a packet (header, payload) to the link now if it fits, from a connection's own
-    /// task ([`VsockStream`]'s `poll_write`): `Some(Ok(false))` if it does not fit, `None` if
-    /// the link is busy (a task of this multiplexer is in one of its polls) or gone.
-    direct: DirectWrite,
+    /// The link as the connections' own tasks use it ([`VsockStream`]'s `poll_write` and
+    /// `poll_read`).
+    direct: Box<dyn DirectLink>,
 }
 
-type DirectWrite = Box<dyn Fn(&[u8], &[u8]) -> Option<io::Result<bool>> + Send + Sync>;
+/// The link, reached from a connection's own task: [`Link::try_write_all`] and
+/// [`Link::try_read`], never waiting. Only ever tries the link's lock: a connection's task
+/// never waits for the reader task's poll (which may spin for data). `None` if the link is
+/// busy (a task of this multiplexer is in one of its polls) or gone.
+trait DirectLink: Send + Sync {
+    fn try_write_all(&self, parts: &[&[u8]]) -> Option<io::Result<bool>>;
+    fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>>;
+}
+
+impl<B: Backend + Clone> DirectLink for std::sync::Weak<Mutex<Link<B>>> {
+    fn try_write_all(&self, parts: &[&[u8]]) -> Option<io::Result<bool>> {
+        let link = self.upgrade()?;
+        let mut link = link.try_lock().ok()?;
+        Some(link.try_write_all(parts))
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        let link = self.upgrade()?;
+        let mut link = link.try_lock().ok()?;
+        Some(link.try_read(buf))
+    }
+}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -260,12 +291,13 @@ impl Mux {
                 next_port: FIRST_EPHEMERAL_PORT,
                 next_listener: 0,
                 writing: false,
+                handoff: None,
             }),
             transmit: Notify::new(),
             drained: Notify::new(),
             reading_paused: std::sync::atomic::AtomicBool::new(false),
             closing: Notify::new(),
-            direct: direct_writer(Arc::downgrade(&link)),
+            direct: Box::new(Arc::downgrade(&link)),
         });
         let mux = Mux { _owner: Arc::new(Owner(shared.clone())), shared: shared.clone() };
         let listeners = {
@@ -544,10 +576,60 @@ fn session_io(e: SessionError) -> io::Error {
     }
 }
 
+impl VsockStream {
+    /// Takes what is on the link of the payload the reader task offers this connection
+    /// ([`State::handoff`]), copying it straight into `buf`. `None` if nothing is offered to
+    /// us or the link has none of it now: then the reader task reads the rest. Else the poll's
+    /// outcome, and whether the writer task has packets to take.
+    fn read_direct(&self, st: &mut State, buf: &mut ReadBuf<'_>) -> Option<(Poll<io::Result<()>>, bool)> {
+        let shared = &self.mux.shared;
+        let Handoff { header, taken } = st.handoff?;
+        if buf.remaining() == 0
+            || st.stopped.is_some()
+            || st.session.direct_receiver(&header) != Some(self.id)
+        {
+            return None;
+        }
+        let len = header.len as usize;
+        let want = (len - taken).min(buf.remaining());
+        let n = match shared.direct.try_read(buf.initialize_unfilled_to(want))? {
+            Ok(0) => return None,
+            Ok(n) => n.min(want),
+            Err(e) => {
+                st.handoff = None;
+                let why = link_failed(&e);
+                st.stop(why.clone());
+                return Some((Poll::Ready(Err(stopped_io(shared.peer, &why))), true));
+            }
+        };
+        buf.advance(n);
+        if taken + n < len {
+            st.handoff = Some(Handoff { header, taken: taken + n });
+            return Some((Poll::Ready(Ok(())), false));
+        }
+        st.handoff = None;
+        match st.session.handle_direct(&header, len, Vec::new()) {
+            Ok(()) => Some((Poll::Ready(Ok(())), st.after_packet())),
+            Err(v) => {
+                let why = MuxError::Violation(v);
+                st.stop(why.clone());
+                Some((Poll::Ready(Err(stopped_io(shared.peer, &why))), true))
+            }
+        }
+    }
+}
+
 impl AsyncRead for VsockStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let mut st = this.mux.shared.lock();
+        if let Some((poll, answer)) = this.read_direct(&mut st, buf) {
+            drop(st);
+            if answer {
+                this.mux.shared.transmit.notify_one();
+            }
+            return poll;
+        }
         // Only as much of the caller's buffer is zeroed as there is to read: a reader offering
         // 8 KiB of fresh room for a 40-byte message is not charged an 8 KiB memset.
         let room = st.session.buffered(this.id).clamp(1, buf.remaining().max(1)).min(buf.remaining());
@@ -590,7 +672,7 @@ impl AsyncWrite for VsockStream {
         if !st.writing && st.stopped.is_none() && !st.session.has_transmit() {
             let mut failed = None;
             let sent = st.session.send_direct(this.id, data, |header, payload| {
-                match (shared.direct)(header, payload) {
+                match shared.direct.try_write_all(&[header, payload]) {
                     Some(Ok(written)) => written,
                     Some(Err(e)) => {
                         failed = Some(e);
@@ -712,16 +794,6 @@ impl<B: Backend + Clone> AsyncWrite for SharedLink<B> {
     }
 }
 
-/// The multiplexer's [`DirectWrite`] over `link`. It only ever tries the link's lock: a
-/// connection's task never waits for the reader task's poll (which may spin for data).
-fn direct_writer<B: Backend + Clone>(link: std::sync::Weak<Mutex<Link<B>>>) -> DirectWrite {
-    Box::new(move |header, payload| {
-        let link = link.upgrade()?;
-        let mut link = link.try_lock().ok()?;
-        Some(link.try_write_all(&[header, payload]))
-    })
-}
-
 /// Why the link failed, from its read or write error: the peer broke the ring protocol
 /// (`InvalidData`), or the link is gone (anything else: the peer's domain died, was migrated or
 /// closed the link; end of stream).
@@ -731,6 +803,35 @@ fn link_failed(e: &io::Error) -> MuxError {
         io::ErrorKind::UnexpectedEof => MuxError::LinkLost("the peer closed the link".into()),
         _ => MuxError::LinkLost(e.to_string()),
     }
+}
+
+/// Times the reader task lets other tasks run while a connection's reader takes the packet
+/// offered to it.
+const HANDOFF_YIELDS: usize = 4;
+
+/// Offers a large data packet, whose header has been read and whose payload is still on the
+/// link, to the reader its connection has waiting with an empty queue: that reader copies
+/// what is on the link of the payload straight into its own buffer, one copy where reading it
+/// here takes two. Returns the bytes of the payload the reader took (all, some or none); the
+/// caller reads the rest itself: the reader's buffer was full, its task went on to other work,
+/// or the rest was not on the link yet.
+async fn offer_to_reader(shared: &Shared, h: &Header) -> usize {
+    let reader = {
+        let mut st = shared.lock();
+        let Some(id) = st.session.direct_receiver(h) else { return 0 };
+        let Some(reader) = st.waiters.get_mut(&id).and_then(|w| w.read.take()) else { return 0 };
+        st.handoff = Some(Handoff { header: *h, taken: 0 });
+        reader
+    };
+    reader.wake();
+    // On a current-thread runtime the woken reader runs before this task's first yield ends.
+    for _ in 0..HANDOFF_YIELDS {
+        tokio::task::yield_now().await;
+        if shared.lock().handoff.is_none() {
+            return h.len as usize;
+        }
+    }
+    shared.lock().handoff.take().map_or(h.len as usize, |left| left.taken)
 }
 
 /// Takes packets off the link into the session until the link or the peer fails. Each header
@@ -757,14 +858,25 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
         };
         let len = h.len as usize;
         let handled = if len >= OWN_BUFFER {
-            let mut payload = shared.lock().session.payload_buffer(len);
-            // A reused buffer is overwritten as it is: only room it never had is zeroed.
-            payload.resize(len, 0);
-            if let Err(e) = rd.read_exact(&mut payload).await {
-                break link_failed(&e);
+            let taken = offer_to_reader(&shared, &h).await;
+            if taken == len {
+                // The connection's reader took it all, and handled the packet.
+                Ok(false)
+            } else {
+                let mut payload = shared.lock().session.payload_buffer(len - taken);
+                // A reused buffer is overwritten as it is: only room it never had is zeroed.
+                payload.resize(len - taken, 0);
+                if let Err(e) = rd.read_exact(&mut payload).await {
+                    break link_failed(&e);
+                }
+                let mut st = shared.lock();
+                let handled = if taken == 0 {
+                    st.session.handle_owned(&h, payload)
+                } else {
+                    st.session.handle_direct(&h, taken, payload)
+                };
+                handled.map(|()| st.after_packet())
             }
-            let mut st = shared.lock();
-            st.session.handle_owned(&h, payload).map(|()| st.after_packet())
         } else {
             small.resize(len, 0);
             if let Err(e) = rd.read_exact(&mut small).await {
@@ -862,6 +974,7 @@ mod tests {
             next_port: FIRST_EPHEMERAL_PORT,
             next_listener: 0,
             writing: false,
+            handoff: None,
         }
     }
 

@@ -127,6 +127,9 @@ pub struct SessionStats {
     pub coalesced: u64,
     /// Data packets written to the link by [`Session::send_direct`], past the transmit queue.
     pub direct: u64,
+    /// Data packets whose payload the shell copied from the link straight into a reader's
+    /// buffer ([`Session::handle_direct`]).
+    pub direct_reads: u64,
 }
 
 /// What changed, for one connection.
@@ -316,6 +319,9 @@ enum Payload<'a> {
     Copied(&'a [u8]),
     /// In a buffer of its own: moved into the queue if large.
     Owned(Vec<u8>),
+    /// Its first `read` bytes already in the reader's buffer (read, not queued), the rest in
+    /// a buffer of its own.
+    Direct { read: usize, rest: Vec<u8> },
 }
 
 impl Payload<'_> {
@@ -323,6 +329,7 @@ impl Payload<'_> {
         match self {
             Payload::Copied(b) => b.len(),
             Payload::Owned(b) => b.len(),
+            Payload::Direct { read, rest } => read + rest.len(),
         }
     }
 }
@@ -654,7 +661,6 @@ impl Session {
     /// Reads buffered data. Consuming frees credit; the peer is told once a quarter of the buffer has
     /// been freed since it was last told.
     pub fn recv(&mut self, id: ConnId, buf: &mut [u8]) -> Result<Read, SessionError> {
-        let threshold = self.config.buf_alloc / 4;
         let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
         if conn.rx.is_empty() {
             return match conn.state {
@@ -667,12 +673,20 @@ impl Session {
         }
         let spare = &mut self.spare;
         let n = conn.rx.read(buf, |b| recycle(spare, b));
+        self.consumed(id, n);
+        Ok(Read::Data(n))
+    }
+
+    /// Counts `n` bytes of `id` as read: the freed credit is announced once a quarter of the
+    /// buffer has been freed since the peer was last told.
+    fn consumed(&mut self, id: ConnId, n: usize) {
+        let threshold = self.config.buf_alloc / 4;
+        let Some(conn) = self.conns.get_mut(&id) else { return };
         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
         let live = matches!(conn.state, State::Established) && !conn.peer_shut_send;
         if live && conn.fwd_cnt.wrapping_sub(conn.announced_fwd_cnt) >= threshold {
             self.send_control(Op::CreditUpdate, id, 0);
         }
-        Ok(Read::Data(n))
     }
 
     /// Shuts down our sending direction: the peer reads end-of-stream after the data sent.
@@ -774,6 +788,36 @@ impl Session {
         self.on_packet(h, Payload::Owned(payload))
     }
 
+    /// The connection whose reader may take this packet's payload straight from the link,
+    /// with one copy: `h` is data of [`OWN_BUFFER`] bytes or more for an established
+    /// connection with nothing queued for reading, which [`Session::handle_direct`] will
+    /// accept whole. `None` for any other packet: the shell reads it and hands it over as
+    /// usual (then [`Session::handle_owned`] judges it).
+    pub fn direct_receiver(&self, h: &Header) -> Option<ConnId> {
+        if h.op != Op::Rw || (h.len as usize) < OWN_BUFFER || h.len > MAX_PAYLOAD {
+            return None;
+        }
+        let id = ConnId { local: h.dst_port, peer: h.src_port };
+        let conn = self.conns.get(&id)?;
+        let in_buffer = conn.rx_cnt.wrapping_sub(conn.fwd_cnt);
+        let accepted = conn.state == State::Established
+            && conn.rx.is_empty()
+            && !conn.peer_shut_send
+            && h.len <= self.config.buf_alloc.saturating_sub(in_buffer)
+            && h.fwd_cnt.wrapping_sub(conn.peer_fwd_cnt) <= conn.tx_cnt.wrapping_sub(conn.peer_fwd_cnt);
+        accepted.then_some(id)
+    }
+
+    /// Processes a packet [`Session::direct_receiver`] named, with no other packet handled in
+    /// between, after the shell copied the first `read` bytes of its payload into the
+    /// connection's reader's buffer (they count as read) and the rest into `rest` (which joins
+    /// the queue as [`Session::handle_owned`]'s payloads do). If the connection closed
+    /// meanwhile, the packet is judged as any other.
+    pub fn handle_direct(&mut self, h: &Header, read: usize, rest: Vec<u8>) -> Result<(), Violation> {
+        self.stats.direct_reads += 1;
+        self.on_packet(h, Payload::Direct { read, rest })
+    }
+
     fn on_packet(&mut self, h: &Header, payload: Payload<'_>) -> Result<(), Violation> {
         if payload.len() != h.len as usize {
             return Err(Violation::PayloadMismatch { announced: h.len, got: payload.len() });
@@ -828,6 +872,7 @@ impl Session {
                     return Err(Violation::CreditOverrun { id, len: h.len, credit });
                 }
                 let was_empty = conn.rx.is_empty();
+                let mut read = 0;
                 match payload {
                     Payload::Copied(data) => conn.rx.extend_from_slice(data),
                     Payload::Owned(buffer) => {
@@ -835,10 +880,21 @@ impl Session {
                             recycle(&mut self.spare, copied);
                         }
                     }
+                    Payload::Direct { read: n, rest } => {
+                        read = n;
+                        if rest.is_empty() {
+                            recycle(&mut self.spare, rest);
+                        } else if let Some(copied) = conn.rx.push(rest) {
+                            recycle(&mut self.spare, copied);
+                        }
+                    }
                 }
                 conn.rx_cnt = conn.rx_cnt.wrapping_add(h.len);
-                if was_empty {
+                if was_empty && !conn.rx.is_empty() {
                     self.events.push_back(Event::Readable(id));
+                }
+                if read > 0 {
+                    self.consumed(id, read);
                 }
             }
             // Data still in flight when we closed: counted as consumed, then dropped.
@@ -957,7 +1013,11 @@ mod tests {
 
     /// A connects (port 1000 -> 80) and B accepts.
     fn connected() -> (Session, Session, ConnId, ConnId) {
-        let (mut a, mut b) = (Session::new(small()), Session::new(small()));
+        connected_with(small())
+    }
+
+    fn connected_with(config: SessionConfig) -> (Session, Session, ConnId, ConnId) {
+        let (mut a, mut b) = (Session::new(config.clone()), Session::new(config));
         let at_a = ConnId { local: 1000, peer: 80 };
         let at_b = ConnId { local: 80, peer: 1000 };
         a.connect(at_a).unwrap();
@@ -996,6 +1056,42 @@ mod tests {
         deliver(&mut b, &mut a);
         assert_eq!(events(&mut a), vec![Event::Writable(ia)]);
         assert_eq!(a.send(ia, &[2u8; 100]).unwrap(), 40);
+    }
+
+    #[test]
+    fn a_payload_read_straight_into_the_reader_counts_as_read_and_frees_its_credit() {
+        let config = SessionConfig { buf_alloc: 128 << 10, rx_budget: 8 * (128 << 10), ..small() };
+        let (mut a, mut b, ia, ib) = connected_with(config);
+        let data: Vec<u8> = (0..40 << 10).map(|i: u32| (i % 253) as u8).collect();
+        assert_eq!(a.send(ia, &data).unwrap(), data.len());
+        assert_eq!(a.send(ia, &[9u8; 5000]).unwrap(), 5000);
+        let (first, second) = (a.poll_transmit().unwrap(), a.poll_transmit().unwrap());
+        // Only large data for a connection with nothing queued goes straight to its reader.
+        let mut small = first.header;
+        small.len = OWN_BUFFER as u32 - 1;
+        assert_eq!(b.direct_receiver(&small), None);
+        let mut elsewhere = first.header;
+        elsewhere.dst_port = 81;
+        assert_eq!(b.direct_receiver(&elsewhere), None);
+        assert_eq!(b.direct_receiver(&first.header), Some(ib));
+        // 30 KiB went to the reader; the rest waits in the queue.
+        let read = 30 << 10;
+        b.handle_direct(&first.header, read, first.payload[read..].to_vec()).unwrap();
+        assert_eq!(b.stats().direct_reads, 1);
+        assert_eq!(b.buffered(ib), data.len() - read);
+        assert_eq!(b.direct_receiver(&second.header), None, "bytes are queued ahead of it");
+        let mut buf = vec![0u8; 64 << 10];
+        assert_eq!(b.recv(ib, &mut buf).unwrap(), Read::Data(data.len() - read));
+        assert_eq!(&buf[..data.len() - read], &data[read..]);
+        // All 40 KiB count as read: more than a quarter of the buffer, so the peer is told.
+        let update = b.poll_transmit().unwrap();
+        assert_eq!((update.header.op, update.header.fwd_cnt), (Op::CreditUpdate, data.len() as u32));
+        // A packet read whole into the reader leaves nothing queued and wakes nobody.
+        events(&mut b);
+        assert_eq!(b.direct_receiver(&second.header), Some(ib));
+        b.handle_direct(&second.header, 5000, Vec::new()).unwrap();
+        assert_eq!((b.buffered(ib), events(&mut b)), (0, vec![]));
+        assert_eq!(b.recv(ib, &mut buf).unwrap(), Read::WouldBlock);
     }
 
     #[test]
@@ -1333,22 +1429,35 @@ mod tests {
         scale: usize,
     ) -> Result<(), TestCaseError> {
         let mut s = [Session::new(config.clone()), Session::new(config)];
-        // Every other packet is handed over in a buffer of its own, as the shell does with large ones.
-        let mut owned = false;
-        let mut deliver = |to: &mut Session, p: &[u8]| {
-            owned = !owned;
-            match Header::decode(p) {
-                Ok(h) if owned => {
+        // Packets are handed over in turn whole, with the payload in a buffer of its own (as
+        // the shell does with large ones), and where the session allows it, copied straight
+        // into the reader's buffer, all or only part of it (the rest joining the queue): those
+        // bytes come back, with their connection, to be counted as received.
+        let mut turn = 0u32;
+        let mut deliver = |to: &mut Session, p: &[u8]| -> Result<Option<(ConnId, Vec<u8>)>, Violation> {
+            turn = turn.wrapping_add(1);
+            let Ok(h) = Header::decode(p) else { return to.handle(p).map(|()| None) };
+            let payload = &p[HEADER_LEN..];
+            match turn % 3 {
+                0 => to.handle(p).map(|()| None),
+                2 if to.direct_receiver(&h).is_some() => {
+                    let id = to.direct_receiver(&h).unwrap_or_else(|| unreachable!());
+                    let read = if turn % 2 == 0 { payload.len() } else { payload.len() / 3 };
+                    to.handle_direct(&h, read, payload[read..].to_vec())?;
+                    Ok(Some((id, payload[..read].to_vec())))
+                }
+                _ => {
                     // As the shell does: sets the length (a spare buffer holds stale bytes) and
                     // overwrites it.
                     let mut buffer = to.payload_buffer(h.len as usize);
                     buffer.resize(h.len as usize, 0xEE);
-                    buffer.copy_from_slice(&p[HEADER_LEN..]);
-                    to.handle_owned(&h, buffer)
+                    buffer.copy_from_slice(payload);
+                    to.handle_owned(&h, buffer).map(|()| None)
                 }
-                _ => to.handle(p),
             }
         };
+        // Side and connection index of a receiving side's connection.
+        let index = |id: ConnId| if id.local >= 1000 { (0, id.local - 1000) } else { (1, id.local - 80) };
         let mut wires: [VecDeque<Vec<u8>>; 2] = [VecDeque::new(), VecDeque::new()];
         // Per connection index c (A port 1000+c -> B port 80+c): bytes sent / received by
         // side 0 (A) and side 1 (B).
@@ -1391,7 +1500,12 @@ mod tests {
                     let from = usize::from(dir);
                     for _ in 0..n {
                         if let Some(p) = wires[from].pop_front() {
-                            prop_assert_eq!(deliver(&mut s[1 - from], &p), Ok(()));
+                            let direct = deliver(&mut s[1 - from], &p);
+                            prop_assert!(direct.is_ok(), "{:?}", direct);
+                            if let Ok(Some((id, bytes))) = direct {
+                                let (side, c) = index(id);
+                                got[side][c as usize].extend_from_slice(&bytes);
+                            }
                         }
                     }
                 }
@@ -1458,7 +1572,12 @@ mod tests {
             let mut moved = false;
             for from in 0..2 {
                 while let Some(p) = wires[from].pop_front() {
-                    prop_assert_eq!(deliver(&mut s[1 - from], &p), Ok(()));
+                    let direct = deliver(&mut s[1 - from], &p);
+                    prop_assert!(direct.is_ok(), "{:?}", direct);
+                    if let Ok(Some((id, bytes))) = direct {
+                        let (side, c) = index(id);
+                        got[side][c as usize].extend_from_slice(&bytes);
+                    }
                     moved = true;
                 }
             }

@@ -2,7 +2,8 @@
 //!
 //! A large payload is read off the link into a buffer of its own and that buffer joins the
 //! queue as it is, so a byte of a stream is copied twice on the receiving side (link ring →
-//! payload buffer → the reader's buffer), as over the bare link plus one. Small payloads (a
+//! payload buffer → the reader's buffer), as over the bare link plus one, unless its reader
+//! was waiting and took it from the link itself (`mux`'s hand-off). Small payloads (a
 //! typed call's frames) are copied onto the end of the queue's last buffer instead: a packet of
 //! a few bytes never costs a buffer of its own.
 //!

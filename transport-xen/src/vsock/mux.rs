@@ -835,8 +835,10 @@ async fn offer_to_reader(shared: &Shared, h: &Header) -> usize {
 }
 
 /// Takes packets off the link into the session until the link or the peer fails. Each header
-/// is decoded once; a large payload is read into a buffer of its own that becomes part of its
-/// connection's receive queue, a small one into a buffer reused for every packet.
+/// is decoded once; a large payload is offered to its connection's waiting reader
+/// ([`offer_to_reader`]), and what that reader does not take is read into a buffer of its own
+/// that becomes part of the connection's receive queue; a small one is read into a buffer
+/// reused for every packet.
 async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
     let mut header = [0u8; HEADER_LEN];
     let mut small = Vec::with_capacity(OWN_BUFFER);

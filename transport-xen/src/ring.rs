@@ -130,6 +130,36 @@ impl Producer {
         ctl.store_u32(self.prod_off, self.prod);
         Ok(n)
     }
+
+    /// Copies all of `parts`, in order, if they fit in the ring together, and publishes the
+    /// new producer index once, so that the consumer sees all of them or none: a message in
+    /// parts (a packet's header and payload) never shows its first part before its last.
+    /// Returns the number of bytes written: all of them, or 0 if they do not fit.
+    pub fn write_whole(
+        &mut self,
+        ctl: &impl SharedMem,
+        data: &impl SharedMem,
+        parts: &[&[u8]],
+    ) -> Result<usize, PeerMisbehaved> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 || total > self.space(ctl)? as usize {
+            return Ok(0);
+        }
+        let mut prod = self.prod;
+        for part in parts {
+            let pos = (prod & (self.size - 1)) as usize;
+            let first = part.len().min(self.size as usize - pos);
+            data.write_bytes(pos, &part[..first]);
+            if first < part.len() {
+                data.write_bytes(0, &part[first..]);
+            }
+            // Each part fits in the ring (total <= size <= 2^20): the cast is lossless.
+            prod = prod.wrapping_add(part.len() as u32);
+        }
+        self.prod = prod;
+        ctl.store_u32(self.prod_off, self.prod);
+        Ok(total)
+    }
 }
 
 /// The reading end of a ring: owns the consumer index.
@@ -286,6 +316,26 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_write_is_published_at_once_or_not_at_all() {
+        // Start near the ring's end, so that parts straddle it.
+        let (ctl, data, mut p, mut c) = pair(10, 1000);
+        let (head, body) = ([9u8; 44], (0..900u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        assert_eq!(p.write_whole(&ctl, &data, &[&head, &body, &[]]).unwrap(), 944);
+        // One publication: the consumer sees the whole message, no part before the other.
+        assert_eq!(c.available(&ctl).unwrap(), 944);
+        // 80 bytes of room left: 81 in parts write nothing and publish nothing.
+        assert_eq!(p.write_whole(&ctl, &data, &[&[1u8; 40], &[2u8; 41]]).unwrap(), 0);
+        assert_eq!((c.available(&ctl).unwrap(), p.index()), (944, 1944));
+        assert_eq!(p.write_whole(&ctl, &data, &[&[1u8; 40], &[2u8; 40]]).unwrap(), 80);
+        assert_eq!(p.write_whole(&ctl, &data, &[]).unwrap(), 0);
+        let mut out = vec![0u8; 1024];
+        assert_eq!(c.read(&ctl, &data, &mut out).unwrap(), 1024);
+        assert_eq!(&out[..44], &head);
+        assert_eq!(&out[44..944], &body[..]);
+        assert_eq!(&out[944..], &[[1u8; 40], [2u8; 40]].concat()[..]);
+    }
+
+    #[test]
     fn producer_overrun_is_named_not_trusted() {
         let (ctl, data, _p, mut c) = pair(10, 0);
         ctl.store_u32(4, 1025);
@@ -307,23 +357,32 @@ mod tests {
     }
 
     proptest! {
-        /// Random write/read splits at every ring order, from any starting index, against a
-        /// VecDeque model: the bytes out equal the bytes in, and fill levels match.
+        /// Random write (whole or in parts, all or nothing) and read splits at every ring
+        /// order, from any starting index, against a VecDeque model: the bytes out equal the
+        /// bytes in, and fill levels match.
         #[test]
         fn ring_matches_model(
             order in MIN_ORDER..=14u32,
             start in any::<u32>(),
-            ops in proptest::collection::vec((any::<bool>(), 0usize..5000), 1..60),
+            ops in proptest::collection::vec((0u8..3, 0usize..5000), 1..60),
         ) {
             let (ctl, data, mut p, mut c) = pair(order, start);
             let size = 1usize << order;
             let mut model: VecDeque<u8> = VecDeque::new();
             let mut next = 0u8;
-            for (is_write, len) in ops {
-                if is_write {
-                    let buf: Vec<u8> = (0..len).map(|_| { next = next.wrapping_add(7); next }).collect();
+            for (op, len) in ops {
+                let buf: Vec<u8> = (0..len).map(|_| { next = next.wrapping_add(7); next }).collect();
+                if op == 0 {
                     let n = p.write(&ctl, &data, &buf).unwrap();
                     prop_assert_eq!(n, len.min(size - model.len()));
+                    model.extend(&buf[..n]);
+                } else if op == 1 {
+                    // In three parts, all or nothing.
+                    let (a, rest) = buf.split_at(len / 3);
+                    let (b, c3) = rest.split_at(rest.len() / 2);
+                    let n = p.write_whole(&ctl, &data, &[a, b, c3]).unwrap();
+                    let fits = len > 0 && len <= size - model.len();
+                    prop_assert_eq!(n, if fits { len } else { 0 });
                     model.extend(&buf[..n]);
                 } else {
                     let mut buf = vec![0u8; len];

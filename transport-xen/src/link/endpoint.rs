@@ -234,6 +234,24 @@ impl<M: SharedMem> Endpoint<M> {
         Ok(Transfer { bytes, notify })
     }
 
+    /// Writes all of `parts` if the ring has room for all of them, published at once (see
+    /// [`Producer::write_whole`]); `bytes` is 0 if they do not fit.
+    pub fn send_whole(&mut self, parts: &[&[u8]]) -> Result<Transfer, EndpointError> {
+        self.check_usable()?;
+        if self.write_shut {
+            return Err(EndpointError::WriteShut);
+        }
+        if self.peer_live()? == Live::Gone {
+            return Err(EndpointError::PeerGone);
+        }
+        let bytes = match self.tx.write_whole(&self.ctl, &self.tx_data, parts) {
+            Ok(n) => n,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let notify = bytes > 0 && self.clear_own(NOTIFY_WRITE);
+        Ok(Transfer { bytes, notify })
+    }
+
     /// Reads up to `buf.len()` bytes.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<RecvStatus, EndpointError> {
         self.check_usable()?;

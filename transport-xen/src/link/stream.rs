@@ -149,30 +149,20 @@ impl<B: Backend + Clone> Link<B> {
     }
 
     /// Writes all of `parts`, in order, if the ring has room for all of them now; never waits.
-    /// `Ok(false)`: they do not fit, nothing was written. For a caller that must not split a
-    /// message it writes from outside the task that otherwise writes (a packet of the
-    /// multiplexer written by the connection's own task).
+    /// `Ok(false)`: they do not fit, nothing was written. The peer sees them all at once (one
+    /// publication of the producer index). For a caller that must not split a message it
+    /// writes from outside the task that otherwise writes (a packet of the multiplexer written
+    /// by the connection's own task), and whose reader should find the whole message when it
+    /// finds its first part.
     pub fn try_write_all(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let free = self.endpoint.writable().map_err(|e| self.fail(e, true))?;
-        if (free as usize) < total {
-            return Ok(false);
+        if parts.iter().all(|p| p.is_empty()) {
+            return Ok(true);
         }
-        let mut notify = false;
-        for part in parts {
-            let t = self.endpoint.send(part).map_err(|e| self.fail(e, true))?;
-            // The room only grows while we write (the peer frees space); a ring that took less
-            // than it had room for has been tampered with, and part of the message is out.
-            if t.bytes != part.len() {
-                self.close();
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "the ring lost room during a write"));
-            }
-            notify |= t.notify;
-        }
-        if notify {
+        let t = self.endpoint.send_whole(parts).map_err(|e| self.fail(e, true))?;
+        if t.notify {
             self.kick()?;
         }
-        Ok(true)
+        Ok(t.bytes > 0)
     }
 
     /// Reads what the ring holds now, up to `buf.len()` bytes; never waits. `Ok(0)` if it is

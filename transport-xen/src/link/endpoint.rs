@@ -219,24 +219,21 @@ impl<M: SharedMem> Endpoint<M> {
 
     /// Writes as much of `buf` as the ring takes.
     pub fn send(&mut self, buf: &[u8]) -> Result<Transfer, EndpointError> {
-        self.check_usable()?;
-        if self.write_shut {
-            return Err(EndpointError::WriteShut);
-        }
-        if self.peer_live()? == Live::Gone {
-            return Err(EndpointError::PeerGone);
-        }
-        let bytes = match self.tx.write(&self.ctl, &self.tx_data, buf) {
-            Ok(n) => n,
-            Err(e) => return Err(self.fail(e)),
-        };
-        let notify = bytes > 0 && self.clear_own(NOTIFY_WRITE);
-        Ok(Transfer { bytes, notify })
+        self.transfer_out(|tx, ctl, data| tx.write(ctl, data, buf))
     }
 
     /// Writes all of `parts` if the ring has room for all of them, published at once (see
     /// [`Producer::write_whole`]); `bytes` is 0 if they do not fit.
     pub fn send_whole(&mut self, parts: &[&[u8]]) -> Result<Transfer, EndpointError> {
+        self.transfer_out(|tx, ctl, data| tx.write_whole(ctl, data, parts))
+    }
+
+    /// Runs one write into the send ring, if this side may still write and the peer is there,
+    /// and says whether the peer asked to be told of it.
+    fn transfer_out(
+        &mut self,
+        write: impl FnOnce(&mut Producer, &M, &M) -> Result<usize, PeerMisbehaved>,
+    ) -> Result<Transfer, EndpointError> {
         self.check_usable()?;
         if self.write_shut {
             return Err(EndpointError::WriteShut);
@@ -244,7 +241,7 @@ impl<M: SharedMem> Endpoint<M> {
         if self.peer_live()? == Live::Gone {
             return Err(EndpointError::PeerGone);
         }
-        let bytes = match self.tx.write_whole(&self.ctl, &self.tx_data, parts) {
+        let bytes = match write(&mut self.tx, &self.ctl, &self.tx_data) {
             Ok(n) => n,
             Err(e) => return Err(self.fail(e)),
         };

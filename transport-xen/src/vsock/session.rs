@@ -1456,8 +1456,14 @@ mod tests {
                 }
             }
         };
-        // Side and connection index of a receiving side's connection.
-        let index = |id: ConnId| if id.local >= 1000 { (0, id.local - 1000) } else { (1, id.local - 80) };
+        // Counts bytes a delivery put straight into a reader's buffer as received by that side's
+        // connection.
+        fn received(got: &mut [[Vec<u8>; 4]; 2], direct: Option<(ConnId, Vec<u8>)>) {
+            if let Some((id, bytes)) = direct {
+                let (side, c) = if id.local >= 1000 { (0, id.local - 1000) } else { (1, id.local - 80) };
+                got[side][c as usize].extend_from_slice(&bytes);
+            }
+        }
         let mut wires: [VecDeque<Vec<u8>>; 2] = [VecDeque::new(), VecDeque::new()];
         // Per connection index c (A port 1000+c -> B port 80+c): bytes sent / received by
         // side 0 (A) and side 1 (B).
@@ -1502,10 +1508,7 @@ mod tests {
                         if let Some(p) = wires[from].pop_front() {
                             let direct = deliver(&mut s[1 - from], &p);
                             prop_assert!(direct.is_ok(), "{:?}", direct);
-                            if let Ok(Some((id, bytes))) = direct {
-                                let (side, c) = index(id);
-                                got[side][c as usize].extend_from_slice(&bytes);
-                            }
+                            received(&mut got, direct.ok().flatten());
                         }
                     }
                 }
@@ -1574,10 +1577,7 @@ mod tests {
                 while let Some(p) = wires[from].pop_front() {
                     let direct = deliver(&mut s[1 - from], &p);
                     prop_assert!(direct.is_ok(), "{:?}", direct);
-                    if let Ok(Some((id, bytes))) = direct {
-                        let (side, c) = index(id);
-                        got[side][c as usize].extend_from_slice(&bytes);
-                    }
+                    received(&mut got, direct.ok().flatten());
                     moved = true;
                 }
             }

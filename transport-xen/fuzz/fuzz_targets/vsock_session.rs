@@ -2,7 +2,9 @@
 //! calls (connect, accept, send, recv, shutdown, close). Packets arrive whole (`handle`), as
 //! a decoded header and a payload in its own buffer (`handle_owned`), as the shell passes large
 //! ones, or partly read straight into a reader's buffer (`handle_direct`) where
-//! `direct_receiver` allows it.
+//! `direct_receiver` allows it. The session's queue is drained as the writer task does
+//! (`poll_transmit`), after part of it sometimes went out as a connection's task writes it
+//! (`transmit_direct`, the link taking a few packets).
 //!
 //! Invariants: nothing panics; once `handle` reports a violation the link is considered closed
 //! (the target stops); an `RST` from the peer is never answered (with anything); every packet
@@ -152,18 +154,35 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         let (mut rsts, mut updates) = (HashSet::new(), HashSet::new());
-        while let Some(t) = s.poll_transmit() {
-            let pair = (t.header.src_port, t.header.dst_port);
-            match t.header.op {
+        let mut emitted = |header: &Header, payload: &[u8]| {
+            let pair = (header.src_port, header.dst_port);
+            match header.op {
                 Op::Rst => assert!(rsts.insert(pair), "two RSTs for {pair:?} in one drain"),
                 Op::CreditUpdate => assert!(updates.insert(pair), "two updates for {pair:?} in one drain"),
                 _ => {}
             }
-            let mut wire = t.header.encode().to_vec();
-            wire.extend_from_slice(&t.payload);
+            let mut wire = header.encode().to_vec();
+            wire.extend_from_slice(payload);
             let h = Header::decode(&wire).expect("the session emitted an invalid header");
-            assert_eq!(h, t.header, "the emitted header does not decode to itself");
-            assert_eq!(h.len as usize, t.payload.len(), "{h:?}");
+            assert_eq!(&h, header, "the emitted header does not decode to itself");
+            assert_eq!(h.len as usize, payload.len(), "{h:?}");
+        };
+        // Some of the queue first goes to the link as the shell's connection tasks write it,
+        // the link taking only a few packets.
+        if u.arbitrary::<bool>().unwrap_or(false) {
+            let mut room = u.int_in_range(0usize..=4).unwrap_or(0);
+            s.transmit_direct(|header, payload| {
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                let h = Header::decode(header).expect("the session offered an invalid header");
+                emitted(&h, payload);
+                true
+            });
+        }
+        while let Some(t) = s.poll_transmit() {
+            emitted(&t.header, &t.payload);
         }
     }
 });

@@ -130,6 +130,9 @@ pub struct SessionStats {
     /// Data packets whose payload the shell copied from the link straight into a reader's
     /// buffer ([`Session::handle_direct`]).
     pub direct_reads: u64,
+    /// Queued packets (answers such as the credit update a read frees) the shell wrote to the
+    /// link itself from a connection's task ([`Session::transmit_direct`]).
+    pub direct_answers: u64,
 }
 
 /// What changed, for one connection.
@@ -463,6 +466,39 @@ impl Session {
             }
         }
         Some(t)
+    }
+
+    /// Offers the queued packets, oldest first, to `write` (the link, now) as
+    /// [`Session::poll_transmit`] would hand them out: the encoded header, with its
+    /// connection's credit as of now, and the payload. Each one `write` took (answered true)
+    /// leaves the queue; the first it declines, and all after it, stay queued. Returns how
+    /// many left.
+    ///
+    /// For a shell whose connection tasks put the session's answers on the link themselves
+    /// (the credit update a read frees) when no other writer holds packets it took from the
+    /// queue: the order on the link stays the queue's.
+    pub fn transmit_direct(&mut self, mut write: impl FnMut(&[u8], &[u8]) -> bool) -> usize {
+        let mut sent = 0;
+        while let Some(t) = self.transmit.front() {
+            let mut header = t.header;
+            let id = ConnId { local: header.src_port, peer: header.dst_port };
+            if header.op != Op::Rst
+                && let Some(c) = self.conns.get(&id)
+            {
+                // What `poll_transmit` announces, without committing it yet.
+                header.buf_alloc = self.config.buf_alloc;
+                header.fwd_cnt = c.fwd_cnt;
+            }
+            if !write(&header.encode(), &t.payload) {
+                break;
+            }
+            if let Some(t) = self.poll_transmit() {
+                self.recycle(t.payload);
+            }
+            sent += 1;
+        }
+        self.stats.direct_answers += sent as u64;
+        sent
     }
 
     /// False while so many control packets wait for the link that the shell should stop
@@ -995,6 +1031,43 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    #[test]
+    fn queued_packets_written_directly_leave_in_order_and_a_declined_one_stays() {
+        let (mut a, mut b, ab, ba) = connected();
+        a.send(ab, &[7; 40]).unwrap();
+        deliver(&mut a, &mut b);
+        // Reading frees a quarter of the buffer: a credit update is queued, then an RST for a
+        // port pair nobody knows.
+        let mut buf = [0u8; 64];
+        assert_eq!(b.recv(ba, &mut buf).unwrap(), Read::Data(40));
+        b.handle(&Header::rw(9, 9, 1).packet(&[0])).unwrap();
+        assert_eq!(b.stats().queued_control, 2);
+        // The link declines: nothing leaves, nothing is committed.
+        assert_eq!(b.transmit_direct(|_, _| false), 0);
+        assert_eq!(b.stats().queued_control, 2);
+        // It takes one: the credit update, with the credit as of now (more was read meanwhile
+        // in a real shell; here the 40 bytes), then declines the RST, which stays queued.
+        let mut out = Vec::new();
+        let sent = b.transmit_direct(|header, payload| {
+            if !out.is_empty() {
+                return false;
+            }
+            out.push((Header::decode(header).unwrap(), payload.to_vec()));
+            true
+        });
+        assert_eq!((sent, b.stats().direct_answers), (1, 1));
+        assert_eq!(
+            (out[0].0.op, out[0].0.fwd_cnt, out[0].0.buf_alloc),
+            (Op::CreditUpdate, 40, small().buf_alloc)
+        );
+        assert!(out[0].1.is_empty());
+        assert_eq!(b.stats().queued_control, 1);
+        assert_eq!(b.poll_transmit().map(|t| t.header.op), Some(Op::Rst));
+        assert_eq!(b.poll_transmit(), None);
+        // A's side accepts the update as any other.
+        a.handle(&[out[0].0.encode().as_slice(), &out[0].1].concat()).unwrap();
     }
 
     fn events(s: &mut Session) -> Vec<Event> {
@@ -1547,6 +1620,20 @@ mod tests {
                     let mut buf = vec![0u8; n as usize * scale];
                     if let Ok(Read::Data(k)) = s[side].recv(id(side, c), &mut buf) {
                         got[side][c as usize].extend_from_slice(&buf[..k]);
+                    }
+                    // Some reads put what they queued (a credit update) on the wire themselves,
+                    // as the shell does from the reader's task; the wire takes up to n % 3
+                    // packets, and the rest stays queued.
+                    if n % 2 == 1 {
+                        let (wire, mut room) = (&mut wires[side], n % 3);
+                        s[side].transmit_direct(|header, payload| {
+                            if room == 0 {
+                                return false;
+                            }
+                            room -= 1;
+                            wire.push_back([header, payload].concat());
+                            true
+                        });
                     }
                 }
                 Step::Shutdown(side, c) => {

@@ -167,6 +167,8 @@ impl Producer {
 pub struct Consumer {
     size: u32,
     cons: u32,
+    /// The producer index as last loaded (a valid one: at most `size` ahead of `cons`).
+    seen: u32,
     /// The consumer index last stored in shared memory (`cons` may run ahead of it).
     published: u32,
     cons_off: usize,
@@ -177,7 +179,7 @@ impl Consumer {
     /// A consumer for a ring of `2^order` bytes whose indices live at `cons_off`/`prod_off` of the
     /// control page, starting at consumer index `cons`.
     pub fn new(order: u32, cons_off: usize, prod_off: usize, cons: u32) -> Consumer {
-        Consumer { size: 1 << order, cons, published: cons, cons_off, prod_off }
+        Consumer { size: 1 << order, cons, seen: cons, published: cons, cons_off, prod_off }
     }
 
     /// Ring size in bytes.
@@ -191,13 +193,20 @@ impl Consumer {
     }
 
     /// Bytes ready to read. Reads the peer's producer index once.
-    pub fn available(&self, ctl: &impl SharedMem) -> Result<u32, PeerMisbehaved> {
+    pub fn available(&mut self, ctl: &impl SharedMem) -> Result<u32, PeerMisbehaved> {
         let prod = ctl.load_u32(self.prod_off);
         let ready = prod.wrapping_sub(self.cons);
         if ready > self.size {
             return Err(PeerMisbehaved::ProducerOverrun { prod, cons: self.cons, size: self.size });
         }
+        self.seen = prod;
         Ok(ready)
+    }
+
+    /// Bytes known to be ready without looking at shared memory: those the producer index
+    /// showed when last loaded, less what has been read since. The ring may hold more.
+    pub fn seen_ready(&self) -> u32 {
+        self.seen.wrapping_sub(self.cons)
     }
 
     /// Copies up to `buf.len()` ready bytes out of the ring and publishes the new consumer index.
@@ -390,8 +399,13 @@ mod tests {
                     prop_assert_eq!(n, len.min(model.len()));
                     let want: Vec<u8> = model.drain(..n).collect();
                     prop_assert_eq!(&buf[..n], &want[..]);
+                    // What the read saw and left: all of the ring's rest, as of its look.
+                    prop_assert_eq!(c.seen_ready() as usize, model.len());
                 }
+                // Never more than the ring holds (writes since are not seen yet).
+                prop_assert!(c.seen_ready() as usize <= model.len());
                 prop_assert_eq!(c.available(&ctl).unwrap() as usize, model.len());
+                prop_assert_eq!(c.seen_ready() as usize, model.len());
                 prop_assert_eq!(p.space(&ctl).unwrap() as usize, size - model.len());
             }
         }
@@ -407,6 +421,8 @@ mod tests {
                 Ok(n) => prop_assert!(n <= 1 << order),
                 Err(e) => { let is_overrun = matches!(e, PeerMisbehaved::ProducerOverrun { .. }); prop_assert!(is_overrun) }
             }
+            // A rejected index is not remembered as seen.
+            prop_assert!(c.seen_ready() <= 1 << order);
             ctl.store_u32(0, evil);
             match p.write(&ctl, &data, &buf) {
                 Ok(n) => prop_assert!(n <= 1 << order),

@@ -214,11 +214,15 @@ async fn closing_a_domain_ends_its_connections_and_others_live_on() {
     // at once. (A close, not a death: see vsock_multiprocess.rs for a SIGKILL.)
     let closed = Instant::now();
     drop((at_b, b));
-    // Every connection domain 1 had with it ends, none is left open: the link closes with the
-    // last handle, before the streams' closes are sent, so each fails as on a lost link.
+    // Every connection domain 1 had with it ends, none is left open: as a lost link (the link
+    // closed with the last handle), or cleanly where a stream's own close reached the link
+    // before that (a stream writes its close itself when the link has room).
     let (how, took) = ends(&mut at_a, closed).await;
     eprintln!("all {} connections to the closed domain ended {took:?} after the close: {how:?}", how.len());
-    assert_eq!(how, vec![Some(std::io::ErrorKind::ConnectionAborted); 8]);
+    assert_eq!(how.len(), 8);
+    for h in &how {
+        assert!(matches!(h, None | Some(std::io::ErrorKind::ConnectionAborted)), "{how:?}");
+    }
 
     // The connection to domain 3, on another link, goes on; and so do new ones.
     to_c.write_all(b"still here").await.unwrap();

@@ -326,6 +326,12 @@ impl<M: SharedMem> Endpoint<M> {
         self.rx.available(&self.ctl).map_err(|e| self.fail(e))
     }
 
+    /// Bytes known to be in the receive ring from the last look at the peer's producer index,
+    /// less those read since; reads no shared memory (the ring may hold more).
+    pub fn seen_readable(&self) -> u32 {
+        self.rx.seen_ready()
+    }
+
     /// Free bytes in the send ring now (reads the peer's consumer index once).
     pub fn writable(&mut self) -> Result<u32, EndpointError> {
         self.check_usable()?;

@@ -26,6 +26,11 @@ impl Spin {
         Spin { budget: budget.filter(|d| !d.is_zero()), failures: 0, skip: 0 }
     }
 
+    /// Whether waits may spin at all (a budget was given).
+    pub(super) fn enabled(&self) -> bool {
+        self.budget.is_some()
+    }
+
     /// The budget for this wait, or `None` if this wait should not spin.
     fn budget(&mut self) -> Option<Duration> {
         let budget = self.budget?;

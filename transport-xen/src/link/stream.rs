@@ -131,6 +131,13 @@ impl<B: Backend + Clone> Link<B> {
         self.peer
     }
 
+    /// Whether a read or write that finds nothing to do spins for a while before waiting for
+    /// the event channel ([`LinkConfig::spin`]): such a poll keeps its thread until the peer
+    /// answers or the spin budget runs out.
+    pub fn spins(&self) -> bool {
+        self.spin.enabled()
+    }
+
     /// The local event-channel port of this link.
     pub fn port(&self) -> EvtchnPort {
         self.port
@@ -183,6 +190,14 @@ impl<B: Backend + Clone> Link<B> {
             self.kick()?;
         }
         Ok(bytes)
+    }
+
+    /// Whether the receive ring is known to hold bytes not read yet, as of the last look at
+    /// the peer's producer index: a read now returns at once. False says nothing (the peer
+    /// may have written since). Reads no shared memory, so it costs the peer no cache-line
+    /// transfer.
+    pub fn has_input_seen(&self) -> bool {
+        self.endpoint.seen_readable() > 0
     }
 
     /// Signals the peer through the event channel.

@@ -121,6 +121,8 @@ struct Shared {
 trait DirectLink: Send + Sync {
     fn try_write_all(&self, parts: &[&[u8]]) -> Option<io::Result<bool>>;
     fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>>;
+    /// [`Link::has_input_seen`]; `None` if the link is busy or gone.
+    fn has_input_seen(&self) -> Option<bool>;
 }
 
 impl<B: Backend + Clone> DirectLink for std::sync::Weak<Mutex<Link<B>>> {
@@ -135,11 +137,67 @@ impl<B: Backend + Clone> DirectLink for std::sync::Weak<Mutex<Link<B>>> {
         let mut link = link.try_lock().ok()?;
         Some(link.try_read(buf))
     }
+
+    fn has_input_seen(&self) -> Option<bool> {
+        let link = self.upgrade()?;
+        let link = link.try_lock().ok()?;
+        Some(link.has_input_seen())
+    }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts the packets the session queued on the link from the calling task, as far as the
+    /// link takes them now, unless the writer task holds packets it took before them. True if
+    /// the writer task is to be woken: packets are left for it, or the multiplexer stopped
+    /// (it then ends).
+    ///
+    /// A connection's read that frees credit queues a `CREDIT_UPDATE`: written here, it costs
+    /// no wake-up of the writer task, once per quarter of the receive buffer a stream reads.
+    fn transmit_direct(&self, st: &mut State) -> bool {
+        if st.stopped.is_some() {
+            return true;
+        }
+        if st.writing || !st.session.has_transmit() {
+            return st.session.has_transmit();
+        }
+        let mut failed = None;
+        let sent = st.session.transmit_direct(|header, payload| {
+            match self.direct.try_write_all(&[header, payload]) {
+                Some(Ok(written)) => written,
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    false
+                }
+                None => false,
+            }
+        });
+        if let Some(e) = failed {
+            st.stop(link_failed(&e));
+            return true;
+        }
+        if sent > 0 {
+            // As after the writer task's batch: senders waiting for room, and a reader task
+            // waiting for the answers to drain, look again.
+            st.dispatch();
+            if self.reading_paused.load(std::sync::atomic::Ordering::Relaxed) {
+                self.drained.notify_one();
+            }
+        }
+        st.session.has_transmit()
+    }
+
+    /// [`Shared::transmit_direct`], then lets go of the state and wakes the writer task for
+    /// what is left.
+    fn send_queued(&self, mut st: MutexGuard<'_, State>) {
+        let left = self.transmit_direct(&mut st);
+        drop(st);
+        if left {
+            self.transmit.notify_one();
+        }
     }
 }
 
@@ -304,7 +362,8 @@ impl Mux {
             let mut st = shared.lock();
             ports.iter().map(|&port| st.add_listener(&mux, port)).collect()
         };
-        tokio::spawn(read_packets(shared.clone(), SharedLink(link.clone())));
+        let spins = link.lock().unwrap_or_else(|p| p.into_inner()).spins();
+        tokio::spawn(read_packets(shared.clone(), SharedLink(link.clone()), spins));
         tokio::spawn(write_packets(shared, SharedLink(link)));
         (mux, listeners)
     }
@@ -388,9 +447,9 @@ impl Mux {
             };
             st.session.connect(id).map_err(session_io)?;
             st.waiters.insert(id, Waiters::default());
+            self.shared.send_queued(st);
             id
         };
-        self.shared.transmit.notify_one();
         let stream = VsockStream { mux: self.clone(), id };
         std::future::poll_fn(|cx| {
             let mut st = self.shared.lock();
@@ -624,9 +683,8 @@ impl AsyncRead for VsockStream {
         let this = self.get_mut();
         let mut st = this.mux.shared.lock();
         if let Some((poll, answer)) = this.read_direct(&mut st, buf) {
-            drop(st);
             if answer {
-                this.mux.shared.transmit.notify_one();
+                this.mux.shared.send_queued(st);
             }
             return poll;
         }
@@ -634,7 +692,7 @@ impl AsyncRead for VsockStream {
         // 8 KiB of fresh room for a 40-byte message is not charged an 8 KiB memset.
         let room = st.session.buffered(this.id).clamp(1, buf.remaining().max(1)).min(buf.remaining());
         let result = st.session.recv(this.id, buf.initialize_unfilled_to(room));
-        let queued = matches!(result, Ok(Read::Data(_))) && st.session.has_transmit();
+        let answered = matches!(result, Ok(Read::Data(_))) && st.session.has_transmit();
         let poll = match result {
             Ok(Read::Data(n)) => {
                 buf.advance(n);
@@ -652,10 +710,9 @@ impl AsyncRead for VsockStream {
             },
             Err(e) => Poll::Ready(Err(st.session_io(this.mux.shared.peer, e))),
         };
-        drop(st);
-        // Reading may have queued a credit update: the writer takes it (and only then is woken).
-        if queued {
-            this.mux.shared.transmit.notify_one();
+        // Reading may have queued a credit update: it goes to the link from here.
+        if answered {
+            this.mux.shared.send_queued(st);
         }
         poll
     }
@@ -716,9 +773,9 @@ impl AsyncWrite for VsockStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let st = &mut *this.mux.shared.lock();
+        let mut st = this.mux.shared.lock();
         let r = st.session.shutdown_send(this.id).map_err(|e| st.session_io(this.mux.shared.peer, e));
-        this.mux.shared.transmit.notify_one();
+        this.mux.shared.send_queued(st);
         Poll::Ready(r)
     }
 }
@@ -728,8 +785,7 @@ impl Drop for VsockStream {
         let mut st = self.mux.shared.lock();
         st.session.close(self.id);
         st.waiters.remove(&self.id);
-        drop(st);
-        self.mux.shared.transmit.notify_one();
+        self.mux.shared.send_queued(st);
     }
 }
 
@@ -805,6 +861,29 @@ fn link_failed(e: &io::Error) -> MuxError {
     }
 }
 
+/// Lets the tasks woken so far run before the calling task goes on: it wakes itself and
+/// yields, so the runtime queues it behind them. Tasks those wake in turn may run after it.
+///
+/// Not `tokio::task::yield_now`, which holds the task back until no task is ready and the
+/// runtime has polled its I/O driver: on a current-thread runtime that is an `epoll_wait`
+/// system call per yield, and the reader task yields at least twice per packet (measured: 1.6x
+/// the pipelined calls with wake-ups, docs/benchmarks.md). The runtime still polls its driver
+/// after every `event_interval` (61) tasks it runs, so yielding this way cannot keep I/O
+/// events or timers from being seen. Where the task is about to hold its thread (a spinning
+/// read), it must wait for every ready task instead: `yield_now`.
+async fn run_others() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 /// Times the reader task lets other tasks run while a connection's reader takes the packet
 /// offered to it.
 const HANDOFF_YIELDS: usize = 4;
@@ -826,7 +905,7 @@ async fn offer_to_reader(shared: &Shared, h: &Header) -> usize {
     reader.wake();
     // On a current-thread runtime the woken reader runs before this task's first yield ends.
     for _ in 0..HANDOFF_YIELDS {
-        tokio::task::yield_now().await;
+        run_others().await;
         if shared.lock().handoff.is_none() {
             return h.len as usize;
         }
@@ -839,10 +918,34 @@ async fn offer_to_reader(shared: &Shared, h: &Header) -> usize {
 /// ([`offer_to_reader`]), and what that reader does not take is read into a buffer of its own
 /// that becomes part of the connection's receive queue; a small one is read into a buffer
 /// reused for every packet.
-async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
+///
+/// `spins`: the link's reads spin before waiting ([`Link::spins`]), holding the thread.
+async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R, spins: bool) {
     let mut header = [0u8; HEADER_LEN];
     let mut small = Vec::with_capacity(OWN_BUFFER);
     let why = loop {
+        // Before each read, let the tasks woken so far run — after a packet, the reader of the
+        // connection it was for, then the writer task it hands its answer to. With adaptive
+        // polling a read that finds the ring empty spins on this thread, and would otherwise
+        // spin for the very answer those tasks have to send (measured: 50 µs → 2 µs per
+        // virtual-socket round trip), so before such a read each yield waits until no task is
+        // ready at all (a chain of hand-offs, as in plain tarpc's server, runs to its end), the
+        // first read included. With calls pipelined, keep yielding (boundedly) while our own
+        // packets wait for the writer task: a read that spins while this side still has
+        // something to send only delays the peer's answer. A read that cannot spin (no
+        // adaptive polling, or bytes in the ring) returns at once or only registers for the
+        // next packet: the cheap yield serves.
+        for i in 0..16 {
+            // Only a read that finds the ring empty spins.
+            if spins && shared.direct.has_input_seen() != Some(true) {
+                tokio::task::yield_now().await;
+            } else {
+                run_others().await;
+            }
+            if i >= 1 && !shared.lock().session.has_transmit() {
+                break;
+            }
+        }
         if !wait_for_room(&shared).await {
             break MuxError::Closed;
         }
@@ -888,24 +991,12 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
             st.session.handle_parts(&h, &small).map(|()| st.after_packet())
         };
         match handled {
-            // The packet asked for an answer (a credit update, an RST, a RESPONSE): the writer
-            // task takes it. What the woken connections send they write or queue themselves.
-            Ok(true) => shared.transmit.notify_one(),
+            // The packet asked for an answer (a credit update, an RST, a RESPONSE): it goes to
+            // the link from here, or to the writer task if the link has no room for it now.
+            // What the woken connections send they write or queue themselves.
+            Ok(true) => shared.send_queued(shared.lock()),
             Ok(false) => {}
             Err(v) => break MuxError::Violation(v),
-        }
-        // Let the tasks this packet woke run — the reader of the connection, then the writer
-        // task it hands its answer to — before this task reads again: with adaptive polling
-        // the next read spins on this thread, and would otherwise spin for the very answer
-        // those tasks have to send (measured: 50 µs → 2 µs per virtual-socket round trip).
-        // With calls pipelined, keep yielding (boundedly) while our own packets wait for the
-        // writer task: a read that spins while this side still has something to send only
-        // delays the peer's answer.
-        for i in 0..16 {
-            tokio::task::yield_now().await;
-            if i >= 1 && !shared.lock().session.has_transmit() {
-                break;
-            }
         }
     };
     shared.lock().stop(why);

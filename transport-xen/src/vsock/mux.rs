@@ -121,8 +121,6 @@ struct Shared {
 trait DirectLink: Send + Sync {
     fn try_write_all(&self, parts: &[&[u8]]) -> Option<io::Result<bool>>;
     fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>>;
-    /// [`Link::has_input_seen`]; `None` if the link is busy or gone.
-    fn has_input_seen(&self) -> Option<bool>;
 }
 
 impl<B: Backend + Clone> DirectLink for std::sync::Weak<Mutex<Link<B>>> {
@@ -136,12 +134,6 @@ impl<B: Backend + Clone> DirectLink for std::sync::Weak<Mutex<Link<B>>> {
         let link = self.upgrade()?;
         let mut link = link.try_lock().ok()?;
         Some(link.try_read(buf))
-    }
-
-    fn has_input_seen(&self) -> Option<bool> {
-        let link = self.upgrade()?;
-        let link = link.try_lock().ok()?;
-        Some(link.has_input_seen())
     }
 }
 
@@ -362,8 +354,7 @@ impl Mux {
             let mut st = shared.lock();
             ports.iter().map(|&port| st.add_listener(&mux, port)).collect()
         };
-        let spins = link.lock().unwrap_or_else(|p| p.into_inner()).spins();
-        tokio::spawn(read_packets(shared.clone(), SharedLink(link.clone()), spins));
+        tokio::spawn(read_packets(shared.clone(), SharedLink(link.clone())));
         tokio::spawn(write_packets(shared, SharedLink(link)));
         (mux, listeners)
     }
@@ -819,6 +810,25 @@ async fn wait_for_room(shared: &Shared) -> bool {
     }
 }
 
+/// What the reader task reads packets from: the link, and what it knows of the link's
+/// next read.
+trait ReadSide: AsyncRead + Unpin {
+    /// [`Link::spins`].
+    fn spins(&self) -> bool;
+    /// [`Link::has_input_seen`].
+    fn has_input_seen(&self) -> bool;
+}
+
+impl<B: Backend + Clone> ReadSide for SharedLink<B> {
+    fn spins(&self) -> bool {
+        self.lock().spins()
+    }
+
+    fn has_input_seen(&self) -> bool {
+        self.lock().has_input_seen()
+    }
+}
+
 /// The link, shared by the reader task and the writer task (each polls it under the lock, as
 /// `tokio::io::split` would) and, weakly, by the connections' direct writes: the link closes
 /// once both tasks have ended.
@@ -918,9 +928,8 @@ async fn offer_to_reader(shared: &Shared, h: &Header) -> usize {
 /// ([`offer_to_reader`]), and what that reader does not take is read into a buffer of its own
 /// that becomes part of the connection's receive queue; a small one is read into a buffer
 /// reused for every packet.
-///
-/// `spins`: the link's reads spin before waiting ([`Link::spins`]), holding the thread.
-async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R, spins: bool) {
+async fn read_packets<R: ReadSide>(shared: Arc<Shared>, mut rd: R) {
+    let spins = rd.spins();
     let mut header = [0u8; HEADER_LEN];
     let mut small = Vec::with_capacity(OWN_BUFFER);
     let why = loop {
@@ -935,9 +944,11 @@ async fn read_packets<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R, spin
         // something to send only delays the peer's answer. A read that cannot spin (no
         // adaptive polling, or bytes in the ring) returns at once or only registers for the
         // next packet: the cheap yield serves.
+        // Only a read that finds the ring empty spins (the tasks that run meanwhile read
+        // nothing from the link: an offered payload is taken before this).
+        let may_spin = spins && !rd.has_input_seen();
         for i in 0..16 {
-            // Only a read that finds the ring empty spins.
-            if spins && shared.direct.has_input_seen() != Some(true) {
+            if may_spin {
                 tokio::task::yield_now().await;
             } else {
                 run_others().await;

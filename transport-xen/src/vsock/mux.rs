@@ -942,10 +942,9 @@ async fn read_packets<R: ReadSide>(shared: Arc<Shared>, mut rd: R) {
         // first read included. With calls pipelined, keep yielding (boundedly) while our own
         // packets wait for the writer task: a read that spins while this side still has
         // something to send only delays the peer's answer. A read that cannot spin (no
-        // adaptive polling, or bytes in the ring) returns at once or only registers for the
-        // next packet: the cheap yield serves.
-        // Only a read that finds the ring empty spins (the tasks that run meanwhile read
-        // nothing from the link: an offered payload is taken before this).
+        // adaptive polling, or bytes seen in the ring: the tasks that run meanwhile read
+        // nothing from the link, an offered payload being taken before this) returns at once
+        // or only registers for the next packet: the cheap yield serves.
         let may_spin = spins && !rd.has_input_seen();
         for i in 0..16 {
             if may_spin {

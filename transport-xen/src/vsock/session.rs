@@ -292,10 +292,15 @@ impl Conn {
     }
 
     /// Puts this connection's receive credit as of now (`buf_alloc`, our `fwd_cnt`) on a packet
-    /// of it, and remembers it as announced.
-    fn announce_credit(&mut self, header: &mut Header, buf_alloc: u32) {
+    /// of it.
+    fn put_credit(&self, header: &mut Header, buf_alloc: u32) {
         header.buf_alloc = buf_alloc;
         header.fwd_cnt = self.fwd_cnt;
+    }
+
+    /// [`Conn::put_credit`], and remembers the credit as announced.
+    fn announce_credit(&mut self, header: &mut Header, buf_alloc: u32) {
+        self.put_credit(header, buf_alloc);
         self.announced_fwd_cnt = self.fwd_cnt;
     }
 }
@@ -485,9 +490,8 @@ impl Session {
             if header.op != Op::Rst
                 && let Some(c) = self.conns.get(&id)
             {
-                // What `poll_transmit` announces, without committing it yet.
-                header.buf_alloc = self.config.buf_alloc;
-                header.fwd_cnt = c.fwd_cnt;
+                // What `poll_transmit` announces, committed only once the packet is out.
+                c.put_credit(&mut header, self.config.buf_alloc);
             }
             if !write(&header.encode(), &t.payload) {
                 break;
@@ -664,8 +668,7 @@ impl Session {
         }
         // The credit announced as of now, committed only once the packet is out.
         let mut header = Header::rw(id.local, id.peer, n);
-        header.buf_alloc = buf_alloc;
-        header.fwd_cnt = conn.fwd_cnt;
+        conn.put_credit(&mut header, buf_alloc);
         if !write(&header.encode(), &data[..n as usize]) {
             return Ok(None);
         }
@@ -1038,17 +1041,19 @@ mod tests {
         let (mut a, mut b, ab, ba) = connected();
         a.send(ab, &[7; 40]).unwrap();
         deliver(&mut a, &mut b);
-        // Reading frees a quarter of the buffer: a credit update is queued, then an RST for a
-        // port pair nobody knows.
-        let mut buf = [0u8; 64];
-        assert_eq!(b.recv(ba, &mut buf).unwrap(), Read::Data(40));
+        // Reading frees a quarter of the buffer: a credit update is queued (announcing 20),
+        // then an RST for a port pair nobody knows; then more is read (the update waiting
+        // will carry it).
+        let mut buf = [0u8; 20];
+        assert_eq!(b.recv(ba, &mut buf).unwrap(), Read::Data(20));
         b.handle(&Header::rw(9, 9, 1).packet(&[0])).unwrap();
+        assert_eq!(b.recv(ba, &mut buf).unwrap(), Read::Data(20));
         assert_eq!(b.stats().queued_control, 2);
         // The link declines: nothing leaves, nothing is committed.
         assert_eq!(b.transmit_direct(|_, _| false), 0);
         assert_eq!(b.stats().queued_control, 2);
-        // It takes one: the credit update, with the credit as of now (more was read meanwhile
-        // in a real shell; here the 40 bytes), then declines the RST, which stays queued.
+        // It takes one: the credit update, with the credit as of now (all 40 bytes read), then
+        // declines the RST, which stays queued.
         let mut out = Vec::new();
         let sent = b.transmit_direct(|header, payload| {
             if !out.is_empty() {

@@ -142,6 +142,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes one packet to the link from the calling task if the link takes all of it now
+    /// (the session's direct-write callbacks); a link failure goes to `failed`.
+    fn write_now(&self, header: &[u8], payload: &[u8], failed: &mut Option<io::Error>) -> bool {
+        match self.direct.try_write_all(&[header, payload]) {
+            Some(Ok(written)) => written,
+            Some(Err(e)) => {
+                *failed = Some(e);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Puts the packets the session queued on the link from the calling task, as far as the
     /// link takes them now, unless the writer task holds packets it took before them. True if
     /// the writer task is to be woken: packets are left for it, or the multiplexer stopped
@@ -157,16 +170,7 @@ impl Shared {
             return st.session.has_transmit();
         }
         let mut failed = None;
-        let sent = st.session.transmit_direct(|header, payload| {
-            match self.direct.try_write_all(&[header, payload]) {
-                Some(Ok(written)) => written,
-                Some(Err(e)) => {
-                    failed = Some(e);
-                    false
-                }
-                None => false,
-            }
-        });
+        let sent = st.session.transmit_direct(|header, payload| self.write_now(header, payload, &mut failed));
         if let Some(e) = failed {
             st.stop(link_failed(&e));
             return true;
@@ -719,16 +723,9 @@ impl AsyncWrite for VsockStream {
         // so that the credit the packet announces is the latest on the link.
         if !st.writing && st.stopped.is_none() && !st.session.has_transmit() {
             let mut failed = None;
-            let sent = st.session.send_direct(this.id, data, |header, payload| {
-                match shared.direct.try_write_all(&[header, payload]) {
-                    Some(Ok(written)) => written,
-                    Some(Err(e)) => {
-                        failed = Some(e);
-                        false
-                    }
-                    None => false,
-                }
-            });
+            let sent = st
+                .session
+                .send_direct(this.id, data, |header, payload| shared.write_now(header, payload, &mut failed));
             if let Some(e) = failed {
                 let why = link_failed(&e);
                 st.stop(why.clone());

@@ -316,6 +316,42 @@ async fn dropping_one_side_fails_the_other_sides_connections() {
 }
 
 #[tokio::test]
+async fn a_larger_receive_buffer_lets_the_sender_put_that_much_in_flight() {
+    let h = host("mux-rcvbuf");
+    let (ma, mb) = muxes(&h, "data/rcvbuf").await;
+    let l = mb.listen(80).unwrap();
+    let cfg = SessionConfig::default();
+    // Two connections whose readers do not read: what each sender gets in flight is its
+    // reader's buffer, the default one's at first.
+    let mut plain = ma.connect(80).await.unwrap();
+    let _plain_reader = tokio::time::timeout(T, l.accept()).await.unwrap().unwrap();
+    let mut bulk = ma.connect(80).await.unwrap();
+    let mut bulk_reader = tokio::time::timeout(T, l.accept()).await.unwrap().unwrap();
+    assert_eq!(fill_window(&mut plain), cfg.buf_alloc as usize);
+    let mut taken = fill_window(&mut bulk);
+    assert_eq!(taken, cfg.buf_alloc as usize);
+    // The reader task takes what is on the link meanwhile, and the link falls quiet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // One is given the most it may have. Its stalled sender learns of it from a credit update
+    // the call sends (nothing else moves on the link), and fills the rest.
+    bulk_reader.set_recv_buffer_size(cfg.max_buf_alloc).unwrap();
+    let deadline = Instant::now() + T;
+    while taken < cfg.max_buf_alloc as usize && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        taken += fill_window(&mut bulk);
+    }
+    assert_eq!(taken, cfg.max_buf_alloc as usize);
+    // It never shrinks, nor passes the most a connection may have; the stream lives on.
+    for asked in [cfg.buf_alloc, cfg.max_buf_alloc + 1] {
+        let err = bulk_reader.set_recv_buffer_size(asked).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    }
+    let mut got = vec![1u8; taken];
+    tokio::time::timeout(T, bulk_reader.read_exact(&mut got)).await.unwrap().unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
 async fn a_peer_that_overruns_its_credit_is_disconnected_and_others_live_on() {
     let h = host("mux-overrun");
     let (victim_link, mut raw) = links(&h, "data/evil").await;

@@ -1,5 +1,5 @@
 //! Fuzz target: a session fed arbitrary packets from a hostile peer, interleaved with local
-//! calls (connect, accept, send, recv, shutdown, close). Packets arrive whole (`handle`), as
+//! calls (connect, accept, send, recv, shutdown, close, a larger receive buffer). Packets arrive whole (`handle`), as
 //! a decoded header and a payload in its own buffer (`handle_owned`), as the shell passes large
 //! ones, or partly read straight into a reader's buffer (`handle_direct`) where
 //! `direct_receiver` allows it. The session's queue is drained as the writer task does
@@ -9,7 +9,8 @@
 //! Invariants: nothing panics; once `handle` reports a violation the link is considered closed
 //! (the target stops); an `RST` from the peer is never answered (with anything); every packet
 //! the session emits decodes cleanly to exactly the header it was encoded from (so its flags
-//! suit its op) and its payload matches its length; a connection's emitted data never exceeds
+//! suit its op) and its payload matches its length, and advertises a receive buffer between the
+//! default and the most a connection may have; a connection's emitted data never exceeds
 //! the credit the peer advertised. Queue bounds: the peer's packets are fed only while the
 //! session wants input (as the shell reads), and the session is drained only now and then: the
 //! queued control packets never exceed the bound by more than one packet and the local side's
@@ -29,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let cfg = SessionConfig {
         buf_alloc: 8192,
+        max_buf_alloc: 32768,
         max_connections: 16,
         rx_budget: 12 * 8192,
         max_transmit_bytes: 8192,
@@ -40,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     let mut credit: HashMap<ConnId, (u32, u32, u32)> = HashMap::new();
     let mut buf = [0u8; 300];
     for _ in 0..200 {
-        let Ok(choice) = u.int_in_range(0u8..=7) else { break };
+        let Ok(choice) = u.int_in_range(0u8..=8) else { break };
         let port = |u: &mut Unstructured| u.int_in_range(0u32..=3).unwrap_or(0);
         match choice {
             0 | 1 => {
@@ -143,6 +145,10 @@ fuzz_target!(|data: &[u8]| {
             6 => {
                 let _ = s.shutdown_send(ConnId { local: port(&mut u), peer: port(&mut u) });
             }
+            8 => {
+                let id = ConnId { local: port(&mut u), peer: port(&mut u) };
+                let _ = s.set_buf_alloc(id, u.int_in_range(0u32..=40_000).unwrap_or(0));
+            }
             _ => s.close(ConnId { local: port(&mut u), peer: port(&mut u) }),
         }
         let st = s.stats();
@@ -166,6 +172,9 @@ fuzz_target!(|data: &[u8]| {
             let h = Header::decode(&wire).expect("the session emitted an invalid header");
             assert_eq!(&h, header, "the emitted header does not decode to itself");
             assert_eq!(h.len as usize, payload.len(), "{h:?}");
+            if h.op != Op::Rst {
+                assert!((cfg.buf_alloc..=cfg.max_buf_alloc).contains(&h.buf_alloc), "{h:?}");
+            }
         };
         // Some of the queue first goes to the link as the shell's connection tasks write it,
         // the link taking only a few packets.

@@ -574,6 +574,24 @@ impl VsockStream {
     pub fn peer_domain(&self) -> DomId {
         self.mux.shared.peer
     }
+
+    /// Gives this connection a receive buffer of `bytes` (as `SO_VM_SOCKETS_BUFFER_SIZE` does a
+    /// kernel socket's): the peer may have that much of it unread at once. A bulk stream wants
+    /// about the link's ring size, so that its sender seldom waits for credit; the default
+    /// ([`SessionConfig::buf_alloc`]) suits calls. It only grows, up to
+    /// [`SessionConfig::max_buf_alloc`], within the link's receive budget
+    /// ([`Session::set_buf_alloc`](crate::vsock::session::Session::set_buf_alloc)); otherwise
+    /// an error and the buffer stays as it was.
+    pub fn set_recv_buffer_size(&self, bytes: u32) -> io::Result<()> {
+        let shared = &self.mux.shared;
+        let mut st = shared.lock();
+        if let Some(why) = &st.stopped {
+            return Err(stopped_io(shared.peer, why));
+        }
+        let r = st.session.set_buf_alloc(self.id, bytes).map_err(|e| st.session_io(shared.peer, e));
+        shared.send_queued(st);
+        r
+    }
 }
 
 /// The error of an operation on a stopped multiplexer: a [`TransportReset`] if the link is
@@ -626,6 +644,7 @@ fn session_io(e: SessionError) -> io::Error {
         SessionError::NotFound(_) | SessionError::NotConnected(_) => {
             io::Error::new(io::ErrorKind::NotConnected, e)
         }
+        SessionError::BufferSize { .. } => io::Error::new(io::ErrorKind::InvalidInput, e),
         SessionError::TooManyConnections | SessionError::OverBudget { .. } => io::Error::other(e),
     }
 }

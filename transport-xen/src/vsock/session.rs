@@ -50,14 +50,18 @@ pub struct ConnId {
 /// can make its multiplexer hold under 30 MiB of heap (docs/vsock.md, "Memory").
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Receive buffer per connection, in bytes (advertised as `buf_alloc`).
+    /// Receive buffer of a new connection, in bytes (advertised as `buf_alloc`).
     pub buf_alloc: u32,
+    /// Most receive buffer one connection may be given ([`Session::set_buf_alloc`], as
+    /// `SO_VM_SOCKETS_BUFFER_SIZE` sets a kernel socket's).
+    pub max_buf_alloc: u32,
     /// Most connections (in any state) on the link; further `REQUEST`s are refused with `RST`
     /// ([`SessionStats::refused_limit`]) and local connects fail
     /// ([`SessionError::TooManyConnections`]).
     pub max_connections: usize,
     /// Most receive buffer, in bytes, promised across the link's connections: each connection
-    /// promises `buf_alloc`, so at most `rx_budget / buf_alloc` connections exist at once.
+    /// promises its own (`buf_alloc`, or what [`Session::set_buf_alloc`] gave it), so at most
+    /// `rx_budget / buf_alloc` connections exist at once, fewer if some were given more.
     /// Further `REQUEST`s are refused with `RST` ([`SessionStats::refused_budget`]) and local
     /// connects fail ([`SessionError::OverBudget`]).
     pub rx_budget: u64,
@@ -75,11 +79,13 @@ pub struct SessionConfig {
 }
 
 impl Default for SessionConfig {
-    /// 256 KiB per connection; 256 connections, of which at most 64 at once with the 16 MiB
-    /// receive budget; 1 MiB of queued data; 1,024 queued control packets.
+    /// 256 KiB per connection, up to 1 MiB if the local side asks; 256 connections, of which
+    /// at most 64 at once with the 16 MiB receive budget; 1 MiB of queued data; 1,024 queued
+    /// control packets.
     fn default() -> Self {
         SessionConfig {
             buf_alloc: 256 << 10,
+            max_buf_alloc: 1 << 20,
             max_connections: 256,
             rx_budget: 16 << 20,
             max_transmit_bytes: 1 << 20,
@@ -184,11 +190,25 @@ pub enum SessionError {
     /// The link has as many connections as configured.
     #[error("too many connections on this link")]
     TooManyConnections,
-    /// Another connection would take the receive buffer promised on this link past its budget.
+    /// Another connection, or a larger buffer for one, would take the receive buffer promised
+    /// on this link past its budget.
     #[error("the link's receive budget of {budget} bytes is promised to its connections")]
     OverBudget {
         /// [`SessionConfig::rx_budget`].
         budget: u64,
+    },
+    /// A receive buffer size the connection cannot be given: under what it has already
+    /// promised the peer, or over [`SessionConfig::max_buf_alloc`].
+    #[error("a receive buffer of {asked} bytes for connection {id:?}: it can be given {now} to {max} bytes")]
+    BufferSize {
+        /// The connection.
+        id: ConnId,
+        /// The size asked for.
+        asked: u32,
+        /// Its buffer now (the peer may already have sent that much: it never shrinks).
+        now: u32,
+        /// [`SessionConfig::max_buf_alloc`].
+        max: u32,
     },
 }
 
@@ -256,6 +276,8 @@ struct Conn {
     peer_shut_rcv: bool,
     // Receiving.
     rx: RxQueue,
+    /// Our receive buffer for it (advertised as `buf_alloc`): only grows.
+    buf_alloc: u32,
     rx_cnt: u32,
     fwd_cnt: u32,
     announced_fwd_cnt: u32,
@@ -268,8 +290,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(state: State) -> Conn {
+    fn new(state: State, buf_alloc: u32) -> Conn {
         Conn {
+            buf_alloc,
             state,
             tx_cnt: 0,
             peer_buf_alloc: 0,
@@ -293,14 +316,14 @@ impl Conn {
 
     /// Puts this connection's receive credit as of now (`buf_alloc`, our `fwd_cnt`) on a packet
     /// of it.
-    fn put_credit(&self, header: &mut Header, buf_alloc: u32) {
-        header.buf_alloc = buf_alloc;
+    fn put_credit(&self, header: &mut Header) {
+        header.buf_alloc = self.buf_alloc;
         header.fwd_cnt = self.fwd_cnt;
     }
 
     /// [`Conn::put_credit`], and remembers the credit as announced.
-    fn announce_credit(&mut self, header: &mut Header, buf_alloc: u32) {
-        self.put_credit(header, buf_alloc);
+    fn announce_credit(&mut self, header: &mut Header) {
+        self.put_credit(header);
         self.announced_fwd_cnt = self.fwd_cnt;
     }
 }
@@ -365,6 +388,9 @@ pub struct Session {
     room_waiters: Vec<ConnId>,
     /// Bytes of data packets (header and payload) in `transmit`.
     queued_data: usize,
+    /// Receive buffer promised beyond `buf_alloc` each: the sum over the connections of what
+    /// [`Session::set_buf_alloc`] added.
+    raised: u64,
     stats: SessionStats,
     events: VecDeque<Event>,
     /// Payload buffers handed back by [`Session::recycle`], reused by [`Session::send`]: a
@@ -393,6 +419,7 @@ impl Session {
             rst_queued: HashSet::new(),
             room_waiters: Vec::new(),
             queued_data: 0,
+            raised: 0,
             stats: SessionStats { max_queued_control: config.control_bound(), ..SessionStats::default() },
             events: VecDeque::new(),
             spare: Vec::new(),
@@ -460,7 +487,7 @@ impl Session {
             if t.header.op == Op::CreditUpdate {
                 c.credit_update_queued = false;
             }
-            c.announce_credit(&mut t.header, self.config.buf_alloc);
+            c.announce_credit(&mut t.header);
         }
         if !self.room_waiters.is_empty() && self.queued_data <= self.config.max_transmit_bytes / 2 {
             for id in std::mem::take(&mut self.room_waiters) {
@@ -491,7 +518,7 @@ impl Session {
                 && let Some(c) = self.conns.get(&id)
             {
                 // What `poll_transmit` announces, committed only once the packet is out.
-                c.put_credit(&mut header, self.config.buf_alloc);
+                c.put_credit(&mut header);
             }
             if !write(&header.encode(), &t.payload) {
                 break;
@@ -552,7 +579,7 @@ impl Session {
             return Err(SessionError::TooManyConnections);
         }
         let promised = (self.conns.len() as u64 + 1).saturating_mul(u64::from(self.config.buf_alloc));
-        if promised > self.config.rx_budget {
+        if promised.saturating_add(self.raised) > self.config.rx_budget {
             return Err(SessionError::OverBudget { budget: self.config.rx_budget });
         }
         Ok(())
@@ -576,7 +603,7 @@ impl Session {
                 }
                 c.credit_update_queued = true;
             }
-            c.announce_credit(&mut header, self.config.buf_alloc);
+            c.announce_credit(&mut header);
         }
         self.push(Transmit::control(header));
     }
@@ -587,7 +614,7 @@ impl Session {
             return Err(SessionError::InUse(id));
         }
         self.admit()?;
-        self.conns.insert(id, Conn::new(State::Connecting));
+        self.conns.insert(id, Conn::new(State::Connecting, self.config.buf_alloc));
         self.send_control(Op::Request, id, 0);
         Ok(())
     }
@@ -607,7 +634,7 @@ impl Session {
     pub fn refuse(&mut self, id: ConnId) -> Result<(), SessionError> {
         match self.conns.get(&id).map(|c| c.state) {
             Some(State::Requested) => {
-                self.conns.remove(&id);
+                self.forget(id);
                 self.push_rst(id);
                 Ok(())
             }
@@ -616,12 +643,54 @@ impl Session {
         }
     }
 
+    /// Gives `id` a receive buffer of `bytes` (what `SO_VM_SOCKETS_BUFFER_SIZE` does for a
+    /// kernel socket): the peer may then have that much of the connection's data unread at
+    /// once, so a stream needs fewer credit updates, and its sender waits for them less. The
+    /// peer learns it from a `CREDIT_UPDATE`, or from our `RESPONSE` for a connection it asked
+    /// for and we have not accepted yet. The buffer only grows (the peer may already have sent under the larger
+    /// credit), up to [`SessionConfig::max_buf_alloc`], and counts against
+    /// [`SessionConfig::rx_budget`] like a connection's own.
+    pub fn set_buf_alloc(&mut self, id: ConnId, bytes: u32) -> Result<(), SessionError> {
+        let conn = self.conns.get(&id).ok_or(SessionError::NotFound(id))?;
+        match conn.state {
+            State::Closed(r) => return Err(SessionError::Closed(id, r)),
+            State::Closing => return Err(SessionError::NotConnected(id)),
+            State::Connecting | State::Requested | State::Established => {}
+        }
+        let (now, max) = (conn.buf_alloc, self.config.max_buf_alloc);
+        if bytes < now || bytes > max {
+            return Err(SessionError::BufferSize { id, asked: bytes, now, max });
+        }
+        let more = u64::from(bytes - now);
+        let promised = (self.conns.len() as u64).saturating_mul(u64::from(self.config.buf_alloc));
+        if promised.saturating_add(self.raised).saturating_add(more) > self.config.rx_budget {
+            return Err(SessionError::OverBudget { budget: self.config.rx_budget });
+        }
+        if more == 0 {
+            return Ok(());
+        }
+        self.raised += more;
+        let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
+        conn.buf_alloc = bytes;
+        // A connection the peer asked for learns it from our `RESPONSE`.
+        if conn.state != State::Requested {
+            self.send_control(Op::CreditUpdate, id, 0);
+        }
+        Ok(())
+    }
+
+    /// Forgets a connection, and the buffer it promised.
+    fn forget(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.remove(&id) {
+            self.raised -= u64::from(c.buf_alloc.saturating_sub(self.config.buf_alloc));
+        }
+    }
+
     /// Sends up to `data.len()` bytes, as much as the peer's credit allows (at most one
     /// packet's worth per call). `Ok(0)` means no credit now: [`Event::Writable`] follows when
     /// there is.
     pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<usize, SessionError> {
         let n = self.sendable(id, data.len())?;
-        let buf_alloc = self.config.buf_alloc;
         let room = self.config.max_transmit_bytes.saturating_sub(self.queued_data + HEADER_LEN);
         let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
         if n == 0 {
@@ -639,7 +708,7 @@ impl Session {
         }
         conn.tx_cnt = conn.tx_cnt.wrapping_add(n);
         let mut header = Header::rw(id.local, id.peer, n);
-        conn.announce_credit(&mut header, buf_alloc);
+        conn.announce_credit(&mut header);
         let mut payload = self.spare.pop().unwrap_or_default();
         payload.clear();
         payload.extend_from_slice(&data[..n as usize]);
@@ -661,19 +730,18 @@ impl Session {
         write: impl FnOnce(&[u8], &[u8]) -> bool,
     ) -> Result<Option<usize>, SessionError> {
         let n = self.sendable(id, data.len())?;
-        let buf_alloc = self.config.buf_alloc;
         let conn = self.conns.get_mut(&id).ok_or(SessionError::NotFound(id))?;
         if n == 0 {
             return Ok(None);
         }
         // The credit announced as of now, committed only once the packet is out.
         let mut header = Header::rw(id.local, id.peer, n);
-        conn.put_credit(&mut header, buf_alloc);
+        conn.put_credit(&mut header);
         if !write(&header.encode(), &data[..n as usize]) {
             return Ok(None);
         }
         conn.tx_cnt = conn.tx_cnt.wrapping_add(n);
-        conn.announce_credit(&mut header, buf_alloc);
+        conn.announce_credit(&mut header);
         self.stats.direct += 1;
         Ok(Some(n as usize))
     }
@@ -719,8 +787,8 @@ impl Session {
     /// Counts `n` bytes of `id` as read: the freed credit is announced once a quarter of the
     /// buffer has been freed since the peer was last told.
     fn consumed(&mut self, id: ConnId, n: usize) {
-        let threshold = self.config.buf_alloc / 4;
         let Some(conn) = self.conns.get_mut(&id) else { return };
+        let threshold = conn.buf_alloc / 4;
         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
         let live = matches!(conn.state, State::Established) && !conn.peer_shut_send;
         if live && conn.fwd_cnt.wrapping_sub(conn.announced_fwd_cnt) >= threshold {
@@ -759,9 +827,7 @@ impl Session {
                 let _ = self.refuse(id);
             }
             State::Closing => {}
-            State::Closed(_) => {
-                self.conns.remove(&id);
-            }
+            State::Closed(_) => self.forget(id),
         }
     }
 
@@ -785,7 +851,14 @@ impl Session {
     /// The link went away: every connection ends with [`CloseReason::PeerGone`]. Data that
     /// arrived before stays readable until the connection is released.
     pub fn peer_gone(&mut self) {
-        self.conns.retain(|_, c| c.state != State::Closing);
+        let (default, raised) = (self.config.buf_alloc, &mut self.raised);
+        self.conns.retain(|_, c| {
+            let keep = c.state != State::Closing;
+            if !keep {
+                *raised -= u64::from(c.buf_alloc.saturating_sub(default));
+            }
+            keep
+        });
         let mut ids: Vec<ConnId> = Vec::new();
         for (id, conn) in self.conns.iter_mut() {
             if !matches!(conn.state, State::Closed(_)) {
@@ -842,7 +915,7 @@ impl Session {
         let accepted = conn.state == State::Established
             && conn.rx.is_empty()
             && !conn.peer_shut_send
-            && h.len <= self.config.buf_alloc.saturating_sub(in_buffer)
+            && h.len <= conn.buf_alloc.saturating_sub(in_buffer)
             && h.fwd_cnt.wrapping_sub(conn.peer_fwd_cnt) <= conn.tx_cnt.wrapping_sub(conn.peer_fwd_cnt);
         accepted.then_some(id)
     }
@@ -903,7 +976,7 @@ impl Session {
             }
             (Op::Rw, State::Established) => {
                 let in_buffer = conn.rx_cnt.wrapping_sub(conn.fwd_cnt);
-                let credit = self.config.buf_alloc.saturating_sub(in_buffer);
+                let credit = conn.buf_alloc.saturating_sub(in_buffer);
                 if conn.peer_shut_send {
                     return Err(Violation::DataAfterShutdown(id));
                 }
@@ -950,7 +1023,7 @@ impl Session {
                     let closing = conn.state == State::Closing;
                     self.push_rst(id);
                     if closing {
-                        self.conns.remove(&id);
+                        self.forget(id);
                     } else {
                         self.end(id, CloseReason::Finished);
                     }
@@ -990,7 +1063,7 @@ impl Session {
                 return;
             }
         }
-        let mut conn = Conn::new(State::Requested);
+        let mut conn = Conn::new(State::Requested, self.config.buf_alloc);
         conn.peer_buf_alloc = h.buf_alloc;
         conn.peer_fwd_cnt = h.fwd_cnt;
         self.conns.insert(id, conn);
@@ -1002,9 +1075,7 @@ impl Session {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         match conn.state {
             // Nobody holds a closing or a never-accepted connection: forget it.
-            State::Closing | State::Requested => {
-                self.conns.remove(&id);
-            }
+            State::Closing | State::Requested => self.forget(id),
             State::Closed(_) => {}
             _ => {
                 conn.state = State::Closed(reason);
@@ -1082,6 +1153,7 @@ mod tests {
     fn small() -> SessionConfig {
         SessionConfig {
             buf_alloc: 64,
+            max_buf_alloc: 256,
             max_connections: 8,
             rx_budget: 8 * 64,
             max_transmit_bytes: 1 << 20,
@@ -1105,6 +1177,86 @@ mod tests {
         deliver(&mut b, &mut a);
         assert_eq!(events(&mut a), vec![Event::Connected(at_a)]);
         (a, b, at_a, at_b)
+    }
+
+    #[test]
+    fn a_larger_receive_buffer_is_announced_and_lets_the_peer_send_that_much() {
+        let (mut a, mut b, ab, ba) = connected();
+        assert_eq!(a.send(ab, &[1; 300]).unwrap(), 64, "the default buffer");
+        deliver(&mut a, &mut b);
+        b.set_buf_alloc(ba, 200).unwrap();
+        let update = b.poll_transmit().unwrap();
+        assert_eq!((update.header.op, update.header.buf_alloc), (Op::CreditUpdate, 200));
+        a.handle(&wire(&update)).unwrap();
+        // 64 unread of 200: 136 more may be in flight, and B takes them.
+        assert_eq!(a.send(ab, &[2; 300]).unwrap(), 136);
+        assert_eq!(a.send(ab, &[2; 300]).unwrap(), 0);
+        deliver(&mut a, &mut b);
+        assert_eq!(b.buffered(ba), 200);
+        // Reading a quarter of the new buffer announces the freed credit.
+        let mut buf = [0u8; 50];
+        assert_eq!(b.recv(ba, &mut buf).unwrap(), Read::Data(50));
+        let update = b.poll_transmit().unwrap();
+        assert_eq!(
+            (update.header.op, update.header.fwd_cnt, update.header.buf_alloc),
+            (Op::CreditUpdate, 50, 200)
+        );
+        // A byte past the larger buffer is still an overrun.
+        assert_eq!(
+            b.handle(&Header::rw(1000, 80, 51).packet(&[0; 51])),
+            Err(Violation::CreditOverrun { id: ba, len: 51, credit: 50 })
+        );
+    }
+
+    #[test]
+    fn a_receive_buffer_never_shrinks_nor_passes_the_maximum_or_the_budget() {
+        let (_, mut b, _, ba) = connected();
+        let refused = |asked, now| Err(SessionError::BufferSize { id: ba, asked, now, max: 256 });
+        assert_eq!(b.set_buf_alloc(ba, 63), refused(63, 64));
+        assert_eq!(b.set_buf_alloc(ba, 257), refused(257, 64));
+        b.set_buf_alloc(ba, 256).unwrap();
+        assert_eq!(b.set_buf_alloc(ba, 255), refused(255, 256));
+        b.set_buf_alloc(ba, 256).unwrap();
+        assert_eq!(b.stats().queued_control, 1, "one credit update, for the one change");
+        // The budget (512) holds 256 + 64 each: four more connections, not seven.
+        let new = |n: u32| ConnId { local: 2000 + n, peer: 80 };
+        for n in 0..4 {
+            b.connect(new(n)).unwrap();
+        }
+        assert_eq!(b.connect(new(4)), Err(SessionError::OverBudget { budget: 512 }));
+        // Raising another past the budget fails and changes nothing.
+        assert_eq!(b.set_buf_alloc(new(0), 65), Err(SessionError::OverBudget { budget: 512 }));
+        // A connection gone gives back what it was promised: the large one, closed by the
+        // peer's reset, and released.
+        b.handle(&Header::rst(1000, 80).packet(&[])).unwrap();
+        b.close(ba);
+        for n in 4..8 {
+            b.connect(new(n)).unwrap();
+        }
+        assert_eq!(b.connect(new(8)), Err(SessionError::TooManyConnections));
+    }
+
+    #[test]
+    fn a_connection_asked_for_learns_its_larger_buffer_from_the_response() {
+        let (mut a, mut b) = (Session::new(small()), Session::new(small()));
+        let (ab, ba) = (ConnId { local: 1000, peer: 80 }, ConnId { local: 80, peer: 1000 });
+        a.connect(ab).unwrap();
+        deliver(&mut a, &mut b);
+        b.set_buf_alloc(ba, 128).unwrap();
+        b.accept(ba).unwrap();
+        let response = b.poll_transmit().unwrap();
+        assert_eq!((response.header.op, response.header.buf_alloc), (Op::Response, 128));
+        assert_eq!(b.poll_transmit(), None, "no credit update besides");
+        a.handle(&wire(&response)).unwrap();
+        assert_eq!(a.send(ab, &[0; 200]).unwrap(), 128);
+        // Our own connect: the update follows the REQUEST.
+        let (ac, ca) = (ConnId { local: 1001, peer: 81 }, ConnId { local: 81, peer: 1001 });
+        a.connect(ac).unwrap();
+        a.set_buf_alloc(ac, 100).unwrap();
+        deliver(&mut a, &mut b);
+        b.accept(ca).unwrap();
+        deliver(&mut b, &mut a);
+        assert_eq!(b.send(ca, &[0; 200]).unwrap(), 100);
     }
 
     #[test]
@@ -1376,6 +1528,7 @@ mod tests {
         Recv(bool, u8, u8),
         Shutdown(bool, u8),
         Close(bool, u8),
+        Grow(bool, u8, u8),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1386,6 +1539,7 @@ mod tests {
             (any::<bool>(), 0u8..4, 1u8..100).prop_map(|(s, c, n)| Step::Recv(s, c, n)),
             (any::<bool>(), 0u8..4).prop_map(|(s, c)| Step::Shutdown(s, c)),
             (any::<bool>(), 0u8..4).prop_map(|(s, c)| Step::Close(s, c)),
+            (any::<bool>(), 0u8..4, 0u8..100).prop_map(|(s, c, n)| Step::Grow(s, c, n)),
         ]
     }
 
@@ -1414,6 +1568,17 @@ mod tests {
             })
     }
 
+    /// What the session counts as promised beyond the default buffers is what its connections
+    /// hold, and all of it stays within the budget.
+    fn promises_within_budget(s: &Session) -> Result<(), TestCaseError> {
+        let default = u64::from(s.config.buf_alloc);
+        let raised: u64 = s.conns.values().map(|c| u64::from(c.buf_alloc) - default).sum();
+        prop_assert_eq!(s.raised, raised);
+        let promised: u64 = s.conns.values().map(|c| u64::from(c.buf_alloc)).sum();
+        prop_assert!(promised <= s.config.rx_budget, "{} promised", promised);
+        Ok(())
+    }
+
     #[derive(Debug, Clone)]
     enum Hostile {
         /// The peer sends a packet (taken only while the session wants input, as the shell does).
@@ -1425,6 +1590,7 @@ mod tests {
         Recv(u32, u32),
         Send(u32, u32),
         Close(u32, u32),
+        Grow(u32, u32, u32),
     }
 
     fn hostile_step() -> impl Strategy<Value = Hostile> {
@@ -1435,6 +1601,7 @@ mod tests {
             1 => (0u32..12, 0u32..3).prop_map(|(l, p)| Hostile::Recv(l, p)),
             1 => (0u32..12, 0u32..3).prop_map(|(l, p)| Hostile::Send(l, p)),
             1 => (0u32..12, 0u32..3).prop_map(|(l, p)| Hostile::Close(l, p)),
+            1 => (0u32..12, 0u32..3, 0u32..300).prop_map(|(l, p, n)| Hostile::Grow(l, p, n)),
         ]
     }
 
@@ -1473,7 +1640,9 @@ mod tests {
                     Hostile::Recv(l, p) => { let _ = s.recv(ConnId { local: l, peer: p }, &mut [0u8; 50]); }
                     Hostile::Send(l, p) => { let _ = s.send(ConnId { local: l, peer: p }, &[3u8; 200]); }
                     Hostile::Close(l, p) => s.close(ConnId { local: l, peer: p }),
+                    Hostile::Grow(l, p, n) => { let _ = s.set_buf_alloc(ConnId { local: l, peer: p }, n); }
                 }
+                promises_within_budget(&s)?;
                 let st = s.stats();
                 prop_assert!(st.queued_control <= bound + 1 + 4 * cfg.connection_limit(), "{:?}", st);
                 prop_assert!(s.queued_data <= cfg.max_transmit_bytes, "{} queued data bytes", s.queued_data);
@@ -1648,8 +1817,19 @@ mod tests {
                     s[usize::from(side)].close(id(usize::from(side), c));
                     closed[c as usize] = true;
                 }
+                // A receive buffer grows (past the maximum or the budget: refused), and the
+                // peer learns it in its time.
+                Step::Grow(side, c, n) => {
+                    let (s, id) = (&mut s[usize::from(side)], id(usize::from(side), c));
+                    if let Some(now) = s.conns.get(&id).map(|c| c.buf_alloc) {
+                        let _ = s.set_buf_alloc(id, now.saturating_add(u32::from(n) * scale as u32));
+                    }
+                }
             }
             pump(&mut s, &mut wires);
+            for side in &s {
+                promises_within_budget(side)?;
+            }
             for side in 0..2 {
                 for c in 0..4 {
                     let (g, o) = (&got[side][c], &sent[1 - side][c]);
@@ -1710,7 +1890,12 @@ mod tests {
         /// whole as well as copied ones.
         #[test]
         fn two_sessions_agree_on_large_payloads(steps in proptest::collection::vec(step(), 1..60)) {
-            let config = SessionConfig { buf_alloc: 128 << 10, rx_budget: 8 * (128 << 10), ..small() };
+            let config = SessionConfig {
+                buf_alloc: 128 << 10,
+                max_buf_alloc: 512 << 10,
+                rx_budget: 8 * (128 << 10),
+                ..small()
+            };
             two_sessions_agree_under(steps, config, 1000)?;
         }
     }

@@ -497,7 +497,8 @@ pub const VSOCK_SINK_ROLE: &str = "vsock-sink";
 const VSOCK_SINK_PORT: u32 = 9;
 
 /// Aggregate throughput of several virtual-socket connections on one link, all streaming 64 KiB
-/// chunks at once into a sinking peer (rings of [`STREAM_RING`] bytes, default credit).
+/// chunks at once into a sinking peer (rings of [`STREAM_RING`] bytes; each sink gives its
+/// connection [`sink_buffer`] of receive buffer, as a bulk reader does).
 pub struct VsockStreams {
     streams: Vec<VsockStream>,
     mux: Mux,
@@ -573,6 +574,15 @@ impl Drop for VsockStreams {
     }
 }
 
+/// The receive buffer each of `conns` bulk connections on one link gets: its share of the
+/// ring (what the bare link's stream has in flight), at least the default and at most what a
+/// connection may have.
+pub fn sink_buffer(conns: usize) -> u32 {
+    let config = SessionConfig::default();
+    let share = u32::try_from(STREAM_RING / conns.max(1)).unwrap_or(u32::MAX);
+    share.clamp(config.buf_alloc, config.max_buf_alloc)
+}
+
 /// Peer of [`VsockStreams`]: accepts the connections and sinks each in its own task; exits when
 /// all of them have ended.
 pub(crate) fn vsock_sink_child(arg: &str) -> io::Result<()> {
@@ -582,6 +592,7 @@ pub(crate) fn vsock_sink_child(arg: &str) -> io::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..conns {
             let mut s = listener.accept().await?;
+            s.set_recv_buffer_size(sink_buffer(conns))?;
             tasks.spawn(async move { sink(&mut s).await });
         }
         while let Some(r) = tasks.join_next().await {

@@ -22,7 +22,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::ItemTrait;
 use syn::spanned::Spanned;
 
-use crate::model::{CliKind, Options, Service};
+use crate::model::{CliKind, Options, Service, is_byte_vec};
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     expand_with(attr, item, cfg!(feature = "cli"))
@@ -77,13 +77,30 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
     // Expressions that need the argument or result types to be serde types, spanned on the
     // method's name or its result type: a non-serde type is reported there, not on the
     // attribute.
+    // A `Vec<u8>` result travels as serde bytes (`model::is_byte_vec` says why).
     let encode_results: Vec<_> = methods
         .iter()
-        .map(|m| quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::encode(__codec, &__result)))
+        .map(|m| {
+            if is_byte_vec(&m.output) {
+                quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::encode(
+                    __codec,
+                    &::dombus::__private::serde_bytes::Bytes::new(&__result),
+                ))
+            } else {
+                quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::encode(__codec, &__result))
+            }
+        })
         .collect();
     let decode_results: Vec<_> = methods
         .iter()
-        .map(|m| quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __bytes)))
+        .map(|m| {
+            if is_byte_vec(&m.output) {
+                quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __bytes)
+                    .map(::dombus::__private::serde_bytes::ByteBuf::into_vec))
+            } else {
+                quote_spanned!(m.output.span()=> ::dombus::rpc::codec::Codec::decode(__codec, __bytes))
+            }
+        })
         .collect();
     // Spanned on the method: what serde's derive says about a non-serde argument points there
     // (and at the argument's type), not at the attribute.
@@ -91,11 +108,18 @@ fn generate(s: &Service, cli: bool) -> TokenStream {
         .iter()
         .zip(&args_structs)
         .map(|(m, name)| {
-            let (fields, types): (Vec<_>, Vec<_>) = m.args.iter().map(|a| (&a.ident, &a.ty)).unzip();
+            let fields = m.args.iter().map(|a| {
+                let (field, ty) = (&a.ident, &a.ty);
+                if is_byte_vec(ty) {
+                    quote!(#[serde(with = "::dombus::__private::serde_bytes")] #field: #ty)
+                } else {
+                    quote!(#field: #ty)
+                }
+            });
             quote_spanned! {m.ident.span()=>
                 #[derive(::dombus::__private::serde::Serialize, ::dombus::__private::serde::Deserialize)]
                 #[serde(crate = "::dombus::__private::serde")]
-                struct #name { #(#fields: #types),* }
+                struct #name { #(#fields),* }
             }
         })
         .collect();
@@ -530,6 +554,30 @@ mod tests {
                 }
             },
         ));
+    }
+
+    #[test]
+    fn byte_vector_arguments_and_results_travel_as_bytes() {
+        let out = pretty_with(
+            quote!(),
+            quote! {
+                /// Blobs.
+                pub trait Blobs {
+                    /// Stores.
+                    async fn put(&self, data: Vec<u8>, name: String, maybe: Option<Vec<u8>>) -> Vec<u8>;
+                    /// Lists.
+                    async fn list(&self, data: Vec<u16>) -> Option<Vec<u8>>;
+                }
+            },
+            true,
+        );
+        let flat: String = out.split_whitespace().collect();
+        assert!(flat.contains(r#"#[serde(with="::dombus::__private::serde_bytes")]data:Vec<u8>,name:String,maybe:Option<Vec<u8>>"#), "{out}");
+        assert!(flat.contains("serde_bytes::Bytes::new(&__result)"), "{out}");
+        assert!(flat.contains("serde_bytes::ByteBuf::into_vec"), "{out}");
+        // One argument and one result are byte vectors (the result decoded by the client's
+        // method and by `decode_response`): nothing else is.
+        assert_eq!(flat.matches("serde_bytes").count(), 4, "{out}");
     }
 
     #[test]

@@ -412,6 +412,25 @@ fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
     }
 }
 
+/// Whether `ty` is `Vec<u8>` as written (`Vec`, `std::vec::Vec` or `alloc::vec::Vec` of
+/// `u8`). Such arguments and results are encoded as serde bytes — one copy, not a serializer
+/// call per byte — which bincode and postcard put on the wire exactly as a sequence of `u8`, so
+/// peers built before or after agree.
+pub fn is_byte_vec(ty: &Type) -> bool {
+    let Type::Path(p) = ty else { return false };
+    let names: Vec<String> = p.path.segments.iter().map(|s| s.ident.to_string()).collect();
+    let std_path = matches!(names.as_slice(), [v] if v == "Vec")
+        || matches!(names.as_slice(), [root, m, v] if (root == "std" || root == "alloc") && m == "vec" && v == "Vec");
+    let Some(syn::PathArguments::AngleBracketed(a)) = p.path.segments.last().map(|s| &s.arguments) else {
+        return false;
+    };
+    let u8_only = matches!(
+        a.args.iter().collect::<Vec<_>>().as_slice(),
+        [syn::GenericArgument::Type(Type::Path(t))] if t.qself.is_none() && t.path.is_ident("u8")
+    );
+    p.qself.is_none() && std_path && u8_only
+}
+
 fn cli_kind(ty: &Type) -> CliKind {
     match last_segment(ty) {
         Some(s) if s.ident == "bool" && s.arguments.is_none() => CliKind::Switch,
@@ -473,6 +492,21 @@ mod tests {
     fn type_names_are_tidy() {
         let t = |s: &str| type_name(&syn::parse_str::<Type>(s).unwrap());
         assert_eq!(t("Vec<u8>"), "Vec<u8>");
+        let bytes = |s: &str| is_byte_vec(&syn::parse_str(s).unwrap());
+        for yes in ["Vec<u8>", "std::vec::Vec<u8>", "::alloc::vec::Vec<u8>"] {
+            assert!(bytes(yes), "{yes}");
+        }
+        for no in [
+            "Vec<u16>",
+            "Vec<std::primitive::u8>",
+            "my::Vec<u8>",
+            "Vec",
+            "Vec<u8, A>",
+            "Option<Vec<u8>>",
+            "[u8; 4]",
+        ] {
+            assert!(!bytes(no), "{no}");
+        }
         assert_eq!(t("std::result::Result<Vec<u8>, my::Error>"), "std::result::Result<Vec<u8>, my::Error>");
         assert_eq!(t("(u8, [u16; 4])"), "(u8, [u16; 4])");
         assert_eq!(t("Option<HashMap<String, u64>>"), "Option<HashMap<String, u64>>");

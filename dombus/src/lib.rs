@@ -33,6 +33,7 @@ pub mod __private {
     #[cfg(feature = "cli")]
     pub use clap;
     pub use serde;
+    pub use serde_bytes;
     #[cfg(feature = "cli")]
     pub use serde_json;
     pub use tarpc;

@@ -647,8 +647,8 @@ impl Session {
     /// kernel socket): the peer may then have that much of the connection's data unread at
     /// once, so a stream needs fewer credit updates, and its sender waits for them less. The
     /// peer learns it from a `CREDIT_UPDATE`, or from our `RESPONSE` for a connection it asked
-    /// for and we have not accepted yet. The buffer only grows (the peer may already have sent under the larger
-    /// credit), up to [`SessionConfig::max_buf_alloc`], and counts against
+    /// for and we have not accepted yet. The buffer only grows (the peer may already have sent
+    /// under the larger credit), up to [`SessionConfig::max_buf_alloc`], and counts against
     /// [`SessionConfig::rx_budget`] like a connection's own.
     pub fn set_buf_alloc(&mut self, id: ConnId, bytes: u32) -> Result<(), SessionError> {
         let conn = self.conns.get(&id).ok_or(SessionError::NotFound(id))?;

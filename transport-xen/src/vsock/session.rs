@@ -1224,6 +1224,8 @@ mod tests {
             b.connect(new(n)).unwrap();
         }
         assert_eq!(b.connect(new(4)), Err(SessionError::OverBudget { budget: 512 }));
+        // The budget is promised to the byte: asking for the size a connection has is fine.
+        b.set_buf_alloc(new(0), 64).unwrap();
         // Raising another past the budget fails and changes nothing.
         assert_eq!(b.set_buf_alloc(new(0), 65), Err(SessionError::OverBudget { budget: 512 }));
         // A connection gone gives back what it was promised: the large one, closed by the
@@ -1234,6 +1236,20 @@ mod tests {
             b.connect(new(n)).unwrap();
         }
         assert_eq!(b.connect(new(8)), Err(SessionError::TooManyConnections));
+    }
+
+    #[test]
+    fn a_lost_link_gives_back_what_its_closing_connections_were_promised() {
+        let (_, mut b, _, ba) = connected();
+        let other = ConnId { local: 81, peer: 1001 };
+        b.connect(other).unwrap();
+        b.set_buf_alloc(ba, 256).unwrap();
+        b.set_buf_alloc(other, 128).unwrap();
+        // Closing: forgotten as the link goes; the other stays (closed) until released.
+        b.close(ba);
+        b.peer_gone();
+        promises_within_budget(&b).unwrap();
+        assert_eq!((b.len(), b.raised), (1, 64));
     }
 
     #[test]

@@ -578,11 +578,16 @@ impl Session {
         if self.conns.len() >= self.config.max_connections {
             return Err(SessionError::TooManyConnections);
         }
-        let promised = (self.conns.len() as u64 + 1).saturating_mul(u64::from(self.config.buf_alloc));
-        if promised.saturating_add(self.raised) > self.config.rx_budget {
+        if self.promised().saturating_add(u64::from(self.config.buf_alloc)) > self.config.rx_budget {
             return Err(SessionError::OverBudget { budget: self.config.rx_budget });
         }
         Ok(())
+    }
+
+    /// Receive buffer promised across the connections: `buf_alloc` each, and what
+    /// [`Session::set_buf_alloc`] added.
+    fn promised(&self) -> u64 {
+        (self.conns.len() as u64).saturating_mul(u64::from(self.config.buf_alloc)).saturating_add(self.raised)
     }
 
     /// The next event for the local side.
@@ -662,8 +667,7 @@ impl Session {
             return Err(SessionError::BufferSize { id, asked: bytes, now, max });
         }
         let more = u64::from(bytes - now);
-        let promised = (self.conns.len() as u64).saturating_mul(u64::from(self.config.buf_alloc));
-        if promised.saturating_add(self.raised).saturating_add(more) > self.config.rx_budget {
+        if self.promised().saturating_add(more) > self.config.rx_budget {
             return Err(SessionError::OverBudget { budget: self.config.rx_budget });
         }
         if more == 0 {

@@ -973,10 +973,28 @@ impl SimHypervisor {
         // The key first: once the socket exists, so does the key a toolstack attaches with.
         let key = Secret::random()?;
         write_private(&SimHypervisor::key_path(socket), token::key_text(&key).as_bytes())?;
-        rustix::net::bind(&listener, &addr)?;
+        // The socket appears at its path only once it listens: whoever waits for the path to
+        // exist may connect at once. Bound under a name of its own in the same directory, then
+        // renamed into place (or, if that name does not fit a socket address, bound in place).
+        let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let staging = socket.with_file_name(format!(".{name}.new"));
+        let (bound_at, staged) = match SocketAddrUnix::new(&staging) {
+            Ok(staged_addr) => {
+                let _ = std::fs::remove_file(&staging);
+                rustix::net::bind(&listener, &staged_addr)?;
+                (staging.as_path(), true)
+            }
+            Err(_) => {
+                rustix::net::bind(&listener, &addr)?;
+                (socket, false)
+            }
+        };
         // Only the owner may connect; nobody can before `listen`.
-        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        std::fs::set_permissions(bound_at, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         rustix::net::listen(&listener, 128)?;
+        if staged {
+            std::fs::rename(&staging, socket)?;
+        }
         Ok(SimHypervisor {
             listener,
             path: socket.to_path_buf(),

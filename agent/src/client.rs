@@ -15,7 +15,8 @@ use tokio::net::UnixStream;
 
 use crate::fdpass;
 use crate::proto::{
-    ACCEPTED_LEN, Accepted, AgentStatus, End, Frame, MAX_FRAME, Op, REPLY_LEN, Reply, Request, Target,
+    ACCEPTED_LEN, Accepted, AgentStatus, BUFFER_UNIT, End, Frame, MAX_FRAME, Op, REPLY_LEN, Reply, Request,
+    Target,
 };
 
 /// The environment variable naming the agent's socket.
@@ -42,12 +43,36 @@ pub fn default_socket() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     socket: Arc<PathBuf>,
+    /// The receive buffer asked for each connection, in [`BUFFER_UNIT`]s (0: the default).
+    recv_buffer: u8,
 }
 
 impl AgentClient {
     /// The agent at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> AgentClient {
-        AgentClient { socket: Arc::new(socket.into()) }
+        AgentClient { socket: Arc::new(socket.into()), recv_buffer: 0 }
+    }
+
+    /// Asks the agent to give every connection this client makes or accepts a receive buffer of
+    /// `bytes` (rounded up to 64 KiB), as `SO_VM_SOCKETS_BUFFER_SIZE` does for a virtual socket:
+    /// the peer may then have that much in flight, which a bulk stream needs to keep a fast link
+    /// busy. `InvalidInput` past what a request carries (255 × 64 KiB). A connect then fails with
+    /// the agent's reason if its domain cannot give that much: `InvalidInput` below the default
+    /// or above the maximum (1 MiB unless configured), `Other` when the link's receive budget
+    /// has no room left; a connection accepted for a listener keeps the default instead (the
+    /// agent logs why).
+    pub fn with_recv_buffer(mut self, bytes: u32) -> io::Result<AgentClient> {
+        let units = bytes.div_ceil(BUFFER_UNIT);
+        self.recv_buffer = u8::try_from(units).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a receive buffer of {bytes} bytes is more than the agent protocol carries ({} bytes)",
+                    u32::from(u8::MAX) * BUFFER_UNIT
+                ),
+            )
+        })?;
+        Ok(self)
     }
 
     /// The agent at [`default_socket`].
@@ -101,7 +126,9 @@ impl AgentClient {
         wait: Option<Duration>,
     ) -> io::Result<AgentStream> {
         let wait_ms = wait.map_or(0, |w| u32::try_from(w.as_millis().max(1)).unwrap_or(u32::MAX));
-        let (sock, reply) = self.request(&Request { op: Op::Connect, target, port, wait_ms }).await?;
+        let (sock, reply) = self
+            .request(&Request { op: Op::Connect, target, port, wait_ms, recv_buffer: self.recv_buffer })
+            .await?;
         Ok(AgentStream::new(sock, self.socket.clone(), reply.domain, reply.local_port, port))
     }
 
@@ -114,15 +141,17 @@ impl AgentClient {
     /// listener lives (rules of the host's connection manager may name it).
     pub async fn listen_as(&self, port: u32, name: Option<&str>) -> io::Result<AgentListener> {
         let target = name.map_or(Target::Cid(0), |n| Target::Name(n.to_string()));
-        let (sock, reply) = self.request(&Request { op: Op::Listen, target, port, wait_ms: 0 }).await?;
+        let listen = Request { op: Op::Listen, target, port, wait_ms: 0, recv_buffer: self.recv_buffer };
+        let (sock, reply) = self.request(&listen).await?;
         let domain = u16::try_from(reply.domain).map(DomId).unwrap_or(DomId::INVALID);
         Ok(AgentListener { sock, port, domain, agent: self.socket.clone() })
     }
 
     /// What the agent holds.
     pub async fn status(&self) -> io::Result<AgentStatus> {
-        let (_, reply) =
-            self.request(&Request { op: Op::Status, target: Target::Cid(0), port: 0, wait_ms: 0 }).await?;
+        let (_, reply) = self
+            .request(&Request { op: Op::Status, target: Target::Cid(0), port: 0, wait_ms: 0, recv_buffer: 0 })
+            .await?;
         Ok(AgentStatus::decode(reply.domain, &reply.body)?)
     }
 

@@ -37,6 +37,8 @@ pub const MAX_TEXT: usize = 1024;
 pub const MAX_FRAME: usize = 64 << 10;
 /// Bytes of an [`Accepted`] record.
 pub const ACCEPTED_LEN: usize = 16;
+/// The unit a request's receive buffer is counted in.
+pub const BUFFER_UNIT: u32 = 64 << 10;
 
 /// What a process asks its agent for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +66,8 @@ pub enum Target {
 /// ```text
 /// 0  magic "DBA1"
 /// 4  op        u8    1 CONNECT, 2 LISTEN, 3 STATUS
-/// 5  reserved  u8    0
+/// 5  buffer    u8    CONNECT, LISTEN: the receive buffer of the connection (of each one
+///                    accepted), in 64 KiB units; 0: the domain's default (STATUS: 0)
 /// 6  name_len  u8    0..=64 (CONNECT by name when non-zero)
 /// 7  reserved  u8    0
 /// 8  cid       u32   CONNECT by CID (ignored with a name)
@@ -82,6 +85,9 @@ pub struct Request {
     pub port: u32,
     /// How long a `CONNECT` waits for its listener to be announced, in milliseconds.
     pub wait_ms: u32,
+    /// The receive buffer the agent gives the connection (`LISTEN`: each one it accepts), in
+    /// [`BUFFER_UNIT`]s, as `SO_VM_SOCKETS_BUFFER_SIZE` would; 0 leaves the domain's default.
+    pub recv_buffer: u8,
 }
 
 /// Why a request or a frame is not one.
@@ -133,7 +139,7 @@ impl Request {
         let mut b = Vec::with_capacity(REQUEST_LEN + name.len());
         b.extend_from_slice(&MAGIC);
         // A name longer than the bound is cut here and refused by the agent's decode.
-        b.extend_from_slice(&[self.op as u8, 0, name.len().min(255) as u8, 0]);
+        b.extend_from_slice(&[self.op as u8, self.recv_buffer, name.len().min(255) as u8, 0]);
         b.extend_from_slice(&cid.to_le_bytes());
         b.extend_from_slice(&self.port.to_le_bytes());
         b.extend_from_slice(&self.wait_ms.to_le_bytes());
@@ -164,7 +170,7 @@ impl Request {
             3 => Op::Status,
             o => return Err(ProtoError::Op(o)),
         };
-        if head[5] != 0 || head[7] != 0 {
+        if head[7] != 0 || (op == Op::Status && head[5] != 0) {
             return Err(ProtoError::Reserved);
         }
         let target = if name.is_empty() {
@@ -176,7 +182,7 @@ impl Request {
             }
             Target::Name(name.to_string())
         };
-        Ok(Request { op, target, port: u32_at(head, 12), wait_ms: u32_at(head, 16) })
+        Ok(Request { op, target, port: u32_at(head, 12), wait_ms: u32_at(head, 16), recv_buffer: head[5] })
     }
 }
 
@@ -551,13 +557,20 @@ mod tests {
 
     #[test]
     fn a_request_is_these_bytes() {
-        let r = Request { op: Op::Connect, target: Target::Cid(3), port: 5000, wait_ms: 250 };
+        let r = Request { op: Op::Connect, target: Target::Cid(3), port: 5000, wait_ms: 250, recv_buffer: 0 };
         let b = r.encode();
         assert_eq!(b, [b'D', b'B', b'A', b'1', 1, 0, 0, 0, 3, 0, 0, 0, 0x88, 0x13, 0, 0, 250, 0, 0, 0]);
         let (head, name) = split(&b);
         assert_eq!(Request::decode(&head, name), Ok(r));
-        let named = Request { op: Op::Connect, target: Target::Name("storage".into()), port: 1, wait_ms: 0 };
+        let named = Request {
+            op: Op::Connect,
+            target: Target::Name("storage".into()),
+            port: 1,
+            wait_ms: 0,
+            recv_buffer: 16,
+        };
         let b = named.encode();
+        assert_eq!(b[5], 16, "the receive buffer, in 64 KiB units");
         assert_eq!(b[6], 7);
         assert_eq!(&b[REQUEST_LEN..], b"storage");
         let (head, name) = split(&b);
@@ -566,15 +579,20 @@ mod tests {
 
     #[test]
     fn bad_requests_say_why() {
-        let good = Request { op: Op::Listen, target: Target::Cid(0), port: 80, wait_ms: 0 }.encode();
+        let good =
+            Request { op: Op::Status, target: Target::Cid(0), port: 0, wait_ms: 0, recv_buffer: 0 }.encode();
         let (mut head, _) = split(&good);
         head[0] = b'X';
         assert_eq!(Request::decode(&head, &[]), Err(ProtoError::Magic));
         let (mut head, _) = split(&good);
         head[4] = 9;
         assert_eq!(Request::decode(&head, &[]), Err(ProtoError::Op(9)));
+        // A status has no buffer to size; the byte after the name's length is reserved.
         let (mut head, _) = split(&good);
         head[5] = 1;
+        assert_eq!(Request::decode(&head, &[]), Err(ProtoError::Reserved));
+        let (mut head, _) = split(&good);
+        head[7] = 1;
         assert_eq!(Request::decode(&head, &[]), Err(ProtoError::Reserved));
         let (mut head, _) = split(&good);
         head[6] = 65;
@@ -703,10 +721,11 @@ mod tests {
         }
 
         #[test]
-        fn requests_round_trip(op in 1u8..4, cid in any::<u32>(), port in any::<u32>(), wait in any::<u32>(), name in "[a-z0-9-]{0,64}") {
+        fn requests_round_trip(op in 1u8..4, cid in any::<u32>(), port in any::<u32>(), wait in any::<u32>(), name in "[a-z0-9-]{0,64}", buffer in any::<u8>()) {
             let op = [Op::Connect, Op::Listen, Op::Status][usize::from(op - 1)];
             let target = if name.is_empty() { Target::Cid(cid) } else { Target::Name(name) };
-            let r = Request { op, target, port, wait_ms: wait };
+            let recv_buffer = if op == Op::Status { 0 } else { buffer };
+            let r = Request { op, target, port, wait_ms: wait, recv_buffer };
             let b = r.encode();
             let (head, rest) = split(&b);
             prop_assert_eq!(Request::decode(&head, rest), Ok(r));

@@ -254,7 +254,7 @@ impl Shared {
             _ = gone(&sock) => return,
             _ = stop.changed() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the domain agent is stopping")),
         };
-        let stream = match stream {
+        let stream = match stream.and_then(|s| grow_buffer(&s, r.recv_buffer).map(|()| s)) {
             Ok(s) => s,
             Err(e) => {
                 let _ = sock.write_all(&Reply::error(&e).encode()).await;
@@ -305,6 +305,18 @@ impl Shared {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(stream) => {
+                        // On failure the connection works with the default buffer, only slower.
+                        // A size the domain never allows is the listener's mistake; a full
+                        // receive budget is the peer's doing, and not worth a warning each time.
+                        match grow_buffer(&stream, r.recv_buffer) {
+                            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                                tracing::warn!(port = r.port, error = %e, "an accepted connection keeps the default receive buffer")
+                            }
+                            Err(e) => {
+                                tracing::debug!(port = r.port, error = %e, "an accepted connection keeps the default receive buffer")
+                            }
+                            Ok(()) => {}
+                        }
                         if let Err(e) = self.clone().hand_over(&sock, stream).await {
                             tracing::debug!(port = r.port, error = %e, "a listening process went away");
                             return;
@@ -350,6 +362,14 @@ impl Shared {
         tokio::spawn(proxy(mine, stream, stop, slot));
         Ok(())
     }
+}
+
+/// Gives `stream` the receive buffer a request asked for (in [`proto::BUFFER_UNIT`]s; 0: none).
+fn grow_buffer(stream: &VsockStream, units: u8) -> io::Result<()> {
+    if units == 0 {
+        return Ok(());
+    }
+    stream.set_recv_buffer_size(u32::from(units) * proto::BUFFER_UNIT)
 }
 
 /// Marks a port listened on through the agent, for [`AgentStatus`].

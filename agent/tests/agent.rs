@@ -363,3 +363,79 @@ async fn a_process_that_half_closes_and_then_exits_ends_its_connection() {
     })
     .await;
 }
+
+/// How long a writer makes no progress before [`fill`] takes it as stalled.
+const STALLED: Duration = Duration::from_secs(2);
+
+/// Writes to `s` until nothing more goes for [`STALLED`] (its reader reads nothing), and returns
+/// how many bytes went: what the way to the reader holds.
+async fn fill<S: tokio::io::AsyncWrite + Unpin>(s: &mut S) -> usize {
+    let chunk = vec![7u8; 16 << 10];
+    let mut sent = 0;
+    while let Ok(written) = tokio::time::timeout(STALLED, s.write(&chunk)).await {
+        sent += written.unwrap();
+        assert!(sent < 64 << 20, "the writer never stalled");
+    }
+    sent
+}
+
+#[tokio::test]
+async fn a_process_asks_the_agent_for_a_larger_receive_buffer() {
+    use dombus_transport_xen::vsock::VsockAddr;
+    let host = Host::new("rcvbuf");
+    let peer = host.domain(2, "peer");
+    let agent = Agent::serve(host.domain(1, "bulk"), host.agent_config(1)).unwrap();
+    let plain = AgentClient::new(agent.socket());
+    let bulk = AgentClient::new(agent.socket()).with_recv_buffer(1 << 20).unwrap();
+
+    // The peer writes to each connection it accepts until it stalls, and says how far it got;
+    // the process reads nothing. The agent relays into the process's socket until that is full,
+    // so what differs between two connections is the receive buffer the peer was given.
+    let mut l = peer.listen(5000).unwrap();
+    let (tx, mut filled) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(mut s) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(fill(&mut s).await);
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    let _a = plain.connect(Target::Cid(2), 5000, Some(LIVENESS)).await.unwrap();
+    let default = filled.recv().await.unwrap();
+    let _b = bulk.connect(Target::Cid(2), 5000, Some(LIVENESS)).await.unwrap();
+    let larger = filled.recv().await.unwrap();
+    // The peer may fill the whole 1 MiB (with the default, 256 KiB and what the agent has
+    // passed on: 448 KiB here, the process's socket holding 192 KiB of it).
+    assert!(default >= 256 << 10, "the default buffer alone takes 256 KiB: {default}");
+    assert!(larger >= 1 << 20 && larger > default, "1 MiB of buffer: {larger} in flight, against {default}");
+
+    // A listener's connections get it too.
+    let mut plain_l = plain.listen(6000).await.unwrap();
+    let mut bulk_l = bulk.listen(6001).await.unwrap();
+    let mut sent = Vec::new();
+    for (port, listener) in [(6000, &mut plain_l), (6001, &mut bulk_l)] {
+        let mut outside = peer.connect(VsockAddr::new(1, port), Some(LIVENESS)).await.unwrap();
+        let inside = tokio::time::timeout(LIVENESS, listener.accept()).await.unwrap().unwrap();
+        sent.push((fill(&mut outside).await, outside, inside));
+    }
+    let (default, larger) = (sent[0].0, sent[1].0);
+    assert!(larger >= 1 << 20 && larger > default, "accepted: {larger} in flight, against {default}");
+
+    // What the domain cannot give is refused with the reason; what the protocol cannot carry
+    // is refused before asking.
+    for bytes in [64 << 10, 2 << 20] {
+        let e = AgentClient::new(agent.socket())
+            .with_recv_buffer(bytes)
+            .unwrap()
+            .connect(Target::Cid(2), 5000, Some(LIVENESS))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bytes}: {e}");
+        assert!(e.to_string().contains("receive buffer"), "{e}");
+    }
+    let e = AgentClient::new(agent.socket()).with_recv_buffer(16 << 20).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("agent protocol"), "{e}");
+}

@@ -103,14 +103,15 @@ fn request(input: &[u8]) {
             && n <= MAX_NAME
             && name.len() == n
             && (1..=3).contains(&head[4])
-            && head[5] == 0
+            // The receive buffer: any size for a CONNECT or LISTEN, none for a STATUS.
+            && (head[5] == 0 || head[4] != 3)
             && head[7] == 0
             && std::str::from_utf8(name).is_ok_and(|s| !s.contains(|c: char| c == '/' || c.is_control()));
         let got = Request::decode(head, name);
         assert_eq!(got.is_ok(), want, "{got:?} for head {head:02x?}, name {name:02x?}");
         let Ok(r) = got else { continue };
         assert_eq!(r.op as u8, head[4]);
-        assert_eq!((r.port, r.wait_ms), (u32_at(head, 12), u32_at(head, 16)));
+        assert_eq!((r.port, r.wait_ms, r.recv_buffer), (u32_at(head, 12), u32_at(head, 16), head[5]));
         let mut canonical = head.to_vec();
         canonical.extend_from_slice(name);
         match &r.target {

@@ -367,13 +367,13 @@ async fn a_process_that_half_closes_and_then_exits_ends_its_connection() {
 /// How long a writer makes no progress before [`fill`] takes it as stalled.
 const STALLED: Duration = Duration::from_secs(2);
 
-/// Writes to `s` until nothing more goes for [`STALLED`] (its reader reads nothing), and returns
-/// how many bytes went: what the way to the reader holds.
+/// Writes to `s` until nothing more goes for [`STALLED`] (its reader reads nothing) or the
+/// connection ends, and returns how many bytes went: what the way to the reader holds.
 async fn fill<S: tokio::io::AsyncWrite + Unpin>(s: &mut S) -> usize {
     let chunk = vec![7u8; 16 << 10];
     let mut sent = 0;
-    while let Ok(written) = tokio::time::timeout(STALLED, s.write(&chunk)).await {
-        sent += written.unwrap();
+    while let Ok(Ok(n)) = tokio::time::timeout(STALLED, s.write(&chunk)).await {
+        sent += n;
         assert!(sent < 64 << 20, "the writer never stalled");
     }
     sent

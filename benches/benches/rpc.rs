@@ -10,7 +10,8 @@
 //! * `rpc_one_thread`: the built-in ping with client and server on one thread of this process
 //!   over a Unix socket — no wake-up of another thread or process, so the row is the CPU cost of
 //!   a call: the syscalls of its writes and reads plus dombus-rpc's own work, on the direct path
-//!   (`ping_direct`) and on tarpc's channel (`ping_via_tarpc`).
+//!   (`ping_direct`) and on tarpc's channel (`ping_via_tarpc`), and on the direct path under the
+//!   daemons' logging (`ping_direct_logged`: a `fmt` subscriber at info).
 //!
 //! Each benchmark starts its peer once; `iter_custom` times only the calls. Both processes run a
 //! current-thread tokio runtime and are pinned to different CPUs unless `DOMBUS_BENCH_PIN` says
@@ -77,7 +78,21 @@ fn one_thread(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("dombus-bench-one-thread-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    for (name, path) in [("ping_direct", CallPath::Direct), ("ping_via_tarpc", CallPath::Tarpc)] {
+    let rows = [
+        ("ping_direct", CallPath::Direct, false),
+        ("ping_via_tarpc", CallPath::Tarpc, false),
+        ("ping_direct_logged", CallPath::Direct, true),
+    ];
+    for (name, path, logged) in rows {
+        // The logged row runs as the daemons do: a `fmt` subscriber at info (writing nowhere),
+        // for this thread only, where the client, the server and their runtime all run.
+        let _logging = logged.then(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_writer(std::io::sink)
+                .finish();
+            tracing::subscriber::set_default(subscriber)
+        });
         let addr = Address::Unix(dir.join(format!("{name}.sock")));
         let server = Server::new(Net::new(), ServerConfig { call_path: path, ..ServerConfig::default() });
         let handle = rt.block_on(server.serve_many(&addr, Vec::new())).unwrap();

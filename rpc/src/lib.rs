@@ -29,6 +29,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 mod direct;
+pub mod envelope;
 pub mod events;
 mod in_flight;
 pub mod layer;

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use dombus_rpc::codec::{Codec, FrameTransport, Frames};
 use dombus_rpc::wire::{BUILTIN_SERVICE, Call, PING, Reply};
 use dombus_rpc::{
-    Address, ClientConfig, Net, RawClient, Server, ServerConfig, preamble, too_many_connections,
+    Address, CallPath, ClientConfig, Net, RawClient, Server, ServerConfig, envelope, preamble,
+    too_many_connections,
 };
 use dombus_tools::diag::CountingAlloc;
 use futures::{FutureExt, StreamExt};
@@ -411,4 +412,34 @@ async fn a_request_past_its_deadline_on_arrival_gets_no_reply_and_the_connection
     let extra = tokio::time::timeout(Duration::from_millis(200), s.read(&mut more)).await;
     assert!(extra.is_err(), "a second reply: {extra:?}");
     handle.stop().await;
+}
+
+/// A deadline beyond what any `Instant` can hold (tarpc's own reader would panic on it) closes
+/// the connection that sent it, on either call path; the server answers other connections on.
+#[tokio::test]
+async fn a_deadline_beyond_any_instant_closes_only_its_connection() {
+    let _serial = serial().await;
+    for path in [CallPath::Direct, CallPath::Tarpc] {
+        let dir = Scratch::new("far-deadline");
+        let addr = Address::Unix(dir.0.join("far.sock"));
+        let config = ServerConfig { call_path: path, ..ServerConfig::default() };
+        let handle = Server::new(Net::new(), config).serve_many(&addr, Vec::new()).await.unwrap();
+        let mut s = Net::new().connect(&addr).await.unwrap();
+        preamble::client(&mut s, BUILTIN_SERVICE, Codec::Bincode, T).await.unwrap();
+        let context = envelope::Context { time_left: Duration::MAX, trace_context: Default::default() };
+        let call = Call { method: PING.into(), args: Vec::new() };
+        let far = envelope::ClientMessage::Request(envelope::Request { context, id: 1, message: call });
+        let mut wire = bytes::BytesMut::new();
+        Frames::new(1 << 20, 1 << 20).encode_item(Codec::Bincode, &far, &mut wire).unwrap();
+        s.write_all(&wire).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(T, s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "{path}: the connection stayed open or answered: {read:?} {rest:?}"
+        );
+        let other = RawClient::new(Net::new(), addr.clone(), BUILTIN_SERVICE, ClientConfig::default());
+        other.ping(ctx_for(T)).await.unwrap();
+        handle.stop().await;
+    }
 }

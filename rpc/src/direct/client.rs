@@ -28,11 +28,12 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tarpc::client::RpcError;
 use tarpc::context::Context;
-use tarpc::{ChannelError, ClientMessage, Response};
+use tarpc::{ChannelError, Response};
 use tokio::time::Sleep;
 use tokio_util::codec::Decoder;
 
 use crate::codec::{Codec, Frames};
+use crate::envelope::ClientMessage;
 use crate::transport::BoxStream;
 use crate::wire::{Call, Reply};
 
@@ -144,12 +145,14 @@ impl State {
             let why = format!("the connection had failed: {}", broken.fault());
             return Err(RpcError::Send(Box::new(io::Error::new(io::ErrorKind::NotConnected, why))));
         }
-        if ctx.deadline <= Instant::now() {
+        // The one clock read of the call's way out: the deadline travels as the time left.
+        let now = Instant::now();
+        if ctx.deadline <= now {
             return Err(RpcError::DeadlineExceeded);
         }
         let id = self.next_id;
         self.next_id += 1;
-        let request = ClientMessage::Request(tarpc::Request { context: ctx, id, message: call });
+        let request = ClientMessage::request(&ctx, id, call, now);
         self.frames.encode_item(codec, &request, &mut self.wbuf).map_err(|e| RpcError::Send(Box::new(e)))?;
         self.calls.insert(id, Slot::Waiting { waker: None, deadline: ctx.deadline });
         self.arm(ctx.deadline);
@@ -368,6 +371,8 @@ mod tests {
     //! The channel against a hand-written server on an in-memory pipe.
     use super::*;
     use std::time::Duration;
+    // What the client writes is read back with tarpc's own type: it must be tarpc's message.
+    use tarpc::ClientMessage;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use crate::wire::Call;

@@ -24,10 +24,11 @@ use bytes::BytesMut;
 use futures::future::{AbortHandle, Abortable, BoxFuture};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tarpc::{ClientMessage, Response};
+use tarpc::Response;
 use tokio_util::codec::Decoder;
 
-use crate::codec::{self, Codec, Frames};
+use crate::codec::{Codec, Frames};
+use crate::envelope::{self, ClientMessage};
 use crate::in_flight::InFlight;
 use crate::server::{Admitted, Answer, Paused, Stacked, oversize_reply};
 use crate::transport::BoxStream;
@@ -82,6 +83,8 @@ struct Serving {
     /// Whether the client may still send: once it has shut its side, the calls running are
     /// answered, then the connection closes.
     reading: bool,
+    /// What each call's tarpc context is made from ([`envelope::Context::at`]).
+    base_context: tarpc::context::Context,
 }
 
 /// Why serving a connection ended.
@@ -102,6 +105,7 @@ pub(crate) async fn serve(conn: Connection) {
         aborts: HashMap::new(),
         answered: VecDeque::new(),
         reading: true,
+        base_context: tarpc::context::current(),
     };
     match futures::future::poll_fn(|cx| serving.poll(cx)).await {
         End::Closed => tracing::debug!("connection closed"),
@@ -185,9 +189,7 @@ impl Serving {
         let bad = |e| (e, "bad frame from the client");
         loop {
             if let Some(frame) = self.conn.frames.decode(&mut self.rbuf).map_err(bad)? {
-                let codec = self.conn.codec;
-                codec::check_deadline(codec, &frame).map_err(bad)?;
-                let message = codec.decode(&frame).map_err(bad)?;
+                let message = self.conn.codec.decode(&frame).map_err(bad)?;
                 return Poll::Ready(Ok(Some((message, frame.len()))));
             }
             match futures::ready!(super::poll_read(&mut self.conn.stream, cx, &mut self.rbuf)) {
@@ -206,29 +208,39 @@ impl Serving {
         cx: &mut TaskContext<'_>,
     ) -> io::Result<()> {
         match message {
-            ClientMessage::Request(request) => self.start(request, len, cx),
+            ClientMessage::Request(request) => self.start(request, len, cx)?,
             ClientMessage::Cancel { request_id, .. } => {
                 if let Some(abort) = self.aborts.remove(&request_id) {
                     abort.abort();
                 }
             }
-            // A message of a later tarpc: this server cannot tell what it holds.
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "a message of unknown kind")),
         }
         Ok(())
     }
 
     /// Starts a request: polls it once here, and only a call that does not answer at once
-    /// joins the running ones (with its deadline's timer and a way to abort it).
-    fn start(&mut self, request: tarpc::Request<Call>, len: usize, cx: &mut TaskContext<'_>) {
-        let tarpc::Request { context, id, message } = request;
+    /// joins the running ones (with its deadline's timer and a way to abort it). A deadline no
+    /// `Instant` can hold is an error: the client breaks the protocol.
+    fn start(
+        &mut self,
+        request: envelope::Request<Call>,
+        len: usize,
+        cx: &mut TaskContext<'_>,
+    ) -> io::Result<()> {
+        let envelope::Request { context: sent, id, message } = request;
+        // The one clock read of the call's way in.
+        let now = Instant::now();
+        let Some(context) = sent.at(now, self.base_context) else {
+            let why = format!("undecodable message: a deadline {:?} from now", sent.time_left);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+        };
         if self.aborts.contains_key(&id) {
             tracing::debug!(request_id = id, "a request with the id of one running: ignored");
-            return;
+            return Ok(());
         }
-        if context.deadline <= Instant::now() {
+        if context.deadline <= now {
             tracing::debug!(request_id = id, "a request past its deadline on arrival: dropped");
-            return;
+            return Ok(());
         }
         let admitted = Admitted { call: message, ticket: self.conn.in_flight.admit(len) };
         let deadline = context.deadline;
@@ -242,7 +254,7 @@ impl Serving {
             let mut run = Box::pin(run);
             if let Poll::Ready(answer) = run.as_mut().poll(cx) {
                 self.answered.push_back((id, answer));
-                return;
+                return Ok(());
             }
             let work = async move { tokio::time::timeout_at(deadline.into(), run).await.ok() };
             let (abort, registration) = AbortHandle::new_pair();
@@ -250,6 +262,7 @@ impl Serving {
             self.running
                 .push(Abortable::new(work, registration).map(move |r| (id, r.ok().flatten())).boxed());
         }
+        Ok(())
     }
 
     /// Encodes a call's answer into the write buffer; the call's place in flight goes with it.

@@ -43,7 +43,7 @@ use tracing::Span;
 
 use crate::codec::{self, Codec};
 use crate::direct::CallPath;
-use crate::direct::client::DirectChannel;
+use crate::direct::client::{DirectChannel, PendingCall};
 use crate::layer::connection_lost::ConnectionLostService;
 use crate::layer::metrics::MetricsService;
 use crate::layer::trace::TraceService;
@@ -196,6 +196,13 @@ impl Connection {
         Ok((g, channel))
     }
 
+    /// Forgets connection `generation` if `r` says the transport failed under it.
+    fn forget_on<T>(&self, generation: u64, r: &Result<T, RpcError>) {
+        if r.as_ref().is_err_and(is_transport_error) {
+            self.forget(generation);
+        }
+    }
+
     fn forget(&self, generation: u64) {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if cur.as_ref().is_some_and(|(g, _)| *g == generation) {
@@ -248,15 +255,19 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 impl Service<Outgoing> for Attempt {
     type Response = Reply;
     type Error = RpcError;
-    type Future = BoxFuture<Result<Reply, RpcError>>;
+    type Future = AttemptFuture;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), RpcError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, out: Outgoing) -> Self::Future {
+    fn call(&mut self, out: Outgoing) -> AttemptFuture {
         let conn = self.0.clone();
-        Box::pin(async move {
+        if let Some((generation, Channel::Direct(channel))) = conn.live() {
+            let call = channel.call(out.ctx, &out.call);
+            return AttemptFuture::Direct { call, conn, generation };
+        }
+        AttemptFuture::Other(Box::pin(async move {
             // A live connection is taken as it is; only connecting waits, bounded by the deadline.
             let (g, channel) = match conn.live() {
                 Some(live) => live,
@@ -266,13 +277,32 @@ impl Service<Outgoing> for Attempt {
                 }
             };
             let r = channel.call(out.ctx, out.call).await;
-            if let Err(e) = &r {
-                if is_transport_error(e) {
-                    conn.forget(g);
-                }
-            }
+            conn.forget_on(g, &r);
             r
-        })
+        }))
+    }
+}
+
+/// One attempt's future. On a live connection of the direct path (every call but those that
+/// connect), the channel's own future, named: a boxed `async` block would cost every call an
+/// allocation of a large future and its moves.
+enum AttemptFuture {
+    Direct { call: PendingCall, conn: Arc<Connection>, generation: u64 },
+    Other(BoxFuture<Result<Reply, RpcError>>),
+}
+
+impl Future for AttemptFuture {
+    type Output = Result<Reply, RpcError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            AttemptFuture::Direct { call, conn, generation } => {
+                let r = std::task::ready!(Pin::new(call).poll(cx));
+                conn.forget_on(*generation, &r);
+                Poll::Ready(r)
+            }
+            AttemptFuture::Other(f) => f.as_mut().poll(cx),
+        }
     }
 }
 

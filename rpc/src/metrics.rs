@@ -125,21 +125,15 @@ impl Metrics {
 
     /// Records one completed call.
     pub fn record(&self, service: &str, method: &str, ok: bool, latency: Duration) {
-        let mut m = self.methods.lock().unwrap_or_else(|p| p.into_inner());
-        if !m.contains_key(service) {
-            m.insert(service.to_string(), BTreeMap::new());
-        }
-        let Some(methods) = m.get_mut(service) else { return };
-        if !methods.contains_key(method) {
-            methods.insert(method.to_string(), Method::default());
-        }
-        let Some(e) = methods.get_mut(method) else { return };
         let s = latency.as_secs_f64();
-        e.calls += 1;
-        e.errors += u64::from(!ok);
-        e.sum += s;
         let i = BUCKETS.iter().position(|&b| s <= b).unwrap_or(BUCKETS.len());
-        e.buckets[i] += 1;
+        let mut m = self.methods.lock().unwrap_or_else(|p| p.into_inner());
+        update(&mut m, service, method, |e| {
+            e.calls += 1;
+            e.errors += u64::from(!ok);
+            e.sum += s;
+            e.buckets[i] += 1;
+        });
     }
 
     /// Every method's counts.
@@ -244,6 +238,24 @@ impl Metrics {
 /// Escapes a Prometheus label value.
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Updates the counts of `service`'s `method` with `f`, making them on first use: one search
+/// of each map when they exist (every call but a method's first); names are copied only when
+/// they do not.
+fn update(
+    m: &mut BTreeMap<String, BTreeMap<String, Method>>,
+    service: &str,
+    method: &str,
+    f: impl FnOnce(&mut Method),
+) {
+    match m.get_mut(service) {
+        Some(methods) => match methods.get_mut(method) {
+            Some(e) => f(e),
+            None => f(methods.entry(method.to_string()).or_default()),
+        },
+        None => f(m.entry(service.to_string()).or_default().entry(method.to_string()).or_default()),
+    }
 }
 
 #[cfg(test)]

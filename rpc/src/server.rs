@@ -193,15 +193,40 @@ struct Answering {
 impl tower::Service<Incoming> for Answering {
     type Response = Vec<u8>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Vec<u8>, BoxError>> + Send>>;
+    type Future = Answered;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, incoming: Incoming) -> Self::Future {
-        let (hosted, metrics) = (self.hosted.clone(), self.metrics.clone());
-        Box::pin(async move { answer(hosted, metrics, incoming).await.map_err(BoxError::from) })
+    fn call(&mut self, incoming: Incoming) -> Answered {
+        answer(&self.hosted, &self.metrics, incoming)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's answer: known at once (a built-in method, a refusal), or the service's own
+    /// future, run as the call. A named type rather than a boxed `async` block: the service's
+    /// future is boxed already (by its dispatch), and a second box per call, with the moves of
+    /// a large future into it, cost more than the rest of the stack's layers.
+    #[project = AnsweredProj]
+    pub(crate) enum Answered {
+        Now { result: Option<Result<Vec<u8>, ServerError>> },
+        Running { #[pin] reply: wire::InCall },
+    }
+}
+
+impl Future for Answered {
+    type Output = Result<Vec<u8>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let result = match self.project() {
+            AnsweredProj::Now { result } => result.take().unwrap_or_else(|| {
+                Err(ServerError::new(io::ErrorKind::Other, "a call's answer was polled again".into()))
+            }),
+            AnsweredProj::Running { reply } => std::task::ready!(reply.poll(cx)),
+        };
+        Poll::Ready(result.map_err(BoxError::from))
     }
 }
 
@@ -362,26 +387,23 @@ pub(crate) fn oversize_reply(len: usize, e: &io::Error) -> ServerError {
 }
 
 /// Answers one call: a built-in method, or the chosen service's.
-async fn answer(
-    hosted: Arc<Vec<ServiceDescriptor>>,
-    metrics: Metrics,
-    incoming: Incoming,
-) -> Result<Vec<u8>, ServerError> {
+fn answer(hosted: &[ServiceDescriptor], metrics: &Metrics, incoming: Incoming) -> Answered {
     let Incoming { ctx, call, target, codec, caller, .. } = incoming;
+    let now = |result| Answered::Now { result: Some(result) };
     match &*call.method {
         DESCRIBE => {
-            codec.encode(&*hosted).map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, DESCRIBE, e))
+            now(codec.encode(hosted).map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, DESCRIBE, e)))
         }
-        PING => Ok(Vec::new()),
-        METRICS => codec
+        PING => now(Ok(Vec::new())),
+        METRICS => now(codec
             .encode(&metrics.prometheus_within(MAX_METRICS_TEXT))
-            .map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, METRICS, e)),
+            .map_err(|e| wire::unencodable_result(BUILTIN_SERVICE, METRICS, e))),
         method => match target {
-            None => Err(wire::unknown_method(BUILTIN_SERVICE, method)),
-            Some(service) => {
-                let reply = service.dispatch().dispatch(method, &call.args, codec)?;
-                wire::in_call(ctx, caller, reply).await
-            }
+            None => now(Err(wire::unknown_method(BUILTIN_SERVICE, method))),
+            Some(service) => match service.dispatch().dispatch(method, &call.args, codec) {
+                Ok(reply) => Answered::Running { reply: wire::in_call(ctx, caller, reply) },
+                Err(e) => now(Err(e)),
+            },
         },
     }
 }

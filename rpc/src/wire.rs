@@ -237,7 +237,7 @@ pub struct Caller {
     pub domain: Option<u32>,
 }
 
-struct CallInfo {
+pub(crate) struct CallInfo {
     ctx: tarpc::context::Context,
     caller: Caller,
 }
@@ -256,9 +256,12 @@ pub fn current_caller() -> Option<Caller> {
     CALL.try_with(|c| c.caller.clone()).ok()
 }
 
+/// `F` running as a call ([`in_call`]).
+pub(crate) type InCall<F = ReplyFuture> = tokio::task::futures::TaskLocalFuture<CallInfo, F>;
+
 /// Runs `f` as the call `ctx` of `caller` ([`current_context`], [`current_caller`]).
-pub(crate) async fn in_call<F: Future>(ctx: tarpc::context::Context, caller: Caller, f: F) -> F::Output {
-    CALL.scope(CallInfo { ctx, caller }, f).await
+pub(crate) fn in_call<F: Future>(ctx: tarpc::context::Context, caller: Caller, f: F) -> InCall<F> {
+    CALL.scope(CallInfo { ctx, caller }, f)
 }
 
 #[cfg(test)]

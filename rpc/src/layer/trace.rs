@@ -62,8 +62,14 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let span = (self.make_span)(&request);
+        let log_failures = self.log_failures;
+        // A span no subscriber wants is not entered at every poll: with tracing's `log`
+        // feature on (tarpc turns it on), even a disabled span's enter and exit cost a check.
+        if span.is_disabled() {
+            return Traced { inner: Inner::Plain { fut: self.inner.call(request) }, log_failures };
+        }
         let inner = span.in_scope(|| self.inner.call(request));
-        Traced { inner: tracing::Instrument::instrument(inner, span), log_failures: self.log_failures }
+        Traced { inner: Inner::Spanned { fut: tracing::Instrument::instrument(inner, span) }, log_failures }
     }
 }
 
@@ -71,8 +77,17 @@ pin_project_lite::pin_project! {
     /// The future of a call a [`TraceLayer`] traces.
     pub struct Traced<Fut> {
         #[pin]
-        inner: Instrumented<Fut>,
+        inner: Inner<Fut>,
         log_failures: bool,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's future, in its span if one is enabled.
+    #[project = InnerProj]
+    enum Inner<Fut> {
+        Plain { #[pin] fut: Fut },
+        Spanned { #[pin] fut: Instrumented<Fut> },
     }
 }
 
@@ -84,10 +99,19 @@ where
     type Output = Result<T, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let result = std::task::ready!(this.inner.as_mut().poll(cx));
+        let this = self.project();
+        let (result, span) = match this.inner.project() {
+            InnerProj::Plain { fut } => (std::task::ready!(fut.poll(cx)), None),
+            InnerProj::Spanned { mut fut } => {
+                let result = std::task::ready!(fut.as_mut().poll(cx));
+                (result, Some(fut.into_ref().get_ref().span()))
+            }
+        };
         if let (Err(e), true) = (&result, *this.log_failures) {
-            this.inner.span().in_scope(|| tracing::debug!(error = %e, "call failed"));
+            match span {
+                Some(span) => span.in_scope(|| tracing::debug!(error = %e, "call failed")),
+                None => tracing::debug!(error = %e, "call failed"),
+            }
         }
         Poll::Ready(result)
     }

@@ -117,9 +117,9 @@ mod tests {
     }
 
     proptest! {
-        /// Ours and tarpc's encode a request to bytes of the same length that each side decodes
-        /// to the same call: ids, calls and trace contexts exactly, the deadline within the
-        /// time tarpc's own clock reads took.
+        /// Each side decodes the other's request to the same call: ids, calls and trace
+        /// contexts exactly, the deadline within the time tarpc's own clock reads took (with
+        /// bincode, in bytes of the same length).
         #[test]
         fn a_request_is_tarpcs_request(
             left_ms in 1u64..1_000_000_000,
@@ -149,7 +149,10 @@ mod tests {
                 // We read tarpc's: the time left it wrote is at most `left`, by its clock read.
                 let sent = tarpc_request(left, trace_context, id, call.clone(), Instant::now());
                 let bytes = codec.encode(&sent).unwrap();
-                prop_assert_eq!(bytes.len(), ours.len(), "{}: lengths differ", codec);
+                if codec == Codec::Bincode {
+                    // Fixed-width integers: whatever the time left, the same length.
+                    prop_assert_eq!(bytes.len(), ours.len(), "{}: lengths differ", codec);
+                }
                 let read = codec.decode::<ClientMessage<Call>>(&bytes).unwrap();
                 let ClientMessage::Request(r) = read else { panic!("{codec}: not a request") };
                 prop_assert_eq!((r.id, &r.message, r.context.trace_context), (id, &call, trace_context));

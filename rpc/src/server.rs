@@ -5,7 +5,7 @@
 //! connection's own task (the direct call path, module `direct`) or by tarpc's channel
 //! ([`ServerConfig::call_path`]). Every server
 //! also answers the built-in [`DESCRIBE`], [`PING`] and [`METRICS`]. Every request goes through
-//! the server's tower stack — `Trace(Metrics(LoadShed(ConcurrencyLimit(handler))))`, the
+//! the server's tower stack — `Trace(Metrics(Shed(handler)))`, the
 //! policies of [`layer`](crate::layer): it runs in a tracing span (service, method, peer), is
 //! counted in [`Metrics`], and beyond `max_concurrent` calls in progress across all
 //! connections, new calls fail at once ([`is_overloaded`]) instead of queueing. Deadlines come with each request
@@ -25,14 +25,12 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, future};
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel, Serve};
 use tarpc::{ClientMessage, RequestName, Response, ServerError};
-use tower::limit::ConcurrencyLimit;
-use tower::load_shed::LoadShed;
 use tower::{BoxError, Service as _, ServiceBuilder, ServiceExt};
 use tracing::{Instrument, Span};
 
@@ -40,12 +38,14 @@ use crate::codec::{self, Codec, FrameTransport, Frames};
 use crate::direct::{self, CallPath};
 use crate::in_flight::{InFlight, Ticket};
 use crate::layer::metrics::MetricsService;
+use crate::layer::shed::Shed;
 use crate::layer::trace::TraceService;
-use crate::layer::{CallName, MetricsLayer, TraceLayer};
+use crate::layer::{CallName, MetricsLayer, ShedLayer, TraceLayer};
 use crate::metrics::{MAX_METRICS_TEXT, Metrics};
 use crate::preamble::{self, Refusal};
 use crate::wire::{
-    self, BUILTIN_SERVICE, Call, Caller, DESCRIBE, METRICS, PING, Reply, Service, ServiceDescriptor,
+    self, BUILTIN_SERVICE, Call, Caller, DESCRIBE, METRICS, PING, Reply, ReplyFuture, Service,
+    ServiceDescriptor,
 };
 use crate::{Address, Net};
 
@@ -134,6 +134,9 @@ impl Default for ServerConfig {
 pub(crate) struct Admitted {
     pub(crate) call: Call,
     pub(crate) ticket: Ticket,
+    /// When the server read the call, if it read the clock then (the direct path does, for
+    /// the deadline): the call's latency counts from there.
+    pub(crate) arrived: Option<Instant>,
 }
 
 impl RequestName for Admitted {
@@ -163,10 +166,7 @@ struct Incoming {
 
 /// The server's tower stack, a concrete type: cloning it for a call bumps reference counts
 /// only.
-type Stack = TraceService<
-    MetricsService<LoadShed<ConcurrencyLimit<Answering>>, fn(&Incoming) -> Counted>,
-    fn(&Incoming) -> Span,
->;
+type Stack = TraceService<MetricsService<Shed<Answering>, fn(&Incoming) -> Counted>, fn(&Incoming) -> Span>;
 
 /// The span a call runs in. At debug level, as tower-http's `TraceLayer` makes its spans: the
 /// daemons log at info, and an enabled span costs every call its fields' formatting and a slot
@@ -204,27 +204,28 @@ impl tower::Service<Incoming> for Answering {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A call's answer: known at once (a built-in method, a refusal), or the service's own
-    /// future, run as the call. A named type rather than a boxed `async` block: the service's
-    /// future is boxed already (by its dispatch), and a second box per call, with the moves of
-    /// a large future into it, cost more than the rest of the stack's layers.
-    #[project = AnsweredProj]
-    pub(crate) enum Answered {
-        Now { result: Option<Result<Vec<u8>, ServerError>> },
-        Running { #[pin] reply: wire::InCall },
-    }
+/// A call's answer: known at once (a built-in method, a refusal), or the service's own future,
+/// run as the call (its context and caller set while it is polled). A named, `Unpin` type
+/// rather than a boxed `async` block: the service's future is boxed already (by its dispatch),
+/// and a second box per call, with the moves of a large future into it, cost more than the
+/// rest of the stack's layers.
+pub(crate) enum Answered {
+    Now { result: Option<Result<Vec<u8>, ServerError>> },
+    Running { reply: ReplyFuture, ctx: Context, caller: Caller },
 }
 
 impl Future for Answered {
     type Output = Result<Vec<u8>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let result = match self.project() {
-            AnsweredProj::Now { result } => result.take().unwrap_or_else(|| {
-                Err(ServerError::new(io::ErrorKind::Other, "a call's answer was polled again".into()))
-            }),
-            AnsweredProj::Running { reply } => std::task::ready!(reply.poll(cx)),
+        let result = match self.get_mut() {
+            // Polled after its answer (which `Future` leaves open): it stays pending.
+            Answered::Now { result } => std::task::ready!(result.take().map_or(Poll::Pending, Poll::Ready)),
+            // The call's context, set for each poll (a clone: a context and a reference count).
+            Answered::Running { reply, ctx, caller } => {
+                let info = wire::CallInfo { ctx: *ctx, caller: caller.clone() };
+                std::task::ready!(wire::in_call(info, || reply.as_mut().poll(cx)))
+            }
         };
         Poll::Ready(result.map_err(BoxError::from))
     }
@@ -246,16 +247,18 @@ enum MethodName {
 struct Counted {
     target: Option<Service>,
     method: MethodName,
+    /// When the server read the call, if it knows ([`Admitted::arrived`]).
+    arrived: Option<Instant>,
 }
 
 impl Counted {
-    fn new(target: &Option<Service>, method: &str) -> Counted {
+    fn new(target: &Option<Service>, method: &str, arrived: Option<Instant>) -> Counted {
         let known = |s: &Service| s.descriptor().methods.iter().position(|m| m.name == method);
         let method = match wire::BUILTIN_METHODS.into_iter().find(|&b| b == method) {
             Some(builtin) => MethodName::Builtin(builtin),
             None => target.as_ref().and_then(known).map_or(MethodName::Unknown, MethodName::Service),
         };
-        Counted { target: target.clone(), method }
+        Counted { target: target.clone(), method, arrived }
     }
 
     /// Whether the call is a poll of one of its service's stream methods.
@@ -270,6 +273,10 @@ impl Counted {
 impl CallName for Counted {
     fn service(&self) -> &str {
         self.target.as_ref().map_or(BUILTIN_SERVICE, |s| s.name())
+    }
+
+    fn started(&self) -> Option<Instant> {
+        self.arrived
     }
 
     fn method(&self) -> &str {
@@ -313,30 +320,30 @@ impl Serve for Stacked {
 impl Stacked {
     /// Runs one call through the tower stack (the polls' stack for a poll of a stream method);
     /// its answer keeps the call's place in flight. Clones only what the call needs.
-    pub(crate) fn run(
-        &self,
-        ctx: Context,
-        admitted: Admitted,
-    ) -> impl Future<Output = Answer> + Send + 'static {
-        let Admitted { call, mut ticket } = admitted;
-        let name = Counted::new(&self.target, &call.method);
-        let is_poll = name.is_stream();
+    pub(crate) fn run(&self, ctx: Context, admitted: Admitted) -> Run {
+        let Admitted { call, ticket, arrived } = admitted;
+        let name = Counted::new(&self.target, &call.method, arrived);
         // A poll waits for events: it counts against the polls' budget, not the calls'.
-        let admitted = if !is_poll {
-            Ok((self.stack.clone(), None))
+        let (mut stack, slot) = if !name.is_stream() {
+            (self.stack.clone(), None)
         } else {
             match self.caller.domain {
                 Some(d) => match self.polls.per_domain.admit(d, self.polls.max_per_domain) {
-                    Some(slot) => Ok((self.polls.stack.clone(), Some(slot))),
-                    None => Err(ServerError::new(
-                        io::ErrorKind::WouldBlock,
-                        format!(
+                    Some(slot) => (self.polls.stack.clone(), Some(slot)),
+                    None => {
+                        let why = format!(
                             "{OVERLOADED}: {} polls waiting from domain {d}, the server's limit per domain",
                             self.polls.max_per_domain
-                        ),
-                    )),
+                        );
+                        let refused = ServerError::new(io::ErrorKind::WouldBlock, why);
+                        return Run {
+                            state: RunState::Refused(Some(refused)),
+                            slot: None,
+                            ticket: Some(ticket),
+                        };
+                    }
                 },
-                None => Ok((self.polls.stack.clone(), None)),
+                None => (self.polls.stack.clone(), None),
             }
         };
         let incoming = Incoming {
@@ -347,33 +354,68 @@ impl Stacked {
             codec: self.codec,
             caller: self.caller.clone(),
         };
-        async move {
-            let (mut stack, slot) = match admitted {
-                Ok(admitted) => admitted,
-                Err(e) => return Answer { outcome: Err(e), ticket },
-            };
-            let result = async {
+        // Nothing in the stack waits to be ready (past the limit, `Shed` refuses), so the call
+        // is made here and its future is named and `Unpin`: a call that answers at once is
+        // never boxed. Were a layer to wait, the call waits in a boxed future instead.
+        let mut ready = TaskContext::from_waker(std::task::Waker::noop());
+        let state = match stack.poll_ready(&mut ready) {
+            Poll::Ready(Ok(())) => RunState::Calling(stack.call(incoming)),
+            Poll::Ready(Err(e)) => RunState::Refused(Some(server_error(e))),
+            Poll::Pending => RunState::Waiting(Box::pin(async move {
                 let svc = stack.ready().await?;
                 svc.call(incoming).await
-            }
-            .await;
-            drop(slot);
-            let outcome = result.map(Reply).map_err(|e| {
-                if e.is::<tower::load_shed::error::Overloaded>() {
-                    // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
-                    ServerError::new(
-                        io::ErrorKind::WouldBlock,
-                        format!("{OVERLOADED}: too many calls in progress"),
-                    )
-                } else {
-                    match e.downcast::<ServerError>() {
-                        Ok(e) => *e,
-                        Err(e) => ServerError::new(io::ErrorKind::Other, e.to_string()),
-                    }
-                }
-            });
-            ticket.reweigh(outcome.as_ref().map_or_else(|e| e.detail.len(), |r| r.0.len()));
-            Answer { outcome, ticket }
+            })),
+        };
+        Run { state, slot, ticket: Some(ticket) }
+    }
+}
+
+/// One call through the server's stack ([`Stacked::run`]): resolves to its [`Answer`].
+pub(crate) struct Run {
+    state: RunState,
+    /// Its place among the polls waiting from its domain, if it is a poll.
+    slot: Option<DomainSlot>,
+    /// Its place in flight, until its answer is written.
+    ticket: Option<Ticket>,
+}
+
+// The call is the common variant: keeping it out of a box is what this type is for.
+#[allow(clippy::large_enum_variant)]
+enum RunState {
+    Calling(<Stack as tower::Service<Incoming>>::Future),
+    Waiting(Pin<Box<dyn Future<Output = Result<Vec<u8>, BoxError>> + Send>>),
+    /// Refused before it reached the stack, or by it.
+    Refused(Option<ServerError>),
+}
+
+impl Future for Run {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Answer> {
+        let this = self.get_mut();
+        let outcome = match &mut this.state {
+            RunState::Calling(call) => std::task::ready!(Pin::new(call).poll(cx)).map_err(server_error),
+            RunState::Waiting(call) => std::task::ready!(call.as_mut().poll(cx)).map_err(server_error),
+            // Polled after its answer (which `Future` leaves open): it stays pending.
+            RunState::Refused(e) => Err(std::task::ready!(e.take().map_or(Poll::Pending, Poll::Ready))),
+        };
+        this.slot = None;
+        let outcome = outcome.map(Reply);
+        let Some(mut ticket) = this.ticket.take() else { return Poll::Pending };
+        ticket.reweigh(outcome.as_ref().map_or_else(|e| e.detail.len(), |r| r.0.len()));
+        Poll::Ready(Answer { outcome, ticket })
+    }
+}
+
+/// What a call's failure in the stack is answered as.
+fn server_error(e: BoxError) -> ServerError {
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        // tarpc carries only the classic io::ErrorKinds: WouldBlock = try again later.
+        ServerError::new(io::ErrorKind::WouldBlock, format!("{OVERLOADED}: too many calls in progress"))
+    } else {
+        match e.downcast::<ServerError>() {
+            Ok(e) => *e,
+            Err(e) => ServerError::new(io::ErrorKind::Other, e.to_string()),
         }
     }
 }
@@ -401,7 +443,7 @@ fn answer(hosted: &[ServiceDescriptor], metrics: &Metrics, incoming: Incoming) -
         method => match target {
             None => now(Err(wire::unknown_method(BUILTIN_SERVICE, method))),
             Some(service) => match service.dispatch().dispatch(method, &call.args, codec) {
-                Ok(reply) => Answered::Running { reply: wire::in_call(ctx, caller, reply) },
+                Ok(reply) => Answered::Running { reply, ctx, caller },
                 Err(e) => now(Err(e)),
             },
         },
@@ -453,8 +495,7 @@ impl Server {
         ServiceBuilder::new()
             .layer(TraceLayer::new(rpc_span as fn(&Incoming) -> Span).log_failures())
             .layer(MetricsLayer::new(self.metrics.clone(), counted as fn(&Incoming) -> Counted))
-            .load_shed()
-            .concurrency_limit(max)
+            .layer(ShedLayer::new(max))
             .service(Answering { hosted, metrics: self.metrics.clone() })
     }
 
@@ -777,7 +818,7 @@ impl futures::Stream for CallTransport {
             ClientMessage::Request(r) => ClientMessage::Request(tarpc::Request {
                 context: r.context,
                 id: r.id,
-                message: Admitted { call: r.message, ticket: this.in_flight.admit(bytes) },
+                message: Admitted { call: r.message, ticket: this.in_flight.admit(bytes), arrived: None },
             }),
             ClientMessage::Cancel { trace_context, request_id } => {
                 ClientMessage::Cancel { trace_context, request_id }

@@ -237,9 +237,10 @@ pub struct Caller {
     pub domain: Option<u32>,
 }
 
+/// The call a service's future is polled for.
 pub(crate) struct CallInfo {
-    ctx: tarpc::context::Context,
-    caller: Caller,
+    pub(crate) ctx: tarpc::context::Context,
+    pub(crate) caller: Caller,
 }
 
 tokio::task_local! {
@@ -256,12 +257,10 @@ pub fn current_caller() -> Option<Caller> {
     CALL.try_with(|c| c.caller.clone()).ok()
 }
 
-/// `F` running as a call ([`in_call`]).
-pub(crate) type InCall<F = ReplyFuture> = tokio::task::futures::TaskLocalFuture<CallInfo, F>;
-
-/// Runs `f` as the call `ctx` of `caller` ([`current_context`], [`current_caller`]).
-pub(crate) fn in_call<F: Future>(ctx: tarpc::context::Context, caller: Caller, f: F) -> InCall<F> {
-    CALL.scope(CallInfo { ctx, caller }, f)
+/// Runs `f` as the call `info` ([`current_context`], [`current_caller`]): a service's future
+/// is polled in it.
+pub(crate) fn in_call<R>(info: CallInfo, f: impl FnOnce() -> R) -> R {
+    CALL.sync_scope(info, f)
 }
 
 #[cfg(test)]

@@ -39,6 +39,10 @@ pub trait Echo {
     /// connection loss).
     #[idempotent]
     async fn hold_idempotent(&self, tag: u64) -> u64;
+    /// The caller's domain and the milliseconds left to the call's deadline, as the service
+    /// sees them (after yielding once: they hold across the call's polls).
+    #[idempotent]
+    async fn whoami(&self) -> (Option<u32>, Option<u64>);
 }
 
 #[derive(Clone, Default)]
@@ -117,6 +121,13 @@ impl Echo for EchoServer {
     }
     async fn hold_idempotent(&self, tag: u64) -> u64 {
         self.0.hold(tag).await
+    }
+    async fn whoami(&self) -> (Option<u32>, Option<u64>) {
+        tokio::task::yield_now().await;
+        let domain = dombus_rpc::current_caller().and_then(|c| c.domain);
+        let left = dombus_rpc::current_context()
+            .map(|c| c.deadline.saturating_duration_since(Instant::now()).as_millis() as u64);
+        (domain, left)
     }
     async fn record(&self, id: u64) -> u64 {
         if !self.0.seen.lock().unwrap().insert(id) {
@@ -286,6 +297,14 @@ async fn suite(mut f: Fixture) {
         }
     }
     let c = client(&f, Codec::default());
+
+    // The service sees who called (over xen:, the client's domain, 2) and the call's deadline.
+    let (domain, left) = c.whoami(ctx_for(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(domain, (f.name == "xen").then_some(2), "{name}: the caller's domain");
+    assert!(
+        left.is_some_and(|ms| (10_000..=20_000).contains(&ms)),
+        "{name}: the call's deadline: {left:?} ms left"
+    );
 
     // Deadline expiry: a call the server never finishes ends with DeadlineExceeded (the outer
     // timeout only catches a client that ignores its deadline), and the server drops the call.

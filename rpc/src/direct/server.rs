@@ -16,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
@@ -242,17 +243,17 @@ impl Serving {
             tracing::debug!(request_id = id, "a request past its deadline on arrival: dropped");
             return Ok(());
         }
-        let admitted = Admitted { call: message, ticket: self.conn.in_flight.admit(len) };
+        let admitted = Admitted { call: message, ticket: self.conn.in_flight.admit(len), arrived: Some(now) };
         let deadline = context.deadline;
-        let run = self.conn.stacked.run(context, admitted);
+        let mut run = self.conn.stacked.run(context, admitted);
         if self.conn.spawn_calls {
             let work = async move { tokio::time::timeout_at(deadline.into(), run).await.ok() };
             let task = tokio::spawn(work);
             self.aborts.insert(id, Abort::Spawned(task.abort_handle()));
             self.running.push(task.map(move |r| (id, r.ok().flatten())).boxed());
         } else {
-            let mut run = Box::pin(run);
-            if let Poll::Ready(answer) = run.as_mut().poll(cx) {
+            // `Unpin`: polled here first, and moved into a box only if it must wait.
+            if let Poll::Ready(answer) = Pin::new(&mut run).poll(cx) {
                 self.answered.push_back((id, answer));
                 return Ok(());
             }

@@ -122,11 +122,12 @@ async fn a_poll_answers_within_its_deadline() {
     ctx.deadline = Instant::now() + Duration::from_millis(500);
     let caller = wire::Caller { peer: "test".into(), domain: None };
     let started = Instant::now();
-    let bytes = wire::in_call(
-        ctx,
-        caller,
-        serve(topic.events(), poll(Some(topic.cursor()), 10, 30_000), Codec::Bincode),
-    )
+    // Polled as the server polls a service's future: each poll as the call.
+    let mut answer = Box::pin(serve(topic.events(), poll(Some(topic.cursor()), 10, 30_000), Codec::Bincode));
+    let bytes = std::future::poll_fn(|cx| {
+        let info = wire::CallInfo { ctx, caller: caller.clone() };
+        wire::in_call(info, || answer.as_mut().poll(cx))
+    })
     .await
     .expect("answered");
     let took = started.elapsed();

@@ -17,10 +17,18 @@ pub trait CallName {
     fn service(&self) -> &str;
     /// The method's name.
     fn method(&self) -> &str;
+    /// When the call began, if its request knows (a server: when it read the call, a clock
+    /// read it makes anyway for the deadline); the layer then counts the latency from there
+    /// rather than reading the clock itself.
+    fn started(&self) -> Option<Instant> {
+        None
+    }
 }
 
-/// Counts the calls of the service it wraps in [`Metrics`] (calls, errors, latency from the
-/// moment the stack was first asked to be ready for the call until its answer), naming each by
+/// Counts the calls of the service it wraps in [`Metrics`] (calls, errors, latency until its
+/// answer from the earliest of: when the call began, if its request says
+/// ([`CallName::started`]); when the stack first found its inner service not ready for it (a
+/// wait for a concurrency permit counts); when the call was made), naming each by
 /// `name(&request)`.
 #[derive(Clone)]
 pub struct MetricsLayer<F> {
@@ -49,8 +57,8 @@ pub struct MetricsService<S, F> {
     inner: S,
     metrics: Metrics,
     name: F,
-    /// When the stack was first asked to be ready for the next call (waiting for a
-    /// concurrency permit counts in the call's latency).
+    /// When the stack first found its inner service not ready for the next call (waiting for
+    /// a concurrency permit counts in the call's latency).
     ready_since: Option<Instant>,
 }
 
@@ -65,13 +73,20 @@ where
     type Future = Recorded<S::Future, N>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.ready_since.get_or_insert_with(Instant::now);
-        self.inner.poll_ready(cx)
+        let ready = self.inner.poll_ready(cx);
+        if ready.is_pending() {
+            self.ready_since.get_or_insert_with(Instant::now);
+        }
+        ready
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let start = self.ready_since.take().unwrap_or_else(Instant::now);
         let name = (self.name)(&request);
+        let start = match (name.started(), self.ready_since.take()) {
+            (Some(began), Some(waited)) => began.min(waited),
+            (Some(at), None) | (None, Some(at)) => at,
+            (None, None) => Instant::now(),
+        };
         Recorded { inner: self.inner.call(request), record: Some((self.metrics.clone(), name, start)) }
     }
 }
@@ -141,6 +156,46 @@ mod tests {
         assert_eq!((fail.calls, fail.errors), (1, 1));
         let text = metrics.prometheus();
         assert!(text.contains("dombus_rpc_server_calls_total{service=\"kv\",method=\"get\"} 2"), "{text}");
+    }
+
+    /// A request that says when its call began (a server's arrival time) is timed from then;
+    /// a wait for the inner service's readiness counts too.
+    #[tokio::test]
+    async fn latency_counts_from_when_the_call_began_or_waited() {
+        struct Began(Instant);
+        impl CallName for Began {
+            fn service(&self) -> &str {
+                "kv"
+            }
+            fn method(&self) -> &str {
+                "get"
+            }
+            fn started(&self) -> Option<Instant> {
+                Some(self.0)
+            }
+        }
+        let metrics = Metrics::new("server");
+        let svc = ServiceBuilder::new()
+            .layer(MetricsLayer::new(metrics.clone(), |r: &Instant| Began(*r)))
+            .service_fn(|_: Instant| async { Ok::<_, ()>(()) });
+        svc.clone().oneshot(Instant::now() - Duration::from_secs(3)).await.unwrap();
+        let seconds = metrics.snapshot()[0].seconds;
+        assert!((3.0..4.0).contains(&seconds), "latency {seconds}");
+
+        // Not ready for 20 ms (a concurrency permit held elsewhere): the wait counts.
+        let metrics = Metrics::new("client");
+        let svc = ServiceBuilder::new()
+            .layer(MetricsLayer::new(metrics.clone(), |r: &&'static str| Named(r)))
+            .concurrency_limit(1)
+            .service_fn(|_: &'static str| async { Ok::<_, ()>(()) });
+        let mut holder = svc.clone();
+        holder.ready().await.unwrap();
+        let waiting = tokio::spawn(svc.oneshot("get"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(holder);
+        waiting.await.unwrap().unwrap();
+        let seconds = metrics.snapshot()[0].seconds;
+        assert!(seconds >= 0.020, "latency {seconds}: the wait for a permit was not counted");
     }
 
     #[tokio::test]

@@ -4,9 +4,11 @@
 //! Input: arbitrary bytes, used three ways, each with both codecs (bincode and postcard):
 //!
 //! * **A frame to the server**: `Codec::decode::<tarpc::ClientMessage<Call>>` (what the server's
-//!   transport does with every frame). A message that decodes re-encodes, and decodes again to
-//!   the same message (the deadline, sent as time remaining, within 10 s); a decoded request's
-//!   call then goes to the service's dispatch, as the server would send it.
+//!   transport does with every frame on tarpc's channel). A message that decodes re-encodes,
+//!   and decodes again to the same message (the deadline, sent as time remaining, within 10 s);
+//!   a decoded request's call then goes to the service's dispatch, as the server would send it.
+//!   The direct path's decoding (`dombus_rpc::envelope`, then `Context::at`) must accept exactly
+//!   the frames tarpc's accepts, as the same message.
 //! * **A frame to the client**: `Codec::decode::<tarpc::Response<Reply>>`. Same round trip:
 //!   equal with bincode; with postcard equal except for tarpc's error-kind quirk (the kind goes
 //!   out as a zigzagged `i32` and comes back as a `u32`, see codec.rs `tarpc_quirk`), which is
@@ -43,10 +45,11 @@ mod common;
 
 use std::borrow::Cow;
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dombus_rpc::Request as _;
 use dombus_rpc::codec::Codec;
+use dombus_rpc::envelope;
 use dombus_rpc::wire::{Call, Reply, UNKNOWN_METHOD};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
@@ -276,13 +279,44 @@ fn dispatch(service: &rpc::Service, method: &str, args: &[u8], codec: Codec) {
 }
 
 fn client_message(data: &[u8], codec: Codec, service: &rpc::Service) {
-    // What the server does with a frame: the deadline check, then tarpc's decoding (which would
-    // panic on a deadline beyond any Instant without the check: found by this target).
+    // What the server on tarpc's channel does with a frame: the deadline check, then tarpc's
+    // decoding (which would panic on a deadline beyond any Instant without the check: found by
+    // this target).
     let (decoded, largest) = common::largest_allocation(|| {
         dombus_rpc::codec::check_deadline(codec, data)
             .and_then(|()| codec.decode::<ClientMessage<Call>>(data))
     });
     assert!(largest <= frame_alloc_limit(data.len()), "{codec}: {} bytes: allocated {largest}", data.len());
+    // What the direct path's server does: dombus's envelope, then the deadline from the
+    // instant it read the call. It must take exactly what tarpc takes, as the same message.
+    let (envelope, largest) =
+        common::largest_allocation(|| codec.decode::<envelope::ClientMessage<Call>>(data));
+    assert!(largest <= frame_alloc_limit(data.len()), "{codec}: {} bytes: allocated {largest}", data.len());
+    let now = Instant::now();
+    let envelope = envelope.ok().filter(|m| match m {
+        envelope::ClientMessage::Request(r) => r.context.at(now, tarpc::context::current()).is_some(),
+        envelope::ClientMessage::Cancel { .. } => true,
+    });
+    match (&decoded, &envelope) {
+        (Ok(ClientMessage::Request(a)), Some(envelope::ClientMessage::Request(b))) => {
+            assert_eq!(
+                (a.id, &a.message, a.context.trace_context),
+                (b.id, &b.message, b.context.trace_context)
+            );
+            let left = a.context.deadline.saturating_duration_since(now);
+            assert!(
+                left <= b.context.time_left,
+                "{codec}: tarpc read {left:?} left, the envelope {:?}",
+                b.context.time_left
+            );
+        }
+        (
+            Ok(ClientMessage::Cancel { trace_context: t1, request_id: r1 }),
+            Some(envelope::ClientMessage::Cancel { trace_context: t2, request_id: r2 }),
+        ) => assert_eq!((t1, r1), (t2, r2), "{codec}"),
+        (Err(_), None) => {}
+        (a, b) => panic!("{codec}: tarpc read {a:?}, the envelope {b:?}"),
+    }
     let Ok(msg) = decoded else { return };
     let bytes = codec.encode(&msg).expect("a decoded message re-encodes");
     let again = codec.decode::<ClientMessage<Call>>(&bytes).expect("a re-encoded message decodes");

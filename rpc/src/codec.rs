@@ -236,12 +236,22 @@ impl Frames {
         item: &T,
         dst: &mut BytesMut,
     ) -> io::Result<()> {
-        let start = dst.len();
-        dst.put_u32(0);
-        let written = match codec {
+        self.encode_with(dst, |dst| match codec {
             Codec::Bincode => bincode::serialize_into(dst.writer(), item).map_err(invalid),
             Codec::Postcard => codec.encode(item).map(|bytes| dst.extend_from_slice(&bytes)),
-        };
+        })
+    }
+
+    /// One frame at the end of `dst`, its message written by `write` (appending to `dst`). On
+    /// any error — a [`FrameTooLong`] included — `dst` is left as it was.
+    pub fn encode_with(
+        &self,
+        dst: &mut BytesMut,
+        write: impl FnOnce(&mut BytesMut) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let start = dst.len();
+        dst.put_u32(0);
+        let written = write(dst);
         let len = dst.len() - start - FRAME_HEADER;
         let header = u32::try_from(len).ok().filter(|_| len <= self.max_out);
         match (written, header) {

@@ -7,8 +7,8 @@
 //!   transport does with every frame on tarpc's channel). A message that decodes re-encodes,
 //!   and decodes again to the same message (the deadline, sent as time remaining, within 10 s);
 //!   a decoded request's call then goes to the service's dispatch, as the server would send it.
-//!   The direct path's decoding (`dombus_rpc::envelope`, then `Context::at`) must accept exactly
-//!   the frames tarpc's accepts, as the same message.
+//!   The direct path's decoding (`envelope::ClientMessage::decode`, by hand for bincode, then
+//!   `Context::at`) must accept exactly the frames tarpc's accepts, as the same message.
 //! * **A frame to the client**: `Codec::decode::<tarpc::Response<Reply>>`. Same round trip:
 //!   equal with bincode; with postcard equal except for tarpc's error-kind quirk (the kind goes
 //!   out as a zigzagged `i32` and comes back as a `u32`, see codec.rs `tarpc_quirk`), which is
@@ -289,8 +289,7 @@ fn client_message(data: &[u8], codec: Codec, service: &rpc::Service) {
     assert!(largest <= frame_alloc_limit(data.len()), "{codec}: {} bytes: allocated {largest}", data.len());
     // What the direct path's server does: dombus's envelope, then the deadline from the
     // instant it read the call. It must take exactly what tarpc takes, as the same message.
-    let (envelope, largest) =
-        common::largest_allocation(|| codec.decode::<envelope::ClientMessage<Call>>(data));
+    let (envelope, largest) = common::largest_allocation(|| envelope::ClientMessage::decode(codec, data));
     assert!(largest <= frame_alloc_limit(data.len()), "{codec}: {} bytes: allocated {largest}", data.len());
     let now = Instant::now();
     let envelope = envelope.ok().filter(|m| match m {

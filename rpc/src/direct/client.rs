@@ -153,7 +153,9 @@ impl State {
         let id = self.next_id;
         self.next_id += 1;
         let request = ClientMessage::request(&ctx, id, call, now);
-        self.frames.encode_item(codec, &request, &mut self.wbuf).map_err(|e| RpcError::Send(Box::new(e)))?;
+        self.frames
+            .encode_with(&mut self.wbuf, |dst| request.write(codec, dst))
+            .map_err(|e| RpcError::Send(Box::new(e)))?;
         self.calls.insert(id, Slot::Waiting { waker: None, deadline: ctx.deadline });
         self.arm(ctx.deadline);
         Ok(id)

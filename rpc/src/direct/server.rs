@@ -190,7 +190,7 @@ impl Serving {
         let bad = |e| (e, "bad frame from the client");
         loop {
             if let Some(frame) = self.conn.frames.decode(&mut self.rbuf).map_err(bad)? {
-                let message = self.conn.codec.decode(&frame).map_err(bad)?;
+                let message = ClientMessage::decode(self.conn.codec, &frame).map_err(bad)?;
                 return Poll::Ready(Ok(Some((message, frame.len()))));
             }
             match futures::ready!(super::poll_read(&mut self.conn.stream, cx, &mut self.rbuf)) {

@@ -134,7 +134,8 @@ fn bincode_options(bytes: &[u8]) -> impl bincode::Options {
     bincode::DefaultOptions::new().with_fixint_encoding().with_limit(bytes.len() as u64)
 }
 
-fn invalid(e: impl std::fmt::Display) -> io::Error {
+/// An undecodable message's error (`InvalidData`), saying why.
+pub(crate) fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("undecodable message: {e}"))
 }
 

@@ -108,13 +108,10 @@ impl ClientMessage<&Call> {
 /// bincode's fixed-width layout of a [`ClientMessage`] up to its call (see above).
 mod fixed {
     use super::*;
+    use crate::codec::invalid;
 
     const REQUEST: u32 = 0;
     const CANCEL: u32 = 1;
-
-    fn invalid(what: impl std::fmt::Display) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, format!("undecodable message: {what}"))
-    }
 
     /// The bytes of a message, read from the front.
     struct Reader<'a>(&'a [u8]);

@@ -28,7 +28,7 @@ use futures::{FutureExt, StreamExt};
 use tarpc::Response;
 use tokio_util::codec::Decoder;
 
-use crate::codec::{Codec, Frames};
+use crate::codec::{self, Codec, Frames};
 use crate::envelope::{self, ClientMessage};
 use crate::in_flight::InFlight;
 use crate::server::{Admitted, Answer, Paused, Stacked, oversize_reply};
@@ -232,8 +232,7 @@ impl Serving {
         // The one clock read of the call's way in.
         let now = Instant::now();
         let Some(context) = sent.at(now, self.base_context) else {
-            let why = format!("undecodable message: a deadline {:?} from now", sent.time_left);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+            return Err(codec::invalid(format!("a deadline {:?} from now", sent.time_left)));
         };
         if self.aborts.contains_key(&id) {
             tracing::debug!(request_id = id, "a request with the id of one running: ignored");
